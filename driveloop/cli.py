@@ -1,0 +1,77 @@
+"""The ``driveloop`` command line. Each area registers its commands from its own ``_cli_*`` module;
+this module only assembles them and turns errors into one line and an exit code.
+
+Heavy imports (torch, ray, onnxruntime, flwr) happen inside commands, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+import typer
+
+from driveloop.exceptions import DriveloopError
+
+app = typer.Typer(
+    name="driveloop",
+    help="Edge autonomous-driving data closed loop: drive, record, learn, ship.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    """Import each area's CLI module; each adds its commands/sub-apps to ``app``."""
+    for name in ("_cli_edge", "_cli_safety", "_cli_cloud", "_cli_fl", "_cli_ota", "_cli_demo"):
+        try:
+            __import__(f"driveloop.{name}")
+        except ModuleNotFoundError as e:  # an area not built yet must not break the others
+            if e.name != f"driveloop.{name}":
+                raise
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Info-level logs."),
+) -> None:
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if debug:
+        os.environ["DRIVELOOP_DEBUG"] = "1"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI, prints errors as one line, returns the exit code."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _register()
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="driveloop", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.exceptions.Abort:
+        print("driveloop: aborted", file=sys.stderr)
+        code = 130
+    except click.ClickException as e:  # bad flag, missing argument, bad value
+        print(f"driveloop: error: {e.format_message()}", file=sys.stderr)
+        code = e.exit_code
+    except DriveloopError as e:
+        if debug:
+            raise
+        print(f"driveloop: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("driveloop: interrupted", file=sys.stderr)
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code

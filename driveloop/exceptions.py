@@ -1,0 +1,94 @@
+"""The one error tree of driveloop. A leaf module: it imports nothing, so every package may use it.
+
+    DriveloopError                 exit 1 unless a subclass says otherwise
+    ├── ConfigError                bad settings, flags or config values (exit 2)
+    ├── SafetyError                safety-layer contract violated (bad limits, bad inputs)
+    ├── ScenarioError              unknown or malformed scenario name (exit 2)
+    ├── ModelError                 model artifact unusable
+    │   ├── IntegrityError         sha256 does not match the manifest
+    │   └── ContractError          model I/O names/shapes/dtypes differ from the contract
+    ├── RegistryError              model registry: unknown version, illegal stage change
+    ├── SegmentError               MCAP segment corrupt, truncated, or of the wrong schema
+    ├── StorageError               object store / catalog failures
+    ├── UploadError                transport failures while uploading segments
+    ├── PipelineError              a cloud pipeline stage failed
+    ├── FederatedError             federated run failed (no quorum in any round, bad update)
+    └── OtaError                   OTA release, update or rollout failure
+        ├── SignatureError         metadata or target not signed by a trusted key
+        ├── RollbackAttackError    offered metadata/model older than the installed one
+        └── RolloutStateError      illegal rollout transition (e.g. promote during abort)
+
+Errors that reach the CLI are printed as one line, and the process exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class DriveloopError(Exception):
+    """Root of every error driveloop raises on purpose."""
+
+    exit_code: int = 1
+
+
+class ConfigError(DriveloopError):
+    exit_code = 2
+
+
+class SafetyError(DriveloopError):
+    exit_code = 3
+
+
+class ScenarioError(DriveloopError):
+    exit_code = 2
+
+
+class ModelError(DriveloopError):
+    exit_code = 4
+
+
+class IntegrityError(ModelError):
+    pass
+
+
+class ContractError(ModelError):
+    pass
+
+
+class RegistryError(DriveloopError):
+    exit_code = 4
+
+
+class SegmentError(DriveloopError):
+    exit_code = 5
+
+
+class StorageError(DriveloopError):
+    exit_code = 5
+
+
+class UploadError(DriveloopError):
+    exit_code = 6
+
+
+class PipelineError(DriveloopError):
+    exit_code = 7
+
+
+class FederatedError(DriveloopError):
+    exit_code = 8
+
+
+class OtaError(DriveloopError):
+    exit_code = 9
+
+
+class SignatureError(OtaError):
+    pass
+
+
+class RollbackAttackError(OtaError):
+    pass
+
+
+class RolloutStateError(OtaError):
+    pass
