@@ -26,7 +26,7 @@ app = typer.Typer(
 
 def _register() -> None:
     """Import each area's CLI module; each adds its commands/sub-apps to ``app``."""
-    for name in ("_cli_edge", "_cli_safety", "_cli_cloud", "_cli_fl", "_cli_ota", "_cli_demo"):
+    for name in ("_cli_edge", "_cli_safety", "_cli_cloud", "_cli_pipeline", "_cli_fl", "_cli_ota", "_cli_ota_release", "_cli_demo"):
         try:
             __import__(f"driveloop.{name}")
         except ModuleNotFoundError as e:  # an area not built yet must not break the others
