@@ -92,3 +92,25 @@ class RollbackAttackError(OtaError):
 
 class RolloutStateError(OtaError):
     pass
+
+
+class AuthError(DriveloopError):
+    """Unknown or bad credentials (HTTP 401), or a caller acting outside its rights (HTTP 403:
+    disabled vehicle, another vehicle's upload, an admin-only action)."""
+
+    exit_code = 10
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UploadRejectedError(UploadError):
+    """The receiver refused a request for good (wrong hash, oversized, bad offset, bad input):
+    resending the same bytes cannot succeed, unlike a dropped connection. ``status`` is the HTTP
+    code; ``offset`` is the server's offset when the request was refused for a wrong offset."""
+
+    def __init__(self, message: str, status: int = 422, offset: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.offset = offset
