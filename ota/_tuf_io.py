@@ -1,0 +1,72 @@
+"""Crash-safe file primitives for the signing side of OTA (TUF repository and key store).
+
+Every file the release service writes goes through :func:`write_atomic`: bytes land in a temporary
+file in the same directory, are fsynced, and only then replace the target with ``os.replace`` (and
+the directory is fsynced), so a crash leaves either the old file or the new one, never a torn one.
+Mutations of the repository are serialised with :func:`repo_lock` (an ``flock`` on a lock file), so
+two operators releasing at once cannot interleave version bumps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory entry change (rename, create, unlink) across a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` all-or-nothing (temp file + fsync + os.replace + dir fsync)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temp files a crash left behind (they were never the committed version)."""
+    removed = 0
+    if not directory.is_dir():
+        return 0
+    for p in directory.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        logger.info("removed %d stale temp files in %s", removed, directory)
+    return removed
+
+
+@contextlib.contextmanager
+def repo_lock(lock_path: Path) -> Iterator[None]:
+    """Exclusive, process-wide lock around a repository mutation."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,236 @@
+"""Signed model releases: a validated registry model becomes a TUF target the fleet can verify.
+
+Rules kept here:
+- only a ``validated`` (or already ``released``) model is published, and its ONNX bytes must match the
+  manifest's sha256 — nothing reaches a vehicle without the eval gate and a signature;
+- each release adds two targets, ``models/<version>/model.onnx`` (custom: name, model_version, sha256,
+  input contract, hardware_class, release_seq) and ``models/<version>/manifest.json``;
+- ``release_seq`` increases with every new release, so vehicles detect an older model offered as new
+  (rollback) regardless of how versions are spelled;
+- releasing the same version again is a no-op that returns the existing target (idempotent); a crash
+  anywhere leaves the previous consistent repository (see ``_tuf_repo``) and can simply be retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuf.api.metadata import TargetFile
+
+from driveloop.exceptions import ConfigError, IntegrityError, OtaError
+from driveloop.ota._tuf_io import repo_lock, write_atomic
+from driveloop.ota._tuf_repo import RepoPolicy, TufRepo
+from driveloop.ota.keys import ROLES, KeyStore, check_role
+
+logger = logging.getLogger(__name__)
+
+HARDWARE_CLASSES = ("cpu", "cuda", "any")
+RELEASABLE_STAGES = ("validated", "released")
+
+
+class _Artifact(Protocol):
+    onnx_path: Path
+    manifest: Any
+    stage: str
+
+
+class RegistryLike(Protocol):
+    """The slice of ``cloud.registry.Registry`` a release needs."""
+
+    def get(self, version: str) -> _Artifact: ...
+
+    def set_stage(self, version: str, stage: str, reason: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What a release published: the model target and its manifest target."""
+
+    model_version: str
+    path: str
+    manifest_path: str
+    length: int
+    sha256: str
+    hardware_class: str
+    release_seq: int
+    targets_version: int
+    custom: dict[str, Any] = field(default_factory=dict)
+
+
+def model_target_path(version: str) -> str:
+    return f"models/{version}/model.onnx"
+
+
+def manifest_target_path(version: str) -> str:
+    return f"models/{version}/manifest.json"
+
+
+def manifest_dict(manifest: Any) -> dict[str, Any]:
+    """A manifest (pydantic model or mapping) as plain JSON data."""
+    if hasattr(manifest, "model_dump"):
+        return manifest.model_dump(mode="json")
+    if isinstance(manifest, dict):
+        return dict(manifest)
+    raise OtaError(f"unsupported manifest type {type(manifest).__name__}")
+
+
+def _check_version(version: str) -> str:
+    if not version or "/" in version or version.startswith(".") or any(c.isspace() for c in version):
+        raise ConfigError(f"invalid model version {version!r}: no slashes, spaces or leading dots")
+    return version
+
+
+class ReleaseService:
+    """Publishes registry models into the TUF repository and manages its signing keys."""
+
+    def __init__(
+        self,
+        repo_dir: Path,
+        keys_dir: Path,
+        registry: RegistryLike,
+        policy: RepoPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.repo = TufRepo(Path(repo_dir), KeyStore(Path(keys_dir)), policy or RepoPolicy())
+        self.registry = registry
+        self.clock = clock
+        self._lock_path = Path(repo_dir) / ".lock"
+        with repo_lock(self._lock_path):
+            self.repo.initialise(self.clock())
+
+    # -- queries ---------------------------------------------------------------------------
+    def trusted_root(self) -> bytes:
+        """The current root metadata bytes: what a vehicle is provisioned with."""
+        return (self.repo.metadata_dir / f"{self.repo.root_version()}.root.json").read_bytes()
+
+    def releases(self) -> list[TargetInfo]:
+        """Every published model target, oldest release first."""
+        targets = self.repo.load_targets().signed
+        out = [
+            self._info(t, targets.version)
+            for t in targets.targets.values()
+            if t.path.endswith("/model.onnx")
+        ]
+        return sorted(out, key=lambda i: i.release_seq)
+
+    def keys_summary(self) -> list[dict[str, Any]]:
+        """Role, threshold, version and key ids of the current root (for ``ota keys show``)."""
+        root = self.repo.load_root().signed
+        return [
+            {
+                "role": role,
+                "threshold": root.roles[role].threshold,
+                "keyids": list(root.roles[role].keyids),
+                "root_version": root.version,
+                "expires": root.expires.isoformat(),
+            }
+            for role in ROLES
+        ]
+
+    @staticmethod
+    def _info(t: TargetFile, targets_version: int) -> TargetInfo:
+        c = dict(t.unrecognized_fields.get("custom", {}))
+        return TargetInfo(
+            model_version=c["model_version"],
+            path=t.path,
+            manifest_path=manifest_target_path(c["model_version"]),
+            length=t.length,
+            sha256=t.hashes["sha256"],
+            hardware_class=c["hardware_class"],
+            release_seq=int(c["release_seq"]),
+            targets_version=targets_version,
+            custom=c,
+        )
+
+    # -- mutations -------------------------------------------------------------------------
+    def release(self, version: str, hardware_class: str = "any") -> TargetInfo:
+        """Sign and publish a validated model; marks it ``released`` in the registry."""
+        _check_version(version)
+        if hardware_class not in HARDWARE_CLASSES:
+            raise ConfigError(f"hardware class must be one of {', '.join(HARDWARE_CLASSES)}, got {hardware_class!r}")
+        artifact = self.registry.get(version)
+        if artifact.stage not in RELEASABLE_STAGES:
+            raise OtaError(
+                f"model {version} is {artifact.stage!r}; only a validated model can be released "
+                "(it must pass the closed-loop eval gate first)"
+            )
+        with repo_lock(self._lock_path):
+            info = self._publish_model(version, hardware_class, artifact)
+        if artifact.stage != "released":
+            self.registry.set_stage(version, "released", f"signed TUF release, targets v{info.targets_version}")
+        return info
+
+    def _publish_model(self, version: str, hardware_class: str, artifact: _Artifact) -> TargetInfo:
+        now_s = self.clock()
+        targets = self.repo.load_targets().signed
+        path = model_target_path(version)
+        if path in targets.targets:
+            existing = self._info(targets.targets[path], targets.version)
+            if existing.hardware_class != hardware_class:
+                raise OtaError(
+                    f"model {version} is already released for hardware class {existing.hardware_class!r}; "
+                    "a release is immutable"
+                )
+            logger.info("model %s already released (targets v%d)", version, targets.version)
+            return existing
+
+        model_bytes = Path(artifact.onnx_path).read_bytes()
+        manifest = manifest_dict(artifact.manifest)
+        digest = hashlib.sha256(model_bytes).hexdigest()
+        if manifest.get("sha256") != digest:
+            raise IntegrityError(
+                f"model {version}: ONNX sha256 {digest[:12]}… does not match its manifest ({str(manifest.get('sha256'))[:12]}…)"
+            )
+        if str(manifest.get("version")) != version:
+            raise IntegrityError(f"manifest says version {manifest.get('version')!r}, registry entry is {version!r}")
+        manifest_bytes = json.dumps(manifest, sort_keys=True, indent=2).encode()
+        seq = 1 + max((int(t.unrecognized_fields.get("custom", {}).get("release_seq", 0)) for t in targets.targets.values()), default=0)
+        custom = {
+            "name": manifest.get("name", ""),
+            "model_version": version,
+            "sha256": digest,
+            "hardware_class": hardware_class,
+            "release_seq": seq,
+            "contract": {"inputs": manifest.get("inputs"), "outputs": manifest.get("outputs")},
+            "created_at": manifest.get("created_at"),
+        }
+        model_t = TargetFile.from_data(path, model_bytes, ["sha256"])
+        model_t.unrecognized_fields["custom"] = custom
+        man_t = TargetFile.from_data(manifest_target_path(version), manifest_bytes, ["sha256"])
+        man_t.unrecognized_fields["custom"] = {"model_version": version, "kind": "manifest"}
+        # Content-addressed payloads first: harmless until a timestamp references them.
+        for t, data in ((model_t, model_bytes), (man_t, manifest_bytes)):
+            self._write_target(t, data)
+        entries = dict(targets.targets)
+        entries[model_t.path] = model_t
+        entries[man_t.path] = man_t
+        new_version = self.repo.publish(entries, targets.version, now_s)
+        logger.info("released model %s (%s) as release #%d", version, hardware_class, seq)
+        return self._info(model_t, new_version)
+
+    def _write_target(self, t: TargetFile, data: bytes) -> None:
+        dirname, _, basename = t.path.rpartition("/")
+        dest = self.repo.targets_dir / dirname / f"{t.hashes['sha256']}.{basename}"
+        if dest.exists() and hashlib.sha256(dest.read_bytes()).hexdigest() == t.hashes["sha256"]:
+            return
+        write_atomic(dest, data)
+
+    def rotate_key(self, role: str) -> list[str]:
+        """Replace the keys of ``role`` (old ones revoked and destroyed); returns the new keyids."""
+        check_role(role)
+        with repo_lock(self._lock_path):
+            return self.repo.rotate(role, self.clock())
+
+    def refresh_timestamp(self, expires: datetime | None = None) -> int:
+        """Re-sign the timestamp (next version) expiring at ``expires`` (default: policy lifetime)."""
+        with repo_lock(self._lock_path):
+            exp = expires or self.repo.policy.expiry("timestamp", self.clock())
+            return self.repo.refresh_timestamp(exp)
