@@ -1,0 +1,212 @@
+"""Mining: rank recorded frames by how much the model has to learn from them, and pick the training set.
+
+A frame scores for (named parts, each in [0, 1], weighted):
+- ``event``: a safety event fired (fallback took over, AEB, FCW, watchdog) or a collision;
+- ``ttc``: the on-vehicle time-to-collision was below ``ttc_threshold_s`` (the lower, the higher);
+- ``confidence``: the model said it was unsure (confidence below ``confidence_threshold``);
+- ``disagreement``: the applied action differs from the model's (the fallback or limits corrected it);
+- ``rarity``: the frame's scenario/speed/gap bin is rare in this batch (``-log`` frequency, normalised).
+
+Selection keeps the frames scoring at least ``score_threshold``, widened by ``window_s`` around every
+event frame (the lead-up is what the model must learn), capped at the ``top_k`` best, and adds a seeded
+replay sample of nominal frames (``replay_ratio`` per hard frame) so fine-tuning forgets nothing.
+Scoring is pure numpy over ``SegmentFrames``; the pipeline runs it per segment inside a Ray map.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from driveloop.edge.contract import CONTROL_PERIOD_S
+from driveloop.exceptions import ConfigError, PipelineError
+
+logger = logging.getLogger(__name__)
+
+SCORE_PARTS = ("event", "ttc", "confidence", "disagreement", "rarity")
+
+
+@dataclass(frozen=True)
+class SegmentFrames:
+    """One segment as per-tick arrays (length T): what the vehicle saw, did, and what really happened.
+
+    ``lead_gap_m``/``lead_speed_mps`` come from the logged ground truth (``/vehicle/state``): bumper gap
+    to the nearest vehicle ahead in the ego lane and its speed, NaN when there is none. ``expert_action``
+    is NaN where the simulator's expert was not recorded.
+    """
+
+    segment_id: str
+    scenario: str
+    t_s: np.ndarray
+    kinematics: np.ndarray  # [T, KIN_DIM]
+    lidar: np.ndarray  # [T, 2, LIDAR_CELLS]
+    grid: np.ndarray  # [T, C, H, W]
+    model_action: np.ndarray  # [T, 2]
+    applied_action: np.ndarray  # [T, 2]
+    confidence: np.ndarray  # [T]
+    fallback: np.ndarray  # [T] bool: the safety fallback was in control
+    aeb: np.ndarray  # [T] bool
+    fcw: np.ndarray  # [T] bool
+    watchdog: np.ndarray  # [T] bool
+    collision: np.ndarray  # [T] bool
+    ttc_s: np.ndarray  # [T] on-vehicle TTC, inf when nothing closes
+    ego_speed_mps: np.ndarray  # [T]
+    lane_offset_m: np.ndarray  # [T]
+    heading_rad: np.ndarray  # [T]
+    set_speed_mps: np.ndarray  # [T]
+    lead_gap_m: np.ndarray  # [T]
+    lead_speed_mps: np.ndarray  # [T]
+    expert_action: np.ndarray  # [T, 2]
+
+    def __post_init__(self) -> None:
+        n = len(self.t_s)
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray) and len(value) != n:
+                raise PipelineError(f"segment {self.segment_id}: {name} has {len(value)} rows, expected {n}")
+
+    def __len__(self) -> int:
+        return len(self.t_s)
+
+    @property
+    def event(self) -> np.ndarray:
+        """Frames where any safety event fired or the ego collided."""
+        return self.fallback | self.aeb | self.fcw | self.watchdog | self.collision
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    ttc_threshold_s: float = 3.0
+    confidence_threshold: float = 0.5
+    disagreement_scale_mps2: float = 2.0  # |model - applied| accel giving a full disagreement score
+    disagreement_scale_rad: float = 0.1
+    speed_bin_mps: float = 5.0
+    gap_bin_m: float = 10.0
+    weights: tuple[float, float, float, float, float] = (1.0, 0.8, 0.5, 0.8, 0.3)  # SCORE_PARTS order
+    score_threshold: float = 0.3
+    window_s: float = 2.0
+    top_k: int = 20_000
+    replay_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        positive = ("ttc_threshold_s", "disagreement_scale_mps2", "disagreement_scale_rad", "speed_bin_mps", "gap_bin_m")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"mining {name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.confidence_threshold <= 1:
+            raise ConfigError(f"mining confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+        if len(self.weights) != len(SCORE_PARTS) or any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ConfigError(f"mining weights must be {len(SCORE_PARTS)} non-negative numbers, got {self.weights}")
+        if self.window_s < 0 or self.top_k < 1 or self.replay_ratio < 0 or self.score_threshold < 0:
+            raise ConfigError("mining window_s, score_threshold, replay_ratio must be >= 0 and top_k >= 1")
+
+
+@dataclass(frozen=True)
+class FrameScores:
+    """Named score parts per frame of one segment; ``total`` is filled once rarity is known."""
+
+    segment_id: str
+    parts: dict[str, np.ndarray]
+    bin_keys: list[str]
+    event: np.ndarray
+    total: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def score_frames(frames: SegmentFrames, config: MiningConfig) -> FrameScores:
+    """Per-frame event/ttc/confidence/disagreement parts and rarity bin keys (rarity needs all segments)."""
+    event = frames.event.astype(bool)
+    ttc = np.where(np.isfinite(frames.ttc_s), frames.ttc_s, np.inf)
+    ttc_part = np.clip((config.ttc_threshold_s - ttc) / config.ttc_threshold_s, 0.0, 1.0)
+    conf_part = np.clip((config.confidence_threshold - frames.confidence) / max(config.confidence_threshold, 1e-9), 0.0, 1.0)
+    diff = np.abs(np.nan_to_num(frames.model_action - frames.applied_action))
+    dis_part = np.clip(
+        np.maximum(diff[:, 0] / config.disagreement_scale_mps2, diff[:, 1] / config.disagreement_scale_rad), 0.0, 1.0
+    )
+    speed_bin = np.floor(np.nan_to_num(frames.ego_speed_mps) / config.speed_bin_mps).astype(int)
+    gap = frames.lead_gap_m
+    gap_bin = np.where(np.isfinite(gap), np.floor(np.nan_to_num(gap) / config.gap_bin_m), -1).astype(int)
+    keys = [f"{frames.scenario}|v{s}|g{g}" for s, g in zip(speed_bin.tolist(), gap_bin.tolist())]
+    parts = {
+        "event": event.astype(np.float64),
+        "ttc": ttc_part.astype(np.float64),
+        "confidence": conf_part.astype(np.float64),
+        "disagreement": dis_part.astype(np.float64),
+    }
+    return FrameScores(segment_id=frames.segment_id, parts=parts, bin_keys=keys, event=event)
+
+
+def bin_counts(all_scores: list[FrameScores]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in all_scores:
+        for k in s.bin_keys:
+            counts[k] = counts.get(k, 0) + 1
+    return counts
+
+
+def finish_scores(scores: FrameScores, counts: dict[str, int], config: MiningConfig) -> FrameScores:
+    """Add the rarity part from batch-wide bin counts and the weighted, normalised total."""
+    n_total = sum(counts.values())
+    if n_total == 0:
+        raise PipelineError("no frames to mine")
+    max_surprise = math.log(n_total) if n_total > 1 else 1.0
+    rarity = np.array([math.log(n_total / counts[k]) / max_surprise for k in scores.bin_keys], dtype=np.float64)
+    parts = {**scores.parts, "rarity": np.clip(rarity, 0.0, 1.0)}
+    w = np.asarray(config.weights, dtype=np.float64)
+    total = sum(w[i] * parts[name] for i, name in enumerate(SCORE_PARTS)) / w.sum()
+    return FrameScores(scores.segment_id, parts, scores.bin_keys, scores.event, np.asarray(total, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Chosen frames per segment: ``hard`` (mined) and ``replay`` (nominal, against forgetting)."""
+
+    hard: dict[str, np.ndarray]
+    replay: dict[str, np.ndarray]
+
+    @property
+    def n_hard(self) -> int:
+        return int(sum(len(v) for v in self.hard.values()))
+
+    @property
+    def n_replay(self) -> int:
+        return int(sum(len(v) for v in self.replay.values()))
+
+
+def _widen(mask: np.ndarray, frames: int) -> np.ndarray:
+    if frames <= 0 or not mask.any():
+        return mask.copy()
+    kernel = np.ones(2 * frames + 1)
+    return np.convolve(mask.astype(float), kernel, mode="same") > 0
+
+
+def select_frames(scores: list[FrameScores], config: MiningConfig, seed: int) -> Selection:
+    """Top-scoring frames (+ windows around events) capped at top_k, plus a seeded nominal replay sample."""
+    window = int(round(config.window_s / CONTROL_PERIOD_S))
+    candidates: list[tuple[float, str, int]] = []
+    nominal: list[tuple[str, int]] = []
+    for s in scores:
+        if len(s.total) != len(s.event):
+            raise PipelineError(f"segment {s.segment_id}: scores not finished (call finish_scores)")
+        hard = _widen(s.event, window) | (s.total >= config.score_threshold)
+        candidates += [(float(s.total[i]), s.segment_id, int(i)) for i in np.flatnonzero(hard)]
+        nominal += [(s.segment_id, int(i)) for i in np.flatnonzero(~hard)]
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    chosen = candidates[: config.top_k]
+    rng = np.random.default_rng(seed)
+    n_replay = min(len(nominal), int(round(config.replay_ratio * max(len(chosen), 1))))
+    replay_idx = rng.choice(len(nominal), size=n_replay, replace=False) if n_replay else np.zeros(0, dtype=int)
+    hard_map: dict[str, list[int]] = {}
+    for _, seg, i in chosen:
+        hard_map.setdefault(seg, []).append(i)
+    replay_map: dict[str, list[int]] = {}
+    for j in sorted(replay_idx.tolist()):
+        seg, i = nominal[j]
+        replay_map.setdefault(seg, []).append(i)
+    logger.info("mined %d hard frames (of %d candidates) + %d replay frames", len(chosen), len(candidates), n_replay)
+    return Selection(
+        hard={k: np.array(sorted(v), dtype=np.int64) for k, v in hard_map.items()},
+        replay={k: np.array(sorted(v), dtype=np.int64) for k, v in replay_map.items()},
+    )

@@ -1,0 +1,110 @@
+"""Hindsight teacher on hand-built ground-truth sequences."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from driveloop.cloud.labeling import LabelerConfig, idm_accel, label_segment, labeler_accuracy
+from driveloop.exceptions import ConfigError
+from tests.fakes.frames import DT, braking_lead, make_frames
+
+
+def _first(mask: np.ndarray) -> int:
+    assert mask.any()
+    return int(np.argmax(mask))
+
+
+def test_braking_lead_label_brakes_before_the_late_model() -> None:
+    frames = make_frames(braking_lead())
+    labels = label_segment(frames, LabelerConfig())
+    model_brakes = _first(frames.model_action[:, 0] < -2.0)
+    label_brakes = _first(labels.target_action[:, 0] < -2.0)
+    lead_brakes = _first(np.diff(frames.lead_speed_mps) < 0)
+    # The teacher saw the lead's future: it brakes before the lead even starts, long before the model.
+    assert label_brakes <= lead_brakes
+    assert model_brakes - label_brakes >= int(2.0 / DT)
+    # and it never asks for more than the configured deceleration
+    assert labels.target_action[:, 0].min() >= -LabelerConfig().max_decel_mps2
+    assert labels.target_action.dtype == np.float32
+
+
+def test_constant_lead_far_ahead_gives_free_road_cruise() -> None:
+    frames = make_frames(np.full(60, 25.0), gap0_m=200.0, ego_speed0_mps=20.0, set_speed_mps=25.0)
+    labels = label_segment(frames, LabelerConfig())
+    assert labels.target_action[0, 0] > 0.5  # below set speed, nothing close: accelerate
+    assert not labels.hazard.any()
+    assert np.all(np.isinf(labels.time_to_hazard_s))
+
+
+def test_hindsight_sees_a_cut_in_before_it_happens() -> None:
+    frames = make_frames(np.full(80, 25.0), gap0_m=300.0)
+    gap = frames.lead_gap_m.copy()
+    gap[40:] = 8.0  # a vehicle cuts in 8 m ahead at t = 4 s
+    speed = frames.lead_speed_mps.copy()
+    speed[40:] = 20.0
+    cut = dataclasses.replace(frames, lead_gap_m=gap, lead_speed_mps=speed)
+    labels = label_segment(cut, LabelerConfig(horizon_s=2.0))
+    assert labels.target_action[25, 0] < -2.0  # 1.5 s before the cut-in it already brakes
+    assert labels.target_action[10, 0] > -0.5  # but not 3 s before (outside the horizon)
+    assert labels.hazard[25] and 1.0 <= labels.time_to_hazard_s[25] <= 1.6
+
+
+def test_lane_keeping_steers_back_to_the_centre() -> None:
+    frames = make_frames(np.full(30, 25.0), gap0_m=200.0)
+    off = dataclasses.replace(frames, lane_offset_m=np.full(30, 1.0), heading_rad=np.full(30, 0.02))
+    labels = label_segment(off, LabelerConfig())
+    assert np.all(labels.target_action[:, 1] < 0)  # offset to the left -> steer right
+    assert np.all(labels.target_action[:, 1] >= -LabelerConfig().max_steer_rad)
+
+
+@pytest.mark.parametrize(
+    ("name", "gap", "v_lead", "expect"),
+    [
+        ("free road", np.nan, 0.0, "accelerate"),
+        ("no gap", 0.0, 10.0, "full brake"),
+        ("far slow lead", 150.0, 20.0, "accelerate"),
+        ("close slow lead", 10.0, 5.0, "full brake"),
+    ],
+)
+def test_idm_table(name: str, gap: float, v_lead: float, expect: str) -> None:
+    c = LabelerConfig()
+    a = float(idm_accel(np.array([20.0]), np.array([30.0]), np.array([gap]), np.array([v_lead]), c)[0])
+    if expect == "accelerate":
+        assert a > 0, name
+    else:
+        assert a == pytest.approx(-c.max_decel_mps2), name
+
+
+def test_accuracy_agrees_with_expert_and_finds_hazards() -> None:
+    c = LabelerConfig()
+    pairs = []
+    for i, (v0, brake) in enumerate([(25.0, 5.0), (22.0, 4.0), (28.0, 6.0)]):
+        f = make_frames(braking_lead(v0_mps=v0, decel_mps2=brake), ego_speed0_mps=v0, set_speed_mps=v0, segment_id=f"s{i}")
+        pairs.append((f, label_segment(f, c)))
+    acc = labeler_accuracy(pairs, c)
+    assert acc.nominal_frames > 50
+    assert acc.expert_agreement >= 0.7
+    assert acc.expert_steer_mae_rad == pytest.approx(0.0)
+    assert acc.hazard_precision >= 0.9 and acc.hazard_recall >= 0.9
+    assert acc.as_dict()["event_frames"] == acc.event_frames > 0
+
+
+def test_accuracy_detects_a_wrong_teacher() -> None:
+    c = LabelerConfig()
+    f = make_frames(braking_lead())
+    good = label_segment(f, c)
+    bad = dataclasses.replace(good, hazard=np.zeros_like(good.hazard), target_action=good.target_action + np.float32(3.0))
+    acc = labeler_accuracy([(f, bad)], c)
+    assert acc.hazard_recall == 0.0
+    assert acc.expert_agreement == 0.0
+    assert math.isnan(acc.hazard_precision)
+
+
+@pytest.mark.parametrize("field", ["horizon_s", "max_decel_mps2", "hazard_ttc_s"])
+def test_config_rejects_non_positive(field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        LabelerConfig(**{field: 0.0})

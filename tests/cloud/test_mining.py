@@ -1,0 +1,112 @@
+"""Mining: the score table, rarity, and selection (windows, top-k, seeded replay)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from driveloop.cloud.mining import (
+    MiningConfig,
+    bin_counts,
+    finish_scores,
+    score_frames,
+    select_frames,
+)
+from driveloop.exceptions import ConfigError, PipelineError
+from tests.fakes.frames import braking_lead, make_frames
+
+
+def _one_frame(**changes: object):
+    base = make_frames(np.full(1, 25.0), gap0_m=200.0)
+    return dataclasses.replace(base, **changes)
+
+
+B = np.array([True])
+F = np.array([False])
+
+SCORE_TABLE = [
+    # name, frame changes, the part expected high, value
+    ("nominal", {}, None, 0.0),
+    ("aeb", {"aeb": B}, "event", 1.0),
+    ("fallback", {"fallback": B}, "event", 1.0),
+    ("fcw", {"fcw": B}, "event", 1.0),
+    ("watchdog", {"watchdog": B}, "event", 1.0),
+    ("collision", {"collision": B}, "event", 1.0),
+    ("ttc at half the threshold", {"ttc_s": np.array([1.5])}, "ttc", 0.5),
+    ("ttc above the threshold", {"ttc_s": np.array([3.5])}, None, 0.0),
+    ("confidence 0.25", {"confidence": np.array([0.25])}, "confidence", 0.5),
+    ("confidence 0", {"confidence": np.array([0.0])}, "confidence", 1.0),
+    ("accel disagreement 1 m/s2", {"applied_action": np.array([[-1.0, 0.0]])}, "disagreement", 0.5),
+    ("steer disagreement saturates", {"applied_action": np.array([[0.0, 0.5]])}, "disagreement", 1.0),
+]
+
+
+@pytest.mark.parametrize(("name", "changes", "part", "value"), SCORE_TABLE, ids=[r[0] for r in SCORE_TABLE])
+def test_score_table(name: str, changes: dict, part: str | None, value: float) -> None:
+    frames = _one_frame(**changes)
+    frames = dataclasses.replace(frames, model_action=np.zeros((1, 2)))
+    if "applied_action" not in changes:
+        frames = dataclasses.replace(frames, applied_action=np.zeros((1, 2)))
+    s = score_frames(frames, MiningConfig())
+    for p, arr in s.parts.items():
+        expected = value if p == part else 0.0
+        assert arr[0] == pytest.approx(expected), (name, p)
+
+
+def test_rarity_ranks_the_rare_bin_higher_and_total_is_weighted() -> None:
+    common = make_frames(np.full(50, 25.0), gap0_m=200.0, segment_id="common", scenario="highway")
+    rare = make_frames(np.full(2, 25.0), gap0_m=200.0, segment_id="rare", scenario="merge")
+    cfg = MiningConfig()
+    raw = [score_frames(common, cfg), score_frames(rare, cfg)]
+    counts = bin_counts(raw)
+    done = [finish_scores(s, counts, cfg) for s in raw]
+    assert done[1].parts["rarity"][0] > done[0].parts["rarity"][0]
+    w = np.asarray(cfg.weights)
+    manual = sum(w[i] * done[1].parts[p][0] for i, p in enumerate(("event", "ttc", "confidence", "disagreement", "rarity"))) / w.sum()
+    assert done[1].total[0] == pytest.approx(manual)
+
+
+def test_selection_keeps_events_with_window_topk_and_seeded_replay() -> None:
+    cfg = MiningConfig(window_s=1.0, replay_ratio=0.5)
+    segs = [make_frames(braking_lead(), segment_id="brake"), make_frames(np.full(150, 25.0), gap0_m=200.0, segment_id="calm")]
+    raw = [score_frames(f, cfg) for f in segs]
+    counts = bin_counts(raw)
+    scores = [finish_scores(s, counts, cfg) for s in raw]
+    sel = select_frames(scores, cfg, seed=7)
+    hard = set(sel.hard["brake"].tolist())
+    events = np.flatnonzero(segs[0].event)
+    assert set(events.tolist()) <= hard
+    assert events.min() - 10 in hard  # 1 s window before the first event
+    assert "calm" not in sel.hard
+    assert sel.n_replay == round(0.5 * sel.n_hard)
+    for seg, idx in sel.replay.items():
+        assert not (set(idx.tolist()) & set(sel.hard.get(seg, np.zeros(0)).tolist()))
+    again = select_frames(scores, cfg, seed=7)
+    assert all(np.array_equal(again.replay[k], v) for k, v in sel.replay.items())
+    capped = select_frames(scores, dataclasses.replace(cfg, top_k=5), seed=7)
+    assert capped.n_hard == 5
+    best = sorted(scores[0].total, reverse=True)[:5]
+    assert sorted(scores[0].total[capped.hard["brake"]], reverse=True) == pytest.approx(best)
+
+
+def test_selection_refuses_unfinished_scores() -> None:
+    cfg = MiningConfig()
+    with pytest.raises(PipelineError, match="finish_scores"):
+        select_frames([score_frames(make_frames(np.full(5, 25.0)), cfg)], cfg, seed=0)
+
+
+def test_frames_reject_ragged_arrays() -> None:
+    f = make_frames(np.full(5, 25.0))
+    with pytest.raises(PipelineError, match="confidence"):
+        dataclasses.replace(f, confidence=np.ones(4))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"ttc_threshold_s": 0.0}, {"confidence_threshold": 1.5}, {"weights": (1.0, 1.0)}, {"top_k": 0}, {"replay_ratio": -1.0}],
+)
+def test_config_validation(changes: dict) -> None:
+    with pytest.raises(ConfigError):
+        MiningConfig(**changes)
