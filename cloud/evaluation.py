@@ -1,0 +1,183 @@
+"""Closed-loop evaluation gate: a candidate model must beat the current one on a held-out scenario suite.
+
+Each scenario class (highway, dense, cut-in, merge, ccrs, ccrm, ccrb) is its own "unit test" with a
+verdict made of named checks:
+
+- ``collisions_zero``: the candidate never collides;
+- ``interventions_fall``: its fallback interventions per hour are below the baseline's (when the baseline
+  already has none, the candidate must have none too);
+- ``progress_kept``: its progress is within ``progress_tolerance_frac`` of the baseline's;
+- ``comfort_kept``: its jerk is within ``jerk_tolerance_frac`` (+ ``jerk_tolerance_abs_mps3``) of the baseline's.
+
+The suite also needs interventions per hour over all classes to fall by ``min_suite_iph_reduction_frac``.
+``gate`` is pure, so the decision can be tested exhaustively; ``evaluate_model`` (below) is the adapter
+that runs the held-out suite in closed loop with a given ONNX model. Held-out seeds start at
+``HELDOUT_SEED_BASE`` and never appear in training or in the fleet's drives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from driveloop.exceptions import ConfigError, PipelineError
+
+logger = logging.getLogger(__name__)
+
+SCENARIO_CLASSES = ("highway", "dense", "cut-in", "merge", "ccrs", "ccrm", "ccrb")
+HELDOUT_SEED_BASE = 1_000_000
+CHECKS = ("collisions_zero", "interventions_fall", "progress_kept", "comfort_kept")
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    """Closed-loop results of one model on one scenario class (summed over its held-out episodes)."""
+
+    episodes: int
+    hours: float
+    collisions: int
+    interventions: int
+    progress: float  # mean share of the route completed (or metres per episode), higher is better
+    jerk_mps3: float  # mean absolute jerk, lower is better
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1 or not self.hours > 0:
+            raise PipelineError(f"class metrics need >= 1 episode and > 0 hours, got {self.episodes}, {self.hours}")
+        if self.collisions < 0 or self.interventions < 0:
+            raise PipelineError("collisions and interventions cannot be negative")
+        if not (math.isfinite(self.progress) and math.isfinite(self.jerk_mps3)):
+            raise PipelineError("progress and jerk must be finite")
+
+    @property
+    def interventions_per_hour(self) -> float:
+        return self.interventions / self.hours
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "episodes": self.episodes,
+            "hours": self.hours,
+            "collisions": self.collisions,
+            "interventions": self.interventions,
+            "interventions_per_hour": self.interventions_per_hour,
+            "progress": self.progress,
+            "jerk_mps3": self.jerk_mps3,
+        }
+
+
+@dataclass(frozen=True)
+class GateTolerances:
+    progress_tolerance_frac: float = 0.05
+    jerk_tolerance_frac: float = 0.10
+    jerk_tolerance_abs_mps3: float = 0.05
+    min_suite_iph_reduction_frac: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("progress_tolerance_frac", "jerk_tolerance_frac", "min_suite_iph_reduction_frac"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and 0.0 <= v < 1.0):
+                raise ConfigError(f"gate {name} must be a fraction in [0, 1), got {v}")
+        if not (math.isfinite(self.jerk_tolerance_abs_mps3) and self.jerk_tolerance_abs_mps3 >= 0):
+            raise ConfigError(f"gate jerk_tolerance_abs_mps3 must be >= 0, got {self.jerk_tolerance_abs_mps3}")
+
+
+@dataclass(frozen=True)
+class ClassVerdict:
+    scenario: str
+    checks: dict[str, bool]
+    baseline: ClassMetrics
+    candidate: ClassMetrics
+
+    @property
+    def passed(self) -> bool:
+        return all(self.checks.values())
+
+
+@dataclass(frozen=True)
+class GateResult:
+    classes: dict[str, ClassVerdict]
+    suite_iph_baseline: float
+    suite_iph_candidate: float
+    suite_iph_reduction_frac: float
+    suite_reduction_ok: bool
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.suite_reduction_ok and all(v.passed for v in self.classes.values())
+
+    def totals(self, which: str) -> dict[str, float | int]:
+        """Suite totals of 'baseline' or 'candidate' (the pipeline's JSON report)."""
+        ms = [getattr(v, which) for v in self.classes.values()]
+        hours = sum(m.hours for m in ms)
+        eps = sum(m.episodes for m in ms)
+        return {
+            "episodes": eps,
+            "hours": hours,
+            "collisions": sum(m.collisions for m in ms),
+            "interventions": sum(m.interventions for m in ms),
+            "interventions_per_hour": sum(m.interventions for m in ms) / hours,
+            "progress": sum(m.progress * m.episodes for m in ms) / eps,
+            "jerk_mps3": sum(m.jerk_mps3 * m.episodes for m in ms) / eps,
+        }
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "passed": self.passed,
+            "baseline": self.totals("baseline"),
+            "candidate": self.totals("candidate"),
+            "suite_iph_reduction_frac": self.suite_iph_reduction_frac,
+            "classes": {
+                name: {
+                    "passed": v.passed,
+                    "checks": dict(v.checks),
+                    "baseline": v.baseline.as_dict(),
+                    "candidate": v.candidate.as_dict(),
+                }
+                for name, v in self.classes.items()
+            },
+            "reasons": list(self.reasons),
+        }
+
+
+def judge_class(scenario: str, base: ClassMetrics, cand: ClassMetrics, tol: GateTolerances) -> ClassVerdict:
+    """The four checks of one scenario class."""
+    b_iph, c_iph = base.interventions_per_hour, cand.interventions_per_hour
+    checks = {
+        "collisions_zero": cand.collisions == 0,
+        "interventions_fall": c_iph < b_iph if b_iph > 0 else c_iph == 0,
+        "progress_kept": cand.progress >= base.progress * (1.0 - tol.progress_tolerance_frac),
+        "comfort_kept": cand.jerk_mps3 <= base.jerk_mps3 * (1.0 + tol.jerk_tolerance_frac) + tol.jerk_tolerance_abs_mps3,
+    }
+    return ClassVerdict(scenario=scenario, checks=checks, baseline=base, candidate=cand)
+
+
+def gate(
+    baseline_metrics: dict[str, ClassMetrics],
+    candidate_metrics: dict[str, ClassMetrics],
+    tolerances: GateTolerances,
+) -> GateResult:
+    """Verdict of candidate vs baseline on the same held-out suite (same classes, same seeds)."""
+    if not baseline_metrics:
+        raise PipelineError("the evaluation suite is empty")
+    if set(baseline_metrics) != set(candidate_metrics):
+        raise PipelineError(
+            f"baseline and candidate ran different classes: {sorted(baseline_metrics)} vs {sorted(candidate_metrics)}"
+        )
+    classes = {
+        name: judge_class(name, baseline_metrics[name], candidate_metrics[name], tolerances) for name in sorted(baseline_metrics)
+    }
+    b_hours = sum(m.hours for m in baseline_metrics.values())
+    c_hours = sum(m.hours for m in candidate_metrics.values())
+    b_iph = sum(m.interventions for m in baseline_metrics.values()) / b_hours
+    c_iph = sum(m.interventions for m in candidate_metrics.values()) / c_hours
+    reduction = (b_iph - c_iph) / b_iph if b_iph > 0 else (0.0 if c_iph == 0 else -math.inf)
+    suite_ok = reduction >= tolerances.min_suite_iph_reduction_frac if b_iph > 0 else c_iph == 0
+    reasons = [f"{name}: {check} failed" for name, v in classes.items() for check, ok in v.checks.items() if not ok]
+    if not suite_ok:
+        reasons.append(
+            f"suite interventions/h fell {reduction:.1%}, need >= {tolerances.min_suite_iph_reduction_frac:.0%}"
+        )
+    result = GateResult(classes, b_iph, c_iph, reduction, suite_ok, reasons)
+    logger.info("gate %s: iph %.2f -> %.2f; %s", "PASSED" if result.passed else "FAILED", b_iph, c_iph, reasons or "all checks ok")
+    return result

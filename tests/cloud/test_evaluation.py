@@ -1,0 +1,88 @@
+"""Closed-loop gate: verdict table per scenario class and the suite-level reduction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from driveloop.cloud.evaluation import ClassMetrics, GateTolerances, gate, judge_class
+from driveloop.exceptions import ConfigError, PipelineError
+
+BASE = ClassMetrics(episodes=4, hours=0.1, collisions=0, interventions=10, progress=1.0, jerk_mps3=1.0)
+TOL = GateTolerances()
+
+
+def _c(**changes: object) -> ClassMetrics:
+    return dataclasses.replace(BASE, **changes)
+
+
+VERDICTS = [
+    # name, baseline, candidate, failing checks
+    ("better everywhere", BASE, _c(interventions=5), set()),
+    ("a collision", BASE, _c(interventions=5, collisions=1), {"collisions_zero"}),
+    ("interventions equal", BASE, _c(), {"interventions_fall"}),
+    ("interventions rise", BASE, _c(interventions=11), {"interventions_fall"}),
+    ("baseline clean, candidate clean", _c(interventions=0), _c(interventions=0), set()),
+    ("baseline clean, candidate intervenes", _c(interventions=0), _c(interventions=1), {"interventions_fall"}),
+    ("progress within 5%", BASE, _c(interventions=5, progress=0.951), set()),
+    ("progress exactly at 5%", BASE, _c(interventions=5, progress=0.95), set()),
+    ("progress regresses 6%", BASE, _c(interventions=5, progress=0.94), {"progress_kept"}),
+    ("jerk within tolerance", BASE, _c(interventions=5, jerk_mps3=1.14), set()),
+    ("jerk regresses", BASE, _c(interventions=5, jerk_mps3=1.2), {"comfort_kept"}),
+    ("everything wrong", BASE, _c(interventions=20, collisions=2, progress=0.5, jerk_mps3=3.0),
+     {"collisions_zero", "interventions_fall", "progress_kept", "comfort_kept"}),
+]
+
+
+@pytest.mark.parametrize(("name", "base", "cand", "failing"), VERDICTS, ids=[v[0] for v in VERDICTS])
+def test_class_verdict_table(name: str, base: ClassMetrics, cand: ClassMetrics, failing: set[str]) -> None:
+    v = judge_class("ccrb", base, cand, TOL)
+    assert {k for k, ok in v.checks.items() if not ok} == failing, name
+    assert v.passed == (not failing)
+
+
+def test_one_failing_class_fails_the_gate_and_says_why() -> None:
+    base = {"highway": BASE, "ccrb": BASE}
+    cand = {"highway": _c(interventions=2), "ccrb": _c(interventions=2, collisions=1)}
+    r = gate(base, cand, TOL)
+    assert not r.passed
+    assert r.classes["highway"].passed and not r.classes["ccrb"].passed
+    assert r.reasons == ["ccrb: collisions_zero failed"]
+    d = r.as_dict()
+    assert d["baseline"]["interventions_per_hour"] == pytest.approx(100.0)
+    assert d["candidate"]["interventions_per_hour"] == pytest.approx(20.0)
+    assert d["candidate"]["collisions"] == 1
+    assert "progress" in d["candidate"]
+
+
+@pytest.mark.parametrize(("cand_interventions", "passed"), [(7, True), (8, False)])
+def test_suite_reduction_threshold(cand_interventions: int, passed: bool) -> None:
+    tol = GateTolerances(min_suite_iph_reduction_frac=0.3)
+    r = gate({"dense": BASE}, {"dense": _c(interventions=cand_interventions)}, tol)
+    assert r.suite_iph_reduction_frac == pytest.approx(1 - cand_interventions / 10)
+    assert r.passed is passed
+
+
+def test_gate_refuses_mismatched_or_empty_suites() -> None:
+    with pytest.raises(PipelineError, match="different classes"):
+        gate({"merge": BASE}, {"cut-in": BASE}, TOL)
+    with pytest.raises(PipelineError, match="empty"):
+        gate({}, {}, TOL)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"progress_tolerance_frac": -0.1}, {"jerk_tolerance_frac": 1.0}, {"min_suite_iph_reduction_frac": float("nan")},
+     {"jerk_tolerance_abs_mps3": -1.0}],
+)
+def test_tolerances_validated(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        GateTolerances(**bad)
+
+
+def test_metrics_validated() -> None:
+    with pytest.raises(PipelineError):
+        _c(hours=0.0)
+    with pytest.raises(PipelineError):
+        _c(collisions=-1)
