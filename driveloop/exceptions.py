@@ -114,3 +114,8 @@ class UploadRejectedError(UploadError):
         super().__init__(message)
         self.status = status
         self.offset = offset
+
+
+class StaleReportError(OtaError):
+    """A vehicle report that is not newer than the last one accepted (seq not increasing): a replay
+    or a reordered delivery (HTTP 409)."""
