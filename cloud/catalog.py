@@ -1,0 +1,404 @@
+"""The cloud catalog (SQLAlchemy 2): which segments exist, who may upload, uploads in flight, campaigns.
+
+SQLite file by default, PostgreSQL (or any SQLAlchemy URL) for scale-out; the same code runs on both
+(portable types only; events live in a child table rather than a JSON column so "segments with a
+``aeb`` event" is a plain indexed join everywhere).
+Rules it keeps:
+- A segment row is written once, keyed by its sha256: cataloging the same bytes twice is a no-op,
+  so a retried upload can never make a segment land twice.
+- Finishing an upload and cataloging its segment is one transaction.
+- ``consumed_by_dataset`` is set once, by the pipeline, after a dataset version built from the
+  segment exists; "new" segments are exactly the unconsumed ones.
+- Every database failure surfaces as StorageError.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, select, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from driveloop.cloud._catalog_schema import Base, CampaignRow, SegmentRow, SegmentEventRow, UploadRow, VehicleRow
+from driveloop.cloud.campaigns import Campaign, CampaignSpec
+from driveloop.exceptions import ConfigError, StorageError
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_OPEN = "open"
+UPLOAD_DONE = "done"
+UPLOAD_FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SegmentRecord:
+    """One cataloged segment (mirrors edge.segment.SegmentInfo plus cloud bookkeeping)."""
+
+    sha256: str
+    vehicle: str
+    scenario: str
+    seed: int
+    model_version: str
+    start_s: float
+    end_s: float
+    n_ticks: int
+    events: dict[str, int]
+    has_event: bool
+    size: int
+    ingested_at_s: float
+    name: str | None = None
+    consumed_by_dataset: str | None = None
+
+    @classmethod
+    def from_info(cls, info: Any, ingested_at_s: float, name: str | None = None) -> SegmentRecord:
+        """Build from a validated ``SegmentInfo`` (duck-typed so the catalog does not import edge)."""
+        return cls(
+            sha256=info.sha256,
+            vehicle=str(info.vehicle),
+            scenario=str(info.scenario),
+            seed=int(info.seed),
+            model_version=str(info.model_version),
+            start_s=float(info.start_s),
+            end_s=float(info.end_s),
+            n_ticks=int(info.n_ticks),
+            events={str(k): int(v) for k, v in dict(info.events).items()},
+            has_event=bool(info.has_event),
+            size=int(info.size),
+            ingested_at_s=float(ingested_at_s),
+            name=name,
+        )
+
+
+@dataclass(frozen=True)
+class VehicleRecord:
+    id: str
+    token_hash: str
+    enabled: bool
+    created_at_s: float
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    id: str
+    vehicle: str
+    sha256: str
+    size: int
+    name: str
+    offset: int
+    state: str
+    created_at_s: float
+    updated_at_s: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SegmentQuery:
+    """Filters for :meth:`Catalog.segments`; None means "any". Times select overlapping segments."""
+
+    vehicle: str | None = None
+    scenario: str | None = None
+    model_version: str | None = None
+    event: str | None = None
+    has_event: bool | None = None
+    from_s: float | None = None
+    until_s: float | None = None
+    unconsumed: bool | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+
+
+def _segment_record(row: SegmentRow) -> SegmentRecord:
+    return SegmentRecord(
+        sha256=row.sha256, vehicle=row.vehicle, scenario=row.scenario, seed=row.seed,
+        model_version=row.model_version, start_s=row.start_s, end_s=row.end_s, n_ticks=row.n_ticks,
+        events={e.event: e.count for e in sorted(row.events, key=lambda e: e.event)},
+        has_event=row.has_event, size=row.size, ingested_at_s=row.ingested_at_s, name=row.name,
+        consumed_by_dataset=row.consumed_by_dataset,
+    )  # fmt: skip
+
+
+def _upload_record(row: UploadRow) -> UploadRecord:
+    return UploadRecord(
+        id=row.id, vehicle=row.vehicle, sha256=row.sha256, size=row.size, name=row.name,
+        offset=row.offset, state=row.state, created_at_s=row.created_at_s,
+        updated_at_s=row.updated_at_s, error=row.error,
+    )  # fmt: skip
+
+
+def _campaign_record(row: CampaignRow) -> Campaign:
+    spec = CampaignSpec(
+        name=row.name, condition=row.condition, trigger_mode=row.trigger_mode,
+        min_interval_s=row.min_interval_s, pre_window_s=row.pre_window_s,
+        post_window_s=row.post_window_s, priority=row.priority, expires_at_s=row.expires_at_s,
+    )  # fmt: skip
+    return Campaign(row.id, spec, row.state, row.created_at_s, row.approved_at_s)
+
+
+def _engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise StorageError(f"not a database URL: {url!r}") from e
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the ingest writer
+            cur.execute("PRAGMA synchronous=FULL")  # a cataloged segment survives a power cut
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as e:
+        raise StorageError(f"cannot open catalog {parsed.render_as_string(hide_password=True)}: {e}") from e
+
+
+class Catalog:
+    """The catalog database at ``url`` (``sqlite:///path.db`` or ``postgresql+psycopg://…``)."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = _engine(url)
+        self.url = self._engine.url.render_as_string(hide_password=True)
+        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
+        try:
+            Base.metadata.create_all(self._engine)
+        except SQLAlchemyError as e:
+            raise StorageError(f"cannot open catalog {self.url}: {e}") from e
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except StorageError:
+            raise
+        except SQLAlchemyError as e:
+            raise StorageError(f"catalog {self.url}: {e}") from e
+
+    # -- segments ----------------------------------------------------------------------------
+    def add_segment(self, record: SegmentRecord) -> bool:
+        """Catalog a segment; False (and nothing changed) if its sha256 is already cataloged."""
+        try:
+            with self._session() as s:
+                if s.get(SegmentRow, record.sha256) is not None:
+                    return False
+                s.add(self._segment_row(record))
+            return True
+        except StorageError as e:
+            if isinstance(e.__cause__, IntegrityError):  # a concurrent insert of the same bytes won
+                return False
+            raise
+
+    @staticmethod
+    def _segment_row(r: SegmentRecord) -> SegmentRow:
+        row = SegmentRow(
+            sha256=r.sha256, vehicle=r.vehicle, scenario=r.scenario, seed=r.seed,
+            model_version=r.model_version, start_s=r.start_s, end_s=r.end_s, n_ticks=r.n_ticks,
+            has_event=r.has_event, size=r.size, name=r.name, ingested_at_s=r.ingested_at_s,
+            consumed_by_dataset=r.consumed_by_dataset,
+        )  # fmt: skip
+        row.events = [SegmentEventRow(event=k, count=v) for k, v in sorted(r.events.items())]
+        return row
+
+    def get_segment(self, sha256: str) -> SegmentRecord | None:
+        with self._session() as s:
+            row = s.get(SegmentRow, sha256)
+            return None if row is None else _segment_record(row)
+
+    def has_segment(self, sha256: str) -> bool:
+        with self._session() as s:
+            return s.get(SegmentRow, sha256) is not None
+
+    def segments(self, query: SegmentQuery | None = None) -> list[SegmentRecord]:
+        """Segments matching every given filter, oldest first (start time, then sha256)."""
+        q = query or SegmentQuery()
+        stmt = select(SegmentRow)
+        if q.vehicle is not None:
+            stmt = stmt.where(SegmentRow.vehicle == q.vehicle)
+        if q.scenario is not None:
+            stmt = stmt.where(SegmentRow.scenario == q.scenario)
+        if q.model_version is not None:
+            stmt = stmt.where(SegmentRow.model_version == q.model_version)
+        if q.has_event is not None:
+            stmt = stmt.where(SegmentRow.has_event == q.has_event)
+        if q.from_s is not None:
+            stmt = stmt.where(SegmentRow.end_s >= q.from_s)
+        if q.until_s is not None:
+            stmt = stmt.where(SegmentRow.start_s <= q.until_s)
+        if q.unconsumed is not None:
+            consumed = SegmentRow.consumed_by_dataset
+            stmt = stmt.where(consumed.is_(None) if q.unconsumed else consumed.is_not(None))
+        if q.event is not None:
+            stmt = stmt.where(
+                SegmentRow.sha256.in_(
+                    select(SegmentEventRow.sha256).where(SegmentEventRow.event == q.event, SegmentEventRow.count > 0)
+                )
+            )
+        stmt = stmt.order_by(SegmentRow.start_s, SegmentRow.sha256)
+        if q.limit is not None:
+            stmt = stmt.limit(q.limit)
+        with self._session() as s:
+            return [_segment_record(r) for r in s.scalars(stmt)]
+
+    def new_segments(self, limit: int | None = None) -> list[SegmentRecord]:
+        """Segments no dataset version has consumed yet (the pipeline's input)."""
+        return self.segments(SegmentQuery(unconsumed=True, limit=limit))
+
+    def mark_consumed(self, sha256s: Iterable[str], dataset_version: str) -> int:
+        """Record that ``dataset_version`` consumed these segments; returns how many were new to it.
+        A segment already consumed by an earlier dataset keeps its first consumer."""
+        if not dataset_version:
+            raise ConfigError("dataset_version must be non-empty")
+        shas = sorted(set(sha256s))
+        if not shas:
+            return 0
+        with self._session() as s:
+            known = set(s.scalars(select(SegmentRow.sha256).where(SegmentRow.sha256.in_(shas))))
+            missing = set(shas) - known
+            if missing:
+                raise StorageError(f"cannot mark unknown segments consumed: {sorted(missing)[:3]}")
+            result = s.execute(
+                update(SegmentRow)
+                .where(SegmentRow.sha256.in_(shas), SegmentRow.consumed_by_dataset.is_(None))
+                .values(consumed_by_dataset=dataset_version)
+            )
+            return int(result.rowcount or 0)
+
+    # -- vehicles ----------------------------------------------------------------------------
+    def add_vehicle(self, vehicle_id: str, token_hash: str, now_s: float) -> VehicleRecord:
+        with self._session() as s:
+            if s.get(VehicleRow, vehicle_id) is not None:
+                raise ConfigError(f"vehicle {vehicle_id!r} is already registered (rotate its token instead)")
+            row = VehicleRow(id=vehicle_id, token_hash=token_hash, enabled=True, created_at_s=float(now_s))
+            s.add(row)
+            return VehicleRecord(row.id, row.token_hash, row.enabled, row.created_at_s)
+
+    def get_vehicle(self, vehicle_id: str) -> VehicleRecord | None:
+        with self._session() as s:
+            row = s.get(VehicleRow, vehicle_id)
+            return None if row is None else VehicleRecord(row.id, row.token_hash, row.enabled, row.created_at_s)
+
+    def vehicles(self) -> list[VehicleRecord]:
+        with self._session() as s:
+            rows = s.scalars(select(VehicleRow).order_by(VehicleRow.id))
+            return [VehicleRecord(r.id, r.token_hash, r.enabled, r.created_at_s) for r in rows]
+
+    def update_vehicle(self, vehicle_id: str, *, token_hash: str | None = None, enabled: bool | None = None) -> None:
+        with self._session() as s:
+            row = s.get(VehicleRow, vehicle_id)
+            if row is None:
+                raise ConfigError(f"unknown vehicle {vehicle_id!r}")
+            if token_hash is not None:
+                row.token_hash = token_hash
+            if enabled is not None:
+                row.enabled = enabled
+
+    # -- uploads -----------------------------------------------------------------------------
+    def create_upload(self, upload_id: str, vehicle: str, sha256: str, size: int, name: str, now_s: float) -> UploadRecord:
+        with self._session() as s:
+            row = UploadRow(
+                id=upload_id, vehicle=vehicle, sha256=sha256, size=size, name=name, offset=0,
+                state=UPLOAD_OPEN, created_at_s=float(now_s), updated_at_s=float(now_s),
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            return _upload_record(row)
+
+    def get_upload(self, upload_id: str) -> UploadRecord | None:
+        with self._session() as s:
+            row = s.get(UploadRow, upload_id)
+            return None if row is None else _upload_record(row)
+
+    def open_upload(self, vehicle: str, sha256: str) -> UploadRecord | None:
+        """The vehicle's unfinished upload of these bytes, if any (so a restart resumes it)."""
+        stmt = (
+            select(UploadRow)
+            .where(UploadRow.vehicle == vehicle, UploadRow.sha256 == sha256, UploadRow.state == UPLOAD_OPEN)
+            .order_by(UploadRow.created_at_s.desc())
+            .limit(1)
+        )
+        with self._session() as s:
+            row = s.scalars(stmt).first()
+            return None if row is None else _upload_record(row)
+
+    def uploads(self, state: str | None = None) -> list[UploadRecord]:
+        stmt = select(UploadRow).order_by(UploadRow.created_at_s, UploadRow.id)
+        if state is not None:
+            stmt = stmt.where(UploadRow.state == state)
+        with self._session() as s:
+            return [_upload_record(r) for r in s.scalars(stmt)]
+
+    def set_upload_offset(self, upload_id: str, offset: int, now_s: float) -> None:
+        with self._session() as s:
+            s.execute(update(UploadRow).where(UploadRow.id == upload_id).values(offset=offset, updated_at_s=float(now_s)))
+
+    def fail_upload(self, upload_id: str, error: str, now_s: float) -> None:
+        with self._session() as s:
+            s.execute(
+                update(UploadRow)
+                .where(UploadRow.id == upload_id)
+                .values(state=UPLOAD_FAILED, error=error[:500], updated_at_s=float(now_s))
+            )
+
+    def complete_upload(self, upload_id: str, record: SegmentRecord, now_s: float) -> bool:
+        """Mark the upload done and catalog its segment in one transaction; False if the segment was
+        already cataloged (by another upload of the same bytes)."""
+        with self._session() as s:
+            s.execute(
+                update(UploadRow)
+                .where(UploadRow.id == upload_id)
+                .values(state=UPLOAD_DONE, offset=record.size, updated_at_s=float(now_s))
+            )
+            if s.get(SegmentRow, record.sha256) is not None:
+                return False
+            s.add(self._segment_row(record))
+            return True
+
+    # -- campaigns ---------------------------------------------------------------------------
+    def save_campaign(self, campaign: Campaign) -> None:
+        """Insert or update a campaign (the lifecycle rules live in cloud.campaigns)."""
+        sp = campaign.spec
+        values = dict(
+            name=sp.name, condition=sp.condition, trigger_mode=sp.trigger_mode,
+            min_interval_s=sp.min_interval_s, pre_window_s=sp.pre_window_s, post_window_s=sp.post_window_s,
+            priority=sp.priority, expires_at_s=sp.expires_at_s, state=campaign.state,
+            created_at_s=campaign.created_at_s, approved_at_s=campaign.approved_at_s,
+        )  # fmt: skip
+        with self._session() as s:
+            row = s.get(CampaignRow, campaign.id)
+            if row is None:
+                s.add(CampaignRow(id=campaign.id, **values))
+            else:
+                for k, v in values.items():
+                    setattr(row, k, v)
+
+    def get_campaign(self, campaign_id: str) -> Campaign | None:
+        with self._session() as s:
+            row = s.get(CampaignRow, campaign_id)
+            return None if row is None else _campaign_record(row)
+
+    def campaigns(self, state: str | None = None) -> list[Campaign]:
+        stmt = select(CampaignRow).order_by(CampaignRow.created_at_s, CampaignRow.id)
+        if state is not None:
+            stmt = stmt.where(CampaignRow.state == state)
+        with self._session() as s:
+            return [_campaign_record(r) for r in s.scalars(stmt)]
