@@ -172,9 +172,8 @@ class TufRepo:
 
     def rotate(self, role: str, now_s: float) -> list[str]:
         """Replace every key of ``role``; the new root is signed by the old and (for root) new keys."""
-        old_md = self.load_root()
-        old_root = old_md.signed
-        new_root = Root.from_dict(old_root.to_dict())
+        old_root = self.load_root().signed
+        new_root = self.load_root().signed  # a separate copy: Root.to_dict/from_dict share lists
         old_ids = list(old_root.roles[role].keyids)
         new_signers = [self.keys.generate(role) for _ in old_ids]
         for keyid in old_ids:
