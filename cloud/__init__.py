@@ -3,3 +3,20 @@
 from __future__ import annotations
 
 __all__: list[str] = []
+
+# Policy model, export and registry (lazy: torch/onnx load only when these names are used).
+_LAZY_MODEL_API = {
+    "PolicyNet": "model", "PolicyConfig": "model", "LossWeights": "model", "loss": "model",
+    "export_onnx": "export", "check_parity": "export",
+    "ModelManifest": "manifest", "read_manifest": "manifest", "write_manifest": "manifest", "sha256_file": "manifest",
+    "Registry": "registry", "ModelArtifact": "registry",
+}
+__all__ += list(_LAZY_MODEL_API)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY_MODEL_API:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY_MODEL_API[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
