@@ -186,6 +186,8 @@ class TickRecord:
                 raise SegmentError(f"tick {self.tick}: {name} shape {arr.shape} != contract {shape}")
         if self.source not in ("model", "fallback"):
             raise SegmentError(f"tick {self.tick}: source must be 'model' or 'fallback', got {self.source!r}")
+        if not isinstance(self.state, dict):
+            raise SegmentError(f"tick {self.tick}: state must be a dict, got {type(self.state).__name__}")
         if self.ttc_s is not None and not math.isfinite(self.ttc_s):
             object.__setattr__(self, "ttc_s", None)  # inf = no target = None, one spelling only
         object.__setattr__(self, "model_action", _pair(self.model_action))
@@ -194,8 +196,7 @@ class TickRecord:
     def signals(self) -> dict[str, float | bool]:
         """Named signals for trigger conditions (edge.triggers). Missing values are NaN/inf so that
         comparisons on them are false (``confidence < 0.3`` does not fire when there is no output)."""
-        ego = self.state.get("ego", {}) if isinstance(self.state, dict) else {}
-        speed = ego.get("speed_mps") if isinstance(ego, dict) else None
+        speed = self.state.get("speed_mps")  # WorldSnapshot ground truth; else the ego sensor block
         return {
             "t": float(self.t_s),
             "speed": float(speed) if isinstance(speed, (int, float)) else float(self.kinematics[0]),
@@ -210,7 +211,7 @@ class TickRecord:
             "aeb": bool(self.aeb),
             "watchdog": self.watchdog is not None,
             "model_valid": bool(self.model_valid),
-            "collision": bool(self.state.get("crashed", False)) if isinstance(self.state, dict) else False,
+            "collision": bool(self.state.get("crashed", False)),
         }
 
 

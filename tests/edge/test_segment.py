@@ -44,7 +44,8 @@ def make_tick(i: int, rng: np.random.Generator, *, brake: bool = False, fallback
         fcw=brake, aeb=brake, watchdog="deadline_miss" if fallback else None,
         activation=fallback, reason="aeb" if brake else None,
         ttc_s=float(rng.uniform(2, 10)) if i % 2 else None,
-        state={"ego": {"x_m": i * 3.0, "speed_mps": 25.0}, "others": [{"id": 1, "x_m": 40.0}] if i % 3 else [],
+        state={"t_s": round(t0_s + i * DT_S, 6), "ego": {"id": 0, "x_m": i * 3.0, "vx_mps": 25.0},
+               "speed_mps": 25.0 + i % 3, "others": [{"id": 1, "x_m": 40.0}] if i % 3 else [],
                "crashed": False},
         expert_action=[0.1, -0.01] if i % 5 else None,
     )
@@ -120,8 +121,15 @@ def test_zstd_chunks_and_foxglove_style_reader(tmp_path: Path) -> None:
 
 
 def test_signals_cover_trigger_names() -> None:
-    t = make_tick(0, np.random.default_rng(0))
-    assert set(t.signals()) == SIGNAL_NAMES
+    t = make_tick(2, np.random.default_rng(0), brake=True, fallback=True)
+    sig = t.signals()
+    assert set(sig) == SIGNAL_NAMES
+    assert (sig["speed"], sig["accel"], sig["fallback"], sig["aeb"], sig["watchdog"]) == (27.0, -6.0, True, True, True)
+    assert sig["ttc"] == math.inf and not sig["collision"]
+    no_model = make_tick(3, np.random.default_rng(0))
+    assert math.isnan(no_model.signals()["confidence"]) and no_model.signals()["ttc"] < 10
+    crashed = TickRecord(**{**t.__dict__, "state": {"crashed": True}})
+    assert crashed.signals()["collision"] and crashed.signals()["speed"] == float(t.kinematics[0])
 
 
 @pytest.mark.parametrize("bad", [
