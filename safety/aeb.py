@@ -1,0 +1,170 @@
+"""Automatic emergency braking: time-to-collision, the RSS safe distance and the required deceleration.
+
+Rules (all pure functions of one tick's numbers):
+- TTC = gap / closing speed; no hazard (``TTC_MAX_S``) when the gap is opening.
+- RSS safe longitudinal distance (Shalev-Shwartz et al. 2017, Def. 1) for the ego behind its lead.
+- Required deceleration: the least constant ego deceleration, starting after the actuation delay, that
+  keeps ``standstill_gap_m`` to a lead that keeps braking at its estimated deceleration.
+- Stages: *partial* braking when inside the RSS distance with TTC below ``partial_ttc_s`` or when the
+  required deceleration passes ``partial_decel_trigger_mps2``; *full* braking below ``full_ttc_s`` or
+  above ``full_decel_trigger_mps2``. Once braking, AEB holds until the hazard has clearly gone
+  (hysteresis: required deceleration below ``release_decel_mps2`` and TTC above ``release_ttc_s``).
+- FCW is the brake condition evaluated on the state predicted ``fcw_lead_time_s`` ahead, so at a
+  steady closing speed the warning always precedes the brake by that time (UN R152: >= 0.8 s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import AebConfig
+
+TTC_MAX_S = 99.0  # reported when nothing closes in; keeps parts finite and JSON-safe
+REQ_DECEL_MAX_MPS2 = 99.0  # reported when no deceleration can avoid the lead any more
+STOPPED_LEAD_MPS = 0.1  # below this the lead is standing and cannot brake further
+
+NONE, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class AebAssessment:
+    """One tick's AEB verdict: warning, brake stage and the deceleration to command."""
+
+    fcw: bool
+    level: int  # NONE, PARTIAL or FULL
+    decel_mps2: float  # deceleration AEB asks for (0 when not braking)
+    ttc_s: float
+    rss_safe_gap_m: float
+    required_decel_mps2: float
+    lead_decel_mps2: float
+
+
+def time_to_collision_s(gap_m: float, closing_speed_mps: float) -> float:
+    """Seconds until contact at the current closing speed; TTC_MAX_S when the gap is not closing."""
+    if gap_m <= 0.0:
+        return 0.0
+    if closing_speed_mps <= 0.0:
+        return TTC_MAX_S
+    return min(gap_m / closing_speed_mps, TTC_MAX_S)
+
+
+def rss_safe_gap_m(ego_speed_mps: float, lead_speed_mps: float, config: AebConfig) -> float:
+    """RSS minimal safe longitudinal distance for the ego (rear) behind the lead (front), >= 0."""
+    rho = config.response_time_s
+    v_r = max(ego_speed_mps, 0.0)
+    v_f = max(lead_speed_mps, 0.0)
+    v_after = v_r + rho * config.max_accel_response_mps2
+    gap = (
+        v_r * rho
+        + 0.5 * config.max_accel_response_mps2 * rho * rho
+        + v_after * v_after / (2.0 * config.min_brake_mps2)
+        - v_f * v_f / (2.0 * config.max_brake_lead_mps2)
+    )
+    return max(gap, 0.0)
+
+
+def required_decel_mps2(
+    gap_m: float,
+    ego_speed_mps: float,
+    lead_speed_mps: float,
+    closing_speed_mps: float,
+    lead_decel_mps2: float,
+    config: AebConfig,
+) -> float:
+    """Least ego deceleration (after the actuation delay) that keeps the standstill gap, >= 0.
+
+    Two ways to hit the lead: while both still move (relative motion, D1) or after both have stopped
+    (stopping distances, D2). When D2 is at most the lead's deceleration the relative speed never turns
+    round before the lead stops, so D2 alone decides; otherwise the larger of both is safe.
+    """
+    v_e = max(ego_speed_mps, 0.0)
+    v_l = max(lead_speed_mps, 0.0)
+    a_l = lead_decel_mps2 if v_l > STOPPED_LEAD_MPS else 0.0
+    v_c = min(closing_speed_mps, v_e)  # a lead that does not reverse cannot close faster than the ego moves
+    t_r = config.actuation_delay_s
+    margin = gap_m - config.standstill_gap_m
+
+    v_rel = v_c + a_l * t_r
+    d_eff = margin - v_c * t_r - 0.5 * a_l * t_r * t_r
+    if v_rel <= 0.0:
+        d1 = a_l
+    elif d_eff <= 0.0:
+        d1 = REQ_DECEL_MAX_MPS2
+    else:
+        d1 = a_l + v_rel * v_rel / (2.0 * d_eff)
+    if a_l <= 0.0:
+        return min(max(d1, 0.0), REQ_DECEL_MAX_MPS2)
+
+    available = margin + v_l * v_l / (2.0 * a_l) - v_e * t_r
+    if v_e <= 0.0:
+        d2 = 0.0
+    elif available <= 0.0:
+        d2 = REQ_DECEL_MAX_MPS2
+    else:
+        d2 = v_e * v_e / (2.0 * available)
+    needed = d2 if d2 <= a_l else max(d1, d2)
+    return min(needed, REQ_DECEL_MAX_MPS2)
+
+
+def lead_decel_mps2(history: tuple[tuple[float, float], ...], config: AebConfig) -> float:
+    """Lead deceleration (>= 0) as minus the least-squares slope of its recent (time, speed) samples.
+
+    Zero until the window is full: a regression over fewer samples amplifies sensor noise.
+    """
+    n = len(history)
+    if n < config.lead_decel_window_ticks:
+        return 0.0
+    mean_t = sum(t for t, _ in history) / n
+    mean_v = sum(v for _, v in history) / n
+    var_t = sum((t - mean_t) ** 2 for t, _ in history)
+    if var_t <= 0.0:
+        return 0.0
+    slope = sum((t - mean_t) * (v - mean_v) for t, v in history) / var_t
+    return max(-slope, 0.0)
+
+
+def brake_level(
+    gap_m: float, ego_speed_mps: float, lead_speed_mps: float, closing_speed_mps: float,
+    lead_decel: float, config: AebConfig,
+) -> tuple[int, float, float, float]:
+    """Brake stage for one state: (level, ttc_s, rss_safe_gap_m, required_decel_mps2)."""
+    closing = min(closing_speed_mps, max(ego_speed_mps, 0.0))
+    ttc = time_to_collision_s(gap_m, closing)
+    rss = rss_safe_gap_m(ego_speed_mps, lead_speed_mps, config)
+    need = required_decel_mps2(gap_m, ego_speed_mps, lead_speed_mps, closing_speed_mps, lead_decel, config)
+    if ttc <= config.full_ttc_s or need >= config.full_decel_trigger_mps2:
+        return FULL, ttc, rss, need
+    if (ttc <= config.partial_ttc_s and gap_m < rss) or need >= config.partial_decel_trigger_mps2:
+        return PARTIAL, ttc, rss, need
+    return NONE, ttc, rss, need
+
+
+def assess(
+    gap_m: float, ego_speed_mps: float, lead_speed_mps: float, closing_speed_mps: float,
+    history: tuple[tuple[float, float], ...], was_braking: bool, config: AebConfig,
+) -> AebAssessment:
+    """AEB verdict for this tick, given the lead's speed history and whether AEB braked last tick."""
+    a_l = lead_decel_mps2(history, config)
+    level, ttc, rss, need = brake_level(gap_m, ego_speed_mps, lead_speed_mps, closing_speed_mps, a_l, config)
+    if level == NONE and was_braking and (need >= config.release_decel_mps2 or ttc <= config.release_ttc_s):
+        level = PARTIAL  # hysteresis: keep braking until the hazard has clearly gone
+    t = config.fcw_lead_time_s
+    gap_ahead = gap_m - closing_speed_mps * t - 0.5 * a_l * t * t
+    lead_ahead = max(lead_speed_mps - a_l * t, 0.0)
+    closing_ahead = closing_speed_mps + (lead_speed_mps - lead_ahead)
+    level_ahead = brake_level(gap_ahead, ego_speed_mps, lead_ahead, closing_ahead, a_l, config)[0]
+    if level == FULL:
+        decel = config.full_decel_mps2
+    elif level == PARTIAL:
+        decel = min(max(config.partial_decel_mps2, config.brake_gain * need), config.full_decel_mps2)
+    else:
+        decel = 0.0
+    return AebAssessment(
+        fcw=level > NONE or level_ahead > NONE,
+        level=level,
+        decel_mps2=decel,
+        ttc_s=ttc,
+        rss_safe_gap_m=rss,
+        required_decel_mps2=need,
+        lead_decel_mps2=a_l,
+    )

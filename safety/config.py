@@ -1,0 +1,182 @@
+"""Safety-layer configuration: frozen dataclasses with SI units in every field name.
+
+Every config validates itself on construction and raises ``ConfigError`` with the offending field, so
+that a bad limit can never reach the vehicle. Defaults are tuned for a passenger car at 10 Hz and are
+documented with their rationale in docs/SAFETY.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from driveloop.exceptions import ConfigError
+
+# UN R152 5.2.1.1: the collision warning must come at least 0.8 s before emergency braking.
+R152_MIN_WARNING_S = 0.8
+
+
+def _require(ok: bool, name: str, value: object, rule: str) -> None:
+    """Raise ConfigError naming the field unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"safety config: {name}={value!r} must be {rule}")
+
+
+def _positive(name: str, value: float) -> None:
+    _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name, value, "finite and > 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    _require(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, value, "finite and >= 0")
+
+
+@dataclass(frozen=True)
+class AebConfig:
+    """Automatic emergency braking: TTC, RSS safe distance and required deceleration.
+
+    RSS (Shalev-Shwartz et al. 2017) parameters: the ego reacts within ``response_time_s`` during which it
+    may still accelerate at ``max_accel_response_mps2``; it can then brake at least ``min_brake_mps2``;
+    the lead may brake at up to ``max_brake_lead_mps2``.
+    """
+
+    response_time_s: float = 0.5
+    max_accel_response_mps2: float = 2.0
+    min_brake_mps2: float = 4.0
+    max_brake_lead_mps2: float = 8.0
+    # Time from the brake decision to the deceleration: one tick plus the first-order brake lag.
+    actuation_delay_s: float = 0.35
+    standstill_gap_m: float = 2.0  # distance kept to the lead when both have stopped
+    partial_ttc_s: float = 3.0  # partial braking only below this TTC and inside the RSS distance
+    partial_decel_trigger_mps2: float = 3.0  # ... or when this deceleration is required
+    full_ttc_s: float = 1.0
+    full_decel_trigger_mps2: float = 5.0
+    partial_decel_mps2: float = 3.0  # least deceleration commanded in the partial stage
+    full_decel_mps2: float = 8.0
+    brake_gain: float = 1.5  # partial stage commands gain x required deceleration (margin for lag/noise)
+    release_decel_mps2: float = 1.0  # AEB releases once required deceleration is below this ...
+    release_ttc_s: float = 4.0  # ... and TTC is above this (hysteresis against chattering)
+    fcw_lead_time_s: float = 1.0  # FCW = brake condition predicted this far ahead (>= 0.8 s, R152)
+    lead_decel_window_ticks: int = 8  # lead deceleration = least-squares slope of this many speeds (0.7 s)
+    track_jump_m: float = 5.0  # a gap change beyond closing x dt + this is a new object: history restarts
+
+    def __post_init__(self) -> None:
+        for name in (
+            "response_time_s", "min_brake_mps2", "max_brake_lead_mps2", "partial_ttc_s",
+            "partial_decel_trigger_mps2", "full_ttc_s", "full_decel_trigger_mps2", "partial_decel_mps2",
+            "full_decel_mps2", "brake_gain", "release_decel_mps2", "release_ttc_s", "track_jump_m",
+        ):
+            _positive(name, getattr(self, name))
+        for name in ("max_accel_response_mps2", "actuation_delay_s", "standstill_gap_m"):
+            _non_negative(name, getattr(self, name))
+        _require(self.full_ttc_s <= self.partial_ttc_s, "full_ttc_s", self.full_ttc_s, "<= partial_ttc_s")
+        _require(
+            self.full_decel_trigger_mps2 >= self.partial_decel_trigger_mps2,
+            "full_decel_trigger_mps2", self.full_decel_trigger_mps2, ">= partial_decel_trigger_mps2",
+        )
+        _require(
+            self.full_decel_mps2 >= self.partial_decel_mps2,
+            "full_decel_mps2", self.full_decel_mps2, ">= partial_decel_mps2",
+        )
+        _require(
+            self.release_decel_mps2 <= self.partial_decel_trigger_mps2,
+            "release_decel_mps2", self.release_decel_mps2, "<= partial_decel_trigger_mps2",
+        )
+        _require(self.release_ttc_s >= self.partial_ttc_s, "release_ttc_s", self.release_ttc_s, ">= partial_ttc_s")
+        _require(
+            isinstance(self.fcw_lead_time_s, (int, float)) and self.fcw_lead_time_s >= R152_MIN_WARNING_S,
+            "fcw_lead_time_s", self.fcw_lead_time_s, f">= {R152_MIN_WARNING_S} s (UN R152)",
+        )
+        _require(
+            isinstance(self.lead_decel_window_ticks, int) and self.lead_decel_window_ticks >= 2,
+            "lead_decel_window_ticks", self.lead_decel_window_ticks, "an int >= 2",
+        )
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    """What counts as a faulty model reply or stale input."""
+
+    deadline_s: float = 0.1  # a reply older than this at the tick is late (a missed deadline)
+    stale_ticks: int = 3  # sensor frames older than this many control periods are stale
+    plausible_accel_min_mps2: float = -12.0  # outside this the model is wrong, not merely aggressive
+    plausible_accel_max_mps2: float = 6.0
+    plausible_steer_abs_rad: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive("deadline_s", self.deadline_s)
+        _require(isinstance(self.stale_ticks, int) and self.stale_ticks >= 1, "stale_ticks", self.stale_ticks, "an int >= 1")
+        _require(
+            math.isfinite(self.plausible_accel_min_mps2) and self.plausible_accel_min_mps2 < 0,
+            "plausible_accel_min_mps2", self.plausible_accel_min_mps2, "finite and < 0",
+        )
+        _positive("plausible_accel_max_mps2", self.plausible_accel_max_mps2)
+        _positive("plausible_steer_abs_rad", self.plausible_steer_abs_rad)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Actuator envelope applied to every command, model or fallback.
+
+    Raising acceleration is always limited by ``max_jerk_mps3``; lowering it (braking harder) may use
+    ``emergency_jerk_mps3`` when AEB or a fallback activation demands it, so a brake is never delayed by
+    comfort limits.
+    """
+
+    max_accel_mps2: float = 3.0
+    max_decel_mps2: float = 8.0
+    max_jerk_mps3: float = 5.0
+    emergency_jerk_mps3: float = 50.0
+    max_steer_rad: float = 0.35
+    max_steer_rate_radps: float = 0.6
+
+    def __post_init__(self) -> None:
+        for name in ("max_accel_mps2", "max_decel_mps2", "max_jerk_mps3", "emergency_jerk_mps3",
+                     "max_steer_rad", "max_steer_rate_radps"):
+            _positive(name, getattr(self, name))
+        _require(
+            self.emergency_jerk_mps3 >= self.max_jerk_mps3,
+            "emergency_jerk_mps3", self.emergency_jerk_mps3, ">= max_jerk_mps3",
+        )
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """The minimal-risk manoeuvre: brake to a stop while a P controller holds the lane."""
+
+    comfort_decel_mps2: float = 3.0
+    lane_gain_radpm: float = 0.02  # steering per metre of lane offset
+    heading_gain: float = 0.3  # steering per radian of heading error
+
+    def __post_init__(self) -> None:
+        _positive("comfort_decel_mps2", self.comfort_decel_mps2)
+        _non_negative("lane_gain_radpm", self.lane_gain_radpm)
+        _non_negative("heading_gain", self.heading_gain)
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """Everything the supervisor needs, plus the arbitration (hand-back) rules."""
+
+    aeb: AebConfig = field(default_factory=AebConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    control_period_s: float = 0.1
+    handback_hold_s: float = 1.0  # hazard must have been clear this long ...
+    handback_valid_ticks: int = 5  # ... and the model valid this many ticks in a row
+
+    def __post_init__(self) -> None:
+        _positive("control_period_s", self.control_period_s)
+        _non_negative("handback_hold_s", self.handback_hold_s)
+        _require(
+            isinstance(self.handback_valid_ticks, int) and self.handback_valid_ticks >= 1,
+            "handback_valid_ticks", self.handback_valid_ticks, "an int >= 1",
+        )
+        _require(
+            self.fallback.comfort_decel_mps2 <= self.limits.max_decel_mps2,
+            "fallback.comfort_decel_mps2", self.fallback.comfort_decel_mps2, "<= limits.max_decel_mps2",
+        )
+        _require(
+            self.aeb.full_decel_mps2 <= self.limits.max_decel_mps2,
+            "aeb.full_decel_mps2", self.aeb.full_decel_mps2, "<= limits.max_decel_mps2",
+        )

@@ -1,0 +1,195 @@
+"""The supervisor: arbitrates between the model and the fallback, every tick, under the actuator limits.
+
+``step(state, inputs, config) -> (state, decision)`` is pure: the clock comes in ``inputs.now_s`` and the
+whole memory is the frozen ``SupervisorState``, so a recorded drive replays to the same decisions.
+``Supervisor`` is the thin stateful wrapper the control loop holds; it also logs each activation and
+hand-back with its reason and timing.
+
+Arbitration rules:
+- A hazard is an AEB brake stage, a watchdog fault, or the model being disabled. Any hazard puts the
+  fallback in command on the same tick (``activation`` is True on the first such tick).
+- Hand-back to the model needs the hazard clear for ``handback_hold_s`` and the model valid for
+  ``handback_valid_ticks`` consecutive ticks (hysteresis); the jerk limit then ramps the command.
+- Every command passes the actuator limits; braking for a hazard may use the emergency jerk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from driveloop.exceptions import SafetyError
+
+from . import aeb
+from .config import SupervisorConfig
+from .fallback import fallback_command
+from .limits import limit_command
+from .types import Decision, SupervisorInputs
+from .watchdog import Verdict, check_reply
+
+logger = logging.getLogger(__name__)
+
+TIME_TOLERANCE_S = 1e-9  # float sums of 0.1 s ticks must not miss a hold time by rounding
+
+
+@dataclass(frozen=True)
+class SupervisorState:
+    """Everything the supervisor remembers between ticks."""
+
+    mode: str = "model"  # "model" or "fallback"
+    last_now_s: float | None = None
+    prev_accel_mps2: float | None = None
+    prev_steering_rad: float = 0.0
+    aeb_braking: bool = False
+    lead_history: tuple[tuple[float, float], ...] = ()  # (time_s, lead_speed_mps), oldest first
+    last_gap_m: float | None = None
+    hazard_clear_since_s: float | None = None
+    valid_streak: int = 0
+    fallback_since_s: float | None = None
+
+
+def _lead_history(state: SupervisorState, inputs: SupervisorInputs, dt_s: float,
+                  config: SupervisorConfig) -> tuple[tuple[float, float], ...]:
+    """The lead's speed history with this tick appended; restarted when the track vanishes or jumps."""
+    track = inputs.track
+    if track is None:
+        return ()
+    sample = (inputs.now_s, float(track.lead_speed_mps))
+    if state.last_gap_m is not None:
+        expected_change = abs(float(track.closing_speed_mps)) * dt_s + config.aeb.track_jump_m
+        if abs(float(track.gap_m) - state.last_gap_m) <= expected_change:
+            return (state.lead_history + (sample,))[-config.aeb.lead_decel_window_ticks:]
+    return (sample,)
+
+
+def _hazard_reason(verdict: Verdict, assessment: aeb.AebAssessment | None, model_enabled: bool) -> str | None:
+    """Why the fallback must drive this tick, or None. Faults first: they are the least recoverable."""
+    if not model_enabled:
+        return "model disabled"
+    if verdict.fault is not None:
+        return f"watchdog {verdict.fault}: {verdict.detail}"
+    if assessment is not None and assessment.level > aeb.NONE:
+        stage = "full" if assessment.level == aeb.FULL else "partial"
+        return (f"aeb {stage}: ttc={assessment.ttc_s:.2f} s, required decel "
+                f"{assessment.required_decel_mps2:.2f} m/s^2")
+    return None
+
+
+def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorConfig) -> tuple[SupervisorState, Decision]:
+    """One control tick: the new state and the decision (pure; deterministic in its arguments)."""
+    if state.last_now_s is None:
+        dt = config.control_period_s
+    else:
+        dt = inputs.now_s - state.last_now_s
+        if dt <= 0.0:
+            raise SafetyError(f"supervisor clock did not advance: {state.last_now_s} -> {inputs.now_s}")
+
+    history = _lead_history(state, inputs, dt, config)
+    assessment = None
+    if inputs.track is not None:
+        track = inputs.track
+        assessment = aeb.assess(float(track.gap_m), inputs.ego_speed_mps, float(track.lead_speed_mps),
+                                float(track.closing_speed_mps), history, state.aeb_braking, config.aeb)
+    aeb_braking = assessment is not None and assessment.level > aeb.NONE
+
+    if inputs.model_enabled:
+        verdict = check_reply(inputs.reply, inputs.now_s, inputs.sensor_stamp_s, config.control_period_s,
+                              config.watchdog)
+    else:
+        verdict = Verdict(None)
+    reason = _hazard_reason(verdict, assessment, inputs.model_enabled)
+    model_valid = inputs.model_enabled and verdict.fault is None
+    valid_streak = state.valid_streak + 1 if model_valid else 0
+    if reason is not None:
+        clear_since = None
+    else:
+        clear_since = state.hazard_clear_since_s if state.hazard_clear_since_s is not None else inputs.now_s
+
+    activation = False
+    if reason is not None:
+        mode = "fallback"
+        activation = state.mode == "model"
+    elif state.mode == "fallback":
+        held = clear_since is not None and inputs.now_s - clear_since >= config.handback_hold_s - TIME_TOLERANCE_S
+        mode = "model" if held and valid_streak >= config.handback_valid_ticks else "fallback"
+        reason = None if mode == "model" else "hand-back pending"
+    else:
+        mode = "model"
+    fallback_since = (inputs.now_s if activation else state.fallback_since_s) if mode == "fallback" else None
+
+    aeb_decel = assessment.decel_mps2 if assessment is not None else 0.0
+    if mode == "model":
+        request = (verdict.accel_mps2, verdict.steering_rad)
+    else:
+        request = fallback_command(inputs.ego_speed_mps, inputs.lane_offset_m, inputs.heading_rel_rad,
+                                   aeb_decel, config.fallback)
+    prev_accel = state.prev_accel_mps2 if state.prev_accel_mps2 is not None else inputs.ego_accel_mps2
+    emergency = mode == "fallback" and (aeb_braking or verdict.fault is not None or activation)
+    accel, steer = limit_command(request[0], request[1], prev_accel, state.prev_steering_rad, dt, emergency,
+                                 config.limits)
+
+    fcw = assessment is not None and assessment.fcw
+    if reason is None and fcw:
+        reason = "fcw"
+    parts = {
+        "dt_s": dt,
+        "valid_streak": float(valid_streak),
+        "aeb_decel_mps2": aeb_decel,
+        "fallback_s": inputs.now_s - fallback_since if fallback_since is not None else 0.0,
+    }
+    if assessment is not None:
+        parts.update(
+            gap_m=float(inputs.track.gap_m) if inputs.track is not None else 0.0,
+            ttc_s=assessment.ttc_s,
+            rss_safe_gap_m=assessment.rss_safe_gap_m,
+            required_decel_mps2=assessment.required_decel_mps2,
+            lead_decel_mps2=assessment.lead_decel_mps2,
+        )
+    decision = Decision(
+        accel_mps2=accel,
+        steering_rad=steer,
+        source="model" if mode == "model" else "fallback",
+        fcw=fcw,
+        aeb=aeb_braking,
+        watchdog=verdict.fault,
+        activation=activation,
+        reason=reason,
+        parts=parts,
+    )
+    new_state = SupervisorState(
+        mode=mode,
+        last_now_s=inputs.now_s,
+        prev_accel_mps2=accel,
+        prev_steering_rad=steer,
+        aeb_braking=aeb_braking,
+        lead_history=history,
+        last_gap_m=float(inputs.track.gap_m) if inputs.track is not None else None,
+        hazard_clear_since_s=clear_since,
+        valid_streak=valid_streak,
+        fallback_since_s=fallback_since,
+    )
+    return new_state, decision
+
+
+class Supervisor:
+    """Stateful wrapper around ``step`` for the control loop; logs activations and hand-backs."""
+
+    def __init__(self, config: SupervisorConfig | None = None) -> None:
+        self.config = config if config is not None else SupervisorConfig()
+        self.state = SupervisorState()
+
+    def reset(self) -> None:
+        """Forget everything (a new drive or a new episode)."""
+        self.state = SupervisorState()
+
+    def step(self, inputs: SupervisorInputs) -> Decision:
+        """Decide this tick's command and advance the state."""
+        before = self.state
+        self.state, decision = step(before, inputs, self.config)
+        if decision.activation:
+            logger.warning("fallback activation at t=%.3f s (ego %.2f m/s): %s", inputs.now_s,
+                           inputs.ego_speed_mps, decision.reason)
+        elif before.mode == "fallback" and decision.source == "model":
+            held = inputs.now_s - before.fallback_since_s if before.fallback_since_s is not None else 0.0
+            logger.info("hand-back to the model at t=%.3f s after %.2f s of fallback", inputs.now_s, held)
+        return decision

@@ -1,0 +1,99 @@
+"""The supervisor's inputs and outputs: what the control loop hands in each tick and what it gets back.
+
+Inputs are validated on construction: a non-finite clock, speed or track value is a bug in the caller
+(the control loop or perception), reported as ``SafetyError`` rather than silently driven on. The model
+reply, by contrast, is untrusted by design and checked by the watchdog, never here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from driveloop.exceptions import SafetyError
+
+FAULT_KINDS = ("dead", "deadline", "stale", "shape", "nan", "range")
+Source = Literal["model", "fallback"]
+
+
+@runtime_checkable
+class Track(Protocol):
+    """The forward object in the ego lane (edge perception filters other lanes out)."""
+
+    @property
+    def gap_m(self) -> float: ...
+
+    @property
+    def closing_speed_mps(self) -> float: ...  # + when the gap shrinks
+
+    @property
+    def lead_speed_mps(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class TrackData:
+    """A plain Track, for tests, replays and callers without their own type."""
+
+    gap_m: float
+    closing_speed_mps: float
+    lead_speed_mps: float
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    """What came back from the model this tick; ``action`` and ``confidence`` are untrusted objects.
+
+    ``received_at_s`` is None when no reply arrived by the tick's deadline; ``alive`` is False when the
+    model process is dead.
+    """
+
+    action: object
+    confidence: object
+    received_at_s: float | None
+    alive: bool = True
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SafetyError(f"supervisor input {name}={value!r} must be a finite number")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class SupervisorInputs:
+    """One tick's inputs. ``sensor_stamp_s`` is the time of the newest fresh sensor frame."""
+
+    now_s: float
+    ego_speed_mps: float
+    ego_accel_mps2: float
+    lane_offset_m: float
+    heading_rel_rad: float
+    track: Track | None
+    sensor_stamp_s: float
+    reply: ModelReply | None
+    model_enabled: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("now_s", "ego_speed_mps", "ego_accel_mps2", "lane_offset_m", "heading_rel_rad", "sensor_stamp_s"):
+            _finite(name, getattr(self, name))
+        if self.track is not None:
+            for name in ("gap_m", "closing_speed_mps", "lead_speed_mps"):
+                _finite(f"track.{name}", getattr(self.track, name, None))
+        if self.reply is not None and not isinstance(self.reply, ModelReply):
+            raise SafetyError(f"supervisor input reply must be a ModelReply or None, got {type(self.reply).__name__}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The command for the actuators and why. ``parts`` are named numbers for logs and metrics."""
+
+    accel_mps2: float
+    steering_rad: float
+    source: Source
+    fcw: bool
+    aeb: bool
+    watchdog: str | None
+    activation: bool
+    reason: str | None
+    parts: dict[str, float] = field(default_factory=dict)
