@@ -45,9 +45,9 @@ class _Artifact(Protocol):
 class RegistryLike(Protocol):
     """The slice of ``cloud.registry.Registry`` a release needs."""
 
-    def get(self, version: str) -> _Artifact: ...
+    def get(self, version: Any) -> _Artifact: ...
 
-    def set_stage(self, version: str, stage: str, reason: str) -> Any: ...
+    def set_stage(self, version: Any, stage: str, reason: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -151,24 +151,29 @@ class ReleaseService:
         )
 
     # -- mutations -------------------------------------------------------------------------
-    def release(self, version: str, hardware_class: str = "any") -> TargetInfo:
-        """Sign and publish a validated model; marks it ``released`` in the registry."""
-        _check_version(version)
+    def release(self, version: str | int, hardware_class: str = "any") -> TargetInfo:
+        """Sign and publish a validated model; marks it ``released`` in the registry.
+
+        ``version`` is any reference the registry understands (``3``, ``"v3"``); the target is named
+        after the manifest's own version.
+        """
         if hardware_class not in HARDWARE_CLASSES:
             raise ConfigError(f"hardware class must be one of {', '.join(HARDWARE_CLASSES)}, got {hardware_class!r}")
         artifact = self.registry.get(version)
+        manifest = manifest_dict(artifact.manifest)
+        canonical = _check_version(str(manifest.get("version", "")))
         if artifact.stage not in RELEASABLE_STAGES:
             raise OtaError(
-                f"model {version} is {artifact.stage!r}; only a validated model can be released "
+                f"model {canonical} is {artifact.stage!r}; only a validated model can be released "
                 "(it must pass the closed-loop eval gate first)"
             )
         with repo_lock(self._lock_path):
-            info = self._publish_model(version, hardware_class, artifact)
+            info = self._publish_model(canonical, hardware_class, artifact.onnx_path, manifest)
         if artifact.stage != "released":
-            self.registry.set_stage(version, "released", f"signed TUF release, targets v{info.targets_version}")
+            self.registry.set_stage(manifest["version"], "released", f"signed TUF release, targets v{info.targets_version}")
         return info
 
-    def _publish_model(self, version: str, hardware_class: str, artifact: _Artifact) -> TargetInfo:
+    def _publish_model(self, version: str, hardware_class: str, onnx_path: Path, manifest: dict[str, Any]) -> TargetInfo:
         now_s = self.clock()
         targets = self.repo.load_targets().signed
         path = model_target_path(version)
@@ -182,15 +187,15 @@ class ReleaseService:
             logger.info("model %s already released (targets v%d)", version, targets.version)
             return existing
 
-        model_bytes = Path(artifact.onnx_path).read_bytes()
-        manifest = manifest_dict(artifact.manifest)
+        try:
+            model_bytes = Path(onnx_path).read_bytes()
+        except OSError as e:
+            raise OtaError(f"model {version}: cannot read {onnx_path}: {e}") from e
         digest = hashlib.sha256(model_bytes).hexdigest()
         if manifest.get("sha256") != digest:
             raise IntegrityError(
                 f"model {version}: ONNX sha256 {digest[:12]}… does not match its manifest ({str(manifest.get('sha256'))[:12]}…)"
             )
-        if str(manifest.get("version")) != version:
-            raise IntegrityError(f"manifest says version {manifest.get('version')!r}, registry entry is {version!r}")
         manifest_bytes = json.dumps(manifest, sort_keys=True, indent=2).encode()
         seq = 1 + max((int(t.unrecognized_fields.get("custom", {}).get("release_seq", 0)) for t in targets.targets.values()), default=0)
         custom = {

@@ -203,3 +203,16 @@ class RepoServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+def tuf_client(repo: str | Path, cache_dir: Path, trusted_root: bytes):  # -> tuf.ngclient.Updater
+    """A real python-tuf client with its own cache, trusting ``trusted_root`` (refreshed by the caller)."""
+    from tuf.ngclient import Updater
+
+    from driveloop.edge.fetcher import ResumableFetcher
+    from driveloop.edge.updater import repo_urls
+
+    meta_url, targets_url = repo_urls(repo)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return Updater(str(cache_dir), meta_url, str(cache_dir / "targets"), targets_url,
+                   ResumableFetcher(cache_dir / "dl"), bootstrap=trusted_root)
