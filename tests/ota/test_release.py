@@ -221,3 +221,30 @@ def test_real_registry_release(tmp_path: Path) -> None:
         assert info.model_version == str(manifest.version) and info.sha256 == manifest.sha256
         assert reg.get(manifest.version).stage == "released"
         assert svc.release(manifest.version) == info  # released models re-release idempotently
+
+
+def test_cli_release_keys_show_and_rotate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from driveloop.cli import main
+    from driveloop.cloud.registry import Registry
+
+    monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path / "home"))
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(tiny_policy_onnx(6))
+    with Registry(tmp_path / "home" / "registry") as reg:
+        reg.register(onnx_path)
+    assert main(["ota", "release", "1"]) == 9
+    assert "only a validated model" in capsys.readouterr().err
+    with Registry(tmp_path / "home" / "registry") as reg:
+        reg.set_stage(1, "validated", "gate")
+    assert main(["ota", "release", "v1", "--hardware-class", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model_version"] == "1" and out["hardware_class"] == "cpu" and out["release_seq"] == 1
+    assert main(["ota", "release", "1", "--hardware-class", "tpu"]) == 2
+    assert main(["ota", "keys", "show", "--json"]) == 0
+    before = {r["role"]: r["keyids"] for r in json.loads(capsys.readouterr().out)}
+    assert main(["ota", "keys", "rotate", "snapshot"]) == 0
+    capsys.readouterr()
+    assert main(["ota", "keys", "show", "--json"]) == 0
+    after = {r["role"]: r for r in json.loads(capsys.readouterr().out)}
+    assert after["snapshot"]["keyids"] != before["snapshot"] and after["root"]["root_version"] == 2
+    assert main(["ota", "keys", "rotate", "mirror"]) == 2
