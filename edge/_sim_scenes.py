@@ -32,6 +32,7 @@ BEHIND_EGO_MIN_M = 30.0
 # Traffic recycling window around the ego (nominal scenes): keeps the density constant forever.
 RECYCLE_BEHIND_M = -150.0
 RECYCLE_AHEAD_M = 260.0
+RECYCLE_MIN_EGO_SPEED_MPS = 8.0
 
 
 @dataclass
@@ -90,7 +91,8 @@ def _ego(road: Road, lane_index: tuple[str, str, int], x_m: float, speed: float,
 def _clear(road: Road, lane_id: int, x_m: float, speed: float, ego: EgoVehicle) -> bool:
     """No vehicle in the lane within the time-gap spacing of (x, speed), and not just behind the ego."""
     for v in road.vehicles:
-        if int(v.lane_index[2]) != lane_id:
+        lanes = {int(v.lane_index[2]), int(getattr(v, "target_lane_index", v.lane_index)[2])}
+        if lane_id not in lanes:  # a vehicle changing lanes blocks both
             continue
         dx = x_m - float(v.position[0])
         needed = JAM_GAP_M + TIME_GAP_S * max(speed, v.speed) + 5.0
@@ -209,6 +211,8 @@ def recycle_traffic(scene: Scene, rng: np.random.Generator) -> int:
     """Move traffic that left the window around the ego back into it (nominal scenes); returns moves."""
     ego = scene.ego
     moved = 0
+    if ego.speed < RECYCLE_MIN_EGO_SPEED_MPS:  # a stopped ego has no traffic flow to keep up
+        return 0
     lanes = len(scene.road.network.graph["0"]["1"])
     for v in scene.road.vehicles:
         if v is ego or not isinstance(v, TrafficVehicle) or v.crashed:

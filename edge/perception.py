@@ -1,0 +1,70 @@
+"""Perception for the safety layer: the in-lane object ahead, from sensor data only.
+
+The AEB (``safety/``) must not trust the model, and must not see ground truth either: it decides from
+what the sensors report, noise and all. This module turns the kinematics neighbour rows of an
+``Observation`` into one :class:`Track` (the forward object the AEB brakes for).
+
+Rules:
+- a row counts if ``present`` > 0.5, it is ahead (``dx`` > 0) and its centre lies in the ego's lane
+  corridor (``|dy|`` < ``corridor_half_width_m``, 1.8 m: a 2 m car in a 4 m lane, with room for
+  sensor noise, while the centre of a car in the next lane sits 4 m away);
+- the nearest such row (smallest ``dx``) is the track;
+- ``gap_m`` is bumper to bumper: ``dx`` minus one vehicle length (half the ego + half the other,
+  both 5 m cars), so it can go negative on contact;
+- ``closing_speed_mps`` = −``dvx`` (+ when the gap shrinks), ``lead_speed_mps`` = ego speed + ``dvx``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from driveloop.exceptions import SafetyError
+from driveloop.edge.contract import EGO_FEATURES, KIN_DIM, N_NEIGHBOURS, NEIGHBOUR_FEATURES, Observation
+
+VEHICLE_LENGTH_M = 5.0
+CORRIDOR_HALF_WIDTH_M = 1.8
+
+_N_EGO = len(EGO_FEATURES)
+_SPEED = EGO_FEATURES.index("speed_mps")
+_PRESENT, _DX, _DY, _DVX = (NEIGHBOUR_FEATURES.index(f) for f in ("present", "dx_m", "dy_m", "dvx_mps"))
+
+
+@dataclass(frozen=True)
+class Track:
+    """The object ahead in the ego lane, as the sensors see it (SI units)."""
+
+    gap_m: float
+    closing_speed_mps: float
+    lead_speed_mps: float
+
+
+def forward_track(
+    observation: Observation | np.ndarray,
+    corridor_half_width_m: float = CORRIDOR_HALF_WIDTH_M,
+    vehicle_length_m: float = VEHICLE_LENGTH_M,
+) -> Track | None:
+    """The nearest in-corridor object ahead, or None; accepts an Observation or its kinematics vector.
+
+    Raises SafetyError on a kinematics vector of the wrong shape; rows with non-finite numbers are
+    ignored (a broken row is no evidence of an object, the watchdog reports the bad frame).
+    """
+    kin = observation.kinematics if isinstance(observation, Observation) else observation
+    kin = np.asarray(kin, dtype=np.float64)
+    if kin.shape != (KIN_DIM,):
+        raise SafetyError(f"kinematics must have shape ({KIN_DIM},), got {kin.shape}")
+    rows = kin[_N_EGO:].reshape(N_NEIGHBOURS, len(NEIGHBOUR_FEATURES))
+    finite = np.isfinite(rows).all(axis=1)
+    ahead = finite & (rows[:, _PRESENT] > 0.5) & (rows[:, _DX] > 0) & (np.abs(rows[:, _DY]) < corridor_half_width_m)
+    if not ahead.any():
+        return None
+    idx = np.flatnonzero(ahead)
+    row = rows[idx[np.argmin(rows[idx, _DX])]]
+    ego_speed = float(kin[_SPEED]) if math.isfinite(kin[_SPEED]) else 0.0
+    return Track(
+        gap_m=float(row[_DX] - vehicle_length_m),
+        closing_speed_mps=float(-row[_DVX]),
+        lead_speed_mps=max(ego_speed + float(row[_DVX]), 0.0),
+    )
