@@ -1,0 +1,271 @@
+"""Fine-tuning: continue the current model on a dataset version, never from scratch.
+
+``finetune`` is the one training step, usable anywhere (the cloud pipeline inside Ray Train, a
+federated vehicle locally): it starts from the given torch state dict, trains on the dataset's mix of
+mined hard frames and nominal replay frames (the replay keeps the model from forgetting what it already
+does well), pulls the weights toward the base with an L2 anchor so the update stays bounded, checkpoints
+every epoch (atomically) and, given the same checkpoint directory again, resumes after the last
+completed epoch. ``train_with_ray`` runs it under Ray Train's ``TorchTrainer`` with one 1-CPU worker, so
+that Ray Data keeps the machine's other CPU (see ``cloud/_ray.py``).
+
+Where the torch weights live: the registry stores ONNX only, so ``WeightsStore`` keeps each registered
+model's torch state dict under ``<home>/cloud/weights/<onnx sha256>.pt``, keyed by the sha256 in the
+model's manifest; a fine-tune looks up its base there, and the pipeline stores the candidate's weights
+there when it registers it (and names the file in the manifest's lineage as ``torch_weights``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driveloop.exceptions import ConfigError, ModelError, PipelineError
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, Any]  # name -> torch.Tensor
+_CKPT_PREFIX = "epoch_"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 5e-4
+    anchor_l2: float = 1e-3  # pull toward the base weights: bounded drift, less forgetting
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.torch_threads < 1:
+            raise ConfigError("finetune epochs, batch_size and torch_threads must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.anchor_l2 < 0 or self.max_grad_norm <= 0:
+            raise ConfigError("finetune lr and max_grad_norm must be > 0, anchor_l2 >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _default_model() -> Any:
+    from driveloop.cloud.model import PolicyNet
+
+    return PolicyNet()
+
+
+def _atomic_torch_save(obj: object, dest: Path) -> None:
+    import torch
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete epoch checkpoint in ``checkpoint_dir`` (None if none)."""
+    found = sorted(checkpoint_dir.glob(f"{_CKPT_PREFIX}*.pt")) if checkpoint_dir.is_dir() else []
+    return found[-1] if found else None
+
+
+def _tensors(arrays: dict[str, np.ndarray], idx: np.ndarray) -> tuple[Any, Any, Any, Any]:
+    import torch
+
+    return tuple(torch.from_numpy(np.ascontiguousarray(arrays[k][idx])) for k in ("kinematics", "lidar", "grid", "target_action"))  # type: ignore[return-value]
+
+
+def _eval_loss(model: Any, arrays: dict[str, np.ndarray], idx: np.ndarray, batch: int) -> float:
+    """Mean action loss over ``idx`` (NaN for an empty subset)."""
+    import torch
+
+    from driveloop.cloud.model import loss_parts
+
+    if len(idx) == 0:
+        return float("nan")
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(idx), batch):
+            kin, lid, grd, tgt = _tensors(arrays, idx[lo : lo + batch])
+            total += float(loss_parts(model(kin, lid, grd), tgt)["action"]) * len(tgt)
+    return total / len(idx)
+
+
+def finetune(
+    base_state_dict: StateDict,
+    dataset_arrays: dict[str, np.ndarray],
+    config: FinetuneConfig,
+    *,
+    checkpoint_dir: Path | str | None = None,
+    model_factory: Callable[[], Any] = _default_model,
+    on_epoch: Callable[[int, dict[str, float], StateDict], None] | None = None,
+) -> tuple[StateDict, dict[str, Any]]:
+    """Train from ``base_state_dict`` on the dataset's hard + replay frames; returns (state_dict, metrics).
+
+    ``dataset_arrays`` holds at least kinematics, lidar, grid, target_action (and optionally ``hard``).
+    With ``checkpoint_dir`` every epoch is saved and a rerun resumes after the last saved epoch.
+    """
+    import torch
+
+    from driveloop.cloud.model import loss_parts
+
+    torch.set_num_threads(config.torch_threads)
+    n = len(dataset_arrays.get("target_action", ()))
+    if n == 0:
+        raise PipelineError("cannot fine-tune on an empty dataset")
+    hard = np.asarray(dataset_arrays.get("hard", np.ones(n, dtype=bool)), dtype=bool)
+    model = model_factory()
+    try:
+        model.load_state_dict(base_state_dict)
+    except (RuntimeError, KeyError) as e:
+        raise ModelError(f"base weights do not fit the policy model: {e}") from e
+    anchor = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    hard_idx, replay_idx = np.flatnonzero(hard), np.flatnonzero(~hard)
+    before = {"hard_loss_before": _eval_loss(model, dataset_arrays, hard_idx, config.batch_size),
+              "replay_loss_before": _eval_loss(model, dataset_arrays, replay_idx, config.batch_size)}
+    start_epoch, history = 0, []
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    resumed_from = None
+    if ckpt_dir is not None and (last := latest_checkpoint(ckpt_dir)) is not None:
+        ckpt = torch.load(last, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start_epoch, history, before = ckpt["epoch"] + 1, ckpt["history"], ckpt["before"]
+        resumed_from = ckpt["epoch"]
+        logger.info("resuming fine-tune after epoch %d from %s", ckpt["epoch"], last)
+    for epoch in range(start_epoch, config.epochs):
+        rng = np.random.default_rng((config.seed, epoch))  # per-epoch seed: a resumed run replays exactly
+        order = rng.permutation(n)
+        model.train()
+        running = 0.0
+        for lo in range(0, n, config.batch_size):
+            kin, lid, grd, tgt = _tensors(dataset_arrays, order[lo : lo + config.batch_size])
+            loss = loss_parts(model(kin, lid, grd), tgt)["total"]
+            if config.anchor_l2 > 0:
+                loss = loss + config.anchor_l2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            if not torch.isfinite(loss):
+                raise PipelineError(f"fine-tune diverged at epoch {epoch} (loss {float(loss)})")
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            opt.step()
+            running += float(loss.detach()) * len(tgt)
+        record = {"epoch": epoch, "train_loss": running / n}
+        history.append(record)
+        if ckpt_dir is not None:
+            _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                                "history": history, "before": before}, ckpt_dir / f"{_CKPT_PREFIX}{epoch:04d}.pt")
+        if on_epoch is not None:
+            on_epoch(epoch, record, model.state_dict())
+        logger.info("fine-tune epoch %d: loss %.4f", epoch, record["train_loss"])
+    delta = math.sqrt(sum(float(((p.detach() - a) ** 2).sum()) for p, a in zip(model.parameters(), anchor)))
+    norm = math.sqrt(sum(float((a**2).sum()) for a in anchor))
+    metrics: dict[str, Any] = {
+        **before,
+        "hard_loss_after": _eval_loss(model, dataset_arrays, hard_idx, config.batch_size),
+        "replay_loss_after": _eval_loss(model, dataset_arrays, replay_idx, config.batch_size),
+        "weight_delta_rel": delta / max(norm, 1e-12),
+        "samples": n, "hard_samples": int(len(hard_idx)), "replay_samples": int(len(replay_idx)),
+        "epochs": config.epochs, "resumed_after_epoch": resumed_from, "history": history,
+    }
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
+
+
+def _ray_train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: load the dataset version's arrays and run ``finetune``, reporting each epoch."""
+    import torch
+    from ray import train
+
+    arrays = dict(np.load(loop_config["arrays_path"], allow_pickle=False))
+    config = FinetuneConfig(**loop_config["config"])
+
+    def report(epoch: int, record: dict[str, float], state: StateDict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / "state.pt")
+            train.report(dict(record), checkpoint=train.Checkpoint.from_directory(d))
+
+    state, metrics = finetune(loop_config["base_state_dict"], arrays, config,
+                              checkpoint_dir=loop_config["checkpoint_dir"], on_epoch=report)
+    if metrics["resumed_after_epoch"] is not None and metrics["resumed_after_epoch"] >= config.epochs - 1:
+        report(config.epochs - 1, {"epoch": config.epochs - 1, "train_loss": metrics["history"][-1]["train_loss"]}, state)
+    _atomic_torch_save({"state": state, "metrics": metrics}, Path(loop_config["checkpoint_dir"]) / "final.pt")
+
+
+def train_with_ray(
+    base_state_dict: StateDict,
+    arrays_path: Path,
+    config: FinetuneConfig,
+    run_dir: Path,
+    *,
+    cpus_per_worker: float = 1.0,
+) -> tuple[StateDict, dict[str, Any]]:
+    """Run ``finetune`` under Ray Train (TorchTrainer, one worker); resumable via ``run_dir``.
+
+    The caller has started Ray (``ensure_ray``) and materialized the dataset; the worker reads the
+    dataset version's ``arrays.npz``, so no Ray Data pipeline competes with it for CPUs.
+    """
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(run_dir).resolve()
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"base_state_dict": base_state_dict, "arrays_path": str(Path(arrays_path).resolve()),
+                           "config": config.to_dict(), "checkpoint_dir": str(ckpt_dir)},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=f"finetune-{uuid.uuid4().hex[:8]}", storage_path=str(run_dir / "ray")),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors in its own types
+        raise PipelineError(f"fine-tune failed in Ray Train: {e}") from e
+    final = ckpt_dir / "final.pt"
+    if not final.is_file():
+        raise PipelineError(f"fine-tune finished without a final checkpoint in {ckpt_dir}")
+    out = torch.load(final, weights_only=False)
+    return out["state"], out["metrics"]
+
+
+class WeightsStore:
+    """Torch state dicts of registered models, keyed by the ONNX sha256 in their manifest."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def path(self, onnx_sha256: str) -> Path:
+        return self.root / f"{onnx_sha256}.pt"
+
+    def put(self, onnx_sha256: str, state_dict: StateDict) -> Path:
+        dest = self.path(onnx_sha256)
+        _atomic_torch_save(state_dict, dest)
+        return dest
+
+    def get(self, onnx_sha256: str) -> StateDict:
+        import torch
+
+        p = self.path(onnx_sha256)
+        if not p.is_file():
+            raise ModelError(f"no torch weights stored for model {onnx_sha256[:12]}… (expected {p})")
+        try:
+            return torch.load(p, weights_only=True)
+        except Exception as e:  # torch raises assorted errors on damaged files
+            raise ModelError(f"torch weights {p} are unreadable: {e}") from e
