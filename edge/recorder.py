@@ -5,8 +5,8 @@ Rules it keeps (DESIGN.md: Segment):
   the next segment), zstd chunks, CRCs on chunks, data section and summary;
 - written append-only to ``open/<id>.mcap.part``; finalized by finishing the writer, flushing,
   fsyncing, then ``os.replace`` into closed/ and fsyncing the directory. A power cut (SIGKILL) loses
-  at most the open segment, never a closed one; on start the recorder quarantines its vehicle's
-  leftover .part files;
+  at most the open segment, never a closed one; on start the recorder publishes its vehicle's
+  leftover .part files that are complete (killed between finish and rename) and quarantines the rest;
 - every tick is run through the trigger engine; fired events go on ``/safety/event``, their counts
   into the segment metadata, and the segment's spool priority becomes the highest priority whose
   event or pre/post window touches it (a pre-window reaching back promotes the previous segment).
@@ -96,7 +96,9 @@ class Recorder:
             builtin_triggers() if triggers is None else triggers)
         self.closed: list[Path] = []  # every segment this recorder published (paths at publish time)
         self.evicted: list[Path] = []
-        self.quarantined = spool.quarantine_parts(self.vehicle_id)
+        self.recovered: list[Path] = []
+        self.quarantined: list[Path] = []
+        self._recover_leftovers()
         self._seg: _OpenSegment | None = None
         self._prev: _Closed | None = None
         self._post_until_s = -math.inf
@@ -157,6 +159,22 @@ class Recorder:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _recover_leftovers(self) -> None:
+        """A previous run of this vehicle died with segments in open/. One that is complete (killed
+        between finishing and publishing it) is published; anything else goes to quarantine."""
+        for part in self.spool.open_parts(self.vehicle_id):
+            try:
+                info = validate_segment(part)
+            except SegmentError as e:
+                logger.warning("leftover segment is incomplete: %s", e)
+                self.quarantined.append(self.spool.quarantine(part))
+                continue
+            path, evicted = self.spool.add_closed(part, self.vehicle_id, self.spool.part_opened_ns(part),
+                                                  info.priority)
+            logger.warning("recovered a complete segment left open by a crash: %s", path.name)
+            self.recovered.append(path)
+            self.evicted += evicted
+
     def _open(self, start_s: float) -> _OpenSegment:
         opened_ns = max(self._clock_ns(), self._last_opened_ns + 1)  # unique, ordered names
         self._last_opened_ns = opened_ns
@@ -178,6 +196,18 @@ class Recorder:
     def _finalize(self) -> None:
         seg, self._seg = self._seg, None
         assert seg is not None and seg.n_ticks > 0  # a segment is only opened by a tick
+        self._finish(seg)
+        if self.verify:
+            validate_segment(seg.part)  # never publish a segment the cloud would reject
+        path, evicted = self.spool.add_closed(seg.part, self.vehicle_id, seg.opened_ns, seg.priority)
+        self.closed.append(path)
+        self.evicted += evicted
+        self._prev = _Closed(path, seg.last_t_s, seg.priority)
+        logger.info("closed segment %s: %d ticks, %.1f-%.1fs, events %s", path.name, seg.n_ticks,
+                    seg.start_s, seg.last_t_s, seg.events or "none")
+
+    def _finish(self, seg: _OpenSegment) -> None:
+        """Complete the MCAP (metadata, summary, footer) and make it durable, still as a .part."""
         meta = SegmentMeta(
             vehicle=self.vehicle_id, scenario=self.scenario, seed=self.seed, model_version=self.model_version,
             start_s=seg.start_s, end_s=seg.last_t_s, n_ticks=seg.n_ticks, events=dict(seg.events),
@@ -191,14 +221,6 @@ class Recorder:
             seg.file.close()
         except OSError as e:
             raise StorageError(f"cannot finalize segment {seg.part}: {e}") from e
-        if self.verify:
-            validate_segment(seg.part)  # never publish a segment the cloud would reject
-        path, evicted = self.spool.add_closed(seg.part, self.vehicle_id, seg.opened_ns, seg.priority)
-        self.closed.append(path)
-        self.evicted += evicted
-        self._prev = _Closed(path, seg.last_t_s, seg.priority)
-        logger.info("closed segment %s: %d ticks, %.1f-%.1fs, events %s", path.name, seg.n_ticks,
-                    seg.start_s, seg.last_t_s, seg.events or "none")
 
     def _promote_previous(self, ev: FiredEvent) -> None:
         prev = self._prev

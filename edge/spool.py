@@ -171,22 +171,27 @@ class Spool:
             raise StorageError(f"cannot remove {entry.path}: {e}") from e
         return True
 
-    def quarantine_parts(self, vehicle: str) -> list[Path]:
-        """Move ``vehicle``'s leftover .part files (its writer died) to quarantine/. Only the given
-        vehicle's: other recorders sharing this spool may be writing theirs right now."""
-        moved = []
-        for p in self.open_parts(check_vehicle_id(vehicle)):
-            dest = self.quarantine_dir / p.name
-            try:
-                os.replace(p, dest)
-            except OSError as e:
-                raise StorageError(f"cannot quarantine {p}: {e}") from e
-            logger.warning("quarantined unfinished segment from a previous crash: %s", dest)
-            moved.append(dest)
-        if moved:
+    @staticmethod
+    def part_opened_ns(part: Path) -> int:
+        """The open time encoded in a .part name (see ``part_path``)."""
+        return int(part.name[:19])
+
+    def quarantine(self, part: Path) -> Path:
+        """Move one leftover .part file (its writer died) to quarantine/, durably."""
+        dest = self.quarantine_dir / part.name
+        try:
+            os.replace(part, dest)
             fsync_dir(self.quarantine_dir)
             fsync_dir(self.open_dir)
-        return moved
+        except OSError as e:
+            raise StorageError(f"cannot quarantine {part}: {e}") from e
+        logger.warning("quarantined unfinished segment from a previous crash: %s", dest)
+        return dest
+
+    def quarantine_parts(self, vehicle: str) -> list[Path]:
+        """Quarantine all of ``vehicle``'s leftover .part files. Only the given vehicle's: other
+        recorders sharing this spool may be writing theirs right now."""
+        return [self.quarantine(p) for p in self.open_parts(check_vehicle_id(vehicle))]
 
     def enforce_quota(self) -> list[Path]:
         """Evict until usage <= quota: quarantine, then routine oldest-first, then events by

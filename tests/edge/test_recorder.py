@@ -1,0 +1,232 @@
+"""Recorder: rollover, event flagging and windows, quota, crash safety (SIGKILL), real Ray reading."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mcap.reader import make_reader
+
+from driveloop.edge.recorder import Recorder
+from driveloop.edge.segment import PART_SUFFIX, TICK_TOPICS, TOPIC_EVENT, read_ticks, scan_directory, validate_segment
+from driveloop.edge.spool import Spool
+from driveloop.edge.triggers import TriggerSpec
+from driveloop.exceptions import ConfigError, SegmentError
+from tests.edge.test_segment import assert_tick_equal, make_tick
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _drive(rec: Recorder, seconds: float, brake_at_s: tuple[float, ...] = (), seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    ticks = []
+    for i in range(int(round(seconds * 10))):
+        t = make_tick(i, rng, brake=any(abs(i * 0.1 - b) < 1e-6 for b in brake_at_s))
+        rec.record(t)
+        ticks.append(t)
+    return ticks
+
+
+def test_rollover_at_20_s_and_round_trip(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**9)
+    with Recorder(spool, "car-1", "highway", 7, "3", triggers=[]) as rec:
+        ticks = _drive(rec, 45.0)
+    infos = [validate_segment(p) for p in rec.closed]
+    assert [i.n_ticks for i in infos] == [200, 200, 50]
+    assert [(i.start_s, i.end_s) for i in infos] == [(0.0, 19.9), (20.0, 39.9), (40.0, 44.9)]
+    assert all(i.end_s - i.start_s < 20.0 for i in infos)
+    assert {(i.vehicle, i.scenario, i.seed, i.model_version) for i in infos} == {("car-1", "highway", 7, "3")}
+    back = [t for p in rec.closed for t in read_ticks(p)]
+    assert len(back) == len(ticks)
+    for a, b in zip(ticks, back):
+        assert_tick_equal(a, b)
+    assert list(spool.open_dir.iterdir()) == []
+
+
+WINDOWS = [
+    # (name, brake time, spool priority per 2 s segment)
+    ("inside", 4.5, [0, 3, 3, 0, 0]),  # pre-window (1 s) reaches back into the previous segment
+    ("post_window_spills", 5.9, [0, 0, 3, 3, 0]),
+    ("first_segment", 0.5, [3, 0, 0, 0, 0]),
+]
+
+
+@pytest.mark.parametrize("name,brake_s,priorities", WINDOWS, ids=[w[0] for w in WINDOWS])
+def test_event_segments_flagged_with_windows(tmp_path: Path, name: str, brake_s: float, priorities: list[int]) -> None:
+    spool = Spool(tmp_path, 10**9)
+    trig = [TriggerSpec("hard_brake", "accel < -4", pre_s=1.0, post_s=1.0, priority=3)]
+    with Recorder(spool, "car-1", "cut-in", 1, "1", segment_max_s=2.0, triggers=trig) as rec:
+        _drive(rec, 10.0, brake_at_s=(brake_s,))
+    by_start = sorted(spool.closed_segments(), key=lambda e: e.opened_ns)
+    assert [e.priority for e in by_start] == priorities
+    infos = [validate_segment(e.path) for e in by_start]
+    hit = int(brake_s // 2)
+    assert [i.events for i in infos] == [{"hard_brake": 1} if k == hit else {} for k in range(5)]
+    assert infos[hit].has_event and infos[hit].priority == 3
+    (ev,) = [m for m in _events(by_start[hit].path)]
+    assert ev["trigger"] == "hard_brake" and abs(ev["t_s"] - brake_s) < 1e-9
+    assert spool.closed_segments()[0].priority == 3  # events upload first
+
+
+def _events(path: Path) -> list[dict]:
+    from driveloop.edge.segment import read_events
+
+    return read_events(path)
+
+
+def test_builtin_triggers_and_quota_keep_event_segments(tmp_path: Path) -> None:
+    probe = Spool(tmp_path / "probe", 10**9)
+    with Recorder(probe, "car", "dense", 0, "1", segment_max_s=2.0) as rec:
+        _drive(rec, 2.0)
+    seg_bytes = rec.closed[0].stat().st_size
+    spool = Spool(tmp_path / "spool", int(seg_bytes * 3.5))
+    with Recorder(spool, "car", "dense", 0, "1", segment_max_s=2.0) as rec:
+        _drive(rec, 20.0, brake_at_s=(2.5, 14.5))  # built-in hard_brake: pre 5 s, post 5 s
+    left = spool.closed_segments()
+    assert rec.evicted and spool.usage_bytes() <= spool.quota_bytes
+    assert all(e.has_event for e in left)
+    counts = Counter(k for e in left for k in validate_segment(e.path).events)
+    assert counts["hard_brake"] >= 1
+
+
+def test_complete_leftover_part_is_recovered_on_start(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**9)
+    rec = Recorder(spool, "car-9", "highway", 0, "1", verify=False)
+    _drive(rec, 1.0)
+    seg = rec._seg
+    rec._finish(seg)  # as if killed after finishing the file, before the rename
+    again = Recorder(spool, "car-9", "highway", 0, "1")
+    assert again.quarantined == [] and [p.name for p in again.recovered] == [
+        spool.closed_path("car-9", seg.opened_ns, 0).name]
+    assert validate_segment(again.recovered[0]).n_ticks == 10
+
+
+def test_leftover_part_is_quarantined_on_start(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**9)
+    rec = Recorder(spool, "car-9", "highway", 0, "1")
+    _drive(rec, 1.0)
+    part = rec._seg.part  # the open segment, as a crash would leave it
+    rec._seg.file.flush()
+    again = Recorder(spool, "car-9", "highway", 0, "1")
+    assert [p.name for p in again.quarantined] == [part.name] and not part.exists()
+    assert spool.closed_segments() == []
+
+
+def test_recorder_errors(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**9)
+    with pytest.raises(ConfigError):
+        Recorder(spool, "car", "s", 0, "1", segment_max_s=0.0)
+    with pytest.raises(ConfigError):
+        Recorder(spool, "bad/id", "s", 0, "1")
+    with pytest.raises(ConfigError):
+        Recorder(spool, "car", "s", 0, "1", triggers=[TriggerSpec("x", "nonexistent > 1")])
+    rec = Recorder(spool, "car", "s", 0, "1")
+    t = make_tick(3, np.random.default_rng(0))
+    rec.record(t)
+    with pytest.raises(SegmentError, match="does not advance"):
+        rec.record(t)
+    rec.close()
+    with pytest.raises(SegmentError, match="closed"):
+        rec.record(make_tick(4, np.random.default_rng(0)))
+    assert rec.close() == rec.closed and len(rec.closed) == 1
+
+
+_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from driveloop.edge.recorder import Recorder
+    from driveloop.edge.spool import Spool
+    from tests.edge.test_segment import make_tick
+
+    rec = Recorder(Spool(sys.argv[1], 10**9), "victim", "highway", 0, "1", segment_max_s=1.0)
+    rng = np.random.default_rng(0)
+    i = 0
+    while True:
+        rec.record(make_tick(i, rng, brake=i % 25 == 0))
+        i += 1
+""")
+
+
+@pytest.fixture(scope="module")
+def killed_spool(tmp_path_factory: pytest.TempPathFactory) -> Spool:
+    """A spool whose recorder process was SIGKILLed while writing."""
+    root = tmp_path_factory.mktemp("killed")
+    spool = Spool(root, 10**9)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(root)], cwd=REPO, env=env)
+    try:
+        while len(list(spool.closed_dir.iterdir())) < 4:
+            assert proc.poll() is None, "recorder child died on its own"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return spool
+
+
+def test_sigkill_loses_only_the_open_segment(killed_spool: Spool) -> None:
+    closed = sorted(killed_spool.closed_dir.iterdir())
+    assert len(closed) >= 4 and all(p.name.endswith(".mcap") for p in closed)
+    parts = list(killed_spool.open_dir.iterdir())
+    assert len(parts) == 1 and parts[0].name.endswith(PART_SUFFIX)
+    for p in closed:
+        info = validate_segment(p)
+        assert info.n_ticks == 10 and info.vehicle == "victim"
+        assert len(list(read_ticks(p))) == 10
+        with open(p, "rb") as f:
+            topics = Counter(ch.topic for _, ch, _ in make_reader(f).iter_messages())
+        assert all(topics[t] == 10 for t in TICK_TOPICS) and topics[TOPIC_EVENT] == sum(info.events.values())
+    # A restarted recorder publishes the leftover if it was complete (killed between finishing and
+    # renaming it), otherwise quarantines it; either way open/ is clean and closed/ stays valid.
+    try:
+        validate_segment(parts[0])
+        complete = True
+    except SegmentError:
+        complete = False
+    restarted = Recorder(killed_spool, "victim", "highway", 0, "1")
+    assert (len(restarted.recovered), len(restarted.quarantined)) == ((1, 0) if complete else (0, 1))
+    assert list(killed_spool.open_dir.iterdir()) == []
+    assert len(killed_spool.closed_segments()) == len(closed) + complete
+    for q in restarted.quarantined:
+        with pytest.raises(SegmentError):
+            validate_segment(q)
+
+
+@pytest.mark.slow
+def test_ray_read_mcap_over_segments(killed_spool: Spool, tmp_path: Path) -> None:
+    """ray.data.read_mcap decodes our JSON messages into a struct column; bad files are skipped first."""
+    import ray
+
+    data_dir = tmp_path / "segments"
+    data_dir.mkdir()
+    for p in killed_spool.closed_dir.iterdir():
+        (data_dir / p.name).write_bytes(p.read_bytes())
+    whole = next(iter(killed_spool.closed_dir.iterdir())).read_bytes()
+    (data_dir / "torn.mcap").write_bytes(whole[: len(whole) * 2 // 3])  # as a torn upload would be
+    report = scan_directory(data_dir)
+    assert [p.name for p, _ in report.rejected] == ["torn.mcap"]
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = ray.data.read_mcap([str(i.path) for i in report.valid], include_paths=True).take_all()
+    finally:
+        ray.shutdown()
+    assert len(rows) == sum(i.n_messages for i in report.valid)
+    kin = {(Path(r["path"]).name, r["data"]["tick"]): r["data"]["kinematics"]
+           for r in rows if r["topic"] == "/sensors/kinematics"}
+    first = report.valid[0]
+    for t in read_ticks(first.path):
+        assert np.array_equal(np.asarray(kin[(first.path.name, t.tick)], dtype=np.float32), t.kinematics)
+    events = [r["data"] for r in rows if r["topic"] == TOPIC_EVENT]
+    assert len(events) == sum(sum(i.events.values()) for i in report.valid) > 0
+    assert {e["trigger"] for e in events} >= {"hard_brake"}
+    applied = [r["data"] for r in rows if r["topic"] == "/control/applied"]
+    assert {a["source"] for a in applied} == {"model"} and any(a["aeb"] for a in applied)
