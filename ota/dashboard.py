@@ -1,0 +1,75 @@
+"""The built-in rollout dashboard: ``/`` serves a static page (``ota/static``: plain HTML, JS, CSS,
+inline SVG charts, nothing loaded from outside) that polls ``GET /v1/dashboard`` every 2 s.
+
+The JSON view gathers what an operator needs in one request: the rollout and its stages, cohort
+sizes, fleet share per model version, per-cohort health after every evaluation (from the event
+log), the decision timeline (from the audit log, with its chain verified) and update outcomes.
+Operator buttons call the admin endpoints with the token typed into the page.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from driveloop.ota.gates import CohortStats, HealthWindow
+
+if TYPE_CHECKING:
+    from driveloop.ota.server import FleetService
+
+STATIC_DIR = Path(__file__).with_name("static")
+TIMELINE_MAX = 60
+
+__all__ = ["register_dashboard", "dashboard_view", "STATIC_DIR"]
+
+
+def _cohort(c: CohortStats) -> dict[str, Any]:
+    return {"vehicles": c.vehicles, "hours": round(c.hours, 4), "interventions_per_h": round(c.interventions_per_h, 4),
+            "p99_ms": round(c.p99_ms, 3), "collisions": c.collisions, "crashes": c.crashes,
+            "deadline_miss_rate": round(c.deadline_miss_rate, 6)}
+
+
+def dashboard_view(service: FleetService) -> dict[str, Any]:
+    """Everything the page shows, as plain JSON."""
+    store = service.store
+    snap = service.snapshot()
+    view: dict[str, Any] = {"now_s": service.clock(), "fleet_versions": snap.fleet_versions,
+                            "update_outcomes": snap.update_outcomes, "cohort_sizes": snap.cohort_sizes,
+                            "vehicles": sum(snap.fleet_versions.values()), "rollout": None, "stages": [],
+                            "series": [], "timeline": [], "audit_ok": True}
+    if snap.rollout_id is None:
+        return view
+    r = store.load(snap.rollout_id)
+    view["rollout"] = service.status(snap.rollout_id).model_dump()
+    done = r.state.status.value == "completed"
+    view["stages"] = [{"name": s.name, "fraction": s.fraction, "shadow": s.shadow,
+                       "state": "done" if done or i < r.state.stage_index else
+                       ("current" if i == r.state.stage_index else "pending")}
+                      for i, s in enumerate(r.plan.stages)]
+    for e in store.events(snap.rollout_id):
+        if e.kind == "evaluate":
+            w = HealthWindow.from_dict(e.data["window"])
+            view["series"].append({"at_s": e.at_s, "stage": e.data.get("stage", ""), "canary": _cohort(w.canary),
+                                   "control": _cohort(w.control)})
+    entries = store.audit_entries(snap.rollout_id)
+    view["timeline"] = [{"seq": a.seq, "at_s": a.at_s, "kind": a.kind, "actor": a.actor,
+                         "action": a.payload.get("action", a.kind), "stage": a.payload.get("stage", ""),
+                         "reason": a.payload.get("reason", "")} for a in entries[-TIMELINE_MAX:]][::-1]
+    view["audit_ok"] = store.verify_audit().ok
+    return view
+
+
+def register_dashboard(app: FastAPI, service: FleetService) -> None:
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/v1/dashboard")
+    def dashboard() -> dict[str, Any]:
+        return dashboard_view(service)

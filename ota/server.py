@@ -1,0 +1,324 @@
+"""The fleet server (``driveloop ota serve``): health in, update offers out, rollouts steered by operators.
+
+- Vehicles authenticate with their own token (``Authorization: Bearer …``; only its sha256 is stored):
+  ``POST /v1/health`` and ``GET /v1/update?vehicle=…``.
+- Operators use the admin token: ``POST /v1/vehicles`` (enrol → token), ``POST /v1/rollouts`` (start,
+  only for a version released in the TUF repository), ``POST /v1/rollouts/{id}/pause|resume|promote|
+  abort|evaluate``. Reads (``GET /v1/rollouts/{id}``, the dashboard) need no token.
+- TUF metadata and targets are served as static files from ``<ota_dir>/repo`` (``/tuf/…``, with
+  HTTP Range for resumable downloads); ``/metrics`` for Prometheus; the dashboard at ``/``.
+
+Each health report may trigger an evaluation (at most one per ``eval_interval_s`` of the injected
+clock); a background task evaluates on the same period so a silent fleet still gets decisions.
+Every request that fails leaves the state unchanged and gets a 4xx ``{"error": "…"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from driveloop.exceptions import AuthError, ConfigError, DriveloopError, OtaError, RolloutStateError, \
+    StaleReportError
+from driveloop.ota.messages import HealthReport, OperatorRequest, RolloutStart, RolloutStatus, StageView, \
+    UpdateOffer, VehicleCredential, VehicleEnrol
+from driveloop.ota.controller import OperatorAction, RolloutEvent, RolloutPlan, apply, decide
+from driveloop.ota.director import assign, assign_fleet, fleet_share
+from driveloop.ota.gates import HealthWindow
+from driveloop.ota.metrics import FleetMetrics, FleetSnapshot
+from driveloop.ota.store import FleetStore, Rollout
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServerConfig", "create_app", "FleetService", "NotFound", "released_versions"]
+
+
+class NotFound(Exception):
+    """An HTTP-layer signal (404), not a driveloop error: the addressed rollout does not exist."""
+
+
+class HealthSource(Protocol):
+    def window(self, rollout: Rollout) -> HealthWindow: ...
+
+
+def released_versions(repo_dir: Path) -> set[str]:
+    """Model versions published as TUF targets (custom ``model_version`` of ``…/model.onnx`` targets) in
+    the newest targets metadata of the repository. The server is the trusted side: no signature check."""
+    from tuf.api.metadata import Metadata
+
+    md_dir = repo_dir / "metadata"
+    files = sorted(md_dir.glob("*.targets.json"), key=lambda p: int(p.name.split(".")[0])) if md_dir.exists() \
+        else []
+    if not files:
+        return set()
+    try:
+        targets = Metadata.from_file(str(files[-1])).signed.targets  # type: ignore[attr-defined]
+    except Exception as e:  # tuf raises several unrelated types for unreadable metadata
+        raise OtaError(f"cannot read TUF targets metadata {files[-1]}: {e}") from e
+    return {str(t.unrecognized_fields.get("custom", {}).get("model_version")) for p, t in targets.items()
+            if p.endswith("/model.onnx")}
+
+
+class FleetService:
+    """Glue between the HTTP layer, the store and the pure controller/director. One lock (the store's)
+    serialises every read-decide-append, so concurrent requests cannot interleave decisions."""
+
+    def __init__(self, store: FleetStore, clock: Callable[[], float], eval_interval_s: float,
+                 source: HealthSource | None = None, released: Callable[[], set[str]] | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.eval_interval_s = eval_interval_s
+        self.source = source
+        self.released = released
+        self.metrics = FleetMetrics(self.snapshot)
+
+    def _rollout(self, rollout_id: int) -> Rollout:
+        latest = self.store.latest_rollout_id()
+        if latest is None or not 1 <= rollout_id <= latest:
+            raise NotFound(f"no rollout {rollout_id}")
+        return self.store.load(rollout_id)
+
+    def enrol(self, req: VehicleEnrol) -> VehicleCredential:
+        token = self.store.enrol(req.vehicle_id, req.hardware_class, self.clock())
+        logger.info("enrolled vehicle %s (%s)", req.vehicle_id, req.hardware_class)
+        return VehicleCredential(vehicle_id=req.vehicle_id, token=token)
+
+    def start(self, req: RolloutStart, actor: str) -> RolloutStatus:
+        if self.released is not None and req.version not in self.released():
+            raise OtaError(f"version {req.version} is not released (run `driveloop ota release {req.version}`)")
+        plan = RolloutPlan.from_dict(req.plan) if req.plan is not None else RolloutPlan.default()
+        rid = self.store.create_rollout(req.version, req.previous_version, plan, self.clock(), actor)
+        self.metrics.decisions.labels("start").inc()
+        logger.info("rollout %d started: %s (previous %s)", rid, req.version, req.previous_version)
+        return self.status(rid)
+
+    def operate(self, rollout_id: int, kind: str, req: OperatorRequest) -> RolloutStatus:
+        with self.store.lock:
+            r = self._rollout(rollout_id)
+            at = max(self.clock(), r.state.last_event_s)
+            new = apply(r.state, r.plan, OperatorAction(kind, at, req.actor, req.reason))  # raises → unchanged
+            self.store.append_event(rollout_id, RolloutEvent("operator", at, {"kind": kind, "actor": req.actor,
+                                                                               "reason": req.reason}),
+                                    "operator", req.actor, {"action": kind, "reason": req.reason,
+                                                            "stage": new.stage(r.plan).name,
+                                                            "status": new.status.value})
+        self.metrics.decisions.labels(kind).inc()
+        logger.warning("rollout %d: %s by %s (%s)", rollout_id, kind, req.actor, req.reason or "no reason")
+        return self.status(rollout_id)
+
+    def ingest(self, report: HealthReport) -> dict[str, Any]:
+        outcome = self.store.record_health(report, self.store.latest(), self.clock())
+        d = self.evaluate()
+        return {"accepted": True, "seq": report.seq, "update_outcome": outcome,
+                "decision": d.to_dict() if d is not None else None}
+
+    def window(self, r: Rollout) -> HealthWindow:
+        return self.source.window(r) if self.source is not None else self.store.stage_window(r)
+
+    def evaluate(self, force: bool = False) -> Any:
+        """Run the controller on the current stage if an evaluation is due (or ``force``)."""
+        with self.store.lock:
+            r = self.store.latest()
+            if r is None or not r.state.active:
+                return None
+            now = self.clock()
+            if not force and now - r.state.last_event_s < self.eval_interval_s:
+                return None
+            now = max(now, r.state.last_event_s)
+            window = self.window(r)
+            _, d = decide(r.state, r.plan, window, now)
+            self.store.append_event(r.state.rollout_id, RolloutEvent("evaluate", now, {"window": window.to_dict(),
+                                                                             "stage": d.stage}),
+                                    "decision", "controller", d.to_dict())
+        self.metrics.decisions.labels(d.action.value).inc()
+        log = logger.warning if d.action.value == "abort" else logger.info
+        log("rollout %d %s: %s %s", r.state.rollout_id, d.stage, d.action.value, d.reason)
+        return d
+
+    def offer(self, vehicle_id: str) -> UpdateOffer:
+        r = self.store.latest()
+        if r is None:
+            return UpdateOffer(vehicle_id=vehicle_id, version=None, reason="no rollout")
+        a = assign(r.state, r.plan, vehicle_id)
+        return UpdateOffer(vehicle_id=vehicle_id, version=a.version, shadow_version=a.shadow_version,
+                           rollout_id=r.state.rollout_id, stage=r.state.stage(r.plan).name, reason=a.reason)
+
+    def status(self, rollout_id: int) -> RolloutStatus:
+        r = self._rollout(rollout_id)
+        st, plan = r.state, r.plan
+        return RolloutStatus(
+            rollout_id=st.rollout_id, version=st.version, previous_version=st.previous_version,
+            status=st.status.value, stage=st.stage(plan).name, stage_index=st.stage_index,
+            stages=[StageView(name=s.name, fraction=s.fraction, shadow=s.shadow) for s in plan.stages],
+            stage_entered_s=st.stage_entered_s, evaluations_in_stage=st.evaluations_in_stage,
+            last_decision=st.last_decision.to_dict() if st.last_decision else None, reason=st.reason)
+
+    def snapshot(self) -> FleetSnapshot:
+        """For /metrics and the dashboard; always from the store (Prometheus scrapes this)."""
+        r = self.store.latest()
+        common = {"fleet_versions": self.store.fleet_versions(), "update_outcomes": self.store.update_outcomes()}
+        if r is None:
+            return FleetSnapshot(**common)
+        st = r.state
+        sizes = fleet_share(assign_fleet(st, r.plan, self.store.vehicle_ids()))
+        return FleetSnapshot(st.rollout_id, st.version, st.stage(r.plan).name, st.stage_index, st.status.value,
+                             sizes, self.store.stage_window(r), **common)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    ota_dir: Path
+    admin_token: str
+    eval_interval_s: float = 60.0
+    db_url: str | None = None  # default: SQLite at <ota_dir>/fleet.db
+    prometheus_url: str | None = None  # gates read per-cohort stats by PromQL when set
+    require_release: bool = True  # start only versions present in the TUF repository
+    background_eval: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.admin_token) < 16:
+            raise ConfigError("the admin token must be at least 16 characters")
+        if not self.eval_interval_s > 0:
+            raise ConfigError(f"eval_interval_s must be > 0, got {self.eval_interval_s}")
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.ota_dir / "repo"
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def _status_of(e: DriveloopError) -> int:
+    if isinstance(e, AuthError):
+        return e.status
+    if isinstance(e, ConfigError):
+        return 422
+    if isinstance(e, (StaleReportError, RolloutStateError, OtaError)):
+        return 409
+    return 400
+
+
+def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> FastAPI:
+    """The fleet server app. ``clock`` (seconds) is injectable so tests drive time explicitly."""
+    store = FleetStore(config.db_url) if config.db_url else FleetStore.at(config.ota_dir)
+    source = None
+    if config.prometheus_url:
+        from driveloop.ota.promql import PromHealthSource
+
+        source = PromHealthSource(config.prometheus_url)
+    released = (lambda: released_versions(config.repo_dir)) if config.require_release else None
+    service = FleetService(store, clock, config.eval_interval_s, source, released)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_evaluate_forever(service, config.eval_interval_s)) \
+            if config.background_eval else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(title="driveloop fleet server", lifespan=lifespan)
+    app.state.service = service
+    config.repo_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("metadata", "targets"):
+        (config.repo_dir / sub).mkdir(exist_ok=True)
+        app.mount(f"/tuf/{sub}", StaticFiles(directory=config.repo_dir / sub, check_dir=False), name=f"tuf-{sub}")
+
+    @app.exception_handler(DriveloopError)
+    async def _driveloop_error(_: Request, e: DriveloopError) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=_status_of(e))
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, e: NotFound) -> JSONResponse:
+        return JSONResponse({"error": str(e)}, status_code=404)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg', '')}" for err in e.errors()]
+        return JSONResponse({"error": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    @app.middleware("http")
+    async def _timed(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or ("/tuf" if request.url.path.startswith("/tuf/") else "other")
+        service.metrics.request_seconds.labels(request.method, path, str(response.status_code)).observe(
+            time.perf_counter() - t0)
+        return response
+
+    def admin(authorization: str | None = Header(default=None)) -> str:
+        token = _bearer(authorization)
+        if token is None:
+            raise AuthError("missing admin token (Authorization: Bearer …)", status=401)
+        if not hmac.compare_digest(token.encode(), config.admin_token.encode()):
+            raise AuthError("invalid admin token", status=403)
+        return "admin"
+
+    @app.post("/v1/vehicles", status_code=201)
+    def enrol(req: VehicleEnrol, _: str = Depends(admin)) -> VehicleCredential:
+        return service.enrol(req)
+
+    @app.post("/v1/health")
+    def post_health(report: HealthReport, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        store.authenticate(report.vehicle_id, _bearer(authorization))
+        return service.ingest(report)
+
+    @app.get("/v1/update")
+    def get_update(vehicle: str, authorization: str | None = Header(default=None)) -> UpdateOffer:
+        store.authenticate(vehicle, _bearer(authorization))
+        return service.offer(vehicle)
+
+    @app.post("/v1/rollouts", status_code=201)
+    def start_rollout(req: RolloutStart, actor: str = Depends(admin)) -> RolloutStatus:
+        return service.start(req, actor)
+
+    @app.get("/v1/rollouts/{rollout_id}")
+    def get_rollout(rollout_id: int) -> RolloutStatus:
+        return service.status(rollout_id)
+
+    @app.post("/v1/rollouts/{rollout_id}/{action}")
+    def operate(rollout_id: int, action: str, req: OperatorRequest | None = None,
+                _: str = Depends(admin)) -> RolloutStatus:
+        if action == "evaluate":
+            service.evaluate(force=True)
+            return service.status(rollout_id)
+        if action not in ("pause", "resume", "promote", "abort"):
+            raise ConfigError(f"unknown action {action!r} (pause, resume, promote, abort, evaluate)")
+        return service.operate(rollout_id, action, req or OperatorRequest())
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    from driveloop.ota.dashboard import register_dashboard
+
+    register_dashboard(app, service)
+    return app
+
+
+async def _evaluate_forever(service: FleetService, period_s: float) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            await asyncio.to_thread(service.evaluate)
+        except DriveloopError as e:  # keep serving; the error is in the log and the next period retries
+            logger.error("background evaluation failed: %s", e)

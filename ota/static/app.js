@@ -1,0 +1,108 @@
+// driveloop rollout dashboard: polls /v1/dashboard every 2 s and draws with inline SVG (no libraries).
+"use strict";
+const REFRESH_MS = 2000;
+const PALETTE = ["#2f6fde", "#d9822b", "#3a9b5c", "#8e5bd6", "#c94f7c", "#6b7385"];
+const SVG_NS = "http://www.w3.org/2000/svg";
+let current = null;
+
+function el(tag, attrs, text) {
+  const e = tag.startsWith("svg:") ? document.createElementNS(SVG_NS, tag.slice(4)) : document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function fillTable(id, rows) {
+  const body = document.querySelector(`#${id} tbody`);
+  body.replaceChildren(...rows.map(r => { const tr = el("tr"); r.forEach(c => tr.appendChild(el("td", {}, String(c)))); return tr; }));
+}
+
+function renderRollout(d) {
+  const r = d.rollout;
+  const status = document.getElementById("rollout-status");
+  if (!r) { status.textContent = "no rollout"; status.className = "status"; return; }
+  document.getElementById("rollout-title").textContent = `#${r.rollout_id}: ${r.previous_version} → ${r.version}`;
+  status.textContent = `${r.status} · stage ${r.stage}`;
+  status.className = `status ${r.status}`;
+  const stages = document.getElementById("stages");
+  stages.replaceChildren(...d.stages.map(s => {
+    const cls = r.status === "aborted" && s.state === "current" ? "aborted" : s.state;
+    return el("li", {class: cls, "data-stage": s.name}, `${s.name} (${Math.round(s.fraction * 100)}%${s.shadow ? ", shadow" : ""})`);
+  }));
+  const done = d.stages.filter(s => s.state === "done").length;
+  document.getElementById("progress-bar").style.width = `${Math.round(100 * done / Math.max(1, d.stages.length))}%`;
+  document.getElementById("rollout-reason").textContent = r.reason;
+}
+
+function renderShare(d) {
+  const svg = document.getElementById("share-chart");
+  const entries = Object.entries(d.fleet_versions).sort();
+  const total = entries.reduce((a, [, n]) => a + n, 0) || 1;
+  const bars = [];
+  entries.forEach(([v, n], i) => {
+    const y = 10 + i * 28, w = Math.max(1, 300 * n / total);
+    bars.push(el("svg:rect", {x: 90, y, width: w, height: 20, fill: PALETTE[i % PALETTE.length]}));
+    bars.push(el("svg:text", {x: 0, y: y + 15, "font-size": 12}, v));
+    bars.push(el("svg:text", {x: 95 + w, y: y + 15, "font-size": 12, class: "share-count"}, `${n} (${Math.round(100 * n / total)}%)`));
+  });
+  svg.replaceChildren(...bars);
+  fillTable("cohorts", Object.entries(d.cohort_sizes).sort().map(([c, n]) => [c, n]));
+}
+
+function renderHealth(d) {
+  const svg = document.getElementById("health-chart");
+  const s = d.series;
+  const parts = [el("svg:line", {x1: 30, y1: 180, x2: 410, y2: 180, stroke: "#b6bdca"})];
+  if (s.length) {
+    const ymax = Math.max(1, ...s.map(p => Math.max(p.canary.interventions_per_h, p.control.interventions_per_h)));
+    const x = i => 30 + (s.length === 1 ? 190 : 380 * i / (s.length - 1));
+    const y = v => 180 - 165 * v / ymax;
+    for (const [cohort, color] of [["control", "#2f6fde"], ["canary", "#d9822b"]]) {
+      const pts = s.map((p, i) => `${x(i).toFixed(1)},${y(p[cohort].interventions_per_h).toFixed(1)}`).join(" ");
+      parts.push(el("svg:polyline", {points: pts, fill: "none", stroke: color, "stroke-width": 2, class: `series-${cohort}`}));
+    }
+    parts.push(el("svg:text", {x: 0, y: 15, "font-size": 10}, ymax.toFixed(1)));
+    const last = s[s.length - 1];
+    fillTable("health", [["canary", last.canary], ["control", last.control]].map(([n, c]) =>
+      [n, c.vehicles, c.hours.toFixed(2), c.interventions_per_h.toFixed(2), c.p99_ms.toFixed(1), c.collisions]));
+  }
+  svg.replaceChildren(...parts);
+}
+
+function renderTimeline(d) {
+  fillTable("timeline", d.timeline.map(t => [t.seq, t.at_s.toFixed(0), t.actor, t.action, t.stage, t.reason]));
+  document.getElementById("audit").textContent = d.audit_ok ? "audit chain verified" : "AUDIT CHAIN BROKEN";
+  const u = d.update_outcomes;
+  document.getElementById("updates").textContent =
+    `success ${u.success || 0} · failure ${u.failure || 0} · revert ${u.revert || 0}`;
+  const versions = Object.keys(d.fleet_versions).length;
+  document.getElementById("summary").textContent = `${d.vehicles} vehicles · ${versions} model versions`;
+}
+
+async function refresh() {
+  try {
+    const resp = await fetch("/v1/dashboard", {cache: "no-store"});
+    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+    current = await resp.json();
+    renderRollout(current); renderShare(current); renderHealth(current); renderTimeline(current);
+  } catch (err) {
+    document.getElementById("summary").textContent = `cannot reach the fleet server: ${err.message}`;
+  }
+}
+
+async function act(action) {
+  const out = document.getElementById("action-result");
+  if (!current || !current.rollout) { out.textContent = "no rollout to act on"; return; }
+  const token = document.getElementById("token").value;
+  const resp = await fetch(`/v1/rollouts/${current.rollout.rollout_id}/${action}`, {
+    method: "POST", headers: {"Authorization": `Bearer ${token}`, "Content-Type": "application/json"},
+    body: JSON.stringify({actor: "dashboard", reason: `${action} from the dashboard`}),
+  });
+  const body = await resp.json();
+  out.textContent = resp.ok ? `${action}: ok (${body.status}, ${body.stage})` : `${action} refused: ${body.error}`;
+  refresh();
+}
+
+document.querySelectorAll("button[data-action]").forEach(b => b.addEventListener("click", () => act(b.dataset.action)));
+refresh();
+setInterval(refresh, REFRESH_MS);

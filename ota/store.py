@@ -1,0 +1,330 @@
+"""Durable fleet state in SQLite (SQLAlchemy Core): rollouts, their event logs, health reports,
+latest health per vehicle, hashed vehicle credentials and the audit chain.
+
+Every mutation is one transaction, so a crash never leaves an event without its audit entry or a
+health report without its vehicle's new ``last_seq``. The controller state is never stored: it is
+rebuilt by replaying the event log (:func:`driveloop.ota.controller.replay`), cached per event count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, event, Float, Integer, MetaData, String, Table, Text, create_engine, func, insert, select, \
+    update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import SQLAlchemyError
+
+from driveloop.exceptions import AuthError, OtaError, StaleReportError, StorageError
+from driveloop.ota.audit import AuditEntry, VerifyResult, make_entry, verify
+from driveloop.ota.controller import RolloutEvent, RolloutPlan, RolloutState, Status, plan_of, replay
+from driveloop.ota.gates import CohortStats, HealthWindow, ShadowAggregate
+from driveloop.ota.messages import HealthReport
+
+logger = logging.getLogger(__name__)
+
+_md = MetaData()
+vehicles = Table(
+    "vehicles", _md,
+    Column("vehicle_id", String(64), primary_key=True),
+    Column("token_sha256", String(64), nullable=False),
+    Column("hardware_class", String(64), nullable=False),
+    Column("enrolled_at_s", Float, nullable=False),
+    Column("last_seq", Integer, nullable=True),
+    Column("last_version", String(64), nullable=True),
+    Column("last_report", Text, nullable=True),
+)
+rollouts = Table(
+    "rollouts", _md,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("version", String(64), nullable=False),
+    Column("previous_version", String(64), nullable=False),
+    Column("created_at_s", Float, nullable=False),
+)
+events = Table(
+    "events", _md,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", Integer, nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("at_s", Float, nullable=False),
+    Column("data", Text, nullable=False),
+)
+health = Table(
+    "health", _md,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rollout_id", Integer, nullable=True, index=True),
+    Column("stage", String(32), nullable=True),
+    Column("vehicle_id", String(64), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("seconds", Float, nullable=False),
+    Column("ticks", Integer, nullable=False),
+    Column("interventions", Integer, nullable=False),
+    Column("collisions", Integer, nullable=False),
+    Column("deadline_misses", Integer, nullable=False),
+    Column("crashes", Integer, nullable=False),
+    Column("p99_tick_sum", Float, nullable=False),
+    Column("shadow_ticks", Integer, nullable=False),
+    Column("shadow_disagreements", Integer, nullable=False),
+    Column("shadow_diff_sum", Float, nullable=False),
+    Column("received_at_s", Float, nullable=False),
+)
+audit = Table(
+    "audit", _md,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("at_s", Float, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("rollout_id", Integer, nullable=True),
+    Column("payload", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+update_outcomes = Table(
+    "update_outcomes", _md,
+    Column("outcome", String(16), primary_key=True),
+    Column("count", Integer, nullable=False),
+)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Rollout:
+    state: RolloutState
+    plan: RolloutPlan
+    events: int
+
+
+class FleetStore:
+    """The fleet server's database. Thread-safe: one lock serialises writers (SQLite has one anyway)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = create_engine(url, connect_args={"check_same_thread": False} if url.startswith("sqlite")
+                                        else {})
+            if url.startswith("sqlite"):
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            _md.create_all(self.engine)
+        except SQLAlchemyError as e:
+            raise StorageError(f"cannot open the fleet store {url}: {e}") from e
+        self.lock = threading.RLock()
+        self._cache: dict[int, Rollout] = {}
+
+    @classmethod
+    def at(cls, ota_dir: Path) -> FleetStore:
+        """The default SQLite file ``<home>/ota/fleet.db``."""
+        ota_dir.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{(ota_dir / 'fleet.db').resolve()}")
+
+    # ---- vehicles -------------------------------------------------------------------------------
+    def enrol(self, vehicle_id: str, hardware_class: str, now_s: float) -> str:
+        """Register a vehicle and return its token (shown once; only its sha256 is stored)."""
+        token = secrets.token_urlsafe(32)
+        try:
+            with self.lock, self.engine.begin() as c:
+                c.execute(insert(vehicles).values(vehicle_id=vehicle_id, token_sha256=token_digest(token),
+                                                  hardware_class=hardware_class, enrolled_at_s=now_s))
+        except SAIntegrityError as e:
+            raise OtaError(f"vehicle {vehicle_id} is already enrolled") from e
+        return token
+
+    def authenticate(self, vehicle_id: str, token: str | None) -> None:
+        """Raise AuthError unless ``token`` is this vehicle's (constant-time comparison)."""
+        with self.engine.connect() as c:
+            row = c.execute(select(vehicles.c.token_sha256).where(vehicles.c.vehicle_id == vehicle_id)).first()
+        if row is None:
+            raise AuthError(f"unknown vehicle {vehicle_id}", status=401)
+        if not token or not hmac.compare_digest(row[0], token_digest(token)):
+            raise AuthError(f"invalid token for vehicle {vehicle_id}", status=401)
+
+    def vehicle_ids(self) -> list[str]:
+        with self.engine.connect() as c:
+            return [r[0] for r in c.execute(select(vehicles.c.vehicle_id).order_by(vehicles.c.vehicle_id))]
+
+    def fleet_versions(self) -> dict[str, int]:
+        """How many vehicles last reported each model version ("unknown": never reported)."""
+        with self.engine.connect() as c:
+            rows = c.execute(select(vehicles.c.last_version, func.count()).group_by(vehicles.c.last_version))
+            return {(v or "unknown"): n for v, n in rows}
+
+    # ---- health ---------------------------------------------------------------------------------
+    def record_health(self, report: HealthReport, rollout: Rollout | None, now_s: float) -> str | None:
+        """Store a report (tagged with the rollout's current stage); return the update outcome it shows
+        ("success", "failure", "revert") when the vehicle changed model since its last report."""
+        s = report.shadow
+        with self.lock, self.engine.begin() as c:
+            row = c.execute(select(vehicles.c.last_seq, vehicles.c.last_version)
+                            .where(vehicles.c.vehicle_id == report.vehicle_id)).first()
+            if row is None:
+                raise AuthError(f"unknown vehicle {report.vehicle_id}", status=401)
+            last_seq, last_version = row
+            if last_seq is not None and report.seq <= last_seq:
+                raise StaleReportError(f"health report seq {report.seq} from {report.vehicle_id} is not after "
+                                       f"the last accepted seq {last_seq}")
+            c.execute(insert(health).values(
+                rollout_id=rollout.state.rollout_id if rollout else None,
+                stage=rollout.state.stage(rollout.plan).name if rollout else None,
+                vehicle_id=report.vehicle_id, model_version=report.model_version, seq=report.seq,
+                seconds=report.duration_s, ticks=report.ticks, interventions=report.fallback_interventions,
+                collisions=report.collisions, deadline_misses=report.deadline_misses, crashes=report.crashes,
+                p99_tick_sum=report.inference_p99_ms * report.ticks,
+                shadow_ticks=s.compared_ticks if s else 0, shadow_disagreements=s.disagreements if s else 0,
+                shadow_diff_sum=s.mean_abs_diff * s.compared_ticks if s else 0.0, received_at_s=now_s))
+            c.execute(update(vehicles).where(vehicles.c.vehicle_id == report.vehicle_id).values(
+                last_seq=report.seq, last_version=report.model_version, last_report=report.model_dump_json()))
+            outcome = _update_outcome(last_version, report.model_version, rollout)
+            if outcome:
+                _bump(c, outcome)
+        return outcome
+
+    def update_outcomes(self) -> dict[str, int]:
+        with self.engine.connect() as c:
+            return {o: n for o, n in c.execute(select(update_outcomes.c.outcome, update_outcomes.c.count))}
+
+    def stage_window(self, rollout: Rollout) -> HealthWindow:
+        """Aggregate the reports received during the rollout's current stage, by cohort."""
+        st = rollout.state
+        h = health.c
+        cols = [func.count(func.distinct(h.vehicle_id)), func.count(), func.coalesce(func.sum(h.seconds), 0.0),
+                func.coalesce(func.sum(h.ticks), 0), func.coalesce(func.sum(h.interventions), 0),
+                func.coalesce(func.sum(h.collisions), 0), func.coalesce(func.sum(h.deadline_misses), 0),
+                func.coalesce(func.sum(h.crashes), 0), func.coalesce(func.sum(h.p99_tick_sum), 0.0)]
+        where = (h.rollout_id == st.rollout_id) & (h.stage == st.stage(rollout.plan).name)
+        with self.engine.connect() as c:
+            def cohort(version: str) -> CohortStats:
+                r = c.execute(select(*cols).where(where & (h.model_version == version))).one()
+                return CohortStats(int(r[0]), int(r[1]), float(r[2]) / 3600.0, *(int(x) for x in r[3:8]),
+                                   float(r[8]))
+
+            sh = c.execute(select(func.count(func.distinct(h.vehicle_id)), func.coalesce(func.sum(h.shadow_ticks), 0),
+                                  func.coalesce(func.sum(h.shadow_disagreements), 0),
+                                  func.coalesce(func.sum(h.shadow_diff_sum), 0.0))
+                           .where(where & (h.model_version == st.previous_version) & (h.shadow_ticks > 0))).one()
+            return HealthWindow(cohort(st.version), cohort(st.previous_version),
+                                ShadowAggregate(int(sh[0]), int(sh[1]), int(sh[2]), float(sh[3])))
+
+    # ---- rollouts and events --------------------------------------------------------------------
+    def create_rollout(self, version: str, previous_version: str, plan: RolloutPlan, now_s: float,
+                       actor: str) -> int:
+        with self.lock, self.engine.begin() as c:
+            latest = self._latest_id(c)
+            if latest is not None and self._load(c, latest).state.active:
+                raise OtaError(f"rollout {latest} is still active; finish or abort it first")
+            rid = int(c.execute(insert(rollouts).values(version=version, previous_version=previous_version,
+                                                        created_at_s=now_s)).inserted_primary_key[0])
+            ev = RolloutEvent("start", now_s, {"rollout_id": rid, "version": version,
+                                               "previous_version": previous_version, "plan": plan.to_dict()})
+            replay([ev])  # validates before anything is written
+            self._append(c, rid, ev, "start", actor, {"version": version, "previous_version": previous_version})
+        return rid
+
+    def append_event(self, rollout_id: int, event: RolloutEvent, audit_kind: str, actor: str,
+                     audit_payload: dict[str, Any]) -> None:
+        """Write an event and its audit entry in one transaction."""
+        with self.lock, self.engine.begin() as c:
+            self._append(c, rollout_id, event, audit_kind, actor, audit_payload)
+
+    def _append(self, c: Connection, rollout_id: int, event: RolloutEvent, audit_kind: str, actor: str,
+                payload: dict[str, Any]) -> None:
+        c.execute(insert(events).values(rollout_id=rollout_id, kind=event.kind, at_s=event.at_s,
+                                        data=json.dumps(event.data, sort_keys=True)))
+        last = c.execute(select(audit).order_by(audit.c.seq.desc()).limit(1)).mappings().first()
+        prev = _entry(last) if last else None
+        e = make_entry(prev, event.at_s, audit_kind, actor, rollout_id, payload)
+        c.execute(insert(audit).values(seq=e.seq, at_s=e.at_s, kind=e.kind, actor=e.actor, rollout_id=e.rollout_id,
+                                       payload=json.dumps(e.payload, sort_keys=True), prev_hash=e.prev_hash,
+                                       hash=e.hash))
+
+    def _latest_id(self, c: Connection) -> int | None:
+        return c.execute(select(func.max(rollouts.c.id))).scalar()
+
+    def latest_rollout_id(self) -> int | None:
+        with self.engine.connect() as c:
+            return self._latest_id(c)
+
+    def events(self, rollout_id: int) -> list[RolloutEvent]:
+        with self.engine.connect() as c:
+            return self._events(c, rollout_id)
+
+    @staticmethod
+    def _events(c: Connection, rollout_id: int) -> list[RolloutEvent]:
+        rows = c.execute(select(events.c.kind, events.c.at_s, events.c.data).where(events.c.rollout_id == rollout_id)
+                         .order_by(events.c.id))
+        return [RolloutEvent(k, float(t), json.loads(d)) for k, t, d in rows]
+
+    def _load(self, c: Connection, rollout_id: int) -> Rollout:
+        n = c.execute(select(func.count()).where(events.c.rollout_id == rollout_id)).scalar() or 0
+        cached = self._cache.get(rollout_id)
+        if cached is not None and cached.events == n:
+            return cached
+        evs = self._events(c, rollout_id)
+        if not evs:
+            raise OtaError(f"no rollout {rollout_id}")
+        r = Rollout(replay(evs), plan_of(evs), len(evs))
+        self._cache[rollout_id] = r
+        return r
+
+    def load(self, rollout_id: int) -> Rollout:
+        """The rollout's state, rebuilt by replaying its event log."""
+        with self.engine.connect() as c:
+            return self._load(c, rollout_id)
+
+    def latest(self) -> Rollout | None:
+        rid = self.latest_rollout_id()
+        return None if rid is None else self.load(rid)
+
+    # ---- audit ----------------------------------------------------------------------------------
+    def audit_entries(self, rollout_id: int | None = None) -> list[AuditEntry]:
+        q = select(audit).order_by(audit.c.seq)
+        if rollout_id is not None:
+            q = q.where(audit.c.rollout_id == rollout_id)
+        with self.engine.connect() as c:
+            return [_entry(m) for m in c.execute(q).mappings()]
+
+    def verify_audit(self) -> VerifyResult:
+        return verify(self.audit_entries())
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
+    """WAL: readers never block the writer, and a commit is one fsync of the log."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.close()
+
+
+def _entry(m: Any) -> AuditEntry:
+    return AuditEntry(m["seq"], m["at_s"], m["kind"], m["actor"], m["rollout_id"], json.loads(m["payload"]),
+                      m["prev_hash"], m["hash"])
+
+
+def _bump(c: Connection, outcome: str) -> None:
+    if c.execute(update(update_outcomes).where(update_outcomes.c.outcome == outcome)
+                 .values(count=update_outcomes.c.count + 1)).rowcount == 0:
+        c.execute(insert(update_outcomes).values(outcome=outcome, count=1))
+
+
+def _update_outcome(last: str | None, now: str, rollout: Rollout | None) -> str | None:
+    """Read an update's outcome off the versions a vehicle reports: previous → new is a success;
+    new → previous is a revert after an abort, otherwise the vehicle's own A/B fallback (a failure)."""
+    if rollout is None or last is None or last == now:
+        return None
+    st = rollout.state
+    if last == st.previous_version and now == st.version:
+        return "success"
+    if last == st.version and now == st.previous_version:
+        return "revert" if st.status is Status.ABORTED else "failure"
+    return None
