@@ -8,10 +8,10 @@ every epoch (atomically) and, given the same checkpoint directory again, resumes
 completed epoch. ``train_with_ray`` runs it under Ray Train's ``TorchTrainer`` with one 1-CPU worker, so
 that Ray Data keeps the machine's other CPU (see ``cloud/_ray.py``).
 
-Where the torch weights live: the registry stores ONNX only, so ``WeightsStore`` keeps each registered
-model's torch state dict under ``<home>/cloud/weights/<onnx sha256>.pt``, keyed by the sha256 in the
-model's manifest; a fine-tune looks up its base there, and the pipeline stores the candidate's weights
-there when it registers it (and names the file in the manifest's lineage as ``torch_weights``).
+Where the torch weights live: the registry stores ONNX only; ``cloud/checkpoints.py`` keeps each
+registered model's torch state dict at ``<registry>/weights/<onnx sha256>.pt``. The pipeline loads the
+base from there and saves the candidate's weights there when it registers it. The run's own epoch
+checkpoints stay in its run directory (``<home>/cloud/runs/<run>/checkpoints``).
 """
 
 from __future__ import annotations
@@ -243,29 +243,3 @@ def train_with_ray(
         raise PipelineError(f"fine-tune finished without a final checkpoint in {ckpt_dir}")
     out = torch.load(final, weights_only=False)
     return out["state"], out["metrics"]
-
-
-class WeightsStore:
-    """Torch state dicts of registered models, keyed by the ONNX sha256 in their manifest."""
-
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
-
-    def path(self, onnx_sha256: str) -> Path:
-        return self.root / f"{onnx_sha256}.pt"
-
-    def put(self, onnx_sha256: str, state_dict: StateDict) -> Path:
-        dest = self.path(onnx_sha256)
-        _atomic_torch_save(state_dict, dest)
-        return dest
-
-    def get(self, onnx_sha256: str) -> StateDict:
-        import torch
-
-        p = self.path(onnx_sha256)
-        if not p.is_file():
-            raise ModelError(f"no torch weights stored for model {onnx_sha256[:12]}… (expected {p})")
-        try:
-            return torch.load(p, weights_only=True)
-        except Exception as e:  # torch raises assorted errors on damaged files
-            raise ModelError(f"torch weights {p} are unreadable: {e}") from e

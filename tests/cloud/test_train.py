@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from driveloop.cloud.model import PolicyNet
-from driveloop.cloud.train import FinetuneConfig, WeightsStore, finetune, latest_checkpoint, train_with_ray
+from driveloop.cloud.train import FinetuneConfig, finetune, latest_checkpoint, train_with_ray
 from driveloop.exceptions import ConfigError, ModelError, PipelineError
 
 CFG = FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, seed=0)
@@ -80,19 +80,6 @@ def test_bad_inputs() -> None:
         finetune({"nope": torch.zeros(1)}, _arrays(), CFG)
     with pytest.raises(ConfigError):
         FinetuneConfig(lr=0.0)
-
-
-def test_weights_store_roundtrip(tmp_path: Path) -> None:
-    store = WeightsStore(tmp_path)
-    base = _base()
-    store.put("ab" * 32, base)
-    got = store.get("ab" * 32)
-    assert all(torch.equal(base[k], got[k]) for k in base)
-    with pytest.raises(ModelError, match="no torch weights"):
-        store.get("cd" * 32)
-    store.path("ef" * 32).write_bytes(b"garbage")
-    with pytest.raises(ModelError, match="unreadable"):
-        store.get("ef" * 32)
 
 
 @pytest.mark.slow
