@@ -1,0 +1,234 @@
+"""Model bootstrap: behaviour cloning of highway-env's IDM/MOBIL expert in nominal traffic → version 1.
+
+Demonstrations come only from nominal scenes (``highway``, ``dense``): the policy learns to cruise and
+follow well, and sees few of the rare hazards (cut-ins, stationary targets at speed). That gap is on
+purpose: it is what the data loop later closes with mined, auto-labelled hard cases.
+
+To fight covariate shift (DART, Laskey et al. 2017) the executed command is the expert's plus small
+noise, while the label stays the clean expert action, so the net also learns to recover.
+
+The torch weights are kept beside the ONNX file (``checkpoints``) so that every later model is a
+fine-tune of its parent, never a model trained from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from driveloop.exceptions import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+DEMO_SCENARIOS = ("highway", "dense")
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """Sizes of the bootstrap run; defaults take a few minutes on 2 CPU cores."""
+
+    episodes: int = 24
+    episode_s: float = 30.0
+    seed: int = 0
+    epochs: int = 12
+    batch_size: int = 256
+    learning_rate: float = 2e-3
+    accel_noise_mps2: float = 0.6
+    steer_noise_rad: float = 0.02
+    workers: int = 2
+    check_episodes: int = 2  # closed-loop sanity drives before the model is marked validated
+
+    def __post_init__(self) -> None:
+        if min(self.episodes, self.epochs, self.batch_size, self.workers) < 1 or self.episode_s <= 0:
+            raise ConfigError("bootstrap sizes must be positive")
+        if self.learning_rate <= 0 or self.accel_noise_mps2 < 0 or self.steer_noise_rad < 0:
+            raise ConfigError("learning rate must be > 0 and noise >= 0")
+
+
+@dataclass(frozen=True)
+class Demonstrations:
+    """Observations (contract inputs) and the expert's actions, one row per tick."""
+
+    kinematics: np.ndarray
+    lidar: np.ndarray
+    grid: np.ndarray
+    actions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @staticmethod
+    def concat(parts: list[Demonstrations]) -> Demonstrations:
+        return Demonstrations(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                                ("kinematics", "lidar", "grid", "actions")))
+
+
+def demonstrate(scenario: str, seed: int, episode_s: float, accel_noise_mps2: float,
+                steer_noise_rad: float) -> Demonstrations:
+    """Drive one episode with the (noise-perturbed) expert; label each tick with the clean expert action."""
+    from driveloop.edge.scenarios import parse_scenario
+    from driveloop.edge.sensors import SensorSuite
+    from driveloop.edge.sim import Simulator
+
+    rng = np.random.default_rng([seed, 3])
+    rows: dict[str, list[np.ndarray]] = {"kinematics": [], "lidar": [], "grid": [], "actions": []}
+    with Simulator(parse_scenario(scenario), seed) as sim:
+        snap = sim.reset()
+        sensors = SensorSuite(seed=seed)
+        for _ in range(int(round(episode_s / sim.config.dt_s))):
+            obs = sensors.observe(snap).observation
+            expert = np.array(sim.expert_action(), dtype=np.float32)
+            for name, arr in obs.arrays().items():
+                rows[name].append(arr)
+            rows["actions"].append(expert)
+            noise = rng.normal(0.0, (accel_noise_mps2, steer_noise_rad))
+            snap = sim.step(float(expert[0] + noise[0]), float(expert[1] + noise[1]))
+            if snap.crashed:
+                break
+    return Demonstrations(*(np.stack(rows[k]).astype(np.float32) for k in ("kinematics", "lidar", "grid", "actions")))
+
+
+def collect(config: BootstrapConfig) -> Demonstrations:
+    """All demonstration episodes, spread over ``workers`` processes; deterministic for a seed."""
+    jobs = [(DEMO_SCENARIOS[i % len(DEMO_SCENARIOS)], config.seed * 100_003 + i, config.episode_s,
+             config.accel_noise_mps2, config.steer_noise_rad) for i in range(config.episodes)]
+    if config.workers == 1:
+        parts = [demonstrate(*j) for j in jobs]
+    else:
+        with ProcessPoolExecutor(config.workers) as pool:
+            parts = list(pool.map(demonstrate, *zip(*jobs)))
+    return Demonstrations.concat(parts)
+
+
+def behaviour_clone(demos: Demonstrations, config: BootstrapConfig,
+                    on_epoch: Callable[[int, float], None] | None = None) -> tuple[object, dict[str, float]]:
+    """Train a fresh PolicyNet on the demonstrations; returns (model, metrics on a held-out 10%)."""
+    import torch
+
+    from driveloop.cloud.model import PolicyNet, loss
+
+    torch.manual_seed(config.seed)
+    n = len(demos)
+    if n < 100:
+        raise ModelError(f"only {n} demonstration ticks: too few to train on")
+    perm = np.random.default_rng(config.seed).permutation(n)
+    n_val = max(1, n // 10)
+    val, train = perm[:n_val], perm[n_val:]
+    tensors = {f: torch.from_numpy(getattr(demos, f)) for f in ("kinematics", "lidar", "grid", "actions")}
+    model = PolicyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
+    gen = torch.Generator().manual_seed(config.seed)
+    train_t = torch.from_numpy(train)
+    for epoch in range(config.epochs):
+        model.train()
+        order = train_t[torch.randperm(len(train_t), generator=gen)]
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start:start + config.batch_size]
+            pred = model(tensors["kinematics"][idx], tensors["lidar"][idx], tensors["grid"][idx])
+            target = tensors["actions"][idx]
+            agree = _agreement(pred[0].detach(), target)
+            batch_loss = loss(pred, target, agree)
+            opt.zero_grad()
+            batch_loss.backward()
+            opt.step()
+            total += float(batch_loss) * len(idx)
+        sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch, total / len(order))
+    metrics = evaluate_offline(model, demos, val)
+    return model, metrics
+
+
+def _agreement(pred_action: object, target: object) -> object:
+    """Confidence target: 1 where the prediction is close to the expert (accel 0.5 m/s², steer 0.02 rad)."""
+    import torch
+
+    err = (pred_action - target).abs()  # type: ignore[operator]
+    return ((err[:, 0:1] < 0.5) & (err[:, 1:2] < 0.02)).to(torch.float32)
+
+
+def evaluate_offline(model: object, demos: Demonstrations, idx: np.ndarray) -> dict[str, float]:
+    """Mean absolute action error vs the expert on the given rows (SI units)."""
+    import torch
+
+    model.eval()  # type: ignore[attr-defined]
+    with torch.no_grad():
+        pred, conf = model(*(torch.from_numpy(getattr(demos, f)[idx]) for f in ("kinematics", "lidar", "grid")))  # type: ignore[operator]
+    err = (pred.numpy() - demos.actions[idx]).__abs__()
+    return {"val_accel_mae_mps2": float(err[:, 0].mean()), "val_steer_mae_rad": float(err[:, 1].mean()),
+            "val_confidence_mean": float(conf.numpy().mean()), "val_samples": float(len(idx))}
+
+
+def bootstrap(registry_root: Path, config: BootstrapConfig | None = None, force: bool = False,
+              progress: Callable[[str], None] | None = None) -> dict[str, object]:
+    """Create model version 1 in the registry (or reuse it); returns a summary for the CLI.
+
+    Steps: demonstrations → behaviour cloning → ONNX export → parity check (≤1e-4) → register →
+    closed-loop sanity drive on nominal scenes → stage ``validated``.
+    """
+    import torch
+
+    from driveloop.cloud.checkpoints import save_weights
+    from driveloop.cloud.export import check_parity, export_onnx
+    from driveloop.cloud.registry import Registry
+
+    config = config or BootstrapConfig()
+    say = progress or (lambda msg: logger.info(msg))
+    torch.set_num_threads(max(1, config.workers))
+    with Registry(registry_root) as reg:
+        existing = reg.list()
+        if existing and not force:
+            manifest, stage = existing[0]
+            say(f"registry already holds version {manifest.version} ({stage}); reusing it")
+            return {"version": manifest.version, "stage": stage, "reused": True, "sha256": manifest.sha256}
+    t0 = time.monotonic()
+    say(f"collecting {config.episodes} expert episodes of {config.episode_s:.0f} s")
+    demos = collect(config)
+    t_demo = time.monotonic() - t0
+    say(f"behaviour cloning on {len(demos)} ticks for {config.epochs} epochs")
+    model, metrics = behaviour_clone(demos, config, on_epoch=lambda e, l: say(f"epoch {e + 1}: loss {l:.4f}"))
+    t_train = time.monotonic() - t0 - t_demo
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(model, Path(tmp) / "model.onnx")
+        parity = check_parity(model, onnx_path)
+        with Registry(registry_root) as reg:
+            manifest = reg.register(
+                onnx_path,
+                training_run={"kind": "behaviour_cloning", "config": asdict(config), "samples": len(demos),
+                              "scenarios": list(DEMO_SCENARIOS), "demo_s": round(t_demo, 1),
+                              "train_s": round(t_train, 1)},
+                metrics={**metrics, "onnx_parity_max_abs": parity},
+            )
+            save_weights(registry_root, manifest.sha256, model.state_dict())
+            check = sanity_drive(reg.get(manifest.version).onnx_path, manifest, config)
+            ok = check["collisions"] == 0
+            reg.set_stage(manifest.version, "validated" if ok else "rejected",
+                          f"bootstrap closed-loop sanity check: {check}")
+    if not ok:
+        raise ModelError(f"bootstrap model failed its nominal closed-loop check: {check}")
+    say(f"registered version {manifest.version} (validated)")
+    return {"version": manifest.version, "stage": "validated", "reused": False, "sha256": manifest.sha256,
+            "samples": len(demos), "metrics": metrics, "parity_max_abs": parity, "sanity": check,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def sanity_drive(onnx_path: Path, manifest: object, config: BootstrapConfig) -> dict[str, float]:
+    """Drive the new model in nominal scenes (held-out seeds) behind the full safety supervisor."""
+    from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
+    from driveloop.edge.runtime import ModelRuntime
+
+    runtime = ModelRuntime(onnx_path, manifest, device="cpu")
+    plans = [VehiclePlan(f"check{i}", DEMO_SCENARIOS[i % 2], 900_000 + i) for i in range(config.check_episodes)]
+    report = run_fleet(plans, {"default": InProcessInference(runtime)}, duration_s=config.episode_s)
+    s = report.summary()
+    return {k: s[k] for k in ("collisions", "interventions", "progress", "distance_km")}  # type: ignore[misc]
+

@@ -1,0 +1,140 @@
+"""Vehicle-side commands: ``driveloop bootstrap`` and ``driveloop drive``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from driveloop._jsonout import dumps
+from driveloop.cli import app
+from driveloop.exceptions import ConfigError, RegistryError
+
+logger = logging.getLogger(__name__)
+
+SPOOL_QUOTA_BYTES = 2 * 2**30
+
+
+@app.command()
+def bootstrap(
+    episodes: int = typer.Option(24, min=1, help="Expert demonstration episodes."),
+    episode_s: float = typer.Option(30.0, min=1.0, help="Length of each demonstration episode [s]."),
+    epochs: int = typer.Option(12, min=1, help="Behaviour-cloning epochs."),
+    seed: int = typer.Option(0, min=0),
+    force: bool = typer.Option(False, "--force", help="Train a new version even if the registry has one."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train model v1 by behaviour cloning the IDM/MOBIL expert, export ONNX, register it."""
+    from driveloop.cloud.bootstrap import BootstrapConfig
+    from driveloop.cloud.bootstrap import bootstrap as run_bootstrap
+    from driveloop.settings import load_settings
+
+    settings = load_settings()
+    cfg = BootstrapConfig(episodes=episodes, episode_s=episode_s, epochs=epochs, seed=seed,
+                          workers=min(2, settings.num_cpus))
+    say = (lambda m: logger.info(m)) if as_json else (lambda m: typer.echo(m, err=True))
+    result = run_bootstrap(settings.registry_dir, cfg, force=force, progress=say)
+    if as_json:
+        typer.echo(dumps(result))
+    else:
+        typer.echo(f"model v{result['version']} ({result['stage']}) in {settings.registry_dir}")
+
+
+def resolve_model(registry_root: Path, ref: str | None) -> Any:
+    """The registry artifact for ``ref`` (default: newest released, else newest validated)."""
+    from driveloop.cloud.registry import Registry
+
+    if not (registry_root / "registry.db").exists():
+        raise RegistryError(f"no model registry at {registry_root}: run `driveloop bootstrap` first")
+    with Registry(registry_root) as reg:
+        if ref is not None:
+            return reg.get(int(ref) if ref.isdigit() else ref)
+        for stage in ("released", "validated"):
+            try:
+                return reg.get(stage)
+            except RegistryError:
+                continue
+    raise RegistryError("the registry holds no released or validated model: run `driveloop bootstrap`")
+
+
+@app.command()
+def drive(
+    scenario: str = typer.Option("highway", "--scenario", "-s", help="Scenario name, or 'mix'."),
+    vehicles: int = typer.Option(1, "--vehicles", "-n", min=1, max=256),
+    duration: float = typer.Option(60.0, "--duration", "-d", min=0.1, help="Simulated seconds per vehicle."),
+    model: str | None = typer.Option(None, "--model", help="Registry ref: version, 'released', 'validated'."),
+    seed: int = typer.Option(0, "--seed", min=0),
+    video: Path | None = typer.Option(None, "--video", help="Write vehicle 0's drive to an .mp4 or .gif."),
+    isolate: bool = typer.Option(False, "--isolate", help="Run the model in its own process."),
+    fault: str | None = typer.Option(None, "--fault", help="Inject kill|hang|nan|garbage|stale|late."),
+    fault_at: float = typer.Option(5.0, "--fault-at", min=0.0, help="When to inject the fault [s]."),
+    noise: float = typer.Option(0.0, "--noise", min=0.0, help="Sensor noise sigma (all sensors)."),
+    dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.9, help="Sensor frame dropout probability."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
+    record: bool = typer.Option(True, "--record/--no-record", help="Record MCAP segments into the spool."),
+    upload: bool = typer.Option(True, "--upload/--no-upload", help="Upload recorded segments afterwards."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Drive N vehicles in the simulator with the ONNX policy behind the safety supervisor."""
+    from driveloop.edge.agent import AgentConfig, FaultSpec
+    from driveloop.edge.scenarios import MIX, parse_scenario
+    from driveloop.edge.sensors import SensorConfig
+    from driveloop.edge.video import check_video_path
+    from driveloop.settings import load_settings
+
+    # Validate everything before anything is written.
+    if scenario != MIX:
+        parse_scenario(scenario)
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    fault_spec = FaultSpec(fault, at_s=fault_at) if fault else None
+    if video is not None:
+        check_video_path(video)
+    settings = load_settings()
+    artifact = resolve_model(settings.registry_dir, model)
+    config = AgentConfig(sensors=SensorConfig.uniform(noise, dropout))
+    from driveloop.edge.drive import DriveRequest, drive_fleet
+
+    request = DriveRequest(scenario=scenario, vehicles=vehicles, duration_s=duration, seed=seed,
+                           isolate=isolate, fault=fault_spec, device=device, record=record, video=video)
+    report = drive_fleet(request, artifact, config, spool_dir=settings.spool_dir, quota_bytes=SPOOL_QUOTA_BYTES,
+                         show_progress=not as_json)
+    summary: dict[str, Any] = report.summary()
+    summary.update(model=artifact.manifest.version, scenario=scenario, seed=seed)
+    if fault_spec is not None:
+        summary["faults"] = report.faults
+    if record and upload:
+        summary["upload"] = _upload(settings)
+    if as_json:
+        typer.echo(dumps(summary))
+    else:
+        _print_table(report, summary)
+
+
+def _upload(settings: Any) -> dict[str, Any]:
+    """Drain the spool to the configured cloud (embedded local cloud when none is configured)."""
+    try:
+        from driveloop.edge.upload_job import upload_spool
+    except ModuleNotFoundError:  # the uploader is optional at this layer
+        return {"skipped": "uploader not available"}
+    return upload_spool(settings)
+
+
+def _print_table(report: Any, summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"drive: {summary['scenario']} × {summary['vehicles']} (model v{summary['model']})")
+    for col in ("vehicle", "episodes", "km", "collisions", "interventions", "per hour", "min gap m"):
+        table.add_column(col, justify="right")
+    for v in report.vehicles:
+        table.add_row(v.vehicle_id, str(v.episodes), f"{v.distance_m / 1000:.2f}", str(v.collisions),
+                      str(v.interventions), f"{v.interventions_per_hour:.1f}", f"{v.min_gap_m:.1f}")
+    console = Console(file=sys.stdout)
+    console.print(table)
+    keys = ("ticks", "distance_km", "collisions", "interventions", "interventions_per_hour", "tick_ms_p50",
+            "tick_ms_p99", "segments")
+    console.print("  ".join(f"{k}={summary[k]}" for k in keys))

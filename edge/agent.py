@@ -1,0 +1,332 @@
+"""One vehicle's control loop: simulator → sensors → (model, owned by the fleet) → supervisor → actuators.
+
+The supervisor always sits between the model and the actuators: the simulator only ever receives a
+:class:`~driveloop.safety.Decision`'s command, never the model's raw output. Inference is not done
+here: the fleet batches every vehicle's observation into one call per tick (dynamic batching) and
+hands each agent its :class:`~driveloop.safety.ModelReply`.
+
+A vehicle drives consecutive *episodes* (scenario + seed) until the fleet's duration is spent; each
+episode is replayable from its (scenario, seed) and recorded into its own segments.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from driveloop.edge.contract import Observation
+from driveloop.edge.perception import forward_track
+from driveloop.edge.scenarios import parse_scenario
+from driveloop.edge.segment import TickRecord
+from driveloop.edge.sensors import SensorConfig, SensorSuite
+from driveloop.edge.sim import SimConfig, Simulator
+from driveloop.edge.world import WorldSnapshot, gap_m
+from driveloop.exceptions import ConfigError
+from driveloop.safety import Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs
+
+logger = logging.getLogger(__name__)
+
+MODEL_FAULTS = ("kill", "hang", "nan", "garbage", "late")
+SENSOR_FAULTS = ("stale",)
+FAULT_KINDS = MODEL_FAULTS + SENSOR_FAULTS
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """A fault injected at ``at_s`` into the drive, lasting ``duration_s`` (kill: one SIGKILL)."""
+
+    kind: str
+    at_s: float = 5.0
+    duration_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ConfigError(f"unknown fault {self.kind!r}; valid: {', '.join(FAULT_KINDS)}")
+        if not (math.isfinite(self.at_s) and self.at_s >= 0 and self.duration_s > 0):
+            raise ConfigError("fault time must be >= 0 and its duration > 0")
+
+    def active(self, now_s: float) -> bool:
+        return self.at_s - 1e-9 <= now_s < self.at_s + self.duration_s - 1e-9
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Per-vehicle loop settings; ``deadline_s`` is the inference budget inside the control period."""
+
+    sim: SimConfig = field(default_factory=SimConfig)
+    sensors: SensorConfig = field(default_factory=SensorConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    deadline_s: float = 0.05
+    model_enabled: bool = True  # False: fallback only (the model is treated as dead from the start)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.deadline_s <= self.sim.dt_s:
+            raise ConfigError(f"deadline_s must be in (0, {self.sim.dt_s}] s (the control period)")
+
+
+@dataclass
+class VehicleMetrics:
+    """What one vehicle did; summed into fleet metrics. Distances in m, times in s."""
+
+    vehicle_id: str
+    ticks: int = 0
+    driven_s: float = 0.0
+    distance_m: float = 0.0
+    set_distance_m: float = 0.0  # distance at the driver's set speed: the progress denominator
+    collisions: int = 0
+    interventions: int = 0  # fallback activations (model → fallback transitions)
+    fallback_ticks: int = 0
+    fcw: int = 0
+    aeb_ticks: int = 0
+    watchdog: dict[str, int] = field(default_factory=dict)
+    episodes: int = 0
+    episodes_by_kind: dict[str, int] = field(default_factory=dict)
+    interventions_by_kind: dict[str, int] = field(default_factory=dict)
+    collisions_by_kind: dict[str, int] = field(default_factory=dict)
+    min_gap_m: float = math.inf
+    abs_jerk_sum: float = 0.0
+    sense_s: float = 0.0
+    supervise_s: float = 0.0
+    sim_s: float = 0.0
+
+    @property
+    def interventions_per_hour(self) -> float:
+        return self.interventions / (self.driven_s / 3600.0) if self.driven_s > 0 else 0.0
+
+    @property
+    def progress(self) -> float:
+        return self.distance_m / self.set_distance_m if self.set_distance_m > 0 else 0.0
+
+    @property
+    def mean_abs_jerk_mps3(self) -> float:
+        return self.abs_jerk_sum / self.ticks if self.ticks else 0.0
+
+
+RecorderFactory = Callable[[str, str, int], object]  # (vehicle_id, scenario, seed) -> Recorder
+
+
+class VehicleAgent:
+    """One vehicle driving consecutive episodes; the fleet calls ``sense()`` then ``act(reply)`` per tick."""
+
+    def __init__(
+        self,
+        vehicle_id: str,
+        scenario: str,
+        seed: int,
+        config: AgentConfig | None = None,
+        recorder_factory: RecorderFactory | None = None,
+        fault: FaultSpec | None = None,
+        log_expert: bool = True,
+    ) -> None:
+        self.vehicle_id = vehicle_id
+        self.scenario_request = scenario  # a scenario name or "mix"
+        self.base_seed = int(seed)
+        self.config = config or AgentConfig()
+        self.recorder_factory = recorder_factory
+        self.fault = fault
+        self.log_expert = log_expert
+        self.metrics = VehicleMetrics(vehicle_id)
+        self.supervisor = Supervisor(self.config.supervisor)
+        self.t_s = 0.0  # vehicle clock across episodes
+        self.last_decision: Decision | None = None
+        self.fault_log: dict[str, float | None] = {"injected_at_s": None, "detected_at_s": None, "brake_at_s": None}
+        self._mix_rng = np.random.default_rng([self.base_seed, 7])
+        self._episode = -1
+        self._sim: Simulator | None = None
+        self._recorder = None
+        self.closed_segments: list[Path] = []
+        self._snap: WorldSnapshot | None = None
+        self._obs: Observation | None = None
+        self._sensor_stamp_s = 0.0
+        self._last_accel = 0.0
+        self.new_episode()
+
+    # -- episodes -----------------------------------------------------------------------------------
+    def _episode_seed(self) -> int:
+        return int(np.random.SeedSequence([self.base_seed, self._episode]).generate_state(1)[0])
+
+    def new_episode(self) -> None:
+        """Close the current episode (and its segments) and start the next (scenario, seed)."""
+        self.end_episode()
+        self._episode += 1
+        if self.scenario_request == "mix":
+            from driveloop.edge.scenarios import draw_mix
+
+            name = draw_mix(self._mix_rng)
+        else:
+            name = self.scenario_request
+        self.spec = parse_scenario(name)
+        self.seed = self.base_seed if self._episode == 0 else self._episode_seed()
+        if self._sim is not None:
+            self._sim.close()
+        self._sim = Simulator(self.spec, self.seed, self.config.sim)
+        self._snap = self._sim.reset()
+        self.sensors = SensorSuite(self.config.sensors, seed=self.seed)
+        self.supervisor.reset()
+        self._sensor_stamp_s = self.t_s
+        self._last_accel = self._snap.accel_mps2
+        self.metrics.episodes += 1
+        kind = self.spec.kind
+        self.metrics.episodes_by_kind[kind] = self.metrics.episodes_by_kind.get(kind, 0) + 1
+        if self.recorder_factory is not None:
+            self._recorder = self.recorder_factory(self.vehicle_id, self.spec.name, self.seed)
+        logger.debug("%s: episode %d %s seed=%d", self.vehicle_id, self._episode, self.spec.name, self.seed)
+
+    def end_episode(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
+            self.closed_segments.extend(self._recorder.closed)
+            self._recorder = None
+
+    def close(self) -> None:
+        self.end_episode()
+        if self._sim is not None:
+            self._sim.close()
+            self._sim = None
+
+    @property
+    def snapshot(self) -> WorldSnapshot:
+        assert self._snap is not None
+        return self._snap
+
+    def render(self) -> np.ndarray:
+        assert self._sim is not None
+        return self._sim.render()
+
+    # -- one tick -----------------------------------------------------------------------------------
+    def sense(self) -> Observation:
+        """Read the sensors for this tick (a stale-frame fault freezes them)."""
+        t0 = time.perf_counter()
+        frozen = self.fault is not None and self.fault.kind == "stale" and self.fault.active(self.t_s)
+        if frozen and self._obs is not None:
+            obs = self._obs  # the sensor stack stopped delivering: the last frame repeats
+        else:
+            frame = self.sensors.observe(self.snapshot)
+            obs = frame.observation
+            # The oldest sensor decides: the watchdog must see any input that stopped updating.
+            age_s = self.snapshot.t_s - min(frame.stamp_s.values())
+            self._sensor_stamp_s = self.t_s - age_s
+        self._obs = obs
+        self.metrics.sense_s += time.perf_counter() - t0
+        return obs
+
+    def act(self, reply: ModelReply | None, latency_ms: float = 0.0) -> Decision:
+        """Supervise the model's reply, actuate, record, and advance the simulator one period."""
+        snap, obs = self.snapshot, self._obs
+        assert obs is not None, "sense() must be called before act()"
+        t0 = time.perf_counter()
+        track = forward_track(obs)
+        kin = obs.kinematics
+        decision = self.supervisor.step(
+            SupervisorInputs(
+                now_s=self.t_s + self.config.deadline_s,  # the loop decides at the inference deadline
+                ego_speed_mps=float(kin[0]),
+                ego_accel_mps2=float(kin[1]),
+                lane_offset_m=float(kin[3]),
+                heading_rel_rad=float(kin[2]),
+                track=track,
+                sensor_stamp_s=self._sensor_stamp_s,
+                reply=reply,
+                model_enabled=self.config.model_enabled,
+            )
+        )
+        self.metrics.supervise_s += time.perf_counter() - t0
+        self.last_decision = decision
+        self._track_fault(decision)
+        self._record(snap, obs, reply, decision, latency_ms, track)
+        t1 = time.perf_counter()
+        nxt = self._sim.step(decision.accel_mps2, decision.steering_rad)  # type: ignore[union-attr]
+        self.metrics.sim_s += time.perf_counter() - t1
+        self._account(snap, nxt, decision)
+        self._snap = nxt
+        self.t_s = round(self.t_s + self.config.sim.dt_s, 9)
+        if nxt.crashed or self._sim.done:  # type: ignore[union-attr]
+            self.new_episode()
+        return decision
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def _track_fault(self, decision: Decision) -> None:
+        f = self.fault
+        if f is None or self.t_s < f.at_s - 1e-9:
+            return
+        log = self.fault_log
+        if log["injected_at_s"] is None:
+            log["injected_at_s"] = self.t_s
+        if log["detected_at_s"] is None and decision.watchdog is not None:
+            log["detected_at_s"] = self.t_s
+        if log["brake_at_s"] is None and decision.source == "fallback" and log["detected_at_s"] is not None:
+            log["brake_at_s"] = self.t_s
+
+    def _record(self, snap: WorldSnapshot, obs: Observation, reply: ModelReply | None, d: Decision,
+                latency_ms: float, track: object) -> None:
+        if self._recorder is None:
+            return
+        action = conf = None
+        valid = d.watchdog is None and reply is not None and reply.received_at_s is not None
+        if reply is not None and reply.received_at_s is not None:
+            try:
+                action = [float(x) for x in np.asarray(reply.action, dtype=np.float64).reshape(-1)[:2]]
+                conf = float(np.asarray(reply.confidence, dtype=np.float64).reshape(-1)[0])
+                if not (len(action) == 2 and all(math.isfinite(x) for x in action) and math.isfinite(conf)):
+                    action, conf = None, None
+            except (TypeError, ValueError, IndexError):
+                action, conf = None, None
+        sensor_ttc = d.parts.get("ttc_s")
+        expert = list(self._sim.expert_action()) if self.log_expert else None  # type: ignore[union-attr]
+        self._recorder.record(
+            TickRecord(
+                t_s=snap.t_s,
+                tick=self.metrics.ticks,
+                kinematics=obs.kinematics,
+                lidar=obs.lidar,
+                grid=obs.grid,
+                model_action=action,
+                model_confidence=conf,
+                model_latency_ms=float(latency_ms),
+                model_valid=bool(valid),
+                applied_accel_mps2=d.accel_mps2,
+                applied_steering_rad=d.steering_rad,
+                source=d.source,
+                fcw=d.fcw,
+                aeb=d.aeb,
+                watchdog=d.watchdog,
+                activation=d.activation,
+                reason=d.reason,
+                ttc_s=None if sensor_ttc is None or not math.isfinite(sensor_ttc) else float(sensor_ttc),
+                state=snap.to_dict(),
+                expert_action=expert,
+            )
+        )
+
+    def _account(self, before: WorldSnapshot, after: WorldSnapshot, d: Decision) -> None:
+        m, dt, kind = self.metrics, self.config.sim.dt_s, self.spec.kind
+        m.ticks += 1
+        m.driven_s += dt
+        m.distance_m += max(0.0, after.ego.x_m - before.ego.x_m)
+        m.set_distance_m += before.set_speed_mps * dt
+        if d.activation:
+            m.interventions += 1
+            m.interventions_by_kind[kind] = m.interventions_by_kind.get(kind, 0) + 1
+        if d.source == "fallback":
+            m.fallback_ticks += 1
+        if d.fcw:
+            m.fcw += 1
+        if d.aeb:
+            m.aeb_ticks += 1
+        if d.watchdog:
+            m.watchdog[d.watchdog] = m.watchdog.get(d.watchdog, 0) + 1
+        if after.crashed and not before.crashed:
+            m.collisions += 1
+            m.collisions_by_kind[kind] = m.collisions_by_kind.get(kind, 0) + 1
+            logger.warning("%s: collision in %s seed=%d at t=%.1f s", self.vehicle_id, self.spec.name, self.seed,
+                           after.t_s)
+        m.min_gap_m = min(m.min_gap_m, gap_m(after))
+        m.abs_jerk_sum += abs(after.accel_mps2 - self._last_accel) / dt
+        self._last_accel = after.accel_mps2
+

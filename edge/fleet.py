@@ -1,0 +1,283 @@
+"""The fleet runner: N vehicles stepped together, one batched inference call per model per tick.
+
+Dynamic batching: every tick the runner stacks the observations of all vehicles that run the same
+model into one batch and makes one call; each vehicle's slice of the reply then goes through that
+vehicle's own supervisor. Vehicles may run different models (an OTA canary cohort beside the rest),
+and any model may also run in *shadow* beside a group: its outputs are compared, never actuated.
+
+Timing: ``tick_ms`` is the fleet's per-tick cost of sensors + inference + supervisors (what must fit
+the 100 ms control period); the simulator's own step is measured apart (``sim_ms``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from driveloop.edge.agent import MODEL_FAULTS, AgentConfig, FaultSpec, RecorderFactory, VehicleAgent, VehicleMetrics
+from driveloop.edge.contract import stack
+from driveloop.exceptions import ConfigError, ModelError
+from driveloop.safety import ModelReply
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One inference call's outcome for a whole batch: arrays, or None when no reply came in time."""
+
+    actions: np.ndarray | None
+    confidences: np.ndarray | None
+    latency_s: float
+    alive: bool
+
+
+class InferenceClient(Protocol):
+    """How the fleet reaches a model: in-process ONNX Runtime or an isolated model process."""
+
+    def infer(self, batch: dict[str, np.ndarray], deadline_s: float) -> BatchResult: ...
+
+    def inject(self, kind: str, count: int | None = 1) -> None: ...
+
+
+class InProcessInference:
+    """A ModelRunner called in the loop's thread; a reply slower than the deadline counts as missed."""
+
+    def __init__(self, runner: object) -> None:
+        self.runner = runner
+
+    def infer(self, batch: dict[str, np.ndarray], deadline_s: float) -> BatchResult:
+        t0 = time.perf_counter()
+        try:
+            actions, conf = self.runner.run(batch)  # type: ignore[attr-defined]
+        except ModelError as e:
+            logger.debug("model call failed: %s", e)
+            return BatchResult(None, None, time.perf_counter() - t0, alive=False)
+        latency = time.perf_counter() - t0
+        if latency > deadline_s:
+            return BatchResult(None, None, latency, alive=True)
+        return BatchResult(actions, conf, latency, alive=True)
+
+    def inject(self, kind: str, count: int | None = 1) -> None:
+        inject = getattr(self.runner, "inject", None)
+        if inject is None:
+            raise ConfigError("fault injection needs a FaultyRunner or an isolated model process")
+        inject(kind, count)
+
+
+class IsolatedInference:
+    """An :class:`~driveloop.edge.isolated.IsolatedRuntime`: submit, then wait at most until the deadline."""
+
+    def __init__(self, runtime: object) -> None:
+        self.runtime = runtime
+
+    def infer(self, batch: dict[str, np.ndarray], deadline_s: float) -> BatchResult:
+        rt = self.runtime
+        t0 = time.perf_counter()
+        if not rt.submit(batch):  # type: ignore[attr-defined]
+            return BatchResult(None, None, 0.0, alive=bool(rt.alive))  # type: ignore[attr-defined]
+        reply = rt.poll(time.monotonic() + deadline_s)  # type: ignore[attr-defined]
+        latency = time.perf_counter() - t0
+        if reply is None:
+            return BatchResult(None, None, latency, alive=bool(rt.alive))  # type: ignore[attr-defined]
+        return BatchResult(reply.action, reply.confidence, latency, alive=True)
+
+    def inject(self, kind: str, count: int | None = 1) -> None:
+        self.runtime.inject(kind, count)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class VehiclePlan:
+    """Which vehicle drives what, with which model (a key of the fleet's inference clients)."""
+
+    vehicle_id: str
+    scenario: str
+    seed: int
+    model: str = "default"
+
+
+@dataclass
+class ShadowStats:
+    """Shadow model vs the actuating model on the same inputs (never actuated)."""
+
+    compared_ticks: int = 0
+    disagreements: int = 0  # |Δaccel| > 1 m/s² or |Δsteer| > 0.05 rad
+    abs_diff_sum: float = 0.0
+
+    @property
+    def mean_abs_diff(self) -> float:
+        return self.abs_diff_sum / self.compared_ticks if self.compared_ticks else 0.0
+
+
+@dataclass
+class FleetReport:
+    """Fleet outcome: per-vehicle metrics, sums, and the loop's tick timing."""
+
+    vehicles: list[VehicleMetrics]
+    tick_ms: list[float] = field(repr=False)
+    sim_ms: list[float] = field(repr=False)
+    segments: list[Path]
+    faults: dict[str, dict[str, float | None]]
+    shadow: dict[str, ShadowStats]
+    deadline_misses: int = 0
+    inference_ms: list[float] = field(default_factory=list, repr=False)
+
+    def _sum(self, name: str) -> float:
+        return float(sum(getattr(v, name) for v in self.vehicles))
+
+    @staticmethod
+    def _pct(values: Sequence[float], q: float) -> float:
+        return float(np.percentile(values, q)) if len(values) else 0.0
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Per scenario kind: episodes, interventions, collisions (for per-class gates)."""
+        out: dict[str, dict[str, float]] = {}
+        for v in self.vehicles:
+            for attr, key in (("episodes_by_kind", "episodes"), ("interventions_by_kind", "interventions"),
+                              ("collisions_by_kind", "collisions")):
+                for kind, n in getattr(v, attr).items():
+                    out.setdefault(kind, {"episodes": 0, "interventions": 0, "collisions": 0})[key] += n
+        return out
+
+    def summary(self) -> dict[str, object]:
+        driven_h = self._sum("driven_s") / 3600.0
+        interventions = int(self._sum("interventions"))
+        set_m = self._sum("set_distance_m")
+        ticks = int(self._sum("ticks"))
+        return {
+            "vehicles": len(self.vehicles),
+            "ticks": ticks,
+            "driven_s": round(self._sum("driven_s"), 3),
+            "distance_km": round(self._sum("distance_m") / 1000.0, 4),
+            "collisions": int(self._sum("collisions")),
+            "interventions": interventions,
+            "interventions_per_hour": round(interventions / driven_h, 3) if driven_h > 0 else 0.0,
+            "fallback_ticks": int(self._sum("fallback_ticks")),
+            "deadline_misses": self.deadline_misses,
+            "progress": round(self._sum("distance_m") / set_m, 4) if set_m > 0 else 0.0,
+            "mean_abs_jerk_mps3": round(self._sum("abs_jerk_sum") / ticks, 4) if ticks else 0.0,
+            "min_gap_m": round(min((v.min_gap_m for v in self.vehicles), default=math.inf), 3),
+            "tick_ms_p50": round(self._pct(self.tick_ms, 50), 4),
+            "tick_ms_p99": round(self._pct(self.tick_ms, 99), 4),
+            "inference_ms_p99": round(self._pct(self.inference_ms, 99), 4),
+            "sim_ms_p50": round(self._pct(self.sim_ms, 50), 4),
+            "segments": len(self.segments),
+            "by_kind": self.by_kind(),
+        }
+
+
+def _replies(result: BatchResult, n: int, now_s: float) -> list[ModelReply]:
+    if result.actions is None:
+        return [ModelReply(None, None, None, alive=result.alive)] * n
+    actions, conf = np.asarray(result.actions), np.asarray(result.confidences)
+    at = now_s + result.latency_s
+    if actions.ndim == 0 or actions.shape[0] != n or conf.ndim == 0 or conf.shape[0] != n:
+        return [ModelReply(actions, conf, at, alive=True)] * n  # wrong batch shape: the watchdog rejects it
+    return [ModelReply(actions[i], conf[i], at, alive=True) for i in range(n)]
+
+
+def _compare(stats: ShadowStats, main: BatchResult, shadow: BatchResult) -> None:
+    if main.actions is None or shadow.actions is None:
+        return
+    a, b = np.asarray(main.actions, dtype=np.float64), np.asarray(shadow.actions, dtype=np.float64)
+    if a.shape != b.shape or not np.isfinite(b).all():
+        stats.compared_ticks += len(a)
+        stats.disagreements += len(a)
+        return
+    diff = np.abs(a - b)
+    stats.compared_ticks += len(a)
+    stats.disagreements += int(((diff[:, 0] > 1.0) | (diff[:, 1] > 0.05)).sum())
+    stats.abs_diff_sum += float(diff[:, 0].sum())
+
+
+def run_fleet(
+    plans: Sequence[VehiclePlan],
+    clients: Mapping[str, InferenceClient],
+    duration_s: float,
+    config: AgentConfig | None = None,
+    recorder_factory: RecorderFactory | None = None,
+    fault: FaultSpec | None = None,
+    shadows: Mapping[str, InferenceClient] | None = None,
+    on_tick: Callable[[int, int, Sequence[VehicleAgent]], None] | None = None,
+) -> FleetReport:
+    """Drive every planned vehicle for ``duration_s`` of simulated time; returns the fleet's report.
+
+    ``shadows`` maps a model key to a client run beside it on the same batch (compared, not actuated).
+    ``on_tick(tick, total, agents)`` is called after each tick (progress bars, video frames).
+    """
+    config = config or AgentConfig()
+    if not plans:
+        raise ConfigError("a fleet needs at least one vehicle")
+    if duration_s <= 0 or not math.isfinite(duration_s):
+        raise ConfigError(f"duration must be > 0 s, got {duration_s}")
+    missing = {p.model for p in plans} - set(clients)
+    if config.model_enabled and missing:
+        raise ConfigError(f"no inference client for model(s) {sorted(missing)}")
+    agents = [VehicleAgent(p.vehicle_id, p.scenario, p.seed, config, recorder_factory, fault) for p in plans]
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(plans):
+        groups.setdefault(p.model, []).append(i)
+    shadows = shadows or {}
+    shadow_stats = {k: ShadowStats() for k in shadows}
+    dt = config.sim.dt_s
+    total = int(round(duration_s / dt))
+    tick_ms: list[float] = []
+    sim_ms: list[float] = []
+    inference_ms: list[float] = []
+    misses = 0
+    try:
+        for tick in range(total):
+            now = tick * dt
+            if fault is not None and fault.kind in MODEL_FAULTS and abs(now - fault.at_s) < dt / 2:
+                count = 1 if fault.kind == "kill" else max(1, int(round(fault.duration_s / dt)))
+                for client in clients.values():
+                    client.inject(fault.kind, count)
+                logger.warning("fault %s injected at t=%.1f s", fault.kind, now)
+            sense_before = [a.metrics.sense_s + a.metrics.supervise_s for a in agents]
+            sim_before = sum(a.metrics.sim_s for a in agents)
+            observations = [a.sense() for a in agents]
+            infer_s = 0.0
+            for key, idx in groups.items():
+                if not config.model_enabled:
+                    replies = [ModelReply(None, None, None, alive=False)] * len(idx)
+                else:
+                    batch = stack([observations[i] for i in idx])
+                    result = clients[key].infer(batch, config.deadline_s)
+                    infer_s += result.latency_s
+                    inference_ms.append(result.latency_s * 1e3)
+                    if result.actions is None:
+                        misses += 1
+                    if key in shadows:
+                        _compare(shadow_stats[key], result, shadows[key].infer(batch, config.deadline_s))
+                    replies = _replies(result, len(idx), now)
+                for i, reply in zip(idx, replies):
+                    agents[i].act(reply, latency_ms=infer_s * 1e3)
+            loop_s = sum(a.metrics.sense_s + a.metrics.supervise_s for a in agents) - sum(sense_before)
+            tick_ms.append((loop_s + infer_s) * 1e3)
+            sim_ms.append((sum(a.metrics.sim_s for a in agents) - sim_before) * 1e3)
+            if on_tick is not None:
+                on_tick(tick, total, agents)
+    finally:
+        for a in agents:
+            a.close()
+    segments: list[Path] = []
+    if recorder_factory is not None:
+        for a in agents:
+            segments.extend(a.closed_segments)
+    return FleetReport(
+        vehicles=[a.metrics for a in agents],
+        tick_ms=tick_ms,
+        sim_ms=sim_ms,
+        segments=segments,
+        faults={a.vehicle_id: dict(a.fault_log) for a in agents} if fault else {},
+        shadow=shadow_stats,
+        deadline_misses=misses,
+        inference_ms=inference_ms,
+    )
