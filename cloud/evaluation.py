@@ -181,3 +181,79 @@ def gate(
     result = GateResult(classes, b_iph, c_iph, reduction, suite_ok, reasons)
     logger.info("gate %s: iph %.2f -> %.2f; %s", "PASSED" if result.passed else "FAILED", b_iph, c_iph, reasons or "all checks ok")
     return result
+
+
+# ---------------------------------------------------------------- running the held-out suite (adapter)
+
+DEFAULT_SUITE: dict[str, tuple[str, ...]] = {
+    "highway": ("highway",),
+    "dense": ("dense",),
+    "cut-in": ("cut-in",),
+    "merge": ("merge",),
+    "ccrs": ("ccrs-30", "ccrs-50", "ccrs-70"),
+    "ccrm": ("ccrm-50", "ccrm-70"),
+    "ccrb": ("ccrb-12-6", "ccrb-40-2"),
+}
+
+
+@dataclass(frozen=True)
+class EvalSuite:
+    """The held-out suite: per class, concrete scenarios each driven by ``vehicles_per_scenario`` vehicles
+    for ``duration_s`` of simulated time, seeded from ``seed_base`` (>= HELDOUT_SEED_BASE)."""
+
+    classes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_SUITE))
+    vehicles_per_scenario: int = 1
+    duration_s: float = 30.0
+    seed_base: int = HELDOUT_SEED_BASE
+
+    def __post_init__(self) -> None:
+        if not self.classes or any(not names for names in self.classes.values()):
+            raise ConfigError("an evaluation suite needs at least one class, each with a scenario")
+        unknown = set(self.classes) - set(SCENARIO_CLASSES)
+        if unknown:
+            raise ConfigError(f"unknown scenario classes {sorted(unknown)}; valid: {', '.join(SCENARIO_CLASSES)}")
+        if self.vehicles_per_scenario < 1 or not self.duration_s > 0:
+            raise ConfigError("suite vehicles_per_scenario must be >= 1 and duration_s > 0")
+        if self.seed_base < HELDOUT_SEED_BASE:
+            raise ConfigError(f"held-out seeds must start at >= {HELDOUT_SEED_BASE} (disjoint from training and fleet)")
+
+    def seeds(self, cls: str) -> list[tuple[str, int]]:
+        """(scenario, seed) per vehicle of class ``cls``; the same for every model evaluated."""
+        offset = SCENARIO_CLASSES.index(cls) * 10_000
+        return [
+            (name, self.seed_base + offset + 100 * j + i)
+            for j, name in enumerate(self.classes[cls])
+            for i in range(self.vehicles_per_scenario)
+        ]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"classes": {k: list(v) for k, v in self.classes.items()}, "vehicles_per_scenario": self.vehicles_per_scenario,
+                "duration_s": self.duration_s, "seed_base": self.seed_base}
+
+
+def evaluate_model(onnx_path: object, manifest: object, suite: EvalSuite, on_class: object = None) -> dict[str, ClassMetrics]:
+    """Drive ``suite`` in closed loop (full safety supervisor) with the given ONNX model; metrics per class.
+
+    ``on_class(name)`` (optional) is called after each class, for progress displays.
+    """
+    from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
+    from driveloop.edge.runtime import ModelRuntime
+
+    runtime = ModelRuntime(onnx_path, manifest, device="cpu")  # type: ignore[arg-type]
+    out: dict[str, ClassMetrics] = {}
+    for cls in suite.classes:
+        plans = [VehiclePlan(f"eval-{cls}-{i}", name, seed) for i, (name, seed) in enumerate(suite.seeds(cls))]
+        report = run_fleet(plans, {"default": InProcessInference(runtime)}, duration_s=suite.duration_s)
+        s = report.summary()
+        out[cls] = ClassMetrics(
+            episodes=max(1, sum(v.episodes for v in report.vehicles)),
+            hours=float(s["driven_s"]) / 3600.0,  # type: ignore[arg-type]
+            collisions=int(s["collisions"]),  # type: ignore[call-overload]
+            interventions=int(s["interventions"]),  # type: ignore[call-overload]
+            progress=float(s["progress"]),  # type: ignore[arg-type]
+            jerk_mps3=float(s["mean_abs_jerk_mps3"]),  # type: ignore[arg-type]
+        )
+        logger.info("eval %s v%s: %s", cls, getattr(manifest, "version", "?"), out[cls].as_dict())
+        if callable(on_class):
+            on_class(cls)
+    return out
