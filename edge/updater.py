@@ -236,8 +236,6 @@ class VehicleUpdater:
             return self.state().inactive  # switch-back offer: already installed and verified
         if self._tuf is None:
             raise OtaError("download_and_install needs the Offer from check() of this updater")
-        state, name = _slots.begin_install(self.state(), offer.version, offer.sha256, offer.release_seq)
-        state = self._save(state)
         dl = self.dir / "downloads"
         model_dl = dl / f"{offer.sha256}.{MODEL_FILE}"
         manifest_dl = dl / f"{offer.sha256}.{MANIFEST_FILE}"
@@ -250,6 +248,9 @@ class VehicleUpdater:
             raise IntegrityError(f"release {offer.version}: manifest is not JSON ({e})") from e
         if manifest.get("sha256") != offer.sha256 or str(manifest.get("version")) != offer.version:
             raise IntegrityError(f"release {offer.version}: manifest sha256/version disagree with the signed target")
+        # Only verified bytes claim the inactive slot: a rejected download leaves the state untouched.
+        state, name = _slots.begin_install(self.state(), offer.version, offer.sha256, offer.release_seq)
+        state = self._save(state)
         slot_dir = self.dir / "slots" / name
         self.files.copy_atomic(model_dl, slot_dir / MODEL_FILE)
         self.files.copy_atomic(manifest_dl, slot_dir / MANIFEST_FILE)
