@@ -18,3 +18,12 @@ def __getattr__(name: str) -> object:
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY_RUNTIME_API[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# Recording: segment contract, recorder, triggers, spool (same lazy lookup as above).
+_LAZY_RECORDING_API = {
+    "TickRecord": "segment", "SegmentInfo": "segment", "validate_segment": "segment", "read_ticks": "segment",
+    "scan_directory": "segment", "Recorder": "recorder", "Spool": "spool", "SpoolEntry": "spool",
+    "TriggerSpec": "triggers", "TriggerEngine": "triggers", "compile_condition": "triggers",
+}
+_LAZY_RUNTIME_API.update(_LAZY_RECORDING_API)
+__all__ += list(_LAZY_RECORDING_API)
