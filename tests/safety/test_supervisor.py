@@ -1,0 +1,285 @@
+"""Supervisor: arbitration, detection latency, hand-back hysteresis, logging and replay."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from driveloop.exceptions import SafetyError
+from driveloop.safety import (
+    Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs, SupervisorState, TrackData, step,
+)
+
+from ._harness import Case, blind_model, run
+
+CFG = SupervisorConfig()
+DT = 0.1
+GOOD = np.array([1.5, 0.02], np.float32)
+CONF = np.array([0.9], np.float32)
+
+
+def tick(i: int, reply: object = "good", track: object = None, enabled: bool = True, speed: float = 20.0,
+         stamp_age: float = 0.0, accel: float = 0.0) -> SupervisorInputs:
+    now = round(i * DT, 10)
+    if reply == "good":
+        reply = ModelReply(GOOD, CONF, now)
+    return SupervisorInputs(now_s=now, ego_speed_mps=speed, ego_accel_mps2=accel, lane_offset_m=0.5,
+                            heading_rel_rad=0.0, track=track, sensor_stamp_s=now - stamp_age,
+                            reply=reply, model_enabled=enabled)  # type: ignore[arg-type]
+
+
+def faulty(kind: str, i: int) -> dict[str, object]:
+    now = round(i * DT, 10)
+    return {
+        "dead": {"reply": ModelReply(None, None, None, alive=False)},
+        "deadline": {"reply": ModelReply(None, None, None)},
+        "nan": {"reply": ModelReply(np.array([np.nan, 0.0], np.float32), CONF, now)},
+        "range": {"reply": ModelReply(np.array([1e9, 0.0], np.float32), CONF, now)},
+        "shape": {"reply": ModelReply(np.zeros(5, np.float32), CONF, now)},
+        "stale": {"stamp_age": 0.5},
+    }[kind]
+
+
+def drive(sup: Supervisor, first: int, last: int, **kw: object) -> list[Decision]:
+    return [sup.step(tick(i, **kw)) for i in range(first, last)]  # type: ignore[arg-type]
+
+
+def test_valid_model_drives_within_limits() -> None:
+    sup = Supervisor()
+    decisions = drive(sup, 0, 10)
+    assert all(d.source == "model" and not d.activation and d.watchdog is None for d in decisions)
+    assert [round(d.accel_mps2, 6) for d in decisions[:4]] == [0.5, 1.0, 1.5, 1.5]  # jerk-limited ramp
+    assert decisions[0].steering_rad == pytest.approx(0.02)
+    assert decisions[0].reason is None and decisions[0].parts["dt_s"] == pytest.approx(DT)
+    assert "ttc_s" not in decisions[0].parts  # no track, no AEB parts
+
+
+def test_first_tick_ramps_from_the_measured_acceleration() -> None:
+    assert Supervisor().step(tick(0, accel=1.2)).accel_mps2 == pytest.approx(1.5)
+    assert Supervisor().step(tick(0, accel=-2.0)).accel_mps2 == pytest.approx(-1.5)
+
+
+@pytest.mark.parametrize("kind", ["dead", "deadline", "nan", "range", "shape", "stale"])
+def test_fault_detected_and_braking_on_the_same_tick(kind: str) -> None:
+    sup = Supervisor()
+    drive(sup, 0, 10)
+    d = sup.step(tick(10, **faulty(kind, 10)))  # type: ignore[arg-type]
+    assert d.watchdog == kind and d.source == "fallback" and d.activation
+    assert d.reason is not None and d.reason.startswith(f"watchdog {kind}")
+    assert d.accel_mps2 < 0.0  # the brake goes out on the detection tick (emergency jerk from +1.5)
+    assert d.accel_mps2 == pytest.approx(max(1.5 - 5.0, -3.0))
+    later = sup.step(tick(11, **faulty(kind, 11)))  # type: ignore[arg-type]
+    assert later.source == "fallback" and not later.activation and later.watchdog == kind
+    assert later.accel_mps2 == pytest.approx(-3.0)
+    assert later.steering_rad < 0.0  # holds the lane: 0.5 m left of centre steers right
+
+
+def test_hand_back_needs_hold_time_and_valid_streak() -> None:
+    sup = Supervisor()
+    drive(sup, 0, 5)
+    drive(sup, 5, 8, reply=None)  # three missed deadlines
+    after = drive(sup, 8, 30)
+    first_model = next(i for i, d in enumerate(after, start=8) if d.source == "model")
+    # hazard clear from t=0.8 s; hold 1.0 s -> t=1.8 s (tick 18), streak 11 >= 5
+    assert first_model == 18
+    assert all(d.reason == "hand-back pending" for d in after[: first_model - 8])
+    assert after[0].watchdog is None and not after[0].activation
+
+
+@pytest.mark.parametrize(("hold_s", "valid_ticks", "expected_tick"), [
+    (0.0, 1, 8), (0.0, 3, 10), (0.5, 1, 13), (0.5, 8, 15), (1.0, 5, 18), (1.0, 15, 22), (2.0, 1, 28),
+])
+def test_hand_back_sweep(hold_s: float, valid_ticks: int, expected_tick: int) -> None:
+    sup = Supervisor(SupervisorConfig(handback_hold_s=hold_s, handback_valid_ticks=valid_ticks))
+    drive(sup, 0, 5)
+    drive(sup, 5, 8, reply=None)
+    after = drive(sup, 8, 40)
+    assert next(i for i, d in enumerate(after, start=8) if d.source == "model") == expected_tick
+
+
+def test_a_fault_during_hand_back_restarts_the_hold() -> None:
+    sup = Supervisor()
+    drive(sup, 0, 5, reply=None)
+    drive(sup, 5, 12)
+    d = sup.step(tick(12, reply=None))
+    assert d.source == "fallback" and not d.activation  # still in fallback: not a new activation
+    after = drive(sup, 13, 40)
+    assert next(i for i, d in enumerate(after, start=13) if d.source == "model") == 23
+
+
+def test_hand_back_ramps_with_the_comfort_jerk() -> None:
+    sup = Supervisor()
+    drive(sup, 0, 5, reply=None)
+    decisions = drive(sup, 5, 40)
+    accels = [d.accel_mps2 for d in decisions]
+    assert max(b - a for a, b in zip(accels, accels[1:])) <= 0.5 + 1e-9
+    assert decisions[-1].source == "model" and decisions[-1].accel_mps2 == pytest.approx(1.5)
+
+
+def test_model_disabled_means_fallback_from_the_first_tick() -> None:
+    sup = Supervisor()
+    decisions = drive(sup, 0, 30, enabled=False)
+    assert decisions[0].activation and decisions[0].reason == "model disabled"
+    assert all(d.source == "fallback" and d.watchdog is None for d in decisions)
+    assert sum(d.activation for d in decisions) == 1
+    assert decisions[-1].parts["fallback_s"] == pytest.approx(2.9)
+    assert decisions[0].parts["valid_streak"] == 0.0
+
+
+def test_aeb_takes_over_from_a_valid_model_and_hands_back_when_clear() -> None:
+    sup = Supervisor()
+    drive(sup, 0, 5)
+    lead = TrackData(gap_m=20.0, closing_speed_mps=15.0, lead_speed_mps=5.0)
+    d = sup.step(tick(5, track=lead))
+    assert d.aeb and d.fcw and d.activation and d.source == "fallback" and d.watchdog is None
+    assert d.reason is not None and d.reason.startswith("aeb full")
+    assert d.accel_mps2 == pytest.approx(1.5 - 5.0)  # emergency jerk towards full braking
+    assert sup.step(tick(6, track=lead)).accel_mps2 == pytest.approx(-8.0)
+    for key in ("ttc_s", "rss_safe_gap_m", "required_decel_mps2", "lead_decel_mps2", "gap_m"):
+        assert key in d.parts
+    assert d.parts["aeb_decel_mps2"] == pytest.approx(8.0)
+    after = drive(sup, 7, 30)  # the lead turned off: no track
+    assert next(i for i, x in enumerate(after, start=7) if x.source == "model") == 17
+
+
+def test_fcw_alone_warns_but_leaves_the_model_in_command() -> None:
+    sup = Supervisor()
+    # 20 m/s towards a stationary lead at 90 m: required decel 2.5 m/s^2 now, 3.3 a second from now
+    d = sup.step(tick(0, track=TrackData(90.0, 20.0, 0.0)))
+    assert d.fcw and not d.aeb and d.source == "model" and d.reason == "fcw"
+
+
+def test_lead_history_restarts_on_a_new_object_and_when_lost() -> None:
+    sup = Supervisor()
+    for i in range(8):  # a lead 40 m ahead braking at 4 m/s^2, ego steady at 20 m/s
+        lead_v = 20.0 - 4.0 * DT * i
+        d = sup.step(tick(i, track=TrackData(40.0, 20.0 - lead_v, lead_v)))
+    assert d.parts["lead_decel_mps2"] == pytest.approx(4.0)
+    jumped = sup.step(tick(8, track=TrackData(15.0, 0.0, 20.0)))  # a cut-in: a different object
+    assert jumped.parts["lead_decel_mps2"] == 0.0
+    assert len(sup.state.lead_history) == 1
+    sup.step(tick(9))
+    assert sup.state.lead_history == ()
+
+
+def test_history_keeps_the_window_and_follows_a_steady_gap() -> None:
+    sup = Supervisor()
+    for i in range(12):
+        sup.step(tick(i, track=TrackData(40.0 - 0.5 * i, 5.0, 15.0)))
+    assert len(sup.state.lead_history) == CFG.aeb.lead_decel_window_ticks
+    assert sup.state.lead_history[-1] == (pytest.approx(1.1), 15.0)
+
+
+def test_gap_jump_threshold_allows_closing_motion() -> None:
+    cfg = SupervisorConfig(aeb=dataclasses.replace(CFG.aeb, track_jump_m=1.0))
+    sup = Supervisor(cfg)
+    sup.step(tick(0, track=TrackData(60.0, 20.0, 10.0)))
+    sup.step(tick(1, track=TrackData(57.1, 20.0, 10.0)))  # moved 2.9 m <= 20 * 0.1 + 1.0
+    assert len(sup.state.lead_history) == 2
+    sup.step(tick(2, track=TrackData(54.0, 20.0, 10.0)))  # moved 3.1 m > 3.0
+    assert len(sup.state.lead_history) == 1
+
+
+@pytest.mark.parametrize("bad", [
+    {"now_s": math.nan}, {"ego_speed_mps": math.inf}, {"ego_accel_mps2": "1"}, {"lane_offset_m": None},
+    {"heading_rel_rad": True}, {"sensor_stamp_s": -math.inf},
+    {"track": TrackData(math.nan, 0.0, 0.0)}, {"track": TrackData(10.0, math.inf, 0.0)},
+    {"track": object()}, {"reply": "not a reply"},
+])
+def test_bad_inputs_raise_safety_error(bad: dict[str, object]) -> None:
+    base = dict(now_s=0.0, ego_speed_mps=10.0, ego_accel_mps2=0.0, lane_offset_m=0.0, heading_rel_rad=0.0,
+                track=None, sensor_stamp_s=0.0, reply=None)
+    with pytest.raises(SafetyError):
+        SupervisorInputs(**{**base, **bad})  # type: ignore[arg-type]
+
+
+def test_any_object_with_track_attributes_is_a_track() -> None:
+    class EdgeTrack:
+        gap_m = 10.0
+        closing_speed_mps = 10.0
+        lead_speed_mps = 0.0
+
+    d = Supervisor().step(tick(0, track=EdgeTrack()))
+    assert d.aeb and d.parts["gap_m"] == 10.0
+
+
+@pytest.mark.parametrize("now", [0.3, 0.2])
+def test_clock_must_advance(now: float) -> None:
+    sup = Supervisor()
+    sup.step(tick(3))
+    with pytest.raises(SafetyError, match="clock"):
+        sup.step(dataclasses.replace(tick(3), now_s=now, sensor_stamp_s=now))
+
+
+def test_reset_forgets_everything() -> None:
+    sup = Supervisor()
+    drive(sup, 0, 5, reply=None)
+    sup.reset()
+    assert sup.state == SupervisorState()
+    d = sup.step(tick(0))
+    assert d.source == "model" and d.accel_mps2 == pytest.approx(0.5)
+
+
+def test_step_is_pure() -> None:
+    state = SupervisorState()
+    inputs = tick(0, track=TrackData(30.0, 10.0, 10.0))
+    assert step(state, inputs, CFG) == step(state, inputs, CFG)
+    assert state == SupervisorState()
+
+
+def test_activation_and_hand_back_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    sup = Supervisor()
+    with caplog.at_level(logging.INFO, logger="driveloop.safety"):
+        drive(sup, 0, 3)
+        drive(sup, 3, 5, reply=None)
+        drive(sup, 5, 30)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "t=0.300 s" in warnings[0].getMessage() and "watchdog deadline" in warnings[0].getMessage()
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos == ["hand-back to the model at t=1.500 s after 1.20 s of fallback"]
+
+
+# Replay: record a drive's inputs to a file, replay them through a fresh supervisor, get the same decisions.
+def _encode(value: object) -> object:
+    if isinstance(value, np.ndarray):
+        return {"ndarray": value.tolist(), "dtype": str(value.dtype)}
+    if dataclasses.is_dataclass(value):
+        return {"type": type(value).__name__, **{f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    return value
+
+
+def _decode(value: object) -> object:
+    if isinstance(value, dict):
+        if "ndarray" in value:
+            return np.array(value["ndarray"], dtype=value["dtype"])
+        kind = {"SupervisorInputs": SupervisorInputs, "ModelReply": ModelReply, "TrackData": TrackData}[value["type"]]
+        return kind(**{k: _decode(v) for k, v in value.items() if k != "type"})
+    return value
+
+
+def test_replay_of_a_recorded_drive_reproduces_every_decision(tmp_path: Path) -> None:
+    def flaky(now: float, ego: float, gap: float | None, lead: float | None) -> ModelReply:
+        if 1.0 <= now < 1.35:
+            return ModelReply(np.array([np.nan, 0.0], np.float32), CONF, now)
+        return blind_model(now, ego, gap, lead)
+
+    case = Case("ccrm-60-replay", 60 / 3.6, 20 / 3.6, 50.0, duration_s=12.0)
+    recorded = run(case, flaky, noise_sigma=0.5, seed=7, keep=True)
+    assert not recorded.collision and any(d.aeb for d in recorded.decisions)
+    assert any(d.watchdog == "nan" for d in recorded.decisions)
+    path = tmp_path / "drive.jsonl"
+    path.write_text("\n".join(json.dumps(_encode(i)) for i in recorded.inputs))
+
+    replayed_inputs = [_decode(json.loads(line)) for line in path.read_text().splitlines()]
+    state, replayed = SupervisorState(), []
+    for inputs in replayed_inputs:
+        state, decision = step(state, inputs, CFG)  # type: ignore[arg-type]
+        replayed.append(decision)
+    assert replayed == recorded.decisions
