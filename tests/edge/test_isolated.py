@@ -67,9 +67,10 @@ def test_child_process_serves_the_same_outputs_as_in_process(iso: IsolatedRuntim
 def test_sigkill_mid_run_is_survived_and_restarted(iso: IsolatedRuntime) -> None:
     batch = _batch(4)
     old_pid, restarts = iso.pid, iso.restarts
+    iso.inject("late")  # keeps the next request in the child for late_delay_s…
     now = time.monotonic()
     assert iso.submit(batch, now)
-    iso.inject("kill")  # the request is in flight when the process dies
+    iso.inject("kill")  # …so it is surely in flight when the process dies
     assert iso.poll(now + _LONG_S) is None  # the next tick learns it: EOF, not a timeout
     assert not iso.alive and iso.state == "waiting"
     with pytest.raises(OSError):
