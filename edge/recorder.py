@@ -112,6 +112,7 @@ class Recorder:
         if self._done:
             raise SegmentError(f"recorder for {self.vehicle_id} is closed")
         seg = self._seg
+        payloads = encode_tick(tick)  # first: a bad tick must change nothing (no rollover, no trigger state)
         if seg is not None and tick.t_s <= seg.last_t_s:
             raise SegmentError(f"tick {tick.tick}: t_s={tick.t_s} does not advance (last {seg.last_t_s})")
         if seg is not None and tick.t_s - seg.start_s >= self.segment_max_s - _TIME_EPS_S:
@@ -122,7 +123,7 @@ class Recorder:
         events = self.triggers.evaluate(tick.signals(), tick.t_s)
         log_ns = max(0, int(round(tick.t_s * 1e9)))
         try:
-            for topic, payload in encode_tick(tick).items():
+            for topic, payload in payloads.items():
                 seg.writer.add_message(seg.channels[topic], log_ns, payload, log_ns)
             for ev in events:
                 body = {"tick": int(tick.tick), "t_s": float(tick.t_s), "trigger": ev.trigger,

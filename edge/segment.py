@@ -9,8 +9,9 @@ Each message holds ``tick`` and ``t_s`` (simulation time; the MCAP log_time is `
 Encoding rules (why: keep a 20 s segment small while replaying the model's inputs exactly):
 - ``kinematics`` and ``lidar`` are stored losslessly (every float32 value round-trips bit-exact).
 - ``grid`` is compact and lossy: occupancy (channel 0, in [0, 1]) is quantised to uint8
-  (``round(x * 255)``, error <= 0.002), relative speed (channel 1) is rounded to 0.01 m/s; both are
-  flattened row-major to ``GRID_H * GRID_W`` numbers.
+  (``round(x * 255)``, error <= 0.002), relative speed (channel 1) to integer cm/s (error <= 0.005
+  m/s; NaN -> null); both are flattened row-major to ``GRID_H * GRID_W`` integers (integers encode
+  and decode several times faster than floats in JSON, and the grid is most of a tick's bytes).
 - Non-finite floats are written as JSON ``null`` (strict JSON) and read back as NaN; "nothing"
   (no model output, no TTC target, no watchdog fault) is also ``null`` and reads back as None.
 
@@ -65,7 +66,7 @@ TOPICS = (TOPIC_KINEMATICS, TOPIC_LIDAR, TOPIC_GRID, TOPIC_MODEL, TOPIC_APPLIED,
 
 GRID_CELLS = GRID_H * GRID_W
 OCCUPANCY_LEVELS = 255
-SPEED_DECIMALS = 2
+SPEED_STEPS_PER_MPS = 100  # cm/s
 
 _NUM = {"type": ["number", "null"]}
 _STR = {"type": ["string", "null"]}
@@ -95,7 +96,8 @@ SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
     TOPIC_GRID: ("driveloop.Grid.v1", _schema("BEV occupancy grid, row-major [H, W]", {
         "occupancy_u8": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255},
                          "minItems": GRID_CELLS, "maxItems": GRID_CELLS},
-        "rel_speed_mps": _floats(GRID_CELLS)})),
+        "rel_speed_cmps": {"type": "array", "items": {"type": ["integer", "null"]},
+                           "minItems": GRID_CELLS, "maxItems": GRID_CELLS}})),
     TOPIC_MODEL: ("driveloop.ModelOutput.v1", _schema("Raw policy output before the safety layer", {
         "action": {"type": ["array", "null"], "items": _NUM, "minItems": 2, "maxItems": 2},
         "confidence": _NUM, "latency_ms": _NUM, "valid": {"type": "boolean"}})),
@@ -131,6 +133,14 @@ def _float_list(a: np.ndarray) -> list[float | None]:
     if np.isfinite(flat).all():
         return flat.tolist()
     return [v if math.isfinite(v) else None for v in flat.tolist()]
+
+
+def _int_list(a: np.ndarray) -> list[int | None]:
+    """Float array -> rounded JSON integers (row-major); non-finite -> null."""
+    flat = np.asarray(a, dtype=np.float64).ravel()
+    finite = np.isfinite(flat)
+    ints = np.rint(np.where(finite, flat, 0.0)).astype(np.int64).tolist()
+    return ints if finite.all() else [v if ok else None for v, ok in zip(ints, finite.tolist())]
 
 
 def _array(values: list[Any], shape: tuple[int, ...]) -> np.ndarray:
@@ -225,7 +235,7 @@ def encode_tick(rec: TickRecord) -> dict[str, bytes]:
         TOPIC_KINEMATICS: {**head, "kinematics": _float_list(rec.kinematics)},
         TOPIC_LIDAR: {**head, "distance_m": _float_list(lidar[0]), "closing_speed_mps": _float_list(lidar[1])},
         TOPIC_GRID: {**head, "occupancy_u8": occ.ravel().tolist(),
-                     "rel_speed_mps": _float_list(np.round(grid[1].astype(np.float64), SPEED_DECIMALS))},
+                     "rel_speed_cmps": _int_list(grid[1] * SPEED_STEPS_PER_MPS)},
         TOPIC_MODEL: {**head, "action": None if rec.model_action is None else [_opt(v) for v in rec.model_action],
                       "confidence": _opt(rec.model_confidence), "latency_ms": _opt(rec.model_latency_ms),
                       "valid": bool(rec.model_valid)},
@@ -246,7 +256,8 @@ def decode_tick(msgs: dict[str, dict[str, Any]]) -> TickRecord:
     kin, lid, grd = msgs[TOPIC_KINEMATICS], msgs[TOPIC_LIDAR], msgs[TOPIC_GRID]
     mdl, app, st = msgs[TOPIC_MODEL], msgs[TOPIC_APPLIED], msgs[TOPIC_STATE]
     occ = np.asarray(grd["occupancy_u8"], dtype=np.float32) / OCCUPANCY_LEVELS
-    grid = np.stack([occ.reshape(GRID_H, GRID_W), _array(grd["rel_speed_mps"], (GRID_H, GRID_W))])
+    speed = _array(grd["rel_speed_cmps"], (GRID_H, GRID_W)) / SPEED_STEPS_PER_MPS
+    grid = np.stack([occ.reshape(GRID_H, GRID_W), speed])
     action = mdl["action"]
     return TickRecord(
         t_s=float(kin["t_s"]), tick=int(kin["tick"]),

@@ -16,7 +16,9 @@ import pytest
 from mcap.reader import make_reader
 
 from driveloop.edge.recorder import Recorder
-from driveloop.edge.segment import PART_SUFFIX, TICK_TOPICS, TOPIC_EVENT, read_ticks, scan_directory, validate_segment
+from driveloop.edge.segment import (
+    PART_SUFFIX, TICK_TOPICS, TOPIC_EVENT, TickRecord, read_ticks, scan_directory, validate_segment,
+)
 from driveloop.edge.spool import Spool
 from driveloop.edge.triggers import TriggerSpec
 from driveloop.exceptions import ConfigError, SegmentError
@@ -130,6 +132,9 @@ def test_recorder_errors(tmp_path: Path) -> None:
         Recorder(spool, "car", "s", 0, "1", triggers=[TriggerSpec("x", "nonexistent > 1")])
     rec = Recorder(spool, "car", "s", 0, "1")
     t = make_tick(3, np.random.default_rng(0))
+    with pytest.raises(SegmentError, match="JSON-safe"):
+        rec.record(TickRecord(**{**t.__dict__, "state": {"obj": object()}}))
+    assert rec._seg is None and list(spool.open_dir.iterdir()) == []  # a bad tick changes nothing
     rec.record(t)
     with pytest.raises(SegmentError, match="does not advance"):
         rec.record(t)

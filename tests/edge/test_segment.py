@@ -95,12 +95,14 @@ def test_non_finite_values_become_nan(tmp_path: Path) -> None:
     t = make_tick(0, rng)
     t.kinematics[3] = np.nan
     t.lidar[0, 0] = np.inf
+    t.grid[1, 2, 3] = np.nan
     from driveloop.edge.recorder import Recorder
 
     with Recorder(Spool(tmp_path, 10**9), "v", "s", 0, "1") as rec:
         rec.record(TickRecord(**{**t.__dict__, "model_confidence": math.nan, "ttc_s": math.inf}))
     back = next(read_ticks(rec.closed[0]))
-    assert math.isnan(back.kinematics[3]) and math.isnan(back.lidar[0, 0])
+    assert math.isnan(back.kinematics[3]) and math.isnan(back.lidar[0, 0]) and math.isnan(back.grid[1, 2, 3])
+    assert np.isfinite(np.delete(back.grid.ravel(), 1 * 512 + 2 * 32 + 3)).all()
     assert back.model_confidence is None and back.ttc_s is None
 
 
