@@ -20,13 +20,13 @@ from driveloop.exceptions import AuthError, ConfigError
 
 logger = logging.getLogger(__name__)
 
-VEHICLE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VEHICLE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # the spool's rule; secrets never contain "."
 _SECRET_BYTES = 32
 _SEP = "."
 
 
 def validate_vehicle_id(vehicle_id: str) -> str:
-    """Vehicle ids go into tokens, file names and SQL: letters, digits, ``_`` and ``-`` only."""
+    """Vehicle ids go into tokens, file names and SQL: letters, digits, ``_``, ``.`` and ``-`` only."""
     if not isinstance(vehicle_id, str) or not VEHICLE_ID_RE.match(vehicle_id):
         raise ConfigError(f"vehicle id must match {VEHICLE_ID_RE.pattern}, got {vehicle_id!r}")
     return vehicle_id

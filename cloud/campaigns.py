@@ -155,13 +155,16 @@ def spec_from_json(payload: object) -> CampaignSpec:
 
 
 def to_wire(campaign: Campaign) -> dict[str, Any]:
-    """The JSON a vehicle receives from ``GET /v1/campaigns``."""
+    """The JSON a vehicle receives from ``GET /v1/campaigns``: the campaign, plus under ``trigger``
+    the recorder TriggerSpec's fields derived from it (the vehicle rebuilds and re-checks it)."""
+    trigger = to_trigger_spec(campaign)
     return {
         "id": campaign.id,
         "state": campaign.state,
         "created_at_s": campaign.created_at_s,
         "approved_at_s": campaign.approved_at_s,
         **asdict(campaign.spec),
+        "trigger": {f.name: getattr(trigger, f.name) for f in fields(trigger) if f.init},
     }
 
 
@@ -170,6 +173,7 @@ def from_wire(payload: object) -> Campaign:
     if not isinstance(payload, Mapping):
         raise ConfigError("a campaign must be a JSON object")
     data = dict(payload)
+    data.pop("trigger", None)  # derived from the spec; rebuilt by to_trigger_spec, never trusted
     try:
         head = {k: data.pop(k) for k in ("id", "state", "created_at_s", "approved_at_s")}
     except KeyError as e:

@@ -1,0 +1,217 @@
+"""The ingest server (``driveloop cloud serve``): FastAPI over the shared IngestService.
+
+Endpoints (all JSON; vehicle endpoints need ``Authorization: Bearer <vehicle token>``):
+- ``POST /v1/uploads`` {sha256, size, name} → upload status (``exists`` when already cataloged)
+- ``PATCH /v1/uploads/{id}`` with ``Upload-Offset`` and a chunk body → new status; the last byte
+  returns ``{state: done, cataloged: true}``; a wrong offset → 409 with the server's ``Upload-Offset``
+- ``HEAD``/``GET /v1/uploads/{id}`` → the server's offset (header and body)
+- ``GET /v1/campaigns`` → approved, unexpired campaigns for vehicles
+- admin (``Bearer <admin token>``): ``POST /v1/campaigns``, ``POST /v1/campaigns/{id}/approve``
+Errors map from the error tree: AuthError → 401/403, UploadRejectedError → its status,
+SegmentError/ConfigError → 422, StorageError → 503 (retry later); the body is ``{"error": "…"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+
+from driveloop.cloud._ingest_service import ChunkWriter, IngestConfig, IngestService
+from driveloop.cloud.catalog import Catalog
+from driveloop.cloud.store import ObjectStore
+from driveloop.edge.transport import OFFSET_HEADER, UploadStatus
+from driveloop.exceptions import (
+    AuthError,
+    ConfigError,
+    DriveloopError,
+    SegmentError,
+    StorageError,
+    UploadRejectedError,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 64 * 1024  # declarations and campaigns are tiny; refuse anything bigger unread
+
+__all__ = ["IngestConfig", "IngestService", "create_app", "serve", "serve_in_thread"]
+
+
+def _status_code(e: DriveloopError) -> int:
+    if isinstance(e, AuthError | UploadRejectedError):
+        return e.status
+    if isinstance(e, SegmentError | ConfigError):
+        return 422
+    if isinstance(e, StorageError):
+        return 503
+    return 400
+
+
+def _error_response(e: DriveloopError) -> JSONResponse:
+    code = _status_code(e)
+    headers: dict[str, str] = {}
+    body: dict[str, Any] = {"error": str(e)}
+    if isinstance(e, UploadRejectedError) and e.offset is not None:
+        headers[OFFSET_HEADER] = str(e.offset)
+        body["offset"] = e.offset
+    if code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    log = logger.error if code >= 500 else logger.info
+    log("ingest request refused (%d): %s", code, e)
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+def _status_response(status: UploadStatus, code: int = 200) -> JSONResponse:
+    return JSONResponse(status.to_json(), status_code=code, headers={OFFSET_HEADER: str(status.offset)})
+
+
+async def _json_body(request: Request) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_JSON_BYTES):
+        raise UploadRejectedError(f"JSON body larger than {MAX_JSON_BYTES} bytes", status=413)
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_JSON_BYTES:
+            raise UploadRejectedError(f"JSON body larger than {MAX_JSON_BYTES} bytes", status=413)
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise UploadRejectedError(f"body is not JSON: {e}", status=422) from e
+
+
+def _int_header(request: Request, name: str, required: bool) -> int | None:
+    value = request.headers.get(name)
+    if value is None:
+        if required:
+            raise UploadRejectedError(f"missing {name} header", status=400)
+        return None
+    if not value.isdigit():
+        raise UploadRejectedError(f"{name} must be a non-negative integer, got {value!r}", status=400)
+    return int(value)
+
+
+def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
+               clock: Callable[[], float] = time.time) -> FastAPI:
+    """The ingest API over ``store`` and ``catalog``; ``app.state.service`` is its IngestService."""
+    service = IngestService(store, catalog, config, clock=clock)
+    app = FastAPI(title="driveloop ingest", version="1")
+    app.state.service = service
+
+    @app.exception_handler(DriveloopError)
+    async def _driveloop_error(_request: Request, e: DriveloopError) -> JSONResponse:
+        return _error_response(e)
+
+    async def vehicle(request: Request) -> str:
+        return await run_in_threadpool(service.authenticate, request.headers.get("authorization"))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.post("/v1/uploads")
+    async def begin_upload(request: Request) -> JSONResponse:
+        who = await vehicle(request)
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise UploadRejectedError("expected a JSON object {sha256, size, name}", status=422)
+        status = await run_in_threadpool(service.begin, who, body.get("sha256"), body.get("size"), body.get("name"))
+        return _status_response(status)
+
+    @app.get("/v1/uploads/{upload_id}")
+    async def get_upload(upload_id: str, request: Request) -> JSONResponse:
+        who = await vehicle(request)
+        return _status_response(await run_in_threadpool(service.status, who, upload_id))
+
+    @app.head("/v1/uploads/{upload_id}")
+    async def head_upload(upload_id: str, request: Request) -> Response:
+        who = await vehicle(request)
+        status = await run_in_threadpool(service.status, who, upload_id)
+        headers = {OFFSET_HEADER: str(status.offset), "Upload-Length": str(status.size), "Cache-Control": "no-store"}
+        return Response(status_code=200, headers=headers)
+
+    @app.patch("/v1/uploads/{upload_id}")
+    async def patch_upload(upload_id: str, request: Request) -> Response:
+        who = await vehicle(request)
+        offset = _int_header(request, OFFSET_HEADER, required=True)
+        length = _int_header(request, "content-length", required=False)
+        writer = await run_in_threadpool(service.open_chunk, who, upload_id, offset, length)
+        if isinstance(writer, UploadStatus):
+            return _status_response(writer)
+        return await _stream_into(writer, request)
+
+    async def _stream_into(writer: ChunkWriter, request: Request) -> Response:
+        dropped = False
+        try:
+            async for piece in request.stream():
+                writer.write(piece)
+        except ClientDisconnect:
+            dropped = True  # keep what arrived: the client resumes from the server's offset
+        except BaseException:
+            await run_in_threadpool(writer.close)
+            raise
+        status = await run_in_threadpool(writer.close)
+        if dropped:
+            logger.info("upload %s: connection dropped at offset %d", status.upload_id, status.offset)
+        return _status_response(status)
+
+    @app.get("/v1/campaigns")
+    async def list_campaigns(request: Request) -> dict[str, Any]:
+        await vehicle(request)
+        return {"campaigns": await run_in_threadpool(service.vehicle_campaigns)}
+
+    @app.post("/v1/campaigns", status_code=201)
+    async def create_campaign(request: Request) -> dict[str, Any]:
+        service.check_admin(request.headers.get("authorization"))
+        body = await _json_body(request)
+        return await run_in_threadpool(service.create_campaign, body)
+
+    @app.post("/v1/campaigns/{campaign_id}/approve")
+    async def approve_campaign(campaign_id: str, request: Request) -> dict[str, Any]:
+        service.check_admin(request.headers.get("authorization"))
+        return await run_in_threadpool(service.approve_campaign, campaign_id)
+
+    return app
+
+
+def build_app(store_url: str, catalog_url: str, staging_dir: Path, admin_token_hash: str | None = None,
+              max_segment_bytes: int | None = None) -> FastAPI:
+    """The app from URLs (what ``driveloop cloud serve`` runs)."""
+    limits = {} if max_segment_bytes is None else {"max_segment_bytes": max_segment_bytes}
+    config = IngestConfig(staging_dir=staging_dir, admin_token_hash=admin_token_hash, **limits)
+    return create_app(ObjectStore(store_url), Catalog(catalog_url), config)
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8750) -> None:
+    """Run the server in the foreground until interrupted."""
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run the real uvicorn server on a background thread (tests, the demo); yields its base URL.
+    ``port=0`` picks a free port."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="ingest-server", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise StorageError("ingest server failed to start")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join()

@@ -1,0 +1,307 @@
+"""Ingest server over real uvicorn on 127.0.0.1: auth table, upload/resume, bad-input table (catalog
+and store unchanged), campaign endpoints, and the embedded LocalTransport on the same service."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from driveloop.cloud.auth import hash_secret, register_vehicle
+from driveloop.cloud.catalog import Catalog
+from driveloop.cloud.ingest import IngestConfig, IngestService, create_app, serve_in_thread
+from driveloop.cloud.store import ObjectStore
+from driveloop.edge.segment import validate_segment
+from driveloop.edge.spool import Spool
+from driveloop.edge.transport import HttpTransport, LocalTransport, campaign_triggers
+from driveloop.exceptions import AuthError, SegmentError, UploadError, UploadRejectedError
+from tests.fakes.transport import record_synthetic_segments
+
+ADMIN = "admin-secret-token"
+MAX_SEGMENT_BYTES = 1_000_000
+MAX_CHUNK_BYTES = 16 * 1024
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Cloud:
+    url: str
+    service: IngestService
+    store: ObjectStore
+    catalog: Catalog
+    staging: Path
+    tokens: dict[str, str]
+    clock: Clock
+
+    def client(self, token: str | None) -> httpx.Client:
+        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+        return httpx.Client(base_url=self.url, headers=headers)
+
+    def assert_unchanged(self, shas: list[str] | None = None) -> None:
+        """Catalog and store hold exactly ``shas`` (default: nothing) and no partial is left."""
+        want = sorted(shas or [])
+        assert sorted(r.sha256 for r in self.catalog.segments()) == want
+        assert self.store.shas() == want
+        assert list(self.staging.glob("*.part")) == []
+
+
+@pytest.fixture
+def cloud(tmp_path: Path) -> Iterator[Cloud]:
+    clock = Clock()
+    store = ObjectStore(tmp_path / "store")
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    staging = tmp_path / "uploads"
+    config = IngestConfig(staging_dir=staging, max_segment_bytes=MAX_SEGMENT_BYTES,
+                          max_chunk_bytes=MAX_CHUNK_BYTES, admin_token_hash=hash_secret(ADMIN))
+    app = create_app(store, catalog, config, clock=clock)
+    tokens = {v: register_vehicle(catalog, v, clock()) for v in ("veh-a", "veh-b", "veh-off")}
+    catalog.update_vehicle("veh-off", enabled=False)
+    with serve_in_thread(app) as url:
+        yield Cloud(url, app.state.service, store, catalog, staging, tokens, clock)
+    catalog.close()
+
+
+@pytest.fixture(scope="module")
+def segments(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """Real recorded segments of veh-a (3, the middle one with an event) and veh-b (1); read-only."""
+    spool = Spool(tmp_path_factory.mktemp("spool"), 10**9)
+    return {
+        "veh-a": record_synthetic_segments(spool, "veh-a", 3, ticks_per_segment=30, seed=1, event_segments=(1,)),
+        "veh-b": record_synthetic_segments(spool, "veh-b", 1, ticks_per_segment=30, seed=2),
+    }
+
+
+def _upload_all(t: HttpTransport | LocalTransport, data: bytes, name: str, chunk: int = 10_000) -> dict[str, object]:
+    sha = hashlib.sha256(data).hexdigest()
+    status = t.start(sha, len(data), name)
+    while not status.confirmed:
+        assert status.upload_id is not None
+        status = t.send_chunk(status.upload_id, status.offset, data[status.offset : status.offset + chunk])
+    return status.to_json()
+
+
+def test_upload_catalogs_a_validated_segment(cloud: Cloud, segments: dict[str, list[Path]]) -> None:
+    path = segments["veh-a"][1]
+    data = path.read_bytes()
+    t = HttpTransport(cloud.url, cloud.tokens["veh-a"])
+    result = _upload_all(t, data, path.name)
+    info = validate_segment(path)
+    assert result["cataloged"] is True and result["sha256"] == info.sha256 == hashlib.sha256(data).hexdigest()
+    rec = cloud.catalog.get_segment(info.sha256)
+    assert rec is not None
+    assert (rec.vehicle, rec.scenario, rec.seed, rec.n_ticks, rec.size) == ("veh-a", "highway", 1, 30, len(data))
+    assert rec.events == info.events and rec.has_event and rec.events
+    assert rec.name == path.name and rec.ingested_at_s == cloud.clock()
+    with cloud.store.open(info.sha256) as f:
+        assert f.read() == data
+    cloud.assert_unchanged([info.sha256])
+    # declaring the same bytes again: "exists", nothing to send
+    again = t.start(info.sha256, len(data), path.name)
+    assert again.state == "exists" and again.confirmed and again.upload_id is None
+
+
+def test_resume_after_a_new_connection(cloud: Cloud, segments: dict[str, list[Path]]) -> None:
+    data = segments["veh-a"][0].read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    first = HttpTransport(cloud.url, cloud.tokens["veh-a"])
+    s = first.start(sha, len(data), "a.mcap")
+    assert s.upload_id and s.offset == 0
+    s = first.send_chunk(s.upload_id, 0, data[:15_000])
+    s = first.send_chunk(s.upload_id, 15_000, data[15_000:30_000])
+    assert (s.offset, s.state, s.cataloged) == (30_000, "open", False)
+    first.close()
+    second = HttpTransport(cloud.url, cloud.tokens["veh-a"])
+    resumed = second.start(sha, len(data), "a.mcap")
+    assert (resumed.upload_id, resumed.offset) == (s.upload_id, 30_000)
+    with cloud.client(cloud.tokens["veh-a"]) as c:
+        head = c.head(f"/v1/uploads/{s.upload_id}")
+        assert head.status_code == 200 and head.headers["Upload-Offset"] == "30000"
+        assert head.headers["Upload-Length"] == str(len(data))
+    with pytest.raises(UploadRejectedError) as conflict:
+        second.send_chunk(s.upload_id, 10_000, data[10_000:20_000])
+    assert conflict.value.status == 409 and conflict.value.offset == 30_000
+    s = second.send_chunk(s.upload_id, 30_000, data[30_000:45_000])
+    done = second.send_chunk(s.upload_id, 45_000, data[45_000:])
+    assert done.confirmed and done.sha256 == sha
+    # the reply got lost and the client retries the last chunk: same answer, nothing re-stored
+    assert second.send_chunk(s.upload_id, 45_000, data[45_000:]).confirmed
+    assert second.offset(s.upload_id).confirmed
+    assert cloud.service.stats.segments_cataloged == 1
+    cloud.assert_unchanged([sha])
+
+
+def _declare(c: httpx.Client, data: bytes, sha: str | None = None, size: int | None = None) -> httpx.Response:
+    return c.post("/v1/uploads", json={"sha256": sha or hashlib.sha256(data).hexdigest(),
+                                       "size": len(data) if size is None else size, "name": "x.mcap"})
+
+
+def _send(c: httpx.Client, data: bytes, sha: str | None = None) -> httpx.Response:
+    """Declare and send ``data`` chunk by chunk; the first refusal (or the final reply) is returned."""
+    r = _declare(c, data, sha)
+    assert r.status_code == 200, r.text
+    upload_id = r.json()["upload_id"]
+    for offset in range(0, len(data), MAX_CHUNK_BYTES):
+        r = c.patch(f"/v1/uploads/{upload_id}", content=data[offset : offset + MAX_CHUNK_BYTES],
+                    headers={"Upload-Offset": str(offset)})
+        if r.status_code != 200:
+            break
+    return r
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    b = bytearray(data)
+    b[at] ^= 0x40
+    return bytes(b)
+
+
+BAD_INPUT = [
+    # (case, who, action(data) -> response, expected status)
+    ("truncated", "veh-a", lambda c, d: _send(c, d[: len(d) // 2]), 422),
+    ("truncated-footer", "veh-a", lambda c, d: _send(c, d[:-10]), 422),
+    ("bit-flip", "veh-a", lambda c, d: _send(c, _flip(d, len(d) // 3)), 422),
+    ("not-mcap", "veh-a", lambda c, d: _send(c, b"\x00garbage" * 100), 422),
+    ("wrong-hash", "veh-a", lambda c, d: _send(c, d, sha=hashlib.sha256(b"other").hexdigest()), 422),
+    ("bad-sha-format", "veh-a", lambda c, d: _declare(c, d, sha="XYZ"), 422),
+    ("zero-size", "veh-a", lambda c, d: _declare(c, d, size=0), 422),
+    ("oversized-declared", "veh-a", lambda c, d: _declare(c, d, size=MAX_SEGMENT_BYTES + 1), 413),
+    ("oversized-chunk", "veh-a", lambda c, d: c.patch(
+        f"/v1/uploads/{_declare(c, d).json()['upload_id']}", content=d[: MAX_CHUNK_BYTES + 1],
+        headers={"Upload-Offset": "0"}), 413),
+    ("chunk-past-size", "veh-a", lambda c, d: c.patch(
+        f"/v1/uploads/{_declare(c, d[:1000]).json()['upload_id']}", content=d[:2000],
+        headers={"Upload-Offset": "0"}), 413),
+    ("missing-offset", "veh-a", lambda c, d: c.patch(
+        f"/v1/uploads/{_declare(c, d).json()['upload_id']}", content=d[:10]), 400),
+    ("unknown-upload", "veh-a", lambda c, d: c.get("/v1/uploads/nope"), 404),
+    ("not-json", "veh-a", lambda c, d: c.post("/v1/uploads", content=b"{nope"), 422),
+    ("json-too-big", "veh-a", lambda c, d: c.post("/v1/uploads", content=b" " * 70_000), 413),
+    ("no-token", None, lambda c, d: _declare(c, d), 401),
+    ("unknown-vehicle", "ghost.secret", lambda c, d: _declare(c, d), 401),
+    ("malformed-token", "no-dot-here", lambda c, d: _declare(c, d), 401),
+    ("wrong-secret", "veh-a.wrongsecret", lambda c, d: _declare(c, d), 401),
+    ("disabled-vehicle", "veh-off", lambda c, d: _declare(c, d), 403),
+    ("other-vehicles-segment", "veh-b", lambda c, d: _send(c, d), 403),
+    ("campaign-needs-admin", "veh-a", lambda c, d: c.post("/v1/campaigns", json={"name": "x", "condition": "ttc < 1"}), 403),
+]
+
+
+@pytest.mark.parametrize("who,action,expected", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_is_refused_and_changes_nothing(cloud: Cloud, segments: dict[str, list[Path]],
+                                                  who: str | None, action, expected: int) -> None:  # type: ignore[no-untyped-def]
+    token = cloud.tokens.get(who, who) if who else None
+    data = segments["veh-a"][0].read_bytes()
+    with cloud.client(token) as c:
+        r = action(c, data)
+    assert r.status_code == expected, r.text
+    assert r.json()["error"]
+    if expected == 401:
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+    cloud.assert_unchanged()
+
+
+def test_refused_segments_mark_the_upload_failed(cloud: Cloud, segments: dict[str, list[Path]]) -> None:
+    data = segments["veh-a"][0].read_bytes()
+    with cloud.client(cloud.tokens["veh-a"]) as c:
+        r = _send(c, data[:-10])
+        assert r.status_code == 422 and "segment" in r.json()["error"].lower()
+        failed = [u for u in cloud.catalog.uploads() if u.state == "failed"]
+        assert len(failed) == 1 and failed[0].error
+        # the same declaration later opens a fresh upload, the good bytes then land
+        assert _send(c, data).status_code == 200
+    assert cloud.service.stats.uploads_rejected == 1
+    cloud.assert_unchanged([hashlib.sha256(data).hexdigest()])
+
+
+def test_cannot_touch_another_vehicles_upload(cloud: Cloud, segments: dict[str, list[Path]]) -> None:
+    data = segments["veh-a"][0].read_bytes()
+    a = HttpTransport(cloud.url, cloud.tokens["veh-a"])
+    b = HttpTransport(cloud.url, cloud.tokens["veh-b"])
+    s = a.start(hashlib.sha256(data).hexdigest(), len(data), "a.mcap")
+    assert s.upload_id
+    for call in (lambda: b.offset(s.upload_id), lambda: b.send_chunk(s.upload_id, 0, data[:10])):  # type: ignore[arg-type]
+        with pytest.raises(AuthError) as e:
+            call()
+        assert e.value.status == 403
+    assert a.offset(s.upload_id).offset == 0
+    with pytest.raises(AuthError) as e:
+        HttpTransport(cloud.url, "veh-a.bogus").start(s.sha256, s.size, "a.mcap")
+    assert e.value.status == 401
+
+
+def test_connection_refused_is_a_retryable_upload_error() -> None:
+    t = HttpTransport("http://127.0.0.1:9", "veh-a.x", timeout_s=2.0)
+    with pytest.raises(UploadError) as e:
+        t.start("a" * 64, 10, "x.mcap")
+    assert not isinstance(e.value, UploadRejectedError)
+
+
+def test_campaign_endpoints(cloud: Cloud) -> None:
+    admin, vehicle = cloud.client(ADMIN), cloud.client(cloud.tokens["veh-a"])
+    spec = {"name": "low-ttc", "condition": "ttc < 1.5 or fallback", "trigger_mode": "rising_edge",
+            "min_interval_s": 2.0, "pre_window_s": 4.0, "post_window_s": 3.0, "priority": 6,
+            "expires_at_s": cloud.clock() + 3600}
+    r = admin.post("/v1/campaigns", json=spec)
+    assert r.status_code == 201, r.text
+    cid = r.json()["id"]
+    assert r.json()["state"] == "created"
+    assert vehicle.get("/v1/campaigns").json() == {"campaigns": []}  # not approved yet
+    assert vehicle.post(f"/v1/campaigns/{cid}/approve").status_code == 403
+    r = admin.post(f"/v1/campaigns/{cid}/approve")
+    assert r.status_code == 200 and r.json()["state"] == "approved"
+    assert admin.post(f"/v1/campaigns/{cid}/approve").status_code == 422  # twice
+    assert admin.post("/v1/campaigns/cmp-000000000000/approve").status_code == 404
+    listed = HttpTransport(cloud.url, cloud.tokens["veh-a"]).campaigns()
+    assert [c["id"] for c in listed] == [cid]
+    (trigger,) = campaign_triggers(listed)
+    assert (trigger.name, trigger.condition, trigger.mode) == ("campaign.low-ttc", spec["condition"], "rising_edge")
+    assert (trigger.pre_s, trigger.post_s, trigger.priority, trigger.min_interval_s) == (4.0, 3.0, 6, 2.0)
+    cloud.clock.t += 3601  # expired: vehicles stop receiving it
+    assert vehicle.get("/v1/campaigns").json() == {"campaigns": []}
+    for bad in ({"name": "x", "condition": "ttc <"}, {"name": "x", "condition": "__import__('os')"},
+                {"name": "x", "condition": "speeed > 3"}, {"name": "x"}, {"name": "x", "condition": "ttc<1", "foo": 1},
+                {"name": "Bad Name", "condition": "ttc < 1"}, ["not", "an", "object"]):
+        r = admin.post("/v1/campaigns", json=bad)
+        assert r.status_code == 422, (bad, r.text)
+    assert [c.id for c in cloud.catalog.campaigns()] == [cid]
+    assert cloud.client(None).get("/v1/campaigns").status_code == 401
+
+
+def test_admin_api_disabled_without_admin_token(tmp_path: Path) -> None:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    app = create_app(ObjectStore(tmp_path / "s"), catalog, IngestConfig(staging_dir=tmp_path / "u"))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, headers={"Authorization": "Bearer anything"}) as c:
+        r = c.post("/v1/campaigns", json={"name": "x", "condition": "ttc < 1"})
+    assert r.status_code == 403 and "disabled" in r.json()["error"]
+    catalog.close()
+
+
+def test_local_transport_uses_the_same_validation(tmp_path: Path, segments: dict[str, list[Path]]) -> None:
+    local = LocalTransport.under(tmp_path / "cloud", "veh-a")
+    good = segments["veh-a"][2].read_bytes()
+    assert _upload_all(local, good, "good.mcap")["cataloged"] is True
+    with pytest.raises(SegmentError):
+        _upload_all(local, good[:-50], "torn.mcap")
+    declared = local.start(hashlib.sha256(b"other").hexdigest(), len(good), "x.mcap")
+    assert declared.upload_id is not None
+    with pytest.raises(UploadRejectedError) as wrong:
+        local.send_chunk(declared.upload_id, 0, good)
+    assert wrong.value.status == 422 and "sha256" in str(wrong.value)
+    foreign = segments["veh-b"][0].read_bytes()
+    with pytest.raises(AuthError):
+        _upload_all(local, foreign, "foreign.mcap")
+    catalog = local.service.catalog
+    assert [r.sha256 for r in catalog.segments()] == [hashlib.sha256(good).hexdigest()]
+    assert local.service.store.shas() == [hashlib.sha256(good).hexdigest()]
+    assert local.campaigns() == []
+    local.close()
