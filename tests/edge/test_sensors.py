@@ -1,0 +1,195 @@
+"""Sensors on hand-built snapshots: shapes, units, frames, noise and dropout statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from driveloop.exceptions import ConfigError
+from driveloop.edge.contract import (
+    GRID_CHANNELS,
+    GRID_H,
+    GRID_W,
+    INPUTS,
+    KIN_DIM,
+    LIDAR_CELLS,
+    LIDAR_RANGE_M,
+)
+from driveloop.edge.scenarios import parse_scenario
+from driveloop.edge.sensors import SensorConfig, SensorFrame, SensorSuite, observe
+from driveloop.edge.sim import Simulator
+from driveloop.edge.world import VehicleState, WorldSnapshot
+
+EGO_V = 20.0
+
+
+def snap(*others: VehicleState, heading: float = 0.0, t_s: float = 0.0) -> WorldSnapshot:
+    ego = VehicleState(0, 0.0, 0.0, EGO_V * math.cos(heading), EGO_V * math.sin(heading), heading)
+    return WorldSnapshot(t_s, ego, EGO_V, -0.5, 0.01, 0.02, 0.3, 25.0, 4.0, tuple(others))
+
+
+def car(i: int, x: float, y: float, vx: float, vy: float = 0.0, heading: float = 0.0) -> VehicleState:
+    return VehicleState(i, x, y, vx, vy, heading)
+
+
+def clean(s: WorldSnapshot):  # noqa: ANN201 - Observation
+    return observe(s, np.random.default_rng(0)).observation
+
+
+def rows(obs) -> np.ndarray:  # noqa: ANN001
+    return obs.kinematics[6:].reshape(6, 5)
+
+
+def test_shapes_and_dtypes_match_the_contract() -> None:
+    obs = clean(snap(car(1, 20.0, 0.0, 15.0)))
+    for spec in INPUTS:
+        arr = getattr(obs, spec.name)
+        assert arr.shape == spec.shape and arr.dtype == np.float32, spec.name
+    assert obs.kinematics.shape == (KIN_DIM,) and obs.grid.shape == (GRID_CHANNELS, GRID_H, GRID_W)
+
+
+def test_ego_block() -> None:
+    obs = clean(snap())
+    np.testing.assert_allclose(obs.kinematics[:6], [EGO_V, -0.5, 0.02, 0.3, 0.01, 25.0], rtol=1e-6)
+
+
+def test_vehicle_twenty_metres_ahead() -> None:
+    obs = clean(snap(car(1, 20.0, 0.0, 15.0)))
+    np.testing.assert_allclose(rows(obs)[0], [1.0, 20.0, 0.0, -5.0, 0.0])
+    assert not rows(obs)[1:].any()
+    # Lidar cell 0 (straight ahead): 20 m centre to centre minus both half lengths; closing at 5 m/s.
+    assert obs.lidar[0, 0] == pytest.approx(15.0, abs=0.01)
+    assert obs.lidar[1, 0] == pytest.approx(5.0, abs=0.01)
+    assert np.all(obs.lidar[0, 1:] == LIDAR_RANGE_M) and not obs.lidar[1, 1:].any()
+    # Grid: x 17.5..22.5 m → columns 12..14 (x from −20 m, 3 m cells); y −1..1 → rows 7, 8 (row 0 at +12 m).
+    occ = obs.grid[0]
+    assert set(map(tuple, np.argwhere(occ > 0))) == {(r, c) for r in (7, 8) for c in (12, 13, 14)}
+    assert occ[7, 13] == pytest.approx(1.0 / 1.5, abs=0.01)  # 1 m of the 1.5 m band, full 3 m length
+    assert occ.sum() * 4.5 == pytest.approx(10.0)  # 5 m × 2 m of car
+    np.testing.assert_allclose(obs.grid[1][occ > 0], -5.0)
+    assert not obs.grid[1][occ == 0].any()
+
+
+def test_left_and_rear_vehicles() -> None:
+    obs = clean(snap(car(1, 0.0, 4.0, 20.0), car(2, -15.0, 0.0, 25.0)))
+    assert obs.lidar[0, 8] == pytest.approx(4.0 - 1.0 - 1.0, abs=0.01)  # 90° left: half widths
+    assert obs.lidar[1, 8] == pytest.approx(0.0, abs=1e-6)
+    assert obs.lidar[0, 16] == pytest.approx(10.0, abs=0.01)  # straight behind
+    assert obs.lidar[1, 16] == pytest.approx(5.0, abs=0.01)  # catching up at 5 m/s
+    occ = obs.grid[0]
+    left_rows = np.nonzero(occ[:, 6])[0]  # column 6: x −2..1 m, beside the ego
+    assert left_rows.max() < GRID_H // 2  # the left vehicle lies in the upper (left) rows
+    np.testing.assert_allclose(rows(obs)[0], [1.0, 0.0, 4.0, 0.0, 0.0], atol=1e-6)
+
+
+def test_ego_frame_rotation() -> None:
+    # Ego heading +90°: a car 30 m further along +y is straight ahead.
+    s = snap(car(1, 0.0, 30.0, 0.0, 15.0, heading=math.pi / 2), heading=math.pi / 2)
+    obs = clean(s)
+    np.testing.assert_allclose(rows(obs)[0], [1.0, 30.0, 0.0, -5.0, 0.0], atol=1e-5)
+    assert obs.lidar[0, 0] == pytest.approx(25.0, abs=0.01)
+
+
+def test_empty_world_and_out_of_range() -> None:
+    obs = clean(snap(car(1, 150.0, 0.0, 20.0)))  # beyond the 100 m neighbour range and the lidar
+    assert not obs.kinematics[6:].any()
+    assert np.all(obs.lidar[0] == LIDAR_RANGE_M) and not obs.lidar[1].any()
+    assert not obs.grid.any()
+
+
+def test_neighbours_nearest_first_and_truncated() -> None:
+    cars = [car(i, 10.0 * i * (-1) ** i, 0.0 if i % 2 else 4.0, 20.0) for i in range(1, 10)]
+    obs = clean(snap(*cars))
+    r = rows(obs)
+    assert np.all(r[:, 0] == 1.0)
+    dist = np.hypot(r[:, 1], r[:, 2])
+    assert np.all(np.diff(dist) >= 0)
+    np.testing.assert_allclose(np.abs(r[:, 1]), [10, 20, 30, 40, 50, 60])  # the 7th..9th car are dropped
+
+
+def test_lidar_keeps_nearest_per_cell_and_sees_narrow_far_targets() -> None:
+    obs = clean(snap(car(1, 30.0, 0.0, 20.0), car(2, 60.0, 0.0, 0.0)))
+    assert obs.lidar[0, 0] == pytest.approx(25.0, abs=0.01)  # nearer car occludes the farther one
+    far = clean(snap(car(1, 70.0, 6.5, 20.0)))  # 5.3° off axis, between beam centres
+    assert far.lidar[0, 0] < LIDAR_RANGE_M
+
+
+def test_same_seed_same_output() -> None:
+    s = snap(car(1, 20.0, 0.0, 15.0), car(2, -8.0, -4.0, 22.0))
+    cfg = SensorConfig.uniform(0.5, 0.2)
+    a = [SensorSuite(cfg, seed=9) for _ in range(2)]
+    for _ in range(5):
+        fa, fb = a[0].observe(s), a[1].observe(s)
+        for name in ("kinematics", "lidar", "grid"):
+            np.testing.assert_array_equal(getattr(fa.observation, name), getattr(fb.observation, name))
+        assert fa.stale == fb.stale
+
+
+def test_noise_statistics() -> None:
+    s = snap(car(1, 20.0, 0.0, 15.0))
+    cfg = SensorConfig.uniform(0.5)
+    rng = np.random.default_rng(1)
+    frames = [observe(s, rng, cfg).observation for _ in range(2000)]
+    kin = np.stack([f.kinematics for f in frames])
+    lidar = np.stack([f.lidar for f in frames])
+    dx, dvx = kin[:, 7], kin[:, 9]
+    assert dx.mean() == pytest.approx(20.0, abs=0.05) and dx.std() == pytest.approx(0.5, rel=0.1)
+    assert dvx.mean() == pytest.approx(-5.0, abs=0.05) and dvx.std() == pytest.approx(0.5, rel=0.1)
+    assert kin[:, 0].std() == pytest.approx(0.05, rel=0.15)  # ego speed: 0.1 m/s per sigma
+    assert np.all(kin[:, 6] == 1.0) and not kin[:, 11:].any()  # present flag exact, absent rows stay zero
+    assert np.all(kin[:, 4:6] == kin[0, 4:6])  # steering and set speed are known exactly
+    assert lidar[:, 0, 0].std() == pytest.approx(0.5, rel=0.1)
+    assert np.all(lidar[:, 0, 1:] == LIDAR_RANGE_M) and not lidar[:, 1, 1:].any()  # no phantom returns
+    grid = np.stack([f.grid for f in frames])
+    assert grid[:, 0].min() >= 0.0 and grid[:, 0].max() <= 1.0
+    assert grid[:, 0, 0, 0].std() == pytest.approx(0.05 * math.sqrt(1 - 2 / math.pi), rel=0.2)  # clipped at 0
+
+
+def test_dropout_repeats_the_last_frame_and_marks_it_stale() -> None:
+    cfg = SensorConfig(kinematics_dropout_p=0.3, lidar_dropout_p=0.1, grid_dropout_p=0.0)
+    suite = SensorSuite(cfg, seed=3)
+    stale_counts = {"kinematics": 0, "lidar": 0, "grid": 0}
+    prev: SensorFrame | None = None
+    n = 2000
+    for i in range(n):
+        s = snap(car(1, 20.0 + 0.01 * i, 0.0, 15.0), t_s=0.1 * i)
+        frame = suite.observe(s)
+        if i == 0:
+            assert not any(frame.stale.values())  # nothing to repeat yet
+        for name, stale in frame.stale.items():
+            if stale:
+                stale_counts[name] += 1
+                np.testing.assert_array_equal(getattr(frame.observation, name), getattr(prev.observation, name))
+                assert frame.stamp_s[name] == prev.stamp_s[name] < s.t_s
+            else:
+                assert frame.stamp_s[name] == s.t_s
+        prev = frame
+    assert stale_counts["kinematics"] / n == pytest.approx(0.3, abs=0.04)
+    assert stale_counts["lidar"] / n == pytest.approx(0.1, abs=0.03)
+    assert stale_counts["grid"] == 0
+    suite.reset()
+    assert not any(suite.observe(snap()).stale.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(kinematics_sigma=-0.1), dict(lidar_sigma=math.nan), dict(grid_sigma=11.0), dict(kinematics_dropout_p=1.0),
+     dict(lidar_dropout_p=-0.1), dict(grid_dropout_p=math.inf), dict(neighbour_range_m=0.0)],
+)
+def test_sensor_config_validation(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        SensorConfig(**kwargs)
+
+
+def test_real_simulator_snapshot() -> None:
+    sim = Simulator(parse_scenario("dense"), 2)
+    s = sim.reset()
+    frame = SensorSuite(SensorConfig.uniform(0.5, 0.1), seed=0).observe(s)
+    obs = frame.observation
+    assert all(np.isfinite(getattr(obs, n)).all() for n in ("kinematics", "lidar", "grid"))
+    assert rows(obs)[:, 0].sum() == min(6, sum(1 for v in s.others if math.hypot(v.x_m - s.ego.x_m,
+                                                                                   v.y_m - s.ego.y_m) <= 100))
+    assert obs.grid[0].sum() > 0 and (obs.lidar[0] < LIDAR_RANGE_M).any()
+    sim.close()
