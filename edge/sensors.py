@@ -214,8 +214,9 @@ def _grid(snapshot: WorldSnapshot, others: _Others) -> np.ndarray:
     inside = (col >= 0) & (col < GRID_W) & (row >= 0) & (row < GRID_H)
     flat = row[inside] * GRID_W + col[inside]
     weight = weight[inside]
-    covered = np.bincount(flat, weights=weight, minlength=GRID_H * GRID_W)
-    speed_sum = np.bincount(flat, weights=weight * dvx[inside], minlength=GRID_H * GRID_W)
+    # astype: bincount of an empty selection comes back int64, whatever the weights' dtype.
+    covered = np.bincount(flat, weights=weight, minlength=GRID_H * GRID_W).astype(np.float64)
+    speed_sum = np.bincount(flat, weights=weight * dvx[inside], minlength=GRID_H * GRID_W).astype(np.float64)
     out[0] = np.minimum(covered / _GRID_CELL_AREA_M2, 1.0).reshape(GRID_H, GRID_W)
     out[1] = np.divide(speed_sum, covered, out=np.zeros_like(covered), where=covered > 0).reshape(GRID_H, GRID_W)
     return out
