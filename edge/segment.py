@@ -406,6 +406,8 @@ def _load(p: Path) -> tuple[SegmentInfo, dict[str, list[dict[str, Any]]]]:
             raise SegmentError("empty file")
         if not data.startswith(MCAP_MAGIC):
             raise SegmentError("not an MCAP file (bad magic)")
+        if not data.endswith(MCAP_MAGIC):
+            raise SegmentError("truncated or unfinalized (no closing magic)")
         return _parse(p, data)
     except SegmentError as e:
         raise SegmentError(f"{p}: {e}") from e

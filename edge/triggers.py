@@ -131,6 +131,8 @@ def _compile(node: ast.AST, text: str, names: set[str]) -> _Eval:
             raise ConfigError(f"condition {text!r}: only abs(x), min(...), max(...) may be called")
         if node.func.id == "abs" and len(node.args) != 1:
             raise ConfigError(f"condition {text!r}: abs takes one argument")
+        if node.func.id != "abs" and len(node.args) < 2:
+            raise ConfigError(f"condition {text!r}: {node.func.id} takes two or more arguments")
         f = _FUNCS[node.func.id]
         args = [_compile(a, text, names) for a in node.args]
         return lambda s: f(*(float(a(s)) for a in args))

@@ -233,3 +233,54 @@ def test_tampered_metadata_counts_rejected(tmp_path: Path) -> None:
         w.finish()
     with pytest.raises(SegmentError, match="n_ticks"):
         validate_segment(out)
+
+
+# ---------------------------------------------------------------- properties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from driveloop.edge.segment import TICK_TOPICS, decode_tick, encode_tick  # noqa: E402
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(kin=hnp.arrays(np.float32, (KIN_DIM,), elements=st.floats(width=32)),
+       lidar=hnp.arrays(np.float32, (2, LIDAR_CELLS), elements=st.floats(width=32)))
+def test_sensor_arrays_round_trip_bit_exact(kin: np.ndarray, lidar: np.ndarray) -> None:
+    base = make_tick(1, np.random.default_rng(0))
+    rec = TickRecord(**{**base.__dict__, "kinematics": kin, "lidar": lidar})
+    back = decode_tick({t: json.loads(b) for t, b in encode_tick(rec).items() if t in TICK_TOPICS})
+    finite = np.isfinite(kin)
+    np.testing.assert_array_equal(back.kinematics[finite], kin[finite])
+    assert np.isnan(back.kinematics[~finite]).all()
+    np.testing.assert_array_equal(np.isfinite(back.lidar), np.isfinite(lidar))
+    np.testing.assert_array_equal(back.lidar[np.isfinite(lidar)], lidar[np.isfinite(lidar)])
+
+
+@pytest.fixture(scope="module")
+def small_segment(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path, _ = record_segment(tmp_path_factory.mktemp("seg"), 4, brake=True)
+    return path.read_bytes()
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(data=st.data())
+def test_any_edit_is_rejected_with_segment_error(small_segment: bytes, data: st.DataObject, tmp_path_factory: pytest.TempPathFactory) -> None:
+    blob = bytearray(small_segment)
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    kind = data.draw(st.sampled_from(["flip", "insert", "delete", "overwrite"]))
+    if kind == "flip":
+        blob[pos] ^= 1 << data.draw(st.integers(0, 7))
+    elif kind == "insert":
+        blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+    elif kind == "delete":
+        del blob[pos:pos + data.draw(st.integers(1, 64))]
+    else:
+        new = data.draw(st.binary(min_size=1, max_size=8))
+        if bytes(blob[pos:pos + len(new)]) == new[: len(blob) - pos]:
+            return  # not an edit
+        blob[pos:pos + len(new)] = new
+    target = tmp_path_factory.mktemp("edit") / "x.mcap"
+    target.write_bytes(bytes(blob))
+    with pytest.raises(SegmentError):
+        validate_segment(target)

@@ -62,6 +62,7 @@ BAD = [
     ("walrus", "(x := 1) > 0", "NamedExpr"),
     ("keyword_arg", "max(speed, default=1) > 0", "may be called"),
     ("abs_two_args", "abs(speed, 1) > 0", "one argument"),
+    ("min_one_arg", "min(speed) > 0", "two or more"),
     ("bare_func", "abs > 0", "must be called"),
     ("unknown_signal", "tcc < 1.5", "unknown signals"),
     ("too_long", "speed > 1 or " * 60 + "true", "longer than"),
@@ -171,3 +172,40 @@ def test_builtin_triggers_fire_on_their_hazards() -> None:
     assert [e.trigger for e in fired] == ["collision", "fallback_activation", "hard_brake", "low_ttc", "low_confidence"]
     with pytest.raises(ConfigError):
         builtin_triggers(hard_brake_mps2=1.0)
+
+
+# ---------------------------------------------------------------- property: same truth as Python
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+NUM_NAMES = ["ttc", "speed", "accel", "confidence"]
+BOOL_NAMES = ["fallback", "collision"]
+_num = st.recursive(
+    st.one_of(st.sampled_from(NUM_NAMES), st.integers(-50, 50).map(str), st.floats(-50, 50).map(lambda f: repr(round(f, 3)))),
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["+", "-", "*"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        inner.map(lambda x: f"-{x}"),
+        inner.map(lambda x: f"abs({x})"),
+        st.tuples(st.sampled_from(["min", "max"]), st.lists(inner, min_size=2, max_size=3)).map(
+            lambda t: f"{t[0]}({', '.join(t[1])})"),
+    ),
+    max_leaves=4,
+)
+_cmp = st.tuples(_num, st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), _num).map(" ".join)
+_bool = st.recursive(
+    st.one_of(_cmp, st.sampled_from(BOOL_NAMES)),
+    lambda inner: st.one_of(
+        inner.map(lambda x: f"not ({x})"),
+        st.tuples(inner, st.sampled_from(["and", "or"]), inner).map(lambda t: f"({t[0]}) {t[1]} ({t[2]})"),
+    ),
+    max_leaves=5,
+)
+_signals = st.fixed_dictionaries({
+    **{n: st.floats(-100, 100, allow_nan=False) for n in NUM_NAMES}, **{n: st.booleans() for n in BOOL_NAMES}})
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(expr=_bool, signals=_signals)
+def test_condition_agrees_with_python(expr: str, signals: dict[str, float | bool]) -> None:
+    expected = bool(eval(expr, {"__builtins__": {}, "abs": abs, "min": min, "max": max}, dict(signals)))  # noqa: S307
+    assert compile_condition(expr, SIGNAL_NAMES).evaluate(signals) is expected
