@@ -289,3 +289,58 @@ def test_failure_inside_the_transaction_rolls_back(reg: Registry, models: list[P
     assert [m.version for m, _ in reg.list()] == [1]
     assert len(reg.history(1)) == 1
     assert reg.register(models[1]).version == 2
+
+
+# -- CLI: driveloop models ... ----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def home(tmp_path: Path, models: list[Path], monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path / "home"))
+    with Registry(tmp_path / "home" / "registry") as r:
+        r.register(models[0], dataset_version="ds-0", metrics={"collisions": 0})
+        r.register(models[1], parent_version=1, lineage={"fl_rounds": 2})
+        r.set_stage(1, "validated", "eval gate ok")
+    return tmp_path / "home"
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from driveloop.cli import main
+
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_models_list_show_lineage_verify(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(["models", "list", "--json"], capsys)
+    assert code == 0
+    rows = json.loads(out)["models"]
+    assert [(r["version"], r["stage"], r["parent_version"]) for r in rows] == [(1, "validated", None), (2, "candidate", 1)]
+    code, out, _ = _cli(["models", "show", "validated", "--json"], capsys)
+    shown = json.loads(out)
+    assert code == 0 and shown["manifest"]["version"] == 1 and shown["manifest"]["metrics"] == {"collisions": 0}
+    assert [h["to"] for h in shown["history"]] == ["candidate", "validated"] and Path(shown["onnx_path"]).is_file()
+    code, out, _ = _cli(["models", "lineage", "2", "--json"], capsys)
+    assert code == 0 and [r["version"] for r in json.loads(out)["lineage"]] == [2, 1]
+    assert json.loads(out)["lineage"][0]["lineage"] == {"fl_rounds": 2}
+    code, out, _ = _cli(["models", "verify", "v2", "--json"], capsys)
+    assert code == 0 and json.loads(out)["ok"] is True
+    for human in (["models", "list"], ["models", "show", "2"], ["models", "lineage", "latest"]):
+        code, out, _ = _cli(human, capsys)
+        assert code == 0 and "2" in out
+
+
+def test_cli_models_errors_are_one_line(home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    code, _, err = _cli(["models", "show", "9"], capsys)
+    assert code == RegistryError.exit_code and err.count("\n") == 1 and "not in the registry" in err
+    with Registry(home / "registry") as r:
+        blob = r.get(2).onnx_path
+    blob.write_bytes(blob.read_bytes()[:-1])
+    code, _, err = _cli(["models", "verify", "2"], capsys)
+    assert code == IntegrityError.exit_code and "sha256" in err and "Traceback" not in err
+    monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path / "nowhere"))
+    code, _, err = _cli(["models", "list"], capsys)
+    assert code == RegistryError.exit_code and "no model registry" in err
+    assert not (tmp_path / "nowhere").exists()  # a read command never creates a registry
