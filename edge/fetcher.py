@@ -54,12 +54,20 @@ class ResumableFetcher(FetcherInterface):
         if chunk_bytes <= 0 or max_resumes < 0 or timeout_s <= 0 or resume_backoff_s < 0:
             raise ConfigError("fetcher: chunk_bytes, timeout_s must be > 0; max_resumes, resume_backoff_s >= 0")
         self.download_dir = Path(download_dir)
-        self.client = client or httpx.Client(timeout=timeout_s)
+        self._client = client
+        self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.max_resumes = max_resumes
         self.resume_backoff_s = resume_backoff_s
         self.resumes = 0  # how many times a broken transfer was continued (observability)
         self._local = threading.local()
+
+    @property
+    def client(self) -> httpx.Client:
+        """Created on first HTTP use: building one costs an SSL context, wasted in file:// mode."""
+        if self._client is None:
+            self._client = httpx.Client(timeout=self.timeout_s)
+        return self._client
 
     @contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO]:
