@@ -27,3 +27,8 @@ _LAZY_RECORDING_API = {
 }
 _LAZY_RUNTIME_API.update(_LAZY_RECORDING_API)
 __all__ += list(_LAZY_RECORDING_API)
+
+# OTA client: A/B updater and resumable TUF fetcher (same lazy lookup; python-tuf loads on use).
+_LAZY_OTA_CLIENT_API = {"VehicleUpdater": "updater", "Offer": "updater", "ResumableFetcher": "fetcher"}
+_LAZY_RUNTIME_API.update(_LAZY_OTA_CLIENT_API)
+__all__ += list(_LAZY_OTA_CLIENT_API)
