@@ -14,7 +14,7 @@ produces the action the model *should* have produced:
   says how soon (inf when none).
 
 ``labeler_accuracy`` reports how well the teacher matches simulator ground truth: agreement with the
-logged expert action on nominal frames, and hazard precision/recall against the on-vehicle TTC/AEB/FCW
+logged expert action on nominal frames, and hazard precision/recall against the vehicle's logged TTC
 events and collisions. Everything here is pure numpy.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from driveloop.cloud.mining import SegmentFrames
+from driveloop.cloud.mining import SegmentFrames, widen_mask
 from driveloop.edge.contract import CONTROL_PERIOD_S
 from driveloop.exceptions import ConfigError
 
@@ -47,7 +47,7 @@ class LabelerConfig:
     lane_gain_rad_per_m: float = 0.08
     heading_gain: float = 0.8
     max_steer_rad: float = 0.25
-    hazard_ttc_s: float = 2.0
+    hazard_ttc_s: float = 3.0
     hazard_horizon_s: float = 3.0
     agree_accel_mps2: float = 1.0
     agree_steer_rad: float = 0.05
@@ -149,38 +149,50 @@ class LabelerAccuracy:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def labeler_accuracy(segments: list[tuple[SegmentFrames, Labels]], config: LabelerConfig) -> LabelerAccuracy:
-    """Agreement with the expert on nominal frames; hazard precision/recall vs logged TTC events."""
-    acc_err: list[np.ndarray] = []
-    steer_err: list[np.ndarray] = []
-    tp = fp = fn = 0
-    n_hazard = n_event = 0
+def accuracy_parts(frames: SegmentFrames, labels: Labels, config: LabelerConfig) -> dict[str, np.ndarray]:
+    """Per-frame ingredients of the accuracy report (so a distributed run can sum them later).
+
+    ``nominal``: an expert action is logged and no event lies within ``nominal_margin_s``;
+    ``accel_err``/``steer_err``: |label - expert|; ``event_ahead``: a logged TTC event (the vehicle's
+    measured TTC below ``hazard_ttc_s``, or a collision) follows within ``hazard_horizon_s``.
+    """
+    truth = (frames.ttc_s < config.hazard_ttc_s) | frames.collision
+    idx, valid = _future_steps(len(frames), config.hazard_horizon_s)
     margin = int(round(config.nominal_margin_s / CONTROL_PERIOD_S))
-    for frames, labels in segments:
-        truth = (frames.ttc_s < config.hazard_ttc_s) | frames.aeb | frames.fcw | frames.collision
-        idx, valid = _future_steps(len(frames), config.hazard_horizon_s)
-        event_ahead = (truth[idx] & valid).any(axis=1)
-        tp += int(np.sum(labels.hazard & event_ahead))
-        fp += int(np.sum(labels.hazard & ~event_ahead))
-        fn += int(np.sum(~labels.hazard & event_ahead))
-        n_hazard += int(labels.hazard.sum())
-        n_event += int(event_ahead.sum())
-        near_event = np.convolve(frames.event.astype(float), np.ones(2 * margin + 1), mode="same") > 0
-        nominal = ~near_event & np.all(np.isfinite(frames.expert_action), axis=1)
-        acc_err.append(np.abs(labels.target_action[nominal, 0] - frames.expert_action[nominal, 0]))
-        steer_err.append(np.abs(labels.target_action[nominal, 1] - frames.expert_action[nominal, 1]))
-    a = np.concatenate(acc_err) if acc_err else np.zeros(0)
-    s = np.concatenate(steer_err) if steer_err else np.zeros(0)
+    near_event = widen_mask(frames.event, margin)
+    err = np.abs(labels.target_action.astype(np.float64) - frames.expert_action)
+    return {
+        "nominal": ~near_event & np.all(np.isfinite(frames.expert_action), axis=1),
+        "accel_err": np.nan_to_num(err[:, 0], nan=np.inf),
+        "steer_err": np.nan_to_num(err[:, 1], nan=np.inf),
+        "event_ahead": (truth[idx] & valid).any(axis=1),
+        "hazard": labels.hazard.astype(bool),
+    }
+
+
+def summarize_accuracy(parts: dict[str, np.ndarray], config: LabelerConfig) -> LabelerAccuracy:
+    """The accuracy report from (concatenated) ``accuracy_parts``."""
+    nominal, hazard, event = (np.asarray(parts[k], dtype=bool) for k in ("nominal", "hazard", "event_ahead"))
+    a, s = np.asarray(parts["accel_err"])[nominal], np.asarray(parts["steer_err"])[nominal]
+    tp, fp, fn = int(np.sum(hazard & event)), int(np.sum(hazard & ~event)), int(np.sum(~hazard & event))
     agree = (a <= config.agree_accel_mps2) & (s <= config.agree_steer_rad)
+    nan = float("nan")
     result = LabelerAccuracy(
         nominal_frames=int(len(a)),
-        expert_accel_mae_mps2=float(a.mean()) if len(a) else float("nan"),
-        expert_steer_mae_rad=float(s.mean()) if len(s) else float("nan"),
-        expert_agreement=float(agree.mean()) if len(a) else float("nan"),
-        hazard_frames=n_hazard,
-        event_frames=n_event,
-        hazard_precision=tp / (tp + fp) if tp + fp else float("nan"),
-        hazard_recall=tp / (tp + fn) if tp + fn else float("nan"),
+        expert_accel_mae_mps2=float(a.mean()) if len(a) else nan,
+        expert_steer_mae_rad=float(s.mean()) if len(s) else nan,
+        expert_agreement=float(agree.mean()) if len(a) else nan,
+        hazard_frames=int(hazard.sum()),
+        event_frames=int(event.sum()),
+        hazard_precision=tp / (tp + fp) if tp + fp else nan,
+        hazard_recall=tp / (tp + fn) if tp + fn else nan,
     )
     logger.info("labeler accuracy: %s", result)
     return result
+
+
+def labeler_accuracy(segments: list[tuple[SegmentFrames, Labels]], config: LabelerConfig) -> LabelerAccuracy:
+    """Agreement with the expert on nominal frames; hazard precision/recall vs logged TTC events."""
+    per_segment = [accuracy_parts(f, lab, config) for f, lab in segments]
+    keys = ("nominal", "accel_err", "steer_err", "event_ahead", "hazard")
+    return summarize_accuracy({k: np.concatenate([p[k] for p in per_segment]) for k in keys}, config)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +78,48 @@ class SegmentFrames:
         return self.fallback | self.aeb | self.fcw | self.watchdog | self.collision
 
 
+def _nan_pair(v: list[float] | None) -> list[float]:
+    return [math.nan, math.nan] if v is None else [float(x) for x in v]
+
+
+def frames_from_ticks(ticks: list[Any], segment_id: str, scenario: str) -> SegmentFrames:
+    """Build ``SegmentFrames`` from a segment's ``edge.segment.TickRecord`` list (ground truth from
+    ``/vehicle/state`` via ``edge.world``). SegmentError when the logged state is malformed."""
+    from driveloop.edge.world import WorldSnapshot, closing_speed_mps, gap_m
+
+    if not ticks:
+        raise PipelineError(f"segment {segment_id} has no ticks")
+    snaps = [WorldSnapshot.from_dict(t.state) for t in ticks]
+    gaps = np.array([gap_m(s) for s in snaps], dtype=np.float64)
+    lead_speed = np.array([s.speed_mps - closing_speed_mps(s) for s in snaps], dtype=np.float64)
+    has_lead = np.isfinite(gaps)
+    f64 = lambda xs: np.array(xs, dtype=np.float64)  # noqa: E731
+    return SegmentFrames(
+        segment_id=segment_id,
+        scenario=scenario,
+        t_s=f64([t.t_s for t in ticks]),
+        kinematics=np.stack([np.asarray(t.kinematics, dtype=np.float32) for t in ticks]),
+        lidar=np.stack([np.asarray(t.lidar, dtype=np.float32) for t in ticks]),
+        grid=np.stack([np.asarray(t.grid, dtype=np.float32) for t in ticks]),
+        model_action=f64([_nan_pair(t.model_action) for t in ticks]).reshape(-1, 2),
+        applied_action=f64([[t.applied_accel_mps2, t.applied_steering_rad] for t in ticks]),
+        confidence=f64([math.nan if t.model_confidence is None else t.model_confidence for t in ticks]),
+        fallback=np.array([t.source == "fallback" for t in ticks]),
+        aeb=np.array([bool(t.aeb) for t in ticks]),
+        fcw=np.array([bool(t.fcw) for t in ticks]),
+        watchdog=np.array([t.watchdog is not None for t in ticks]),
+        collision=np.array([s.crashed for s in snaps]),
+        ttc_s=f64([math.inf if t.ttc_s is None else t.ttc_s for t in ticks]),
+        ego_speed_mps=f64([s.speed_mps for s in snaps]),
+        lane_offset_m=f64([s.lane_offset_m for s in snaps]),
+        heading_rad=f64([s.heading_rel_rad for s in snaps]),
+        set_speed_mps=f64([s.set_speed_mps for s in snaps]),
+        lead_gap_m=np.where(has_lead, gaps, np.nan),
+        lead_speed_mps=np.where(has_lead, lead_speed, np.nan),
+        expert_action=f64([_nan_pair(t.expert_action) for t in ticks]).reshape(-1, 2),
+    )
+
+
 @dataclass(frozen=True)
 class MiningConfig:
     ttc_threshold_s: float = 3.0
@@ -120,7 +163,8 @@ def score_frames(frames: SegmentFrames, config: MiningConfig) -> FrameScores:
     event = frames.event.astype(bool)
     ttc = np.where(np.isfinite(frames.ttc_s), frames.ttc_s, np.inf)
     ttc_part = np.clip((config.ttc_threshold_s - ttc) / config.ttc_threshold_s, 0.0, 1.0)
-    conf_part = np.clip((config.confidence_threshold - frames.confidence) / max(config.confidence_threshold, 1e-9), 0.0, 1.0)
+    conf = np.nan_to_num(frames.confidence, nan=0.0)  # no model output at all counts as "unsure"
+    conf_part = np.clip((config.confidence_threshold - conf) / max(config.confidence_threshold, 1e-9), 0.0, 1.0)
     diff = np.abs(np.nan_to_num(frames.model_action - frames.applied_action))
     dis_part = np.clip(
         np.maximum(diff[:, 0] / config.disagreement_scale_mps2, diff[:, 1] / config.disagreement_scale_rad), 0.0, 1.0
@@ -175,11 +219,14 @@ class Selection:
         return int(sum(len(v) for v in self.replay.values()))
 
 
-def _widen(mask: np.ndarray, frames: int) -> np.ndarray:
-    if frames <= 0 or not mask.any():
-        return mask.copy()
-    kernel = np.ones(2 * frames + 1)
-    return np.convolve(mask.astype(float), kernel, mode="same") > 0
+def widen_mask(mask: np.ndarray, frames: int) -> np.ndarray:
+    """True wherever a True of ``mask`` lies within ``frames`` steps (either side); any length works."""
+    m = np.asarray(mask, dtype=bool)
+    if frames <= 0 or not m.any():
+        return m.copy()
+    csum = np.concatenate([[0], np.cumsum(m)])
+    i = np.arange(len(m))
+    return (csum[np.minimum(i + frames + 1, len(m))] - csum[np.maximum(i - frames, 0)]) > 0
 
 
 def select_frames(scores: list[FrameScores], config: MiningConfig, seed: int) -> Selection:
@@ -190,7 +237,7 @@ def select_frames(scores: list[FrameScores], config: MiningConfig, seed: int) ->
     for s in scores:
         if len(s.total) != len(s.event):
             raise PipelineError(f"segment {s.segment_id}: scores not finished (call finish_scores)")
-        hard = _widen(s.event, window) | (s.total >= config.score_threshold)
+        hard = widen_mask(s.event, window) | (s.total >= config.score_threshold)
         candidates += [(float(s.total[i]), s.segment_id, int(i)) for i in np.flatnonzero(hard)]
         nominal += [(s.segment_id, int(i)) for i in np.flatnonzero(~hard)]
     candidates.sort(key=lambda c: (-c[0], c[1], c[2]))

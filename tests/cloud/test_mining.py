@@ -110,3 +110,19 @@ def test_frames_reject_ragged_arrays() -> None:
 def test_config_validation(changes: dict) -> None:
     with pytest.raises(ConfigError):
         MiningConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    ("mask", "k", "want"),
+    [
+        ([0, 0, 1, 0, 0, 0], 1, [0, 1, 1, 1, 0, 0]),
+        ([1, 0, 0, 0], 10, [1, 1, 1, 1]),  # window longer than the segment
+        ([0, 0, 0], 5, [0, 0, 0]),
+        ([0, 1, 0], 0, [0, 1, 0]),
+        ([], 3, []),
+    ],
+)
+def test_widen_mask(mask: list[int], k: int, want: list[int]) -> None:
+    from driveloop.cloud.mining import widen_mask
+
+    assert widen_mask(np.array(mask, dtype=bool), k).tolist() == [bool(w) for w in want]
