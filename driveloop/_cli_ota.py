@@ -1,16 +1,263 @@
 """``driveloop ota …``: staged OTA — rollouts, the fleet server, the fleet simulation, Grafana.
 
 The release engineer registers ``release`` and ``keys`` on :data:`ota_app` from their own module.
+``ota rollout …`` talks to the fleet server over HTTP when ``DRIVELOOP_OTA_URL`` is set (admin token
+from ``DRIVELOOP_OTA_ADMIN_TOKEN``), otherwise directly to the local store under ``<home>/ota``.
 Heavy imports (fastapi, uvicorn, sqlalchemy, grafana) happen inside the commands.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
 import typer
 
 from driveloop.cli import app
+from driveloop.exceptions import ConfigError, OtaError
 
 ota_app = typer.Typer(help="Staged OTA: releases, rollouts, fleet server", no_args_is_help=True)
 rollout_app = typer.Typer(help="Start, watch and steer a staged rollout.", no_args_is_help=True)
 ota_app.add_typer(rollout_app, name="rollout")
 app.add_typer(ota_app, name="ota")
+
+ADMIN_TOKEN_ENV = "DRIVELOOP_OTA_ADMIN_TOKEN"
+
+
+def _admin_token(ota_dir: Path, create: bool) -> str:
+    """The admin token: from the environment, else ``<home>/ota/admin_token`` (created 0600 on serve)."""
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if token:
+        return token
+    path = ota_dir / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    if not create:
+        raise ConfigError(f"no admin token: set {ADMIN_TOKEN_ENV} or run `driveloop ota serve` once")
+    ota_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    typer.echo(f"admin token written to {path}", err=True)
+    return token
+
+
+def _emit(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    for k, v in data.items():
+        if not isinstance(v, (dict, list)):
+            typer.echo(f"{k:>24}: {v}")
+
+
+def _request(method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Call the fleet server named by DRIVELOOP_OTA_URL with the admin token."""
+    import httpx
+
+    from driveloop.settings import load_settings
+
+    s = load_settings()
+    url = (s.ota_url or "").rstrip("/")
+    headers = {"Authorization": f"Bearer {_admin_token(s.ota_dir, create=False)}"}
+    try:
+        r = httpx.request(method, url + path, json=body, headers=headers, timeout=30.0)
+    except httpx.HTTPError as e:
+        raise OtaError(f"cannot reach the fleet server at {url}: {e}") from e
+    try:
+        data = r.json()
+    except ValueError:
+        data = {"error": r.text[:200]}
+    if r.status_code >= 400:
+        raise OtaError(f"fleet server refused ({r.status_code}): {data.get('error', data)}")
+    return data
+
+
+def _local_service() -> Any:
+    import time
+
+    from driveloop.ota.server import FleetService, released_versions
+    from driveloop.ota.store import FleetStore
+    from driveloop.settings import load_settings
+
+    s = load_settings()
+    return FleetService(FleetStore.at(s.ota_dir), time.time, 60.0,
+                        released=lambda: released_versions(s.ota_dir / "repo"))
+
+
+def _remote() -> bool:
+    from driveloop.settings import load_settings
+
+    return bool(load_settings().ota_url)
+
+
+def _latest_id(rollout_id: int | None) -> int:
+    if rollout_id is not None:
+        return rollout_id
+    if _remote():
+        rid = _request("GET", "/v1/dashboard").get("rollout") or {}
+        if not rid:
+            raise OtaError("no rollout yet")
+        return int(rid["rollout_id"])
+    found = _local_service().store.latest_rollout_id()
+    if found is None:
+        raise OtaError("no rollout yet")
+    return int(found)
+
+
+@rollout_app.command("start")
+def rollout_start(
+    version: str = typer.Argument(..., help="A released model version."),
+    previous: str = typer.Option(..., "--previous", help="The version the fleet runs now (revert target)."),
+    plan_file: Path | None = typer.Option(None, "--plan", help="JSON rollout plan; default shadow→1%→10%→50%→100%."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Start a staged rollout of VERSION."""
+    from driveloop.ota.messages import RolloutStart
+
+    plan = None
+    if plan_file is not None:
+        try:
+            plan = json.loads(plan_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read plan {plan_file}: {e}") from e
+    req = RolloutStart(version=version, previous_version=previous, plan=plan)
+    data = _request("POST", "/v1/rollouts", req.model_dump()) if _remote() else \
+        _local_service().start(req, "cli").model_dump()
+    _emit(data, as_json)
+
+
+@rollout_app.command("status")
+def rollout_status(rollout_id: int | None = typer.Argument(None, help="Default: the latest rollout."),
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show a rollout's stage, status and last decision."""
+    rid = _latest_id(rollout_id)
+    data = _request("GET", f"/v1/rollouts/{rid}") if _remote() else _local_service().status(rid).model_dump()
+    _emit(data, as_json)
+    if not as_json and data.get("last_decision"):
+        typer.echo(f"{'last decision':>24}: {data['last_decision']['action']} — {data['last_decision']['reason']}")
+
+
+def _operator(kind: str, rollout_id: int | None, reason: str, as_json: bool) -> None:
+    from driveloop.ota.messages import OperatorRequest
+
+    rid = _latest_id(rollout_id)
+    req = OperatorRequest(actor=os.environ.get("USER", "cli") or "cli", reason=reason)
+    data = _request("POST", f"/v1/rollouts/{rid}/{kind}", req.model_dump()) if _remote() else \
+        _local_service().operate(rid, kind, req).model_dump()
+    _emit(data, as_json)
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: int | None = typer.Argument(None), reason: str = typer.Option("", "--reason"),
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """Freeze the rollout where it is (no promotion, no reverts)."""
+    _operator("pause", rollout_id, reason, as_json)
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: int | None = typer.Argument(None), reason: str = typer.Option("", "--reason"),
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Let a paused rollout continue."""
+    _operator("resume", rollout_id, reason, as_json)
+
+
+@rollout_app.command("promote")
+def rollout_promote(rollout_id: int | None = typer.Argument(None), reason: str = typer.Option("", "--reason"),
+                    as_json: bool = typer.Option(False, "--json")) -> None:
+    """Move to the next stage now, without waiting for the gate."""
+    _operator("promote", rollout_id, reason, as_json)
+
+
+@rollout_app.command("abort")
+def rollout_abort(rollout_id: int | None = typer.Argument(None), reason: str = typer.Option("", "--reason"),
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """Stop the rollout; every vehicle reverts to the previous version."""
+    _operator("abort", rollout_id, reason, as_json)
+
+
+@ota_app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8700, "--port", min=1, max=65535),
+    eval_interval_s: float = typer.Option(60.0, "--eval-interval-s", help="Seconds between health evaluations."),
+    allow_unreleased: bool = typer.Option(False, "--allow-unreleased",
+                                          help="Start rollouts of versions not in the TUF repository (tests)."),
+) -> None:
+    """Run the fleet server: health, update offers, rollouts, TUF files, /metrics and the dashboard."""
+    import uvicorn
+
+    from driveloop.ota.server import ServerConfig, create_app
+    from driveloop.settings import load_settings
+
+    s = load_settings()
+    config = ServerConfig(s.ota_dir, _admin_token(s.ota_dir, create=True), eval_interval_s=eval_interval_s,
+                          prometheus_url=s.prometheus_url, require_release=not allow_unreleased)
+    typer.echo(f"fleet server on http://{host}:{port}/ (data in {s.ota_dir})", err=True)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+
+
+@ota_app.command("simulate")
+def simulate_cmd(
+    vehicles: int = typer.Option(1000, "--vehicles", min=1),
+    bad_model: bool = typer.Option(False, "--bad-model", help="The new model is worse than the fleet's."),
+    bad_kind: str = typer.Option("interventions", "--bad-kind", help="interventions | crash"),
+    seed: int = typer.Option(0, "--seed"),
+    audit: Path | None = typer.Option(None, "--audit", help="Write the hash-chained audit log here (JSONL)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Drive a simulated fleet through a rollout with the real controller, director and audit log."""
+    from driveloop.ota.simulate import SimConfig, simulate
+
+    cfg = SimConfig(vehicles=vehicles, bad_model=bad_model, bad_kind=bad_kind, seed=seed)
+    if as_json:
+        result = simulate(cfg, audit)
+        typer.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("rolling out…") as status:
+        result = simulate(cfg, audit, lambda i, stage, action: status.update(f"window {i}: {stage} → {action}"))
+    for d in result.decisions:
+        typer.echo(f"t={d['at_s']:>7.0f}s {d['stage']:>7} {d['action']:>8}  {d['reason']}")
+    _emit(result.to_dict(), False)
+
+
+@ota_app.command("grafana")
+def grafana_cmd(
+    url: str = typer.Option(..., "--url", help="Grafana base URL."),
+    token: str = typer.Option(..., "--token", help="Grafana service-account token."),
+    prometheus_url: str | None = typer.Option(None, "--prometheus-url",
+                                              help="Data source URL (default PROMETHEUS_URL or localhost:9090)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Provision the Prometheus data source and the rollout dashboard in Grafana (idempotent)."""
+    from driveloop.ota.grafana import provision
+    from driveloop.settings import load_settings
+
+    prom = prometheus_url or load_settings().prometheus_url or "http://127.0.0.1:9090"
+    _emit(provision(url, token, prom), as_json)
+
+
+def _register_release_commands() -> None:
+    """``ota release`` / ``ota keys`` live in the release engineer's module; cli.py imports it too."""
+    if "driveloop._cli_ota_release" in sys.modules:
+        return
+    try:
+        __import__("driveloop._cli_ota_release")
+    except ModuleNotFoundError as e:
+        if e.name != "driveloop._cli_ota_release":
+            raise
+
+
+_register_release_commands()

@@ -106,9 +106,10 @@ class RolloutPlan:
     def default(cls, min_duration_s: float = 900.0, min_evaluations: int = 2,
                 tolerances: GateTolerances | None = None) -> RolloutPlan:
         tol = tolerances or GateTolerances()
-        spec = [("shadow", 0.01, True), ("canary", 0.01, False), ("10%", 0.10, False), ("50%", 0.50, False),
-                ("100%", 1.0, False)]
-        return cls(tuple(StageSpec(n, f, sh, min_duration_s, min_evaluations, tol) for n, f, sh in spec))
+        # the canary is the first time the model actuates: it gets at least 3 windows of evidence
+        spec = [("shadow", 0.01, True, 1), ("canary", 0.01, False, 3), ("10%", 0.10, False, 1),
+                ("50%", 0.50, False, 1), ("100%", 1.0, False, 1)]
+        return cls(tuple(StageSpec(n, f, sh, min_duration_s, max(min_evaluations, k), tol) for n, f, sh, k in spec))
 
     def to_dict(self) -> dict[str, Any]:
         return {"stages": [s.to_dict() for s in self.stages]}

@@ -7,7 +7,8 @@ Rules, in order:
    the control's (plus tolerance) → FAIL.
 2. Too few treatment vehicles/hours, or no comparison group → INCONCLUSIVE (hold, never promote).
 3. Interventions per hour, deadline-miss rate or inference p99 worse than control beyond
-   ``control × (1 + rel) + abs`` → FAIL.
+   ``control × (1 + rel) + abs`` → FAIL (interventions: only once the excess is significant under a
+   Poisson test; above the limit but not yet significant → INCONCLUSIVE).
 4. Otherwise PASS.
 
 The shadow stage compares outputs instead: disagreement rate and mean |Δaction| against limits.
@@ -16,6 +17,7 @@ Every verdict carries its named parts (:class:`MetricCheck`), which adapters log
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -161,6 +163,7 @@ class GateTolerances:
     crash_rate_abs_per_h: float = 0.0
     interventions_rel: float = 0.5
     interventions_abs_per_h: float = 1.0
+    interventions_alpha: float = 0.05  # an excess must also be this unlikely under the limit rate (Poisson)
     deadline_miss_rel: float = 0.5
     deadline_miss_abs: float = 0.002
     p99_rel: float = 0.25
@@ -187,10 +190,11 @@ class MetricCheck:
     control: float
     limit: float
     verdict: Verdict
+    p_value: float | None = None  # for count metrics: P(count this high | the limit rate)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "canary": self.canary, "control": self.control, "limit": self.limit,
-                "verdict": self.verdict.value}
+                "verdict": self.verdict.value, "p_value": self.p_value}
 
 
 @dataclass(frozen=True)
@@ -214,10 +218,40 @@ def _check(name: str, canary: float, control: float, limit: float) -> MetricChec
     return MetricCheck(name, canary, control, limit, Verdict.FAIL if canary > limit else Verdict.PASS)
 
 
+def poisson_sf(k: int, lam: float) -> float:
+    """P(X >= k) for X ~ Poisson(lam): exact below lam = 100, normal approximation above."""
+    if k <= 0:
+        return 1.0
+    if lam <= 0.0:
+        return 0.0
+    if lam > 100.0:
+        return 0.5 * math.erfc((k - 0.5 - lam) / math.sqrt(2.0 * lam))
+    term = cdf = math.exp(-lam)
+    for i in range(1, k):
+        term *= lam / i
+        cdf += term
+    return max(0.0, 1.0 - cdf)
+
+
+def _rate_check(name: str, count: int, hours: float, control_rate: float, limit_rate: float,
+                alpha: float) -> MetricCheck:
+    """A rate above its limit fails when the excess is significant (with a handful of canary vehicles a
+    good model's Poisson noise alone would otherwise abort it now and then) and is INCONCLUSIVE when it
+    is not: a suspicious stage holds for more evidence, it is never promoted."""
+    rate = count / hours if hours > 0 else 0.0
+    p = poisson_sf(count, limit_rate * hours)
+    verdict = Verdict.PASS if rate <= limit_rate else Verdict.FAIL if p < alpha else Verdict.INCONCLUSIVE
+    return MetricCheck(name, rate, control_rate, limit_rate, verdict, p)
+
+
 def _result(checks: list[MetricCheck], pass_reason: str) -> GateResult:
     failed = [c.name for c in checks if c.verdict is Verdict.FAIL]
     if failed:
         return GateResult(Verdict.FAIL, "worse than allowed: " + ", ".join(failed), tuple(checks))
+    unsure = [c.name for c in checks if c.verdict is Verdict.INCONCLUSIVE]
+    if unsure:
+        return GateResult(Verdict.INCONCLUSIVE, "above the limit, not yet significant: " + ", ".join(unsure),
+                          tuple(checks))
     return GateResult(Verdict.PASS, pass_reason, tuple(checks))
 
 
@@ -239,8 +273,9 @@ def evaluate_active(window: HealthWindow, tol: GateTolerances, baseline: CohortS
     if ref is None:
         return GateResult(Verdict.INCONCLUSIVE, "no control group and no baseline to compare with", tuple(safety))
     relative = [
-        _check("interventions_per_h", c.interventions_per_h, ref.interventions_per_h,
-               _upper(ref.interventions_per_h, tol.interventions_rel, tol.interventions_abs_per_h)),
+        _rate_check("interventions_per_h", c.interventions, c.hours, ref.interventions_per_h,
+                    _upper(ref.interventions_per_h, tol.interventions_rel, tol.interventions_abs_per_h),
+                    tol.interventions_alpha),
         _check("deadline_miss_rate", c.deadline_miss_rate, ref.deadline_miss_rate,
                _upper(ref.deadline_miss_rate, tol.deadline_miss_rel, tol.deadline_miss_abs)),
         _check("inference_p99_ms", c.p99_ms, ref.p99_ms, _upper(ref.p99_ms, tol.p99_rel, tol.p99_abs_ms)),

@@ -62,8 +62,9 @@ def test_good_rollout_reaches_100_percent() -> None:
         s, d = decide(s, PLAN, GOOD, t)
         actions.append(d.action)
     assert s.status is Status.COMPLETED and s.max_fraction == 1.0
-    # every stage: hold (600 s < 900 s), then promote at 1200 s
-    assert actions == [Action.HOLD, Action.PROMOTE] * 4 + [Action.HOLD, Action.COMPLETE]
+    # every stage: hold (600 s < 900 s), then promote at 1200 s; the canary needs 3 windows
+    assert actions == [Action.HOLD, Action.PROMOTE] + [Action.HOLD, Action.HOLD, Action.PROMOTE] + \
+        [Action.HOLD, Action.PROMOTE] * 2 + [Action.HOLD, Action.COMPLETE]
     assert s.baseline == CONTROL
 
 
