@@ -28,6 +28,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from driveloop.edge import _slots
 from driveloop.edge._fileops import FileOps
+from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
 from driveloop.edge.fetcher import ResumableFetcher
 from driveloop.exceptions import ConfigError, IntegrityError, OtaError, RollbackAttackError, SignatureError
 
@@ -100,6 +101,7 @@ class VehicleUpdater:
         fetcher: FetcherInterface | None = None,
         hardware_class: str = "cpu",
         file_ops: FileOps | None = None,
+        health_policy: HealthWindowPolicy | None = None,
     ) -> None:
         if hardware_class not in VEHICLE_HARDWARE:
             raise ConfigError(f"vehicle hardware class must be one of {VEHICLE_HARDWARE}, got {hardware_class!r}")
@@ -107,6 +109,7 @@ class VehicleUpdater:
         self.metadata_url, self.targets_url = repo_urls(repo)
         self.hardware_class = hardware_class
         self.files = file_ops or FileOps()
+        self.health_policy = health_policy or HealthWindowPolicy()
         self.fetcher = fetcher or ResumableFetcher(self.dir / "downloads")
         self._tuf: Updater | None = None
 
@@ -168,9 +171,18 @@ class VehicleUpdater:
             state = self._save(_slots.mark_corrupt(state, name))
         raise OtaError(f"vehicle {self.dir}: no slot holds a verified model")
 
-    def report_health(self, ok: bool, reason: str = "") -> _slots.BootState:
-        """Result of the health window (model loads, inference within deadline, no watchdog trips)."""
-        return self.commit() if ok else self.revert(reason or "health window failed")
+    def report_health(self, result: bool | HealthWindowResult, reason: str = "") -> _slots.BootState:
+        """Verdict of the trial's health window: a bool, or the counts judged by ``health_policy``.
+
+        A window without enough ticks yet changes nothing (the trial stays open).
+        """
+        if isinstance(result, HealthWindowResult):
+            verdict, reason = self.health_policy.judge(result)
+            if verdict is None:
+                logger.info("vehicle %s: health window open: %s", self.dir.name, reason)
+                return self.state()
+            result = verdict
+        return self.commit() if result else self.revert(reason or "health window failed")
 
     def commit(self) -> _slots.BootState:
         return self._save(_slots.commit(self.state()))
@@ -191,10 +203,11 @@ class VehicleUpdater:
             return Updater(str(meta), self.metadata_url, str(self.dir / "downloads"), self.targets_url,
                            self.fetcher, bootstrap=None)
 
-    def check(self, target_version: str | None) -> Offer | None:
+    def check(self, target_version: str | int | None) -> Offer | None:
         """Verify what the director asks for; None if nothing to do, an Offer if it may be installed."""
-        if not target_version:
+        if target_version is None or target_version == "":
             return None
+        target_version = str(target_version)  # the registry's int versions are published as "3"
         state = self.state()
         if state.pending and state.slot(state.active).version == target_version:
             # The director wants the committed model (e.g. the rollout was aborted): drop the new one.
@@ -261,7 +274,7 @@ class VehicleUpdater:
             self.files.remove(p)
         return name
 
-    def update(self, target_version: str | None) -> bool:
+    def update(self, target_version: str | int | None) -> bool:
         """check → download_and_install → switch in one call; True if a new slot is pending."""
         offer = self.check(target_version)
         if offer is None:

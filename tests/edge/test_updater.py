@@ -238,3 +238,46 @@ def test_local_directory_mode(tmp_path: Path) -> None:
 
     with pytest.raises(DownloadHTTPError):
         fetcher.download_bytes((root / "missing").as_uri(), 10)
+
+
+def test_health_window_verdicts_drive_commit_and_revert(world: tuple[ReleaseService, FakeRegistry, Path]) -> None:
+    from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
+
+    svc, _, vdir = world
+    svc.release("1")
+    svc.release("2")
+    policy = HealthWindowPolicy(min_ticks=50, max_deadline_miss_ratio=0.02)
+    u, _ = _start(vdir, svc.repo.repo_dir)
+    u.update(1)  # the registry's int version works as the director's target
+    u = VehicleUpdater(vdir, svc.repo.repo_dir, health_policy=policy)
+    u.boot()
+    assert u.report_health(HealthWindowResult(True, ticks=20)).trial  # not enough ticks: still open
+    assert u.report_health(HealthWindowResult(True, ticks=60, deadline_misses=1)).active == "b"
+    u.update("2")
+    u = VehicleUpdater(vdir, svc.repo.repo_dir, health_policy=policy)
+    u.boot()
+    state = u.report_health(HealthWindowResult(True, ticks=60, deadline_misses=2))
+    assert state.active == "b" and state.slot("a").status == "failed" and "deadline misses" in state.last_event
+
+
+@pytest.mark.parametrize(
+    ("result", "verdict", "why"),
+    [
+        (dict(model_loaded=False), False, "failed to load"),
+        (dict(model_loaded=True, ticks=200, watchdog_trips=1), False, "watchdog"),
+        (dict(model_loaded=True, ticks=200, collisions=1), False, "collisions"),
+        (dict(model_loaded=True, ticks=200, deadline_misses=3), False, "deadline"),
+        (dict(model_loaded=True, ticks=200, deadline_misses=2), True, "healthy"),  # exactly the 1% limit
+        (dict(model_loaded=True, ticks=99), None, "99/100"),
+        (dict(model_loaded=True, ticks=100), True, "healthy"),
+    ],
+)
+def test_health_policy_table(result: dict, verdict: bool | None, why: str) -> None:
+    from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
+
+    got, reason = HealthWindowPolicy().judge(HealthWindowResult(**result))
+    assert got is verdict and why in reason
+    with pytest.raises(ConfigError):
+        HealthWindowResult(True, ticks=1, deadline_misses=2)
+    with pytest.raises(ConfigError):
+        HealthWindowPolicy(max_deadline_miss_ratio=1.5)
