@@ -140,7 +140,7 @@ def behaviour_clone(demos: Demonstrations, config: BootstrapConfig,
             opt.zero_grad()
             batch_loss.backward()
             opt.step()
-            total += float(batch_loss) * len(idx)
+            total += batch_loss.item() * len(idx)
         sched.step()
         if on_epoch is not None:
             on_epoch(epoch, total / len(order))

@@ -50,6 +50,7 @@ def open_client(artifact: Any, isolate: bool, fault: FaultSpec | None, device: s
         rt.wait_ready()
         return IsolatedInference(rt), rt
     runtime = ModelRuntime(artifact.onnx_path, artifact.manifest, device=device)
+    runtime.warmup()  # first-call allocations must not be mistaken for a deadline miss
     if fault is not None:
         from driveloop.edge.isolated import FaultyRunner
 
