@@ -121,3 +121,134 @@ def verify(ref: str = typer.Argument(..., help="Version, 'latest' or a stage nam
         version = reg.get(_ref(ref)).version
         sha = reg.verify(version)
     typer.echo(dumps({"version": version, "sha256": sha, "ok": True}) if as_json else f"v{version} ok ({sha})")
+
+
+# --- cloud data loop: ingest server, vehicles, campaigns, segments (the backflow engineer's part) ---
+
+cloud_app = typer.Typer(help="Cloud data loop", no_args_is_help=True)
+app.add_typer(cloud_app, name="cloud")
+vehicles_app = typer.Typer(help="Vehicles allowed to upload (per-vehicle tokens).", no_args_is_help=True)
+campaigns_app = typer.Typer(help="Collection campaigns: create, approve, list.", no_args_is_help=True)
+segments_app = typer.Typer(help="Cataloged segments.", no_args_is_help=True)
+cloud_app.add_typer(vehicles_app, name="vehicles")
+cloud_app.add_typer(campaigns_app, name="campaigns")
+cloud_app.add_typer(segments_app, name="segments")
+
+
+def _ingest_service() -> Any:
+    """The cloud of this data directory (catalog + store from settings), as the server would run it."""
+    from driveloop.cloud.catalog import Catalog
+    from driveloop.cloud.ingest import IngestConfig, IngestService
+    from driveloop.cloud.store import ObjectStore
+    from driveloop.settings import load_settings
+
+    s = load_settings()
+    config = IngestConfig(staging_dir=s.cloud_dir / "uploads")
+    return IngestService(ObjectStore(s.resolved_store_url()), Catalog(s.resolved_catalog_url()), config)
+
+
+@cloud_app.command("serve")
+def cloud_serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8750, help="TCP port."),
+    admin_token: str = typer.Option(None, envvar="DRIVELOOP_CLOUD_ADMIN_TOKEN",
+                                    help="Enables the admin campaign API for this bearer token."),
+) -> None:
+    """Run the ingest server (resumable uploads, campaigns) over this data directory's cloud."""
+    from driveloop.cloud.auth import hash_secret
+    from driveloop.cloud.ingest import build_app, serve
+    from driveloop.settings import load_settings
+
+    s = load_settings()
+    app_ = build_app(s.resolved_store_url(), s.resolved_catalog_url(), s.cloud_dir / "uploads",
+                     admin_token_hash=hash_secret(admin_token) if admin_token else None)
+    typer.echo(f"driveloop ingest on http://{host}:{port} (catalog {s.resolved_catalog_url()})")
+    serve(app_, host=host, port=port)
+
+
+@vehicles_app.command("add")
+def vehicles_add(vehicle_id: str = typer.Argument(..., help="Vehicle id, e.g. veh-0."), as_json: bool = _JSON) -> None:
+    """Register a vehicle and print its upload token (shown once; only its hash is stored)."""
+    import time
+
+    from driveloop.cloud.auth import register_vehicle
+
+    svc = _ingest_service()
+    token = register_vehicle(svc.catalog, vehicle_id, time.time())
+    typer.echo(dumps({"vehicle": vehicle_id, "token": token}) if as_json else token)
+
+
+@vehicles_app.command("list")
+def vehicles_list(as_json: bool = _JSON) -> None:
+    """Registered vehicles (tokens are never shown)."""
+    rows = [{"vehicle": v.id, "enabled": v.enabled, "created_at_s": v.created_at_s} for v in _ingest_service().catalog.vehicles()]
+    if as_json:
+        typer.echo(dumps({"vehicles": rows}))
+        return
+    _table("vehicles", ["vehicle", "enabled", "created_at_s"], [list(r.values()) for r in rows])
+
+
+@campaigns_app.command("create")
+def campaigns_create(
+    name: str = typer.Option(..., help="Campaign name (lowercase, digits, - and _)."),
+    condition: str = typer.Option(..., help="Expression over signals, e.g. 'ttc < 1.5 or fallback'."),
+    mode: str = typer.Option("rising_edge", help="always | rising_edge"),
+    min_interval_s: float = typer.Option(5.0, help="Minimum seconds between two triggers."),
+    pre_window_s: float = typer.Option(5.0, help="Seconds of data kept before a trigger."),
+    post_window_s: float = typer.Option(5.0, help="Seconds of data kept after a trigger."),
+    priority: int = typer.Option(3, help="1..9, higher uploads first."),
+    expires_in_s: float = typer.Option(None, help="Expire this many seconds from now (default: never)."),
+    as_json: bool = _JSON,
+) -> None:
+    """Create a campaign (state 'created'; vehicles get it once approved)."""
+    import time
+
+    spec: dict[str, Any] = {"name": name, "condition": condition, "trigger_mode": mode,
+                            "min_interval_s": min_interval_s, "pre_window_s": pre_window_s,
+                            "post_window_s": post_window_s, "priority": priority}
+    if expires_in_s is not None:
+        spec["expires_at_s"] = time.time() + expires_in_s
+    created = _ingest_service().create_campaign(spec)
+    typer.echo(dumps(created) if as_json else created["id"])
+
+
+@campaigns_app.command("approve")
+def campaigns_approve(campaign_id: str = typer.Argument(..., help="Campaign id (cmp-…)."), as_json: bool = _JSON) -> None:
+    """Approve a created campaign: vehicles fetch it from now until it expires."""
+    approved = _ingest_service().approve_campaign(campaign_id)
+    typer.echo(dumps(approved) if as_json else f"{approved['id']} approved")
+
+
+@campaigns_app.command("list")
+def campaigns_list(as_json: bool = _JSON) -> None:
+    """Every campaign with its state."""
+    from driveloop.cloud.campaigns import to_wire
+
+    rows = [to_wire(c) for c in _ingest_service().catalog.campaigns()]
+    if as_json:
+        typer.echo(dumps({"campaigns": rows}))
+        return
+    cols = ["id", "name", "state", "condition", "trigger_mode", "priority", "expires_at_s"]
+    _table("campaigns", cols, [[r[c] for c in cols] for r in rows])
+
+
+@segments_app.command("list")
+def segments_list(
+    vehicle: str = typer.Option(None, help="Only this vehicle."),
+    scenario: str = typer.Option(None, help="Only this scenario."),
+    event: str = typer.Option(None, help="Only segments with this event (e.g. fallback_activation)."),
+    new: bool = typer.Option(False, "--new", help="Only segments no dataset has consumed yet."),
+    as_json: bool = _JSON,
+) -> None:
+    """Cataloged segments, oldest first."""
+    from dataclasses import asdict
+
+    from driveloop.cloud.catalog import SegmentQuery
+
+    query = SegmentQuery(vehicle=vehicle, scenario=scenario, event=event, unconsumed=True if new else None)
+    rows = [asdict(r) for r in _ingest_service().catalog.segments(query)]
+    if as_json:
+        typer.echo(dumps({"segments": rows, "count": len(rows)}))
+        return
+    cols = ["sha256", "vehicle", "scenario", "start_s", "end_s", "n_ticks", "events", "consumed_by_dataset"]
+    _table(f"segments ({len(rows)})", cols, [[str(r[c])[:16] if c == "sha256" else r[c] for c in cols] for r in rows])
