@@ -122,13 +122,14 @@ class Recorder:
             seg = self._seg = self._open(tick.t_s)
         events = self.triggers.evaluate(tick.signals(), tick.t_s)
         log_ns = max(0, int(round(tick.t_s * 1e9)))
+        seq = int(tick.tick) & 0xFFFFFFFF  # MCAP sequence is uint32
         try:
             for topic, payload in payloads.items():
-                seg.writer.add_message(seg.channels[topic], log_ns, payload, log_ns)
+                seg.writer.add_message(seg.channels[topic], log_ns, payload, log_ns, sequence=seq)
             for ev in events:
                 body = {"tick": int(tick.tick), "t_s": float(tick.t_s), "trigger": ev.trigger,
                         "priority": ev.priority, "pre_s": float(ev.pre_s), "post_s": float(ev.post_s)}
-                seg.writer.add_message(seg.channels[TOPIC_EVENT], log_ns, _json(body), log_ns)
+                seg.writer.add_message(seg.channels[TOPIC_EVENT], log_ns, _json(body), log_ns, sequence=seq)
         except OSError as e:
             raise StorageError(f"writing {seg.part} failed: {e}") from e
         seg.last_t_s = tick.t_s

@@ -375,7 +375,10 @@ def read_ticks(path: str | os.PathLike[str]) -> Iterator[TickRecord]:
     _, by_topic = _load(Path(path))
     columns = [by_topic[t] for t in TICK_TOPICS]
     for row in zip(*columns):
-        yield decode_tick(dict(zip(TICK_TOPICS, row)))
+        try:
+            yield decode_tick(dict(zip(TICK_TOPICS, row)))
+        except (TypeError, ValueError, KeyError) as e:  # CRC-valid but crafted content
+            raise SegmentError(f"{path}: tick {row[0].get('tick')} does not decode: {e!r}") from e
 
 
 def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -168,7 +168,7 @@ def killed_spool(tmp_path_factory: pytest.TempPathFactory) -> Spool:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(root)], cwd=REPO, env=env)
     try:
-        while len(list(spool.closed_dir.iterdir())) < 4:
+        while len(list(spool.closed_dir.iterdir())) < 4 or not any(spool.open_dir.iterdir()):
             assert proc.poll() is None, "recorder child died on its own"
             time.sleep(0.05)
     finally:
@@ -182,7 +182,8 @@ def test_sigkill_loses_only_the_open_segment(killed_spool: Spool) -> None:
     closed = sorted(killed_spool.closed_dir.iterdir())
     assert len(closed) >= 4 and all(p.name.endswith(".mcap") for p in closed)
     parts = list(killed_spool.open_dir.iterdir())
-    assert len(parts) == 1 and parts[0].name.endswith(PART_SUFFIX)
+    # At most the one open segment is left (none if the kill fell between publishing one and opening the next).
+    assert len(parts) <= 1 and all(p.name.endswith(PART_SUFFIX) for p in parts)
     for p in closed:
         info = validate_segment(p)
         assert info.n_ticks == 10 and info.vehicle == "victim"
@@ -192,13 +193,15 @@ def test_sigkill_loses_only_the_open_segment(killed_spool: Spool) -> None:
         assert all(topics[t] == 10 for t in TICK_TOPICS) and topics[TOPIC_EVENT] == sum(info.events.values())
     # A restarted recorder publishes the leftover if it was complete (killed between finishing and
     # renaming it), otherwise quarantines it; either way open/ is clean and closed/ stays valid.
-    try:
-        validate_segment(parts[0])
-        complete = True
-    except SegmentError:
-        complete = False
+    complete = 0
+    for part in parts:
+        try:
+            validate_segment(part)
+            complete = 1
+        except SegmentError:
+            pass
     restarted = Recorder(killed_spool, "victim", "highway", 0, "1")
-    assert (len(restarted.recovered), len(restarted.quarantined)) == ((1, 0) if complete else (0, 1))
+    assert (len(restarted.recovered), len(restarted.quarantined)) == (complete, len(parts) - complete)
     assert list(killed_spool.open_dir.iterdir()) == []
     assert len(killed_spool.closed_segments()) == len(closed) + complete
     for q in restarted.quarantined:
