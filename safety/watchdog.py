@@ -15,6 +15,7 @@ Every check is on the current tick only, so a fault is detected on the tick it h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,11 +39,11 @@ class Verdict:
     detail: str = ""
 
 
-def _as_float_array(value: object, shapes: tuple[tuple[int, ...], ...]) -> np.ndarray | None:
-    """The value as a flat float64 array when it is a floating ndarray of an allowed shape, else None."""
+def _as_floats(value: object, shapes: tuple[tuple[int, ...], ...]) -> list[float] | None:
+    """The values as Python floats when ``value`` is a floating ndarray of an allowed shape, else None."""
     if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.shape not in shapes:
         return None
-    return value.astype(np.float64).reshape(-1)
+    return [float(x) for x in value.reshape(-1).tolist()]
 
 
 def check_timing(reply: ModelReply | None, now_s: float, sensor_stamp_s: float, period_s: float,
@@ -53,7 +54,7 @@ def check_timing(reply: ModelReply | None, now_s: float, sensor_stamp_s: float, 
     if reply is None or reply.received_at_s is None:
         return Verdict("deadline", detail="no reply by the deadline")
     age = now_s - reply.received_at_s
-    if not np.isfinite(age) or age > config.deadline_s or age < -CLOCK_TOLERANCE_S:
+    if not math.isfinite(age) or age > config.deadline_s or age < -CLOCK_TOLERANCE_S:
         return Verdict("deadline", detail=f"reply age {age:.3f} s outside [0, {config.deadline_s}] s")
     sensor_age = now_s - sensor_stamp_s
     if sensor_age > config.stale_ticks * period_s + CLOCK_TOLERANCE_S or sensor_age < -CLOCK_TOLERANCE_S:
@@ -68,13 +69,13 @@ def check_reply(reply: ModelReply | None, now_s: float, sensor_stamp_s: float, p
     if timing is not None:
         return timing
     assert reply is not None  # check_timing reports a missing reply
-    action = _as_float_array(reply.action, _ACTION_SHAPES)
-    confidence = _as_float_array(reply.confidence, _CONFIDENCE_SHAPES)
+    action = _as_floats(reply.action, _ACTION_SHAPES)
+    confidence = _as_floats(reply.confidence, _CONFIDENCE_SHAPES)
     if action is None or confidence is None:
         return Verdict("shape", detail=f"action {_describe(reply.action)}, confidence {_describe(reply.confidence)}")
-    if not (np.all(np.isfinite(action)) and np.all(np.isfinite(confidence))):
+    if not all(math.isfinite(x) for x in action + confidence):
         return Verdict("nan", detail="non-finite model output")
-    accel, steer, conf = float(action[0]), float(action[1]), float(confidence[0])
+    accel, steer, conf = action[0], action[1], confidence[0]
     if not (config.plausible_accel_min_mps2 <= accel <= config.plausible_accel_max_mps2):
         return Verdict("range", detail=f"accel {accel:.3g} m/s^2 implausible")
     if abs(steer) > config.plausible_steer_abs_rad:
