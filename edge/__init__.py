@@ -32,3 +32,14 @@ __all__ += list(_LAZY_RECORDING_API)
 _LAZY_OTA_CLIENT_API = {"VehicleUpdater": "updater", "Offer": "updater", "ResumableFetcher": "fetcher"}
 _LAZY_RUNTIME_API.update(_LAZY_OTA_CLIENT_API)
 __all__ += list(_LAZY_OTA_CLIENT_API)
+
+# Simulated world: scenarios, simulator, sensors, perception (same lazy lookup; highway-env loads on use).
+_LAZY_SIM_API = {
+    "VehicleState": "world", "WorldSnapshot": "world", "lead_vehicle": "world", "gap_m": "world", "ttc_s": "world",
+    "ScenarioSpec": "scenarios", "parse_scenario": "scenarios", "scenario_names": "scenarios",
+    "CCR_CASES": "scenarios", "draw_mix": "scenarios", "SimConfig": "sim", "Simulator": "sim",
+    "SensorConfig": "sensors", "SensorFrame": "sensors", "SensorSuite": "sensors", "observe": "sensors",
+    "Track": "perception", "forward_track": "perception",
+}
+_LAZY_RUNTIME_API.update(_LAZY_SIM_API)
+__all__ += list(_LAZY_SIM_API)
