@@ -23,16 +23,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
-
-from mcap.writer import CompressionType, Writer
+from typing import IO, Self
 
 from driveloop.edge.segment import (
-    METADATA_NAME, PROFILE, SCHEMAS, TOPIC_EVENT, TOPICS, SegmentMeta, TickRecord, encode_tick,
-    schema_bytes, validate_segment,
+    METADATA_NAME,
+    PROFILE,
+    SCHEMAS,
+    TOPIC_EVENT,
+    TOPICS,
+    SegmentMeta,
+    TickRecord,
+    encode_tick,
+    schema_bytes,
+    validate_segment,
 )
 from driveloop.edge.spool import Spool, check_vehicle_id
 from driveloop.edge.triggers import FiredEvent, TriggerEngine, TriggerSpec, builtin_triggers
+from mcap.writer import CompressionType, Writer
+
 from driveloop.exceptions import ConfigError, SegmentError, StorageError
 
 logger = logging.getLogger(__name__)
@@ -121,7 +129,7 @@ class Recorder:
         if seg is None:
             seg = self._seg = self._open(tick.t_s)
         events = self.triggers.evaluate(tick.signals(), tick.t_s)
-        log_ns = max(0, int(round(tick.t_s * 1e9)))
+        log_ns = max(0, round(tick.t_s * 1e9))
         seq = int(tick.tick) & 0xFFFFFFFF  # MCAP sequence is uint32
         try:
             for topic, payload in payloads.items():
@@ -154,7 +162,7 @@ class Recorder:
                 self._finalize()
         return list(self.closed)
 
-    def __enter__(self) -> Recorder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -182,7 +190,7 @@ class Recorder:
         self._last_opened_ns = opened_ns
         part = self.spool.part_path(self.vehicle_id, opened_ns)
         try:
-            f = open(part, "xb")
+            f = open(part, "xb")  # noqa: SIM115 - stays open across ticks; closed in _finish
             writer = Writer(f, chunk_size=self.chunk_size_bytes, compression=CompressionType.ZSTD,
                             enable_crcs=True, enable_data_crcs=True)
             writer.start(profile=PROFILE, library="driveloop")

@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from driveloop.edge.contract import GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS, OBS_VERSION
 from mcap.exceptions import EndOfFile
 from mcap.records import Channel, Chunk, DataEnd, Footer, Header, Message, Metadata, Schema, Statistics
 from mcap.stream_reader import StreamReader, breakup_chunk
 
-from driveloop.edge.contract import GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS, OBS_VERSION
 from driveloop.exceptions import SegmentError
 
 logger = logging.getLogger(__name__)
@@ -130,9 +130,10 @@ def _opt(x: float | None) -> float | None:
 def _float_list(a: np.ndarray) -> list[float | None]:
     """Lossless float32 -> JSON list; non-finite -> null (rare, so checked once per array)."""
     flat = np.asarray(a, dtype=np.float32).ravel()
+    values: list[float | None] = list(flat.tolist())
     if np.isfinite(flat).all():
-        return flat.tolist()
-    return [v if math.isfinite(v) else None for v in flat.tolist()]
+        return values
+    return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
 def _int_list(a: np.ndarray) -> list[int | None]:

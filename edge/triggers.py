@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from driveloop.exceptions import ConfigError
 
@@ -137,7 +137,7 @@ def _compile(node: ast.AST, text: str, names: set[str]) -> _Eval:
         args = [_compile(a, text, names) for a in node.args]
         return lambda s: f(*(float(a(s)) for a in args))
     if isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
-        value = node.value
+        value = cast(float | bool, node.value)
         return lambda s: value
     if isinstance(node, ast.Name):
         if node.id in _CONSTS:

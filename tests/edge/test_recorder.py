@@ -13,14 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mcap.reader import make_reader
-
 from driveloop.edge.recorder import Recorder
 from driveloop.edge.segment import (
-    PART_SUFFIX, TICK_TOPICS, TOPIC_EVENT, TickRecord, read_ticks, scan_directory, validate_segment,
+    PART_SUFFIX,
+    TICK_TOPICS,
+    TOPIC_EVENT,
+    TickRecord,
+    read_ticks,
+    scan_directory,
+    validate_segment,
 )
 from driveloop.edge.spool import Spool
 from driveloop.edge.triggers import TriggerSpec
+from mcap.reader import make_reader
+
 from driveloop.exceptions import ConfigError, SegmentError
 from tests.edge.test_segment import assert_tick_equal, make_tick
 
@@ -30,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _drive(rec: Recorder, seconds: float, brake_at_s: tuple[float, ...] = (), seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     ticks = []
-    for i in range(int(round(seconds * 10))):
+    for i in range(round(seconds * 10)):
         t = make_tick(i, rng, brake=any(abs(i * 0.1 - b) < 1e-6 for b in brake_at_s))
         rec.record(t)
         ticks.append(t)

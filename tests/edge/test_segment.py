@@ -9,16 +9,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mcap.reader import make_reader
-from mcap.writer import Writer
-
 from driveloop.edge.contract import GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS
 from driveloop.edge.segment import (
-    METADATA_NAME, SCHEMAS, TOPIC_EVENT, TOPICS, SegmentMeta, TickRecord, read_events, read_ticks,
-    scan_directory, schema_bytes, validate_segment,
+    METADATA_NAME,
+    SCHEMAS,
+    TICK_TOPICS,
+    TOPIC_EVENT,
+    TOPICS,
+    SegmentMeta,
+    TickRecord,
+    decode_tick,
+    encode_tick,
+    read_events,
+    read_ticks,
+    scan_directory,
+    schema_bytes,
+    validate_segment,
 )
 from driveloop.edge.spool import Spool
 from driveloop.edge.triggers import SIGNAL_NAMES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from mcap.reader import make_reader
+from mcap.writer import Writer
+
 from driveloop.exceptions import SegmentError
 
 DT_S = 0.1
@@ -200,7 +215,7 @@ def test_fuzz_bit_flips_and_truncations_only_raise_segment_error(tmp_path: Path)
     data = good.read_bytes()
     rng = random.Random(1234)  # fixed seed: replayable
     target = tmp_path / "fuzz.mcap"
-    positions = list(range(0, 64)) + list(range(len(data) - 200, len(data))) + rng.sample(range(len(data)), 200)
+    positions = list(range(64)) + list(range(len(data) - 200, len(data))) + rng.sample(range(len(data)), 200)
     for pos in positions:
         flipped = bytearray(data)
         flipped[pos] ^= 1 << rng.randrange(8)
@@ -215,7 +230,7 @@ def test_fuzz_bit_flips_and_truncations_only_raise_segment_error(tmp_path: Path)
 
 def test_tampered_metadata_counts_rejected(tmp_path: Path) -> None:
     """A well-formed MCAP whose metadata lies about its contents is rejected."""
-    path, ticks = record_segment(tmp_path / "spool", 5)
+    path, _ = record_segment(tmp_path / "spool", 5)
     with open(path, "rb") as f:
         reader = make_reader(f)
         msgs = [(ch.topic, m.log_time, m.data) for _, ch, m in reader.iter_messages()]
@@ -236,11 +251,6 @@ def test_tampered_metadata_counts_rejected(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- properties
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra import numpy as hnp  # noqa: E402
-
-from driveloop.edge.segment import TICK_TOPICS, decode_tick, encode_tick  # noqa: E402
 
 
 @settings(max_examples=60, derandomize=True, deadline=None)

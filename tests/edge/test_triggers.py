@@ -5,10 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from driveloop.edge.triggers import (
-    SIGNAL_NAMES, FiredEvent, TriggerEngine, TriggerSpec, builtin_triggers, compile_condition,
+    SIGNAL_NAMES,
+    FiredEvent,
+    TriggerEngine,
+    TriggerSpec,
+    builtin_triggers,
+    compile_condition,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from driveloop.exceptions import ConfigError
 
 BASE = {"ttc": 5.0, "fallback": False, "confidence": 0.9, "speed": 20.0, "accel": 0.0, "steering": 0.0,
@@ -175,8 +182,6 @@ def test_builtin_triggers_fire_on_their_hazards() -> None:
 
 
 # ---------------------------------------------------------------- property: same truth as Python
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 NUM_NAMES = ["ttc", "speed", "accel", "confidence"]
 BOOL_NAMES = ["fallback", "collision"]
@@ -207,5 +212,5 @@ _signals = st.fixed_dictionaries({
 @settings(max_examples=300, derandomize=True, deadline=None)
 @given(expr=_bool, signals=_signals)
 def test_condition_agrees_with_python(expr: str, signals: dict[str, float | bool]) -> None:
-    expected = bool(eval(expr, {"__builtins__": {}, "abs": abs, "min": min, "max": max}, dict(signals)))  # noqa: S307
+    expected = bool(eval(expr, {"__builtins__": {}, "abs": abs, "min": min, "max": max}, dict(signals)))
     assert compile_condition(expr, SIGNAL_NAMES).evaluate(signals) is expected
