@@ -7,6 +7,7 @@ Endpoints (all JSON; vehicle endpoints need ``Authorization: Bearer <vehicle tok
 - ``HEAD``/``GET /v1/uploads/{id}`` → the server's offset (header and body)
 - ``GET /v1/campaigns`` → approved, unexpired campaigns for vehicles
 - admin (``Bearer <admin token>``): ``POST /v1/campaigns``, ``POST /v1/campaigns/{id}/approve``
+- ``GET /metrics`` (Prometheus text): bytes received, segments cataloged, uploads rejected
 Errors map from the error tree: AuthError → 401/403, UploadRejectedError → its status,
 SegmentError/ConfigError → 422, StorageError → 503 (retry later); the body is ``{"error": "…"}``.
 """
@@ -26,9 +27,11 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from starlette.requests import ClientDisconnect
 
-from driveloop.cloud._ingest_service import ChunkWriter, IngestConfig, IngestService
+from driveloop.cloud._ingest_service import ChunkWriter, IngestConfig, IngestService, IngestStats
 from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.store import ObjectStore
 from driveloop.edge.transport import OFFSET_HEADER, UploadStatus
@@ -102,6 +105,21 @@ def _int_header(request: Request, name: str, required: bool) -> int | None:
     return int(value)
 
 
+class _StatsCollector:
+    """Exports the service's counters; a registry per app, so tests can run several servers."""
+
+    def __init__(self, stats: IngestStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        yield CounterMetricFamily("driveloop_ingest_received_bytes", "Upload body bytes received", value=s.bytes_received)
+        yield CounterMetricFamily("driveloop_ingest_segments_cataloged", "Segments newly cataloged",
+                                  value=s.segments_cataloged)
+        yield CounterMetricFamily("driveloop_ingest_uploads_rejected", "Uploads refused at finalization",
+                                  value=s.uploads_rejected)
+
+
 def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
                clock: Callable[[], float] = time.time) -> FastAPI:
     """The ingest API over ``store`` and ``catalog``; ``app.state.service`` is its IngestService."""
@@ -116,9 +134,16 @@ def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
     async def vehicle(request: Request) -> str:
         return await run_in_threadpool(service.authenticate, request.headers.get("authorization"))
 
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatsCollector(service.stats))  # type: ignore[arg-type]
+
     @app.get("/healthz")
     async def healthz() -> dict[str, bool]:
         return {"ok": True}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/uploads")
     async def begin_upload(request: Request) -> JSONResponse:

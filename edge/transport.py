@@ -219,3 +219,15 @@ class LocalTransport:
 
     def close(self) -> None:
         self.service.catalog.close()
+
+
+def make_transport(vehicle_id: str, cloud_dir: str | Path, cloud_url: str | None = None, token: str | None = None,
+                   catalog_url: str | None = None, store_url: str | None = None) -> UploadTransport:
+    """The transport settings ask for: the ingest server when ``cloud_url`` is set (needs the
+    vehicle's ``token``), else the embedded local cloud in ``cloud_dir`` (no server to start)."""
+    if cloud_url:
+        if not token:
+            raise ConfigError(f"cloud URL {cloud_url} is set but vehicle {vehicle_id} has no token "
+                              "(driveloop cloud vehicles add ID prints one)")
+        return HttpTransport(cloud_url, token)
+    return LocalTransport.under(cloud_dir, vehicle_id, catalog_url=catalog_url, store_url=store_url)

@@ -221,6 +221,9 @@ def test_refused_segments_mark_the_upload_failed(cloud: Cloud, segments: dict[st
         assert _send(c, data).status_code == 200
     assert cloud.service.stats.uploads_rejected == 1
     cloud.assert_unchanged([hashlib.sha256(data).hexdigest()])
+    metrics = cloud.client(None).get("/metrics").text
+    assert "driveloop_ingest_segments_cataloged_total 1.0" in metrics
+    assert "driveloop_ingest_uploads_rejected_total 1.0" in metrics
 
 
 def test_cannot_touch_another_vehicles_upload(cloud: Cloud, segments: dict[str, list[Path]]) -> None:
@@ -305,3 +308,41 @@ def test_local_transport_uses_the_same_validation(tmp_path: Path, segments: dict
     assert local.service.store.shas() == [hashlib.sha256(good).hexdigest()]
     assert local.campaigns() == []
     local.close()
+
+
+def test_cli_manages_the_same_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str], segments: dict[str, list[Path]]) -> None:
+    """``driveloop cloud vehicles add`` issues a token the server accepts; bad campaign → one-line
+    error, exit 2, nothing saved; ``segments list --json`` shows what was ingested."""
+    import json
+
+    from driveloop.cli import main
+    from driveloop.cloud.ingest import build_app
+    from driveloop.settings import load_settings
+
+    monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path / "home"))
+    assert main(["cloud", "vehicles", "add", "veh-a", "--json"]) == 0
+    token = json.loads(capsys.readouterr().out)["token"]
+    assert main(["cloud", "vehicles", "add", "veh-a"]) == 2
+    assert "already registered" in capsys.readouterr().err
+    assert main(["cloud", "campaigns", "create", "--name", "x", "--condition", "ttc <"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("driveloop: error:") and err.count("\n") == 1
+    assert main(["cloud", "campaigns", "create", "--name", "near-miss", "--condition", "ttc < 1.5 or fallback",
+                 "--priority", "6"]) == 0
+    cid = capsys.readouterr().out.strip()
+    assert main(["cloud", "campaigns", "approve", cid]) == 0
+    assert main(["cloud", "campaigns", "approve", "cmp-000000000000"]) == 6  # unknown id: UploadRejectedError
+    capsys.readouterr()
+
+    s = load_settings()
+    app = build_app(s.resolved_store_url(), s.resolved_catalog_url(), s.cloud_dir / "uploads")
+    with serve_in_thread(app) as url:
+        t = HttpTransport(url, token)
+        assert _upload_all(t, segments["veh-a"][0].read_bytes(), "a.mcap")["cataloged"] is True
+        assert [c["id"] for c in t.campaigns()] == [cid]
+    assert main(["cloud", "segments", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["count"] == 1 and listed["segments"][0]["vehicle"] == "veh-a"
+    assert main(["cloud", "campaigns", "list", "--json"]) == 0
+    assert [c["state"] for c in json.loads(capsys.readouterr().out)["campaigns"]] == ["approved"]
