@@ -20,3 +20,12 @@ def __getattr__(name: str) -> object:
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY_MODEL_API[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+# Backflow: object store, catalog, campaigns, vehicle auth, ingest (same lazy lookup; fastapi loads on use).
+_LAZY_BACKFLOW_API = {
+    "ObjectStore": "store", "Catalog": "catalog", "SegmentRecord": "catalog", "SegmentQuery": "catalog",
+    "Campaign": "campaigns", "CampaignSpec": "campaigns", "register_vehicle": "auth",
+    "IngestConfig": "ingest", "IngestService": "ingest", "create_app": "ingest",
+}
+_LAZY_MODEL_API.update(_LAZY_BACKFLOW_API)
+__all__ += list(_LAZY_BACKFLOW_API)
