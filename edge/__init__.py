@@ -43,3 +43,12 @@ _LAZY_SIM_API = {
 }
 _LAZY_RUNTIME_API.update(_LAZY_SIM_API)
 __all__ += list(_LAZY_SIM_API)
+
+# Upload: transports and the spool uploader (same lazy lookup; httpx loads on use).
+_LAZY_UPLOAD_API = {
+    "UploadTransport": "transport", "UploadStatus": "transport", "HttpTransport": "transport",
+    "LocalTransport": "transport", "make_transport": "transport", "campaign_triggers": "transport",
+    "Uploader": "uploader", "BackoffPolicy": "uploader",
+}
+_LAZY_RUNTIME_API.update(_LAZY_UPLOAD_API)
+__all__ += list(_LAZY_UPLOAD_API)
