@@ -71,7 +71,8 @@ class BootState:
         return self.pending if self.trial and self.pending else self.active
 
     def with_slot(self, name: SlotName, slot: Slot, **changes: Any) -> BootState:
-        return replace(self, **{name: slot}, **changes)
+        changes[name] = slot
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -181,10 +181,8 @@ class ResumableFetcher(FetcherInterface):
 
     # -- local directory (embedded mode) -------------------------------------------------------
     def _local_chunks(self, path: Path) -> Iterator[bytes]:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError as e:
-            raise tuf_exc.DownloadHTTPError(f"{path} not found", 404) from e
-        with f:
+        if not path.is_file():
+            raise tuf_exc.DownloadHTTPError(f"{path} not found", 404)  # like HTTP: root probing stops here
+        with open(path, "rb") as f:
             while chunk := f.read(self.chunk_bytes):
                 yield chunk

@@ -21,16 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from driveloop.edge import _slots
+from driveloop.edge._fileops import FileOps
+from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
+from driveloop.edge.fetcher import ResumableFetcher
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from driveloop.edge import _slots
-from driveloop.edge._fileops import FileOps
-from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
-from driveloop.edge.fetcher import ResumableFetcher
-from driveloop.exceptions import ConfigError, IntegrityError, OtaError, RollbackAttackError, SignatureError
+from driveloop.exceptions import (
+    ConfigError,
+    IntegrityError,
+    OtaError,
+    RollbackAttackError,
+    SignatureError,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
+from driveloop.ota._tuf_io import remove_stale_temps, write_atomic
+from driveloop.ota.keys import ROLES, KeyStore
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
 from tuf.api.serialization.json import JSONSerializer
 
 from driveloop.exceptions import ConfigError, OtaError
-from driveloop.ota._tuf_io import remove_stale_temps, write_atomic
-from driveloop.ota.keys import ROLES, KeyStore
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +58,7 @@ class RepoPolicy:
 
 
 def _utc(now_s: float) -> datetime:
-    return datetime.fromtimestamp(int(now_s), tz=timezone.utc)
+    return datetime.fromtimestamp(int(now_s), tz=UTC)
 
 
 class TufRepo:
@@ -90,7 +99,7 @@ class TufRepo:
         except Exception as e:  # tuf raises DeserializationError and friends
             raise OtaError(f"TUF metadata {path} is unreadable: {e}") from e
         if not isinstance(md.signed, cls):
-            raise OtaError(f"{path} holds {md.signed.type} metadata, expected {cls.type}")
+            raise OtaError(f"{path} holds {md.signed.type} metadata, expected {cls.__name__.lower()}")
         return md
 
     def active_keyids(self, root: Root | None = None) -> dict[str, list[str]]:
@@ -214,7 +223,7 @@ class TufRepo:
                 ("targets", self.load_targets()),
             ):
                 root.verify_delegate(role, md.signed_bytes, md.signatures)
-        except Exception as e:  # any verification or load failure means re-publish
+        except (OtaError, tuf_exc.RepositoryError, ValueError, KeyError) as e:  # unreadable or badly signed
             logger.warning("repository inconsistent after a crash or rotation (%s); re-publishing", e)
             consistent = False
         if not consistent:

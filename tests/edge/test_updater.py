@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from driveloop.edge.fetcher import ResumableFetcher
 from driveloop.edge.updater import VehicleUpdater, sha256_file
-from driveloop.exceptions import ConfigError, OtaError, RollbackAttackError
 from driveloop.ota._tuf_repo import RepoPolicy
 from driveloop.ota.release import ReleaseService
+
+from driveloop.exceptions import ConfigError, OtaError, RollbackAttackError
 from tests.fakes.tuf_repo import FakeRegistry, RepoServer, ServerBehaviour
 
 NOW_S = float(int(time.time()))  # clients check expiry against the real clock
@@ -263,13 +263,13 @@ def test_health_window_verdicts_drive_commit_and_revert(world: tuple[ReleaseServ
 @pytest.mark.parametrize(
     ("result", "verdict", "why"),
     [
-        (dict(model_loaded=False), False, "failed to load"),
-        (dict(model_loaded=True, ticks=200, watchdog_trips=1), False, "watchdog"),
-        (dict(model_loaded=True, ticks=200, collisions=1), False, "collisions"),
-        (dict(model_loaded=True, ticks=200, deadline_misses=3), False, "deadline"),
-        (dict(model_loaded=True, ticks=200, deadline_misses=2), True, "healthy"),  # exactly the 1% limit
-        (dict(model_loaded=True, ticks=99), None, "99/100"),
-        (dict(model_loaded=True, ticks=100), True, "healthy"),
+        ({"model_loaded": False}, False, "failed to load"),
+        ({"model_loaded": True, "ticks": 200, "watchdog_trips": 1}, False, "watchdog"),
+        ({"model_loaded": True, "ticks": 200, "collisions": 1}, False, "collisions"),
+        ({"model_loaded": True, "ticks": 200, "deadline_misses": 3}, False, "deadline"),
+        ({"model_loaded": True, "ticks": 200, "deadline_misses": 2}, True, "healthy"),  # exactly the 1% limit
+        ({"model_loaded": True, "ticks": 99}, None, "99/100"),
+        ({"model_loaded": True, "ticks": 100}, True, "healthy"),
     ],
 )
 def test_health_policy_table(result: dict, verdict: bool | None, why: str) -> None:

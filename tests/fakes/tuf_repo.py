@@ -9,16 +9,16 @@ import hashlib
 import http.server
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import onnx
+from driveloop.edge.contract import INPUTS, KIN_DIM, OUTPUTS
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel
 
-from driveloop.edge.contract import INPUTS, KIN_DIM, OUTPUTS
 from driveloop.exceptions import RegistryError
 
 
@@ -82,7 +82,7 @@ class FakeRegistry:
             sha256=hashlib.sha256(data).hexdigest(),
             inputs={s.name: list(s.shape) for s in INPUTS},
             outputs={s.name: list(s.shape) for s in OUTPUTS},
-            created_at=datetime(2026, 1, 1, tzinfo=timezone.utc).isoformat(),
+            created_at=datetime(2026, 1, 1, tzinfo=UTC).isoformat(),
         )
         self.models[version] = FakeArtifact(path, manifest, stage)
         return self.models[version]
@@ -119,7 +119,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
         return
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server API)
+    def do_GET(self) -> None:
         b = self.behaviour
         rel = self.path.split("?", 1)[0].lstrip("/")
         rng = self.headers.get("Range")
@@ -195,7 +195,7 @@ class RepoServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def __enter__(self) -> RepoServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -207,10 +207,9 @@ class RepoServer:
 
 def tuf_client(repo: str | Path, cache_dir: Path, trusted_root: bytes):  # -> tuf.ngclient.Updater
     """A real python-tuf client with its own cache, trusting ``trusted_root`` (refreshed by the caller)."""
-    from tuf.ngclient import Updater
-
     from driveloop.edge.fetcher import ResumableFetcher
     from driveloop.edge.updater import repo_urls
+    from tuf.ngclient import Updater
 
     meta_url, targets_url = repo_urls(repo)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -5,19 +5,19 @@ driveloop OTA error, and the vehicle must still boot its verified, committed mod
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from driveloop.edge.updater import VehicleUpdater, sha256_file
+from driveloop.ota._tuf_repo import RepoPolicy
+from driveloop.ota.release import ReleaseService
 from tuf.api.metadata import Metadata, Targets
 from tuf.api.serialization.json import JSONSerializer
 
-from driveloop.edge.updater import VehicleUpdater, sha256_file
 from driveloop.exceptions import OtaError, RollbackAttackError, SignatureError
-from driveloop.ota._tuf_repo import RepoPolicy
-from driveloop.ota.release import ReleaseService
 from tests.fakes.tuf_repo import FakeRegistry, RepoServer, ServerBehaviour
 
 NOW_S = float(int(time.time()))  # clients check expiry against the real clock
@@ -30,6 +30,7 @@ class World:
     reg: FakeRegistry
     vdir: Path
     server: RepoServer
+    old_timestamp: bytes  # signed timestamp from before the vehicle's last refresh
 
     @property
     def meta(self) -> Path:
@@ -45,7 +46,7 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> World:
+def world(tmp_path: Path) -> Iterator[World]:
     reg = FakeRegistry(tmp_path / "registry")
     factory = reg.add("0", seed=0)
     for v in ("1", "2", "3"):
@@ -54,9 +55,10 @@ def world(tmp_path: Path) -> World:
     vdir = tmp_path / "vehicle"
     VehicleUpdater.provision(vdir, svc.trusted_root(), factory.onnx_path, factory.manifest.model_dump())
     svc.release("1")
+    old_timestamp = (svc.repo.metadata_dir / "timestamp.json").read_bytes()
     svc.release("2")
     with RepoServer(svc.repo.repo_dir, ServerBehaviour()) as server:
-        w = World(tmp_path, svc, reg, vdir, server)
+        w = World(tmp_path, svc, reg, vdir, server, old_timestamp)
         u = w.vehicle()
         assert u.update("2")
         w.vehicle().commit()  # the vehicle runs verified release 2, with fresh trusted metadata
@@ -71,33 +73,20 @@ def _still_on_verified(w: World, version: str = "2") -> None:
     assert sha256_file(path) == w.reg.get(version).manifest.sha256
 
 
-def _sign(md: Metadata, w: World, role: str, keyid: str | None = None) -> bytes:
-    md.signatures.clear()
-    ids = [keyid] if keyid else w.svc.repo.active_keyids()[role]
-    for k in ids:
-        md.sign(w.svc.repo.keys.signer(role, k), append=True)
-    return md.to_bytes(JSONSerializer(compact=False))
-
-
 # -- the attacks ---------------------------------------------------------------------------------
 def attack_older_release(w: World) -> str:
     return "1"  # a validly signed but older model: the director (or an attacker) offers a downgrade
 
 
 def attack_metadata_rollback(w: World) -> str:
-    old_timestamp = (w.meta / "timestamp.json").read_bytes()  # the vehicle already saw this version
     w.svc.release("3")
-    w.serve_instead("metadata/timestamp.json", Metadata.from_bytes(old_timestamp).to_bytes())
-    # Make it *older* than what the vehicle trusts: vehicle refreshes once on the new repository first.
-    w.server.behaviour.overrides.clear()
-    VehicleUpdater(w.vdir, w.server.url).check("3")
-    w.serve_instead("metadata/timestamp.json", old_timestamp)
+    w.serve_instead("metadata/timestamp.json", w.old_timestamp)  # validly signed, older than trusted
     return "3"
 
 
 def attack_freeze(w: World) -> str:
     w.svc.release("3")
-    w.svc.refresh_timestamp(datetime.now(timezone.utc) - timedelta(hours=1))  # stale, expired timestamp
+    w.svc.refresh_timestamp(datetime.now(UTC) - timedelta(hours=1))  # stale, expired timestamp
     return "3"
 
 

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import stat
-from datetime import datetime, timedelta, timezone
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-import pytest
-from tuf.api.metadata import Metadata
 
 import driveloop.ota._tuf_repo as tuf_repo_mod
 import driveloop.ota.keys as keys_mod
 import driveloop.ota.release as release_mod
-from driveloop.exceptions import ConfigError, IntegrityError, OtaError
+import pytest
 from driveloop.ota._tuf_repo import RepoPolicy
 from driveloop.ota.release import ReleaseService
+from tuf.api.metadata import Metadata
+from tuf.ngclient import Updater
+
+from driveloop.exceptions import ConfigError, IntegrityError, OtaError
 from tests.fakes.tuf_repo import FakeRegistry, tiny_policy_onnx, tuf_client
 
 NOW_S = float(int(time.time()))  # clients check expiry against the real clock
@@ -34,13 +35,15 @@ def registry(tmp_path: Path) -> FakeRegistry:
     reg.add("3", seed=3, stage="candidate")
     return reg
 
-def _client_targets(svc: ReleaseService, cache: Path, root: bytes) -> dict:
+def _client_targets(svc: ReleaseService, cache: Path, root: bytes) -> Updater:
     client = tuf_client(svc.repo.repo_dir, cache, root)
     client.refresh()
     return client
 
+
 def test_init_layout_keys_and_threshold(tmp_path: Path, registry: FakeRegistry) -> None:
     svc = _service(tmp_path, registry, root_threshold=2)
+    assert {r["role"]: r["threshold"] for r in svc.keys_summary()} == {"root": 2, "targets": 1, "snapshot": 1, "timestamp": 1}
     meta = tmp_path / "repo" / "metadata"
     for name in ("1.root.json", "root.json", "1.targets.json", "1.snapshot.json", "timestamp.json"):
         assert (meta / name).is_file(), name
@@ -141,12 +144,12 @@ def test_rotate_key_revokes_old_and_clients_follow_the_chain(tmp_path: Path, reg
 
 def test_refresh_timestamp_sets_expiry(tmp_path: Path, registry: FakeRegistry) -> None:
     svc = _service(tmp_path, registry)
-    expires = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    expires = datetime(2030, 1, 1, tzinfo=UTC)
     v = svc.refresh_timestamp(expires)
     ts = svc.repo.load_timestamp().signed
     assert ts.version == v == 2 and ts.expires == expires
     default = svc.refresh_timestamp()
-    assert svc.repo.load_timestamp().signed.expires == datetime.fromtimestamp(NOW_S, timezone.utc) + timedelta(days=1)
+    assert svc.repo.load_timestamp().signed.expires == datetime.fromtimestamp(NOW_S, UTC) + timedelta(days=1)
     assert default == 3
 
 class _Crash(Exception):
@@ -224,8 +227,9 @@ def test_real_registry_release(tmp_path: Path) -> None:
 
 
 def test_cli_release_keys_show_and_rotate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from driveloop.cli import main
     from driveloop.cloud.registry import Registry
+
+    from driveloop.cli import main
 
     monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path / "home"))
     onnx_path = tmp_path / "m.onnx"
