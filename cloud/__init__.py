@@ -29,3 +29,14 @@ _LAZY_BACKFLOW_API = {
 }
 _LAZY_MODEL_API.update(_LAZY_BACKFLOW_API)
 __all__ += list(_LAZY_BACKFLOW_API)
+
+# Data loop: mining, hindsight labels, dataset versions, fine-tune, gate, pipeline (lazy: ray/torch on use).
+_LAZY_PIPELINE_API = {
+    "MiningConfig": "mining", "SegmentFrames": "mining", "LabelerConfig": "labeling", "label_segment": "labeling",
+    "DatasetManifest": "datasets", "DatasetStore": "datasets", "FinetuneConfig": "train", "finetune": "train",
+    "train_with_ray": "train", "ClassMetrics": "evaluation", "EvalSuite": "evaluation", "GateTolerances": "evaluation",
+    "GateResult": "evaluation", "gate": "evaluation", "evaluate_model": "evaluation",
+    "PipelineConfig": "pipeline", "PipelineReport": "pipeline", "run_pipeline": "pipeline",
+}
+_LAZY_MODEL_API.update(_LAZY_PIPELINE_API)
+__all__ += list(_LAZY_PIPELINE_API)
