@@ -28,6 +28,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,9 @@ def bench_inference(iters: int = 2000, batch_sizes: tuple[int, ...] = (1, 64), d
             tensors = example_inputs(n, seed=n)
             feed = {name: t.numpy() for name, t in zip(C.INPUT_NAMES, tensors)}
             engines: dict[str, Callable[[], object]] = {
-                "torch_eager": lambda: net(*tensors),
-                "ort_session": lambda: sess.run(None, feed),
-                "ort_runtime": lambda: rt.run(feed),
+                "torch_eager": partial(net, *tensors),
+                "ort_session": partial(sess.run, None, feed),
+                "ort_runtime": partial(rt.run, feed),
             }
             samples: dict[str, list[float]] = {k: [] for k in engines}
             with torch.inference_mode():
@@ -91,7 +92,7 @@ def bench_inference(iters: int = 2000, batch_sizes: tuple[int, ...] = (1, 64), d
                 for _ in range(ROUNDS):
                     for name, fn in engines.items():
                         samples[name] += _time(fn, max(1, iters // ROUNDS))
-            row = {name: summarize(s) for name, s in samples.items()}
+            row: dict[str, Any] = {name: summarize(s) for name, s in samples.items()}
             row["speedup_p50"] = row["torch_eager"]["p50_us"] / row["ort_runtime"]["p50_us"]
             row["ort_runtime_per_sample_us"] = row["ort_runtime"]["p50_us"] / n
             results["batches"][str(n)] = row

@@ -75,6 +75,11 @@ class PolicyConfig:
 class PolicyNet(nn.Module):
     """Multimodal policy: forward(kinematics[B,36], lidar[B,2,32], grid[B,2,16,32]) -> (action[B,2], confidence[B,1])."""
 
+    kin_scale: torch.Tensor
+    lidar_scale: torch.Tensor
+    grid_scale: torch.Tensor
+    accel_bounds: torch.Tensor
+
     def __init__(self, config: PolicyConfig | None = None) -> None:
         super().__init__()
         self.config = cfg = config or PolicyConfig()

@@ -19,6 +19,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import builtins
 import logging
 import shutil
 import time
@@ -259,22 +260,22 @@ class Registry:
             self._write_manifest_file(manifest)  # repair an orphaned or stale copy from the index
         return ModelArtifact(self.blob_path(manifest.sha256), manifest, stage, path)
 
-    def list(self) -> list[tuple[ModelManifest, str]]:
+    def list(self) -> builtins.list[tuple[ModelManifest, str]]:
         """Every version with its stage, oldest first."""
         with self._session() as s:
             rows = s.scalars(select(_ModelRow).order_by(_ModelRow.version)).all()
             return [(parse_manifest(r.manifest_json, source=f"registry record v{r.version}"), r.stage) for r in rows]
 
-    def history(self, version: int) -> list[StageEvent]:
+    def history(self, version: int) -> builtins.list[StageEvent]:
         """The stage moves of ``version``, oldest first."""
         with self._session() as s:
             self._row(s, version)
             rows = s.scalars(select(_StageEventRow).where(_StageEventRow.version == version).order_by(_StageEventRow.id))
             return [StageEvent(r.version, r.from_stage, r.to_stage, r.reason, r.at_s) for r in rows]
 
-    def lineage(self, version: int) -> list[ModelManifest]:
+    def lineage(self, version: int) -> builtins.list[ModelManifest]:
         """``version``'s manifest, then its parent's, and so on back to a root model."""
-        chain: list[ModelManifest] = []
+        chain: builtins.list[ModelManifest] = []
         seen: set[int] = set()
         current: int | None = version
         while current is not None:

@@ -174,7 +174,8 @@ class IsolatedRuntime:
             raise IntegrityError(f"{self.path.name}: sha256 does not match manifest v{manifest.version}")
         self.config = cfg = config or IsolationConfig()
         self._manifest, self._device, self._threads, self._clock = manifest, device, intra_op_threads, clock
-        fd, name = tempfile.mkstemp(prefix="driveloop-batch-", suffix=".f32", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None  # RAM-backed where available
+        fd, name = tempfile.mkstemp(prefix="driveloop-batch-", suffix=".f32", dir=shm_dir)
         os.close(fd)
         self._buf_path = name
         self._buf = np.memmap(name, np.float32, "w+", shape=(cfg.max_batch * _ROW_FLOATS,))
@@ -210,15 +211,20 @@ class IsolatedRuntime:
         self._proc, self._conn, self._state, self._started_s, self._in_flight = proc, conn, "starting", now_s, None
         logger.info("model process pid %d starting (v%d)", proc.pid, self._manifest.version)
 
+    def _live(self) -> tuple[subprocess.Popen[bytes], Connection]:
+        """The current child and its connection (called only in states that have one)."""
+        if self._proc is None or self._conn is None:
+            raise ModelError(f"no model process ({self._state})")
+        return self._proc, self._conn
+
     def _on_death(self, now_s: float, why: str) -> None:
         """Reap the child and schedule a restart after the current backoff."""
-        if self._proc is not None:
+        code = None
+        if self._proc is not None and self._conn is not None:
             if self._proc.poll() is None:
                 self._proc.kill()
             code = self._proc.wait(timeout=5.0)
             self._conn.close()
-        else:
-            code = None
         self._restart_at_s = now_s + self._backoff_s
         logger.warning("model process %s (exit %s); restart in %.2fs", why, code, self._backoff_s)
         self._backoff_s = min(2 * self._backoff_s, self.config.restart_backoff_max_s)
@@ -232,27 +238,29 @@ class IsolatedRuntime:
             self._spawn(now_s)
         if self._state not in ("starting", "ready"):
             return
-        if self._proc.poll() is not None:
+        proc, conn = self._live()
+        if proc.poll() is not None:
             self._on_death(now_s, "died")
             return
         if self._state == "starting":
-            if self._conn.poll(0):
+            if conn.poll(0):
                 self._read_startup(now_s)
             elif now_s - self._started_s > cfg.start_timeout_s:
                 self._on_death(now_s, f"did not load its model in {cfg.start_timeout_s}s")
-        elif self._in_flight is not None and now_s - self._in_flight[1] > cfg.hang_timeout_s and not self._conn.poll(0):
+        elif self._in_flight is not None and now_s - self._in_flight[1] > cfg.hang_timeout_s and not conn.poll(0):
             self._on_death(now_s, f"hung (no reply in {cfg.hang_timeout_s}s)")
 
     def _read_startup(self, now_s: float) -> None:
+        proc, conn = self._live()
         try:
-            msg = self._conn.recv()
+            msg = conn.recv()
         except (EOFError, OSError):
             self._on_death(now_s, "died while loading")
             return
         if msg[0] == "fatal":  # the model itself is unusable: restarting cannot fix it
             self.error = msg[1]
-            self._proc.wait(timeout=5.0)
-            self._conn.close()
+            proc.wait(timeout=5.0)
+            conn.close()
             self._proc, self._conn, self._state = None, None, "failed"
             logger.error("model process refused the model: %s", msg[1])
         else:
@@ -268,7 +276,7 @@ class IsolatedRuntime:
 
     def _receive(self, now_s: float) -> Reply | None:
         try:
-            msg = self._conn.recv()
+            msg = self._live()[1].recv()
         except (EOFError, OSError):
             self._on_death(now_s, "died")
             return None
@@ -299,7 +307,7 @@ class IsolatedRuntime:
             self._views[name][:n] = batch[name]
         self._next_id += 1
         try:
-            self._conn.send(("infer", self._next_id, n))
+            self._live()[1].send(("infer", self._next_id, n))
         except (BrokenPipeError, OSError):
             self._on_death(now_s, "died")
             return False
@@ -346,11 +354,16 @@ class IsolatedRuntime:
             raise ConfigError(f"unknown fault {kind!r}; choose from {', '.join(FAULT_KINDS)}")
         if self._proc is None or self._conn is None:
             raise ModelError(f"no model process to inject {kind!r} into ({self._state})")
-        if kind == "kill":
-            os.kill(self._proc.pid, signal.SIGKILL)
-        else:
-            self._conn.send(("fault", kind, count, self.config.late_delay_s))
-        logger.warning("fault injected into model process pid %d: %s", self._proc.pid, kind)
+        pid = self._proc.pid
+        try:
+            if kind == "kill":
+                os.kill(pid, signal.SIGKILL)
+            else:
+                self._conn.send(("fault", kind, count, self.config.late_delay_s))
+        except OSError:  # it died on its own first: nothing left to inject into
+            self._on_death(self._clock(), "died")
+            return
+        logger.warning("fault injected into model process pid %d: %s", pid, kind)
 
     @property
     def alive(self) -> bool:
@@ -375,7 +388,7 @@ class IsolatedRuntime:
         return f"isolated:{self._provider}"
 
     def close(self) -> None:
-        if self._proc is not None:
+        if self._proc is not None and self._conn is not None:
             try:
                 self._conn.send(("stop",))
             except OSError:

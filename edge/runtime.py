@@ -86,10 +86,12 @@ def check_session_io(inputs: list[Any], outputs: list[Any], manifest: ModelManif
             dims = list(meta.shape)
             if meta.type != _ORT_FLOAT:
                 raise ContractError(f"model {kind} {spec.name} is {meta.type}, contract is float32")
-            if len(dims) != len(spec.shape) + 1 or [int(d) if isinstance(d, int) else d for d in dims[1:]] != list(spec.shape):
-                raise ContractError(f"model {kind} {spec.name} has shape {dims}, contract is [batch, {', '.join(map(str, spec.shape))}]")
+            if len(dims) != len(spec.shape) + 1 or list(dims[1:]) != list(spec.shape):
+                want = ", ".join(map(str, spec.shape))
+                raise ContractError(f"model {kind} {spec.name} has shape {dims}, contract is [batch, {want}]")
             if isinstance(dims[0], int) and dims[0] > 0:
-                raise ContractError(f"model {kind} {spec.name} has a fixed batch size {dims[0]}; a dynamic batch axis is required")
+                raise ContractError(f"model {kind} {spec.name} has a fixed batch size {dims[0]}; "
+                                    "a dynamic batch axis is required")
 
 
 @lru_cache(maxsize=1)

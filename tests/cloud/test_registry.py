@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from driveloop.cloud.export import export_onnx
 from driveloop.cloud.manifest import (
@@ -49,7 +50,7 @@ def test_manifest_round_trip_and_contract(models: list[Path], tmp_path: Path) ->
     path = write_manifest(m, tmp_path / "manifest.json")
     assert read_manifest(path) == m
     assert json.loads(path.read_text())["metrics"] == {"collisions": 0}
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         m.version = 2  # type: ignore[misc]  # frozen
 
 
