@@ -26,7 +26,7 @@ from driveloop.edge._fileops import FileOps
 from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
 from driveloop.edge.fetcher import ResumableFetcher
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, TargetFile
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 VEHICLE_HARDWARE = ("cpu", "cuda")
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
+TRUST_ANCHOR = "trusted_root.json"  # the provisioned root; python-tuf's cache lives in tuf/
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class VehicleUpdater:
         digest = sha256_file(factory_model)
         if manifest.get("sha256") != digest:
             raise IntegrityError(f"factory model sha256 {digest[:12]}… does not match its manifest")
-        files.write_atomic(vdir / "tuf" / "root.json", trusted_root)
+        files.write_atomic(vdir / TRUST_ANCHOR, trusted_root)
         files.copy_atomic(factory_model, vdir / "slots" / "a" / MODEL_FILE)
         files.write_atomic(vdir / "slots" / "a" / MANIFEST_FILE, json.dumps(manifest, sort_keys=True).encode())
         state = _slots.initial(str(manifest["version"]), digest, release_seq, max_boot_attempts)
@@ -201,13 +202,36 @@ class VehicleUpdater:
         return self._save(_slots.request_switch(self.state()))
 
     # -- check / download / install -----------------------------------------------------------
+    def _trusted_root(self) -> bytes:
+        """Newest root python-tuf cached that still parses, else the provisioned anchor.
+
+        python-tuf persists roots without fsync and re-creates its ``root.json`` link on every
+        refresh, so after a power cut the cache may be torn or the link missing; the roots it did
+        store were verified through the chain before they were written, so the newest intact one is
+        a safe bootstrap, and the factory anchor is the last resort.
+        """
+        history = self.dir / "tuf" / "root_history"
+        cached = sorted(history.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]), reverse=True) \
+            if history.is_dir() else []
+        for path in cached:
+            data = path.read_bytes()
+            try:
+                Metadata.from_bytes(data)
+                return data
+            except tuf_exc.RepositoryError:
+                logger.warning("cached root %s is unreadable; trying an older one", path.name)
+        try:
+            return (self.dir / TRUST_ANCHOR).read_bytes()
+        except FileNotFoundError as e:
+            raise OtaError(f"vehicle {self.dir} has no trusted root; provision it first") from e
+
     def _updater(self) -> Updater:
         """A fresh python-tuf client (a refresh can happen once per Updater), cached per check."""
         meta = self.dir / "tuf"
         meta.mkdir(parents=True, exist_ok=True)
         with tuf_errors("loading the trusted root"):
             return Updater(str(meta), self.metadata_url, str(self.dir / "downloads"), self.targets_url,
-                           self.fetcher, bootstrap=None)
+                           self.fetcher, bootstrap=self._trusted_root())
 
     def check(self, target_version: str | int | None) -> Offer | None:
         """Verify what the director asks for; None if nothing to do, an Offer if it may be installed."""

@@ -281,3 +281,24 @@ def test_health_policy_table(result: dict, verdict: bool | None, why: str) -> No
         HealthWindowResult(True, ticks=1, deadline_misses=2)
     with pytest.raises(ConfigError):
         HealthWindowPolicy(max_deadline_miss_ratio=1.5)
+
+
+def test_torn_tuf_cache_after_power_cut_still_updates(world: tuple[ReleaseService, FakeRegistry, Path]) -> None:
+    svc, _, vdir = world
+    svc.release("1")
+    svc.rotate_key("root")  # the vehicle caches root v2 on its next check
+    u, _ = _start(vdir, svc.repo.repo_dir)
+    assert u.update("1")
+    cache = vdir / "tuf"
+    assert (cache / "root_history" / "2.root.json").is_file()
+    # Power cut: python-tuf's root.json link is gone, its newest cached root and timestamp are torn.
+    (cache / "root.json").unlink()
+    (cache / "root_history" / "2.root.json").write_bytes(b'{"signed": ')
+    (cache / "timestamp.json").write_bytes(b"")
+    u, _ = _start(vdir, svc.repo.repo_dir)
+    u.commit()
+    svc.release("2")
+    u, _ = _start(vdir, svc.repo.repo_dir)
+    assert u.update("2")
+    assert Path(cache / "root_history" / "2.root.json").read_bytes().startswith(b"{")
+    assert VehicleUpdater(vdir, svc.repo.repo_dir).state().pending == "a"
