@@ -8,12 +8,16 @@ given deceleration to standstill. Gaps are bumper to bumper: a gap <= 0 is a col
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from driveloop.safety import Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs, TrackData
+
+# mutmut sets MUTANT_UNDER_TEST in every phase; the slowest sweeps then run a subset (docs/BENCHMARKS_safety.md)
+UNDER_MUTMUT = "MUTANT_UNDER_TEST" in os.environ
 
 DT_S = 0.1
 LAG_S = 0.25

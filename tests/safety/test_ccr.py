@@ -15,7 +15,7 @@ import math
 
 import pytest
 
-from ._harness import KMH, Case, blind_model, ccr_cases, dead_model, idm_model, run
+from ._harness import KMH, UNDER_MUTMUT, Case, blind_model, ccr_cases, dead_model, idm_model, run
 
 CASES = ccr_cases()
 MODELS = {"fallback-only": dead_model, "blind-model": blind_model}
@@ -50,6 +50,7 @@ def test_all_30_ccr_cases_avoided(model: str, noise: float) -> None:
         assert all(r[3] is not None for r in rows if not r[0].startswith("ccrb-40-2"))
 
 
+@pytest.mark.skipif(UNDER_MUTMUT, reason="repeats test_all_30_ccr_cases_avoided with more seeds")
 @pytest.mark.parametrize("seed", range(1, 4))
 def test_ccr_with_noise_across_seeds(seed: int) -> None:
     for case in CASES:
@@ -90,6 +91,8 @@ def test_nominal_following_never_activates(noise: float) -> None:
     """168 seeded 30 s episodes of a competent model following a lead that speeds up and slows down."""
     activations, collisions = [], []
     for seed, (v, dv, hw, amp) in enumerate(NOMINAL):
+        if UNDER_MUTMUT and seed % 4:
+            continue
         case = Case(f"nominal-{v}-{dv}-{hw}-{amp}", v, max(v + dv, 0.0), max(hw * v, 6.0), duration_s=30.0)
         result = run(case, idm_model, noise_sigma=noise, seed=seed,
                      lead_accel=lambda t, amp=amp: amp * math.sin(0.4 * t))
@@ -105,5 +108,5 @@ def test_nominal_following_never_activates(noise: float) -> None:
 def test_lead_in_another_lane_is_ignored(kmh: int) -> None:
     """The edge drops vehicles in other lanes (no track): a car alongside or ahead there never brakes us."""
     case = Case("adjacent", kmh * KMH, kmh * KMH - 2.0, 20.0, duration_s=5.0)  # closing at 2 m/s, 20 m ahead
-    result = run(case, idm_model, track_visible=False)
+    result = run(case, blind_model, track_visible=False)  # the model holds its speed
     assert result.activations == 0 and result.first_fcw_s is None and not result.collision

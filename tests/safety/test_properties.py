@@ -10,7 +10,6 @@ set by mutmut) the counts drop twenty-fold so each mutant runs in seconds.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -20,10 +19,12 @@ from hypothesis.extra import numpy as hnp
 from driveloop.safety import Decision, LimitsConfig, ModelReply, Supervisor, SupervisorInputs, TrackData
 from driveloop.safety.limits import limit_command
 
+from ._harness import UNDER_MUTMUT
+
 LIMITS = LimitsConfig()
 DT = 0.1
 EPS = 1e-9
-SCALE = 20 if os.environ.get("MUTANT_UNDER_TEST") else 1
+SCALE = 20 if UNDER_MUTMUT else 1
 SWEEP_TICKS = 100_000 // SCALE
 
 

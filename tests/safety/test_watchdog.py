@@ -139,3 +139,21 @@ def test_fault_detail_never_echoes_untrusted_content() -> None:
     assert verdict.fault == "shape" and len(verdict.detail) < 200 and "str" in verdict.detail
     verdict = check_reply(reply(np.zeros((3, 4), F32)), NOW, NOW, PERIOD_S, CFG)
     assert "(3, 4)" in verdict.detail and "float32" in verdict.detail
+
+
+DETAILS = [
+    ("dead", reply(alive=False), NOW, "model process is dead"),
+    ("no reply", reply(received=None), NOW, "no reply by the deadline"),
+    ("late", reply(received=NOW - 0.15), NOW, "reply age 0.150 s outside [0, 0.1] s"),
+    ("stale", reply(), NOW - 0.5, "sensor frame age 0.500 s"),
+    ("shape", reply("x"), NOW, "action str, confidence ndarray(1,):float32"),
+    ("nan", reply(np.array([np.nan, 0.0], F32)), NOW, "non-finite model output"),
+    ("accel", reply(np.array([1e30, 0.0])), NOW, "accel 1e+30 m/s^2 implausible"),
+    ("steer", reply(np.array([0.0, -3.0])), NOW, "steering -3 rad implausible"),
+    ("confidence", reply(confidence=np.array([1.5])), NOW, "confidence 1.5 outside [0, 1]"),
+]
+
+
+@pytest.mark.parametrize(("name", "r", "stamp", "detail"), DETAILS, ids=[d[0] for d in DETAILS])
+def test_fault_details_are_exact(name: str, r: ModelReply, stamp: float, detail: str) -> None:
+    assert check_reply(r, NOW, stamp, PERIOD_S, CFG).detail == detail
