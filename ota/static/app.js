@@ -49,24 +49,48 @@ function renderShare(d) {
   fillTable("cohorts", Object.entries(d.cohort_sizes).sort().map(([c, n]) => [c, n]));
 }
 
-function renderHealth(d) {
-  const svg = document.getElementById("health-chart");
-  const s = d.series;
-  const parts = [el("svg:line", {x1: 30, y1: 180, x2: 410, y2: 180, stroke: "#b6bdca"})];
-  if (s.length) {
-    const ymax = Math.max(1, ...s.map(p => Math.max(p.canary.interventions_per_h, p.control.interventions_per_h)));
-    const x = i => 30 + (s.length === 1 ? 190 : 380 * i / (s.length - 1));
-    const y = v => 180 - 165 * v / ymax;
+function lineChart(svg, series, metric, height, unit) {
+  // one line per cohort; windows where a cohort had no vehicles are gaps, not zeros
+  const parts = [el("svg:line", {x1: 30, y1: height - 20, x2: 410, y2: height - 20, stroke: "#b6bdca"})];
+  if (series.length) {
+    const vals = series.flatMap(p => ["canary", "control"].filter(c => p[c].vehicles > 0).map(c => p[c][metric]));
+    const ymax = Math.max(1e-9, ...vals) * 1.1;
+    const x = i => 30 + (series.length === 1 ? 190 : 380 * i / (series.length - 1));
+    const y = v => height - 20 - (height - 35) * v / ymax;
     for (const [cohort, color] of [["control", "#2f6fde"], ["canary", "#d9822b"]]) {
-      const pts = s.map((p, i) => `${x(i).toFixed(1)},${y(p[cohort].interventions_per_h).toFixed(1)}`).join(" ");
-      parts.push(el("svg:polyline", {points: pts, fill: "none", stroke: color, "stroke-width": 2, class: `series-${cohort}`}));
+      let run = [];
+      const flush = () => {
+        if (run.length) parts.push(el("svg:polyline", {points: run.join(" "), fill: "none", stroke: color,
+          "stroke-width": 2, class: `series-${cohort}`, "data-metric": metric}));
+        run = [];
+      };
+      series.forEach((p, i) => {
+        if (p[cohort].vehicles > 0) run.push(`${x(i).toFixed(1)},${y(p[cohort][metric]).toFixed(1)}`); else flush();
+      });
+      flush();
     }
-    parts.push(el("svg:text", {x: 0, y: 15, "font-size": 10}, ymax.toFixed(1)));
+    let last = "";
+    series.forEach((p, i) => {  // stage boundaries
+      if (p.stage !== last) {
+        parts.push(el("svg:line", {x1: x(i), y1: 12, x2: x(i), y2: height - 20, stroke: "#dfe3ea", "stroke-dasharray": "3 3"}));
+        parts.push(el("svg:text", {x: x(i) + 2, y: height - 6, "font-size": 9, fill: "#6b7385"}, p.stage));
+        last = p.stage;
+      }
+    });
+    parts.push(el("svg:text", {x: 0, y: 12, "font-size": 10}, `${(ymax / 1.1).toFixed(1)} ${unit}`));
+  }
+  svg.replaceChildren(...parts);
+}
+
+function renderHealth(d) {
+  lineChart(document.getElementById("health-chart"), d.series, "interventions_per_h", 170, "/h");
+  lineChart(document.getElementById("p99-chart"), d.series, "p99_ms", 110, "ms");
+  const s = d.series;
+  if (s.length) {
     const last = s[s.length - 1];
     fillTable("health", [["canary", last.canary], ["control", last.control]].map(([n, c]) =>
       [n, c.vehicles, c.hours.toFixed(2), c.interventions_per_h.toFixed(2), c.p99_ms.toFixed(1), c.collisions]));
   }
-  svg.replaceChildren(...parts);
 }
 
 function renderTimeline(d) {
