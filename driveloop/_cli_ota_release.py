@@ -50,6 +50,22 @@ def release(
                    f"hardware {info.hardware_class}, release #{info.release_seq}, targets v{info.targets_version})")
 
 
+@ota_app.command("refresh-timestamp")
+def refresh_timestamp(
+    expires_in_s: float = typer.Option(86400.0, "--expires-in-s", help="Lifetime of the new timestamp, seconds."),
+) -> None:
+    """Re-sign the TUF timestamp (run periodically: vehicles reject an expired one as a freeze attack)."""
+    from datetime import datetime, timedelta, timezone
+
+    from driveloop.exceptions import ConfigError
+
+    if expires_in_s <= 0:
+        raise ConfigError(f"--expires-in-s must be > 0, got {expires_in_s}")
+    expires = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=expires_in_s)
+    version = _service().refresh_timestamp(expires)
+    typer.echo(f"timestamp v{version} expires {expires.isoformat()}")
+
+
 @keys_app.command("rotate")
 def rotate(role: str = typer.Argument(..., help="root, targets, snapshot or timestamp.")) -> None:
     """Replace a role's keys; the old ones are revoked and destroyed, root is re-signed."""

@@ -252,3 +252,7 @@ def test_cli_release_keys_show_and_rotate(tmp_path: Path, monkeypatch: pytest.Mo
     after = {r["role"]: r for r in json.loads(capsys.readouterr().out)}
     assert after["snapshot"]["keyids"] != before["snapshot"] and after["root"]["root_version"] == 2
     assert main(["ota", "keys", "rotate", "mirror"]) == 2
+    capsys.readouterr()
+    assert main(["ota", "refresh-timestamp", "--expires-in-s", "3600"]) == 0
+    assert "timestamp v" in capsys.readouterr().out
+    assert main(["ota", "refresh-timestamp", "--expires-in-s", "0"]) == 2
