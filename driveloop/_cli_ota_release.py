@@ -55,13 +55,13 @@ def refresh_timestamp(
     expires_in_s: float = typer.Option(86400.0, "--expires-in-s", help="Lifetime of the new timestamp, seconds."),
 ) -> None:
     """Re-sign the TUF timestamp (run periodically: vehicles reject an expired one as a freeze attack)."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import UTC, datetime, timedelta
 
     from driveloop.exceptions import ConfigError
 
     if expires_in_s <= 0:
         raise ConfigError(f"--expires-in-s must be > 0, got {expires_in_s}")
-    expires = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=expires_in_s)
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=expires_in_s)
     version = _service().refresh_timestamp(expires)
     typer.echo(f"timestamp v{version} expires {expires.isoformat()}")
 
