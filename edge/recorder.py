@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from mcap.writer import CompressionType, Writer
+
 from driveloop.edge.segment import (
     METADATA_NAME,
     PROFILE,
@@ -39,8 +41,6 @@ from driveloop.edge.segment import (
 )
 from driveloop.edge.spool import Spool, check_vehicle_id
 from driveloop.edge.triggers import FiredEvent, TriggerEngine, TriggerSpec, builtin_triggers
-from mcap.writer import CompressionType, Writer
-
 from driveloop.exceptions import ConfigError, SegmentError, StorageError
 
 logger = logging.getLogger(__name__)

@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from driveloop.edge.contract import GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS, OBS_VERSION
 from mcap.exceptions import EndOfFile
 from mcap.records import Channel, Chunk, DataEnd, Footer, Header, Message, Metadata, Schema, Statistics
 from mcap.stream_reader import StreamReader, breakup_chunk
 
+from driveloop.edge.contract import GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS, OBS_VERSION
 from driveloop.exceptions import SegmentError
 
 logger = logging.getLogger(__name__)
@@ -252,19 +252,23 @@ def encode_tick(rec: TickRecord) -> dict[str, bytes]:
         raise SegmentError(f"tick {rec.tick}: state is not JSON-safe: {e}") from e
 
 
+def decode_grid(msg: dict[str, Any]) -> np.ndarray:
+    """A ``/sensors/grid`` message (e.g. a Ray ``data`` struct) -> float32 [C, H, W] grid."""
+    occ = np.asarray(msg["occupancy_u8"], dtype=np.float32).reshape(GRID_H, GRID_W) / OCCUPANCY_LEVELS
+    speed = _array(msg["rel_speed_cmps"], (GRID_H, GRID_W)) / SPEED_STEPS_PER_MPS
+    return np.stack([occ, speed]).astype(np.float32)
+
+
 def decode_tick(msgs: dict[str, dict[str, Any]]) -> TickRecord:
     """{topic: decoded JSON} for one tick -> TickRecord (grid de-quantised, see module docstring)."""
     kin, lid, grd = msgs[TOPIC_KINEMATICS], msgs[TOPIC_LIDAR], msgs[TOPIC_GRID]
     mdl, app, st = msgs[TOPIC_MODEL], msgs[TOPIC_APPLIED], msgs[TOPIC_STATE]
-    occ = np.asarray(grd["occupancy_u8"], dtype=np.float32) / OCCUPANCY_LEVELS
-    speed = _array(grd["rel_speed_cmps"], (GRID_H, GRID_W)) / SPEED_STEPS_PER_MPS
-    grid = np.stack([occ.reshape(GRID_H, GRID_W), speed])
     action = mdl["action"]
     return TickRecord(
         t_s=float(kin["t_s"]), tick=int(kin["tick"]),
         kinematics=_array(kin["kinematics"], (KIN_DIM,)),
         lidar=np.stack([_array(lid["distance_m"], (LIDAR_CELLS,)), _array(lid["closing_speed_mps"], (LIDAR_CELLS,))]),
-        grid=grid.astype(np.float32),
+        grid=decode_grid(grd),
         model_action=None if action is None else [math.nan if v is None else v for v in action],
         model_confidence=mdl["confidence"],
         model_latency_ms=math.nan if mdl["latency_ms"] is None else mdl["latency_ms"],

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from driveloop.edge.segment import PART_SUFFIX, SEGMENT_SUFFIX
-
 from driveloop.exceptions import ConfigError, StorageError
 
 logger = logging.getLogger(__name__)

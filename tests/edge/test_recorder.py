@@ -13,20 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mcap.reader import make_reader
+
 from driveloop.edge.recorder import Recorder
 from driveloop.edge.segment import (
     PART_SUFFIX,
     TICK_TOPICS,
     TOPIC_EVENT,
     TickRecord,
+    decode_grid,
     read_ticks,
     scan_directory,
     validate_segment,
 )
 from driveloop.edge.spool import Spool
 from driveloop.edge.triggers import TriggerSpec
-from mcap.reader import make_reader
-
 from driveloop.exceptions import ConfigError, SegmentError
 from tests.edge.test_segment import assert_tick_equal, make_tick
 
@@ -236,9 +237,12 @@ def test_ray_read_mcap_over_segments(killed_spool: Spool, tmp_path: Path) -> Non
     assert len(rows) == sum(i.n_messages for i in report.valid)
     kin = {(Path(r["path"]).name, r["data"]["tick"]): r["data"]["kinematics"]
            for r in rows if r["topic"] == "/sensors/kinematics"}
+    grids = {(Path(r["path"]).name, r["data"]["tick"]): decode_grid(r["data"])
+             for r in rows if r["topic"] == "/sensors/grid"}
     first = report.valid[0]
     for t in read_ticks(first.path):
         assert np.array_equal(np.asarray(kin[(first.path.name, t.tick)], dtype=np.float32), t.kinematics)
+        assert np.array_equal(grids[(first.path.name, t.tick)], t.grid)
     events = [r["data"] for r in rows if r["topic"] == TOPIC_EVENT]
     assert len(events) == sum(sum(i.events.values()) for i in report.valid) > 0
     assert {e["trigger"] for e in events} >= {"hard_brake"}

@@ -9,6 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from mcap.reader import make_reader
+from mcap.writer import Writer
+
 from driveloop.edge.contract import GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS
 from driveloop.edge.segment import (
     METADATA_NAME,
@@ -28,12 +34,6 @@ from driveloop.edge.segment import (
 )
 from driveloop.edge.spool import Spool
 from driveloop.edge.triggers import SIGNAL_NAMES
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-from mcap.reader import make_reader
-from mcap.writer import Writer
-
 from driveloop.exceptions import SegmentError
 
 DT_S = 0.1

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from driveloop.edge.spool import Spool
 
+from driveloop.edge.spool import Spool
 from driveloop.exceptions import ConfigError
 
 SIZE = 1000

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from driveloop.edge.triggers import (
     SIGNAL_NAMES,
     FiredEvent,
@@ -13,9 +16,6 @@ from driveloop.edge.triggers import (
     builtin_triggers,
     compile_condition,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from driveloop.exceptions import ConfigError
 
 BASE = {"ttc": 5.0, "fallback": False, "confidence": 0.9, "speed": 20.0, "accel": 0.0, "steering": 0.0,
