@@ -252,3 +252,44 @@ def segments_list(
         return
     cols = ["sha256", "vehicle", "scenario", "start_s", "end_s", "n_ticks", "events", "consumed_by_dataset"]
     _table(f"segments ({len(rows)})", cols, [[str(r[c])[:16] if c == "sha256" else r[c] for c in cols] for r in rows])
+
+
+@cloud_app.command("upload")
+def cloud_upload(
+    vehicle: str = typer.Option(..., help="Upload this vehicle's closed segments."),
+    spool_dir: Path = typer.Option(None, help="Spool root (default: DRIVELOOP_HOME/spool)."),
+    max_s: float = typer.Option(300.0, help="Stop after this many seconds, even if segments remain."),
+    chunk_kib: int = typer.Option(256, help="Chunk size in KiB."),
+    bandwidth_mbps: float = typer.Option(None, help="Bandwidth cap in megabit/s (default: none)."),
+    as_json: bool = _JSON,
+) -> None:
+    """Upload a vehicle's spool to the configured cloud (DRIVELOOP_CLOUD_URL + token, else the
+    embedded local cloud); exit 6 when segments are still pending at the end."""
+    from driveloop.edge.spool import Spool
+    from driveloop.edge.transport import make_transport
+    from driveloop.edge.uploader import Uploader
+    from driveloop.exceptions import ConfigError
+    from driveloop.settings import load_settings
+
+    s = load_settings()
+    root = spool_dir or s.spool_dir
+    if not (root / "closed").is_dir():
+        raise ConfigError(f"no spool at {root} (nothing recorded yet?)")
+    transport = make_transport(vehicle, s.cloud_dir, s.cloud_url, s.cloud_token, s.catalog_url, s.store_url)
+    bps = None if bandwidth_mbps is None else bandwidth_mbps * 1e6
+    try:
+        with Uploader(Spool(root, quota_bytes=2**62), transport, s.home / "uploader" / vehicle,
+                      chunk_bytes=chunk_kib * 1024, bandwidth_bps=bps, vehicle_id=vehicle) as up:
+            report = up.drain(max_s)
+    finally:
+        transport.close()
+    out = {"vehicle": vehicle, "uploaded": len(report.uploaded), "sha256": report.uploaded,
+           "rejected": report.rejected, "failures": report.failures, "pending": report.pending,
+           "bytes_sent": report.bytes_sent}
+    if as_json:
+        typer.echo(dumps(out))
+    else:
+        typer.echo(f"{vehicle}: uploaded {out['uploaded']}, rejected {len(report.rejected)}, "
+                   f"pending {report.pending}, {report.bytes_sent} bytes sent, {report.failures} retries")
+    if report.pending:
+        raise typer.Exit(6)
