@@ -127,8 +127,10 @@ class IngestService:
                  validator: Callable[[Path], Any] | None = None) -> None:
         self.store, self.catalog, self.config, self.clock = store, catalog, config, clock
         if validator is None:
-            from driveloop.edge.segment import validate_segment as validator
-        self._validate = validator
+            from driveloop.edge.segment import validate_segment
+
+            validator = validate_segment
+        self._validate: Callable[[Path], Any] = validator
         self.stats = IngestStats()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()

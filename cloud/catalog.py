@@ -281,7 +281,7 @@ class Catalog:
                 .where(SegmentRow.sha256.in_(shas), SegmentRow.consumed_by_dataset.is_(None))
                 .values(consumed_by_dataset=dataset_version)
             )
-            return int(result.rowcount or 0)
+            return int(getattr(result, "rowcount", 0) or 0)
 
     # -- vehicles ----------------------------------------------------------------------------
     def add_vehicle(self, vehicle_id: str, token_hash: str, now_s: float) -> VehicleRecord:
@@ -377,12 +377,12 @@ class Catalog:
     def save_campaign(self, campaign: Campaign) -> None:
         """Insert or update a campaign (the lifecycle rules live in cloud.campaigns)."""
         sp = campaign.spec
-        values = dict(
-            name=sp.name, condition=sp.condition, trigger_mode=sp.trigger_mode,
-            min_interval_s=sp.min_interval_s, pre_window_s=sp.pre_window_s, post_window_s=sp.post_window_s,
-            priority=sp.priority, expires_at_s=sp.expires_at_s, state=campaign.state,
-            created_at_s=campaign.created_at_s, approved_at_s=campaign.approved_at_s,
-        )  # fmt: skip
+        values = {
+            "name": sp.name, "condition": sp.condition, "trigger_mode": sp.trigger_mode,
+            "min_interval_s": sp.min_interval_s, "pre_window_s": sp.pre_window_s,
+            "post_window_s": sp.post_window_s, "priority": sp.priority, "expires_at_s": sp.expires_at_s,
+            "state": campaign.state, "created_at_s": campaign.created_at_s, "approved_at_s": campaign.approved_at_s,
+        }  # fmt: skip
         with self._session() as s:
             row = s.get(CampaignRow, campaign.id)
             if row is None:

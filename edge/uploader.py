@@ -112,15 +112,19 @@ class _Item:
 
 
 class Uploader:
-    """Drains one vehicle's spool through an UploadTransport (see the module rules)."""
+    """Drains a spool through an UploadTransport (see the module rules). The cloud accepts a segment
+    only from the vehicle that recorded it, so when several vehicles share a spool, run one uploader
+    per vehicle (``vehicle_id``, its own ``state_dir`` and transport)."""
 
     def __init__(self, spool: Spool, transport: UploadTransport, state_dir: str | Path,
                  chunk_bytes: int = 256 * 1024, bandwidth_bps: float | None = None,
+                 vehicle_id: str | None = None,
                  rng: random.Random | None = None, backoff: BackoffPolicy | None = None,
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
         if chunk_bytes < 1:
             raise ConfigError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self.spool, self.transport, self.chunk_bytes = spool, transport, chunk_bytes
+        self.vehicle_id = vehicle_id
         self.rng = rng or random.Random()
         self.backoff = backoff or BackoffPolicy()
         self.clock, self.sleep = clock, sleep
@@ -157,7 +161,8 @@ class Uploader:
 
     def _sync(self) -> dict[str, SpoolEntry]:
         """Journal every closed segment once; finish deletions a crash interrupted; forget evicted ones."""
-        entries = {e.segment_id: e for e in self.spool.closed_segments()}
+        entries = {e.segment_id: e for e in self.spool.closed_segments()
+                   if self.vehicle_id is None or e.vehicle == self.vehicle_id}
         states = dict(self._db.execute("SELECT segment_id, state FROM queue").fetchall())
         for seg_id, entry in entries.items():
             state = states.get(seg_id)
@@ -174,6 +179,7 @@ class Uploader:
         return entries
 
     def _enqueue(self, entry: SpoolEntry) -> None:
+        row: tuple[str, str, int, int, int, str, str | None]
         try:
             info = validate_segment(entry.path)
         except SegmentError as e:

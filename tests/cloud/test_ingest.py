@@ -346,3 +346,26 @@ def test_cli_manages_the_same_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert listed["count"] == 1 and listed["segments"][0]["vehicle"] == "veh-a"
     assert main(["cloud", "campaigns", "list", "--json"]) == 0
     assert [c["state"] for c in json.loads(capsys.readouterr().out)["campaigns"]] == ["approved"]
+
+
+def test_cli_upload_drains_a_spool_into_the_local_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """With no cloud URL configured, ``driveloop cloud upload`` lands segments in the embedded cloud."""
+    import json
+
+    from driveloop.cli import main
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("DRIVELOOP_HOME", str(home))
+    monkeypatch.delenv("DRIVELOOP_CLOUD_URL", raising=False)
+    spool = Spool(home / "spool", 10**9)
+    shas = sorted(hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in record_synthetic_segments(spool, "veh-a", 2, ticks_per_segment=20, seed=8))
+    record_synthetic_segments(spool, "veh-b", 1, ticks_per_segment=20, seed=9)
+    assert main(["cloud", "upload", "--vehicle", "veh-a", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(out["sha256"]) == shas and out["pending"] == 0 and out["rejected"] == []
+    assert [e.vehicle for e in spool.closed_segments()] == ["veh-b"]  # not its segments
+    assert main(["cloud", "segments", "list", "--json", "--vehicle", "veh-a"]) == 0
+    assert sorted(s["sha256"] for s in json.loads(capsys.readouterr().out)["segments"]) == shas
+    assert main(["cloud", "upload", "--vehicle", "veh-a", "--spool-dir", str(tmp_path / "nope")]) == 2

@@ -68,7 +68,7 @@ def server() -> Iterator[str]:
         pw = pwd.getpwnam("postgres")
         os.chown(root, pw.pw_uid, pw.pw_gid)
     data, port = root / "data", _free_port()
-    run = lambda args: subprocess.run(_as_server_user(args), check=True, capture_output=True, text=True)  # noqa: E731
+    run = lambda args: subprocess.run(_as_server_user(args), check=True, capture_output=True, text=True)
     try:
         run([str(_BIN / "initdb"), "-D", str(data), "-U", _USER, "--auth=trust", "-E", "UTF8", "--no-sync"])
         run([str(_BIN / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "start",
@@ -80,7 +80,7 @@ def server() -> Iterator[str]:
         yield f"postgresql+psycopg://{_USER}@127.0.0.1:{port}"
     finally:
         subprocess.run(_as_server_user([str(_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -230,6 +230,15 @@ def test_auth_error_stops_the_uploader(spool: Spool, paths: list[Path], tmp_path
     assert len(spool.closed_segments()) == 4
 
 
+def test_vehicle_filter_on_a_shared_spool(spool: Spool, paths: list[Path], tmp_path: Path) -> None:
+    theirs = record_synthetic_segments(spool, "veh-b", 2, ticks_per_segment=20, seed=9)
+    fake, ft = FakeTransport(), FakeTime()
+    with _uploader(spool, fake, tmp_path, ft, vehicle_id="veh-b") as up:
+        report = up.drain(max_s=60)
+    assert len(report.uploaded) == 2 and all(not p.exists() for p in theirs)
+    assert {e.vehicle for e in spool.closed_segments()} == {"veh-a"} and len(spool.closed_segments()) == 4
+
+
 def test_one_uploader_per_state_dir(spool: Spool, tmp_path: Path) -> None:
     ft = FakeTime()
     with _uploader(spool, FakeTransport(), tmp_path, ft):
@@ -283,7 +292,7 @@ def test_acceptance_interruptions_and_sigkill(tmp_path: Path) -> None:
         flaky.close()
     assert flaky.interruptions == 10 and report.failures == 10
     assert sorted(r.sha256 for r in catalog.segments()) == sorted(originals) == store.shas()
-    for sha, data in originals.items():
+    for sha in originals:
         with store.open(sha) as f:
             assert hashlib.sha256(f.read()).hexdigest() == sha
     assert len(catalog.segments()) == len(originals)  # exactly once
