@@ -97,3 +97,39 @@ def test_ray_train_runs_the_same_step_and_resumes(tmp_path: Path) -> None:
     state2, m2 = train_with_ray(_base(), arrays_path, CFG, tmp_path / "run")
     assert m2["resumed_after_epoch"] == CFG.epochs - 1
     assert all(torch.equal(state[k], state2[k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "data_cpus"),
+    [(2, 1, 1.0), (4, 1, 3.0), (8, 3, 5.0)],
+)
+def test_cpu_split_leaves_ray_data_a_cpu(cpus: int, workers: int, data_cpus: float) -> None:
+    from driveloop.cloud._ray import cpu_split
+
+    split = cpu_split(cpus, workers)
+    assert split.data_cpus == data_cpus and split.train_workers * split.cpus_per_train_worker + split.data_cpus == cpus
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 2), (2, 0)])
+def test_cpu_split_refuses_a_trainer_that_takes_every_cpu(cpus: int, workers: int) -> None:
+    from driveloop.cloud._ray import cpu_split
+
+    with pytest.raises(ConfigError):
+        cpu_split(cpus, workers)
+
+
+@pytest.mark.slow
+def test_shared_runtime_survives_flowers_shutdown_and_reinit_on_demand() -> None:
+    import ray
+
+    from driveloop.cloud._ray import ensure_ray, shared_runtime
+
+    rt = ensure_ray(None, num_cpus=2)
+    assert rt.num_cpus == 2
+    with shared_runtime():
+        ray.shutdown()  # what Flower's simulation backend does when it ends
+        assert ray.is_initialized()
+    assert ray.shutdown is not None and ray.is_initialized()
+    ray.shutdown()  # without the guard the runtime goes away...
+    assert not ray.is_initialized()
+    assert ensure_ray(None, num_cpus=2).num_cpus == 2  # ...and the next stage simply starts it again
