@@ -8,6 +8,18 @@ __all__: list[str] = []
 _LAZY_RELEASE_API = {"ReleaseService": "release", "TargetInfo": "release", "RepoPolicy": "_tuf_repo", "KeyStore": "keys"}
 __all__ += list(_LAZY_RELEASE_API)
 
+# Rollouts: controller, gates, director, audit, fleet server, simulation (lazy too; resolved by __getattr__).
+_LAZY_ROLLOUT_API = {
+    "RolloutPlan": "controller", "StageSpec": "controller", "RolloutState": "controller", "Decision": "controller",
+    "OperatorAction": "controller", "decide": "controller", "apply": "controller", "replay": "controller",
+    "GateTolerances": "gates", "HealthWindow": "gates", "aggregate": "gates", "assign": "director",
+    "HealthReport": "messages", "UpdateOffer": "messages", "JsonlAuditLog": "audit", "FleetStore": "store",
+    "ServerConfig": "server", "create_app": "server", "SimConfig": "simulate", "simulate": "simulate",
+    "provision": "grafana", "PromHealthSource": "promql",
+}
+_LAZY_RELEASE_API.update(_LAZY_ROLLOUT_API)
+__all__ += list(_LAZY_ROLLOUT_API)
+
 
 def __getattr__(name: str) -> object:
     if name in _LAZY_RELEASE_API:
