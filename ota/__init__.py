@@ -14,7 +14,7 @@ _LAZY_ROLLOUT_API = {
     "OperatorAction": "controller", "decide": "controller", "apply": "controller", "replay": "controller",
     "GateTolerances": "gates", "HealthWindow": "gates", "aggregate": "gates", "assign": "director",
     "HealthReport": "messages", "UpdateOffer": "messages", "JsonlAuditLog": "audit", "FleetStore": "store",
-    "ServerConfig": "server", "create_app": "server", "SimConfig": "simulate", "simulate": "simulate",
+    "ServerConfig": "server", "create_app": "server", "SimConfig": "simulate", "SimResult": "simulate",
     "provision": "grafana", "PromHealthSource": "promql",
 }
 _LAZY_RELEASE_API.update(_LAZY_ROLLOUT_API)
