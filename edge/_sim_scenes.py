@@ -16,12 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from driveloop.edge._sim_vehicles import (
+    EgoVehicle,
+    LaneChanger,
+    ScriptedTarget,
+    TrafficVehicle,
+)
+from driveloop.edge.scenarios import ScenarioSpec
 from highway_env.road.lane import LineType, SineLane, StraightLane
 from highway_env.road.road import Road, RoadNetwork
 from highway_env.vehicle.kinematics import Vehicle
-
-from driveloop.edge._sim_vehicles import EgoVehicle, LaneChanger, ScriptedTarget, TrafficVehicle
-from driveloop.edge.scenarios import ScenarioSpec
 
 SPEED_LIMIT_MPS = 40.0
 STRAIGHT_ROAD_M = 30_000.0  # 12.5 min at the 40 m/s top speed; traffic is recycled around the ego
@@ -61,7 +65,7 @@ def _merge_network() -> RoadNetwork:
     line_types_merge = [[c, s], [n, s]]
     for i in range(2):
         y = i * width
-        kw = dict(speed_limit=SPEED_LIMIT_MPS)
+        kw = {"speed_limit": SPEED_LIMIT_MPS}
         net.add_lane("a", "b", StraightLane([0, y], [x_b, y], line_types=line_types[i], **kw))
         net.add_lane("b", "c", StraightLane([x_b, y], [x_c, y], line_types=line_types_merge[i], **kw))
         net.add_lane("c", "d", StraightLane([x_c, y], [x_c + ends[3], y], line_types=line_types[i], **kw))

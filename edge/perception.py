@@ -20,9 +20,15 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from driveloop.edge.contract import (
+    EGO_FEATURES,
+    KIN_DIM,
+    N_NEIGHBOURS,
+    NEIGHBOUR_FEATURES,
+    Observation,
+)
 
 from driveloop.exceptions import SafetyError
-from driveloop.edge.contract import EGO_FEATURES, KIN_DIM, N_NEIGHBOURS, NEIGHBOUR_FEATURES, Observation
 
 VEHICLE_LENGTH_M = 5.0
 CORRIDOR_HALF_WIDTH_M = 1.8

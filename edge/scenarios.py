@@ -125,11 +125,11 @@ def ccr_start_gap_m(ego_speed_mps: float, target_speed_mps: float) -> float:
 
 def _nominal(name: str) -> ScenarioSpec:
     table = {
-        "highway": dict(ego=25.0, set_=28.0, target=25.0, traffic=8, lanes=4, hazard=False, headway=0.0),
-        "dense": dict(ego=18.0, set_=22.0, target=18.0, traffic=14, lanes=3, hazard=False, headway=0.0),
+        "highway": {"ego": 25.0, "set_": 28.0, "target": 25.0, "traffic": 8, "lanes": 4, "hazard": False, "headway": 0.0},
+        "dense": {"ego": 18.0, "set_": 22.0, "target": 18.0, "traffic": 14, "lanes": 3, "hazard": False, "headway": 0.0},
         # cut-in / merge: the subject vehicle ends up ~12–25 m ahead, 2–5 m/s slower (seeded).
-        "cut-in": dict(ego=25.0, set_=25.0, target=21.0, traffic=4, lanes=3, hazard=True, headway=18.0),
-        "merge": dict(ego=25.0, set_=25.0, target=22.0, traffic=3, lanes=2, hazard=True, headway=20.0),
+        "cut-in": {"ego": 25.0, "set_": 25.0, "target": 21.0, "traffic": 4, "lanes": 3, "hazard": True, "headway": 18.0},
+        "merge": {"ego": 25.0, "set_": 25.0, "target": 22.0, "traffic": 3, "lanes": 2, "hazard": True, "headway": 20.0},
     }
     row = table[name]
     duration = 60.0 if name in NOMINAL_KINDS else 20.0

@@ -30,8 +30,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-from driveloop.exceptions import ConfigError
 from driveloop.edge.contract import (
     EGO_FEATURES,
     GRID_CELL_X_M,
@@ -50,6 +48,8 @@ from driveloop.edge.contract import (
     Observation,
 )
 from driveloop.edge.world import WorldSnapshot
+
+from driveloop.exceptions import ConfigError
 
 EGO_NOISE_UNITS = np.array([0.1, 0.1, 0.005, 0.05, 0.0, 0.0])
 NEIGHBOUR_NOISE_UNITS = np.array([0.0, 1.0, 1.0, 1.0, 1.0])

@@ -18,13 +18,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
-
-from driveloop.exceptions import ConfigError, SafetyError
 from driveloop.edge.contract import CONTROL_PERIOD_S
 from driveloop.edge.scenarios import ScenarioSpec
 from driveloop.edge.world import VehicleState, WorldSnapshot
+
+from driveloop.exceptions import ConfigError, SafetyError
+
+if TYPE_CHECKING:
+    from driveloop.edge._sim_scenes import Scene
+    from highway_env.vehicle.kinematics import Vehicle
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ class SimConfig:
 
     @property
     def substeps(self) -> int:
-        return int(round(self.dt_s * self.sim_frequency_hz))
+        return round(self.dt_s * self.sim_frequency_hz)
 
 
 def _env_class() -> type:
@@ -72,7 +77,7 @@ def _env_class() -> type:
     class _DriveloopEnv(AbstractEnv):
         """Holds the road for highway-env's renderer; stepping is done by :class:`Simulator`."""
 
-        def __init__(self, scene_builder: object, **kwargs: object) -> None:
+        def __init__(self, scene_builder: Any, **kwargs: Any) -> None:
             self.scene_builder = scene_builder
             super().__init__(**kwargs)
 
@@ -103,8 +108,8 @@ class Simulator:
         self.spec = spec
         self.seed = int(seed)
         self.config = config or SimConfig()
-        self._env = None
-        self._scene = None
+        self._env: Any = None
+        self._scene: Scene | None = None
         self._rng = np.random.default_rng(self.seed)
         self._ids: dict[int, int] = {}
         self.t_s = 0.0
@@ -121,7 +126,7 @@ class Simulator:
         # Fresh generators on every build: highway-env resets once in its constructor too.
         self._rng = np.random.default_rng([seed, 1])  # traffic recycling while driving
 
-        def builder():  # noqa: ANN202 - returns the private Scene
+        def builder() -> Scene:
             return build_scene(spec, np.random.default_rng(seed), np.random.RandomState(seed), cfg.brake_lag_s,
                                cfg.max_speed_mps)
 
@@ -154,14 +159,14 @@ class Simulator:
             self._env = None
             self._scene = None
 
-    def __enter__(self) -> Simulator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- stepping --------------------------------------------------------------------------------------
-    def _need_scene(self):  # noqa: ANN202 - returns the private Scene
+    def _need_scene(self) -> Scene:
         if self._scene is None:
             raise ConfigError("Simulator.reset() must be called before stepping")
         return self._scene
@@ -215,7 +220,7 @@ class Simulator:
         return np.asarray(frame, dtype=np.uint8)
 
     # -- ground truth ----------------------------------------------------------------------------------
-    def _state(self, v: object) -> VehicleState:
+    def _state(self, v: Vehicle) -> VehicleState:
         vel = v.velocity
         return VehicleState(
             id=self._ids.setdefault(id(v), len(self._ids)),

@@ -6,8 +6,6 @@ import collections
 
 import numpy as np
 import pytest
-
-from driveloop.exceptions import ScenarioError
 from driveloop.edge.scenarios import (
     CCR_CASES,
     CCR_START_TTC_S,
@@ -20,6 +18,8 @@ from driveloop.edge.scenarios import (
     scenario_names,
     validate_scenario_name,
 )
+
+from driveloop.exceptions import ScenarioError
 
 CCRS = [(f"ccrs-{v}", v) for v in range(10, 85, 5)]
 CCRM = [(f"ccrm-{v}", v) for v in range(30, 85, 5)]
@@ -110,13 +110,13 @@ def test_every_listed_name_parses() -> None:
 
 @pytest.mark.parametrize(
     "field_values",
-    [dict(kind="bogus"), dict(ego_speed_mps=-1.0), dict(ego_speed_mps=41.0), dict(set_speed_mps=0.0),
-     dict(target_speed_mps=50.0), dict(headway_m=-1.0), dict(target_decel_mps2=-2.0), dict(traffic_vehicles=-1),
-     dict(lanes=0), dict(lanes=6), dict(duration_s=0.0)],
+    [{"kind": "bogus"}, {"ego_speed_mps": -1.0}, {"ego_speed_mps": 41.0}, {"set_speed_mps": 0.0},
+     {"target_speed_mps": 50.0}, {"headway_m": -1.0}, {"target_decel_mps2": -2.0}, {"traffic_vehicles": -1},
+     {"lanes": 0}, {"lanes": 6}, {"duration_s": 0.0}],
 )
 def test_spec_validation(field_values: dict) -> None:
-    base = dict(name="x", kind="highway", ego_speed_mps=20.0, set_speed_mps=20.0, target_speed_mps=20.0,
-                headway_m=0.0, target_decel_mps2=0.0, traffic_vehicles=3, lanes=3, duration_s=10.0, hazard=False)
+    base = {"name": "x", "kind": "highway", "ego_speed_mps": 20.0, "set_speed_mps": 20.0, "target_speed_mps": 20.0,
+                "headway_m": 0.0, "target_decel_mps2": 0.0, "traffic_vehicles": 3, "lanes": 3, "duration_s": 10.0, "hazard": False}
     ScenarioSpec(**base)
     with pytest.raises(ScenarioError):
         ScenarioSpec(**{**base, **field_values})

@@ -6,21 +6,20 @@ import math
 
 import numpy as np
 import pytest
-
-from driveloop.exceptions import ConfigError
 from driveloop.edge.contract import (
     GRID_CHANNELS,
     GRID_H,
     GRID_W,
     INPUTS,
     KIN_DIM,
-    LIDAR_CELLS,
     LIDAR_RANGE_M,
 )
 from driveloop.edge.scenarios import parse_scenario
 from driveloop.edge.sensors import SensorConfig, SensorFrame, SensorSuite, observe
 from driveloop.edge.sim import Simulator
 from driveloop.edge.world import VehicleState, WorldSnapshot
+
+from driveloop.exceptions import ConfigError
 
 EGO_V = 20.0
 
@@ -34,11 +33,11 @@ def car(i: int, x: float, y: float, vx: float, vy: float = 0.0, heading: float =
     return VehicleState(i, x, y, vx, vy, heading)
 
 
-def clean(s: WorldSnapshot):  # noqa: ANN201 - Observation
+def clean(s: WorldSnapshot):
     return observe(s, np.random.default_rng(0)).observation
 
 
-def rows(obs) -> np.ndarray:  # noqa: ANN001
+def rows(obs) -> np.ndarray:
     return obs.kinematics[6:].reshape(6, 5)
 
 
@@ -175,8 +174,8 @@ def test_dropout_repeats_the_last_frame_and_marks_it_stale() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(kinematics_sigma=-0.1), dict(lidar_sigma=math.nan), dict(grid_sigma=11.0), dict(kinematics_dropout_p=1.0),
-     dict(lidar_dropout_p=-0.1), dict(grid_dropout_p=math.inf), dict(neighbour_range_m=0.0)],
+    [{"kinematics_sigma": -0.1}, {"lidar_sigma": math.nan}, {"grid_sigma": 11.0}, {"kinematics_dropout_p": 1.0},
+     {"lidar_dropout_p": -0.1}, {"grid_dropout_p": math.inf}, {"neighbour_range_m": 0.0}],
 )
 def test_sensor_config_validation(kwargs: dict) -> None:
     with pytest.raises(ConfigError):

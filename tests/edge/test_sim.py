@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 import pytest
-
-from driveloop.exceptions import ConfigError, SafetyError, SegmentError
 from driveloop.edge import world
 from driveloop.edge.scenarios import CCR_CASES, parse_scenario
 from driveloop.edge.sim import SimConfig, Simulator
 from driveloop.edge.world import VehicleState, WorldSnapshot
+
+from driveloop.exceptions import ConfigError, SafetyError, SegmentError
 
 
 def _drive(name: str, seed: int, steps: int, policy=None, config: SimConfig | None = None) -> list[WorldSnapshot]:
@@ -116,8 +116,8 @@ def test_commands_clipped_and_non_finite_refused() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(dt_s=0.0), dict(dt_s=0.1, sim_frequency_hz=15.0), dict(brake_lag_s=-0.1), dict(accel_min_mps2=1.0),
-     dict(accel_max_mps2=0.0), dict(max_steer_rad=2.0), dict(max_speed_mps=0.0), dict(render_width_px=4)],
+    [{"dt_s": 0.0}, {"dt_s": 0.1, "sim_frequency_hz": 15.0}, {"brake_lag_s": -0.1}, {"accel_min_mps2": 1.0},
+     {"accel_max_mps2": 0.0}, {"max_steer_rad": 2.0}, {"max_speed_mps": 0.0}, {"render_width_px": 4}],
 )
 def test_sim_config_validation(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
@@ -225,7 +225,7 @@ def test_interactive_subject_enters_ego_lane_and_is_avoidable(name: str) -> None
     for seed in (0, 1, 2):
         sim = Simulator(parse_scenario(name), seed)
         snap = sim.reset()
-        subject = sim._ids[id(sim._scene.subject)]  # noqa: SLF001 - the scene's subject vehicle
+        subject = sim._ids[id(sim._scene.subject)]
         entered = None
         for _ in range(int(8.0 / 0.1)):
             snap = sim.step(*sim.expert_action())
