@@ -256,3 +256,13 @@ def test_cli_release_keys_show_and_rotate(tmp_path: Path, monkeypatch: pytest.Mo
     assert main(["ota", "refresh-timestamp", "--expires-in-s", "3600"]) == 0
     assert "timestamp v" in capsys.readouterr().out
     assert main(["ota", "refresh-timestamp", "--expires-in-s", "0"]) == 2
+
+
+def test_key_readable_by_others_is_refused(tmp_path: Path, registry: FakeRegistry) -> None:
+    svc = _service(tmp_path, registry)
+    key = next((tmp_path / "keys").glob("targets-*.json"))
+    key.chmod(0o644)
+    with pytest.raises(OtaError, match="readable by others"):
+        svc.release("1")
+    key.chmod(0o600)
+    assert svc.release("1").release_seq == 1
