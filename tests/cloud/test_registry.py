@@ -26,6 +26,8 @@ from driveloop.cloud.model import PolicyConfig, PolicyNet
 from driveloop.cloud.registry import STAGES, TRANSITIONS, Registry, check_transition
 from driveloop.edge import contract as C
 from driveloop.exceptions import ContractError, IntegrityError, ModelError, RegistryError
+from tests.cloud.test_postgres import _BIN as _PG_BIN
+from tests.cloud.test_postgres import _fresh_database, server  # noqa: F401  (fixture, used via getfixturevalue)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,18 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return [export_onnx(PolicyNet(PolicyConfig(seed=s)), d / f"m{s}.onnx") for s in range(3)]
 
 
-@pytest.fixture()
-def reg(tmp_path: Path) -> Registry:
-    with Registry(tmp_path / "registry") as r:
+_NO_PG = _PG_BIN is None or not (_PG_BIN / "initdb").exists()
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=[pytest.mark.slow, pytest.mark.skipif(
+        _NO_PG, reason="PostgreSQL server binaries not installed (Debian package `postgresql`)")])],
+)
+def reg(request: pytest.FixtureRequest, tmp_path: Path) -> Registry:
+    """Every registry test runs on the embedded SQLite index and on a real PostgreSQL server."""
+    url = None if request.param == "sqlite" else _fresh_database(request.getfixturevalue("server"))
+    with Registry(tmp_path / "registry", db_url=url) as r:
+        assert r.db_url.startswith("sqlite" if url is None else "postgresql")
         yield r
 
 
