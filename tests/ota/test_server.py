@@ -322,3 +322,79 @@ def test_store_survives_restart(srv: Running) -> None:
     rid = live.latest_rollout_id()
     assert store.load(rid).state == live.load(rid).state
     assert store.verify_audit().ok and len(store.audit_entries()) == len(live.audit_entries())
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any] | str]:
+    from driveloop.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    if code == 0 and "--json" in args:
+        import json
+
+        return code, json.loads(out.out)
+    return code, out.err
+
+
+def test_cli_rollout_against_the_local_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path))
+    monkeypatch.delenv("DRIVELOOP_OTA_URL", raising=False)
+    assert _cli(capsys, "ota", "rollout", "status")[0] == 9  # no rollout yet
+    write_release(tmp_path / "ota", ["v1", "v2"])
+    code, err = _cli(capsys, "ota", "rollout", "start", "v9", "--previous", "v1")
+    assert code == 9 and "not released" in str(err)
+    code, st = _cli(capsys, "ota", "rollout", "start", "v2", "--previous", "v1", "--json")
+    assert code == 0 and isinstance(st, dict) and (st["stage"], st["status"]) == ("shadow", "running")
+    steps = [("pause", 0, "paused"), ("resume", 0, "running"), ("resume", 9, "not paused"),
+             ("promote", 0, "canary"), ("abort", 0, "aborted"), ("promote", 9, "cannot promote")]
+    for action, want, expect in steps:
+        code, out = _cli(capsys, "ota", "rollout", action, "--reason", "cli test", "--json")
+        assert code == want, (action, out)
+        assert expect in (str(out) if code else f"{out['status']} {out['stage']}")  # type: ignore[index]
+    code, st = _cli(capsys, "ota", "rollout", "status", "1", "--json")
+    assert isinstance(st, dict) and st["status"] == "aborted" and st["reason"].endswith("cli test")
+    assert FleetStore.at(tmp_path / "ota").verify_audit().ok
+
+
+def test_cli_serve_and_remote_rollout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    write_release(tmp_path / "ota", ["v1", "v2"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"DRIVELOOP_HOME": str(tmp_path), "DRIVELOOP_OTA_ADMIN_TOKEN": ADMIN}
+    exe = shutil.which("driveloop")
+    cmd = [exe] if exe else [sys.executable, "-c", "from driveloop.cli import main; main()"]
+    proc = subprocess.Popen([*cmd, "ota", "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/v1/dashboard", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                time.sleep(0.2)
+        monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path / "elsewhere"))  # remote mode needs no local store
+        monkeypatch.setenv("DRIVELOOP_OTA_URL", url)
+        monkeypatch.setenv("DRIVELOOP_OTA_ADMIN_TOKEN", ADMIN)
+        code, st = _cli(capsys, "ota", "rollout", "start", "v2", "--previous", "v1", "--json")
+        assert code == 0 and isinstance(st, dict) and st["rollout_id"] == 1
+        code, st = _cli(capsys, "ota", "rollout", "pause", "--json")
+        assert code == 0 and isinstance(st, dict) and st["status"] == "paused"
+        code, err = _cli(capsys, "ota", "rollout", "pause")
+        assert code == 9 and "409" in str(err) and "already paused" in str(err)
+        monkeypatch.setenv("DRIVELOOP_OTA_ADMIN_TOKEN", "wrong-token-wrong-token")
+        code, err = _cli(capsys, "ota", "rollout", "abort", "1")
+        assert code == 9 and "403" in str(err)
+        assert httpx.get(f"{url}/v1/rollouts/1").json()["status"] == "paused"
+    finally:
+        proc.terminate()
+        proc.wait()
