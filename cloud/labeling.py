@@ -8,7 +8,10 @@ produces the action the model *should* have produced:
   braking lead counts before it shows), places it where it will be relative to an ego that keeps its
   current speed, and keeps the most cautious IDM acceleration. The label therefore brakes early and
   smoothly where the on-vehicle model braked late and the fallback had to intervene.
-- **Lateral**: lane keeping (steer against the lane offset and heading error).
+- **Expert blend**: where the simulator's privileged expert action is logged, the label is the expert's
+  command plus only the *extra* braking that hindsight justifies (so nominal frames keep exactly the
+  behaviour the model was bootstrapped on), and the expert's steering.
+- **Lateral** without an expert: lane keeping (steer against the lane offset and heading error).
 - **Hazard**: ``hazard`` is True when within ``hazard_horizon_s`` the ground-truth TTC (from gaps and
   speeds in ``/vehicle/state``) falls below ``hazard_ttc_s`` or the ego collides; ``time_to_hazard_s``
   says how soon (inf when none).
@@ -32,7 +35,7 @@ from driveloop.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
-LABEL_VERSION = "hindsight-idm-1"
+LABEL_VERSION = "hindsight-idm-2"
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,9 @@ def _future_steps(n: int, horizon_s: float) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(idx, n - 1), idx < n
 
 
-def hindsight_accel(frames: SegmentFrames, c: LabelerConfig) -> np.ndarray:
-    """Most cautious IDM acceleration against the future leads over the horizon (see module doc)."""
+def hindsight_accel(frames: SegmentFrames, c: LabelerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(most cautious IDM acceleration against the future leads over the horizon, the same IDM against
+    the present lead only). Their difference is the braking that only hindsight justifies."""
     n = len(frames)
     idx, valid = _future_steps(n, c.horizon_s)
     v = np.nan_to_num(frames.ego_speed_mps)
@@ -111,17 +115,28 @@ def hindsight_accel(frames: SegmentFrames, c: LabelerConfig) -> np.ndarray:
     gap_future = np.where(valid, gap_future, np.nan)
     accel = idm_accel(v[:, None], np.nan_to_num(frames.set_speed_mps)[:, None], gap_future, np.nan_to_num(frames.lead_speed_mps[idx]), c)
     accel = np.where(valid, accel, np.inf)
-    return np.min(accel, axis=1)
+    return np.min(accel, axis=1), accel[:, 0]
 
 
 def label_segment(frames: SegmentFrames, config: LabelerConfig) -> Labels:
-    """Target actions and hazard labels for every frame of one segment."""
-    accel = hindsight_accel(frames, config)
-    steer = np.clip(
+    """Target actions and hazard labels for every frame of one segment.
+
+    Where the simulator's expert action is logged, the label is the expert's command plus the extra
+    braking hindsight justifies (future-lead IDM minus present-lead IDM, never positive): on nominal
+    frames that is exactly what the model was bootstrapped on (nothing to forget), before a hazard it
+    brakes earlier. Without an expert: the hindsight IDM and lane keeping.
+    """
+    future_min, present = hindsight_accel(frames, config)
+    lane_keep = np.clip(
         -(config.lane_gain_rad_per_m * np.nan_to_num(frames.lane_offset_m) + config.heading_gain * np.nan_to_num(frames.heading_rad)),
         -config.max_steer_rad,
         config.max_steer_rad,
     )
+    has_expert = np.all(np.isfinite(frames.expert_action), axis=1)
+    expert = np.nan_to_num(frames.expert_action)
+    extra = np.minimum(future_min - present, 0.0)
+    accel = np.where(has_expert, np.clip(expert[:, 0] + extra, -config.max_decel_mps2, config.max_accel_mps2), future_min)
+    steer = np.where(has_expert, expert[:, 1], lane_keep)
     danger = (ground_truth_ttc(frames) < config.hazard_ttc_s) | frames.collision.astype(bool)
     idx, valid = _future_steps(len(frames), config.hazard_horizon_s)
     ahead = danger[idx] & valid

@@ -32,6 +32,20 @@ def test_braking_lead_label_brakes_before_the_late_model() -> None:
     assert labels.target_action.dtype == np.float32
 
 
+def test_expert_blend_keeps_nominal_frames_and_adds_only_anticipation() -> None:
+    frames = make_frames(braking_lead())
+    labels = label_segment(frames, LabelerConfig())
+    expert = frames.expert_action.astype(np.float32)
+    assert np.all(labels.target_action[:, 0] <= expert[:, 0] + 1e-5)  # hindsight only ever adds braking
+    assert np.array_equal(labels.target_action[:, 1], expert[:, 1])  # the expert's steering
+    lead_brakes = _first(np.diff(frames.lead_speed_mps) < 0)
+    early = slice(0, lead_brakes - int(2.5 / DT))  # further back than the horizon: nothing to anticipate
+    assert np.allclose(labels.target_action[early, 0], expert[early, 0], atol=1e-5)
+    assert _first(labels.target_action[:, 0] < -2.0) < _first(expert[:, 0] < -2.0)
+    no_expert = label_segment(make_frames(braking_lead(), expert=False), LabelerConfig())
+    assert _first(no_expert.target_action[:, 0] < -2.0) <= lead_brakes
+
+
 def test_constant_lead_far_ahead_gives_free_road_cruise() -> None:
     frames = make_frames(np.full(60, 25.0), gap0_m=200.0, ego_speed0_mps=20.0, set_speed_mps=25.0)
     labels = label_segment(frames, LabelerConfig())
@@ -54,7 +68,7 @@ def test_hindsight_sees_a_cut_in_before_it_happens() -> None:
 
 
 def test_lane_keeping_steers_back_to_the_centre() -> None:
-    frames = make_frames(np.full(30, 25.0), gap0_m=200.0)
+    frames = make_frames(np.full(30, 25.0), gap0_m=200.0, expert=False)
     off = dataclasses.replace(frames, lane_offset_m=np.full(30, 1.0), heading_rad=np.full(30, 0.02))
     labels = label_segment(off, LabelerConfig())
     assert np.all(labels.target_action[:, 1] < 0)  # offset to the left -> steer right
