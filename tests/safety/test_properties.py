@@ -84,7 +84,7 @@ def test_seeded_sweep_of_malformed_outputs() -> None:
     """One continuous drive in phases of 100 ticks: 20 healthy ticks (the model gets control back), then 80
     whose model output, confidence, liveness, timing and track are drawn at random: 100,000 random outputs."""
     rng = np.random.default_rng(20240)
-    n = SWEEP_TICKS * 100 // 80
+    n = -(-SWEEP_TICKS // 80) * 100  # whole phases of 100 ticks, 80 of them random
     kinds = rng.integers(10, size=n)
     u = rng.random((n, 10))
     speeds = np.clip(20.0 + np.cumsum(rng.normal(0, 0.5, n)), 0.0, 40.0)
