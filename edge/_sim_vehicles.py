@@ -25,6 +25,11 @@ from highway_env.vehicle.kinematics import Vehicle
 # Traffic braking: a healthy car brakes at ~9 m/s² on dry asphalt.
 TRAFFIC_MAX_DECEL_MPS2 = 9.0
 TRAFFIC_MAX_ACCEL_MPS2 = 3.0
+# Render colours (RGB): the ego green, a scenario's subject (cut-in, merger, CCR target) yellow,
+# background traffic highway-env's blue, anything crashed red.
+EGO_RGB = (50, 200, 0)
+SUBJECT_RGB = (200, 200, 0)
+CRASHED_RGB = (255, 100, 100)
 
 
 def clamp_speed_accel(speed_mps: float, accel_mps2: float, dt_s: float, max_speed_mps: float) -> float:
@@ -78,6 +83,10 @@ class LaneChanger(TrafficVehicle):
         self.elapsed_s = 0.0
         self.started = False
 
+    @property
+    def color(self) -> tuple[int, int, int]:
+        return CRASHED_RGB if self.crashed else SUBJECT_RGB
+
     def act(self, action: dict | str | None = None) -> None:
         if not self.started and not self.crashed:
             due_time = self.at_time_s is not None and self.elapsed_s >= self.at_time_s
@@ -119,6 +128,10 @@ class ScriptedTarget(Vehicle):
         self.decel_mps2 = decel_mps2
         self.brake_at_s = brake_at_s
         self.elapsed_s = 0.0
+
+    @property
+    def color(self) -> tuple[int, int, int]:
+        return CRASHED_RGB if self.crashed else SUBJECT_RGB
 
     def act(self, action: dict | str | None = None) -> None:
         braking = self.elapsed_s >= self.brake_at_s and self.decel_mps2 > 0
@@ -163,6 +176,10 @@ class EgoVehicle(IDMVehicle):
         self.applied_accel_mps2 = 0.0  # actuator state (brake pressure / drive torque) after the lag
         self.accel_mps2 = 0.0  # acceleration the body actually felt (0 when held at standstill)
         self.lane_id = int(self.lane_index[2]) if self.lane_index else 0
+
+    @property
+    def color(self) -> tuple[int, int, int]:
+        return CRASHED_RGB if self.crashed else EGO_RGB
 
     def command(self, accel_mps2: float, steering_rad_hw: float) -> None:
         self.accel_cmd_mps2 = float(accel_mps2)

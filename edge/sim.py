@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
@@ -38,6 +40,8 @@ logger = logging.getLogger(__name__)
 class SimConfig:
     """Physical and numerical settings of the simulator (validated on construction)."""
 
+    # brake_lag_s is the time constant of the longitudinal actuator (brake and drive alike): the
+    # applied acceleration follows the command as a first-order lag.
     dt_s: float = CONTROL_PERIOD_S
     sim_frequency_hz: float = 10.0
     brake_lag_s: float = 0.25
@@ -216,6 +220,9 @@ class Simulator:
     def render(self) -> np.ndarray:
         """RGB frame (H, W, 3) uint8 of the scene centred on the ego (offscreen pygame surface)."""
         self._need_scene()
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            # SDL prints "XDG_RUNTIME_DIR is invalid" on every headless init; give it a private dir.
+            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="driveloop-xdg-")
         frame = self._env.render()
         return np.asarray(frame, dtype=np.uint8)
 

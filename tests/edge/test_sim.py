@@ -251,13 +251,21 @@ def test_traffic_does_not_rear_end_a_hard_braking_ego(name: str) -> None:
 
 
 def test_render_gives_a_real_frame() -> None:
-    sim = Simulator(parse_scenario("highway"), 0)
+    from driveloop.edge._sim_vehicles import CRASHED_RGB, EGO_RGB, SUBJECT_RGB
+
+    def pixels(frame: np.ndarray, rgb: tuple[int, int, int]) -> int:
+        return int((frame == rgb).all(axis=-1).sum())
+
+    sim = Simulator(parse_scenario("ccrs-50"), 0)
     sim.reset()
     frame = sim.render()
     assert frame.shape == (150, 600, 3) and frame.dtype == np.uint8
     assert frame.std() > 10  # not a black (or blank) frame
-    sim.step(0.0, 0.0)
-    assert sim.render().shape == frame.shape
+    assert pixels(frame, EGO_RGB) > 50 and pixels(frame, SUBJECT_RGB) > 50 and pixels(frame, CRASHED_RGB) == 0
+    while not sim.crashed:
+        sim.step(0.0, 0.0)
+    crashed = sim.render()
+    assert pixels(crashed, CRASHED_RGB) > 100 and pixels(crashed, EGO_RGB) == 0
     sim.close()
 
 
