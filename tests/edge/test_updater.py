@@ -7,6 +7,7 @@ import hashlib
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from driveloop.edge.fetcher import ResumableFetcher
 from driveloop.edge.updater import VehicleUpdater, sha256_file
@@ -302,3 +303,33 @@ def test_torn_tuf_cache_after_power_cut_still_updates(world: tuple[ReleaseServic
     assert u.update("2")
     assert Path(cache / "root_history" / "2.root.json").read_bytes().startswith(b"{")
     assert VehicleUpdater(vdir, svc.repo.repo_dir).state().pending == "a"
+
+
+def test_update_through_the_fleet_server_with_range_resume(tmp_path: Path) -> None:
+    """End to end with the real fleet server (``driveloop ota serve`` app): `ota release` writes the
+    repository under <ota_dir>/repo, the server exposes it at /tuf, the vehicle resumes a partial."""
+    from driveloop.ota.server import ServerConfig, create_app
+
+    from tests.fakes.tuf_repo import serve_asgi
+
+    ota_dir = tmp_path / "ota"
+    reg = FakeRegistry(tmp_path / "registry")
+    factory = reg.add("0", seed=0)
+    reg.add("1", seed=1, pad_bytes=300_000)
+    svc = ReleaseService(ota_dir / "repo", ota_dir / "keys", reg, RepoPolicy(), clock=lambda: NOW_S)
+    info = svc.release("1")
+    vdir = tmp_path / "vehicle"
+    VehicleUpdater.provision(vdir, svc.trusted_root(), factory.onnx_path, factory.manifest.model_dump())
+    payload = (svc.repo.targets_dir / "models" / "1" / f"{info.sha256}.model.onnx").read_bytes()
+    (vdir / "downloads").mkdir()
+    (vdir / "downloads" / f"{info.sha256}.part").write_bytes(payload[: len(payload) // 2])  # cut earlier
+    app = create_app(ServerConfig(ota_dir=ota_dir, admin_token="a" * 32, background_eval=False))
+    statuses: list[tuple[int, str | None]] = []
+    client = httpx.Client(event_hooks={"response": [lambda r: statuses.append((r.status_code, r.request.headers.get("range")))]})
+    with serve_asgi(app) as url:
+        u, _ = _start(vdir, f"{url}/tuf", fetcher=ResumableFetcher(vdir / "downloads", client=client))
+        assert u.update("1")
+        u, path = _start(vdir, f"{url}/tuf")
+    assert (206, f"bytes={len(payload) // 2}-") in statuses  # the server resumed, no re-download
+    assert sha256_file(path) == info.sha256 and u.state().trial
+    assert not (vdir / "downloads" / f"{info.sha256}.part").exists()

@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,3 +218,25 @@ def tuf_client(repo: str | Path, cache_dir: Path, trusted_root: bytes):  # -> tu
     cache_dir.mkdir(parents=True, exist_ok=True)
     return Updater(str(cache_dir), meta_url, str(cache_dir / "targets"), targets_url,
                    ResumableFetcher(cache_dir / "dl"), bootstrap=trusted_root)
+
+
+@contextmanager
+def serve_asgi(app: Any) -> Iterator[str]:
+    """Run an ASGI app (the fleet server) with uvicorn on an ephemeral 127.0.0.1 port; yields its URL."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
