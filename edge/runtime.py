@@ -142,32 +142,45 @@ class LatencyLog:
         return float(np.percentile(np.fromiter(self._s, float), q) * 1e6) if self._s else float("nan")
 
 
-class _CudaBucket:
-    """One fixed batch size on CUDA: a graph-captured session with bound device buffers."""
+class BoundBucket:
+    """One fixed batch size with its buffers bound once by IO binding (on CUDA: plus a captured CUDA graph).
 
-    def __init__(self, model_path: str, threads: int, size: int) -> None:
+    ``device="cpu"`` builds the same thing on the CPU EP; it exists so the padding/binding logic is
+    tested on machines without a GPU.
+    """
+
+    def __init__(self, model_path: str, threads: int, size: int, *, device: str = "cuda", graph: bool = True) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
-        provider = ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1"})
+        if device == "cuda":
+            provider: Any = ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1" if graph else "0"})
+        else:
+            provider = "CPUExecutionProvider"
         self.sess = ort.InferenceSession(model_path, opts, providers=[provider])
+        if self.sess.get_providers()[0] != ("CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"):
+            raise ModelError(f"{device} session fell back to {self.sess.get_providers()[0]}")
+        self.size = size
         self.host = {s.name: np.zeros((size, *s.shape), np.float32) for s in C.INPUTS}
-        self.dev = {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for n, a in self.host.items()}
-        self.outs = {s.name: ort.OrtValue.ortvalue_from_shape_and_type((size, *s.shape), np.float32, "cuda", 0)
+        self.dev = {n: ort.OrtValue.ortvalue_from_numpy(a, device, 0) for n, a in self.host.items()}
+        self.outs = {s.name: ort.OrtValue.ortvalue_from_shape_and_type((size, *s.shape), np.float32, device, 0)
                      for s in C.OUTPUTS}
         self.binding = self.sess.io_binding()
         for name, value in self.dev.items():
             self.binding.bind_ortvalue_input(name, value)
         for name, value in self.outs.items():
             self.binding.bind_ortvalue_output(name, value)
-        self.sess.run_with_iobinding(self.binding)  # first run captures the CUDA graph
+        self.sess.run_with_iobinding(self.binding)  # first run captures the CUDA graph (when enabled)
 
     def run(self, batch: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [0, n) of the bucket carry the batch; the padding rows are zeroed, computed and dropped."""
+        if not 0 < n <= self.size:
+            raise ContractError(f"batch of {n} does not fit bucket {self.size}")
         for name, host in self.host.items():
             host[:n] = batch[name]
-            host[n:] = 0.0  # padding rows: computed, then dropped
-            self.dev[name].update_inplace(host)
+            host[n:] = 0.0
+            self.dev[name].update_inplace(host)  # same device address: the captured graph stays valid
         self.sess.run_with_iobinding(self.binding)
         action, conf = self.binding.copy_outputs_to_cpu()
         return np.array(action[:n]), np.array(conf[:n])
@@ -200,7 +213,8 @@ class ModelRuntime:
         if device == "cuda" and not cuda_works():
             raise ModelError("device 'cuda' requested but the CUDA execution provider does not work here")
         self._use_cuda = device != "cpu" and cuda_works()
-        self._buckets: dict[int, _CudaBucket] = {}
+        self._buckets: dict[int, BoundBucket] = {}
+        self._cuda_graphs = True  # cleared if a capture fails (e.g. a node the CUDA EP does not take)
         self.latency = LatencyLog()
         logger.info("model v%d loaded on %s", manifest.version, self.provider)
 
@@ -231,15 +245,28 @@ class ModelRuntime:
         t0 = time.perf_counter()
         if self._use_cuda:
             size = bucket_for(n)
-            bucket = self._buckets.get(size)
-            if bucket is None:
-                bucket = self._buckets[size] = _CudaBucket(str(self.path), self._threads, size)
+            bucket = self._buckets.get(size) or self._new_bucket(size)
             action, conf = bucket.run(batch, n)
         else:
             feed = {name: np.ascontiguousarray(batch[name]) for name in C.INPUT_NAMES}
             action, conf = self._cpu.run(list(C.OUTPUT_NAMES), feed)
         self.latency.record(time.perf_counter() - t0)
         return action, conf
+
+    def _new_bucket(self, size: int) -> BoundBucket:
+        """A session for one batch bucket; without CUDA graphs if capturing fails (IO binding still applies)."""
+        if self._cuda_graphs:
+            try:
+                bucket = self._buckets[size] = BoundBucket(str(self.path), self._threads, size, graph=True)
+                return bucket
+            except Exception as e:  # ORT reports capture problems as untyped runtime errors
+                logger.warning("CUDA graph capture failed (%s); using IO binding without graphs", e)
+                self._cuda_graphs = False
+        try:
+            bucket = self._buckets[size] = BoundBucket(str(self.path), self._threads, size, graph=False)
+        except Exception as e:
+            raise ModelError(f"cannot run {self.path.name} on CUDA at batch {size}: {e}") from e
+        return bucket
 
     def warmup(self, sizes: tuple[int, ...] = (1,)) -> None:
         """Run zero batches once per size so first-tick latency (allocations, graph capture) is paid now."""

@@ -187,3 +187,21 @@ def test_fake_runner_is_a_model_runner_with_programmed_faults() -> None:
         fake.run(batch)
     assert fake.run(batch)[0].shape == (2, 2) and fake.batch_sizes == [2] * 5
     assert validate_batch(batch) == 2
+
+
+def test_bound_bucket_pads_and_slices_like_the_plain_session(policy: tuple[PolicyNet, Path]) -> None:
+    """The CUDA path's IO-binding/padding logic, run on the CPU EP so it is exercised without a GPU."""
+    from driveloop.edge.runtime import BoundBucket
+
+    _, path = policy
+    plain = ModelRuntime(path, build_manifest(path, name="policy", version=1), device="cpu")
+    bucket = BoundBucket(str(path), 1, 8, device="cpu", graph=False)
+    for n, seed in ((3, 1), (8, 2), (1, 3), (3, 4)):  # refills must not leak rows of the previous batch
+        batch = _batch(n, seed=seed)
+        action, conf = bucket.run(batch, n)
+        ref_a, ref_c = plain.run(batch)
+        assert action.shape == (n, 2) and conf.shape == (n, 1)
+        np.testing.assert_allclose(action, ref_a, atol=1e-6)
+        np.testing.assert_allclose(conf, ref_c, atol=1e-6)
+    with pytest.raises(ContractError):
+        bucket.run(_batch(9), 9)
