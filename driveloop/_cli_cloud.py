@@ -293,3 +293,28 @@ def cloud_upload(
                    f"pending {report.pending}, {report.bytes_sent} bytes sent, {report.failures} retries")
     if report.pending:
         raise typer.Exit(6)
+
+
+uploads_app = typer.Typer(help="Uploads in flight on the ingest side.", no_args_is_help=True)
+cloud_app.add_typer(uploads_app, name="uploads")
+
+
+@uploads_app.command("list")
+def uploads_list(state: str = typer.Option(None, help="open | done | failed"), as_json: bool = _JSON) -> None:
+    """Uploads with their offsets and states."""
+    from dataclasses import asdict
+
+    rows = [asdict(u) for u in _ingest_service().catalog.uploads(state)]
+    if as_json:
+        typer.echo(dumps({"uploads": rows}))
+        return
+    cols = ["id", "vehicle", "name", "size", "offset", "state", "error"]
+    _table(f"uploads ({len(rows)})", cols, [[r[c] for c in cols] for r in rows])
+
+
+@uploads_app.command("expire")
+def uploads_expire(older_than_s: float = typer.Option(7 * 86400.0, help="Idle time after which an open upload is dropped."),
+                   as_json: bool = _JSON) -> None:
+    """Drop open uploads (and their partial bytes) idle for longer than --older-than-s."""
+    expired = _ingest_service().expire_uploads(older_than_s)
+    typer.echo(dumps({"expired": expired}) if as_json else f"expired {len(expired)} uploads")
