@@ -25,7 +25,7 @@ from typing import Any
 
 from driveloop.cloud import campaigns as campaign_rules
 from driveloop.cloud.auth import authenticate, bearer_token, check_admin, hash_secret, validate_vehicle_id
-from driveloop.cloud.catalog import UPLOAD_DONE, UPLOAD_FAILED, Catalog, SegmentRecord, UploadRecord
+from driveloop.cloud.catalog import UPLOAD_DONE, UPLOAD_FAILED, UPLOAD_OPEN, Catalog, SegmentRecord, UploadRecord
 from driveloop.cloud.store import ObjectStore, is_sha256, sha256_file
 from driveloop.edge.transport import STATE_EXISTS, UploadStatus
 from driveloop.exceptions import AuthError, ConfigError, SegmentError, StorageError, UploadRejectedError
@@ -238,6 +238,30 @@ class IngestService:
         finally:
             status = writer.close()
         return status
+
+    def expire_uploads(self, max_age_s: float) -> list[str]:
+        """Give up on open uploads untouched for ``max_age_s`` (a vehicle that never came back):
+        partial bytes deleted, upload marked failed. A vehicle returning later declares again and
+        starts over. Uploads receiving bytes right now are left alone. Returns the expired ids."""
+        if not max_age_s > 0:
+            raise ConfigError(f"max_age_s must be > 0, got {max_age_s}")
+        now, expired = self.clock(), []
+        for up in self.catalog.uploads(state=UPLOAD_OPEN):
+            if now - up.updated_at_s < max_age_s:
+                continue
+            with self._locks_guard:
+                lock = self._locks.setdefault(up.id, threading.Lock())
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                self._part(up.id).unlink(missing_ok=True)
+                self.catalog.fail_upload(up.id, f"expired after {max_age_s:.0f}s without progress", now)
+                expired.append(up.id)
+            finally:
+                lock.release()
+        if expired:
+            logger.info("expired %d stale uploads", len(expired))
+        return expired
 
     def _reject(self, up: UploadRecord, part: Path, error: Exception) -> None:
         part.unlink(missing_ok=True)

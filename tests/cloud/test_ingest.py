@@ -346,6 +346,11 @@ def test_cli_manages_the_same_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert listed["count"] == 1 and listed["segments"][0]["vehicle"] == "veh-a"
     assert main(["cloud", "campaigns", "list", "--json"]) == 0
     assert [c["state"] for c in json.loads(capsys.readouterr().out)["campaigns"]] == ["approved"]
+    assert main(["cloud", "uploads", "list", "--json", "--state", "done"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["uploads"]) == 1
+    assert main(["cloud", "uploads", "expire", "--older-than-s", "60", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"expired": []}
+    assert main(["cloud", "uploads", "expire", "--older-than-s", "0"]) == 2
 
 
 def test_cli_upload_drains_a_spool_into_the_local_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -369,3 +374,24 @@ def test_cli_upload_drains_a_spool_into_the_local_cloud(tmp_path: Path, monkeypa
     assert main(["cloud", "segments", "list", "--json", "--vehicle", "veh-a"]) == 0
     assert sorted(s["sha256"] for s in json.loads(capsys.readouterr().out)["segments"]) == shas
     assert main(["cloud", "upload", "--vehicle", "veh-a", "--spool-dir", str(tmp_path / "nope")]) == 2
+
+
+def test_stale_uploads_expire_and_the_vehicle_starts_over(cloud: Cloud, segments: dict[str, list[Path]]) -> None:
+    data = segments["veh-a"][0].read_bytes()
+    t = HttpTransport(cloud.url, cloud.tokens["veh-a"])
+    s = t.start(hashlib.sha256(data).hexdigest(), len(data), "a.mcap")
+    assert s.upload_id is not None
+    t.send_chunk(s.upload_id, 0, data[:10_000])
+    cloud.clock.t += 3_000
+    fresh = t.start(hashlib.sha256(data[:500]).hexdigest(), 500, "b.mcap")  # another, recent upload
+    assert cloud.service.expire_uploads(max_age_s=3_600) == []
+    cloud.clock.t += 1_000
+    assert cloud.service.expire_uploads(max_age_s=3_600) == [s.upload_id]
+    assert list(cloud.staging.glob("*.part")) == []
+    assert t.offset(s.upload_id).state == "failed"
+    with pytest.raises(UploadRejectedError) as e:
+        t.send_chunk(s.upload_id, 10_000, data[10_000:20_000])
+    assert e.value.status == 422
+    again = t.start(s.sha256, s.size, "a.mcap")
+    assert again.upload_id != s.upload_id and again.offset == 0
+    assert fresh.upload_id in {u.id for u in cloud.catalog.uploads(state="open")}
