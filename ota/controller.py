@@ -91,7 +91,7 @@ class RolloutPlan:
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique: {names}")
         seen_active = False
-        for prev, cur in zip(self.stages, self.stages[1:]):
+        for prev, cur in zip(self.stages, self.stages[1:], strict=False):
             if cur.fraction < prev.fraction:
                 raise ConfigError(f"stage {cur.name} exposes less than {prev.name}; exposure must not shrink")
         for s in self.stages:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, event, Float, Integer, MetaData, String, Table, Text, create_engine, func, insert, select, \
-    update
+from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, insert, \
+    select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
@@ -223,8 +223,11 @@ class FleetStore:
             latest = self._latest_id(c)
             if latest is not None and self._load(c, latest).state.active:
                 raise OtaError(f"rollout {latest} is still active; finish or abort it first")
-            rid = int(c.execute(insert(rollouts).values(version=version, previous_version=previous_version,
-                                                        created_at_s=now_s)).inserted_primary_key[0])
+            res = c.execute(insert(rollouts).values(version=version, previous_version=previous_version,
+                                                    created_at_s=now_s))
+            if res.inserted_primary_key is None:
+                raise StorageError("the database returned no id for the new rollout")
+            rid = int(res.inserted_primary_key[0])
             ev = RolloutEvent("start", now_s, {"rollout_id": rid, "version": version,
                                                "previous_version": previous_version, "plan": plan.to_dict()})
             replay([ev])  # validates before anything is written

@@ -22,7 +22,7 @@ def chain(n: int) -> list[AuditEntry]:
 
 def test_chain_links() -> None:
     c = chain(5)
-    assert c[0].prev_hash == GENESIS and all(b.prev_hash == a.hash for a, b in zip(c, c[1:]))
+    assert c[0].prev_hash == GENESIS and all(b.prev_hash == a.hash for a, b in zip(c, c[1:], strict=False))
     assert verify(c).ok and verify(c).entries == 5
     assert verify([]).ok
 
