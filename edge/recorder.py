@@ -102,7 +102,10 @@ class Recorder:
         self._clock_ns = clock_ns
         self.triggers = triggers if isinstance(triggers, TriggerEngine) else TriggerEngine(
             builtin_triggers() if triggers is None else triggers)
-        self.closed: list[Path] = []  # every segment this recorder published (paths at publish time)
+        self._base_specs = self.triggers.specs
+        # Every segment this recorder published, under its current name (a promotion renames it);
+        # the uploader or the quota may have removed it since.
+        self.closed: list[Path] = []
         self.evicted: list[Path] = []
         self.recovered: list[Path] = []
         self.quarantined: list[Path] = []
@@ -153,6 +156,12 @@ class Recorder:
         else:
             self._post_priority = 0
         return events
+
+    def set_campaign_triggers(self, specs: Iterable[TriggerSpec]) -> None:
+        """Run ``specs`` (e.g. cloud campaigns, ``edge.transport.campaign_triggers``) next to the
+        recorder's own triggers from the next tick on; replaces the previous campaign set. A bad set
+        raises ConfigError and leaves the running triggers unchanged."""
+        self.triggers.set_specs([*self._base_specs, *specs])
 
     def close(self) -> list[Path]:
         """Finalize the open segment (if any); returns every segment this recorder published."""
@@ -238,6 +247,7 @@ class Recorder:
             return
         new_path = self.spool.promote(prev.path, ev.priority)
         self._prev = _Closed(new_path, prev.end_s, ev.priority)
+        self.closed = [new_path if p == prev.path else p for p in self.closed]
 
 
 def _json(body: dict[str, object]) -> bytes:

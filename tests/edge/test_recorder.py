@@ -27,17 +27,18 @@ from driveloop.edge.segment import (
     validate_segment,
 )
 from driveloop.edge.spool import Spool
-from driveloop.edge.triggers import TriggerSpec
+from driveloop.edge.triggers import TriggerSpec, builtin_triggers
 from driveloop.exceptions import ConfigError, SegmentError
 from tests.edge.test_segment import assert_tick_equal, make_tick
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _drive(rec: Recorder, seconds: float, brake_at_s: tuple[float, ...] = (), seed: int = 0) -> list:
+def _drive(rec: Recorder, seconds: float, brake_at_s: tuple[float, ...] = (), seed: int = 0,
+           first_tick: int = 0) -> list:
     rng = np.random.default_rng(seed)
     ticks = []
-    for i in range(round(seconds * 10)):
+    for i in range(first_tick, first_tick + round(seconds * 10)):
         t = make_tick(i, rng, brake=any(abs(i * 0.1 - b) < 1e-6 for b in brake_at_s))
         rec.record(t)
         ticks.append(t)
@@ -76,6 +77,7 @@ def test_event_segments_flagged_with_windows(tmp_path: Path, name: str, brake_s:
         _drive(rec, 10.0, brake_at_s=(brake_s,))
     by_start = sorted(spool.closed_segments(), key=lambda e: e.opened_ns)
     assert [e.priority for e in by_start] == priorities
+    assert rec.closed == [e.path for e in by_start]  # current names, after any promotion
     infos = [validate_segment(e.path) for e in by_start]
     hit = int(brake_s // 2)
     assert [i.events for i in infos] == [{"hard_brake": 1} if k == hit else {} for k in range(5)]
@@ -89,6 +91,22 @@ def _events(path: Path) -> list[dict]:
     from driveloop.edge.segment import read_events
 
     return read_events(path)
+
+
+def test_campaign_triggers_run_next_to_builtins(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 10**9)
+    with Recorder(spool, "car", "merge", 0, "1", segment_max_s=1.0) as rec:
+        _drive(rec, 1.0)
+        campaign = TriggerSpec("campaign.fast", "speed > 26", mode="always", min_interval_s=0.25, priority=6)
+        rec.set_campaign_triggers([campaign])
+        with pytest.raises(ConfigError):
+            rec.set_campaign_triggers([TriggerSpec("campaign.bad", "nope > 1")])
+        assert [s.name for s in rec.triggers.specs] == [*(s.name for s in builtin_triggers()), "campaign.fast"]
+        _drive(rec, 2.0, first_tick=10)  # make_tick: speed 27 on every third tick (i % 3 == 2)
+    infos = [validate_segment(p) for p in rec.closed]  # closed follows the promotion's rename
+    assert [i.events.get("campaign.fast", 0) for i in infos] == [0, 3, 4]  # ticks 11,14,17 | 20,23,26,29
+    assert [i.priority for i in infos] == [0, 6, 6]  # what happened inside each segment
+    assert [e.priority for e in sorted(spool.closed_segments(), key=lambda e: e.opened_ns)] == [6, 6, 6]
 
 
 def test_builtin_triggers_and_quota_keep_event_segments(tmp_path: Path) -> None:
