@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -92,6 +93,10 @@ def corrupt(kind: str, action: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray
     return action, conf
 
 
+def _unlink(path: str) -> None:
+    Path(path).unlink(missing_ok=True)
+
+
 def _buffer_views(buf: np.ndarray, max_batch: int) -> dict[str, np.ndarray]:
     """Contract-shaped views into one flat float32 buffer: [kinematics | lidar | grid], max_batch rows each."""
     views, offset = {}, 0
@@ -112,6 +117,7 @@ def _child_main(fd: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     conn = Connection(fd)
+    parent_pid = os.getppid()
     buf_path, max_batch, onnx_path, manifest_json, device, threads = conn.recv()
     try:
         rt = ModelRuntime(onnx_path, parse_manifest(manifest_json), device=device, intra_op_threads=threads)
@@ -127,8 +133,9 @@ def _child_main(fd: int) -> None:
     while True:
         try:
             msg = conn.recv()
-        except (EOFError, OSError):
-            return  # the vehicle process is gone
+        except (EOFError, OSError):  # the vehicle process died without close(): clean up its buffer
+            _unlink(buf_path)
+            return
         if msg[0] == "stop":
             return
         if msg[0] == "fault":
@@ -139,8 +146,10 @@ def _child_main(fd: int) -> None:
         if active and fault_left is not None:
             fault_left -= 1
         if active == "hang":
-            while True:
-                time.sleep(3600)
+            while os.getppid() == parent_pid:  # hung for good, but never outlive the vehicle process
+                time.sleep(0.5)
+            _unlink(buf_path)
+            return
         try:
             action, conf = rt.run({name: views[name][:n] for name in C.INPUT_NAMES})
         except DriveloopError as e:
@@ -180,6 +189,8 @@ class IsolatedRuntime:
         self._buf_path = name
         self._buf = np.memmap(name, np.float32, "w+", shape=(cfg.max_batch * _ROW_FLOATS,))
         self._views = _buffer_views(self._buf, cfg.max_batch)
+        # Remove the shared buffer even if close() is never called (the object is dropped, or at exit).
+        self._finalizer = weakref.finalize(self, _unlink, name)
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._state = "stopped"  # stopped | starting | ready | waiting | failed
@@ -400,7 +411,7 @@ class IsolatedRuntime:
                 self._proc.wait(timeout=5.0)
             self._conn.close()
         self._proc, self._conn, self._state = None, None, "stopped"
-        Path(self._buf_path).unlink(missing_ok=True)
+        self._finalizer()
 
     def __enter__(self) -> IsolatedRuntime:
         return self

@@ -42,6 +42,15 @@ def _batch(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {name: t.numpy() for name, t in zip(C.INPUT_NAMES, example_inputs(n, seed=seed))}
 
 
+def _gone(pid: int) -> bool:
+    """Exited (a zombie counts: an orphan's reaper may be slow or absent in containers)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def _tick(rt: IsolatedRuntime, batch: dict[str, np.ndarray], budget_s: float = _LONG_S):
     now = time.monotonic()
     submitted = rt.submit(batch, now)
@@ -214,3 +223,40 @@ def test_faulty_runner_applies_each_fault() -> None:
     assert runner.run(batch)[0].shape == (2, 2)
     with pytest.raises(ConfigError):
         runner.inject("stale")  # stale frames are injected by the sensor side
+
+
+@pytest.mark.parametrize("hung", [False, True], ids=["idle-child", "hung-child"])
+def test_child_does_not_outlive_a_vehicle_process_that_died(model: tuple[Path, object], tmp_path: Path,
+                                                            hung: bool) -> None:
+    """The vehicle process is SIGKILLed (no close(), no atexit): its model process must exit on its own."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    path, manifest = model
+    (tmp_path / "manifest.json").write_text(manifest.to_json())
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from driveloop.cloud.manifest import read_manifest
+        from driveloop.edge import contract as C
+        from driveloop.edge.isolated import IsolatedRuntime
+        rt = IsolatedRuntime({str(path)!r}, read_manifest({str(tmp_path / "manifest.json")!r}))
+        assert rt.wait_ready()
+        if {hung!r}:
+            rt.inject("hang")
+            assert rt.submit(C.empty_batch(1), time.monotonic())
+            assert rt.poll(time.monotonic() + 0.2) is None
+        print(rt.pid, rt._buf_path, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    child_pid, buf_path = proc.stdout.split()
+    for _ in range(600):  # the child notices within one 0.5 s sleep (hung) or at once (EOF)
+        if _gone(int(child_pid)):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"model process {child_pid} outlived its vehicle process")
+    assert not Path(buf_path).exists()
