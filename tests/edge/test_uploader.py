@@ -7,13 +7,17 @@ import hashlib
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from driveloop.cloud.auth import register_vehicle
 from driveloop.cloud.catalog import Catalog
@@ -245,6 +249,41 @@ def test_one_uploader_per_state_dir(spool: Spool, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="another uploader"):
             _uploader(spool, FakeTransport(), tmp_path, ft)
     _uploader(spool, FakeTransport(), tmp_path, ft).close()  # free again once closed
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A spool of three recorded segments (one with an event) to copy per property example."""
+    spool = Spool(tmp_path_factory.mktemp("template"), 10**9)
+    record_synthetic_segments(spool, "veh-a", 3, ticks_per_segment=25, seed=21, event_segments=(1,))
+    return spool.root
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunk_bytes=st.integers(1_000, 60_000), cuts=st.lists(st.integers(0, 150_000), max_size=8, unique=True),
+       restarts=st.lists(st.integers(1, 6), max_size=3))
+def test_property_exactly_once_without_resending(template: Path, chunk_bytes: int, cuts: list[int],
+                                                 restarts: list[int]) -> None:
+    """Any chunk size, any cut points, uploader restarts after any number of steps: every segment is
+    cataloged once with its bytes, the spool ends empty, and no byte reaches the server twice."""
+    root = Path(tempfile.mkdtemp(prefix="uploader-prop-"))
+    try:
+        shutil.copytree(template, root / "spool")
+        spool = Spool(root / "spool", 10**9)
+        contents = _contents(spool)
+        fake, ft = FakeTransport(cut_at=cuts), FakeTime()
+        for steps in restarts:  # a process that dies after a few steps
+            with _uploader(spool, fake, root, ft, chunk_bytes=chunk_bytes) as up:
+                for _ in range(steps):
+                    up.run_once()
+                    ft.t += 1_000.0
+        with _uploader(spool, fake, root, ft, chunk_bytes=chunk_bytes) as up:
+            report = up.drain(max_s=10**6)
+        assert report.pending == 0 and fake.cataloged == contents
+        assert fake.bytes_received == sum(map(len, contents.values()))
+        assert spool.closed_segments() == []
+    finally:
+        shutil.rmtree(root)
 
 
 _CHILD = """
