@@ -6,12 +6,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.ota.test_server import FLEET, Fleet, admin, start_server
+from tests.ota.test_server import ADMIN, FLEET, Fleet, Running, admin, start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -35,9 +36,14 @@ def chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, check=False)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
-def test_dashboard_renders_mid_rollout(tmp_path: Path) -> None:
-    with start_server(tmp_path) as srv:
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="chromium is not installed (Debian: apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def mid_rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, int]]:
+    """A fleet server with a rollout held in its 50 % stage after healthy shadow and canary stages."""
+    with start_server(tmp_path_factory.mktemp("dash")) as srv:
         tokens = {v: httpx.post(f"{srv.url}/v1/vehicles", json={"vehicle_id": v}, headers=admin()).json()["token"]
                   for v in FLEET}
         fleet = Fleet(srv, tokens)
@@ -50,28 +56,71 @@ def test_dashboard_renders_mid_rollout(tmp_path: Path) -> None:
             if httpx.get(f"{srv.url}/v1/rollouts/{rid}").json()["stage"] == "50%":
                 break
         fleet.window()  # one healthy window inside 50 %: mid-rollout, still held
-        status = httpx.get(f"{srv.url}/v1/rollouts/{rid}").json()
-        assert (status["stage"], status["status"]) == ("50%", "running")
-        view = httpx.get(f"{srv.url}/v1/dashboard").json()
+        yield srv, rid
 
-        dom = chromium(tmp_path, "--dump-dom", f"{srv.url}/")
-        assert dom.returncode == 0, dom.stderr[-2000:]
-        html = dom.stdout
-        assert re.search(r'<li class="current" data-stage="50%">50% \(50%\)</li>', html), html[:3000]
-        assert "running · stage 50%" in html
-        assert f"#{rid}: v1 → v2" in html
-        assert f"{len(FLEET)} vehicles · 2 model versions" in html
-        for cohort, n in view["cohort_sizes"].items():
-            assert f"<td>{cohort}</td><td>{n}</td>" in html
-        # canary lines start once the canary had vehicles (shadow windows are gaps, not zeros)
-        assert re.search(r'<polyline points="[0-9., ]+" [^>]*class="series-canary" data-metric="interventions_per_h"',
-                         html)
-        assert 'data-metric="p99_ms"' in html
-        assert "health gate passed in canary" in html and "audit chain verified" in html
 
-        DOCS.mkdir(exist_ok=True)
-        shot = tmp_path / "dashboard.png"
-        res = chromium(tmp_path, f"--screenshot={shot}", f"{srv.url}/")
-        assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        shutil.copyfile(shot, DOCS / "dashboard.png")
+@needs_chromium
+def test_dashboard_renders_mid_rollout(mid_rollout: tuple[Running, int], tmp_path: Path) -> None:
+    srv, rid = mid_rollout
+    status = httpx.get(f"{srv.url}/v1/rollouts/{rid}").json()
+    assert (status["stage"], status["status"]) == ("50%", "running")
+    view = httpx.get(f"{srv.url}/v1/dashboard").json()
+
+    dom = chromium(tmp_path, "--dump-dom", f"{srv.url}/")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert re.search(r'<li class="current" data-stage="50%">50% \(50%\)</li>', html), html[:3000]
+    assert "running · stage 50%" in html
+    assert f"#{rid}: v1 → v2" in html
+    assert f"{len(FLEET)} vehicles · 2 model versions" in html
+    for cohort, n in view["cohort_sizes"].items():
+        assert f"<td>{cohort}</td><td>{n}</td>" in html
+    # canary lines start once the canary had vehicles (shadow windows are gaps, not zeros)
+    assert re.search(r'<polyline points="[0-9., ]+" [^>]*class="series-canary" data-metric="interventions_per_h"',
+                     html)
+    assert 'data-metric="p99_ms"' in html
+    assert "health gate passed in canary" in html and "audit chain verified" in html
+
+    DOCS.mkdir(exist_ok=True)
+    shot = tmp_path / "dashboard.png"
+    res = chromium(tmp_path, f"--screenshot={shot}", f"{srv.url}/")
+    assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shutil.copyfile(shot, DOCS / "dashboard.png")
+
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@needs_chromium
+def test_operator_controls_in_the_page(mid_rollout: tuple[Running, int]) -> None:
+    """Type a token into the page and click: a wrong token is refused (state unchanged), the right one
+    pauses and resumes the rollout on the server; the page shows the outcome and re-renders."""
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    srv, rid = mid_rollout
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{srv.url}/")
+            page.wait_for_selector('li.current[data-stage="50%"]')
+            page.fill("#token", "not-the-admin-token")
+            page.click('button[data-action="pause"]')
+            page.wait_for_function("document.getElementById('action-result').textContent.length > 0")
+            assert page.inner_text("#action-result") == "pause refused: invalid admin token"
+            assert httpx.get(f"{srv.url}/v1/rollouts/{rid}").json()["status"] == "running"
+
+            page.fill("#token", ADMIN)
+            page.click('button[data-action="pause"]')
+            page.wait_for_function("document.getElementById('action-result').textContent.startsWith('pause: ok')")
+            assert httpx.get(f"{srv.url}/v1/rollouts/{rid}").json()["status"] == "paused"
+            page.wait_for_selector("#rollout-status.paused")
+            assert page.inner_text("#rollout-status") == "paused · stage 50%"
+            assert "pause from the dashboard" in page.inner_text("#timeline")
+
+            page.click('button[data-action="resume"]')
+            page.wait_for_function("document.getElementById('action-result').textContent.startsWith('resume: ok')")
+            assert httpx.get(f"{srv.url}/v1/rollouts/{rid}").json()["status"] == "running"
+        finally:
+            browser.close()
