@@ -41,6 +41,18 @@ def _case_row(name: str, metrics: Any) -> dict[str, Any]:
     }
 
 
+def check_request(noise: float, cases: Sequence[str]) -> list[Any]:
+    """The cases' ScenarioSpecs; ConfigError/ScenarioError before anything runs or prints."""
+    from driveloop.edge.scenarios import parse_scenario
+
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ConfigError(f"--noise must be a finite sigma >= 0, got {noise}")
+    specs = [parse_scenario(name) for name in cases]
+    if not all(spec.is_ccr for spec in specs):
+        raise ConfigError(f"not CCR cases: {[s.name for s in specs if not s.is_ccr]}")
+    return specs
+
+
 def run_suite(
     clients: Mapping[str, Any],
     *,
@@ -58,11 +70,7 @@ def run_suite(
     from driveloop.edge.scenarios import parse_scenario
     from driveloop.edge.sensors import SensorConfig
 
-    if not (math.isfinite(noise) and noise >= 0):
-        raise ConfigError(f"--noise must be a finite sigma >= 0, got {noise}")
-    specs = [parse_scenario(name) for name in cases]  # unknown names fail before anything runs
-    if not all(spec.is_ccr for spec in specs):
-        raise ConfigError(f"not CCR cases: {[s.name for s in specs if not s.is_ccr]}")
+    specs = check_request(noise, cases)
     config = AgentConfig(sensors=SensorConfig.uniform(noise), model_enabled=not fallback_only)
 
     rows = []
@@ -121,6 +129,7 @@ def safety_suite(
     from driveloop.edge.scenarios import CCR_CASES
 
     names = list(case) if case else list(CCR_CASES)
+    check_request(noise, names)
     clients: dict[str, Any] = {}
     closeable = None
     version = None
