@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from driveloop.edge import world
 from driveloop.edge.contract import KIN_DIM, Observation, empty_batch
 from driveloop.edge.perception import CORRIDOR_HALF_WIDTH_M, Track, forward_track
@@ -101,3 +103,16 @@ def test_noisy_gap_error_matches_sigma() -> None:
     errors = [forward_track(sensors.observe(snap).observation).gap_m - world.gap_m(snap) for _ in range(1000)]
     assert np.mean(errors) == pytest.approx(0.0, abs=0.05) and np.std(errors) == pytest.approx(0.5, rel=0.1)
     sim.close()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(values=st.lists(st.floats(width=32), min_size=KIN_DIM, max_size=KIN_DIM))
+def test_any_kinematics_gives_none_or_a_finite_in_corridor_track(values: list[float]) -> None:
+    k = np.array(values, dtype=np.float32)
+    track = forward_track(k)
+    if track is None:
+        return
+    assert all(math.isfinite(x) for x in (track.gap_m, track.closing_speed_mps)) and track.lead_speed_mps >= 0.0
+    rows = k[6:].reshape(6, 5).astype(np.float64)
+    ok = np.isfinite(rows).all(1) & (rows[:, 0] > 0.5) & (rows[:, 1] > 0) & (np.abs(rows[:, 2]) < 1.8)
+    assert track.gap_m == pytest.approx(rows[ok, 1].min() - 5.0)

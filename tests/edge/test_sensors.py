@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from driveloop.edge.contract import (
     GRID_CHANNELS,
     GRID_H,
@@ -192,3 +194,48 @@ def test_real_simulator_snapshot() -> None:
                                                                                    v.y_m - s.ego.y_m) <= 100))
     assert obs.grid[0].sum() > 0 and (obs.lidar[0] < LIDAR_RANGE_M).any()
     sim.close()
+
+
+# -- properties: any world gives a well-formed observation ------------------------------------------------
+_finite = dict(allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def worlds(draw: st.DrawFn) -> WorldSnapshot:
+    n = draw(st.integers(0, 12))
+    others = tuple(
+        VehicleState(
+            i + 1,
+            draw(st.floats(-150, 150, **_finite)),
+            draw(st.floats(-20, 20, **_finite)),
+            draw(st.floats(0, 40, **_finite)),
+            draw(st.floats(-3, 3, **_finite)),
+            draw(st.floats(-math.pi, math.pi, **_finite)),
+            draw(st.floats(3, 12, **_finite)),
+            draw(st.floats(1.5, 2.6, **_finite)),
+        )
+        for i in range(n)
+    )
+    return snap(*others, heading=draw(st.floats(-math.pi, math.pi, **_finite)))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(world=worlds(), sigma=st.sampled_from([0.0, 0.5, 3.0]), seed=st.integers(0, 2**32 - 1))
+def test_observation_always_well_formed(world: WorldSnapshot, sigma: float, seed: int) -> None:
+    obs = observe(world, np.random.default_rng(seed), SensorConfig.uniform(sigma)).observation
+    for spec in INPUTS:
+        arr = getattr(obs, spec.name)
+        assert arr.shape == spec.shape and arr.dtype == np.float32 and np.isfinite(arr).all()
+    assert obs.lidar[0].min() >= 0.0 and obs.lidar[0].max() <= LIDAR_RANGE_M
+    assert obs.grid[0].min() >= 0.0 and obs.grid[0].max() <= 1.0
+    rows_ = rows(obs)
+    assert set(np.unique(rows_[:, 0])) <= {0.0, 1.0}
+    assert not rows_[rows_[:, 0] == 0].any()  # absent rows are all zero
+    if sigma == 0.0:
+        present = int(rows_[:, 0].sum())
+        in_range = sum(math.hypot(v.x_m, v.y_m) <= 100.0 for v in world.others)
+        assert present == min(6, in_range)
+        # Lidar never reports a return farther than the nearest vehicle outline could be.
+        if world.others:
+            nearest = min(math.hypot(v.x_m, v.y_m) - math.hypot(v.length_m, v.width_m) / 2 for v in world.others)
+            assert obs.lidar[0].min() >= max(nearest, 0.0) - math.hypot(2.5, 1.0) - 1e-3
