@@ -42,6 +42,8 @@ from driveloop.ota.store import FleetStore, Rollout
 
 logger = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 64 * 1024  # health reports and operator requests are < 2 KiB
+
 __all__ = ["ServerConfig", "create_app", "FleetService", "NotFound", "released_versions"]
 
 
@@ -258,7 +260,12 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
     @app.middleware("http")
     async def _timed(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t0 = time.perf_counter()
-        response = await call_next(request)
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            response: Response = JSONResponse({"error": f"request body must be at most {MAX_BODY_BYTES} bytes"},
+                                              status_code=413)
+        else:
+            response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", None) or ("/tuf" if request.url.path.startswith("/tuf/") else "other")
         service.metrics.request_seconds.labels(request.method, path, str(response.status_code)).observe(

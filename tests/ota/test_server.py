@@ -188,6 +188,10 @@ def test_good_rollout_end_to_end(srv: Running, fleet: Fleet) -> None:
     assert f'driveloop_ota_rollout_status{{rollout="{rid}",status="completed"}} 1.0' in metrics
     assert 'driveloop_ota_updates_total{outcome="success"} 24.0' in metrics
     assert "driveloop_ota_request_seconds_bucket" in metrics
+    assert f'driveloop_ota_cohort_size{{cohort="canary",rollout="{rid}"}} 24.0' in metrics
+    assert f'driveloop_ota_fleet_vehicles{{version="v2"}} 24.0' in metrics
+    assert f'driveloop_ota_health_vehicles{{cohort="canary",rollout="{rid}",stage="100%"}} 24.0' in metrics
+    assert 'driveloop_ota_decisions_total{action="promote"} 2.0' in metrics
 
 
 def test_bad_canary_is_aborted_and_reverted(srv: Running, tokens: dict[str, str], fleet: Fleet) -> None:
@@ -276,6 +280,8 @@ def _bad_cases(tokens: dict[str, str]) -> list[tuple[str, str, str, dict[str, An
          "cannot promote"),
         ("resume during abort", "POST", "/v1/rollouts/{rid}/resume", {"headers": admin()}, 409, "cannot resume"),
         ("unknown action", "POST", "/v1/rollouts/{rid}/explode", {"headers": admin()}, 422, "unknown action"),
+        ("health: oversized body", "POST", "/v1/health",
+         {"content": b" " * 70_000, "headers": t0 | {"Content-Type": "application/json"}}, 413, "at most"),
         ("operator: bad body", "POST", "/v1/rollouts/{rid}/pause", {"json": {"actor": ""}, "headers": admin()},
          422, "actor"),
     ]
@@ -398,3 +404,29 @@ def test_cli_serve_and_remote_rollout(tmp_path: Path, monkeypatch: pytest.Monkey
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_background_evaluation_decides_without_reports(tmp_path: Path) -> None:
+    """A silent fleet still gets decisions: the background loop evaluates every eval_interval_s."""
+    ota_dir = tmp_path / "ota"
+    write_release(ota_dir, ["v1", "v2"])
+    clock = FakeClock()
+    app = create_app(ServerConfig(ota_dir, ADMIN, eval_interval_s=0.05, background_eval=True), clock=clock)
+    url, server, thread = serve_in_thread(app)
+    try:
+        rid = httpx.post(f"{url}/v1/rollouts", json={"version": "v2", "previous_version": "v1"},
+                         headers=admin()).json()["rollout_id"]
+        store = app.state.service.store
+        clock.t += 600.0
+        for _ in range(500):
+            if len(store.events(rid)) > 1:
+                break
+            time.sleep(0.02)
+        ev = store.events(rid)
+        assert [e.kind for e in ev][:2] == ["start", "evaluate"]
+        d = httpx.get(f"{url}/v1/rollouts/{rid}").json()["last_decision"]
+        assert d["action"] == "hold" and d["reason"].startswith("inconclusive")
+        assert len(store.events(rid)) == 2  # the clock did not move again: no second evaluation
+    finally:
+        server.should_exit = True
+        thread.join()
