@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from driveloop.exceptions import ConfigError
 from driveloop.ota.gates import CohortStats, GateTolerances, HealthWindow, ShadowAggregate, Verdict, aggregate, \
@@ -135,3 +136,25 @@ def test_health_report_rejects_bad_input(field: str, value: object) -> None:
     d[field] = value
     with pytest.raises(ValueError):
         HealthReport.model_validate(d)
+
+
+RANK = {Verdict.PASS: 0, Verdict.INCONCLUSIVE: 1, Verdict.FAIL: 2}
+
+
+@settings(max_examples=200, deadline=None)
+@given(vehicles=st.integers(1, 200), hours=st.floats(0.01, 500.0), base=st.integers(0, 2000),
+       extra=st.integers(1, 500), control_iv=st.integers(0, 5000), control_h=st.floats(0.0, 5000.0))
+def test_more_interventions_never_improve_the_verdict(vehicles: int, hours: float, base: int, extra: int,
+                                                      control_iv: int, control_h: float) -> None:
+    control = CohortStats(1000, 1000, control_h, int(control_h * 36000), control_iv, 0, 0, 0, 8.0 * control_h * 36000)
+    lo = evaluate_active(HealthWindow(stats(vehicles, hours, base), control), TOL)
+    hi = evaluate_active(HealthWindow(stats(vehicles, hours, base + extra), control), TOL)
+    assert RANK[hi.verdict] >= RANK[lo.verdict]
+
+
+@settings(max_examples=200, deadline=None)
+@given(vehicles=st.integers(1, 200), hours=st.floats(0.01, 500.0), interventions=st.integers(0, 2000),
+       collisions=st.integers(1, 5))
+def test_any_collision_fails_whatever_else(vehicles: int, hours: float, interventions: int, collisions: int) -> None:
+    r = evaluate_active(HealthWindow(stats(vehicles, hours, interventions, collisions=collisions), CONTROL), TOL)
+    assert r.verdict is Verdict.FAIL and "collisions" in r.failed()
