@@ -266,3 +266,18 @@ def test_ray_read_mcap_over_segments(killed_spool: Spool, tmp_path: Path) -> Non
     assert {e["trigger"] for e in events} >= {"hard_brake"}
     applied = [r["data"] for r in rows if r["topic"] == "/control/applied"]
     assert {a["source"] for a in applied} == {"model"} and any(a["aeb"] for a in applied)
+
+
+def test_rollover_with_an_accumulated_float_clock(tmp_path: Path) -> None:
+    """A sim clock built by repeated ``t += 0.2`` drifts low (sum of 100 steps = 19.99999999999996);
+    the 20 s rollover must still happen at the 20 s tick, not one tick late."""
+    rng = np.random.default_rng(0)
+    base = make_tick(0, rng)
+    t_s, drifted = 0.0, False
+    with Recorder(Spool(tmp_path, 10**9), "car", "highway", 0, "1", triggers=[], verify=False) as rec:
+        for i in range(201):
+            rec.record(TickRecord(**{**base.__dict__, "t_s": t_s, "tick": i}))
+            drifted |= t_s != round(t_s, 6)
+            t_s += 0.2
+    assert drifted
+    assert [validate_segment(p).n_ticks for p in rec.closed] == [100, 100, 1]
