@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -317,7 +318,16 @@ def build_arrays_with_ray(
     from driveloop.cloud.labeling import summarize_accuracy
     from driveloop.cloud.mining import FrameScores, bin_counts, finish_scores, select_frames
 
-    step = on_step if callable(on_step) else (lambda name: None)
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def step(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = round(now - clock[0], 3)
+        clock[0] = now
+        if callable(on_step):
+            on_step(name)
+
     meta = {str(Path(p).resolve()): (sha, scenario) for p, sha, scenario in segments}
     order = {sha: i for i, sha in enumerate(sorted(sha for _, sha, _ in segments))}
     pool = ray.data.TaskPoolStrategy(size=max(1, int(data_cpus)))
@@ -372,6 +382,6 @@ def build_arrays_with_ray(
     }
     step("materialize")
     stats = {"frames": int(len(light)), "hard": selection.n_hard, "replay": selection.n_replay,
-             "segments": len(segments), "labeler": accuracy.as_dict(),
+             "segments": len(segments), "labeler": accuracy.as_dict(), "timings_s": timings,
              "events_by_scenario": {str(k): int(v) for k, v in light.groupby("scenario")["is_event"].sum().items()}}
     return arrays, stats

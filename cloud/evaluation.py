@@ -171,7 +171,7 @@ def gate(
     c_hours = sum(m.hours for m in candidate_metrics.values())
     b_iph = sum(m.interventions for m in baseline_metrics.values()) / b_hours
     c_iph = sum(m.interventions for m in candidate_metrics.values()) / c_hours
-    reduction = (b_iph - c_iph) / b_iph if b_iph > 0 else (0.0 if c_iph == 0 else -math.inf)
+    reduction = (b_iph - c_iph) / b_iph if b_iph > 0 else (0.0 if c_iph == 0 else -1.0)  # finite for JSON
     suite_ok = reduction >= tolerances.min_suite_iph_reduction_frac if b_iph > 0 else c_iph == 0
     reasons = [f"{name}: {check} failed" for name, v in classes.items() for check, ok in v.checks.items() if not ok]
     if not suite_ok:

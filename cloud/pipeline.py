@@ -220,7 +220,7 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
         def produce() -> tuple[Any, Any]:
             ensure_ray(config.ray_address, config.num_cpus)
             return build_arrays_with_ray(segments, config.mining, config.labeler, config.seed, split.data_cpus,
-                                         on_step=stage.mark)
+                                         on_step=lambda name: stage.mark(f"dataset.{name}"))
 
         with stage("dataset"):
             dataset, report.dataset_reused = store.build(manifest, produce)
@@ -229,6 +229,8 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
         report.hard_samples = int(dataset.stats.get("hard", 0))
         report.replay_samples = int(dataset.stats.get("replay", 0))
         report.labeler = dict(dataset.stats.get("labeler", {}))
+        if not report.dataset_reused:  # the Ray Data sub-stages inside "dataset"
+            report.timings_s.update({f"dataset.{k}": v for k, v in dataset.stats.get("timings_s", {}).items()})
 
         run_id = f"{dataset.manifest.digest[:16]}-{_digest(config.finetune.to_dict())[:8]}"
         run_dir = config.cloud_dir / "runs" / run_id

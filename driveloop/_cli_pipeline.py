@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 pipeline_app = typer.Typer(help="The Ray data pipeline: mine, label, fine-tune, gate, register.", no_args_is_help=True)
 cloud_app.add_typer(pipeline_app, name="pipeline")
 
-STAGES = ("discover", "validate", "dataset", "mine+label", "select", "materialize", "train", "export", "evaluate", "register")
 
 
 def _print_report(r: dict[str, Any]) -> None:
