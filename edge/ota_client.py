@@ -1,0 +1,113 @@
+"""A vehicle's link to the fleet server: ask the director, update the A/B slots, report health.
+
+The updater (:mod:`driveloop.edge.updater`) verifies and installs; this client adds the fleet server's
+HTTP API around it (per-vehicle bearer token):
+
+- ``GET /v1/update?vehicle=…`` → :class:`~driveloop.ota.messages.UpdateOffer` (what to run, and what to
+  run in shadow);
+- ``POST /v1/health`` ← :class:`~driveloop.ota.messages.HealthReport` once per health window.
+
+A new active version is installed into the inactive slot and boots on the *next* start (the fleet
+runner restarts its vehicles between windows); a shadow version is installed without switching, so it
+can run beside the active model and become active later without a second download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from driveloop.edge._health_window import HealthWindowResult
+from driveloop.edge.updater import VehicleUpdater
+from driveloop.exceptions import OtaError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """The model a start of the vehicle runs: its verified file and manifest, and whether it is on trial."""
+
+    version: str
+    path: Path
+    manifest: dict[str, Any]
+    trial: bool
+
+
+class OtaClient:
+    """One vehicle's OTA session against the fleet server at ``server_url``."""
+
+    def __init__(self, vehicle_id: str, server_url: str, token: str, vehicle_dir: Path,
+                 http: httpx.Client | None = None, hardware_class: str = "cpu") -> None:
+        self.vehicle_id = vehicle_id
+        self.server_url = server_url.rstrip("/")
+        self.updater = VehicleUpdater(vehicle_dir, f"{self.server_url}/tuf", hardware_class=hardware_class)
+        self._http = http or httpx.Client(timeout=30.0)
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self.shadow: ActiveModel | None = None
+
+    # -- boot ----------------------------------------------------------------------------------------
+    def start(self) -> ActiveModel:
+        """Boot: the updater picks the slot (a pending one gets its trial) and verifies its bytes."""
+        path = self.updater.boot()
+        manifest = json.loads((path.parent / "manifest.json").read_text())
+        return ActiveModel(str(manifest["version"]), path, manifest, self.updater.state().trial)
+
+    def close_window(self, result: HealthWindowResult) -> None:
+        """Judge a trial model's health window: commit it, revert it, or keep watching."""
+        self.updater.report_health(result)
+
+    # -- director ------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        try:
+            r = self._http.request(method, f"{self.server_url}{path}", headers=self._headers, **kw)
+        except httpx.HTTPError as e:
+            raise OtaError(f"fleet server unreachable: {e}") from e
+        if r.status_code >= 400:
+            raise OtaError(f"fleet server answered {r.status_code} to {method} {path}: {r.text[:200]}")
+        return r.json()
+
+    def offer(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/update", params={"vehicle": self.vehicle_id})
+
+    def sync(self, active: ActiveModel) -> dict[str, Any]:
+        """Ask the director and act on its answer; returns the offer (with what was done in ``action``)."""
+        offer = self.offer()
+        want, shadow = offer.get("version"), offer.get("shadow_version")
+        action = "none"
+        if want is not None and want != active.version:
+            action = "pending" if self.updater.update(want) else "rejected-or-current"
+        self.shadow = None
+        if shadow is not None and shadow != active.version:
+            self.shadow = self._install_shadow(shadow)
+            action = "shadow"
+        offer["action"] = action
+        return offer
+
+    def _install_shadow(self, version: str) -> ActiveModel | None:
+        offer = self.updater.check(version)
+        if offer is None:
+            return None
+        slot = self.updater.download_and_install(offer)
+        path = self.updater.slot_path(slot)
+        manifest = json.loads((path.parent / "manifest.json").read_text())
+        return ActiveModel(version, path, manifest, trial=False)
+
+    # -- health --------------------------------------------------------------------------------------
+    def report(self, model_version: str, window_start_s: float, window_end_s: float, metrics: Any,
+               inference_p99_ms: float, shadow: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Send one health window (DESIGN.md: Health) built from the vehicle's metrics for that window."""
+        report = {
+            "vehicle_id": self.vehicle_id, "model_version": model_version,
+            "window_start_s": window_start_s, "window_end_s": window_end_s, "seq": time.time_ns() // 1_000,  # monotonic across restarts
+            "ticks": metrics.ticks, "fallback_interventions": metrics.interventions,
+            "collisions": metrics.collisions, "deadline_misses": metrics.watchdog.get("deadline", 0),
+            "inference_p99_ms": inference_p99_ms, "crashes": 0, "shadow": shadow,
+        }
+        return self._request("POST", "/v1/health", json=report)
