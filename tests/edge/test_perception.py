@@ -6,14 +6,14 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from driveloop.edge import world
 from driveloop.edge.contract import KIN_DIM, Observation, empty_batch
 from driveloop.edge.perception import CORRIDOR_HALF_WIDTH_M, Track, forward_track
 from driveloop.edge.scenarios import parse_scenario
 from driveloop.edge.sensors import SensorConfig, SensorSuite
 from driveloop.edge.sim import Simulator
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from driveloop.exceptions import SafetyError
 

@@ -6,8 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from driveloop.edge.contract import (
     GRID_CHANNELS,
     GRID_H,
@@ -20,6 +18,8 @@ from driveloop.edge.scenarios import parse_scenario
 from driveloop.edge.sensors import SensorConfig, SensorFrame, SensorSuite, observe
 from driveloop.edge.sim import Simulator
 from driveloop.edge.world import VehicleState, WorldSnapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from driveloop.exceptions import ConfigError
 
@@ -197,7 +197,7 @@ def test_real_simulator_snapshot() -> None:
 
 
 # -- properties: any world gives a well-formed observation ------------------------------------------------
-_finite = dict(allow_nan=False, allow_infinity=False)
+_finite = {"allow_nan": False, "allow_infinity": False}
 
 
 @st.composite
