@@ -105,7 +105,7 @@ def test_noisy_gap_error_matches_sigma() -> None:
     sim.close()
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(values=st.lists(st.floats(width=32), min_size=KIN_DIM, max_size=KIN_DIM))
 def test_any_kinematics_gives_none_or_a_finite_in_corridor_track(values: list[float]) -> None:
     k = np.array(values, dtype=np.float32)
