@@ -69,3 +69,28 @@ def test_torn_line_is_reported(tmp_path: Path) -> None:
         f.write(b'{"seq": 1, "at_s"')
     with pytest.raises(StorageError, match="torn"):
         JsonlAuditLog(p)
+
+
+def test_store_audit_chain_detects_a_database_edit(tmp_path: Path) -> None:
+    """The fleet store keeps the same chain in SQLite: editing a row behind its back is detected."""
+    from sqlalchemy import text
+
+    from driveloop.ota.controller import OperatorAction, RolloutEvent, RolloutPlan, apply
+    from driveloop.ota.store import FleetStore
+
+    store = FleetStore.at(tmp_path / "ota")
+    plan = RolloutPlan.default()
+    rid = store.create_rollout("v2", "v1", plan, 10.0, "alice")
+    state = store.load(rid).state
+    for i, kind in enumerate(["pause", "resume", "abort"], 1):
+        state = apply(state, plan, OperatorAction(kind, 10.0 + i, "alice", f"step {i}"))
+        store.append_event(rid, RolloutEvent("operator", 10.0 + i, {"kind": kind, "actor": "alice",
+                                                                     "reason": f"step {i}"}),
+                           "operator", "alice", {"action": kind, "reason": f"step {i}"})
+    assert store.verify_audit().ok and store.verify_audit().entries == 4
+    assert store.load(rid).state == state  # replayed from the event log
+    with store.engine.begin() as c:
+        c.execute(text("UPDATE audit SET payload = :p WHERE seq = 2"),
+                  {"p": json.dumps({"action": "promote", "reason": "step 2"})})
+    r = store.verify_audit()
+    assert not r.ok and r.first_bad == 2 and "modified" in r.reason
