@@ -90,15 +90,17 @@ class ChunkWriter:
         return self._offset + self._written
 
     def write(self, data: bytes) -> None:
+        """Append; a body crossing the chunk limit or the declared size is cut exactly there (the
+        bytes before the cut are kept, as for a dropped connection) and refused with 413."""
         self._service.stats.add(bytes_received=len(data))
-        if self.offset + len(data) > self._up.size:
-            raise UploadRejectedError(
-                f"chunk runs past the declared size {self._up.size}", status=413, offset=self.offset
-            )
-        if self._written + len(data) > self._service.config.max_chunk_bytes:
-            raise UploadRejectedError(
-                f"chunk larger than {self._service.config.max_chunk_bytes} bytes", status=413, offset=self.offset
-            )
+        limit = self._service.config.max_chunk_bytes
+        room = min(self._up.size - self.offset, limit - self._written)
+        if len(data) > room:
+            self._file.write(data[:room])
+            self._written += room
+            reason = f"chunk larger than {limit} bytes" if self._written >= limit else \
+                f"chunk runs past the declared size {self._up.size}"
+            raise UploadRejectedError(reason, status=413, offset=self.offset)
         self._file.write(data)
         self._written += len(data)
 

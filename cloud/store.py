@@ -94,10 +94,7 @@ class ObjectStore:
     def url_of(self, sha256: str) -> str:
         """Where readers (``ray.data.read_mcap``, Foxglove) find the object: a local path or a URL."""
         path = self._path(sha256)
-        if self._local:
-            return path
-        protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
-        return f"{protocol}://{path}"
+        return path if self._local else str(self._fs.unstrip_protocol(path))
 
     def exists(self, sha256: str) -> bool:
         return bool(self._fs.exists(self._path(sha256)))

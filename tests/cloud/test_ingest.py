@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import httpx
 import pytest
 
@@ -395,3 +396,37 @@ def test_stale_uploads_expire_and_the_vehicle_starts_over(cloud: Cloud, segments
     again = t.start(s.sha256, s.size, "a.mcap")
     assert again.upload_id != s.upload_id and again.offset == 0
     assert fresh.upload_id in {u.id for u in cloud.catalog.uploads(state="open")}
+
+
+def test_streamed_oversized_chunk_is_cut_at_the_limit(cloud: Cloud, segments: dict[str, list[Path]]) -> None:
+    """A chunked body (no Content-Length) over the limit: 413 once the limit is crossed; what arrived
+    before is kept as a valid prefix (like a dropped connection) and the upload then completes."""
+    data = segments["veh-a"][0].read_bytes()
+    with cloud.client(cloud.tokens["veh-a"]) as c:
+        upload_id = _declare(c, data).json()["upload_id"]
+        pieces = (data[i : i + 4096] for i in range(0, 3 * MAX_CHUNK_BYTES, 4096))
+        r = c.patch(f"/v1/uploads/{upload_id}", content=pieces, headers={"Upload-Offset": "0"})
+        assert r.status_code == 413 and "chunk larger" in r.json()["error"]
+        offset = int(r.headers["Upload-Offset"])
+        assert offset == MAX_CHUNK_BYTES
+        assert cloud.catalog.segments() == [] and cloud.store.shas() == []
+    t = HttpTransport(cloud.url, cloud.tokens["veh-a"])
+    status = t.offset(upload_id)
+    while not status.confirmed:
+        status = t.send_chunk(upload_id, status.offset, data[status.offset : status.offset + MAX_CHUNK_BYTES])
+    cloud.assert_unchanged([hashlib.sha256(data).hexdigest()])
+
+
+def test_fsspec_object_store_behind_the_ingest(tmp_path: Path, segments: dict[str, list[Path]]) -> None:
+    """The non-local (fsspec URL) store path, as an ``s3://`` deployment would use it."""
+    url = f"memory://ingest-{tmp_path.name}"
+    local = LocalTransport.under(tmp_path / "cloud", "veh-a", store_url=url)
+    data = segments["veh-a"][1].read_bytes()
+    assert _upload_all(local, data, "a.mcap")["cataloged"] is True
+    sha = hashlib.sha256(data).hexdigest()
+    assert local.service.store.shas() == [sha] and not local.service.store.is_local
+    url_of = local.service.store.url_of(sha)
+    assert url_of.startswith("memory://") and url_of.endswith(f"/segments/{sha[:2]}/{sha}.mcap")
+    with fsspec.open(url_of, "rb") as f:  # a reader given the URL finds the same bytes
+        assert f.read() == data
+    local.close()
