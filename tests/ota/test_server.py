@@ -160,8 +160,13 @@ def state_of(srv: Running) -> tuple[Any, ...]:
     """Everything a bad request must leave unchanged."""
     store = srv.app.state.service.store
     rid = store.latest_rollout_id()
-    return (rid, len(store.events(rid)) if rid else 0, len(store.audit_entries()), store.vehicle_ids(),
-            store.fleet_versions(), store.load(rid).state if rid else None)
+    from sqlalchemy import text
+
+    with store.engine.connect() as c:
+        vehicles = c.execute(text("SELECT vehicle_id, token_sha256, last_seq, last_version FROM vehicles")).all()
+        health_rows = c.execute(text("SELECT count(*) FROM health")).scalar()
+    return (rid, len(store.events(rid)) if rid else 0, len(store.audit_entries()), vehicles, health_rows,
+            store.update_outcomes(), store.load(rid).state if rid else None)
 
 
 def test_good_rollout_end_to_end(srv: Running, fleet: Fleet) -> None:
