@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, func, select
+from sqlalchemy import Engine, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select, text
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -55,7 +55,25 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     REJECTED: frozenset(),
     REVOKED: frozenset(),
 }
-_VERSION_RACE_RETRIES = 5
+_VERSION_RACE_RETRIES = 5  # a fallback only: writers are serialized (BEGIN IMMEDIATE / advisory lock)
+_PG_REGISTER_LOCK = 0x6472_766C  # "drvl": advisory lock key serializing version assignment on PostgreSQL
+
+
+def _serialize_sqlite_writers(engine: Engine) -> None:
+    """Start every SQLite transaction with BEGIN IMMEDIATE (SQLAlchemy's documented pysqlite recipe).
+
+    pysqlite's deferred transactions let two writers both read max(version) and then deadlock on the
+    lock upgrade (SQLITE_BUSY without waiting). Taking the write lock up front makes concurrent
+    registrations queue on the busy timeout instead.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def check_transition(current: str, target: str) -> None:
@@ -146,9 +164,11 @@ class Registry:
         for d in (self.blobs_dir, self.manifests_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.db_url = db_url or f"sqlite:///{(self.root / 'registry.db').resolve()}"
-        connect_args = {"timeout": 30} if self.db_url.startswith("sqlite") else {}
+        sqlite = self.db_url.startswith("sqlite")
         try:
-            self._engine = create_engine(self.db_url, connect_args=connect_args)
+            self._engine = create_engine(self.db_url, connect_args={"timeout": 30} if sqlite else {})
+            if sqlite:
+                _serialize_sqlite_writers(self._engine)
             _Base.metadata.create_all(self._engine)
         except SQLAlchemyError as e:
             raise RegistryError(f"cannot open registry index {self.db_url}: {e}") from e
@@ -185,6 +205,8 @@ class Registry:
         at_s = time.time() if now_s is None else now_s
         for _attempt in range(_VERSION_RACE_RETRIES):
             with self._session() as s:
+                if self._engine.dialect.name == "postgresql":  # one version assigner at a time, per database
+                    s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_REGISTER_LOCK})
                 if parent_version is not None and s.get(_ModelRow, parent_version) is None:
                     raise RegistryError(f"parent version {parent_version} is not in the registry")
                 version = (s.scalar(select(func.max(_ModelRow.version))) or 0) + 1

@@ -356,3 +356,24 @@ def test_cli_models_errors_are_one_line(home: Path, capsys: pytest.CaptureFixtur
     code, _, err = _cli(["models", "list"], capsys)
     assert code == RegistryError.exit_code and "no model registry" in err
     assert not (tmp_path / "nowhere").exists()  # a read command never creates a registry
+
+
+def test_concurrent_registrations_get_distinct_consecutive_versions(reg: Registry, models: list[Path]) -> None:
+    """Three processes register at once: no lost or duplicate version, every manifest file matches its row."""
+    script = textwrap.dedent("""
+        import sys
+        from driveloop.cloud.registry import Registry
+        with Registry(sys.argv[1], db_url=sys.argv[2]) as r:
+            for _ in range(10):
+                r.register(sys.argv[3], training_run={"writer": sys.argv[3]})
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(reg.root), reg.db_url, str(m)],
+                              stderr=subprocess.PIPE, text=True) for m in models]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    listed = reg.list()
+    assert [m.version for m, _ in listed] == list(range(1, 31))
+    by_writer = {str(m): sha256_file(m) for m in models}
+    for manifest, _ in listed:
+        assert manifest.sha256 == by_writer[manifest.training_run["writer"]]
+        assert read_manifest(reg.manifest_path(manifest.version)) == manifest  # no repair needed
