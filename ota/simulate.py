@@ -85,7 +85,7 @@ class SimResult:
     windows_to_abort: int | None  # health windows from entering the canary to the abort decision
     exposed_vehicles: int  # vehicles that ever ran (or shadowed) the new model
     exposed_outside_canary: int
-    reverted: int  # exposed vehicles back on the previous model at the end
+    reverted: int  # exposed vehicles back on the previous model only (no new model, not even in shadow)
     still_on_new: int
     canary_cohort: int
     vehicles: int
@@ -184,7 +184,7 @@ def simulate(cfg: SimConfig, audit_path: Path | None = None,
             stage_reports = []
         if on_window:
             on_window(windows, d.stage, d.action.value)
-    reverted = sum(1 for v in fleet if v.vid in exposed and v.version == OLD)
+    reverted = sum(1 for v in fleet if v.vid in exposed and v.version == OLD and v.shadow != NEW)
     still = sum(1 for v in fleet if v.version == NEW)
     outcome = {Status.COMPLETED: "completed", Status.ABORTED: "aborted"}.get(state.status, "stalled")
     return SimResult(outcome, state.stage(plan).name, len(decisions), windows_to_abort, len(exposed), len(outside),

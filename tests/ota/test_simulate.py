@@ -42,7 +42,14 @@ def test_fleet_too_small_for_a_canary_holds_and_never_grows() -> None:
     # 1 % of 60 vehicles is no cohort at all: the gate never has evidence, so nothing is promoted
     assert r.outcome == "stalled" and r.final_stage == "shadow" and r.windows == 12
     assert all(d["reason"].startswith("inconclusive: too few") for d in r.decisions)
-    assert r.exposed_vehicles == r.canary_cohort == 0
+    assert r.exposed_vehicles == r.canary_cohort == 0 and r.reverted == 0
+
+
+def test_stalled_shadow_vehicles_are_not_counted_as_reverted() -> None:
+    r = simulate(SimConfig(vehicles=300, seed=0, bad_model=True, max_windows=6))
+    assert r.outcome == "stalled" and r.final_stage == "shadow"
+    assert r.exposed_vehicles == r.canary_cohort > 0  # they run it in shadow, never actuating
+    assert r.reverted == 0 and r.still_on_new == 0
 
 
 def test_same_seed_same_run() -> None:
