@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -41,6 +44,31 @@ def test_same_seed_same_trajectory(name: str) -> None:
     np.testing.assert_array_equal(a, b)
     c = _trajectory(_drive(name, 6, 60))
     assert a.shape != c.shape or not np.array_equal(a, c)
+
+
+_REPLAY_SCRIPT = """
+import hashlib, numpy as np
+from driveloop.edge.scenarios import parse_scenario
+from driveloop.edge.sim import Simulator
+h = hashlib.sha256()
+for name in ("dense", "merge"):
+    sim = Simulator(parse_scenario(name), 7)
+    s = sim.reset()
+    for _ in range(40):
+        s = sim.step(*sim.expert_action())
+        h.update(np.array([s.ego.x_m, s.ego.y_m, s.speed_mps] + [v.x_m for v in s.others]).tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_replay_is_identical_across_processes() -> None:
+    """No hidden process state (hash seeds, global RNGs) leaks into a scenario."""
+    digests = {
+        subprocess.run([sys.executable, "-c", _REPLAY_SCRIPT], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": hs}).stdout.strip()
+        for hs in ("1", "2")
+    }
+    assert len(digests) == 1 and len(digests.pop()) == 64
 
 
 def test_reset_replays_the_scene() -> None:
