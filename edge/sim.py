@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from driveloop.edge.contract import CONTROL_PERIOD_S
-from driveloop.edge.scenarios import ScenarioSpec
+from driveloop.edge.scenarios import ScenarioSpec, parse_scenario
 from driveloop.edge.world import VehicleState, WorldSnapshot
 
 from driveloop.exceptions import ConfigError, SafetyError
@@ -104,12 +104,15 @@ def _env_class() -> type:
 
 
 class Simulator:
-    """One seeded scenario: ``reset()``, then ``step(accel, steering)`` once per control period."""
+    """One seeded scenario: ``reset()``, then ``step(accel, steering)`` once per control period.
 
-    def __init__(self, spec: ScenarioSpec, seed: int, config: SimConfig | None = None) -> None:
+    ``spec`` may also be a scenario name (parsed with ``parse_scenario``, ScenarioError if unknown).
+    """
+
+    def __init__(self, spec: ScenarioSpec | str, seed: int, config: SimConfig | None = None) -> None:
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-        self.spec = spec
+        self.spec = parse_scenario(spec) if isinstance(spec, str) else spec
         self.seed = int(seed)
         self.config = config or SimConfig()
         self._env: Any = None

@@ -15,7 +15,7 @@ from driveloop.edge.scenarios import CCR_CASES, parse_scenario
 from driveloop.edge.sim import SimConfig, Simulator
 from driveloop.edge.world import VehicleState, WorldSnapshot
 
-from driveloop.exceptions import ConfigError, SafetyError, SegmentError
+from driveloop.exceptions import ConfigError, SafetyError, ScenarioError, SegmentError
 
 
 def _drive(name: str, seed: int, steps: int, policy=None, config: SimConfig | None = None) -> list[WorldSnapshot]:
@@ -152,9 +152,14 @@ def test_sim_config_validation(kwargs: dict) -> None:
         SimConfig(**kwargs)
 
 
-def test_seed_validation() -> None:
+def test_seed_and_name_validation() -> None:
     with pytest.raises(ConfigError):
         Simulator(parse_scenario("highway"), -1)
+    with pytest.raises(ScenarioError):
+        Simulator("ccrs-12", 0)
+    by_name = Simulator("ccrs-20", 0)
+    assert by_name.spec == parse_scenario("ccrs-20") and by_name.reset() == _drive("ccrs-20", 0, 0)[0]
+    by_name.close()
 
 
 # -- collisions, road --------------------------------------------------------------------------------------
