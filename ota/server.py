@@ -29,11 +29,12 @@ from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 
 from driveloop.exceptions import AuthError, ConfigError, DriveloopError, OtaError, RolloutStateError, \
     StaleReportError
 from driveloop.ota.messages import HealthReport, OperatorRequest, RolloutStart, RolloutStatus, StageView, \
-    UpdateOffer, VehicleCredential, VehicleEnrol
+    UpdateCheck, UpdateOffer, VehicleCredential, VehicleEnrol
 from driveloop.ota.controller import OperatorAction, RolloutEvent, RolloutPlan, apply, decide
 from driveloop.ota.director import assign, assign_fleet, fleet_share
 from driveloop.ota.gates import HealthWindow
@@ -290,9 +291,14 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
         return service.ingest(report)
 
     @app.get("/v1/update")
-    def get_update(vehicle: str, authorization: str | None = Header(default=None)) -> UpdateOffer:
-        store.authenticate(vehicle, _bearer(authorization))
-        return service.offer(vehicle)
+    def get_update(vehicle: str, current: str | None = None,
+                   authorization: str | None = Header(default=None)) -> UpdateOffer:
+        try:
+            check = UpdateCheck(vehicle_id=vehicle, current_version=current)
+        except ValidationError as e:
+            raise ConfigError(f"invalid update check: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from e
+        store.authenticate(check.vehicle_id, _bearer(authorization))
+        return service.offer(check.vehicle_id)
 
     @app.post("/v1/rollouts", status_code=201)
     def start_rollout(req: RolloutStart, actor: str = Depends(admin)) -> RolloutStatus:
