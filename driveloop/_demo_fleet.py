@@ -1,0 +1,139 @@
+"""The demo's fleet: simulated vehicles that boot from their A/B slots, ask the fleet server's director
+what to run, drive a window in the simulator, and report health — the real OTA path, end to end.
+
+Each window is one "start" of every vehicle: a vehicle with a pending update boots it on trial, and the
+window's outcome commits or reverts it (the health window of the A/B updater). Vehicles running the
+same model are batched together; a vehicle told to shadow a release runs it beside its active model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from driveloop.edge._health_window import HealthWindowResult
+from driveloop.edge.agent import AgentConfig
+from driveloop.edge.fleet import FleetReport, InferenceClient, InProcessInference, VehiclePlan, run_fleet
+from driveloop.edge.ota_client import ActiveModel, OtaClient
+from driveloop.edge.updater import VehicleUpdater
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimVehicle:
+    vehicle_id: str
+    client: OtaClient
+    route_seed: int
+
+
+def _manifest(data: dict[str, Any]) -> Any:
+    from driveloop.cloud.manifest import ModelManifest
+
+    return ModelManifest.model_validate(data)
+
+
+class DemoFleet:
+    """Vehicles enrolled at the fleet server and provisioned with the factory model (v1)."""
+
+    def __init__(self, fleet_dir: Path, server_url: str, admin_token: str, vehicles: int, seed: int,
+                 http: httpx.Client) -> None:
+        self.fleet_dir, self.server_url, self.http, self.seed = fleet_dir, server_url, http, seed
+        self.admin = {"Authorization": f"Bearer {admin_token}"}
+        self.vehicles = [self._vehicle(i) for i in range(vehicles)]
+        self._runtimes: dict[str, Any] = {}
+        self._active: dict[str, ActiveModel] = {}  # what each vehicle ran in the last window
+
+    # -- enrolment and factory provisioning ----------------------------------------------------------
+    def _vehicle(self, i: int) -> SimVehicle:
+        vid = f"car{i:03d}"
+        vdir = self.fleet_dir / vid
+        cred_file = vdir / "credential.json"
+        if not cred_file.exists():
+            r = self.http.post(f"{self.server_url}/v1/vehicles", json={"vehicle_id": vid, "hardware_class": "cpu"},
+                               headers=self.admin)
+            r.raise_for_status()
+            vdir.mkdir(parents=True, exist_ok=True)
+            tmp = cred_file.with_suffix(".part")
+            tmp.write_text(json.dumps(r.json()))
+            tmp.chmod(0o600)
+            tmp.replace(cred_file)
+        token = json.loads(cred_file.read_text())["token"]
+        return SimVehicle(vid, OtaClient(vid, self.server_url, token, vdir, http=self.http), self.seed * 1000 + i)
+
+    def provision(self, trusted_root: bytes, factory_model: Path, manifest: dict[str, Any]) -> None:
+        """Factory setup of every vehicle not yet provisioned (idempotent: a resumed demo keeps slots)."""
+        for v in self.vehicles:
+            if not (self.fleet_dir / v.vehicle_id / "boot.json").exists():
+                VehicleUpdater.provision(self.fleet_dir / v.vehicle_id, trusted_root, factory_model, manifest)
+
+    # -- one window --------------------------------------------------------------------------------------
+    def _client(self, model: ActiveModel) -> InferenceClient:
+        from driveloop.edge.runtime import ModelRuntime
+
+        key = model.manifest["sha256"]
+        if key not in self._runtimes:
+            rt = ModelRuntime(model.path, _manifest(model.manifest), device="auto")
+            rt.warmup()
+            self._runtimes[key] = InProcessInference(rt)
+        return self._runtimes[key]
+
+    def versions(self) -> dict[str, int]:
+        """How many vehicles run each version right now (what their next start boots)."""
+        out: dict[str, int] = {}
+        for v in self.vehicles:
+            version = str(v.client.updater.state().slot(v.client.updater.state().running).version)
+            out[version] = out.get(version, 0) + 1
+        return out
+
+    def sync(self) -> dict[str, int]:
+        """Every vehicle asks the director and installs what it is told (boots it on its next start)."""
+        actions: dict[str, int] = {}
+        for v in self.vehicles:
+            if v.vehicle_id not in self._active:  # never started yet: its first start asks the slots
+                self._active[v.vehicle_id] = v.client.start()
+            action = v.client.sync(self._active[v.vehicle_id])["action"]
+            actions[action] = actions.get(action, 0) + 1
+        return actions
+
+    def drive_window(self, t0_s: float, duration_s: float, scenario: str, window_seed: int,
+                     config: AgentConfig | None = None, recorder_factory: Callable[..., Any] | None = None,
+                     report_health: bool = True) -> FleetReport:
+        """Start every vehicle, drive ``duration_s``, close trial windows, send health reports."""
+        self._active = {v.vehicle_id: v.client.start() for v in self.vehicles}
+        clients: dict[str, InferenceClient] = {}
+        shadows: dict[str, InferenceClient] = {}
+        plans: list[VehiclePlan] = []
+        for v in self.vehicles:
+            active = self._active[v.vehicle_id]
+            shadow = v.client.shadow
+            key = active.version if shadow is None else f"{active.version}|shadow:{shadow.version}"
+            clients.setdefault(key, self._client(active))
+            if shadow is not None:
+                shadows.setdefault(key, self._client(shadow))
+            plans.append(VehiclePlan(v.vehicle_id, scenario, v.route_seed + window_seed, key))
+        report = run_fleet(plans, clients, duration_s, config, recorder_factory, shadows=shadows)
+        p99 = float(np.percentile(report.inference_ms, 99)) if report.inference_ms else 0.0
+        for v, metrics in zip(self.vehicles, report.vehicles):
+            active = self._active[v.vehicle_id]
+            if active.trial:
+                v.client.close_window(HealthWindowResult(
+                    model_loaded=True, ticks=metrics.ticks, deadline_misses=metrics.watchdog.get("deadline", 0),
+                    watchdog_trips=sum(n for k, n in metrics.watchdog.items() if k != "deadline"),
+                    collisions=metrics.collisions))
+            if report_health:
+                key = plans[self.vehicles.index(v)].model
+                shadow = None
+                if key in report.shadow and v.client.shadow is not None:
+                    s = report.shadow[key]
+                    shadow = {"compared_ticks": metrics.ticks, "disagreements": int(round(
+                        s.disagreements * metrics.ticks / max(s.compared_ticks, 1))), "mean_abs_diff": s.mean_abs_diff}
+                v.client.report(active.version, t0_s, t0_s + duration_s, metrics, p99, shadow)
+        return report

@@ -1,0 +1,345 @@
+"""``driveloop demo``: the whole closed loop on one machine, on embedded defaults.
+
+Per iteration: the fleet drives its seeded routes (mixed scenarios, hazards included) with the safety
+supervisor on, records and uploads; the cloud pipeline mines, auto-labels, fine-tunes and gates a
+candidate; a federated round fine-tunes on the vehicles' own data; the better *validated* candidate is
+signed and rolled out (shadow → canary → 50% → 100%) by the fleet server, whose health gates decide;
+the next iteration drives on what the fleet was given. ``--inject-bad-model`` adds an iteration that
+ships a deliberately worse model (gate bypassed on purpose) to show the rollout aborting by itself.
+
+Every iteration drives the *same* seeded routes, so the iterations compare models, not luck.
+
+Resumable: finished iterations are kept in ``<home>/demo/state.json`` (written atomically); an
+interrupted run restarts its current iteration. The registry, catalog, OTA store and A/B slots are each
+crash-safe on their own, so a restart finds them consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from driveloop.exceptions import ConfigError, OtaError
+
+logger = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    iterations: int = 3
+    vehicles: int = 8
+    drive_s: float = 60.0  # each iteration's data drive, per vehicle (simulated seconds)
+    window_s: float = 20.0  # one rollout health window, per vehicle
+    max_windows: int = 14  # per rollout; a rollout still running then is reported as "stalled"
+    fl_rounds: int = 2
+    inject_bad_model: bool = False
+    seed: int = 0
+    port: int = 8700
+    bootstrap_episodes: int = 24
+    eval_duration_s: float = 20.0
+    finetune_epochs: int = 4
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.vehicles < 2:
+            raise ConfigError("the demo needs >= 1 iteration and >= 2 vehicles")
+        if min(self.drive_s, self.window_s, self.eval_duration_s) <= 0 or self.max_windows < 1:
+            raise ConfigError("demo durations and max_windows must be > 0")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"bad port {self.port}")
+
+
+@dataclass
+class IterationResult:
+    index: int
+    model: str
+    interventions_per_hour: float
+    collisions: int
+    progress: float
+    distance_km: float
+    segments: int = 0
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    federated: dict[str, Any] = field(default_factory=dict)
+    candidate: int | None = None
+    rollout_outcome: str = "none"
+    rollout_timeline: list[dict[str, Any]] = field(default_factory=list)
+    fleet_versions_after: dict[str, int] = field(default_factory=dict)
+    kind: str = "loop"  # "loop" | "bad-model"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class FleetServer:
+    """The OTA fleet server on 127.0.0.1, in a thread of this process (dashboard included)."""
+
+    def __init__(self, ota_dir: Path, admin_token: str, port: int) -> None:
+        import uvicorn
+
+        from driveloop.ota.server import ServerConfig, create_app
+
+        self.app = create_app(ServerConfig(ota_dir=ota_dir, admin_token=admin_token, background_eval=False))
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning",
+                                                     lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, name="fleet-server", daemon=True)
+
+    def __enter__(self) -> FleetServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OtaError("the fleet server did not start (is the port in use? try --port 0)")
+            time.sleep(0.05)
+        sock = self._server.servers[0].sockets[0]
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def demo_plan() -> dict[str, Any]:
+    """Stages sized for a demo fleet of ~8 vehicles (a 1% canary of 8 cars is nobody)."""
+    from driveloop.ota.controller import RolloutPlan, StageSpec
+    from driveloop.ota.gates import GateTolerances
+
+    tol = GateTolerances(min_vehicles=1, min_hours=0.005, min_control_hours=0.005, min_shadow_ticks=200,
+                         max_disagreement_rate=0.25, max_mean_abs_diff=1.0)
+    stages = (StageSpec("shadow", 0.25, True, 0.0, 1, tol), StageSpec("canary", 0.25, False, 0.0, 2, tol),
+              StageSpec("50%", 0.5, False, 0.0, 1, tol), StageSpec("100%", 1.0, False, 0.0, 1, tol))
+    return RolloutPlan(stages).to_dict()
+
+
+class Demo:
+    """One demo run over a data directory (see the module docstring)."""
+
+    def __init__(self, settings: Any, config: DemoConfig, say: Say) -> None:
+        self.settings, self.config, self.say = settings, config, say
+        self.dir = Path(settings.home) / "demo"
+        self.state_path = self.dir / "state.json"
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _load_state(self) -> dict[str, Any]:
+        if self.state_path.exists():
+            try:
+                state = json.loads(self.state_path.read_text())
+                if state.get("config") == asdict(self.config):
+                    return state
+                self.say("demo settings changed: earlier iterations are not reused")
+            except ValueError:
+                self.say("demo state unreadable: starting the iterations over")
+        return {"config": asdict(self.config), "iterations": []}
+
+    def _admin_token(self) -> str:
+        path = self.dir / "admin_token"
+        if not path.exists():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".part")
+            tmp.write_text(secrets.token_urlsafe(24))
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        return path.read_text().strip()
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        import httpx
+
+        from driveloop._demo_fleet import DemoFleet
+        from driveloop.cloud.bootstrap import BootstrapConfig, bootstrap
+        from driveloop.cloud.registry import Registry
+        from driveloop.ota.release import ReleaseService
+
+        cfg, s = self.config, self.settings
+        t_start = time.monotonic()
+        state = self._load_state()
+        self.say("bootstrapping model v1 (reused when present)")
+        boot = bootstrap(s.registry_dir, BootstrapConfig(episodes=cfg.bootstrap_episodes, seed=cfg.seed),
+                         progress=self.say)
+        registry = Registry(s.registry_dir)
+        releases = ReleaseService(s.ota_dir / "repo", s.ota_dir / "keys", registry)
+        v1 = releases.release(boot["version"], hardware_class="any")
+        with FleetServer(s.ota_dir, self._admin_token(), cfg.port) as server, httpx.Client(timeout=60) as http:
+            self.say(f"fleet dashboard: {server.url}/  (metrics: {server.url}/metrics)")
+            fleet = DemoFleet(s.fleet_dir, server.url, self._admin_token(), cfg.vehicles, cfg.seed, http)
+            art = registry.get(boot["version"])
+            fleet.provision(releases.trusted_root(), art.onnx_path,
+                            {**art.manifest.model_dump(mode="json"), "version": v1.model_version})
+            loop = _Loop(self, fleet, registry, releases, server.url, http)
+            done = len(state["iterations"])
+            total = cfg.iterations + (1 if cfg.inject_bad_model else 0)
+            for k in range(done, total):
+                kind = "bad-model" if k == cfg.iterations else "loop"
+                self.say(f"— iteration {k + 1}/{total} ({kind}) —")
+                result = loop.iteration(k, kind)
+                state["iterations"].append(asdict(result))
+                _write_json_atomic(self.state_path, state)
+            final = {"measure": loop.measure(total)}
+        registry.close()
+        report = {"iterations": state["iterations"], "final_drive": final["measure"],
+                  "dashboard": "served while the demo ran", "seconds": round(time.monotonic() - t_start, 1),
+                  "home": str(s.home)}
+        from driveloop._demo_report import write_report
+
+        report["report_html"] = str(write_report(self.dir / "report", report))
+        _write_json_atomic(self.dir / "report" / "report.json", report)
+        return report
+
+
+class _Loop:
+    """The steps of one iteration, sharing the fleet, registry, release service and server."""
+
+    def __init__(self, demo: Demo, fleet: Any, registry: Any, releases: Any, server_url: str, http: Any) -> None:
+        self.demo, self.fleet, self.registry, self.releases = demo, fleet, registry, releases
+        self.server_url, self.http = server_url, http
+        self.cfg, self.settings, self.say = demo.config, demo.settings, demo.say
+        self.clock_s = 0.0  # fleet time across windows (health report windows)
+
+    def _drive(self, seconds: float, window_seed: int, record: bool) -> Any:
+        from driveloop.edge.drive import recorder_factory
+
+        factory = recorder_factory(self.settings.spool_dir, 2 * 2**30, "fleet") if record else None
+        report = self.fleet.drive_window(self.clock_s, seconds, "mix", window_seed, recorder_factory=factory)
+        self.clock_s += seconds
+        return report
+
+    def measure(self, k: int) -> dict[str, Any]:
+        """The fleet's seeded routes, on whatever each vehicle runs now (the number the demo reports)."""
+        report = self._drive(self.cfg.drive_s, 0, record=True)
+        s = report.summary()
+        return {"interventions_per_hour": s["interventions_per_hour"], "collisions": s["collisions"],
+                "progress": s["progress"], "distance_km": s["distance_km"], "segments": s["segments"],
+                "versions": self.fleet.versions()}
+
+    def iteration(self, k: int, kind: str) -> IterationResult:
+        self.fleet.sync()
+        versions = self.fleet.versions()
+        m = self.measure(k)
+        self.say(f"fleet on {versions}: {m['interventions_per_hour']:.1f} interventions/h, "
+                 f"{m['collisions']} collisions, progress {m['progress']:.2f}")
+        result = IterationResult(k + 1, max(versions, key=versions.get), m["interventions_per_hour"],
+                                 m["collisions"], m["progress"], m["distance_km"], m["segments"], kind=kind)
+        from driveloop.edge.upload_job import upload_spool
+
+        up = upload_spool(self.settings)
+        self.say(f"uploaded {up['uploaded']} segments")
+        if kind == "bad-model":
+            candidate = self._bad_model(result.model)
+        else:
+            candidate = self._learn(result)
+        if candidate is None:
+            result.rollout_outcome = "no-candidate"
+        else:
+            result.candidate = candidate
+            result.rollout_outcome, result.rollout_timeline = self._rollout(str(candidate), result.model)
+        result.fleet_versions_after = self.fleet.versions()
+        self.say(f"rollout of v{candidate}: {result.rollout_outcome}; fleet now {result.fleet_versions_after}")
+        return result
+
+    # -- learning: cloud pipeline and federated round ------------------------------------------------
+    def _learn(self, result: IterationResult) -> int | None:
+        from driveloop.cloud.evaluation import EvalSuite
+        from driveloop.cloud.pipeline import PipelineConfig, run_pipeline
+        from driveloop.cloud.train import FinetuneConfig
+
+        suite = EvalSuite(duration_s=self.cfg.eval_duration_s)
+        pconf = PipelineConfig.from_settings(self.settings, base_ref=result.model, suite=suite,
+                                             finetune=FinetuneConfig(epochs=self.cfg.finetune_epochs),
+                                             seed=self.cfg.seed + result.index)
+        self.say("cloud pipeline: mine → label → dataset → fine-tune → gate")
+        rep = run_pipeline(pconf, on_stage=lambda name, *a: self.say(f"  pipeline: {name}"))
+        result.pipeline = rep.to_dict()
+        candidates: list[tuple[float, int]] = []
+        if rep.candidate is not None and rep.candidate_stage == "validated":
+            candidates.append((float(rep.gate.get("candidate", {}).get("interventions_per_hour", 1e9)), rep.candidate))
+        fl = self._federated(result, suite)
+        if fl is not None:
+            result.federated = fl
+            gate = fl.get("gate", {})
+            if fl.get("candidate") is not None and gate.get("passed"):
+                candidates.append((float(gate.get("candidate", {}).get("interventions_per_hour", 1e9)),
+                                   int(fl["candidate"])))
+        if not candidates:
+            return None
+        return min(candidates)[1]
+
+    def _federated(self, result: IterationResult, suite: Any) -> dict[str, Any] | None:
+        try:
+            from driveloop.federated.run import FederatedConfig, run_federated
+        except ImportError:
+            logger.warning("federated package not available: skipping the federated round")
+            return None
+        self.say("federated round over the vehicles' own data")
+        conf = FederatedConfig.for_demo(self.settings, base_ref=result.model, rounds=self.cfg.fl_rounds,
+                                        vehicles=self.cfg.vehicles, suite=suite, seed=self.cfg.seed + result.index)
+        return run_federated(conf, progress=self.say)
+
+    # -- deliberately bad model ----------------------------------------------------------------------
+    def _bad_model(self, base: str) -> int:
+        """The current model with its acceleration output pushed up: it tailgates and forces the fallback.
+        Registered as validated WITHOUT the gate, on purpose, to exercise the rollout's own health gates."""
+        import tempfile
+
+        import torch
+
+        from driveloop.cloud.checkpoints import load_policy, save_weights
+        from driveloop.cloud.export import export_onnx
+
+        art = self.registry.get(int(base))
+        net = load_policy(self.settings.registry_dir, art.manifest)
+        with torch.no_grad():
+            net.head.bias[0] += 3.0  # tanh pre-activation of acceleration: drives near full throttle
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx = export_onnx(net, Path(tmp) / "bad.onnx")
+            m = self.registry.register(onnx, parent_version=art.manifest.version,
+                                       training_run={"kind": "demo-injected-bad-model"},
+                                       lineage={"note": "deliberately worse; gate bypassed by the demo"})
+        save_weights(self.settings.registry_dir, m.sha256, net.state_dict())
+        self.registry.set_stage(m.version, "validated", "demo --inject-bad-model: gate bypassed on purpose")
+        self.say(f"injected deliberately bad model v{m.version}")
+        return m.version
+
+    # -- release and staged rollout ------------------------------------------------------------------
+    def _admin(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        r = self.http.request(method, f"{self.server_url}{path}", headers=self.fleet.admin, **kw)
+        if r.status_code >= 400:
+            raise OtaError(f"fleet server: {method} {path} → {r.status_code} {r.text[:200]}")
+        return r.json()
+
+    def _rollout(self, version: str, previous: str) -> tuple[str, list[dict[str, Any]]]:
+        self.releases.release(int(version), hardware_class="any")
+        status = self._admin("POST", "/v1/rollouts", json={"version": version, "previous_version": previous,
+                                                             "plan": demo_plan()})
+        rid = status["rollout_id"]
+        self.say(f"rollout {rid}: v{version} signed and started (shadow → canary → 50% → 100%)")
+        timeline: list[dict[str, Any]] = []
+        for w in range(self.cfg.max_windows):
+            actions = self.fleet.sync()
+            self._drive(self.cfg.window_s, 100 + w, record=False)
+            status = self._admin("POST", f"/v1/rollouts/{rid}/evaluate")
+            timeline.append({"window": w + 1, "stage": status["stage"], "status": status["status"],
+                             "decision": (status.get("last_decision") or {}).get("action"),
+                             "reason": status["reason"], "actions": actions})
+            self.say(f"  window {w + 1}: stage {status['stage']} ({status['status']}): {status['reason'][:90]}")
+            if status["status"] in ("completed", "aborted"):
+                break
+        self.fleet.sync()  # everyone picks up the final assignment (new model, or the revert)
+        self._drive(self.cfg.window_s, 99, record=False)  # the first start on it: trial windows close
+        outcome = status["status"] if status["status"] in ("completed", "aborted") else "stalled"
+        return outcome, timeline
