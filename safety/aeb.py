@@ -9,6 +9,8 @@ Rules (all pure functions of one tick's numbers):
   required deceleration passes ``partial_decel_trigger_mps2``; *full* braking below ``full_ttc_s`` or
   above ``full_decel_trigger_mps2``. Once braking, AEB holds until the hazard has clearly gone
   (hysteresis: required deceleration below ``release_decel_mps2`` and TTC above ``release_ttc_s``).
+- The partial stage yields to a model that already brakes with margin (at least ``brake_gain`` x the
+  required deceleration), as a real AEB yields to a driver who brakes; the full stage never yields.
 - FCW is the brake condition evaluated on the state predicted ``fcw_lead_time_s`` ahead, so at a
   steady closing speed the warning always precedes the brake by that time (UN R152: >= 0.8 s).
 """
@@ -168,3 +170,8 @@ def assess(
         required_decel_mps2=need,
         lead_decel_mps2=a_l,
     )
+
+
+def model_brakes_enough(assessment: AebAssessment, model_accel_mps2: float, config: AebConfig) -> bool:
+    """True when AEB's partial stage may leave a valid model in command: it brakes with margin already."""
+    return assessment.level == PARTIAL and model_accel_mps2 <= -config.brake_gain * assessment.required_decel_mps2

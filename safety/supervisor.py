@@ -6,7 +6,8 @@ whole memory is the frozen ``SupervisorState``, so a recorded drive replays to t
 hand-back with its reason and timing.
 
 Arbitration rules:
-- A hazard is an AEB brake stage, a watchdog fault, or the model being disabled. Any hazard puts the
+- A hazard is an AEB brake stage (the partial stage not if a valid model already brakes with margin), a
+  watchdog fault, or the model being disabled. Any hazard puts the
   fallback in command on the same tick (``activation`` is True on the first such tick).
 - Hand-back to the model needs the hazard clear for ``handback_hold_s`` and the model valid for
   ``handback_valid_ticks`` consecutive ticks (hysteresis); the jerk limit then ramps the command.
@@ -15,6 +16,7 @@ Arbitration rules:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -90,13 +92,15 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
         track = inputs.track
         assessment = aeb.assess(float(track.gap_m), inputs.ego_speed_mps, float(track.lead_speed_mps),
                                 float(track.closing_speed_mps), history, state.aeb_braking, config.aeb)
-    aeb_braking = assessment is not None and assessment.level > aeb.NONE
-
     if inputs.model_enabled:
         verdict = check_reply(inputs.reply, inputs.now_s, inputs.sensor_stamp_s, config.control_period_s,
                               config.watchdog)
     else:
         verdict = Verdict(None)
+    if assessment is not None and inputs.model_enabled and verdict.fault is None and \
+            aeb.model_brakes_enough(assessment, verdict.accel_mps2, config.aeb):
+        assessment = dataclasses.replace(assessment, level=aeb.NONE, decel_mps2=0.0)
+    aeb_braking = assessment is not None and assessment.level > aeb.NONE
     reason = _hazard_reason(verdict, assessment, inputs.model_enabled)
     model_valid = inputs.model_enabled and verdict.fault is None
     valid_streak = state.valid_streak + 1 if model_valid else 0

@@ -8,7 +8,7 @@ import pytest
 
 from driveloop.safety import AebConfig
 from driveloop.safety.aeb import (
-    FULL, NONE, PARTIAL, REQ_DECEL_MAX_MPS2, TTC_MAX_S, assess, brake_level, lead_decel_mps2,
+    FULL, NONE, PARTIAL, REQ_DECEL_MAX_MPS2, TTC_MAX_S, assess, brake_level, lead_decel_mps2, model_brakes_enough,
     required_decel_mps2, rss_safe_gap_m, time_to_collision_s,
 )
 
@@ -125,8 +125,8 @@ TTC_ONLY = dataclasses.replace(CFG, partial_decel_trigger_mps2=90.0, full_decel_
 DECEL_ONLY = dataclasses.replace(CFG, partial_ttc_s=0.02, full_ttc_s=0.01, release_ttc_s=0.02)
 
 
-@pytest.mark.parametrize(("ttc", "expected"), [(0.9, FULL), (1.0, FULL), (1.1, PARTIAL), (2.9, PARTIAL),
-                                                (3.0, PARTIAL), (3.1, NONE), (10.0, NONE)])
+@pytest.mark.parametrize(("ttc", "expected"), [(0.9, FULL), (1.0, FULL), (1.1, PARTIAL), (1.9, PARTIAL),
+                                                (2.0, PARTIAL), (2.1, NONE), (10.0, NONE)])
 def test_ttc_thresholds_inside_rss_distance(ttc: float, expected: int) -> None:
     closing = 4.0  # ego 20 behind a 16 m/s lead: RSS distance ~23 m, larger than every gap swept
     gap = ttc * closing
@@ -135,7 +135,7 @@ def test_ttc_thresholds_inside_rss_distance(ttc: float, expected: int) -> None:
 
 
 def test_partial_ttc_stage_needs_the_rss_distance_violated() -> None:
-    closing, ttc = 4.0, 2.5
+    closing, ttc = 4.0, 1.5
     lenient = dataclasses.replace(TTC_ONLY, response_time_s=0.01, min_brake_mps2=50.0, max_accel_response_mps2=0.0)
     gap = ttc * closing
     assert rss_safe_gap_m(20.0, 16.0, lenient) < gap  # RSS says the gap is safe
@@ -167,7 +167,7 @@ def test_required_decel_thresholds_are_inclusive() -> None:
 
 def test_ttc_thresholds_are_inclusive() -> None:
     gap, closing = 10.0, 4.0  # TTC exactly 2.5 s
-    at_full = dataclasses.replace(TTC_ONLY, full_ttc_s=2.5)
+    at_full = dataclasses.replace(TTC_ONLY, full_ttc_s=2.5, partial_ttc_s=2.5)
     assert brake_level(gap, 20.0, 16.0, closing, 0.0, at_full)[0] == FULL
     at_partial = dataclasses.replace(TTC_ONLY, partial_ttc_s=2.5, release_ttc_s=4.0)
     assert brake_level(gap, 20.0, 16.0, closing, 0.0, at_partial)[0] == PARTIAL
@@ -257,3 +257,16 @@ def test_fcw_predicts_a_braking_lead() -> None:
 def test_fcw_includes_the_current_brake_stage() -> None:
     result = assess(5.0, 20.0, 0.0, 20.0, (), False, CFG)
     assert result.level == FULL and result.fcw
+
+
+@pytest.mark.parametrize(("need", "model_accel", "expected"), [
+    (3.5, -5.0, False), (3.5, -5.24, False), (3.5, -5.26, True), (3.5, -6.0, True),  # partial: yields at 1.5 x need
+    (5.5, -8.0, False),  # full never yields
+    (2.0, -10.0, False),  # no stage: nothing to yield
+])
+def test_partial_stage_yields_to_a_model_that_brakes_with_margin(need: float, model_accel: float,
+                                                                 expected: bool) -> None:
+    cfg = DECEL_ONLY
+    result = assess(_gap_for(need), 20.0, 0.0, 20.0, (), False, cfg)
+    assert result.required_decel_mps2 == pytest.approx(need)
+    assert model_brakes_enough(result, model_accel, cfg) is expected

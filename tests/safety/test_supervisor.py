@@ -302,3 +302,20 @@ def test_public_api_is_lazy_and_complete() -> None:
     assert api.FAULT_KINDS == ("dead", "deadline", "stale", "shape", "nan", "range")
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         api.Nope  # noqa: B018
+
+
+def test_aeb_partial_leaves_a_model_that_brakes_enough_in_command() -> None:
+    lead = TrackData(60.0, 20.0, 0.0)  # partial stage: required 3.92 m/s^2, yields at <= -5.88
+    hard = Supervisor()
+    d = hard.step(tick(0, reply=ModelReply(np.array([-6.0, 0.0], np.float32), CONF, 0.0), track=lead, accel=-6.0))
+    assert d.source == "model" and not d.aeb and not d.activation and d.fcw
+    assert d.accel_mps2 == pytest.approx(-6.0)
+    soft = Supervisor()
+    d = soft.step(tick(0, reply=ModelReply(np.array([-5.0, 0.0], np.float32), CONF, 0.0), track=lead, accel=-5.0))
+    assert d.source == "fallback" and d.aeb and d.activation
+    dead = Supervisor()  # a faulty reply never counts as braking
+    d = dead.step(tick(0, reply=ModelReply(np.array([-6.0, 0.0], np.float32), CONF, 0.0, alive=False), track=lead))
+    assert d.aeb and d.watchdog == "dead"
+    off = Supervisor()  # nor does a disabled model's
+    d = off.step(tick(0, reply=ModelReply(np.array([-6.0, 0.0], np.float32), CONF, 0.0), track=lead, enabled=False))
+    assert d.aeb and d.reason == "model disabled"
