@@ -235,7 +235,9 @@ def test_step_is_pure() -> None:
 
 def test_activation_and_hand_back_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     sup = Supervisor()
-    with caplog.at_level(logging.INFO, logger="driveloop.safety"):
+    from driveloop.safety import supervisor as module
+
+    with caplog.at_level(logging.INFO, logger=module.logger.name):
         drive(sup, 0, 3)
         drive(sup, 3, 5, reply=None)
         drive(sup, 5, 30)
