@@ -283,6 +283,16 @@ def test_traffic_does_not_rear_end_a_hard_braking_ego(name: str) -> None:
         assert not any(s.crashed for s in snaps), f"{name} seed {seed}"
 
 
+def test_nominal_traffic_stays_around_the_ego() -> None:
+    """Traffic that falls behind or pulls away is recycled, so a long drive keeps its density."""
+    spec = parse_scenario("highway")
+    snaps = _drive("highway", 0, 600)
+    last = snaps[-1]
+    assert last.ego.x_m - snaps[0].ego.x_m > 1000.0
+    near = [v for v in last.others if -150.0 <= v.x_m - last.ego.x_m <= 260.0]
+    assert len(near) == len(last.others) == spec.traffic_vehicles
+
+
 def test_render_gives_a_real_frame() -> None:
     from driveloop.edge._sim_vehicles import CRASHED_RGB, EGO_RGB, SUBJECT_RGB
 
