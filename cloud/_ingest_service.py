@@ -279,7 +279,11 @@ class IngestService:
             info = self._validate(part)
             if str(info.vehicle) != up.vehicle:
                 raise AuthError(f"segment was recorded by {info.vehicle!r}, uploaded by {up.vehicle!r}", status=403)
-        except (UploadRejectedError, SegmentError, AuthError) as e:
+        except SegmentError as e:  # its message names our staging path: name the upload instead
+            refused = SegmentError(f"segment {up.name} refused: {str(e).removeprefix(f'{part}: ')}")
+            self._reject(up, part, refused)
+            raise refused from e
+        except (UploadRejectedError, AuthError) as e:
             self._reject(up, part, e)
             raise
         existed = self.store.exists(sha)

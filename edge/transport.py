@@ -18,14 +18,22 @@ server down); :class:`UploadRejectedError` = the server refused for good (its ``
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from driveloop.exceptions import AuthError, ConfigError, UploadError, UploadRejectedError
+from driveloop.exceptions import (
+    AuthError,
+    ConfigError,
+    SegmentError,
+    StorageError,
+    UploadError,
+    UploadRejectedError,
+)
 
 if TYPE_CHECKING:
     from driveloop.cloud._ingest_service import IngestService
@@ -183,6 +191,20 @@ class HttpTransport:
         self._client.close()
 
 
+@contextmanager
+def _as_client_errors() -> Iterator[None]:
+    """What the HTTP client would see for the same refusal: a bad segment or bad request is a
+    permanent UploadRejectedError (422), a storage failure is retryable (UploadError, like a 503)."""
+    try:
+        yield
+    except (AuthError, UploadError):
+        raise
+    except (SegmentError, ConfigError) as e:
+        raise UploadRejectedError(str(e), status=422) from e
+    except StorageError as e:
+        raise UploadError(f"local cloud storage failed: {e}") from e
+
+
 class LocalTransport:
     """The embedded local cloud: the same IngestService as the server, called in-process as
     ``vehicle_id`` (registered on first use — the local cloud trusts its own vehicles)."""
@@ -206,13 +228,16 @@ class LocalTransport:
         return cls(store, catalog, vehicle_id, root / "uploads")
 
     def start(self, sha256: str, size: int, name: str) -> UploadStatus:
-        return self.service.begin(self.vehicle_id, sha256, size, name)
+        with _as_client_errors():
+            return self.service.begin(self.vehicle_id, sha256, size, name)
 
     def offset(self, upload_id: str) -> UploadStatus:
-        return self.service.status(self.vehicle_id, upload_id)
+        with _as_client_errors():
+            return self.service.status(self.vehicle_id, upload_id)
 
     def send_chunk(self, upload_id: str, offset: int, data: bytes) -> UploadStatus:
-        return self.service.append(self.vehicle_id, upload_id, offset, data, declared_length=len(data))
+        with _as_client_errors():
+            return self.service.append(self.vehicle_id, upload_id, offset, data, declared_length=len(data))
 
     def campaigns(self) -> list[dict[str, Any]]:
         return self.service.vehicle_campaigns()

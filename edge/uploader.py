@@ -19,6 +19,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import math
 import os
@@ -29,10 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from driveloop.edge.segment import validate_segment
 from driveloop.edge.spool import Spool, SpoolEntry
 from driveloop.edge.transport import UploadStatus, UploadTransport
-from driveloop.exceptions import ConfigError, SegmentError, UploadError, UploadRejectedError
+from driveloop.exceptions import ConfigError, UploadError, UploadRejectedError
 
 logger = logging.getLogger(__name__)
 
@@ -179,19 +179,18 @@ class Uploader:
         return entries
 
     def _enqueue(self, entry: SpoolEntry) -> None:
-        row: tuple[str, str, int, int, int, str, str | None]
+        """Journal a segment by its sha256. No MCAP validation here: the recorder validated it before
+        publishing, the cloud validates it again at its trust boundary, and the vehicle's CPU is
+        for driving. (A file damaged on disk since is refused by the cloud and kept, not lost.)"""
         try:
-            info = validate_segment(entry.path)
-        except SegmentError as e:
-            if not entry.path.exists():
-                return  # promoted or evicted while we looked; the next pass sees its new name
-            logger.error("not uploading corrupt segment %s: %s", entry.path.name, e)
-            row = (entry.segment_id, "", entry.size_bytes, entry.priority, entry.opened_ns, REJECTED, str(e))
-        else:
-            row = (entry.segment_id, info.sha256, info.size, entry.priority, entry.opened_ns, PENDING, None)
+            with open(entry.path, "rb") as f:
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            return  # promoted (renamed) or evicted while we looked; the next pass sees its new name
         self._db.execute(
-            "INSERT OR IGNORE INTO queue (segment_id, sha256, size, priority, opened_ns, state, last_error)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+            "INSERT OR IGNORE INTO queue (segment_id, sha256, size, priority, opened_ns, state)"
+            " VALUES (?, ?, ?, ?, ?, ?)", (entry.segment_id, sha, size, entry.priority, entry.opened_ns, PENDING))
 
     def pending_count(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM queue WHERE state = ?", (PENDING,)).fetchone()[0])

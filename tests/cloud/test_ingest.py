@@ -294,8 +294,10 @@ def test_local_transport_uses_the_same_validation(tmp_path: Path, segments: dict
     local = LocalTransport.under(tmp_path / "cloud", "veh-a")
     good = segments["veh-a"][2].read_bytes()
     assert _upload_all(local, good, "good.mcap")["cataloged"] is True
-    with pytest.raises(SegmentError):
+    with pytest.raises(UploadRejectedError) as torn:
         _upload_all(local, good[:-50], "torn.mcap")
+    assert torn.value.status == 422 and isinstance(torn.value.__cause__, SegmentError)
+    assert str(torn.value).startswith("segment torn.mcap refused: ") and "uploads" not in str(torn.value)
     declared = local.start(hashlib.sha256(b"other").hexdigest(), len(good), "x.mcap")
     assert declared.upload_id is not None
     with pytest.raises(UploadRejectedError) as wrong:

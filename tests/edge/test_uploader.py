@@ -24,7 +24,7 @@ from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.ingest import IngestConfig, create_app, serve_in_thread
 from driveloop.cloud.store import ObjectStore
 from driveloop.edge.spool import Spool
-from driveloop.edge.transport import UploadStatus
+from driveloop.edge.transport import LocalTransport, UploadStatus
 from driveloop.edge.uploader import BackoffPolicy, TokenBucket, Uploader
 from driveloop.exceptions import AuthError, ConfigError, UploadError
 from tests.fakes.transport import FakeTransport, FlakyHttpTransport, record_synthetic_segments
@@ -196,14 +196,19 @@ def test_refused_segment_is_kept_and_not_retried(spool: Spool, paths: list[Path]
     assert fake.calls == [] and [e.segment_id for e in spool.closed_segments()] == [first.segment_id]
 
 
-def test_corrupt_local_segment_is_never_sent(spool: Spool, paths: list[Path], tmp_path: Path) -> None:
+def test_segment_damaged_on_disk_is_refused_by_the_cloud_and_kept(spool: Spool, paths: list[Path],
+                                                                  tmp_path: Path) -> None:
+    """Real embedded cloud: a segment corrupted after the recorder closed it is refused (422) and
+    stays in the spool; the sound ones land."""
     bad = spool.closed_dir / "0000000000000000001-veh-a-p9.mcap"
-    bad.write_bytes(b"\x89MCAP0\r\n" + b"torn" * 100)
-    fake, ft = FakeTransport(), FakeTime()
-    with _uploader(spool, fake, tmp_path, ft) as up:
+    bad.write_bytes(paths[0].read_bytes()[:-100] + b"x" * 100)
+    local = LocalTransport.under(tmp_path / "cloud", "veh-a")
+    with _uploader(spool, local, tmp_path, FakeTime()) as up:
         report = up.drain(max_s=60)
-    assert len(report.uploaded) == 4 and bad.exists()
-    assert all(data != bad.read_bytes() for data in fake.cataloged.values())
+    assert report.rejected == ["0000000000000000001-veh-a"] and len(report.uploaded) == 4
+    assert [e.path for e in spool.closed_segments()] == [bad]
+    assert len(local.service.catalog.segments()) == 4
+    local.close()
 
 
 def test_segment_promoted_mid_upload_is_followed(spool: Spool, paths: list[Path], tmp_path: Path) -> None:
