@@ -1,5 +1,33 @@
-"""driveloop.federated — see DESIGN.md. Public API listed in __all__ (kept import-light)."""
+"""Federated fine-tuning with Flower (Message API): vehicles train on their own data, the server
+aggregates robustly, the result goes through the cloud pipeline's gate and registry.
+
+Import-light: Flower, torch and Ray are imported only when a function that needs them runs.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import Any
+
+__all__ = [
+    "FlRunConfig", "run_federated", "simulate",
+    "ServerSettings", "make_server_app", "run_rounds", "build_strategy", "load_checkpoint", "STRATEGIES",
+    "VehicleSettings", "make_client_app", "vehicle_id_for",
+    "RobustConfig", "screen_round", "QuorumPolicy", "round_state",
+    "VehicleDataConfig", "local_dataset", "vehicle_mix",
+]
+
+_WHERE = {
+    "FlRunConfig": "run", "run_federated": "run", "simulate": "run",
+    "ServerSettings": "server", "make_server_app": "server", "run_rounds": "server", "build_strategy": "server",
+    "load_checkpoint": "server", "STRATEGIES": "server",
+    "VehicleSettings": "client", "make_client_app": "client", "vehicle_id_for": "client",
+    "RobustConfig": "robust", "screen_round": "robust", "QuorumPolicy": "_quorum", "round_state": "_quorum",
+    "VehicleDataConfig": "vehicle_data", "local_dataset": "vehicle_data", "vehicle_mix": "vehicle_data",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"driveloop.federated.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'driveloop.federated' has no attribute {name!r}")

@@ -1,0 +1,236 @@
+"""``driveloop fl run``: a federated fine-tune on Flower's simulation runtime, then the pipeline's gate.
+
+    base model (registry) -> K virtual vehicles (ClientApp), each on its own spool -> R rounds of the
+    ServerApp (quorum/deadline, screening, strategy, checkpoint) -> ONNX export + parity
+    -> closed-loop gate on the held-out suite, current vs candidate (the cloud pipeline's gate)
+    -> registered as a candidate with lineage; validated only if the gate passed (else rejected).
+
+**Ray rule.** Flower's Ray backend starts Ray only when none is running and calls ``ray.shutdown()``
+when the simulation ends. When this process already runs a Ray runtime (one the cloud pipeline shares),
+the simulation runs inside ``cloud._ray.shared_runtime()``: Flower joins that runtime and its shutdown is
+a logged no-op, so the pipeline's runtime survives. Otherwise Flower starts a private runtime held to
+``num_cpus`` and shuts it down itself. Clients ask for 1 CPU each and train with one torch thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driveloop.cloud.evaluation import EvalSuite, GateTolerances
+from driveloop.exceptions import ConfigError, FederatedError, RegistryError
+from driveloop.federated.client import VehicleSettings, format_faults, vehicle_id_for
+from driveloop.federated.server import RoundCallback, ServerSettings, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FlRunConfig:
+    home: Path
+    registry_dir: Path
+    rounds: int = 3
+    vehicles: int = 10
+    strategy: str = "fedavg"
+    fraction: float = 1.0
+    dropout: float = 0.0  # share of vehicles that drop out mid-round, every round
+    poison: float = 0.0  # share of vehicles sending poisoned updates (alternating x50-scaled / sign-flipped)
+    poison_kind: str = "mixed"  # mixed | scale50 | signflip
+    dp: bool = False
+    dp_noise_multiplier: float = 0.1
+    dp_clipping_norm: float = 1.0
+    quorum_frac: float = 0.6
+    round_deadline_s: float = 300.0
+    clip_median_factor: float = 3.0
+    max_update_norm: float = 0.0
+    base_ref: str | None = None
+    episodes: int = 3
+    episode_s: float = 20.0
+    local_epochs: int = 2
+    lr: float = 5e-4
+    seed: int = 0
+    num_cpus: int = 2
+    run_name: str | None = None
+    suite: EvalSuite = field(default_factory=EvalSuite)
+    tolerances: GateTolerances = field(default_factory=GateTolerances)
+    evaluate: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("dropout", "poison"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"--{name} must be a fraction in [0, 1), got {v}")
+        if self.poison_kind not in ("mixed", "scale50", "signflip"):
+            raise ConfigError(f"poison_kind must be mixed, scale50 or signflip, got {self.poison_kind!r}")
+        if self.num_cpus < 1:
+            raise ConfigError("num_cpus must be >= 1")
+
+    def faults(self) -> dict[str, str]:
+        """Which vehicles misbehave (seeded, disjoint): the first ``poison`` share poisons, the next drops."""
+        ids = [vehicle_id_for(i) for i in range(self.vehicles)]
+        order = [ids[i] for i in np.random.default_rng(self.seed).permutation(len(ids))]
+        n_poison, n_drop = round(self.poison * len(ids)), round(self.dropout * len(ids))
+        out: dict[str, str] = {}
+        for j, vid in enumerate(order[:n_poison]):
+            out[vid] = self.poison_kind if self.poison_kind != "mixed" else ("scale50" if j % 2 == 0 else "signflip")
+        for vid in order[n_poison : n_poison + n_drop]:
+            out[vid] = "dropout"
+        return out
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_base(registry: Any, ref: str | None) -> Any:
+    """The model to fine-tune: ``ref``, else the newest released, else the newest validated."""
+    if ref is not None:
+        return registry.get(ref)
+    for stage in ("released", "validated"):
+        with contextlib.suppress(RegistryError):
+            return registry.get(stage)
+    raise FederatedError("no released or validated model to fine-tune from (run `driveloop bootstrap` first)")
+
+
+def settings_for(cfg: FlRunConfig, base_version: int, run_dir: Path) -> tuple[ServerSettings, VehicleSettings]:
+    server = ServerSettings(
+        run_dir=str(run_dir), vehicles=cfg.vehicles, rounds=cfg.rounds, strategy=cfg.strategy, fraction=cfg.fraction,
+        quorum_frac=cfg.quorum_frac, round_deadline_s=cfg.round_deadline_s, max_update_norm=cfg.max_update_norm,
+        clip_median_factor=cfg.clip_median_factor, krum_malicious=max(1, round(cfg.poison * cfg.vehicles)),
+        dp=cfg.dp, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clipping_norm=cfg.dp_clipping_norm,
+    )
+    vehicle = VehicleSettings(
+        home=str(Path(cfg.home).resolve()), registry_dir=str(Path(cfg.registry_dir).resolve()), base_ref=str(base_version),
+        episodes=cfg.episodes, episode_s=cfg.episode_s, local_epochs=cfg.local_epochs, lr=cfg.lr, data_seed=cfg.seed,
+        faults=format_faults(cfg.faults()),
+    )
+    return server, vehicle
+
+
+@contextlib.contextmanager
+def _ray_guard() -> Any:
+    """Keep a Ray runtime this process already runs alive across Flower's ray.shutdown() (module doc)."""
+    import ray
+
+    if ray.is_initialized():
+        from driveloop.cloud._ray import shared_runtime
+
+        with shared_runtime():
+            yield
+    else:
+        yield
+
+
+def simulate(server: ServerSettings, vehicle: VehicleSettings, initial: dict[str, np.ndarray], num_cpus: int = 2,
+             on_round: RoundCallback | None = None) -> dict[str, Any]:
+    """Run the ServerApp and K ClientApps on Flower's Ray simulation backend; returns the run state."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    from driveloop.federated.client import make_client_app
+    from driveloop.federated.server import make_server_app
+
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": logging.WARNING,
+                             "log_to_driver": False}}
+    with _ray_guard():
+        run_simulation(server_app=make_server_app(server, initial, on_round), client_app=make_client_app(vehicle),
+                       num_supernodes=server.vehicles, backend_config=backend)  # type: ignore[arg-type]
+    done = load_checkpoint(Path(server.run_dir))
+    if done is None or done[1]["completed_round"] < server.rounds:
+        got = 0 if done is None else done[1]["completed_round"]
+        raise FederatedError(f"the federated run stopped after {got} of {server.rounds} rounds (see the log)")
+    return done[1]
+
+
+def prepare_vehicles(vehicle: VehicleSettings, count: int, on_vehicle: Any = None) -> dict[str, int]:
+    """Let every vehicle fill its spool and label its own data before round 1 (the same code the
+    ClientApp runs on its first round), so that rounds time training, not first drives."""
+    from driveloop.cloud.registry import Registry
+    from driveloop.federated.vehicle_data import VehicleDataConfig, local_dataset
+
+    data_cfg = VehicleDataConfig(episodes=vehicle.episodes, episode_s=vehicle.episode_s,
+                                 mix_concentration=vehicle.mix_concentration, seed=vehicle.data_seed)
+    samples: dict[str, int] = {}
+    with Registry(vehicle.registry_dir) as reg:
+        artifact = reg.get(vehicle.base_ref)
+        for i in range(count):
+            vid = vehicle_id_for(i)
+            samples[vid] = int(len(local_dataset(vehicle.vehicle_dir(vid), vid, artifact, data_cfg)["target_action"]))
+            if callable(on_vehicle):
+                on_vehicle(vid)
+    return samples
+
+
+def run_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_vehicle: Any = None) -> dict[str, Any]:
+    """The whole ``fl run``: simulate, export, gate, register. Returns the report (see ``--json``)."""
+    import torch
+
+    from driveloop.cloud.checkpoints import load_weights, save_weights
+    from driveloop.cloud.export import check_parity, export_onnx
+    from driveloop.cloud.manifest import build_manifest
+    from driveloop.cloud.model import PolicyNet
+    from driveloop.cloud.registry import Registry
+
+    torch.set_num_threads(1)
+    with Registry(cfg.registry_dir) as registry:
+        base = resolve_base(registry, cfg.base_ref)
+    base_state = load_weights(cfg.registry_dir, base.manifest)
+    initial = {k: v.detach().cpu().numpy() for k, v in base_state.items()}
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("home", "registry_dir", "run_name", "suite", "tolerances", "evaluate")}
+    run_name = cfg.run_name or f"run-{_digest({'cfg': key, 'base': base.manifest.sha256})[:12]}"
+    run_dir = Path(cfg.home) / "federated" / run_name
+    server, vehicle = settings_for(cfg, base.version, run_dir)
+    samples = prepare_vehicles(vehicle, cfg.vehicles, on_vehicle)
+    state = simulate(server, vehicle, initial, cfg.num_cpus, on_round)
+    arrays = load_checkpoint(run_dir)[0]  # type: ignore[index]
+    aggregated = [r for r in state["rounds"] if not r["skipped"]]
+    if not aggregated:
+        raise FederatedError(f"no round of run {run_name} reached quorum: the base model is unchanged")
+    model = PolicyNet()
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    onnx_path = export_onnx(model, run_dir / "candidate.onnx")
+    parity = float(check_parity(model, onnx_path))
+    report: dict[str, Any] = {
+        "run": run_name, "strategy": cfg.strategy, "base_version": base.version, "vehicles": cfg.vehicles,
+        "rounds": len(state["rounds"]), "rounds_aggregated": len(aggregated),
+        "participants_per_round": [r["accepted"] for r in state["rounds"]],
+        "samples_per_vehicle": samples, "round_log": state["rounds"], "faults": cfg.faults(), "dp": state.get("dp"), "parity_max_abs": parity,
+        "candidate": None, "candidate_stage": None, "gate": {},
+    }
+    if not cfg.evaluate:
+        return report
+    from driveloop.cloud.evaluation import gate
+    from driveloop.cloud.pipeline import _cached_eval  # the pipeline's cached closed-loop evaluation
+
+    cache = Path(cfg.home) / "cloud" / "eval_cache"
+    baseline = _cached_eval(cache, base.onnx_path, base.manifest, cfg.suite)
+    candidate = _cached_eval(cache, onnx_path, build_manifest(onnx_path, name=base.manifest.name, version=base.version), cfg.suite)
+    result = gate(baseline, candidate, cfg.tolerances)
+    report["gate"] = result.as_dict()
+    lineage = {"base_version": base.version, "kind": "federated", "rounds": len(state["rounds"]),
+               "strategy": cfg.strategy, "participants_per_round": report["participants_per_round"],
+               "vehicles": cfg.vehicles, "fraction": cfg.fraction, "dp": state.get("dp"),
+               "eval_suite": cfg.suite.to_dict()}
+    with Registry(cfg.registry_dir) as registry:
+        cand = registry.register(onnx_path, name=base.manifest.name, parent_version=base.version,
+                                 training_run={"run_id": run_name, "kind": "federated", "server": asdict(server),
+                                               "local_epochs": cfg.local_epochs, "lr": cfg.lr},
+                                 metrics={"gate": report["gate"], "parity_max_abs": parity}, lineage=lineage)
+        save_weights(cfg.registry_dir, cand.sha256, model.state_dict())
+        if result.passed:
+            registry.set_stage(cand.version, "validated", "closed-loop gate passed (federated)")
+        else:
+            registry.set_stage(cand.version, "rejected", "gate failed: " + "; ".join(result.reasons))
+    report["candidate"] = cand.version
+    report["candidate_stage"] = "validated" if result.passed else "rejected"
+    return report

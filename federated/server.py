@@ -1,0 +1,279 @@
+"""The aggregation side: a Flower ServerApp (Message API) with quorum/deadline, screening and resume.
+
+Each round the server:
+
+1. asks the strategy (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum; optionally wrapped in Flower's
+   server-side fixed-clipping DP) which vehicles to sample and what to send them;
+2. pushes the messages and pulls replies until the round closes (``_quorum.round_state``): every
+   vehicle answered, or a quorum of good replies is in, or the deadline passed. Stragglers and
+   dropouts are excluded, not waited for; without quorum the round is **skipped**, not the run;
+3. screens the replies (``robust.screen_round``): unknown vehicle, duplicate, wrong keys/shape/dtype,
+   NaN/Inf are rejected with a logged reason; accepted updates are norm-clipped;
+4. lets the strategy aggregate the accepted replies, then **checkpoints** atomically
+   (``<run_dir>/checkpoint.npz``: the global tensors and the round history in one file, temp + fsync +
+   rename). A restarted server with the same ``run_dir`` resumes after the last completed round.
+
+Settings come from the factory (simulation) or from the Flower run config (deployment, ``server.*``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from driveloop.exceptions import ConfigError, FederatedError
+from driveloop.federated._quorum import OPEN, SKIPPED, QuorumPolicy, round_state
+from driveloop.federated.robust import RobustConfig, screen_round
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "trimmedavg", "krum")
+CHECKPOINT = "checkpoint.npz"
+_STATE_KEY = "__state_json__"
+_POLL_S = 0.05
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Flat (run-config compatible) settings of the aggregation server."""
+
+    run_dir: str
+    vehicles: int  # the fleet: vehicle ids fl000 … fl{vehicles-1}; replies from others are rejected
+    rounds: int = 3
+    strategy: str = "fedavg"
+    fraction: float = 1.0
+    quorum_frac: float = 0.7
+    round_deadline_s: float = 300.0
+    max_update_norm: float = 0.0
+    clip_median_factor: float = 3.0
+    proximal_mu: float = 0.01
+    trim_beta: float = 0.2
+    krum_malicious: int = 1
+    dp: bool = False
+    dp_noise_multiplier: float = 0.1
+    dp_clipping_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        if self.vehicles < 1 or self.rounds < 1:
+            raise ConfigError("a federated run needs >= 1 vehicle and >= 1 round")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.dp and not (self.dp_noise_multiplier >= 0 and self.dp_clipping_norm > 0):
+            raise ConfigError("DP needs noise_multiplier >= 0 and clipping_norm > 0")
+        self.quorum  # validates
+        self.robust
+
+    @property
+    def quorum(self) -> QuorumPolicy:
+        return QuorumPolicy(self.quorum_frac, self.round_deadline_s)
+
+    @property
+    def robust(self) -> RobustConfig:
+        return RobustConfig(self.max_update_norm, self.clip_median_factor)
+
+    @property
+    def sampled_per_round(self) -> int:
+        return max(1, int(self.vehicles * self.fraction))
+
+    def known_vehicles(self) -> set[str]:
+        from driveloop.federated.client import vehicle_id_for
+
+        return {vehicle_id_for(i) for i in range(self.vehicles)}
+
+    def dp_parameters(self) -> dict[str, Any] | None:
+        if not self.dp:
+            return None
+        n = self.sampled_per_round
+        return {"mechanism": "gaussian, server-side fixed clipping (Flower DifferentialPrivacyServerSideFixedClipping)",
+                "noise_multiplier": self.dp_noise_multiplier, "clipping_norm": self.dp_clipping_norm,
+                "num_sampled_clients": n, "noise_stdev": self.dp_noise_multiplier * self.dp_clipping_norm / n}
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f"server.{k}": v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
+        kw = {f.name: run_config[f"server.{f.name}"] for f in fields(cls) if f"server.{f.name}" in run_config}
+        if "run_dir" not in kw or "vehicles" not in kw:
+            raise ConfigError("the run config lacks server.run_dir / server.vehicles")
+        return cls(**kw)
+
+
+def build_strategy(s: ServerSettings) -> Any:
+    """The Flower strategy for ``s.strategy`` (train only: the gate evaluates, not the vehicles)."""
+    from flwr.serverapp import strategy as fs
+
+    common = {"fraction_train": s.fraction, "fraction_evaluate": 0.0, "min_train_nodes": s.sampled_per_round,
+              "min_available_nodes": s.vehicles}
+    if s.strategy == "fedavg":
+        strat = fs.FedAvg(**common)
+    elif s.strategy == "fedprox":
+        strat = fs.FedProx(**common, proximal_mu=s.proximal_mu)
+    elif s.strategy == "fedmedian":
+        strat = fs.FedMedian(**common)
+    elif s.strategy == "trimmedavg":
+        strat = fs.FedTrimmedAvg(**common, beta=s.trim_beta)
+    else:
+        strat = fs.Krum(**common, num_malicious_nodes=s.krum_malicious)
+    if s.dp:
+        strat = fs.DifferentialPrivacyServerSideFixedClipping(strat, s.dp_noise_multiplier, s.dp_clipping_norm,
+                                                              s.sampled_per_round)
+    return strat
+
+
+# ---------------------------------------------------------------- checkpoint
+
+def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> Path:
+    """Global tensors + run state in one file, atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CHECKPOINT
+    payload = dict(arrays)
+    payload[_STATE_KEY] = np.frombuffer(json.dumps(state, default=float).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, suffix=".npz.part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """(arrays, state) of the last completed round, or None when the run has not checkpointed yet."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            state = json.loads(bytes(z[_STATE_KEY]).decode())
+            arrays = {k: z[k] for k in z.files if k != _STATE_KEY}
+    except (OSError, ValueError, KeyError) as e:
+        raise FederatedError(f"checkpoint {path} is unreadable: {e}") from e
+    return arrays, state
+
+
+# ---------------------------------------------------------------- the round loop
+
+def _to_numpy(record: Any) -> dict[str, np.ndarray]:
+    return {k: np.asarray(a.numpy()) for k, a in record.items()}
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> Any:
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _collect(grid: Any, message_ids: list[str], policy: QuorumPolicy, started_s: float) -> tuple[list[Any], list[Any], str]:
+    """Pull replies until the round closes; (good replies, error replies, how it closed)."""
+    good: list[Any] = []
+    errors: list[Any] = []
+    waiting = set(message_ids)
+    while True:
+        if waiting:
+            for reply in grid.pull_messages(list(waiting)):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                (errors if reply.has_error() else good).append(reply)
+        state = round_state(policy, len(message_ids), len(good), len(errors), started_s, time.monotonic())
+        if state != OPEN:
+            return good, errors, state
+        time.sleep(_POLL_S)
+
+
+def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarray],
+               on_round: RoundCallback | None = None, context: Any = None) -> dict[str, Any]:
+    """Run (or resume) the rounds; returns the final run state (also in the checkpoint)."""
+    from flwr.app import ConfigRecord
+
+    run_dir = Path(settings.run_dir)
+    strategy = build_strategy(settings)
+    resumed = load_checkpoint(run_dir)
+    if resumed is not None:
+        arrays, state = resumed
+        logger.info("resuming federated run %s after round %d", run_dir.name, state["completed_round"])
+    else:
+        arrays, state = dict(initial), {"completed_round": 0, "rounds": [], "settings": asdict(settings)}
+    known = settings.known_vehicles()
+    for rnd in range(state["completed_round"] + 1, settings.rounds + 1):
+        started = time.monotonic()
+        messages = list(strategy.configure_train(rnd, _to_record(arrays), ConfigRecord({"server-round": rnd}), grid))
+        ids = [i for i in grid.push_messages(messages) if i]
+        good, errors, closed = _collect(grid, ids, settings.quorum, started)
+        replies = [(str(m.content["meta"]["vehicle-id"]) if "meta" in m.content.config_records else "?",
+                    _to_numpy(m.content["arrays"]) if "arrays" in m.content.array_records else {},
+                    float(m.content["metrics"].get("num-examples", 0)) if "metrics" in m.content.metric_records else 0.0)
+                   for m in good]
+        screen = screen_round(replies, arrays, known, settings.robust)
+        accepted = []
+        for i, clipped in screen.accepted.items():
+            good[i].content["arrays"] = _to_record(clipped)
+            accepted.append(good[i])
+        enough = len(accepted) >= settings.quorum.needed(len(ids)) if ids else False
+        new_arrays = None
+        if closed != SKIPPED and enough:
+            from flwr.serverapp.exception import InconsistentMessageReplies
+
+            try:
+                agg, _metrics = strategy.aggregate_train(rnd, accepted)
+            except (InconsistentMessageReplies, ValueError) as e:
+                logger.warning("round %d: the strategy refused to aggregate: %s", rnd, e)
+                agg = None
+            new_arrays = _to_numpy(agg) if agg is not None else None
+        times = [float(m.content["metrics"].get("train-time-s", 0.0)) for m in good if "metrics" in m.content.metric_records]
+        record = {
+            "round": rnd, "sampled": len(ids), "replied": len(good), "failed": len(errors),
+            "accepted": len(accepted), "participants": sorted(screen.verdicts[i].vehicle_id for i in screen.accepted),
+            "rejected": [{"vehicle": v.vehicle_id, "reason": v.reason, "detail": v.detail} for v in screen.rejected],
+            "clipped": sum(1 for v in screen.verdicts if v.reason == "clipped"),
+            "closed": closed, "skipped": new_arrays is None, "wall_s": round(time.monotonic() - started, 3),
+            "median_client_s": float(np.median(times)) if times else None,
+        }
+        if new_arrays is None:
+            logger.warning("round %d skipped: %d accepted of %d sampled (%s)", rnd, len(accepted), len(ids), closed)
+        else:
+            arrays = new_arrays
+        state["rounds"].append(record)
+        state["completed_round"] = rnd
+        save_checkpoint(run_dir, arrays, state)
+        logger.info("round %d: %s", rnd, {k: v for k, v in record.items() if k != "participants"})
+        if on_round is not None:
+            on_round(record)
+    state["dp"] = settings.dp_parameters()
+    save_checkpoint(run_dir, arrays, state)
+    return state
+
+
+def make_server_app(settings: ServerSettings | None = None, initial: dict[str, np.ndarray] | None = None,
+                    on_round: RoundCallback | None = None) -> Any:
+    """The ServerApp. Without ``initial`` the start weights are read from the run's ``initial.npz``
+    (written by the driver or ``driveloop fl serve``); without ``settings`` from the run config."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        s = settings if settings is not None else ServerSettings.from_run_config(dict(context.run_config))
+        start = initial
+        if start is None:
+            with np.load(Path(s.run_dir) / "initial.npz", allow_pickle=False) as z:
+                start = {k: z[k] for k in z.files}
+        run_rounds(grid, s, start, on_round)
+
+    return app
