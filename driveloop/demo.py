@@ -292,27 +292,37 @@ class _Loop:
 
     # -- deliberately bad model ----------------------------------------------------------------------
     def _bad_model(self, base: str) -> int:
-        """The current model with its acceleration output pushed up: it tailgates and forces the fallback.
-        Registered as validated WITHOUT the gate, on purpose, to exercise the rollout's own health gates."""
+        """The current model made a late braker: its braking commands are cut to a quarter. In cruise it
+        agrees with the current model (shadow passes); when it actuates, hazards force the fallback.
+        Registered as validated WITHOUT the closed-loop gate, on purpose, to exercise the rollout's own
+        health gates. No torch weights are kept for it: nothing may ever be fine-tuned from it."""
         import tempfile
 
         import torch
 
-        from driveloop.cloud.checkpoints import load_policy, save_weights
+        from driveloop.cloud.checkpoints import load_policy
         from driveloop.cloud.export import export_onnx
 
+        class LateBraker(torch.nn.Module):
+            def __init__(self, net: torch.nn.Module) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, kinematics: torch.Tensor, lidar: torch.Tensor, grid: torch.Tensor) -> Any:
+                action, confidence = self.net(kinematics, lidar, grid)
+                accel = action[:, 0:1]
+                accel = torch.where(accel < 0, 0.25 * accel, accel)
+                return torch.cat((accel, action[:, 1:2]), dim=1), confidence
+
         art = self.registry.get(int(base))
-        net = load_policy(self.settings.registry_dir, art.manifest)
-        with torch.no_grad():
-            net.head.bias[0] += 3.0  # tanh pre-activation of acceleration: drives near full throttle
+        bad = LateBraker(load_policy(self.settings.registry_dir, art.manifest)).eval()
         with tempfile.TemporaryDirectory() as tmp:
-            onnx = export_onnx(net, Path(tmp) / "bad.onnx")
+            onnx = export_onnx(bad, Path(tmp) / "bad.onnx")
             m = self.registry.register(onnx, parent_version=art.manifest.version,
-                                       training_run={"kind": "demo-injected-bad-model"},
-                                       lineage={"note": "deliberately worse; gate bypassed by the demo"})
-        save_weights(self.settings.registry_dir, m.sha256, net.state_dict())
+                                       training_run={"kind": "demo-injected-bad-model", "braking_scale": 0.25},
+                                       lineage={"note": "deliberately worse (late braker); gate bypassed by the demo"})
         self.registry.set_stage(m.version, "validated", "demo --inject-bad-model: gate bypassed on purpose")
-        self.say(f"injected deliberately bad model v{m.version}")
+        self.say(f"injected deliberately bad model v{m.version} (brakes at a quarter of its own command)")
         return m.version
 
     # -- release and staged rollout ------------------------------------------------------------------
