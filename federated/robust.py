@@ -124,6 +124,22 @@ def clip_update(arrays: Arrays, reference: Arrays, norm: float, bound: float) ->
     return out, scale
 
 
+def check_reply(vehicle_id: str, arrays: Arrays, num_examples: float, reference: Arrays,
+                known_vehicles: Collection[str] | None, seen: Collection[str]) -> tuple[str, str] | None:
+    """(reason, detail) when one reply must be rejected (see the module's rule order); None when usable.
+
+    The server calls it as each reply arrives, so that only usable replies count toward the quorum.
+    """
+    if known_vehicles is not None and vehicle_id not in known_vehicles:
+        return "unknown_vehicle", f"{vehicle_id!r} is not in this fleet"
+    if vehicle_id in seen:
+        return "duplicate_vehicle", f"{vehicle_id!r} already replied this round"
+    problem = check_structure(arrays, reference)
+    if problem is None and not (float(num_examples).is_integer() and num_examples >= 1):
+        problem = ("bad_num_examples", f"num-examples {num_examples!r}")
+    return problem
+
+
 def screen_round(
     replies: Sequence[tuple[str, Arrays, float]],
     reference: Arrays,
@@ -140,15 +156,7 @@ def screen_round(
     fits: list[tuple[int, str, Arrays, float]] = []
     pending: dict[int, UpdateVerdict] = {}
     for i, (vid, arrays, num_examples) in enumerate(replies):
-        problem: tuple[str, str] | None = None
-        if known_vehicles is not None and vid not in known_vehicles:
-            problem = ("unknown_vehicle", f"{vid!r} is not in this fleet")
-        elif vid in seen:
-            problem = ("duplicate_vehicle", f"{vid!r} already replied this round")
-        else:
-            problem = check_structure(arrays, reference)
-            if problem is None and not (float(num_examples).is_integer() and num_examples >= 1):
-                problem = ("bad_num_examples", f"num-examples {num_examples!r}")
+        problem = check_reply(vid, arrays, num_examples, reference, known_vehicles, seen)
         seen.add(vid)
         if problem is not None:
             pending[i] = UpdateVerdict(vid, False, problem[0], problem[1])

@@ -28,7 +28,7 @@ import numpy as np
 from driveloop.cloud.evaluation import EvalSuite, GateTolerances
 from driveloop.exceptions import ConfigError, FederatedError, RegistryError
 from driveloop.federated.client import VehicleSettings, format_faults, vehicle_id_for
-from driveloop.federated.server import RoundCallback, ServerSettings, load_checkpoint
+from driveloop.federated.server import ReplyCallback, RoundCallback, ServerSettings, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _ray_guard() -> Any:
 
 
 def simulate(server: ServerSettings, vehicle: VehicleSettings, initial: dict[str, np.ndarray], num_cpus: int = 2,
-             on_round: RoundCallback | None = None) -> dict[str, Any]:
+             on_round: RoundCallback | None = None, on_reply: ReplyCallback | None = None) -> dict[str, Any]:
     """Run the ServerApp and K ClientApps on Flower's Ray simulation backend; returns the run state."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -143,7 +143,7 @@ def simulate(server: ServerSettings, vehicle: VehicleSettings, initial: dict[str
                "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": logging.WARNING,
                              "log_to_driver": False}}
     with _ray_guard():
-        run_simulation(server_app=make_server_app(server, initial, on_round), client_app=make_client_app(vehicle),
+        run_simulation(server_app=make_server_app(server, initial, on_round, on_reply), client_app=make_client_app(vehicle),
                        num_supernodes=server.vehicles, backend_config=backend)  # type: ignore[arg-type]
     done = load_checkpoint(Path(server.run_dir))
     if done is None or done[1]["completed_round"] < server.rounds:

@@ -32,7 +32,7 @@ import numpy as np
 
 from driveloop.exceptions import ConfigError, FederatedError
 from driveloop.federated._quorum import OPEN, SKIPPED, QuorumPolicy, round_state
-from driveloop.federated.robust import RobustConfig, screen_round
+from driveloop.federated.robust import RobustConfig, check_reply, screen_round
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ CHECKPOINT = "checkpoint.npz"
 _STATE_KEY = "__state_json__"
 _POLL_S = 0.05
 RoundCallback = Callable[[dict[str, Any]], None]
+ReplyCallback = Callable[[Any], None]  # sees every reply Message as it arrives (audits, tests)
 
 
 @dataclass(frozen=True)
@@ -180,24 +181,48 @@ def _to_record(arrays: dict[str, np.ndarray]) -> Any:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _collect(grid: Any, message_ids: list[str], policy: QuorumPolicy, started_s: float) -> tuple[list[Any], list[Any], str]:
-    """Pull replies until the round closes; (good replies, error replies, how it closed)."""
+def _unpack(m: Any) -> tuple[str, dict[str, np.ndarray], float]:
+    """(claimed vehicle id, tensors, num-examples) of a reply; missing parts come back empty."""
+    c = m.content
+    vid = str(c["meta"].get("vehicle-id", "?")) if "meta" in c.config_records else "?"
+    arrays = _to_numpy(c["arrays"]) if "arrays" in c.array_records else {}
+    n = float(c["metrics"].get("num-examples", 0)) if "metrics" in c.metric_records else 0.0
+    return vid, arrays, n
+
+
+def _collect(grid: Any, message_ids: list[str], policy: QuorumPolicy, started_s: float,
+             usable: Callable[[Any], bool], on_reply: ReplyCallback | None = None) -> tuple[list[Any], list[Any], str]:
+    """Pull replies until the round closes; (replies with content, error replies, how it closed).
+
+    Only replies that ``usable`` accepts count toward the quorum; an error or a rejected update counts
+    as a failure (so a round full of broken updates does not close early "with quorum")."""
     good: list[Any] = []
     errors: list[Any] = []
+    n_usable = n_failed = 0
     waiting = set(message_ids)
     while True:
         if waiting:
             for reply in grid.pull_messages(list(waiting)):
                 waiting.discard(reply.metadata.reply_to_message_id)
-                (errors if reply.has_error() else good).append(reply)
-        state = round_state(policy, len(message_ids), len(good), len(errors), started_s, time.monotonic())
+                if on_reply is not None:
+                    on_reply(reply)
+                if reply.has_error():
+                    errors.append(reply)
+                    n_failed += 1
+                else:
+                    good.append(reply)
+                    if usable(reply):
+                        n_usable += 1
+                    else:
+                        n_failed += 1
+        state = round_state(policy, len(message_ids), n_usable, n_failed, started_s, time.monotonic())
         if state != OPEN:
             return good, errors, state
         time.sleep(_POLL_S)
 
 
 def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarray],
-               on_round: RoundCallback | None = None, context: Any = None) -> dict[str, Any]:
+               on_round: RoundCallback | None = None, on_reply: ReplyCallback | None = None) -> dict[str, Any]:
     """Run (or resume) the rounds; returns the final run state (also in the checkpoint)."""
     from flwr.app import ConfigRecord
 
@@ -214,11 +239,16 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
         started = time.monotonic()
         messages = list(strategy.configure_train(rnd, _to_record(arrays), ConfigRecord({"server-round": rnd}), grid))
         ids = [i for i in grid.push_messages(messages) if i]
-        good, errors, closed = _collect(grid, ids, settings.quorum, started)
-        replies = [(str(m.content["meta"]["vehicle-id"]) if "meta" in m.content.config_records else "?",
-                    _to_numpy(m.content["arrays"]) if "arrays" in m.content.array_records else {},
-                    float(m.content["metrics"].get("num-examples", 0)) if "metrics" in m.content.metric_records else 0.0)
-                   for m in good]
+        seen: set[str] = set()
+
+        def usable(m: Any, seen: set[str] = seen) -> bool:
+            vid, arr, n = _unpack(m)
+            ok = check_reply(vid, arr, n, arrays, known, seen) is None
+            seen.add(vid)
+            return ok
+
+        good, errors, closed = _collect(grid, ids, settings.quorum, started, usable, on_reply)
+        replies = [_unpack(m) for m in good]
         screen = screen_round(replies, arrays, known, settings.robust)
         accepted = []
         for i, clipped in screen.accepted.items():
@@ -260,7 +290,7 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
 
 
 def make_server_app(settings: ServerSettings | None = None, initial: dict[str, np.ndarray] | None = None,
-                    on_round: RoundCallback | None = None) -> Any:
+                    on_round: RoundCallback | None = None, on_reply: ReplyCallback | None = None) -> Any:
     """The ServerApp. Without ``initial`` the start weights are read from the run's ``initial.npz``
     (written by the driver or ``driveloop fl serve``); without ``settings`` from the run config."""
     from flwr.serverapp import ServerApp
@@ -274,6 +304,6 @@ def make_server_app(settings: ServerSettings | None = None, initial: dict[str, n
         if start is None:
             with np.load(Path(s.run_dir) / "initial.npz", allow_pickle=False) as z:
                 start = {k: z[k] for k in z.files}
-        run_rounds(grid, s, start, on_round)
+        run_rounds(grid, s, start, on_round, on_reply)
 
     return app

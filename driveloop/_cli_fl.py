@@ -1,0 +1,113 @@
+"""``driveloop fl …``: federated fine-tuning with Flower.
+
+- ``fl run``: a whole federated fine-tune on Flower's simulation runtime (Ray backend), then the cloud
+  pipeline's closed-loop gate and registry; live per-round progress on stderr, ``--json`` on stdout.
+- ``fl serve``: the aggregation server for a real deployment (``flower-superlink``, insecure, 127.0.0.1).
+- ``fl vehicle --id N``: one vehicle (``flower-supernode`` with node config ``vehicle-id``) against it.
+- ``fl start``: submit the same ServerApp/ClientApp to a running SuperLink (``flwr run``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from driveloop._jsonout import dumps
+from driveloop.cli import app
+
+logger = logging.getLogger(__name__)
+
+fl_app = typer.Typer(help="Federated fine-tuning (Flower)", no_args_is_help=True)
+app.add_typer(fl_app, name="fl")
+
+
+def _print_report(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"federated run {r['run']} — {r['strategy']}, {r['vehicles']} vehicles")
+    for col in ("round", "sampled", "replied", "failed", "accepted", "clipped", "rejected", "closed", "wall s"):
+        table.add_column(col)
+    for rec in r["round_log"]:
+        rejected = ", ".join(f"{x['vehicle']}:{x['reason']}" for x in rec["rejected"]) or "-"
+        table.add_row(str(rec["round"]), str(rec["sampled"]), str(rec["replied"]), str(rec["failed"]), str(rec["accepted"]),
+                      str(rec["clipped"]), rejected, rec["closed"] + (" (skipped)" if rec["skipped"] else ""),
+                      f"{rec['wall_s']:.1f}")
+    console.print(table)
+    if r["dp"]:
+        console.print("DP: " + ", ".join(f"{k}={v}" for k, v in r["dp"].items()))
+    gate = r["gate"]
+    if gate:
+        b, c = gate["baseline"], gate["candidate"]
+        console.print(f"gate {'PASSED' if gate['passed'] else 'FAILED'}: interventions/h {b['interventions_per_hour']:.1f} -> "
+                      f"{c['interventions_per_hour']:.1f}, collisions {c['collisions']}, progress {b['progress']:.3f} -> "
+                      f"{c['progress']:.3f}")
+        for reason in gate.get("reasons", []):
+            console.print(f"  {reason}")
+    console.print(f"candidate v{r['candidate']}: {r['candidate_stage']}")
+
+
+@fl_app.command("run")
+def run(
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
+    vehicles: int = typer.Option(10, "--vehicles", min=1, help="Virtual vehicles (each trains on its own spool)."),
+    strategy: str = typer.Option("fedavg", "--strategy", help="fedavg | fedprox | fedmedian | trimmedavg | krum"),
+    dp: bool = typer.Option(False, "--dp", help="Central DP: Flower's server-side fixed-clipping Gaussian wrapper."),
+    dp_noise: float = typer.Option(0.1, "--dp-noise", min=0.0, help="DP noise multiplier."),
+    dp_clip: float = typer.Option(1.0, "--dp-clip", min=1e-9, help="DP clipping norm of an update."),
+    fraction: float = typer.Option(1.0, "--fraction", min=1e-6, max=1.0, help="Share of vehicles sampled per round."),
+    dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.99, help="Share of vehicles dropping out mid-round."),
+    poison: float = typer.Option(0.0, "--poison", min=0.0, max=0.99, help="Share of vehicles sending poisoned updates."),
+    quorum: float = typer.Option(0.6, "--quorum", min=0.01, max=1.0, help="Share of sampled vehicles that makes a round."),
+    deadline_s: float = typer.Option(300.0, "--deadline", min=0.1, help="Round deadline in seconds."),
+    clip_factor: float = typer.Option(3.0, "--clip-factor", min=0.0, help="Clip updates to this x the round's median norm (0: off)."),
+    local_epochs: int = typer.Option(2, "--local-epochs", min=1, help="Fine-tune epochs per vehicle per round."),
+    episodes: int = typer.Option(3, "--episodes", min=1, help="Episodes a vehicle with an empty spool drives first."),
+    episode_s: float = typer.Option(20.0, "--episode-s", min=1.0, help="Simulated seconds per such episode."),
+    suite_duration_s: float = typer.Option(30.0, "--suite-duration", min=1.0, help="Simulated seconds per held-out vehicle."),
+    base: str = typer.Option("", "--base", help="Registry ref of the model to fine-tune (default: newest released, else validated)."),
+    run_name: str = typer.Option("", "--run", help="Run name (default: a digest of the settings); reruns resume it."),
+    seed: int = typer.Option(0, "--seed", help="Seed of fault assignment and local data."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """Fine-tune the current model federatedly on Flower's simulation runtime, then gate and register it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from driveloop.cloud.evaluation import EvalSuite
+    from driveloop.federated.run import FlRunConfig, run_federated
+    from driveloop.federated.server import ServerSettings
+    from driveloop.settings import load_settings
+
+    settings = load_settings()
+    ServerSettings(run_dir=".", vehicles=vehicles, strategy=strategy)  # validate before any work
+    cfg = FlRunConfig(
+        home=Path(settings.home), registry_dir=Path(settings.registry_dir), rounds=rounds, vehicles=vehicles,
+        strategy=strategy, fraction=fraction, dropout=dropout, poison=poison, dp=dp, dp_noise_multiplier=dp_noise,
+        dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, clip_median_factor=clip_factor,
+        base_ref=base or None, episodes=episodes, episode_s=episode_s, local_epochs=local_epochs, seed=seed,
+        num_cpus=settings.num_cpus, run_name=run_name or None, suite=EvalSuite(duration_s=suite_duration_s),
+    )
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=Console(stderr=True)) as progress:
+        prep = progress.add_task("vehicles preparing local data", total=vehicles)
+        task = progress.add_task("federated rounds", total=rounds)
+
+        def on_vehicle(_vid: str) -> None:
+            progress.advance(prep)
+
+        def on_round(rec: dict[str, Any]) -> None:
+            status = "skipped" if rec["skipped"] else f"{rec['accepted']}/{rec['sampled']} aggregated"
+            progress.console.print(f"round {rec['round']}: {status}, {rec['failed']} failed, "
+                                   f"{len(rec['rejected'])} rejected, {rec['clipped']} clipped ({rec['closed']}, {rec['wall_s']:.1f} s)")
+            progress.advance(task)
+
+        report = run_federated(cfg, on_round=on_round, on_vehicle=on_vehicle)
+    if as_json:
+        typer.echo(dumps(report))
+    else:
+        _print_report(report)

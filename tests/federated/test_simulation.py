@@ -1,0 +1,84 @@
+"""Flower simulation runtime (Ray backend) end to end: real ClientApps training on their own spools,
+the real ServerApp loop with screening, quorum and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from driveloop.federated.run import simulate
+from driveloop.federated.server import ServerSettings, load_checkpoint
+from tests.federated.conftest import VEHICLES, base_arrays, vehicle_settings
+
+
+def _strings(record) -> list[str]:
+    return [str(v) for v in record.values()]
+
+
+def test_bad_updates_are_rejected_the_round_goes_on_and_no_raw_data_leaves(fl_home: Path) -> None:
+    """fl001 sends NaN, fl002 a wrong shape, fl003 claims an unknown id; fl000 is honest. The round
+    aggregates fl000 alone; every reply carries only model tensors, numbers and the vehicle id."""
+    base = base_arrays(fl_home)
+    replies: list = []
+    server = ServerSettings(run_dir=str(fl_home / "federated" / "bad"), vehicles=VEHICLES, rounds=1,
+                            strategy="fedavg", quorum_frac=0.25)
+    vehicle = vehicle_settings(fl_home, faults="fl001:nan,fl002:shape,fl003:impostor")
+    state = simulate(server, vehicle, base, on_reply=replies.append)
+
+    (rec,) = state["rounds"]
+    assert rec["replied"] == VEHICLES and rec["failed"] == 0
+    assert rec["accepted"] == 1 and rec["participants"] == ["fl000"] and not rec["skipped"]
+    reasons = {r["vehicle"]: r["reason"] for r in rec["rejected"]}
+    assert reasons == {"fl001": "non_finite", "fl002": "wrong_shape", "impostor-fl003": "unknown_vehicle"}
+
+    arrays, _ = load_checkpoint(Path(server.run_dir))
+    assert all(np.all(np.isfinite(v)) for v in arrays.values())
+    assert any(not np.array_equal(arrays[k], base[k]) for k in base)  # fl000's update was applied
+
+    # privacy: what reached the server is model-shaped tensors, numbers and an id - nothing else
+    assert len(replies) == VEHICLES
+    for msg in replies:
+        content = msg.content
+        assert set(content.array_records) == {"arrays"}
+        assert set(content.metric_records) == {"metrics"}
+        assert set(content.config_records) == {"meta"}
+        assert set(content["arrays"].keys()) == set(base)
+        assert set(content["meta"].keys()) == {"vehicle-id"}
+        assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
+        for text in _strings(content["meta"]):
+            assert "/" not in text and "mcap" not in text.lower()
+        total = sum(int(np.prod(a.shape)) for a in content["arrays"].values())
+        assert total <= 2 * sum(v.size for v in base.values())  # the shape fault doubles one tensor at most
+    honest = next(m for m in replies if m.content["meta"]["vehicle-id"] == "fl000")
+    for k, a in honest.content["arrays"].items():
+        assert tuple(a.shape) == base[k].shape
+    # the cloud side was never touched: no catalog, no object store
+    assert not (fl_home / "cloud" / "catalog.db").exists()
+    assert not (fl_home / "cloud" / "store").exists()
+
+
+def test_dropouts_are_excluded_and_a_round_without_quorum_is_skipped_not_the_run(fl_home: Path) -> None:
+    base = base_arrays(fl_home)
+    run_dir = fl_home / "federated" / "drop"
+    # fl000..fl002 drop out: 1 of 4 good replies < quorum 0.5 -> skipped; the run still completes
+    server = ServerSettings(run_dir=str(run_dir), vehicles=VEHICLES, rounds=1, strategy="fedmedian", quorum_frac=0.5)
+    state = simulate(server, vehicle_settings(fl_home, faults="fl000:dropout,fl001:dropout,fl002:dropout"), base)
+    (rec,) = state["rounds"]
+    assert rec["failed"] == 3 and rec["skipped"] and rec["closed"] == "skipped"
+    arrays, saved = load_checkpoint(run_dir)
+    assert saved["completed_round"] == 1
+    for k in base:  # skipped round: the global model is unchanged
+        np.testing.assert_array_equal(arrays[k], base[k])
+
+    # resume: the same run dir asked for 2 rounds runs only round 2
+    seen: list[int] = []
+    server2 = ServerSettings(run_dir=str(run_dir), vehicles=VEHICLES, rounds=2, strategy="fedmedian", quorum_frac=0.5)
+    state2 = simulate(server2, vehicle_settings(fl_home, faults="fl000:dropout"), base,
+                      on_round=lambda r: seen.append(r["round"]))
+    assert seen == [2]
+    assert [r["round"] for r in state2["rounds"]] == [1, 2]
+    assert state2["rounds"][0] == json.loads(json.dumps(rec))
+    assert not state2["rounds"][1]["skipped"] and state2["rounds"][1]["failed"] == 1
