@@ -45,8 +45,13 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     torch_threads: int = 1
+    # Targets of the replay (nominal) frames: "base" distills the base model's own outputs (keeps exactly
+    # what it already does well: learning without forgetting), "label" uses the dataset's labels.
+    replay_target: str = "base"
 
     def __post_init__(self) -> None:
+        if self.replay_target not in ("base", "label"):
+            raise ConfigError(f"finetune replay_target must be 'base' or 'label', got {self.replay_target!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.torch_threads < 1:
             raise ConfigError("finetune epochs, batch_size and torch_threads must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.anchor_l2 < 0 or self.max_grad_norm <= 0:
@@ -106,6 +111,19 @@ def _eval_loss(model: Any, arrays: dict[str, np.ndarray], idx: np.ndarray, batch
     return total / len(idx)
 
 
+def _distilled_targets(model: Any, arrays: dict[str, np.ndarray], idx: np.ndarray, batch: int) -> np.ndarray:
+    """Target actions with the replay frames' targets replaced by the (base) model's own outputs."""
+    import torch
+
+    targets = np.array(arrays["target_action"], dtype=np.float32, copy=True)
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(idx), batch):
+            kin, lid, grd, _ = _tensors(arrays, idx[lo : lo + batch])
+            targets[idx[lo : lo + batch]] = model(kin, lid, grd)[0].numpy()
+    return targets
+
+
 def finetune(
     base_state_dict: StateDict,
     dataset_arrays: dict[str, np.ndarray],
@@ -137,6 +155,8 @@ def finetune(
     anchor = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     hard_idx, replay_idx = np.flatnonzero(hard), np.flatnonzero(~hard)
+    if config.replay_target == "base" and len(replay_idx):
+        dataset_arrays = {**dataset_arrays, "target_action": _distilled_targets(model, dataset_arrays, replay_idx, config.batch_size)}
     before = {"hard_loss_before": _eval_loss(model, dataset_arrays, hard_idx, config.batch_size),
               "replay_loss_before": _eval_loss(model, dataset_arrays, replay_idx, config.batch_size)}
     start_epoch, history = 0, []

@@ -133,3 +133,14 @@ def test_shared_runtime_survives_flowers_shutdown_and_reinit_on_demand() -> None
     ray.shutdown()  # without the guard the runtime goes away...
     assert not ray.is_initialized()
     assert ensure_ray(None, num_cpus=2).num_cpus == 2  # ...and the next stage simply starts it again
+
+
+def test_replay_distills_the_base_model_so_nominal_behaviour_is_kept() -> None:
+    arrays = _arrays()
+    _, distilled = finetune(_base(), arrays, CFG)  # replay_target="base" is the default
+    _, labelled = finetune(_base(), arrays, FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, replay_target="label"))
+    assert distilled["replay_loss_before"] == pytest.approx(0.0, abs=1e-9)  # its targets are its own outputs
+    assert distilled["replay_loss_after"] < 0.5 * distilled["hard_loss_before"]  # nominal outputs moved little
+    assert labelled["replay_loss_before"] > 0  # against the dataset's labels instead
+    with pytest.raises(ConfigError, match="replay_target"):
+        FinetuneConfig(replay_target="teacher")
