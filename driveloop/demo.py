@@ -48,6 +48,8 @@ class DemoConfig:
     bootstrap_episodes: int = 24
     eval_duration_s: float = 20.0
     finetune_epochs: int = 4
+    eval_classes: tuple[str, ...] | None = None  # None: every scenario class of the held-out suite
+    bootstrap_epochs: int = 12
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.vehicles < 2:
@@ -140,12 +142,15 @@ class Demo:
         if self.state_path.exists():
             try:
                 state = json.loads(self.state_path.read_text())
-                if state.get("config") == asdict(self.config):
+                if state.get("config") == self._config_json():
                     return state
                 self.say("demo settings changed: earlier iterations are not reused")
             except ValueError:
                 self.say("demo state unreadable: starting the iterations over")
-        return {"config": asdict(self.config), "iterations": []}
+        return {"config": self._config_json(), "iterations": []}
+
+    def _config_json(self) -> Any:
+        return json.loads(json.dumps(asdict(self.config)))  # as the state file spells it (tuples → lists)
 
     def _admin_token(self) -> str:
         path = self.dir / "admin_token"
@@ -170,7 +175,8 @@ class Demo:
         t_start = time.monotonic()
         state = self._load_state()
         self.say("bootstrapping model v1 (reused when present)")
-        boot = bootstrap(s.registry_dir, BootstrapConfig(episodes=cfg.bootstrap_episodes, seed=cfg.seed),
+        boot = bootstrap(s.registry_dir, BootstrapConfig(episodes=cfg.bootstrap_episodes, epochs=cfg.bootstrap_epochs,
+                                                         seed=cfg.seed),
                          progress=self.say)
         registry = Registry(s.registry_dir)
         releases = ReleaseService(s.ota_dir / "repo", s.ota_dir / "keys", registry)
@@ -259,6 +265,9 @@ class _Loop:
         from driveloop.cloud.train import FinetuneConfig
 
         suite = EvalSuite(duration_s=self.cfg.eval_duration_s)
+        if self.cfg.eval_classes is not None:
+            suite = EvalSuite(classes={c: suite.classes[c] for c in self.cfg.eval_classes},
+                              duration_s=self.cfg.eval_duration_s)
         pconf = PipelineConfig.from_settings(self.settings, base_ref=result.model, suite=suite,
                                              finetune=FinetuneConfig(epochs=self.cfg.finetune_epochs),
                                              seed=self.cfg.seed + result.index)
