@@ -316,7 +316,7 @@ def build_arrays_with_ray(
     import ray
 
     from driveloop.cloud.labeling import summarize_accuracy
-    from driveloop.cloud.mining import FrameScores, bin_counts, finish_scores, select_frames
+    from driveloop.cloud.mining import FrameScores, bin_counts, finish_scores, rank_segments, select_frames
 
     timings: dict[str, float] = {}
     clock = [time.perf_counter()]
@@ -350,7 +350,8 @@ def build_arrays_with_ray(
         parts = {k: g[f"part_{k}"].to_numpy(np.float64) for k in ("event", "ttc", "confidence", "disagreement")}
         raw_scores.append(FrameScores(str(sha), parts, g["bin_key"].astype(str).tolist(), g["is_event"].to_numpy(bool)))
     counts = bin_counts(raw_scores)
-    selection = select_frames([finish_scores(s, counts, mining) for s in raw_scores], mining, seed)
+    finished = [finish_scores(s, counts, mining) for s in raw_scores]
+    selection = select_frames(finished, mining, seed)
     step("select")
     accuracy = summarize_accuracy({k: light[k].to_numpy() for k in ("nominal", "accel_err", "steer_err", "event_ahead", "hazard")}, labeler)
     if selection.n_hard + selection.n_replay == 0:
@@ -383,5 +384,6 @@ def build_arrays_with_ray(
     step("materialize")
     stats = {"frames": int(len(light)), "hard": selection.n_hard, "replay": selection.n_replay,
              "segments": len(segments), "labeler": accuracy.as_dict(), "timings_s": timings,
+             "top_segments": [{"sha256": sha, "mean_score": round(v, 4)} for sha, v in rank_segments(finished)],
              "events_by_scenario": {str(k): int(v) for k, v in light.groupby("scenario")["is_event"].sum().items()}}
     return arrays, stats

@@ -219,6 +219,12 @@ class Selection:
         return int(sum(len(v) for v in self.replay.values()))
 
 
+def rank_segments(scores: list[FrameScores], top: int = 10) -> list[tuple[str, float]]:
+    """Segments by mean finished frame score, best first (what a person should look at first)."""
+    ranked = sorted(((s.segment_id, float(s.total.mean()) if len(s.total) else 0.0) for s in scores), key=lambda r: (-r[1], r[0]))
+    return ranked[:top]
+
+
 def widen_mask(mask: np.ndarray, frames: int) -> np.ndarray:
     """True wherever a True of ``mask`` lies within ``frames`` steps (either side); any length works."""
     m = np.asarray(mask, dtype=bool)

@@ -91,6 +91,18 @@ def test_selection_keeps_events_with_window_topk_and_seeded_replay() -> None:
     assert sorted(scores[0].total[capped.hard["brake"]], reverse=True) == pytest.approx(best)
 
 
+def test_segments_rank_by_mean_score() -> None:
+    from driveloop.cloud.mining import rank_segments
+
+    cfg = MiningConfig()
+    segs = [make_frames(np.full(150, 25.0), gap0_m=200.0, segment_id="calm"), make_frames(braking_lead(), segment_id="brake")]
+    raw = [score_frames(f, cfg) for f in segs]
+    counts = bin_counts(raw)
+    ranked = rank_segments([finish_scores(s, counts, cfg) for s in raw])
+    assert [r[0] for r in ranked] == ["brake", "calm"] and ranked[0][1] > ranked[1][1]
+    assert rank_segments([finish_scores(s, counts, cfg) for s in raw], top=1) == ranked[:1]
+
+
 def test_selection_refuses_unfinished_scores() -> None:
     cfg = MiningConfig()
     with pytest.raises(PipelineError, match="finish_scores"):
