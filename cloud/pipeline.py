@@ -84,6 +84,7 @@ class PipelineReport:
     hard_samples: int = 0
     replay_samples: int = 0
     labeler: dict[str, Any] = field(default_factory=dict)
+    mining: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     parity_max_abs: float | None = None
     candidate: int | None = None
@@ -229,6 +230,7 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
         report.hard_samples = int(dataset.stats.get("hard", 0))
         report.replay_samples = int(dataset.stats.get("replay", 0))
         report.labeler = dict(dataset.stats.get("labeler", {}))
+        report.mining = {k: dataset.stats.get(k) for k in ("frames", "events_by_scenario", "top_segments")}
         if not report.dataset_reused:  # the Ray Data sub-stages inside "dataset"
             report.timings_s.update({f"dataset.{k}": v for k, v in dataset.stats.get("timings_s", {}).items()})
 
