@@ -14,17 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from driveloop.edge.contract import Observation
+from driveloop.edge.contract import Observation, stack
 from driveloop.edge.perception import forward_track
 from driveloop.edge.scenarios import parse_scenario
 from driveloop.edge.segment import TickRecord
-from driveloop.edge.sensors import SensorConfig, SensorSuite
+from driveloop.edge.sensors import SensorConfig, SensorFrame, SensorSuite, observe_suites
 from driveloop.edge.sim import SimConfig, Simulator
 from driveloop.edge.world import WorldSnapshot, gap_m
 from driveloop.exceptions import ConfigError
@@ -201,20 +201,25 @@ class VehicleAgent:
 
     # -- one tick -----------------------------------------------------------------------------------
     def sense(self) -> Observation:
-        """Read the sensors for this tick (a stale-frame fault freezes them)."""
-        t0 = time.perf_counter()
+        """Read the sensors for this tick (a stale-frame fault freezes them); the fleet uses :func:`sense_fleet`."""
+        sense_fleet((self,))
+        assert self._obs is not None
+        return self._obs
+
+    @property
+    def observation(self) -> Observation | None:
+        """What the sensors delivered this tick (None before the first ``sense``)."""
+        return self._obs
+
+    def _sensors_frozen(self) -> bool:
         frozen = self.fault is not None and self.fault.kind == "stale" and self.fault.active(self.t_s)
-        if frozen and self._obs is not None:
-            obs = self._obs  # the sensor stack stopped delivering: the last frame repeats
-        else:
-            frame = self.sensors.observe(self.snapshot)
-            obs = frame.observation
-            # The oldest sensor decides: the watchdog must see any input that stopped updating.
-            age_s = self.snapshot.t_s - min(frame.stamp_s.values())
-            self._sensor_stamp_s = self.t_s - age_s
-        self._obs = obs
-        self.metrics.sense_s += time.perf_counter() - t0
-        return obs
+        return frozen and self._obs is not None  # the sensor stack stopped delivering: the last frame repeats
+
+    def _take_frame(self, frame: SensorFrame) -> None:
+        self._obs = frame.observation
+        # The oldest sensor decides: the watchdog must see any input that stopped updating.
+        age_s = self.snapshot.t_s - min(frame.stamp_s.values())
+        self._sensor_stamp_s = self.t_s - age_s
 
     def act(self, reply: ModelReply | None, latency_ms: float = 0.0) -> Decision:
         """Supervise the model's reply, actuate, record, and advance the simulator one period."""
@@ -330,3 +335,26 @@ class VehicleAgent:
         m.abs_jerk_sum += abs(after.accel_mps2 - self._last_accel) / dt
         self._last_accel = after.accel_mps2
 
+
+def sense_fleet(agents: Sequence[VehicleAgent]) -> dict[str, np.ndarray]:
+    """Read every agent's sensors for this tick in one batch; returns the model inputs, row i = agent i.
+
+    One :func:`~driveloop.edge.sensors.observe_suites` call covers every vehicle whose sensors are
+    live (vectorised geometry; each vehicle's own noise stream), so the batch the model needs comes
+    out of the sensors already stacked. A vehicle under a stale-sensor fault keeps its last frame.
+    The time is shared equally among the agents' ``sense_s``.
+    """
+    t0 = time.perf_counter()
+    live = [a for a in agents if not a._sensors_frozen()]
+    if live:
+        batch = observe_suites([a.sensors for a in live], [a.snapshot for a in live])
+        for agent, frame in zip(live, batch.frames):
+            agent._take_frame(frame)
+    if live and len(live) == len(agents):
+        arrays = batch.arrays
+    else:
+        arrays = stack([a._obs for a in agents])  # type: ignore[misc]
+    share = (time.perf_counter() - t0) / max(len(agents), 1)
+    for agent in agents:
+        agent.metrics.sense_s += share
+    return arrays

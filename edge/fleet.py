@@ -21,8 +21,15 @@ from typing import Protocol
 
 import numpy as np
 
-from driveloop.edge.agent import MODEL_FAULTS, AgentConfig, FaultSpec, RecorderFactory, VehicleAgent, VehicleMetrics
-from driveloop.edge.contract import stack
+from driveloop.edge.agent import (
+    MODEL_FAULTS,
+    AgentConfig,
+    FaultSpec,
+    RecorderFactory,
+    VehicleAgent,
+    VehicleMetrics,
+    sense_fleet,
+)
 from driveloop.exceptions import ConfigError, ModelError
 from driveloop.safety import ModelReply
 
@@ -242,13 +249,13 @@ def run_fleet(
                 logger.warning("fault %s injected at t=%.1f s", fault.kind, now)
             sense_before = [a.metrics.sense_s + a.metrics.supervise_s for a in agents]
             sim_before = sum(a.metrics.sim_s for a in agents)
-            observations = [a.sense() for a in agents]
+            sensed = sense_fleet(agents)  # one vectorised sensor pass: the fleet's batch comes out stacked
             infer_s = 0.0
             for key, idx in groups.items():
                 if not config.model_enabled:
                     replies = [ModelReply(None, None, None, alive=False)] * len(idx)
                 else:
-                    batch = stack([observations[i] for i in idx])
+                    batch = sensed if len(idx) == len(agents) else {k: v[idx] for k, v in sensed.items()}
                     result = clients[key].infer(batch, config.deadline_s)
                     infer_s += result.latency_s
                     inference_ms.append(result.latency_s * 1e3)

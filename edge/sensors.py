@@ -27,6 +27,7 @@ is repeated, marked ``stale`` and keeps its old ``stamp_s``, so the watchdog can
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +101,19 @@ class SensorConfig:
         """The same noise and dropout on every sensor (``--noise SIGMA``)."""
         return cls(sigma, sigma, sigma, dropout_p, dropout_p, dropout_p)
 
+    @property
+    def sigma(self) -> tuple[float, float, float]:
+        """Noise sigmas in ``INPUT_NAMES`` order (the per-tick loop indexes, it does not format names)."""
+        return (self.kinematics_sigma, self.lidar_sigma, self.grid_sigma)
+
+    @property
+    def dropout_p(self) -> tuple[float, float, float]:
+        """Dropout probabilities in ``INPUT_NAMES`` order."""
+        return (self.kinematics_dropout_p, self.lidar_dropout_p, self.grid_dropout_p)
+
+
+_DEFAULT = SensorConfig()
+
 
 @dataclass(frozen=True)
 class SensorFrame:
@@ -108,118 +122,6 @@ class SensorFrame:
     observation: Observation
     stale: dict[str, bool]
     stamp_s: dict[str, float]
-
-
-@dataclass(frozen=True)
-class _Others:
-    """Other vehicles in the ego frame, as arrays (N = number of vehicles)."""
-
-    pos: np.ndarray  # (N, 2) centre
-    vel: np.ndarray  # (N, 2) relative velocity
-    heading: np.ndarray  # (N,) relative heading
-    size: np.ndarray  # (N, 2) length, width
-
-
-def _others_in_ego_frame(snapshot: WorldSnapshot) -> _Others:
-    ego = snapshot.ego
-    n = len(snapshot.others)
-    raw = np.array(
-        [(v.x_m, v.y_m, v.vx_mps, v.vy_mps, v.heading_rad, v.length_m, v.width_m) for v in snapshot.others],
-        dtype=np.float64,
-    ).reshape(n, 7)
-    c, s = math.cos(ego.heading_rad), math.sin(ego.heading_rad)
-    rot = np.array([[c, -s], [s, c]])  # columns: ego x and y axes in the road frame
-    pos = (raw[:, 0:2] - (ego.x_m, ego.y_m)) @ rot
-    vel = (raw[:, 2:4] - (ego.vx_mps, ego.vy_mps)) @ rot
-    return _Others(pos=pos, vel=vel, heading=raw[:, 4] - ego.heading_rad, size=raw[:, 5:7])
-
-
-def _body_points(others: _Others, template: np.ndarray) -> np.ndarray:
-    """Template points (fractions of length/width) of every vehicle, in the ego frame: (N, T, 2)."""
-    local = template[None, :, :] * others.size[:, None, :]
-    c, s = np.cos(others.heading)[:, None], np.sin(others.heading)[:, None]
-    x = c * local[..., 0] - s * local[..., 1] + others.pos[:, 0:1]
-    y = s * local[..., 0] + c * local[..., 1] + others.pos[:, 1:2]
-    return np.stack([x, y], -1)
-
-
-def _kinematics(snapshot: WorldSnapshot, others: _Others, neighbour_range_m: float) -> np.ndarray:
-    out = np.zeros(KIN_DIM, dtype=np.float32)
-    out[: len(EGO_FEATURES)] = (
-        snapshot.speed_mps,
-        snapshot.accel_mps2,
-        snapshot.heading_rel_rad,
-        snapshot.lane_offset_m,
-        snapshot.steering_rad,
-        snapshot.set_speed_mps,
-    )
-    dist = np.hypot(others.pos[:, 0], others.pos[:, 1])
-    idx = np.flatnonzero(dist <= neighbour_range_m)
-    idx = idx[np.argsort(dist[idx], kind="stable")][:N_NEIGHBOURS]
-    rows = np.zeros((N_NEIGHBOURS, len(NEIGHBOUR_FEATURES)), dtype=np.float32)
-    rows[: len(idx), 0] = 1.0
-    rows[: len(idx), 1:3] = others.pos[idx]
-    rows[: len(idx), 3:5] = others.vel[idx]
-    out[len(EGO_FEATURES):] = rows.ravel()
-    return out
-
-
-def _subset(others: _Others, keep: np.ndarray) -> _Others:
-    return _Others(pos=others.pos[keep], vel=others.vel[keep], heading=others.heading[keep], size=others.size[keep])
-
-
-def _lidar(snapshot: WorldSnapshot, others: _Others) -> np.ndarray:
-    out = np.zeros((2, LIDAR_CELLS), dtype=np.float32)
-    out[0] = LIDAR_RANGE_M
-    # Only vehicles whose outline can come within range (centre distance − half diagonal).
-    reach = np.hypot(others.pos[:, 0], others.pos[:, 1]) - np.hypot(*others.size.T) / 2
-    near = reach < LIDAR_RANGE_M
-    if not near.any():
-        return out
-    sub = _subset(others, near)
-    pts = _body_points(sub, _OUTLINE).reshape(-1, 2)
-    owner = np.repeat(np.arange(len(sub.pos)), len(_OUTLINE))
-    x, y = pts[:, 0], pts[:, 1]
-    r = np.maximum(np.hypot(x, y), 1e-9)
-    # Distance from the ego centre to its own outline along the same direction.
-    with np.errstate(divide="ignore"):
-        own = np.minimum(snapshot.ego.length_m / 2 * r / np.abs(x), snapshot.ego.width_m / 2 * r / np.abs(y))
-    clearance = np.maximum(r - own, 0.0)
-    cell = np.floor(np.arctan2(y, x) / LIDAR_CELL_RAD + 0.5).astype(np.int64) % LIDAR_CELLS
-    # Nearest point per cell: sort on (cell, clearance) packed into one key (clearance < 1000 m).
-    order = np.argsort(cell * 1000.0 + np.minimum(clearance, 999.0), kind="stable")
-    sorted_cell = cell[order]
-    first = order[np.r_[True, sorted_cell[1:] != sorted_cell[:-1]]]
-    first = first[clearance[first] < LIDAR_RANGE_M]
-    radial = pts[first] / r[first, None]
-    out[0, cell[first]] = clearance[first]
-    out[1, cell[first]] = -np.einsum("ij,ij->i", sub.vel[owner[first]], radial)
-    return out
-
-
-def _grid(snapshot: WorldSnapshot, others: _Others) -> np.ndarray:
-    out = np.zeros((GRID_CHANNELS, GRID_H, GRID_W), dtype=np.float32)
-    half_diag = np.hypot(*others.size.T) / 2
-    x, y = others.pos[:, 0], others.pos[:, 1]
-    near = (x + half_diag > GRID_X_MIN_M) & (x - half_diag < GRID_X_MIN_M + GRID_W * GRID_CELL_X_M)
-    near &= (y + half_diag > GRID_Y_MIN_M) & (y - half_diag < _GRID_Y_MAX_M)
-    if not near.any():
-        return out
-    sub = _subset(others, near)
-    pts = _body_points(sub, _FOOTPRINT).reshape(-1, 2)
-    weight = np.repeat(sub.size[:, 0] * sub.size[:, 1] / len(_FOOTPRINT), len(_FOOTPRINT))
-    dvx = np.repeat(sub.vel[:, 0], len(_FOOTPRINT))
-    col = np.floor((pts[:, 0] - GRID_X_MIN_M) / GRID_CELL_X_M).astype(np.int64)
-    row = np.floor((_GRID_Y_MAX_M - pts[:, 1]) / GRID_CELL_Y_M).astype(np.int64)
-    inside = (col >= 0) & (col < GRID_W) & (row >= 0) & (row < GRID_H)
-    flat = row[inside] * GRID_W + col[inside]
-    weight = weight[inside]
-    # astype: bincount of an empty selection comes back int64, whatever the weights' dtype.
-    covered = np.bincount(flat, weights=weight, minlength=GRID_H * GRID_W).astype(np.float64)
-    speed_sum = np.bincount(flat, weights=weight * dvx[inside], minlength=GRID_H * GRID_W).astype(np.float64)
-    out[0] = np.minimum(covered / _GRID_CELL_AREA_M2, 1.0).reshape(GRID_H, GRID_W)
-    out[1] = np.divide(speed_sum, covered, out=np.zeros_like(covered), where=covered > 0).reshape(GRID_H, GRID_W)
-    return out
 
 
 def _add_noise(name: str, data: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -245,6 +147,194 @@ def _add_noise(name: str, data: np.ndarray, sigma: float, rng: np.random.Generat
     return noisy.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class SensorBatch:
+    """One tick of several vehicles' sensors: the stacked model inputs and each vehicle's frame.
+
+    ``arrays[name][i]`` is ``frames[i].observation.<name>`` (the frames hold views of these rows), so
+    the fleet hands ``arrays`` to the model as is: batching the sensors is batching the inference input.
+    """
+
+    arrays: dict[str, np.ndarray]
+    frames: tuple[SensorFrame, ...]
+
+
+@dataclass(frozen=True)
+class _Fleet:
+    """Every (vehicle, other vehicle) pair of a tick, in the owning vehicle's ego frame (P = pairs)."""
+
+    owner: np.ndarray  # (P,) index of the observing vehicle
+    px: np.ndarray  # (P,) centre, ego frame
+    py: np.ndarray
+    vx: np.ndarray  # (P,) relative velocity, ego frame
+    vy: np.ndarray
+    cos_h: np.ndarray  # (P,) relative heading
+    sin_h: np.ndarray
+    length: np.ndarray  # (P,)
+    width: np.ndarray
+    half_diag: np.ndarray  # (P,) half the outline diagonal: how far an outline reaches from its centre
+
+
+def _pairs(snapshots: Sequence[WorldSnapshot]) -> _Fleet:
+    """One pass over the fleet's ground truth; numpy calls on whole-fleet arrays, not per vehicle."""
+    counts = [len(s.others) for s in snapshots]
+    raw = np.array(
+        [(v.x_m, v.y_m, v.vx_mps, v.vy_mps, v.heading_rad, v.length_m, v.width_m) for s in snapshots for v in s.others],
+        dtype=np.float64,
+    ).reshape(-1, 7)
+    # The ego rotation is per vehicle: scalar math (B values), broadcast to its pairs below.
+    ego = np.array(
+        [(s.ego.x_m, s.ego.y_m, s.ego.vx_mps, s.ego.vy_mps, s.ego.heading_rad,
+          math.cos(s.ego.heading_rad), math.sin(s.ego.heading_rad)) for s in snapshots],
+        dtype=np.float64,
+    ).reshape(-1, 7)
+    owner = np.repeat(np.arange(len(snapshots)), counts)
+    e = ego[owner] if len(snapshots) > 1 else np.broadcast_to(ego, (len(raw), 7))
+    c, s = e[:, 5], e[:, 6]
+    dx, dy = raw[:, 0] - e[:, 0], raw[:, 1] - e[:, 1]
+    dvx, dvy = raw[:, 2] - e[:, 2], raw[:, 3] - e[:, 3]
+    heading = raw[:, 4] - e[:, 4]
+    length, width = raw[:, 5], raw[:, 6]
+    return _Fleet(
+        owner=owner,
+        px=dx * c + dy * s, py=dx * -s + dy * c,
+        vx=dvx * c + dvy * s, vy=dvx * -s + dvy * c,
+        cos_h=np.cos(heading), sin_h=np.sin(heading),
+        length=length, width=width, half_diag=np.hypot(length, width) / 2,
+    )
+
+
+def _outline_points(f: _Fleet, keep: np.ndarray, template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Template points (fractions of length/width) of the kept vehicles, ego frame: x, y as (K * T,)."""
+    lx = template[:, 0] * f.length[keep, None]
+    ly = template[:, 1] * f.width[keep, None]
+    c, s = f.cos_h[keep, None], f.sin_h[keep, None]
+    x = c * lx - s * ly + f.px[keep, None]
+    y = s * lx + c * ly + f.py[keep, None]
+    return x.ravel(), y.ravel()
+
+
+def _kinematics(snapshots: Sequence[WorldSnapshot], f: _Fleet, range_m: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(snapshots), KIN_DIM), dtype=np.float32)
+    out[:, : len(EGO_FEATURES)] = [
+        (s.speed_mps, s.accel_mps2, s.heading_rel_rad, s.lane_offset_m, s.steering_rad, s.set_speed_mps)
+        for s in snapshots
+    ]
+    dist = np.hypot(f.px, f.py)
+    sel = np.flatnonzero(dist <= range_m[f.owner])
+    # Per vehicle, nearest first; lexsort is stable, so equal distances keep the snapshot's order.
+    order = sel[np.lexsort((dist[sel], f.owner[sel]))]
+    owner = f.owner[order]
+    rank = np.arange(len(order)) - np.searchsorted(owner, owner, side="left")
+    order, owner, rank = order[rank < N_NEIGHBOURS], owner[rank < N_NEIGHBOURS], rank[rank < N_NEIGHBOURS]
+    rows = out[:, len(EGO_FEATURES):].reshape(len(snapshots), N_NEIGHBOURS, len(NEIGHBOUR_FEATURES))
+    rows[owner, rank, 0] = 1.0
+    rows[owner, rank, 1] = f.px[order]
+    rows[owner, rank, 2] = f.py[order]
+    rows[owner, rank, 3] = f.vx[order]
+    rows[owner, rank, 4] = f.vy[order]
+    return out
+
+
+def _lidar(snapshots: Sequence[WorldSnapshot], f: _Fleet) -> np.ndarray:
+    n = len(snapshots)
+    out = np.zeros((n, 2, LIDAR_CELLS), dtype=np.float32)
+    out[:, 0] = LIDAR_RANGE_M
+    # Only vehicles whose outline can come within range (centre distance − half diagonal).
+    near = np.flatnonzero(np.hypot(f.px, f.py) - f.half_diag < LIDAR_RANGE_M)
+    if not near.size:
+        return out
+    x, y = _outline_points(f, near, _OUTLINE)
+    pair = np.repeat(near, len(_OUTLINE))
+    owner = f.owner[pair]
+    half_len = np.array([s.ego.length_m / 2 for s in snapshots])[owner]
+    half_wid = np.array([s.ego.width_m / 2 for s in snapshots])[owner]
+    r = np.maximum(np.hypot(x, y), 1e-9)
+    # Distance from the ego centre to its own outline along the same direction.
+    with np.errstate(divide="ignore"):
+        own = np.minimum(half_len * r / np.abs(x), half_wid * r / np.abs(y))
+    clearance = np.maximum(r - own, 0.0)
+    cell = np.floor(np.arctan2(y, x) / LIDAR_CELL_RAD + 0.5).astype(np.int64) % LIDAR_CELLS
+    # Nearest point per (vehicle, cell): sort on (cell, clearance) packed into one key (clearance < 1000 m).
+    vcell = owner * LIDAR_CELLS + cell
+    order = np.argsort(vcell * 1000.0 + np.minimum(clearance, 999.0), kind="stable")
+    sorted_cell = vcell[order]
+    first = order[np.r_[True, sorted_cell[1:] != sorted_cell[:-1]]]
+    first = first[clearance[first] < LIDAR_RANGE_M]
+    r_first, hit = r[first], pair[first]
+    closing = -(f.vx[hit] * (x[first] / r_first) + f.vy[hit] * (y[first] / r_first))
+    out[owner[first], 0, cell[first]] = clearance[first]
+    out[owner[first], 1, cell[first]] = closing
+    return out
+
+
+def _grid(snapshots: Sequence[WorldSnapshot], f: _Fleet) -> np.ndarray:
+    n, cells = len(snapshots), GRID_H * GRID_W
+    out = np.zeros((n, GRID_CHANNELS, GRID_H, GRID_W), dtype=np.float32)
+    hd, x, y = f.half_diag, f.px, f.py
+    near = (x + hd > GRID_X_MIN_M) & (x - hd < GRID_X_MIN_M + GRID_W * GRID_CELL_X_M)
+    near &= (y + hd > GRID_Y_MIN_M) & (y - hd < _GRID_Y_MAX_M)
+    keep = np.flatnonzero(near)
+    if not keep.size:
+        return out
+    px, py = _outline_points(f, keep, _FOOTPRINT)
+    weight = np.repeat(f.length[keep] * f.width[keep] / len(_FOOTPRINT), len(_FOOTPRINT))
+    dvx = np.repeat(f.vx[keep], len(_FOOTPRINT))
+    owner = np.repeat(f.owner[keep], len(_FOOTPRINT))
+    col = np.floor((px - GRID_X_MIN_M) / GRID_CELL_X_M).astype(np.int64)
+    row = np.floor((_GRID_Y_MAX_M - py) / GRID_CELL_Y_M).astype(np.int64)
+    inside = (col >= 0) & (col < GRID_W) & (row >= 0) & (row < GRID_H)
+    flat = owner[inside] * cells + row[inside] * GRID_W + col[inside]
+    weight = weight[inside]
+    # Each vehicle owns its own bins, in the same order as alone: per-cell sums are unchanged by batching.
+    covered = np.bincount(flat, weights=weight, minlength=n * cells).astype(np.float64)
+    speed_sum = np.bincount(flat, weights=weight * dvx[inside], minlength=n * cells).astype(np.float64)
+    out[:, 0] = np.minimum(covered / _GRID_CELL_AREA_M2, 1.0).reshape(n, GRID_H, GRID_W)
+    out[:, 1] = np.divide(speed_sum, covered, out=np.zeros_like(covered), where=covered > 0).reshape(
+        n, GRID_H, GRID_W)
+    return out
+
+
+def observe_batch(
+    snapshots: Sequence[WorldSnapshot],
+    rngs: Sequence[np.random.Generator],
+    configs: Sequence[SensorConfig | None],
+    previous: Sequence[SensorFrame | None],
+) -> SensorBatch:
+    """Sensor output for several vehicles at once: the same values as one :func:`observe` per vehicle.
+
+    Geometry is computed in one pass over all (vehicle, other vehicle) pairs; each vehicle's noise
+    and dropout are then drawn from its own ``rng`` in the same order as alone, so a vehicle's
+    readings do not depend on which fleet it is batched with.
+    """
+    if not (len(snapshots) == len(rngs) == len(configs) == len(previous)):
+        raise ConfigError("observe_batch needs one rng, config and previous frame per snapshot")
+    cfgs = [c or _DEFAULT for c in configs]
+    pairs = _pairs(snapshots)
+    arrays = {
+        "kinematics": _kinematics(snapshots, pairs, np.array([c.neighbour_range_m for c in cfgs])),
+        "lidar": _lidar(snapshots, pairs),
+        "grid": _grid(snapshots, pairs),
+    }
+    frames = []
+    for i, (snap, rng, cfg, prev) in enumerate(zip(snapshots, rngs, cfgs, previous)):
+        dropped = rng.random(len(INPUT_NAMES))  # always drawn: the noise stream does not depend on dropouts
+        stale: dict[str, bool] = {}
+        stamps: dict[str, float] = {}
+        for k, name in enumerate(INPUT_NAMES):
+            row = arrays[name]
+            if prev is not None and dropped[k] < cfg.dropout_p[k]:
+                row[i] = getattr(prev.observation, name)
+                stale[name], stamps[name] = True, prev.stamp_s[name]
+                continue
+            if cfg.sigma[k] > 0:
+                row[i] = _add_noise(name, row[i], cfg.sigma[k], rng)
+            stale[name], stamps[name] = False, snap.t_s
+        obs = Observation(arrays["kinematics"][i], arrays["lidar"][i], arrays["grid"][i])
+        frames.append(SensorFrame(observation=obs, stale=stale, stamp_s=stamps))
+    return SensorBatch(arrays=arrays, frames=tuple(frames))
+
+
 def observe(
     snapshot: WorldSnapshot,
     rng: np.random.Generator,
@@ -252,28 +342,7 @@ def observe(
     previous: SensorFrame | None = None,
 ) -> SensorFrame:
     """Sensor output for ``snapshot``; ``previous`` is what a dropped frame repeats (none: never stale)."""
-    cfg = config or SensorConfig()
-    others = _others_in_ego_frame(snapshot)
-    dropped = rng.random(len(INPUT_NAMES))  # always drawn: the noise stream does not depend on dropouts
-    arrays: dict[str, np.ndarray] = {}
-    stale: dict[str, bool] = {}
-    stamps: dict[str, float] = {}
-    for i, name in enumerate(INPUT_NAMES):
-        if previous is not None and dropped[i] < getattr(cfg, f"{name}_dropout_p"):
-            arrays[name] = getattr(previous.observation, name)
-            stale[name] = True
-            stamps[name] = previous.stamp_s[name]
-            continue
-        if name == "kinematics":
-            clean = _kinematics(snapshot, others, cfg.neighbour_range_m)
-        elif name == "lidar":
-            clean = _lidar(snapshot, others)
-        else:
-            clean = _grid(snapshot, others)
-        arrays[name] = _add_noise(name, clean, getattr(cfg, f"{name}_sigma"), rng)
-        stale[name] = False
-        stamps[name] = snapshot.t_s
-    return SensorFrame(observation=Observation(**arrays), stale=stale, stamp_s=stamps)
+    return observe_batch((snapshot,), (rng,), (config,), (previous,)).frames[0]
 
 
 class SensorSuite:
@@ -290,5 +359,13 @@ class SensorSuite:
         self._last = None
 
     def observe(self, snapshot: WorldSnapshot) -> SensorFrame:
-        self._last = observe(snapshot, self._rng, self.config, self._last)
-        return self._last
+        return observe_suites((self,), (snapshot,)).frames[0]
+
+
+def observe_suites(suites: Sequence[SensorSuite], snapshots: Sequence[WorldSnapshot]) -> SensorBatch:
+    """One tick of several vehicles' sensor suites in one batch (the fleet's path); each suite advances."""
+    batch = observe_batch(snapshots, [s._rng for s in suites], [s.config for s in suites],
+                          [s._last for s in suites])
+    for suite, frame in zip(suites, batch.frames):
+        suite._last = frame
+    return batch
