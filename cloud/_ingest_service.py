@@ -44,11 +44,14 @@ class IngestConfig:
     max_segment_bytes: int = 64 * 2**20  # a 20 s segment is ~1 MB; far larger is not a segment
     max_chunk_bytes: int = 8 * 2**20
     admin_token_hash: str | None = None
+    busy_wait_s: float = 2.0  # how long a request waits for another one on the same upload
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "staging_dir", Path(self.staging_dir))
         if self.max_segment_bytes < 1 or self.max_chunk_bytes < 1:
             raise ConfigError("max_segment_bytes and max_chunk_bytes must be >= 1")
+        if not 0 <= self.busy_wait_s <= 60:
+            raise ConfigError(f"busy_wait_s must be in [0, 60], got {self.busy_wait_s}")
         if self.admin_token_hash is not None and not is_sha256(self.admin_token_hash):
             raise ConfigError("admin_token_hash must be a lowercase sha256 hex digest")
 
@@ -200,14 +203,23 @@ class IngestService:
         up = self._owned(vehicle, upload_id)
         return _status(up, up.size if up.state == UPLOAD_DONE else self._received(up))
 
-    def open_chunk(self, vehicle: str, upload_id: str, offset: int, declared_length: int | None) -> ChunkWriter | UploadStatus:
-        """Start appending at ``offset``. Returns the final status instead of a writer when the upload
-        is already done (a retry whose first reply was lost). Wrong offset → 409 with the server's."""
+    def _settled(self, vehicle: str, upload_id: str) -> UploadRecord | UploadStatus:
+        """The upload if bytes may still be appended; its final status if it is done (a retry whose
+        first reply was lost); 422 if it failed."""
         up = self._owned(vehicle, upload_id)
         if up.state == UPLOAD_DONE:
             return _status(up, up.size)
         if up.state == UPLOAD_FAILED:
             raise UploadRejectedError(f"upload {upload_id} failed: {up.error}", status=422)
+        return up
+
+    def open_chunk(self, vehicle: str, upload_id: str, offset: int, declared_length: int | None) -> ChunkWriter | UploadStatus:
+        """Start appending at ``offset`` (wrong offset → 409 with the server's). If another request
+        still holds the upload (typically the one whose connection just dropped, not yet noticed),
+        wait up to ``busy_wait_s`` for it rather than answer with an offset about to change."""
+        up = self._settled(vehicle, upload_id)
+        if isinstance(up, UploadStatus):
+            return up
         if declared_length is not None:
             if declared_length > self.config.max_chunk_bytes:
                 raise UploadRejectedError(f"chunk larger than {self.config.max_chunk_bytes} bytes", status=413)
@@ -215,19 +227,25 @@ class IngestService:
                 raise UploadRejectedError(f"chunk runs past the declared size {up.size}", status=413)
         with self._locks_guard:
             lock = self._locks.setdefault(upload_id, threading.Lock())
-        if not lock.acquire(blocking=False):
+        if not lock.acquire(timeout=self.config.busy_wait_s):
             raise UploadRejectedError(f"upload {upload_id} is busy", status=409, offset=self._received(up))
         try:
+            up = self._settled(vehicle, upload_id)  # the request we waited for may have finished it
+            if isinstance(up, UploadStatus):
+                lock.release()
+                return up
             received = self._received(up)
             if offset != received:
                 raise UploadRejectedError(f"offset {offset} != server offset {received}", status=409, offset=received)
-            part = self._part(up.id)
-            if part.exists() and part.stat().st_size > up.size:  # cannot happen via ChunkWriter; be safe
-                raise StorageError(f"staging file of upload {up.id} is larger than declared")
-            return ChunkWriter(self, up, part, lock)
+            return ChunkWriter(self, up, self._part(up.id), lock)
         except BaseException:
             lock.release()
             raise
+
+    def uploads_in_flight(self) -> int:
+        """Requests currently appending to an upload (for /metrics, and to let tests settle)."""
+        with self._locks_guard:
+            return sum(lock.locked() for lock in self._locks.values())
 
     def append(self, vehicle: str, upload_id: str, offset: int, data: bytes,
                declared_length: int | None = None) -> UploadStatus:
@@ -265,8 +283,15 @@ class IngestService:
             logger.info("expired %d stale uploads", len(expired))
         return expired
 
+    def _forget_lock(self, upload_id: str) -> None:
+        """A finished upload takes no more bytes (requests stop at its state), so drop its lock; the
+        holder keeps its own reference and releases it as usual."""
+        with self._locks_guard:
+            self._locks.pop(upload_id, None)
+
     def _reject(self, up: UploadRecord, part: Path, error: Exception) -> None:
         part.unlink(missing_ok=True)
+        self._forget_lock(up.id)
         self.catalog.fail_upload(up.id, str(error), self.clock())
         self.stats.add(uploads_rejected=1)
         logger.warning("rejected upload %s (%s) from %s: %s", up.id, up.name, up.vehicle, error)
@@ -297,6 +322,7 @@ class IngestService:
                 self.store.delete(sha)
             raise
         part.unlink(missing_ok=True)
+        self._forget_lock(up.id)
         if new:
             self.stats.add(segments_cataloged=1)
         logger.info("cataloged %s (%s) from %s", sha, up.name, up.vehicle)

@@ -28,10 +28,10 @@ from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.requests import ClientDisconnect
 
-from driveloop.cloud._ingest_service import ChunkWriter, IngestConfig, IngestService, IngestStats
+from driveloop.cloud._ingest_service import ChunkWriter, IngestConfig, IngestService
 from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.store import ObjectStore
 from driveloop.edge.transport import OFFSET_HEADER, UploadStatus
@@ -108,11 +108,13 @@ def _int_header(request: Request, name: str, required: bool) -> int | None:
 class _StatsCollector:
     """Exports the service's counters; a registry per app, so tests can run several servers."""
 
-    def __init__(self, stats: IngestStats) -> None:
-        self._stats = stats
+    def __init__(self, service: IngestService) -> None:
+        self._service = service
 
     def collect(self) -> Iterator[Metric]:
-        s = self._stats
+        s = self._service.stats
+        yield GaugeMetricFamily("driveloop_ingest_uploads_in_flight", "Requests appending to an upload now",
+                                value=self._service.uploads_in_flight())
         yield CounterMetricFamily("driveloop_ingest_received_bytes", "Upload body bytes received", value=s.bytes_received)
         yield CounterMetricFamily("driveloop_ingest_segments_cataloged", "Segments newly cataloged",
                                   value=s.segments_cataloged)
@@ -135,7 +137,7 @@ def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
         return await run_in_threadpool(service.authenticate, request.headers.get("authorization"))
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(service.stats))  # type: ignore[arg-type]
+    registry.register(_StatsCollector(service))  # type: ignore[arg-type]
 
     @app.get("/healthz")
     async def healthz() -> dict[str, bool]:

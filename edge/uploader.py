@@ -160,7 +160,9 @@ class Uploader:
         self._db.execute(f"UPDATE queue SET {cols} WHERE segment_id = ?", (*values.values(), segment_id))
 
     def _sync(self) -> dict[str, SpoolEntry]:
-        """Journal every closed segment once; finish deletions a crash interrupted; forget evicted ones."""
+        """Journal every closed segment once; finish deletions a crash interrupted; forget rows whose
+        file left the spool (uploaded and deleted, or evicted). Even if a row is forgotten too early,
+        nothing is lost: the segment is declared again and the server answers ``exists``."""
         entries = {e.segment_id: e for e in self.spool.closed_segments()
                    if self.vehicle_id is None or e.vehicle == self.vehicle_id}
         states = dict(self._db.execute("SELECT segment_id, state FROM queue").fetchall())
@@ -172,9 +174,9 @@ class Uploader:
                 self.spool.remove(entry.path)  # confirmed earlier, deletion was cut short
             elif state == PENDING:
                 self._set(seg_id, priority=entry.priority)
-        gone = [s for s, st in states.items() if st == PENDING and s not in entries]
-        for seg_id in gone:
-            logger.warning("segment %s left the spool before upload (evicted?)", seg_id)
+        for seg_id in [s for s in states if s not in entries]:  # keeps the journal as small as the spool
+            if states[seg_id] == PENDING:
+                logger.warning("segment %s left the spool before upload (evicted?)", seg_id)
             self._db.execute("DELETE FROM queue WHERE segment_id = ?", (seg_id,))
         return entries
 
