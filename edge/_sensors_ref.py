@@ -12,6 +12,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from driveloop.edge._sensor_noise import (
+    EGO_NOISE_UNITS,
+    GRID_OCCUPANCY_NOISE_UNIT,
+    NEIGHBOUR_NOISE_UNITS,
+)
 from driveloop.edge.contract import (
     EGO_FEATURES,
     GRID_CELL_X_M,
@@ -37,7 +42,6 @@ from driveloop.edge.sensors import (
     LIDAR_CELL_RAD,
     SensorConfig,
     SensorFrame,
-    _add_noise,
 )
 from driveloop.edge.world import WorldSnapshot
 
@@ -152,6 +156,29 @@ def _grid(snapshot: WorldSnapshot, others: _Others) -> np.ndarray:
     out[0] = np.minimum(covered / _GRID_CELL_AREA_M2, 1.0).reshape(GRID_H, GRID_W)
     out[1] = np.divide(speed_sum, covered, out=np.zeros_like(covered), where=covered > 0).reshape(GRID_H, GRID_W)
     return out
+
+
+def _add_noise(name: str, data: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    if sigma <= 0:
+        return data
+    noisy = data.astype(np.float64)
+    if name == "kinematics":
+        n_ego = len(EGO_FEATURES)
+        noisy[:n_ego] += rng.standard_normal(n_ego) * EGO_NOISE_UNITS * sigma
+        rows = noisy[n_ego:].reshape(N_NEIGHBOURS, len(NEIGHBOUR_FEATURES))
+        present = rows[:, 0:1] > 0.5
+        rows += rng.standard_normal(rows.shape) * NEIGHBOUR_NOISE_UNITS * sigma * present
+        noisy[0] = max(noisy[0], 0.0)  # a speedometer never reads negative
+    elif name == "lidar":
+        hit = noisy[0] < LIDAR_RANGE_M
+        noise = rng.standard_normal(noisy.shape) * sigma
+        noisy[:, hit] += noise[:, hit]
+        noisy[0] = np.clip(noisy[0], 0.0, LIDAR_RANGE_M)
+    else:
+        noisy[0] = np.clip(noisy[0] + rng.standard_normal(noisy[0].shape) * GRID_OCCUPANCY_NOISE_UNIT * sigma, 0, 1)
+        occupied = data[0] > 0
+        noisy[1][occupied] += rng.standard_normal(int(occupied.sum())) * sigma
+    return noisy.astype(np.float32)
 
 
 def observe_reference(

@@ -31,6 +31,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from driveloop.edge._sensor_noise import (  # noqa: F401 (units re-exported: documented here)
+    EGO_NOISE_UNITS,
+    GRID_OCCUPANCY_NOISE_UNIT,
+    NEIGHBOUR_NOISE_UNITS,
+    add_noise,
+)
 from driveloop.edge.contract import (
     EGO_FEATURES,
     GRID_CELL_X_M,
@@ -52,9 +58,6 @@ from driveloop.edge.world import WorldSnapshot
 
 from driveloop.exceptions import ConfigError
 
-EGO_NOISE_UNITS = np.array([0.1, 0.1, 0.005, 0.05, 0.0, 0.0])
-NEIGHBOUR_NOISE_UNITS = np.array([0.0, 1.0, 1.0, 1.0, 1.0])
-GRID_OCCUPANCY_NOISE_UNIT = 0.1
 LIDAR_CELL_RAD = 2 * math.pi / LIDAR_CELLS
 _GRID_Y_MAX_M = GRID_Y_MIN_M + GRID_H * GRID_CELL_Y_M
 _GRID_CELL_AREA_M2 = GRID_CELL_X_M * GRID_CELL_Y_M
@@ -122,29 +125,6 @@ class SensorFrame:
     observation: Observation
     stale: dict[str, bool]
     stamp_s: dict[str, float]
-
-
-def _add_noise(name: str, data: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    if sigma <= 0:
-        return data
-    noisy = data.astype(np.float64)
-    if name == "kinematics":
-        n_ego = len(EGO_FEATURES)
-        noisy[:n_ego] += rng.standard_normal(n_ego) * EGO_NOISE_UNITS * sigma
-        rows = noisy[n_ego:].reshape(N_NEIGHBOURS, len(NEIGHBOUR_FEATURES))
-        present = rows[:, 0:1] > 0.5
-        rows += rng.standard_normal(rows.shape) * NEIGHBOUR_NOISE_UNITS * sigma * present
-        noisy[0] = max(noisy[0], 0.0)  # a speedometer never reads negative
-    elif name == "lidar":
-        hit = noisy[0] < LIDAR_RANGE_M
-        noise = rng.standard_normal(noisy.shape) * sigma
-        noisy[:, hit] += noise[:, hit]
-        noisy[0] = np.clip(noisy[0], 0.0, LIDAR_RANGE_M)
-    else:
-        noisy[0] = np.clip(noisy[0] + rng.standard_normal(noisy[0].shape) * GRID_OCCUPANCY_NOISE_UNIT * sigma, 0, 1)
-        occupied = data[0] > 0
-        noisy[1][occupied] += rng.standard_normal(int(occupied.sum())) * sigma
-    return noisy.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -316,20 +296,21 @@ def observe_batch(
         "lidar": _lidar(snapshots, pairs),
         "grid": _grid(snapshots, pairs),
     }
+    n = len(snapshots)
+    dropped = [rng.random(len(INPUT_NAMES)) for rng in rngs]  # always drawn: noise does not depend on dropouts
+    live = np.array([[prev is None or d[k] >= cfg.dropout_p[k] for k in range(len(INPUT_NAMES))]
+                     for d, cfg, prev in zip(dropped, cfgs, previous)], dtype=bool).reshape(n, len(INPUT_NAMES))
+    add_noise(arrays, rngs, np.array([c.sigma for c in cfgs], dtype=np.float64).reshape(n, -1), live)
     frames = []
-    for i, (snap, rng, cfg, prev) in enumerate(zip(snapshots, rngs, cfgs, previous)):
-        dropped = rng.random(len(INPUT_NAMES))  # always drawn: the noise stream does not depend on dropouts
+    for i, (snap, prev) in enumerate(zip(snapshots, previous)):
         stale: dict[str, bool] = {}
         stamps: dict[str, float] = {}
         for k, name in enumerate(INPUT_NAMES):
-            row = arrays[name]
-            if prev is not None and dropped[k] < cfg.dropout_p[k]:
-                row[i] = getattr(prev.observation, name)
+            if live[i, k]:
+                stale[name], stamps[name] = False, snap.t_s
+            else:  # a lost frame: the last one repeats, with its old stamp
+                arrays[name][i] = getattr(prev.observation, name)
                 stale[name], stamps[name] = True, prev.stamp_s[name]
-                continue
-            if cfg.sigma[k] > 0:
-                row[i] = _add_noise(name, row[i], cfg.sigma[k], rng)
-            stale[name], stamps[name] = False, snap.t_s
         obs = Observation(arrays["kinematics"][i], arrays["lidar"][i], arrays["grid"][i])
         frames.append(SensorFrame(observation=obs, stale=stale, stamp_s=stamps))
     return SensorBatch(arrays=arrays, frames=tuple(frames))
