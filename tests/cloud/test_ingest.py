@@ -14,6 +14,7 @@ import pytest
 
 from driveloop.cloud.auth import hash_secret, register_vehicle
 from driveloop.cloud.catalog import Catalog
+from driveloop.cloud._ingest_service import ChunkWriter
 from driveloop.cloud.ingest import IngestConfig, IngestService, create_app, serve_in_thread
 from driveloop.cloud.store import ObjectStore
 from driveloop.edge.segment import validate_segment
@@ -432,3 +433,42 @@ def test_fsspec_object_store_behind_the_ingest(tmp_path: Path, segments: dict[st
     with fsspec.open(url_of, "rb") as f:  # a reader given the URL finds the same bytes
         assert f.read() == data
     local.close()
+
+
+def test_concurrent_requests_on_one_upload_never_interleave(tmp_path: Path, segments: dict[str, list[Path]]) -> None:
+    """A second request waits for the one holding the upload (busy_wait_s), then sees the settled
+    state: 409 busy if it is still held, the final status if the first one completed the upload."""
+    import threading
+
+    data = segments["veh-a"][0].read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+
+    def service(name: str, busy_wait_s: float) -> tuple[IngestService, str]:
+        catalog = Catalog(f"sqlite:///{tmp_path / name / 'c.db'}")
+        svc = IngestService(ObjectStore(tmp_path / name / "s"), catalog,
+                            IngestConfig(staging_dir=tmp_path / name / "u", busy_wait_s=busy_wait_s))
+        upload_id = svc.begin(svc.ensure_local_vehicle("veh-a"), sha, len(data), "a.mcap").upload_id
+        assert upload_id is not None
+        return svc, upload_id
+
+    impatient, uid = service("a", busy_wait_s=0.05)
+    writer = impatient.open_chunk("veh-a", uid, 0, None)
+    assert isinstance(writer, ChunkWriter) and impatient.uploads_in_flight() == 1
+    writer.write(data[:1000])
+    with pytest.raises(UploadRejectedError) as busy:
+        impatient.open_chunk("veh-a", uid, 0, None)
+    assert busy.value.status == 409 and busy.value.offset == 0  # nothing durable yet
+    assert writer.close().offset == 1000 and impatient.uploads_in_flight() == 0
+
+    patient, uid = service("b", busy_wait_s=30.0)
+    writer = patient.open_chunk("veh-a", uid, 0, None)
+    assert isinstance(writer, ChunkWriter)
+    results: list[object] = []
+    waiter = threading.Thread(target=lambda: results.append(patient.open_chunk("veh-a", uid, 0, None)))
+    waiter.start()
+    writer.write(data)
+    final = writer.close()
+    waiter.join()
+    assert final.confirmed and results == [final]  # the waiter got the final status, not a 409
+    for svc in (impatient, patient):
+        svc.catalog.close()
