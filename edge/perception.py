@@ -23,7 +23,6 @@ import numpy as np
 from driveloop.edge.contract import (
     EGO_FEATURES,
     KIN_DIM,
-    N_NEIGHBOURS,
     NEIGHBOUR_FEATURES,
     Observation,
 )
@@ -35,6 +34,7 @@ CORRIDOR_HALF_WIDTH_M = 1.8
 
 _N_EGO = len(EGO_FEATURES)
 _SPEED = EGO_FEATURES.index("speed_mps")
+_ROW = len(NEIGHBOUR_FEATURES)
 _PRESENT, _DX, _DY, _DVX = (NEIGHBOUR_FEATURES.index(f) for f in ("present", "dx_m", "dy_m", "dvx_mps"))
 
 
@@ -61,16 +61,22 @@ def forward_track(
     kin = np.asarray(kin, dtype=np.float64)
     if kin.shape != (KIN_DIM,):
         raise SafetyError(f"kinematics must have shape ({KIN_DIM},), got {kin.shape}")
-    rows = kin[_N_EGO:].reshape(N_NEIGHBOURS, len(NEIGHBOUR_FEATURES))
-    finite = np.isfinite(rows).all(axis=1)
-    ahead = finite & (rows[:, _PRESENT] > 0.5) & (rows[:, _DX] > 0) & (np.abs(rows[:, _DY]) < corridor_half_width_m)
-    if not ahead.any():
+    # Six rows of five numbers: plain floats beat numpy calls on arrays this small (it runs every tick).
+    values = kin.tolist()
+    best: list[float] | None = None
+    for start in range(_N_EGO, KIN_DIM, _ROW):
+        row = values[start:start + _ROW]
+        if not (row[_PRESENT] > 0.5 and row[_DX] > 0 and abs(row[_DY]) < corridor_half_width_m):
+            continue
+        if not all(map(math.isfinite, row)):
+            continue
+        if best is None or row[_DX] < best[_DX]:
+            best = row
+    if best is None:
         return None
-    idx = np.flatnonzero(ahead)
-    row = rows[idx[np.argmin(rows[idx, _DX])]]
-    ego_speed = float(kin[_SPEED]) if math.isfinite(kin[_SPEED]) else 0.0
+    ego_speed = values[_SPEED] if math.isfinite(values[_SPEED]) else 0.0
     return Track(
-        gap_m=float(row[_DX] - vehicle_length_m),
-        closing_speed_mps=float(-row[_DVX]),
-        lead_speed_mps=max(ego_speed + float(row[_DVX]), 0.0),
+        gap_m=best[_DX] - vehicle_length_m,
+        closing_speed_mps=-best[_DVX],
+        lead_speed_mps=max(ego_speed + best[_DVX], 0.0),
     )

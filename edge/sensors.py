@@ -203,10 +203,15 @@ def _kinematics(snapshots: Sequence[WorldSnapshot], f: _Fleet, range_m: np.ndarr
     dist = np.hypot(f.px, f.py)
     sel = np.flatnonzero(dist <= range_m[f.owner])
     # Per vehicle, nearest first; lexsort is stable, so equal distances keep the snapshot's order.
-    order = sel[np.lexsort((dist[sel], f.owner[sel]))]
-    owner = f.owner[order]
-    rank = np.arange(len(order)) - np.searchsorted(owner, owner, side="left")
-    order, owner, rank = order[rank < N_NEIGHBOURS], owner[rank < N_NEIGHBOURS], rank[rank < N_NEIGHBOURS]
+    if len(snapshots) == 1:
+        order = sel[np.argsort(dist[sel], kind="stable")][:N_NEIGHBOURS]
+        owner, rank = np.zeros(len(order), dtype=np.int64), np.arange(len(order))
+    else:
+        order = sel[np.lexsort((dist[sel], f.owner[sel]))]
+        owner = f.owner[order]
+        rank = np.arange(len(order)) - np.searchsorted(owner, owner, side="left")
+        top = rank < N_NEIGHBOURS
+        order, owner, rank = order[top], owner[top], rank[top]
     rows = out[:, len(EGO_FEATURES):].reshape(len(snapshots), N_NEIGHBOURS, len(NEIGHBOUR_FEATURES))
     rows[owner, rank, 0] = 1.0
     rows[owner, rank, 1] = f.px[order]
@@ -227,8 +232,11 @@ def _lidar(snapshots: Sequence[WorldSnapshot], f: _Fleet) -> np.ndarray:
     x, y = _outline_points(f, near, _OUTLINE)
     pair = np.repeat(near, len(_OUTLINE))
     owner = f.owner[pair]
-    half_len = np.array([s.ego.length_m / 2 for s in snapshots])[owner]
-    half_wid = np.array([s.ego.width_m / 2 for s in snapshots])[owner]
+    if len(snapshots) == 1:
+        half_len, half_wid = snapshots[0].ego.length_m / 2, snapshots[0].ego.width_m / 2
+    else:
+        half_len = np.array([s.ego.length_m / 2 for s in snapshots])[owner]
+        half_wid = np.array([s.ego.width_m / 2 for s in snapshots])[owner]
     r = np.maximum(np.hypot(x, y), 1e-9)
     # Distance from the ego centre to its own outline along the same direction.
     with np.errstate(divide="ignore"):
@@ -239,7 +247,10 @@ def _lidar(snapshots: Sequence[WorldSnapshot], f: _Fleet) -> np.ndarray:
     vcell = owner * LIDAR_CELLS + cell
     order = np.argsort(vcell * 1000.0 + np.minimum(clearance, 999.0), kind="stable")
     sorted_cell = vcell[order]
-    first = order[np.r_[True, sorted_cell[1:] != sorted_cell[:-1]]]
+    new_cell = np.empty(len(order), dtype=bool)
+    new_cell[0] = True
+    np.not_equal(sorted_cell[1:], sorted_cell[:-1], out=new_cell[1:])
+    first = order[new_cell]
     first = first[clearance[first] < LIDAR_RANGE_M]
     r_first, hit = r[first], pair[first]
     closing = -(f.vx[hit] * (x[first] / r_first) + f.vy[hit] * (y[first] / r_first))

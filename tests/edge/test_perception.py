@@ -116,3 +116,38 @@ def test_any_kinematics_gives_none_or_a_finite_in_corridor_track(values: list[fl
     rows = k[6:].reshape(6, 5).astype(np.float64)
     ok = np.isfinite(rows).all(1) & (rows[:, 0] > 0.5) & (rows[:, 1] > 0) & (np.abs(rows[:, 2]) < 1.8)
     assert track.gap_m == pytest.approx(rows[ok, 1].min() - 5.0)
+
+
+def _numpy_oracle(k: np.ndarray) -> tuple[float, float, float] | None:
+    """The rule written as whole-array numpy (the implementation before the per-tick rewrite)."""
+    rows = k[6:].astype(np.float64).reshape(6, 5)
+    ok = np.isfinite(rows).all(axis=1) & (rows[:, 0] > 0.5) & (rows[:, 1] > 0) & (np.abs(rows[:, 2]) < 1.8)
+    if not ok.any():
+        return None
+    idx = np.flatnonzero(ok)
+    row = rows[idx[np.argmin(rows[idx, 1])]]
+    speed = float(k[0]) if math.isfinite(k[0]) else 0.0
+    return float(row[1] - 5.0), float(-row[3]), max(speed + float(row[3]), 0.0)
+
+
+def test_matches_the_whole_array_rule_on_random_rows() -> None:
+    g = np.random.default_rng(0)
+    tracks = 0
+    for _ in range(3000):
+        k = np.zeros(KIN_DIM, dtype=np.float32)
+        k[0] = g.uniform(-1, 40)
+        rows = k[6:].reshape(6, 5)
+        n = int(g.integers(0, 7))
+        rows[:n, 0] = g.choice([0.0, 1.0, 0.6, 0.4], n)
+        rows[:n, 1] = g.uniform(-20, 60, n)
+        rows[:n, 2] = g.uniform(-3, 3, n)
+        rows[:n, 3:] = g.uniform(-10, 10, (n, 2))
+        if g.random() < 0.2:
+            k[int(g.integers(0, KIN_DIM))] = g.choice([np.nan, np.inf, -np.inf])
+        if g.random() < 0.2:
+            rows[int(g.integers(0, 6)), 1:3] = rows[0, 1:3]  # equal distances: the first row wins
+        track = forward_track(k)
+        expected = _numpy_oracle(k)
+        assert (None if track is None else (track.gap_m, track.closing_speed_mps, track.lead_speed_mps)) == expected
+        tracks += track is not None
+    assert 1000 < tracks < 2900
