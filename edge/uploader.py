@@ -95,11 +95,12 @@ class UploadReport:
     pending: int = 0
 
     def merge(self, other: UploadReport) -> None:
+        """Add another report's counts (e.g. several vehicles' uploaders: pending adds up too)."""
         self.uploaded += other.uploaded
         self.rejected += other.rejected
         self.bytes_sent += other.bytes_sent
         self.failures += other.failures
-        self.pending = other.pending
+        self.pending += other.pending
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,9 @@ class Uploader:
         deadline = self.clock() + max_s
         total = UploadReport()
         while True:
-            total.merge(self.run_once())
+            step = self.run_once()
+            total.merge(step)
+            total.pending = step.pending  # a snapshot of this queue, not a sum over passes
             now = self.clock()
             if total.pending == 0 or now >= deadline:
                 return total

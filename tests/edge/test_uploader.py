@@ -25,7 +25,7 @@ from driveloop.cloud.ingest import IngestConfig, create_app, serve_in_thread
 from driveloop.cloud.store import ObjectStore
 from driveloop.edge.spool import Spool
 from driveloop.edge.transport import LocalTransport, UploadStatus
-from driveloop.edge.uploader import BackoffPolicy, TokenBucket, Uploader
+from driveloop.edge.uploader import BackoffPolicy, TokenBucket, Uploader, UploadReport
 from driveloop.exceptions import AuthError, ConfigError, UploadError
 from tests.fakes.transport import FakeTransport, FlakyHttpTransport, record_synthetic_segments
 
@@ -107,6 +107,16 @@ def test_retry_backoff_is_exponential_and_jittered(spool: Spool, paths: list[Pat
     for slept, cap in zip(ft.sleeps, caps, strict=True):
         assert cap * 0.5 <= slept <= cap
     assert len(set(ft.sleeps)) == 5  # jittered, not lockstep
+
+
+def test_drain_gives_up_at_its_budget_and_reports_pending(spool: Spool, paths: list[Path], tmp_path: Path) -> None:
+    fake, ft = FakeTransport(), FakeTime()
+    fake.fail_calls = 10**6  # the link never comes back
+    with _uploader(spool, fake, tmp_path, ft) as up:
+        report = up.drain(max_s=100.0)
+    assert report.pending == 4 and report.uploaded == [] and report.failures >= 5
+    assert ft.t == pytest.approx(1_000.0 + 100.0)  # slept exactly up to its budget, no further
+    assert len(spool.closed_segments()) == 4
 
 
 def test_backoff_policy_table() -> None:
@@ -240,6 +250,12 @@ def test_auth_error_stops_the_uploader(spool: Spool, paths: list[Path], tmp_path
     with _uploader(spool, Refusing(), tmp_path, FakeTime()) as up, pytest.raises(AuthError):
         up.run_once()
     assert len(spool.closed_segments()) == 4
+
+
+def test_reports_merge_across_vehicles() -> None:
+    a = UploadReport(uploaded=["x"], rejected=[], bytes_sent=10, failures=1, pending=2)
+    a.merge(UploadReport(uploaded=["y"], rejected=["z"], bytes_sent=5, failures=0, pending=3))
+    assert (a.uploaded, a.rejected, a.bytes_sent, a.failures, a.pending) == (["x", "y"], ["z"], 15, 1, 5)
 
 
 def test_vehicle_filter_on_a_shared_spool(spool: Spool, paths: list[Path], tmp_path: Path) -> None:
