@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import cast
 
 from driveloop.exceptions import SafetyError
 
@@ -194,6 +195,6 @@ class Supervisor:
             logger.warning("fallback activation at t=%.3f s (ego %.2f m/s): %s", inputs.now_s,
                            inputs.ego_speed_mps, decision.reason)
         elif before.mode == "fallback" and decision.source == "model":
-            held = inputs.now_s - before.fallback_since_s if before.fallback_since_s is not None else 0.0
+            held = inputs.now_s - cast(float, before.fallback_since_s)  # always set while in fallback
             logger.info("hand-back to the model at t=%.3f s after %.2f s of fallback", inputs.now_s, held)
         return decision

@@ -43,7 +43,7 @@ def _as_floats(value: object, shapes: tuple[tuple[int, ...], ...]) -> list[float
     """The values as Python floats when ``value`` is a floating ndarray of an allowed shape, else None."""
     if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.shape not in shapes:
         return None
-    return [float(x) for x in value.reshape(-1).tolist()]
+    return [float(x) for x in value.ravel().tolist()]
 
 
 def check_timing(reply: ModelReply | None, now_s: float, sensor_stamp_s: float, period_s: float,

@@ -270,3 +270,10 @@ def test_partial_stage_yields_to_a_model_that_brakes_with_margin(need: float, mo
     result = assess(_gap_for(need), 20.0, 0.0, 20.0, (), False, cfg)
     assert result.required_decel_mps2 == pytest.approx(need)
     assert model_brakes_enough(result, model_accel, cfg) is expected
+
+
+def test_yielding_threshold_is_inclusive() -> None:
+    result = assess(_gap_for(3.5), 20.0, 0.0, 20.0, (), False, DECEL_ONLY)
+    exact = -DECEL_ONLY.brake_gain * result.required_decel_mps2
+    assert model_brakes_enough(result, exact, DECEL_ONLY)
+    assert not model_brakes_enough(result, exact + 1e-9, DECEL_ONLY)

@@ -89,6 +89,9 @@ def test_hand_back_needs_hold_time_and_valid_streak() -> None:
     # hazard clear from t=0.8 s; hold 1.0 s -> t=1.8 s (tick 18), streak 11 >= 5
     assert first_model == 18
     assert all(d.reason == "hand-back pending" for d in after[: first_model - 8])
+    handed = after[first_model - 8]
+    assert handed.reason is None and handed.parts["fallback_s"] == 0.0 and not handed.activation
+    assert after[first_model - 9].parts["fallback_s"] == pytest.approx(1.2)
     assert after[0].watchdog is None and not after[0].activation
 
 
@@ -182,6 +185,10 @@ def test_gap_jump_threshold_allows_closing_motion() -> None:
     sup.step(tick(0, track=TrackData(60.0, 20.0, 10.0)))
     sup.step(tick(1, track=TrackData(57.1, 20.0, 10.0)))  # moved 2.9 m <= 20 * 0.1 + 1.0
     assert len(sup.state.lead_history) == 2
+    edge = Supervisor(cfg)
+    edge.step(tick(0, track=TrackData(60.0, 20.0, 10.0)))
+    edge.step(tick(1, track=TrackData(57.0, 20.0, 10.0)))  # moved exactly 3.0 m: still the same object
+    assert len(edge.state.lead_history) == 2
     sup.step(tick(2, track=TrackData(54.0, 20.0, 10.0)))  # moved 3.1 m > 3.0
     assert len(sup.state.lead_history) == 1
 
@@ -298,9 +305,17 @@ def test_partial_stage_reason_and_exact_fault_reason() -> None:
 def test_public_api_is_lazy_and_complete() -> None:
     import driveloop.safety as api
 
+    from driveloop.safety import config, supervisor, types
+
     assert api.__all__ == sorted(api.__all__)
-    for name in api.__all__:
-        assert getattr(api, name) is not None
+    homes = {"SupervisorConfig": config, "AebConfig": config, "WatchdogConfig": config, "LimitsConfig": config,
+             "FallbackConfig": config, "Supervisor": supervisor, "SupervisorState": supervisor, "step": supervisor,
+             "SupervisorInputs": types, "ModelReply": types, "Decision": types, "Track": types, "TrackData": types,
+             "FAULT_KINDS": types}
+    assert sorted(homes) == api.__all__
+    for name, home in homes.items():
+        assert api.__getattr__(name) is getattr(home, name)  # the lazy loader itself, not a cached global
+        assert getattr(api, name) is getattr(home, name)
     assert api.FAULT_KINDS == ("dead", "deadline", "stale", "shape", "nan", "range")
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         api.Nope  # noqa: B018
@@ -311,7 +326,8 @@ def test_aeb_partial_leaves_a_model_that_brakes_enough_in_command() -> None:
     hard = Supervisor()
     d = hard.step(tick(0, reply=ModelReply(np.array([-6.0, 0.0], np.float32), CONF, 0.0), track=lead, accel=-6.0))
     assert d.source == "model" and not d.aeb and not d.activation and d.fcw
-    assert d.accel_mps2 == pytest.approx(-6.0)
+    assert d.accel_mps2 == pytest.approx(-6.0) and d.parts["aeb_decel_mps2"] == 0.0
+    assert not hard.state.aeb_braking
     soft = Supervisor()
     d = soft.step(tick(0, reply=ModelReply(np.array([-5.0, 0.0], np.float32), CONF, 0.0), track=lead, accel=-5.0))
     assert d.source == "fallback" and d.aeb and d.activation
@@ -321,3 +337,30 @@ def test_aeb_partial_leaves_a_model_that_brakes_enough_in_command() -> None:
     off = Supervisor()  # nor does a disabled model's
     d = off.step(tick(0, reply=ModelReply(np.array([-6.0, 0.0], np.float32), CONF, 0.0), track=lead, enabled=False))
     assert d.aeb and d.reason == "model disabled"
+
+
+def test_aeb_hysteresis_holds_in_the_supervisor() -> None:
+    """Once braking, AEB holds while the required deceleration stays above the release level."""
+    sup = Supervisor()
+    first = sup.step(tick(0, track=TrackData(60.0, 20.0, 0.0)))  # partial: required 3.92 m/s^2
+    assert first.aeb
+    # required 400 / (2 * (93 - 2 - 7)) = 2.38 m/s^2: below the trigger, above release; TTC 4.65 s
+    held = sup.step(tick(1, track=TrackData(60.0 + 33.0, 20.0, 0.0)))
+    assert held.aeb and held.parts["aeb_decel_mps2"] == pytest.approx(1.5 * 400.0 / 168.0)
+    fresh = Supervisor().step(tick(0, track=TrackData(93.0, 20.0, 0.0)))
+    assert not fresh.aeb
+
+
+def test_hand_back_at_exactly_the_hold_time() -> None:
+    from driveloop.safety.supervisor import TIME_TOLERANCE_S
+
+    cfg = SupervisorConfig(handback_hold_s=1.0, handback_valid_ticks=1)
+    sup = Supervisor(cfg)
+    sup.step(dataclasses.replace(tick(0, reply=None), now_s=-0.1, sensor_stamp_s=-0.1))
+    assert sup.step(tick(0)).source == "fallback"  # hazard clear from t = 0
+    at = cfg.handback_hold_s - TIME_TOLERANCE_S
+    before = dataclasses.replace(tick(0), now_s=at - 1e-6, sensor_stamp_s=at - 1e-6,
+                                 reply=ModelReply(GOOD, CONF, at - 1e-6))
+    assert sup.step(before).source == "fallback"
+    exact = dataclasses.replace(tick(0), now_s=at, sensor_stamp_s=at, reply=ModelReply(GOOD, CONF, at))
+    assert sup.step(exact).source == "model"
