@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -160,3 +161,43 @@ def test_always_mode_fires_every_tick_subject_to_interval() -> None:
     engine = TriggerEngine(trigger_specs([c], NOW))
     fired = [t for t in range(6) if engine.evaluate(_signals(accel=-6.0), NOW + 0.1 * t)]
     assert fired == [0, 3]
+
+
+def test_campaign_round_trip_cloud_to_recorder_to_catalog(tmp_path: Path) -> None:
+    """Create + approve in the cloud → the vehicle fetches it → its recorder flags the moments →
+    the uploader sends that event segment first → the catalog finds it by the campaign's event."""
+    import numpy as np
+
+    from driveloop.cloud.catalog import SegmentQuery
+    from driveloop.edge.recorder import Recorder
+    from driveloop.edge.spool import Spool
+    from driveloop.edge.transport import LocalTransport
+    from driveloop.edge.triggers import builtin_triggers
+    from driveloop.edge.uploader import Uploader
+    from tests.fakes.transport import synthetic_tick
+
+    local = LocalTransport.under(tmp_path / "cloud", "veh-a")
+    created = local.service.create_campaign({"name": "fast", "condition": "speed > 30", "priority": 8,
+                                             "min_interval_s": 0.0, "pre_window_s": 0.0, "post_window_s": 0.0})
+    assert local.campaigns() == []  # not approved yet
+    local.service.approve_campaign(created["id"])
+    triggers = campaign_triggers(local.campaigns())
+    assert [t.name for t in triggers] == ["campaign.fast"]
+
+    spool = Spool(tmp_path / "spool", 10**9)
+    rng = np.random.default_rng(0)
+    with Recorder(spool, "veh-a", "highway", 0, "1", segment_max_s=2.0,
+                  triggers=[*builtin_triggers(), *triggers]) as rec:
+        for i in range(60):  # three 2 s segments; only the last one drives fast
+            tick = synthetic_tick(i, rng)
+            speed = 35.0 if i == 50 else 20.0
+            rec.record(replace(tick, state={"speed_mps": speed, "crashed": False}))
+    first = spool.closed_segments()[0]
+    assert first.priority == 8  # the campaign's priority puts it first in the upload queue
+
+    with Uploader(spool, local, tmp_path / "state") as up:
+        report = up.drain(max_s=60)
+    assert len(report.uploaded) == 3
+    (hit,) = local.service.catalog.segments(SegmentQuery(event="campaign.fast"))
+    assert hit.events == {"campaign.fast": 1} and hit.has_event and hit.sha256 == report.uploaded[0]
+    local.close()
