@@ -41,7 +41,8 @@ def _plots(out: Path, iterations: list[dict[str, Any]]) -> dict[str, Path]:
     ax.set_yticks(range(len(_STAGE_ORDER)), _STAGE_ORDER)
     ax.set_xlabel("health window")
     ax.set_title("Rollout timeline")
-    ax.legend(fontsize=8)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths["rollout"] = out / "rollout_timeline.png"

@@ -278,26 +278,25 @@ class _Loop:
         if rep.candidate is not None and rep.candidate_stage == "validated":
             candidates.append((float(rep.gate.get("candidate", {}).get("interventions_per_hour", 1e9)), rep.candidate))
         fl = self._federated(result, suite)
-        if fl is not None:
-            result.federated = fl
-            gate = fl.get("gate", {})
-            if fl.get("candidate") is not None and gate.get("passed"):
-                candidates.append((float(gate.get("candidate", {}).get("interventions_per_hour", 1e9)),
-                                   int(fl["candidate"])))
+        result.federated = {k: fl.get(k) for k in ("run", "strategy", "rounds", "participants_per_round",
+                                                   "candidate", "candidate_stage", "gate", "dp")}
+        if fl.get("candidate") is not None and fl.get("candidate_stage") == "validated":
+            candidates.append((float(fl["gate"].get("candidate", {}).get("interventions_per_hour", 1e9)),
+                               int(fl["candidate"])))
         if not candidates:
             return None
         return min(candidates)[1]
 
-    def _federated(self, result: IterationResult, suite: Any) -> dict[str, Any] | None:
-        try:
-            from driveloop.federated.run import FederatedConfig, run_federated
-        except ImportError:
-            logger.warning("federated package not available: skipping the federated round")
-            return None
-        self.say("federated round over the vehicles' own data")
-        conf = FederatedConfig.for_demo(self.settings, base_ref=result.model, rounds=self.cfg.fl_rounds,
-                                        vehicles=self.cfg.vehicles, suite=suite, seed=self.cfg.seed + result.index)
-        return run_federated(conf, progress=self.say)
+    def _federated(self, result: IterationResult, suite: Any) -> dict[str, Any]:
+        """One federated run (``fl_rounds`` rounds) over the vehicles' own spools, from the fleet's model."""
+        from driveloop.federated.run import FlRunConfig, run_federated
+
+        self.say(f"federated: {self.cfg.fl_rounds} round(s) over {self.cfg.vehicles} vehicles' own data")
+        conf = FlRunConfig(home=Path(self.settings.home), registry_dir=Path(self.settings.registry_dir),
+                           rounds=self.cfg.fl_rounds, vehicles=self.cfg.vehicles, strategy="fedmedian",
+                           base_ref=result.model, seed=self.cfg.seed + result.index, suite=suite,
+                           num_cpus=self.settings.num_cpus, run_name=f"demo-{self.cfg.seed}-it{result.index}")
+        return run_federated(conf, on_round=lambda *a: self.say(f"  federated round {a[0] if a else ''} done"))
 
     # -- deliberately bad model ----------------------------------------------------------------------
     def _bad_model(self, base: str) -> int:
