@@ -126,26 +126,166 @@ def bench_isolated(iters: int = 500, batch: int = 1, seed: int = 0) -> dict[str,
     return {"batch": batch, "startup_s": startup_s, **summarize(samples)}
 
 
-def bench_agent_overhead(seconds: float = 30.0, scenario: str = "highway", seed: int = 0) -> dict[str, Any]:
-    """The loop's cost per tick (sensors + inference + supervisor) beside the bare env.step, one vehicle."""
+class _Stage:
+    """Per-tick samples of one loop stage for the whole fleet: CPU time of this thread and wall time."""
+
+    def __init__(self) -> None:
+        self.cpu_s: list[float] = []
+        self.wall_s: list[float] = []
+        self._cpu = self._wall = 0.0
+
+    def add(self, cpu_s: float, wall_s: float) -> None:
+        self._cpu += cpu_s
+        self._wall += wall_s
+
+    def close_tick(self) -> None:
+        self.cpu_s.append(self._cpu)
+        self.wall_s.append(self._wall)
+        self._cpu = self._wall = 0.0
+
+    def per_vehicle(self, n: int, skip: int) -> dict[str, float]:
+        cpu, wall = np.asarray(self.cpu_s[skip:]) / n * 1e6, np.asarray(self.wall_s[skip:]) / n * 1e6
+        return {"cpu_us_p50": float(np.median(cpu)), "cpu_us_mean": float(cpu.mean()),
+                "wall_us_p50": float(np.median(wall)), "wall_us_mean": float(wall.mean())}
+
+
+class _Timed:
+    """Forwards everything to ``inner``; calls of ``method`` are timed into ``stage``."""
+
+    def __init__(self, inner: Any, method: str, stage: _Stage) -> None:
+        self._inner, self._method, self._stage = inner, method, stage
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name != self._method:
+            return attr
+        stage = self._stage
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            c0, w0 = time.thread_time(), time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                stage.add(time.thread_time() - c0, time.perf_counter() - w0)
+        return timed
+
+
+STAGES = ("sense_reference", "sense", "inference", "track", "supervisor", "sim_step", "act", "record")
+
+
+def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: Any, spool_dir: Path | None,
+                    warmup_ticks: int = 10) -> dict[str, Any]:
+    """Drive ``n`` vehicles tick by tick, timing every stage of the loop; both sensing paths on the same inputs."""
+    import copy
+
+    from driveloop.edge._sensors_ref import observe_reference
+    from driveloop.edge.agent import VehicleAgent, sense_fleet
+    from driveloop.edge.contract import INPUT_NAMES, stack
+    from driveloop.edge.perception import forward_track
+    from driveloop.safety import ModelReply
+
+    st = {name: _Stage() for name in STAGES}
+    factory = None
+    if spool_dir is not None:
+        from driveloop.edge.recorder import Recorder
+        from driveloop.edge.spool import Spool
+
+        spool = Spool(spool_dir, 1 << 34)
+
+        def factory(vehicle_id: str, scen: str, s: int) -> Any:
+            return _Timed(Recorder(spool, vehicle_id, scen, s, "1"), "record", st["record"])
+
+    agents = [VehicleAgent(f"bench{i:03d}", scenario, seed + i, recorder_factory=factory) for i in range(n)]
+    dt = agents[0].config.sim.dt_s
+    clock = time.thread_time, time.perf_counter
+    try:
+        for tick in range(round(seconds / dt)):
+            for a in agents:  # episodes restart their simulator: (re)wrap it and the supervisor
+                if not isinstance(a._sim, _Timed):
+                    a._sim = _Timed(a._sim, "step", st["sim_step"])
+                if not isinstance(a.supervisor, _Timed):
+                    a.supervisor = _Timed(a.supervisor, "step", st["supervisor"])
+            # Baseline: the per-vehicle reference sensors + stack, on copies of each vehicle's noise stream.
+            rngs = [copy.deepcopy(a.sensors._rng) for a in agents]
+            t = [c() for c in clock]
+            old = stack([observe_reference(a.snapshot, r, a.sensors.config, a.sensors._last).observation
+                         for a, r in zip(agents, rngs)])
+            t1 = [c() for c in clock]
+            batch = sense_fleet(agents)
+            t2 = [c() for c in clock]
+            actions, conf = runtime.run(batch)
+            t3 = [c() for c in clock]
+            for a in agents:
+                forward_track(a.observation)  # act() calls it too (inside "act"); timed apart here
+            t4 = [c() for c in clock]
+            now = tick * dt
+            for i, a in enumerate(agents):
+                a.act(ModelReply(actions[i], conf[i], now + (t3[1] - t2[1]), alive=True))
+            t5 = [c() for c in clock]
+            for name, (u, v) in zip(("sense_reference", "sense", "inference", "track", "act"),
+                                    ((t, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
+                st[name].add(v[0] - u[0], v[1] - u[1])
+            for stage in st.values():
+                stage.close_tick()
+            for name in INPUT_NAMES:  # the two paths did the same work
+                if not np.array_equal(old[name], batch[name]):
+                    raise RuntimeError(f"batched sensors differ from the reference on {name} at tick {tick}")
+    finally:
+        for a in agents:
+            a.close()
+    per = {name: st[name].per_vehicle(n, warmup_ticks) for name in STAGES}
+    out: dict[str, Any] = {"vehicles": n, "ticks": len(st["sim_step"].cpu_s), "stages_per_vehicle_us": per}
+    for path, sensing in (("new", "sense"), ("old", "sense_reference")):
+        for metric in ("cpu_us_p50", "cpu_us_mean", "wall_us_p50"):
+            overhead = sum(per[k][metric] for k in (sensing, "inference", "track", "supervisor"))
+            out[f"overhead_{path}_{metric}"] = overhead
+            out[f"ratio_{path}_{metric}"] = overhead / per["sim_step"][metric]
+    out["sensing_speedup_cpu_p50"] = per["sense_reference"]["cpu_us_p50"] / per["sense"]["cpu_us_p50"]
+    out["overhead_speedup_cpu_p50"] = out["overhead_old_cpu_us_p50"] / out["overhead_new_cpu_us_p50"]
+    return out
+
+
+def bench_agent_overhead(seconds: float = 30.0, scenario: str = "highway", seed: int = 0,
+                         fleet_sizes: tuple[int, ...] = (1, 8), record: bool = False) -> dict[str, Any]:
+    """The loop's own cost per vehicle per tick (sensors + inference + supervisor) beside the bare env step.
+
+    Per fleet size: every stage in this thread's CPU time (``time.thread_time``: other processes on a
+    shared machine do not count) and in wall time, p50 and mean per vehicle per tick; the batched
+    sensors (``sense_fleet``) and the per-vehicle reference (``observe_reference`` + ``stack``, the
+    path before batching) run on the same snapshots and noise streams every tick, so the old/new
+    ratio comes from one run. ``record`` adds a real MCAP recorder (the ``record`` stage).
+    """
+    import torch
     from driveloop.cloud.export import export_onnx
     from driveloop.cloud.manifest import build_manifest
     from driveloop.cloud.model import PolicyConfig, PolicyNet
-    from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
     from driveloop.edge.runtime import ModelRuntime
 
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         path = export_onnx(PolicyNet(PolicyConfig(seed=seed)), Path(d) / "model.onnx")
         rt = ModelRuntime(path, build_manifest(path, name="bench", version=1), device="cpu")
-        plans = [VehiclePlan("bench000", scenario, seed, "default")]
-        report = run_fleet(plans, {"default": InProcessInference(rt)}, seconds)
-    tick, sim = np.asarray(report.tick_ms), np.asarray(report.sim_ms)
-    return {
-        "scenario": scenario, "ticks": int(tick.size),
-        "agent_ms_p50": float(np.percentile(tick, 50)), "agent_ms_p99": float(np.percentile(tick, 99)),
-        "env_step_ms_p50": float(np.percentile(sim, 50)), "env_step_ms_p99": float(np.percentile(sim, 99)),
-        "overhead_ratio_p50": float(np.percentile(tick, 50) / np.percentile(sim, 50)),
-    }
+        fleets = [_fleet_overhead(n, seconds, scenario, seed, rt, Path(d) / f"spool{n}" if record else None)
+                  for n in fleet_sizes]
+    return {"scenario": scenario, "seconds": seconds, "record": record, "fleets": fleets}
+
+
+def _print_agent(ag: dict[str, Any]) -> None:
+    print(f"agent loop, scenario {ag['scenario']}, {ag['seconds']:.0f} s simulated; per vehicle per tick, µs "
+          "(CPU = this thread's time; wall includes preemption by other processes)")
+    for f in ag["fleets"]:
+        print(f"  {f['vehicles']} vehicle(s), {f['ticks']} ticks")
+        print(f"    {'stage':<16} {'cpu p50':>9} {'cpu mean':>9} {'wall p50':>9}")
+        for name, row in f["stages_per_vehicle_us"].items():
+            if name == "record" and not ag["record"]:
+                continue
+            print(f"    {name:<16} {row['cpu_us_p50']:9.1f} {row['cpu_us_mean']:9.1f} {row['wall_us_p50']:9.1f}")
+        for path in ("old", "new"):
+            print(f"    overhead {path} (sensors+inference+track+supervisor): cpu p50 "
+                  f"{f[f'overhead_{path}_cpu_us_p50']:.1f} µs = {100 * f[f'ratio_{path}_cpu_us_p50']:.1f}% of the env "
+                  f"step (wall p50 {100 * f[f'ratio_{path}_wall_us_p50']:.1f}%)")
+        print(f"    old/new: sensing {f['sensing_speedup_cpu_p50']:.2f}x, overhead {f['overhead_speedup_cpu_p50']:.2f}x "
+              "(cpu p50)")
 
 
 def machine() -> dict[str, Any]:
@@ -157,6 +297,10 @@ def machine() -> dict[str, Any]:
 
 
 def _print(result: dict[str, Any]) -> None:
+    if "inference" not in result:
+        if "agent" in result:
+            _print_agent(result["agent"])
+        return
     inf = result["inference"]
     print(f"policy: {inf['params']} params, parity max |ORT-torch| = {inf['parity_max_abs_err']:.2e}, "
           f"provider {inf['provider']}")
@@ -170,9 +314,7 @@ def _print(result: dict[str, Any]) -> None:
         print(f"isolated round trip (batch {iso['batch']}): p50 {iso['p50_us']:.1f} µs, p99 {iso['p99_us']:.1f} µs, "
               f"child startup {iso['startup_s']:.2f} s")
     if "agent" in result:
-        ag = result["agent"]
-        print(f"agent per tick ({ag['ticks']} ticks): p50 {ag['agent_ms_p50']:.3f} ms vs env.step p50 "
-              f"{ag['env_step_ms_p50']:.3f} ms -> overhead {100 * ag['overhead_ratio_p50']:.1f}%")
+        _print_agent(result["agent"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -184,14 +326,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-isolated", action="store_true")
     p.add_argument("--no-agent", action="store_true")
     p.add_argument("--agent-seconds", type=float, default=30.0)
+    p.add_argument("--agent-vehicles", type=int, nargs="+", default=[1, 8], help="fleet sizes for the agent bench")
+    p.add_argument("--agent-record", action="store_true", help="agent bench with a real MCAP recorder")
+    p.add_argument("--agent-only", action="store_true", help="only the agent bench (no inference engines)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    result: dict[str, Any] = {"machine": machine(),
-                              "inference": bench_inference(args.iters, tuple(args.batch), args.device)}
-    if not args.no_isolated:
-        result["isolated"] = bench_isolated(max(100, args.iters // 5))
+    result: dict[str, Any] = {"machine": machine()}
+    if not args.agent_only:
+        result["inference"] = bench_inference(args.iters, tuple(args.batch), args.device)
+        if not args.no_isolated:
+            result["isolated"] = bench_isolated(max(100, args.iters // 5))
     if not args.no_agent:
-        result["agent"] = bench_agent_overhead(args.agent_seconds)
+        result["agent"] = bench_agent_overhead(args.agent_seconds, fleet_sizes=tuple(args.agent_vehicles),
+                                               record=args.agent_record)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
