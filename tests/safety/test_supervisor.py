@@ -58,6 +58,25 @@ def test_valid_model_drives_within_limits() -> None:
     assert decisions[0].steering_rad == pytest.approx(0.02)
     assert decisions[0].reason is None and decisions[0].parts["dt_s"] == pytest.approx(DT)
     assert "ttc_s" not in decisions[0].parts  # no track, no AEB parts
+    assert decisions[0].parts["aeb_decel_mps2"] == 0.0 and decisions[0].parts["fallback_s"] == 0.0
+
+
+def test_model_braking_is_held_to_the_comfort_jerk() -> None:
+    sup = Supervisor()
+    drive(sup, 0, 5)  # +1.5 m/s^2
+    hard = [sup.step(tick(i, reply=ModelReply(np.array([-8.0, 0.0], np.float32), CONF, round(i * DT, 10))))
+            for i in range(5, 8)]
+    assert [round(d.accel_mps2, 6) for d in hard] == [1.0, 0.5, 0.0]
+    assert all(d.source == "model" for d in hard)
+
+
+def test_emergency_jerk_only_while_a_hazard_is_braking() -> None:
+    faulty_sup = Supervisor()  # a persistent fault keeps the emergency jerk after the activation tick
+    got = [faulty_sup.step(tick(i, reply=None, accel=3.0)).accel_mps2 for i in range(2)]
+    assert got == pytest.approx([-2.0, -3.0])
+    disabled = Supervisor()  # a disabled model is no emergency after the first tick
+    got = [disabled.step(tick(i, enabled=False, accel=3.0)).accel_mps2 for i in range(3)]
+    assert got == pytest.approx([-2.0, -2.5, -3.0])
 
 
 def test_first_tick_ramps_from_the_measured_acceleration() -> None:
@@ -147,6 +166,10 @@ def test_aeb_takes_over_from_a_valid_model_and_hands_back_when_clear() -> None:
     for key in ("ttc_s", "rss_safe_gap_m", "required_decel_mps2", "lead_decel_mps2", "gap_m"):
         assert key in d.parts
     assert d.parts["aeb_decel_mps2"] == pytest.approx(8.0)
+    assert d.parts["ttc_s"] == pytest.approx(20.0 / 15.0) and d.parts["gap_m"] == 20.0
+    assert d.parts["rss_safe_gap_m"] == pytest.approx(10.0 + 0.25 + 21.0**2 / 8.0 - 25.0 / 16.0)
+    assert d.parts["required_decel_mps2"] == pytest.approx(225.0 / (2.0 * (18.0 - 5.25)))
+    assert d.parts["lead_decel_mps2"] == 0.0
     after = drive(sup, 7, 30)  # the lead turned off: no track
     assert next(i for i, x in enumerate(after, start=7) if x.source == "model") == 17
 
