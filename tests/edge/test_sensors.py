@@ -302,3 +302,34 @@ def test_sensor_batch_is_the_stacked_model_input() -> None:
     for name, arr in batch.arrays.items():
         assert arr.dtype == np.float32 and arr.flags["C_CONTIGUOUS"]
         np.testing.assert_array_equal(arr, expected[name])
+
+
+def test_fleet_sensing_batch_equals_each_vehicle_alone_and_keeps_frozen_frames() -> None:
+    """sense_fleet on real agents: row i is what agent i's own sensors give; a stale fault repeats its frame."""
+    from driveloop.edge.agent import AgentConfig, FaultSpec, VehicleAgent, sense_fleet
+
+    cfg = AgentConfig(sensors=SensorConfig.uniform(0.5, 0.1))
+    fleet = [VehicleAgent(f"v{i}", "dense", i, cfg, fault=FaultSpec("stale", 0.1, 1.0) if i == 2 else None)
+             for i in range(3)]
+    alone = [VehicleAgent(f"v{i}", "dense", i, cfg) for i in range(3)]
+    try:
+        for tick in range(3):
+            batch = sense_fleet(fleet)
+            for i, (a, b) in enumerate(zip(fleet, alone)):
+                obs = b.sense()
+                frozen = i == 2 and tick >= 1
+                for name in ("kinematics", "lidar", "grid"):
+                    row = batch[name][i]
+                    np.testing.assert_array_equal(row, getattr(a.observation, name))
+                    if not frozen:
+                        np.testing.assert_array_equal(row, getattr(obs, name))
+                if frozen:
+                    assert a.observation is previous[i]
+                assert a.metrics.sense_s > 0
+            previous = [a.observation for a in fleet]
+            for a, b in zip(fleet, alone):
+                a.act(None)
+                b.act(None)
+    finally:
+        for a in fleet + alone:
+            a.close()
