@@ -64,6 +64,7 @@ def run(
     poison: float = typer.Option(0.0, "--poison", min=0.0, max=0.99, help="Share of vehicles sending poisoned updates."),
     quorum: float = typer.Option(0.6, "--quorum", min=0.01, max=1.0, help="Share of sampled vehicles that makes a round."),
     deadline_s: float = typer.Option(300.0, "--deadline", min=0.1, help="Round deadline in seconds."),
+    close_at_quorum: bool = typer.Option(False, "--close-at-quorum", help="Close a round as soon as the quorum replied."),
     clip_factor: float = typer.Option(3.0, "--clip-factor", min=0.0, help="Clip updates to this x the round's median norm (0: off)."),
     local_epochs: int = typer.Option(2, "--local-epochs", min=1, help="Fine-tune epochs per vehicle per round."),
     episodes: int = typer.Option(3, "--episodes", min=1, help="Episodes a vehicle with an empty spool drives first."),
@@ -88,7 +89,7 @@ def run(
     cfg = FlRunConfig(
         home=Path(settings.home), registry_dir=Path(settings.registry_dir), rounds=rounds, vehicles=vehicles,
         strategy=strategy, fraction=fraction, dropout=dropout, poison=poison, dp=dp, dp_noise_multiplier=dp_noise,
-        dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, clip_median_factor=clip_factor,
+        dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, close_at_quorum=close_at_quorum, clip_median_factor=clip_factor,
         base_ref=base or None, episodes=episodes, episode_s=episode_s, local_epochs=local_epochs, seed=seed,
         num_cpus=settings.num_cpus, run_name=run_name or None, suite=EvalSuite(duration_s=suite_duration_s),
     )

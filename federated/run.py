@@ -49,6 +49,7 @@ class FlRunConfig:
     dp_clipping_norm: float = 1.0
     quorum_frac: float = 0.6
     round_deadline_s: float = 300.0
+    close_at_quorum: bool = False
     clip_median_factor: float = 3.0
     max_update_norm: float = 0.0
     base_ref: str | None = None
@@ -103,7 +104,8 @@ def resolve_base(registry: Any, ref: str | None) -> Any:
 def settings_for(cfg: FlRunConfig, base_version: int, run_dir: Path) -> tuple[ServerSettings, VehicleSettings]:
     server = ServerSettings(
         run_dir=str(run_dir), vehicles=cfg.vehicles, rounds=cfg.rounds, strategy=cfg.strategy, fraction=cfg.fraction,
-        quorum_frac=cfg.quorum_frac, round_deadline_s=cfg.round_deadline_s, max_update_norm=cfg.max_update_norm,
+        quorum_frac=cfg.quorum_frac, round_deadline_s=cfg.round_deadline_s, close_at_quorum=cfg.close_at_quorum,
+        max_update_norm=cfg.max_update_norm,
         clip_median_factor=cfg.clip_median_factor, krum_malicious=max(1, round(cfg.poison * cfg.vehicles)),
         dp=cfg.dp, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clipping_norm=cfg.dp_clipping_norm,
     )

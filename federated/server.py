@@ -55,6 +55,7 @@ class ServerSettings:
     fraction: float = 1.0
     quorum_frac: float = 0.7
     round_deadline_s: float = 300.0
+    close_at_quorum: bool = False
     max_update_norm: float = 0.0
     clip_median_factor: float = 3.0
     proximal_mu: float = 0.01
@@ -78,7 +79,7 @@ class ServerSettings:
 
     @property
     def quorum(self) -> QuorumPolicy:
-        return QuorumPolicy(self.quorum_frac, self.round_deadline_s)
+        return QuorumPolicy(self.quorum_frac, self.round_deadline_s, close_at_quorum=self.close_at_quorum)
 
     @property
     def robust(self) -> RobustConfig:
@@ -285,6 +286,7 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
         if on_round is not None:
             on_round(record)
     state["dp"] = settings.dp_parameters()
+    state["finished"] = True
     save_checkpoint(run_dir, arrays, state)
     return state
 

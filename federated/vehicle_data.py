@@ -24,7 +24,7 @@ import logging
 import os
 import tempfile
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,14 @@ class VehicleDataConfig:
     episodes: int = 3  # episodes driven to fill an empty spool
     episode_s: float = 20.0  # simulated seconds per episode
     mix_concentration: float = 1.0  # Dirichlet concentration around the fleet mix: lower = more non-IID
+    min_samples: int = 64  # a vehicle with few mined frames tops up with nominal replay frames
     mining: MiningConfig = field(default_factory=MiningConfig)
     labeler: LabelerConfig = field(default_factory=LabelerConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.episodes < 1 or not self.episode_s > 0 or not self.mix_concentration > 0:
-            raise ConfigError("vehicle data needs episodes >= 1, episode_s > 0 and mix_concentration > 0")
+        if self.episodes < 1 or not self.episode_s > 0 or not self.mix_concentration > 0 or self.min_samples < 0:
+            raise ConfigError("vehicle data needs episodes >= 1, episode_s > 0, mix_concentration > 0, min_samples >= 0")
 
 
 def vehicle_seed(vehicle_id: str, seed: int = 0) -> int:
@@ -120,7 +121,8 @@ def ensure_spool(vehicle_dir: Path, vehicle_id: str, artifact: Any, config: Vehi
     return found
 
 
-def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConfig, seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
+def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConfig, seed: int,
+                   min_samples: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
     """The pipeline's mine + hindsight-label + select, locally and without Ray; (arrays, segment sha256s).
 
     A corrupt segment is logged and skipped (the vehicle keeps the rest).
@@ -143,7 +145,11 @@ def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConf
         raise FederatedError("no readable segment in the vehicle's spool")
     raw = [score_frames(f, mining) for f in frames]
     counts = bin_counts(raw)
-    selection = select_frames([finish_scores(s, counts, mining) for s in raw], mining, seed)
+    finished = [finish_scores(s, counts, mining) for s in raw]
+    selection = select_frames(finished, mining, seed)
+    if selection.n_hard + selection.n_replay < min_samples:  # few hard moments: more replay, up to min_samples
+        ratio = (min_samples - selection.n_hard) / max(selection.n_hard, 1)
+        selection = select_frames(finished, replace(mining, replay_ratio=max(ratio, mining.replay_ratio)), seed)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAY_KEYS}
     for f in frames:
         hard = selection.hard.get(f.segment_id, np.zeros(0, dtype=np.int64))
@@ -194,6 +200,7 @@ def local_dataset(vehicle_dir: Path, vehicle_id: str, artifact: Any, config: Veh
     key = hashlib.sha256(json.dumps({
         "segments": sorted(p.name for p in paths), "label_version": LABEL_VERSION,
         "mining": asdict(config.mining), "labeler": asdict(config.labeler), "seed": config.seed,
+        "min_samples": config.min_samples,
     }, sort_keys=True, default=str).encode()).hexdigest()
     cache = vehicle_dir / "dataset.npz"
     meta_path = cache.with_suffix(".json")
@@ -204,7 +211,8 @@ def local_dataset(vehicle_dir: Path, vehicle_id: str, artifact: Any, config: Veh
                     return {k: z[k] for k in z.files}
         except (OSError, ValueError) as e:
             logger.warning("vehicle %s rebuilds its dataset cache: %s", vehicle_id, e)
-    arrays, shas = label_segments(paths, config.mining, config.labeler, vehicle_seed(vehicle_id, config.seed))
+    arrays, shas = label_segments(paths, config.mining, config.labeler, vehicle_seed(vehicle_id, config.seed),
+                                  config.min_samples)
     _write_npz_atomic(cache, arrays, {"key": key, "segments": shas, "samples": int(len(arrays["target_action"]))})
     logger.info("vehicle %s dataset: %d samples from %d segments", vehicle_id, len(arrays["target_action"]), len(shas))
     return arrays

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 VEHICLES = 4
-EPISODE_S = 6.0
+EPISODE_S = 10.0
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +19,7 @@ def fl_home_template(tmp_path_factory, random_home) -> Path:
 
     home = tmp_path_factory.mktemp("fl_home")
     shutil.copytree(random_home, home, dirs_exist_ok=True)
-    vs = VehicleSettings(home=str(home), registry_dir=str(home / "registry"), base_ref="validated", episodes=1,
+    vs = VehicleSettings(home=str(home), registry_dir=str(home / "registry"), base_ref="validated", episodes=2,
                          episode_s=EPISODE_S, local_epochs=1)
     prepare_vehicles(vs, VEHICLES)
     return home
@@ -35,7 +35,7 @@ def fl_home(fl_home_template, tmp_path) -> Path:
 def vehicle_settings(home: Path, faults: str = "", **kw):
     from driveloop.federated.client import VehicleSettings
 
-    return VehicleSettings(home=str(home), registry_dir=str(home / "registry"), base_ref="validated", episodes=1,
+    return VehicleSettings(home=str(home), registry_dir=str(home / "registry"), base_ref="validated", episodes=2,
                            episode_s=EPISODE_S, local_epochs=1, faults=faults, **kw)
 
 

@@ -13,7 +13,8 @@ CASES = [
     # name, sampled, good, failed, now_s, expected
     ("nobody yet", 10, 0, 0, 1.0, OPEN),
     ("below quorum", 10, 6, 0, 9.9, OPEN),
-    ("quorum reached", 10, 7, 0, 1.0, QUORUM),
+    ("quorum reached, waits for the rest", 10, 7, 0, 1.0, OPEN),
+    ("quorum reached at the deadline", 10, 7, 0, 10.0, QUORUM),
     ("quorum with failures", 10, 7, 3, 1.0, COMPLETE),
     ("all answered, enough", 10, 10, 0, 1.0, COMPLETE),
     ("all answered, too few good", 10, 5, 5, 1.0, SKIPPED),
@@ -28,6 +29,13 @@ CASES = [
 @pytest.mark.parametrize("name,sampled,good,failed,now_s,expected", CASES, ids=[c[0] for c in CASES])
 def test_round_state(name, sampled, good, failed, now_s, expected) -> None:
     assert round_state(P, sampled, good, failed, 0.0, now_s) == expected
+
+
+def test_close_at_quorum_does_not_wait_for_stragglers() -> None:
+    eager = QuorumPolicy(quorum_frac=0.7, round_deadline_s=10.0, close_at_quorum=True)
+    assert round_state(eager, 10, 7, 0, 0.0, 1.0) == QUORUM
+    assert round_state(eager, 10, 6, 0, 0.0, 1.0) == OPEN
+    assert round_state(eager, 10, 10, 0, 0.0, 1.0) == COMPLETE
 
 
 def test_deadline_boundary() -> None:
