@@ -15,7 +15,13 @@ from driveloop.edge.contract import (
     LIDAR_RANGE_M,
 )
 from driveloop.edge.scenarios import parse_scenario
-from driveloop.edge.sensors import SensorConfig, SensorFrame, SensorSuite, observe, observe_suites
+from driveloop.edge.sensors import (
+    SensorConfig,
+    SensorFrame,
+    SensorSuite,
+    observe,
+    observe_suites,
+)
 from driveloop.edge.sim import Simulator
 from driveloop.edge.world import VehicleState, WorldSnapshot
 from hypothesis import given, settings
@@ -312,6 +318,7 @@ def test_fleet_sensing_batch_equals_each_vehicle_alone_and_keeps_frozen_frames()
     fleet = [VehicleAgent(f"v{i}", "dense", i, cfg, fault=FaultSpec("stale", 0.1, 1.0) if i == 2 else None)
              for i in range(3)]
     alone = [VehicleAgent(f"v{i}", "dense", i, cfg) for i in range(3)]
+    previous: list[object] = [None] * 3
     try:
         for tick in range(3):
             batch = sense_fleet(fleet)
