@@ -100,10 +100,16 @@ def drive(
 
     request = DriveRequest(scenario=scenario, vehicles=vehicles, duration_s=duration, seed=seed,
                            isolate=isolate, fault=fault_spec, device=device, record=record, video=video)
+    campaigns = []
+    if record:
+        from driveloop.edge.drive import fetch_campaigns
+
+        campaigns = fetch_campaigns(f"{request.vehicle_prefix}000", settings.cloud_dir, settings.cloud_url,
+                                    settings.cloud_token, settings.catalog_url, settings.store_url)
     report = drive_fleet(request, artifact, config, spool_dir=settings.spool_dir, quota_bytes=SPOOL_QUOTA_BYTES,
-                         show_progress=not as_json)
+                         show_progress=not as_json, campaigns=campaigns)
     summary: dict[str, Any] = report.summary()
-    summary.update(model=artifact.manifest.version, scenario=scenario, seed=seed)
+    summary.update(model=artifact.manifest.version, scenario=scenario, seed=seed, campaigns=len(campaigns))
     if fault_spec is not None:
         summary["faults"] = report.faults
     if record and upload:

@@ -58,25 +58,45 @@ def open_client(artifact: Any, isolate: bool, fault: FaultSpec | None, device: s
     return InProcessInference(runtime), None
 
 
-def recorder_factory(spool_dir: Path, quota_bytes: int, model_version: str) -> Any:
+def recorder_factory(spool_dir: Path, quota_bytes: int, model_version: str,
+                     campaigns: Sequence[Any] = ()) -> Any:
+    """Recorders into one spool; ``campaigns`` (cloud collection campaigns as TriggerSpecs) run beside
+    the built-in triggers."""
     from driveloop.edge.recorder import Recorder
     from driveloop.edge.spool import Spool
 
     spool = Spool(spool_dir, quota_bytes)
 
     def make(vehicle_id: str, scenario: str, seed: int) -> Recorder:
-        return Recorder(spool, vehicle_id, scenario, seed, model_version)
+        rec = Recorder(spool, vehicle_id, scenario, seed, model_version)
+        if campaigns:
+            rec.set_campaign_triggers(campaigns)
+        return rec
 
     return make
 
 
+def fetch_campaigns(vehicle_id: str, cloud_dir: Path, cloud_url: str | None, token: str | None,
+                    catalog_url: str | None = None, store_url: str | None = None) -> list[Any]:
+    """The approved, unexpired collection campaigns of the configured cloud, as recorder triggers."""
+    from driveloop.edge.transport import campaign_triggers, make_transport
+
+    transport = make_transport(vehicle_id, cloud_dir, cloud_url, token, catalog_url, store_url)
+    try:
+        return campaign_triggers(transport.campaigns())
+    finally:
+        transport.close()
+
+
 def drive_fleet(request: DriveRequest, artifact: Any, config: AgentConfig, spool_dir: Path, quota_bytes: int,
-                show_progress: bool = False, plans: Sequence[VehiclePlan] | None = None) -> FleetReport:
+                show_progress: bool = False, plans: Sequence[VehiclePlan] | None = None,
+                campaigns: Sequence[Any] = ()) -> FleetReport:
     """Run the request; records into ``spool_dir`` when asked. Returns the fleet report."""
     client, closeable = open_client(artifact, request.isolate, request.fault, request.device)
     plans = list(plans) if plans is not None else plan_fleet(request.scenario, request.vehicles, request.seed,
                                                               request.vehicle_prefix)
-    factory = recorder_factory(spool_dir, quota_bytes, str(artifact.manifest.version)) if request.record else None
+    factory = (recorder_factory(spool_dir, quota_bytes, str(artifact.manifest.version), campaigns)
+               if request.record else None)
     video = None
     if request.video is not None:
         from driveloop.edge.video import VideoWriter
