@@ -89,10 +89,18 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
 
     history = _lead_history(state, inputs, dt, config)
     assessment = None
-    if inputs.track is not None:
-        track = inputs.track
+    track_parts: dict[str, float] = {}
+    track = inputs.track
+    if track is not None:
         assessment = aeb.assess(float(track.gap_m), inputs.ego_speed_mps, float(track.lead_speed_mps),
                                 float(track.closing_speed_mps), history, state.aeb_braking, config.aeb)
+        track_parts = {
+            "gap_m": float(track.gap_m),
+            "ttc_s": assessment.ttc_s,
+            "rss_safe_gap_m": assessment.rss_safe_gap_m,
+            "required_decel_mps2": assessment.required_decel_mps2,
+            "lead_decel_mps2": assessment.lead_decel_mps2,
+        }
     if inputs.model_enabled:
         verdict = check_reply(inputs.reply, inputs.now_s, inputs.sensor_stamp_s, config.control_period_s,
                               config.watchdog)
@@ -141,15 +149,8 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
         "valid_streak": float(valid_streak),
         "aeb_decel_mps2": aeb_decel,
         "fallback_s": inputs.now_s - fallback_since if fallback_since is not None else 0.0,
+        **track_parts,
     }
-    if assessment is not None:
-        parts.update(
-            gap_m=float(inputs.track.gap_m) if inputs.track is not None else 0.0,
-            ttc_s=assessment.ttc_s,
-            rss_safe_gap_m=assessment.rss_safe_gap_m,
-            required_decel_mps2=assessment.required_decel_mps2,
-            lead_decel_mps2=assessment.lead_decel_mps2,
-        )
     decision = Decision(
         accel_mps2=accel,
         steering_rad=steer,
@@ -168,7 +169,7 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
         prev_steering_rad=steer,
         aeb_braking=aeb_braking,
         lead_history=history,
-        last_gap_m=float(inputs.track.gap_m) if inputs.track is not None else None,
+        last_gap_m=track_parts.get("gap_m"),
         hazard_clear_since_s=clear_since,
         valid_streak=valid_streak,
         fallback_since_s=fallback_since,
