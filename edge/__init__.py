@@ -52,3 +52,9 @@ _LAZY_UPLOAD_API = {
 }
 _LAZY_RUNTIME_API.update(_LAZY_UPLOAD_API)
 __all__ += list(_LAZY_UPLOAD_API)
+
+# Batched fleet sensing (same lazy lookup).
+_LAZY_SENSING_API = {"SensorBatch": "sensors", "observe_batch": "sensors", "observe_suites": "sensors",
+                     "sense_fleet": "agent"}
+_LAZY_RUNTIME_API.update(_LAZY_SENSING_API)
+__all__ += list(_LAZY_SENSING_API)
