@@ -46,6 +46,7 @@ class LabelerConfig:
     max_accel_mps2: float = 2.0
     comfort_decel_mps2: float = 3.0
     max_decel_mps2: float = 6.0
+    anticipation_max_decel_mps2: float = 6.0  # hindsight may add at most this much braking: early, not harsh
     idm_delta: float = 4.0
     lane_gain_rad_per_m: float = 0.08
     heading_gain: float = 0.8
@@ -55,9 +56,17 @@ class LabelerConfig:
     agree_accel_mps2: float = 1.0
     agree_steer_rad: float = 0.05
     nominal_margin_s: float = 3.0  # frames this far from any event count as nominal
+    # What the hindsight correction is added to: "model" the fleet model's own logged command (the
+    # smallest change that brakes earlier), "expert" the simulator's logged expert, "idm" present-lead IDM
+    # + lane keeping. Missing values fall back model -> expert -> idm.
+    base_action: str = "expert"
 
     def __post_init__(self) -> None:
+        if self.base_action not in ("model", "expert", "idm"):
+            raise ConfigError(f"labeler base_action must be model, expert or idm, got {self.base_action!r}")
         for name in self.__dataclass_fields__:
+            if name == "base_action":
+                continue
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"labeler {name} must be a positive number, got {value!r}")
@@ -121,10 +130,11 @@ def hindsight_accel(frames: SegmentFrames, c: LabelerConfig) -> tuple[np.ndarray
 def label_segment(frames: SegmentFrames, config: LabelerConfig) -> Labels:
     """Target actions and hazard labels for every frame of one segment.
 
-    Where the simulator's expert action is logged, the label is the expert's command plus the extra
-    braking hindsight justifies (future-lead IDM minus present-lead IDM, never positive): on nominal
-    frames that is exactly what the model was bootstrapped on (nothing to forget), before a hazard it
-    brakes earlier. Without an expert: the hindsight IDM and lane keeping.
+    The label is a base command (``config.base_action``: by default the simulator's logged expert, which
+    the model was bootstrapped on) plus the extra braking hindsight alone justifies (future-lead IDM
+    minus present-lead IDM, never positive, capped at ``anticipation_max_decel_mps2``): on nominal frames
+    it is the base command unchanged, before a hazard it brakes earlier. Where the base is not logged:
+    the present-lead IDM plus the same extra, and lane keeping.
     """
     future_min, present = hindsight_accel(frames, config)
     lane_keep = np.clip(
@@ -132,11 +142,16 @@ def label_segment(frames: SegmentFrames, config: LabelerConfig) -> Labels:
         -config.max_steer_rad,
         config.max_steer_rad,
     )
-    has_expert = np.all(np.isfinite(frames.expert_action), axis=1)
-    expert = np.nan_to_num(frames.expert_action)
-    extra = np.minimum(future_min - present, 0.0)
-    accel = np.where(has_expert, np.clip(expert[:, 0] + extra, -config.max_decel_mps2, config.max_accel_mps2), future_min)
-    steer = np.where(has_expert, expert[:, 1], lane_keep)
+    base = np.stack([present, lane_keep], axis=1)
+    sources = {"model": frames.model_action, "expert": frames.expert_action}
+    order = {"model": ("expert", "model"), "expert": ("expert",), "idm": ()}[config.base_action]
+    for name in order:  # later sources win where they are logged
+        logged = np.all(np.isfinite(sources[name]), axis=1)
+        base = np.where(logged[:, None], np.nan_to_num(sources[name]), base)
+    # Only the braking that hindsight alone justifies (future-lead IDM below present-lead IDM), capped.
+    extra = np.clip(future_min - present, -config.anticipation_max_decel_mps2, 0.0)
+    accel = np.clip(base[:, 0] + extra, -config.max_decel_mps2, config.max_accel_mps2)
+    steer = base[:, 1]
     danger = (ground_truth_ttc(frames) < config.hazard_ttc_s) | frames.collision.astype(bool)
     idx, valid = _future_steps(len(frames), config.hazard_horizon_s)
     ahead = danger[idx] & valid

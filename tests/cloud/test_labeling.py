@@ -46,6 +46,22 @@ def test_expert_blend_keeps_nominal_frames_and_adds_only_anticipation() -> None:
     assert _first(no_expert.target_action[:, 0] < -2.0) <= lead_brakes
 
 
+@pytest.mark.parametrize("base_action", ["model", "expert", "idm"])
+def test_base_action_chooses_what_the_correction_is_added_to(base_action: str) -> None:
+    frames = make_frames(braking_lead())
+    c = LabelerConfig(base_action=base_action)
+    labels = label_segment(frames, c)
+    early = slice(0, 30)  # nothing to anticipate yet: the label is the base command itself
+    want = {"model": frames.model_action, "expert": frames.expert_action}.get(base_action)
+    if want is None:
+        from driveloop.cloud.labeling import hindsight_accel
+
+        want = np.stack([hindsight_accel(frames, c)[1], np.zeros(len(frames))], axis=1)
+    assert np.allclose(labels.target_action[early], want[early], atol=1e-5)
+    with pytest.raises(ConfigError, match="base_action"):
+        LabelerConfig(base_action="oracle")
+
+
 def test_constant_lead_far_ahead_gives_free_road_cruise() -> None:
     frames = make_frames(np.full(60, 25.0), gap0_m=200.0, ego_speed0_mps=20.0, set_speed_mps=25.0)
     labels = label_segment(frames, LabelerConfig())
@@ -65,6 +81,9 @@ def test_hindsight_sees_a_cut_in_before_it_happens() -> None:
     assert labels.target_action[25, 0] < -2.0  # 1.5 s before the cut-in it already brakes
     assert labels.target_action[10, 0] > -0.5  # but not 3 s before (outside the horizon)
     assert labels.hazard[25] and 1.0 <= labels.time_to_hazard_s[25] <= 1.6
+    # anticipation is smooth: it adds at most anticipation_max_decel_mps2 to the expert's own command
+    cap = LabelerConfig().anticipation_max_decel_mps2
+    assert np.all(labels.target_action[:40, 0] >= cut.expert_action[:40, 0] - cap - 1e-5)
 
 
 def test_lane_keeping_steers_back_to_the_centre() -> None:
