@@ -246,16 +246,21 @@ def _lidar(snapshots: Sequence[WorldSnapshot], f: _Fleet) -> np.ndarray:
     with np.errstate(divide="ignore"):
         own = np.minimum(half_len * r / np.abs(x), half_wid * r / np.abs(y))
     clearance = np.maximum(r - own, 0.0)
+    # A point at or beyond range is never a return (a cell's nearest point either is in range or
+    # reads no return): dropping them first leaves every cell's answer, and the order of ties, as is.
+    keep = np.flatnonzero(clearance < LIDAR_RANGE_M)
+    if not keep.size:
+        return out
+    x, y, r, clearance, pair, owner = x[keep], y[keep], r[keep], clearance[keep], pair[keep], owner[keep]
     cell = np.floor(np.arctan2(y, x) / LIDAR_CELL_RAD + 0.5).astype(np.int64) % LIDAR_CELLS
     # Nearest point per (vehicle, cell): sort on (cell, clearance) packed into one key (clearance < 1000 m).
     vcell = owner * LIDAR_CELLS + cell
-    order = np.argsort(vcell * 1000.0 + np.minimum(clearance, 999.0), kind="stable")
+    order = np.argsort(vcell * 1000.0 + clearance, kind="stable")
     sorted_cell = vcell[order]
     new_cell = np.empty(len(order), dtype=bool)
     new_cell[0] = True
     np.not_equal(sorted_cell[1:], sorted_cell[:-1], out=new_cell[1:])
     first = order[new_cell]
-    first = first[clearance[first] < LIDAR_RANGE_M]
     r_first, hit = r[first], pair[first]
     closing = -(f.vx[hit] * (x[first] / r_first) + f.vy[hit] * (y[first] / r_first))
     out[owner[first], 0, cell[first]] = clearance[first]
@@ -313,11 +318,20 @@ def observe_batch(
     }
     n = len(snapshots)
     dropped = [rng.random(len(INPUT_NAMES)) for rng in rngs]  # always drawn: noise does not depend on dropouts
-    live = np.array([[prev is None or d[k] >= cfg.dropout_p[k] for k in range(len(INPUT_NAMES))]
-                     for d, cfg, prev in zip(dropped, cfgs, previous)], dtype=bool).reshape(n, len(INPUT_NAMES))
-    add_noise(arrays, rngs, np.array([c.sigma for c in cfgs], dtype=np.float64).reshape(n, -1), live)
+    if any(prev is not None and any(cfg.dropout_p) for cfg, prev in zip(cfgs, previous)):
+        live = np.array([[prev is None or d[k] >= cfg.dropout_p[k] for k in range(len(INPUT_NAMES))]
+                         for d, cfg, prev in zip(dropped, cfgs, previous)], dtype=bool)
+    else:
+        live = np.ones((n, len(INPUT_NAMES)), dtype=bool)
+    if any(any(cfg.sigma) for cfg in cfgs):
+        add_noise(arrays, rngs, np.array([c.sigma for c in cfgs], dtype=np.float64), live)
     frames = []
     for i, (snap, prev) in enumerate(zip(snapshots, previous)):
+        if live[i].all():
+            frame = SensorFrame(Observation(arrays["kinematics"][i], arrays["lidar"][i], arrays["grid"][i]),
+                                dict.fromkeys(INPUT_NAMES, False), dict.fromkeys(INPUT_NAMES, snap.t_s))
+            frames.append(frame)
+            continue
         stale: dict[str, bool] = {}
         stamps: dict[str, float] = {}
         for k, name in enumerate(INPUT_NAMES):
