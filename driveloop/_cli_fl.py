@@ -51,6 +51,19 @@ def _print_report(r: dict[str, Any]) -> None:
     console.print(f"candidate v{r['candidate']}: {r['candidate_stage']}")
 
 
+def _suite(classes: str, duration_s: float) -> Any:
+    """The held-out suite, optionally restricted to some scenario classes (ConfigError on unknown ones)."""
+    from driveloop.cloud.evaluation import DEFAULT_SUITE, EvalSuite
+    from driveloop.exceptions import ConfigError
+
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    unknown = [c for c in names if c not in DEFAULT_SUITE]
+    if unknown:
+        raise ConfigError(f"unknown scenario classes {unknown}; valid: {', '.join(DEFAULT_SUITE)}")
+    chosen = {c: DEFAULT_SUITE[c] for c in names} if names else dict(DEFAULT_SUITE)
+    return EvalSuite(classes=chosen, duration_s=duration_s)
+
+
 @fl_app.command("run")
 def run(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
@@ -70,6 +83,7 @@ def run(
     episodes: int = typer.Option(3, "--episodes", min=1, help="Episodes a vehicle with an empty spool drives first."),
     episode_s: float = typer.Option(20.0, "--episode-s", min=1.0, help="Simulated seconds per such episode."),
     suite_duration_s: float = typer.Option(30.0, "--suite-duration", min=1.0, help="Simulated seconds per held-out vehicle."),
+    suite_classes: str = typer.Option("", "--suite-classes", help="Comma-separated scenario classes of the gate (default: all)."),
     base: str = typer.Option("", "--base", help="Registry ref of the model to fine-tune (default: newest released, else validated)."),
     run_name: str = typer.Option("", "--run", help="Run name (default: a digest of the settings); reruns resume it."),
     seed: int = typer.Option(0, "--seed", help="Seed of fault assignment and local data."),
@@ -79,7 +93,6 @@ def run(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from driveloop.cloud.evaluation import EvalSuite
     from driveloop.federated.run import FlRunConfig, run_federated
     from driveloop.federated.server import ServerSettings
     from driveloop.settings import load_settings
@@ -91,7 +104,7 @@ def run(
         strategy=strategy, fraction=fraction, dropout=dropout, poison=poison, dp=dp, dp_noise_multiplier=dp_noise,
         dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, close_at_quorum=close_at_quorum, clip_median_factor=clip_factor,
         base_ref=base or None, episodes=episodes, episode_s=episode_s, local_epochs=local_epochs, seed=seed,
-        num_cpus=settings.num_cpus, run_name=run_name or None, suite=EvalSuite(duration_s=suite_duration_s),
+        num_cpus=settings.num_cpus, run_name=run_name or None, suite=_suite(suite_classes, suite_duration_s),
     )
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True)) as progress:

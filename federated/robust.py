@@ -7,7 +7,9 @@ Rules, applied per reply in this order (the first that fails rejects the reply, 
 - ``duplicate_vehicle``: the same vehicle already replied this round (one vote per vehicle);
 - ``wrong_keys`` / ``wrong_shape`` / ``wrong_dtype``: the arrays do not match the global model's tensors;
 - ``non_finite``: any NaN or Inf;
-- ``bad_num_examples``: the weight it asks for is not a positive integer.
+- ``bad_num_examples``: the weight it asks for is not a positive integer;
+- ``zero_update`` (only with ``reject_zero_updates``, which DP runs set): the update changes nothing.
+  Harmless for plain averaging, but Flower's DP clipping divides by the update norm.
 
 Accepted updates are then **norm-clipped**: the update Δ = reply − global is scaled down to at most
 ``max_update_norm`` (absolute cap) and ``clip_median_factor`` × the round's median update norm (so a
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 Arrays = Mapping[str, np.ndarray]
 REJECT_REASONS = ("unknown_vehicle", "duplicate_vehicle", "wrong_keys", "wrong_shape", "wrong_dtype", "non_finite",
-                  "bad_num_examples")
+                  "bad_num_examples", "zero_update")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class RobustConfig:
 
     max_update_norm: float = 0.0
     clip_median_factor: float = 3.0
+    reject_zero_updates: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_update_norm", "clip_median_factor"):
@@ -162,7 +165,12 @@ def screen_round(
             pending[i] = UpdateVerdict(vid, False, problem[0], problem[1])
             logger.warning("rejected update from %s: %s (%s)", vid, problem[0], problem[1])
             continue
-        fits.append((i, vid, arrays, update_norm(arrays, reference)))
+        norm = update_norm(arrays, reference)
+        if config.reject_zero_updates and norm == 0.0:
+            pending[i] = UpdateVerdict(vid, False, "zero_update", "the update changes no weight", 0.0)
+            logger.warning("rejected update from %s: zero_update", vid)
+            continue
+        fits.append((i, vid, arrays, norm))
     bound = clip_bound([n for *_, n in fits], config) if config.clipping else math.inf
     screen.clip_norm = bound
     for i, vid, arrays, norm in fits:

@@ -83,7 +83,7 @@ class ServerSettings:
 
     @property
     def robust(self) -> RobustConfig:
-        return RobustConfig(self.max_update_norm, self.clip_median_factor)
+        return RobustConfig(self.max_update_norm, self.clip_median_factor, reject_zero_updates=self.dp)
 
     @property
     def sampled_per_round(self) -> int:
@@ -262,7 +262,7 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
 
             try:
                 agg, _metrics = strategy.aggregate_train(rnd, accepted)
-            except (InconsistentMessageReplies, ValueError) as e:
+            except (InconsistentMessageReplies, ValueError, ZeroDivisionError) as e:
                 logger.warning("round %d: the strategy refused to aggregate: %s", rnd, e)
                 agg = None
             new_arrays = _to_numpy(agg) if agg is not None else None

@@ -96,6 +96,13 @@ def test_sign_flip_is_not_clipped_it_has_an_honest_norm() -> None:
     assert screen.verdicts[3].reason == "ok"
 
 
+def test_zero_updates_are_rejected_only_when_asked() -> None:
+    replies = [("v0", {k: v.copy() for k, v in REF.items()}, 1.0), ("v1", upd(0.1), 1.0)]
+    assert [v.reason for v in screen_round(replies, REF, None, RobustConfig()).verdicts] == ["ok", "ok"]
+    strict = screen_round(replies, REF, None, RobustConfig(reject_zero_updates=True))
+    assert [v.reason for v in strict.verdicts] == ["zero_update", "ok"] and sorted(strict.accepted) == [1]
+
+
 def test_config_validation() -> None:
     with pytest.raises(ConfigError):
         RobustConfig(max_update_norm=float("inf"))

@@ -1,0 +1,56 @@
+"""``driveloop fl run`` through the real CLI: simulation, DP wrapper, gate, registry with lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from driveloop.cli import main
+from tests.federated.conftest import EPISODE_S, VEHICLES
+
+
+def test_fl_run_json_registers_a_gated_candidate_with_lineage(fl_home: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("DRIVELOOP_HOME", str(fl_home))
+    code = main(["fl", "run", "--rounds", "1", "--vehicles", str(VEHICLES), "--strategy", "fedavg", "--dp",
+                 "--dp-noise", "0.05", "--dp-clip", "5.0", "--quorum", "0.5", "--episodes", "2", "--episode-s", str(EPISODE_S),
+                 "--local-epochs", "1", "--suite-classes", "ccrs", "--suite-duration", "4", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    r = json.loads(out)
+    assert r["strategy"] == "fedavg" and r["rounds"] == 1 and r["participants_per_round"] == [VEHICLES]
+    assert r["round_log"][0]["rejected"] == []
+    assert r["dp"]["noise_multiplier"] == 0.05 and r["dp"]["clipping_norm"] == 5.0
+    assert r["dp"]["num_sampled_clients"] == VEHICLES
+    assert r["dp"]["noise_stdev"] == pytest.approx(0.05 * 5.0 / VEHICLES)
+    gate = r["gate"]
+    for side in ("baseline", "candidate"):
+        assert {"interventions_per_hour", "collisions", "progress"} <= set(gate[side])
+    assert isinstance(gate["passed"], bool)
+    assert r["candidate_stage"] == ("validated" if gate["passed"] else "rejected")
+
+    from driveloop.cloud.registry import Registry
+
+    with Registry(fl_home / "registry") as reg:
+        art = reg.get(r["candidate"])
+        history = reg.history(r["candidate"])
+    m = art.manifest
+    assert m.parent_version == r["base_version"]
+    assert m.lineage["kind"] == "federated" and m.lineage["strategy"] == "fedavg"
+    assert m.lineage["rounds"] == 1 and m.lineage["participants_per_round"] == [VEHICLES]
+    assert m.lineage["dp"]["noise_multiplier"] == 0.05
+    assert m.metrics["gate"]["passed"] == gate["passed"]
+    assert [e.to_stage for e in history][-1] == r["candidate_stage"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--strategy", "bogus"], "unknown strategy"),
+    (["--suite-classes", "nope"], "unknown scenario classes"),
+])
+def test_fl_run_bad_flags_fail_with_one_line(argv, needle, fl_home: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("DRIVELOOP_HOME", str(fl_home))
+    code = main(["fl", "run", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+    assert not (fl_home / "federated" / "vehicles" / "fl009").exists()
