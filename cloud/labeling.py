@@ -35,7 +35,7 @@ from driveloop.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
-LABEL_VERSION = "hindsight-idm-2"
+LABEL_VERSION = "hindsight-idm-3"
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class LabelerConfig:
     comfort_decel_mps2: float = 3.0
     max_decel_mps2: float = 6.0
     anticipation_max_decel_mps2: float = 6.0  # hindsight may add at most this much braking: early, not harsh
+    label_jerk_mps3: float = 4.0  # labels ramp at most this fast (only ever by braking earlier / releasing later)
     idm_delta: float = 4.0
     lane_gain_rad_per_m: float = 0.08
     heading_gain: float = 0.8
@@ -127,6 +128,18 @@ def hindsight_accel(frames: SegmentFrames, c: LabelerConfig) -> tuple[np.ndarray
     return np.min(accel, axis=1), accel[:, 0]
 
 
+def jerk_limit(accel: np.ndarray, jerk_mps3: float) -> np.ndarray:
+    """Rate-limit an acceleration sequence by lowering values only: braking starts earlier (backward
+    pass) and is released more gradually (forward pass), so the targets are smooth and never less safe."""
+    step = jerk_mps3 * CONTROL_PERIOD_S
+    out = np.array(accel, dtype=np.float64, copy=True)
+    for t in range(len(out) - 2, -1, -1):  # a[t] <= a[t+1] + step: reach a later brake level in time
+        out[t] = min(out[t], out[t + 1] + step)
+    for t in range(1, len(out)):  # a[t] <= a[t-1] + step: no sudden release
+        out[t] = min(out[t], out[t - 1] + step)
+    return out
+
+
 def label_segment(frames: SegmentFrames, config: LabelerConfig) -> Labels:
     """Target actions and hazard labels for every frame of one segment.
 
@@ -150,7 +163,7 @@ def label_segment(frames: SegmentFrames, config: LabelerConfig) -> Labels:
         base = np.where(logged[:, None], np.nan_to_num(sources[name]), base)
     # Only the braking that hindsight alone justifies (future-lead IDM below present-lead IDM), capped.
     extra = np.clip(future_min - present, -config.anticipation_max_decel_mps2, 0.0)
-    accel = np.clip(base[:, 0] + extra, -config.max_decel_mps2, config.max_accel_mps2)
+    accel = jerk_limit(np.clip(base[:, 0] + extra, -config.max_decel_mps2, config.max_accel_mps2), config.label_jerk_mps3)
     steer = base[:, 1]
     danger = (ground_truth_ttc(frames) < config.hazard_ttc_s) | frames.collision.astype(bool)
     idx, valid = _future_steps(len(frames), config.hazard_horizon_s)

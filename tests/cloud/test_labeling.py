@@ -46,6 +46,18 @@ def test_expert_blend_keeps_nominal_frames_and_adds_only_anticipation() -> None:
     assert _first(no_expert.target_action[:, 0] < -2.0) <= lead_brakes
 
 
+def test_jerk_limit_ramps_into_braking_early_and_releases_slowly() -> None:
+    from driveloop.cloud.labeling import jerk_limit
+
+    raw = np.zeros(60)
+    raw[30:40] = -6.0
+    out = jerk_limit(raw, jerk_mps3=4.0)
+    assert np.all(out <= raw + 1e-12)  # only ever more cautious
+    assert np.max(np.abs(np.diff(out))) <= 0.4 + 1e-9  # 4 m/s^3 at 10 Hz
+    assert out[30] == -6.0 and out[15] == 0.0 and out[20] < 0  # braking starts 1.5 s earlier
+    assert out[39] == -6.0 and -6.0 < out[41] < 0  # and is released gradually
+
+
 @pytest.mark.parametrize("base_action", ["model", "expert", "idm"])
 def test_base_action_chooses_what_the_correction_is_added_to(base_action: str) -> None:
     frames = make_frames(braking_lead())
@@ -79,7 +91,7 @@ def test_hindsight_sees_a_cut_in_before_it_happens() -> None:
     cut = dataclasses.replace(frames, lead_gap_m=gap, lead_speed_mps=speed)
     labels = label_segment(cut, LabelerConfig(horizon_s=2.0))
     assert labels.target_action[25, 0] < -2.0  # 1.5 s before the cut-in it already brakes
-    assert labels.target_action[10, 0] > -0.5  # but not 3 s before (outside the horizon)
+    assert labels.target_action[0, 0] > -0.5  # but not 4 s before (beyond the horizon and the jerk ramp)
     assert labels.hazard[25] and 1.0 <= labels.time_to_hazard_s[25] <= 1.6
     # anticipation is smooth: it adds at most anticipation_max_decel_mps2 to the expert's own command
     cap = LabelerConfig().anticipation_max_decel_mps2
