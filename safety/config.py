@@ -46,7 +46,7 @@ class AebConfig:
     # Time from the brake decision to the deceleration: one tick plus the first-order brake lag.
     actuation_delay_s: float = 0.35
     standstill_gap_m: float = 2.0  # distance kept to the lead when both have stopped
-    partial_ttc_s: float = 2.0  # partial braking only below this TTC and inside the RSS distance
+    partial_ttc_s: float = 1.5  # partial braking only below this TTC and inside the RSS distance
     partial_decel_trigger_mps2: float = 3.0  # ... or when this deceleration is required
     full_ttc_s: float = 1.0
     full_decel_trigger_mps2: float = 5.0
