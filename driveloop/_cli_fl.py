@@ -125,3 +125,79 @@ def run(
         typer.echo(dumps(report))
     else:
         _print_report(report)
+
+
+def _foreground(managed: Any) -> None:
+    """Wait on a started Flower process; Ctrl-C stops it (and its children) cleanly."""
+    typer.echo(f"{managed.name} running (pid {managed.proc.pid}), log: {managed.log_path}; Ctrl-C stops it", err=True)
+    try:
+        code = managed.proc.wait()
+    except KeyboardInterrupt:
+        managed.stop()
+        return
+    if code:
+        from driveloop.exceptions import FederatedError
+
+        raise FederatedError(f"{managed.name} exited with {code} (see {managed.log_path})")
+
+
+@fl_app.command("serve")
+def serve(
+    port: int = typer.Option(9093, "--port", min=1, max=65535, help="SuperLink HTTP port (Runtime, Control, Fleet APIs)."),
+) -> None:
+    """Start the aggregation server: a Flower SuperLink on 127.0.0.1 (insecure), in the foreground."""
+    from driveloop.federated.deploy import start_superlink
+    from driveloop.settings import load_settings
+
+    home = Path(load_settings().home)
+    _foreground(start_superlink(port, home / "federated" / "logs", home / "federated" / "superlink.db"))
+
+
+@fl_app.command("vehicle")
+def vehicle(
+    vehicle_id: int = typer.Option(..., "--id", min=0, help="Vehicle number N (vehicle id flNNN)."),
+    superlink_port: int = typer.Option(9093, "--superlink-port", min=1, max=65535, help="Port of `fl serve`."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="This SuperNode's ClientApp port (0: 9200 + N)."),
+) -> None:
+    """Run one vehicle's ClientApp: a Flower SuperNode with node config vehicle-id, in the foreground."""
+    from driveloop.federated.client import vehicle_id_for
+    from driveloop.federated.deploy import start_supernode
+    from driveloop.settings import load_settings
+
+    home = Path(load_settings().home)
+    _foreground(start_supernode(vehicle_id_for(vehicle_id), superlink_port, port or 9200 + vehicle_id,
+                                home / "federated" / "logs"))
+
+
+@fl_app.command("start")
+def start(
+    superlink_port: int = typer.Option(9093, "--superlink-port", min=1, max=65535, help="Port of `fl serve`."),
+    rounds: int = typer.Option(3, "--rounds", min=1),
+    vehicles: int = typer.Option(3, "--vehicles", min=1, help="Vehicles fl000… expected to be connected."),
+    strategy: str = typer.Option("fedavg", "--strategy", help="fedavg | fedprox | fedmedian | trimmedavg | krum"),
+    quorum: float = typer.Option(0.6, "--quorum", min=0.01, max=1.0),
+    deadline_s: float = typer.Option(300.0, "--deadline", min=0.1),
+    local_epochs: int = typer.Option(2, "--local-epochs", min=1),
+    episodes: int = typer.Option(3, "--episodes", min=1),
+    episode_s: float = typer.Option(20.0, "--episode-s", min=1.0),
+    suite_duration_s: float = typer.Option(30.0, "--suite-duration", min=1.0),
+    suite_classes: str = typer.Option("", "--suite-classes"),
+    timeout_s: float = typer.Option(3600.0, "--timeout", min=1.0, help="Give up waiting for the run after this long."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Submit a federated run to `fl serve` (flwr run), wait for it, then gate and register the result."""
+    from driveloop.federated.run import FlRunConfig, run_deployed
+    from driveloop.federated.server import ServerSettings
+    from driveloop.settings import load_settings
+
+    settings = load_settings()
+    ServerSettings(run_dir=".", vehicles=vehicles, strategy=strategy)
+    cfg = FlRunConfig(home=Path(settings.home).resolve(), registry_dir=Path(settings.registry_dir).resolve(), rounds=rounds,
+                      vehicles=vehicles, strategy=strategy, quorum_frac=quorum, round_deadline_s=deadline_s,
+                      local_epochs=local_epochs, episodes=episodes, episode_s=episode_s,
+                      suite=_suite(suite_classes, suite_duration_s))
+    report = run_deployed(cfg, superlink_port, timeout_s)
+    if as_json:
+        typer.echo(dumps(report))
+    else:
+        _print_report(report)

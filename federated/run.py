@@ -173,40 +173,65 @@ def prepare_vehicles(vehicle: VehicleSettings, count: int, on_vehicle: Any = Non
     return samples
 
 
+def _start(cfg: FlRunConfig) -> tuple[Any, dict[str, np.ndarray], Path, ServerSettings, VehicleSettings]:
+    """(base artifact, start weights, run dir, server settings, vehicle settings) of a run."""
+    from driveloop.cloud.checkpoints import load_weights
+    from driveloop.cloud.registry import Registry
+
+    with Registry(cfg.registry_dir) as registry:
+        base = resolve_base(registry, cfg.base_ref)
+    initial = {k: v.detach().cpu().numpy() for k, v in load_weights(cfg.registry_dir, base.manifest).items()}
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("home", "registry_dir", "run_name", "suite", "tolerances", "evaluate")}
+    run_name = cfg.run_name or f"run-{_digest({'cfg': key, 'base': base.manifest.sha256})[:12]}"
+    run_dir = Path(cfg.home) / "federated" / run_name
+    server, vehicle = settings_for(cfg, base.version, run_dir)
+    return base, initial, run_dir, server, vehicle
+
+
 def run_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_vehicle: Any = None) -> dict[str, Any]:
-    """The whole ``fl run``: simulate, export, gate, register. Returns the report (see ``--json``)."""
+    """The whole ``fl run`` on the simulation runtime: simulate, export, gate, register (see ``--json``)."""
+    base, initial, run_dir, server, vehicle = _start(cfg)
+    samples = prepare_vehicles(vehicle, cfg.vehicles, on_vehicle)
+    state = simulate(server, vehicle, initial, cfg.num_cpus, on_round)
+    return finish_run(cfg, base, run_dir, server, state, {"samples_per_vehicle": samples})
+
+
+def run_deployed(cfg: FlRunConfig, superlink_port: int, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """The same run on a deployed SuperLink (its SuperNodes already connected): submit with ``flwr run``,
+    wait for the ServerApp's final checkpoint, then export, gate and register exactly like ``fl run``."""
+    from driveloop.federated.deploy import submit, wait_finished
+
+    base, initial, run_dir, server, vehicle = _start(cfg)
+    run_id = submit(run_dir, superlink_port, {**server.to_run_config(), **vehicle.to_run_config()}, initial)
+    state = wait_finished(run_dir, timeout_s)
+    return finish_run(cfg, base, run_dir, server, state, {"flower_run_id": run_id})
+
+
+def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSettings, state: dict[str, Any],
+               extra: dict[str, Any]) -> dict[str, Any]:
+    """Export the aggregated model, gate it against the base, register it with lineage."""
     import torch
 
-    from driveloop.cloud.checkpoints import load_weights, save_weights
+    from driveloop.cloud.checkpoints import save_weights
     from driveloop.cloud.export import check_parity, export_onnx
     from driveloop.cloud.manifest import build_manifest
     from driveloop.cloud.model import PolicyNet
     from driveloop.cloud.registry import Registry
 
     torch.set_num_threads(1)
-    with Registry(cfg.registry_dir) as registry:
-        base = resolve_base(registry, cfg.base_ref)
-    base_state = load_weights(cfg.registry_dir, base.manifest)
-    initial = {k: v.detach().cpu().numpy() for k, v in base_state.items()}
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("home", "registry_dir", "run_name", "suite", "tolerances", "evaluate")}
-    run_name = cfg.run_name or f"run-{_digest({'cfg': key, 'base': base.manifest.sha256})[:12]}"
-    run_dir = Path(cfg.home) / "federated" / run_name
-    server, vehicle = settings_for(cfg, base.version, run_dir)
-    samples = prepare_vehicles(vehicle, cfg.vehicles, on_vehicle)
-    state = simulate(server, vehicle, initial, cfg.num_cpus, on_round)
     arrays = load_checkpoint(run_dir)[0]  # type: ignore[index]
     aggregated = [r for r in state["rounds"] if not r["skipped"]]
     if not aggregated:
-        raise FederatedError(f"no round of run {run_name} reached quorum: the base model is unchanged")
+        raise FederatedError(f"no round of run {run_dir.name} reached quorum: the base model is unchanged")
     model = PolicyNet()
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
     onnx_path = export_onnx(model, run_dir / "candidate.onnx")
     parity = float(check_parity(model, onnx_path))
     report: dict[str, Any] = {
-        "run": run_name, "strategy": cfg.strategy, "base_version": base.version, "vehicles": cfg.vehicles,
+        "run": run_dir.name, "strategy": cfg.strategy, "base_version": base.version, "vehicles": cfg.vehicles,
         "rounds": len(state["rounds"]), "rounds_aggregated": len(aggregated),
-        "participants_per_round": [r["accepted"] for r in state["rounds"]],
-        "samples_per_vehicle": samples, "round_log": state["rounds"], "faults": cfg.faults(), "dp": state.get("dp"), "parity_max_abs": parity,
+        "participants_per_round": [r["accepted"] for r in state["rounds"]], **extra,
+        "round_log": state["rounds"], "faults": cfg.faults(), "dp": state.get("dp"), "parity_max_abs": parity,
         "candidate": None, "candidate_stage": None, "gate": {},
     }
     if not cfg.evaluate:
@@ -225,7 +250,7 @@ def run_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_ve
                "eval_suite": cfg.suite.to_dict()}
     with Registry(cfg.registry_dir) as registry:
         cand = registry.register(onnx_path, name=base.manifest.name, parent_version=base.version,
-                                 training_run={"run_id": run_name, "kind": "federated", "server": asdict(server),
+                                 training_run={"run_id": run_dir.name, "kind": "federated", "server": asdict(server),
                                                "local_epochs": cfg.local_epochs, "lr": cfg.lr},
                                  metrics={"gate": report["gate"], "parity_max_abs": parity}, lineage=lineage)
         save_weights(cfg.registry_dir, cand.sha256, model.state_dict())
