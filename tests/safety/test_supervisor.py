@@ -229,6 +229,21 @@ def test_bad_inputs_raise_safety_error(bad: dict[str, object]) -> None:
         SupervisorInputs(**{**base, **bad})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"now_s": math.nan}, "supervisor input now_s=nan must be a finite number"),
+    ({"ego_speed_mps": "1"}, "supervisor input ego_speed_mps='1' must be a finite number"),
+    ({"track": TrackData(10.0, math.inf, 0.0)}, "supervisor input track.closing_speed_mps=inf must be a finite number"),
+    ({"track": object()}, "supervisor input track.gap_m=None must be a finite number"),
+    ({"reply": "x"}, "supervisor input reply must be a ModelReply or None, got str"),
+])
+def test_bad_input_messages_are_exact(bad: dict[str, object], message: str) -> None:
+    base = dict(now_s=0.0, ego_speed_mps=10.0, ego_accel_mps2=0.0, lane_offset_m=0.0, heading_rel_rad=0.0,
+                track=None, sensor_stamp_s=0.0, reply=None)
+    with pytest.raises(SafetyError) as info:
+        SupervisorInputs(**{**base, **bad})  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
 def test_any_object_with_track_attributes_is_a_track() -> None:
     class EdgeTrack:
         gap_m = 10.0
@@ -342,6 +357,15 @@ def test_public_api_is_lazy_and_complete() -> None:
     assert api.FAULT_KINDS == ("dead", "deadline", "stale", "shape", "nan", "range")
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         api.Nope  # noqa: B018
+
+
+def test_lazy_loader_imports_on_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import driveloop.safety as api
+    from driveloop.safety import supervisor
+
+    monkeypatch.delitem(api.__dict__, "Supervisor", raising=False)  # as if never imported
+    assert api.__getattr__("Supervisor") is supervisor.Supervisor
+    assert api.__dict__["Supervisor"] is supervisor.Supervisor  # cached for the next access
 
 
 def test_aeb_partial_leaves_a_model_that_brakes_enough_in_command() -> None:
