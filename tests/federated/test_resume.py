@@ -1,0 +1,93 @@
+"""Crash safety: the server is SIGKILLed after its first completed round; restarted on the same run
+directory it resumes after that round (the checkpoint is the only state it needs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from driveloop.federated.run import simulate
+from driveloop.federated.server import ServerSettings, load_checkpoint, save_checkpoint
+from tests.federated.conftest import VEHICLES, base_arrays, vehicle_settings
+
+_CHILD = """
+import sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from driveloop.federated.run import simulate
+from driveloop.federated.server import ServerSettings
+from tests.federated.conftest import base_arrays, vehicle_settings
+home = Path({home!r})
+simulate(ServerSettings(run_dir={run_dir!r}, vehicles={n}, rounds=3, quorum_frac=0.5), vehicle_settings(home),
+         base_arrays(home))
+"""
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_resumes_after_the_last_completed_round(fl_home: Path) -> None:
+    run_dir = fl_home / "federated" / "killed"
+    root = str(Path(__file__).resolve().parents[2])
+    code = _CHILD.format(root=root, home=str(fl_home), run_dir=str(run_dir), n=VEHICLES)
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:  # wait for round 1's checkpoint, then kill the whole process group at once
+            done = load_checkpoint(run_dir) if (run_dir / "checkpoint.npz").is_file() else None
+            if done is not None and done[1]["completed_round"] >= 1:
+                break
+            assert child.poll() is None, "the federated run died before its first checkpoint"
+            time.sleep(0.2)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait(30)
+    arrays_before, state_before = load_checkpoint(run_dir)
+    killed_at = state_before["completed_round"]
+    assert 1 <= killed_at < 3 and not state_before.get("finished")
+
+    seen: list[int] = []
+    state = simulate(ServerSettings(run_dir=str(run_dir), vehicles=VEHICLES, rounds=3, quorum_frac=0.5),
+                     vehicle_settings(fl_home), base_arrays(fl_home), on_round=lambda r: seen.append(r["round"]))
+    assert seen == list(range(killed_at + 1, 4))
+    assert [r["round"] for r in state["rounds"]] == [1, 2, 3] and state["finished"]
+    assert state["rounds"][:killed_at] == json.loads(json.dumps(state_before["rounds"]))
+
+
+def test_checkpoint_is_one_atomic_file_and_round_trips(tmp_path: Path) -> None:
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, dtype=np.float32)}
+    save_checkpoint(tmp_path, arrays, {"completed_round": 2, "rounds": [{"round": 1}, {"round": 2}]})
+    got, state = load_checkpoint(tmp_path)
+    assert state["completed_round"] == 2 and set(got) == {"w", "b"}
+    np.testing.assert_array_equal(got["w"], arrays["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]  # no temp file left
+    assert load_checkpoint(tmp_path / "nothing") is None
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    from driveloop.exceptions import FederatedError
+
+    (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
+    with pytest.raises(FederatedError, match="unreadable"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_uses_the_checkpoint_not_the_initial_weights(fl_home: Path, tmp_path: Path) -> None:
+    """A finished run asked for no more rounds does nothing and keeps its weights."""
+    base = base_arrays(fl_home)
+    moved = {k: v + 1.0 for k, v in base.items()}
+    save_checkpoint(tmp_path, moved, {"completed_round": 1, "rounds": [{"round": 1, "skipped": False}], "settings": {}})
+    from driveloop.federated.server import run_rounds
+
+    state = run_rounds(grid=None, settings=ServerSettings(run_dir=str(tmp_path), vehicles=VEHICLES, rounds=1),
+                       initial=base)
+    assert state["completed_round"] == 1 and state["finished"]
+    got, _ = load_checkpoint(tmp_path)
+    np.testing.assert_array_equal(got["head.bias"], moved["head.bias"])
