@@ -32,6 +32,7 @@ from driveloop.exceptions import ConfigError, OtaError
 logger = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
+BRAKING_SCALE = 0.1  # the injected bad model brakes at this fraction of what its parent would
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def demo_plan() -> dict[str, Any]:
     from driveloop.ota.controller import RolloutPlan, StageSpec
     from driveloop.ota.gates import GateTolerances
 
-    tol = GateTolerances(min_vehicles=1, min_hours=0.005, min_control_hours=0.005, min_shadow_ticks=200,
+    # ~72 s of canary driving before any verdict: a 25% canary of 8 cars is 2-3 vehicles
+    tol = GateTolerances(min_vehicles=1, min_hours=0.02, min_control_hours=0.02, min_shadow_ticks=200,
                          max_disagreement_rate=0.25, max_mean_abs_diff=1.0)
     stages = (StageSpec("shadow", 0.25, True, 0.0, 1, tol), StageSpec("canary", 0.25, False, 0.0, 2, tol),
               StageSpec("50%", 0.5, False, 0.0, 1, tol), StageSpec("100%", 1.0, False, 0.0, 1, tol))
@@ -300,7 +302,7 @@ class _Loop:
 
     # -- deliberately bad model ----------------------------------------------------------------------
     def _bad_model(self, base: str) -> int:
-        """The current model made a late braker: its braking commands are cut to a quarter. In cruise it
+        """The current model made a late braker: its braking commands are cut to a tenth. In cruise it
         agrees with the current model (shadow passes); when it actuates, hazards force the fallback.
         Registered as validated WITHOUT the closed-loop gate, on purpose, to exercise the rollout's own
         health gates. No torch weights are kept for it: nothing may ever be fine-tuned from it."""
@@ -319,7 +321,7 @@ class _Loop:
             def forward(self, kinematics: torch.Tensor, lidar: torch.Tensor, grid: torch.Tensor) -> Any:
                 action, confidence = self.net(kinematics, lidar, grid)
                 accel = action[:, 0:1]
-                accel = torch.where(accel < 0, 0.25 * accel, accel)
+                accel = torch.where(accel < 0, BRAKING_SCALE * accel, accel)
                 return torch.cat((accel, action[:, 1:2]), dim=1), confidence
 
         art = self.registry.get(int(base))
@@ -327,10 +329,10 @@ class _Loop:
         with tempfile.TemporaryDirectory() as tmp:
             onnx = export_onnx(bad, Path(tmp) / "bad.onnx")
             m = self.registry.register(onnx, parent_version=art.manifest.version,
-                                       training_run={"kind": "demo-injected-bad-model", "braking_scale": 0.25},
+                                       training_run={"kind": "demo-injected-bad-model", "braking_scale": BRAKING_SCALE},
                                        lineage={"note": "deliberately worse (late braker); gate bypassed by the demo"})
         self.registry.set_stage(m.version, "validated", "demo --inject-bad-model: gate bypassed on purpose")
-        self.say(f"injected deliberately bad model v{m.version} (brakes at a quarter of its own command)")
+        self.say(f"injected deliberately bad model v{m.version} (brakes at a tenth of its own command)")
         return m.version
 
     # -- release and staged rollout ------------------------------------------------------------------

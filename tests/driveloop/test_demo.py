@@ -66,7 +66,7 @@ def test_reduced_demo_closes_the_loop(demo_home) -> None:
 
 
 def test_bad_model_is_aborted_in_canary_and_the_fleet_reverts(demo_home) -> None:
-    report = _run(_config(iterations=1, inject_bad_model=True, drive_s=12.0))
+    report = _run(_config(iterations=1, inject_bad_model=True, drive_s=12.0, window_s=15.0, max_windows=12))
     bad = report["iterations"][-1]
     assert bad["kind"] == "bad-model" and bad["rollout_outcome"] == "aborted"
     stages = [w["stage"] for w in bad["rollout_timeline"]]
