@@ -10,11 +10,25 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "FlRunConfig", "run_federated", "simulate",
-    "ServerSettings", "make_server_app", "run_rounds", "build_strategy", "load_checkpoint", "STRATEGIES",
-    "VehicleSettings", "make_client_app", "vehicle_id_for",
-    "RobustConfig", "screen_round", "QuorumPolicy", "round_state",
-    "VehicleDataConfig", "local_dataset", "vehicle_mix",
+    "STRATEGIES",
+    "FlRunConfig",
+    "QuorumPolicy",
+    "RobustConfig",
+    "ServerSettings",
+    "VehicleDataConfig",
+    "VehicleSettings",
+    "build_strategy",
+    "load_checkpoint",
+    "local_dataset",
+    "make_client_app",
+    "make_server_app",
+    "round_state",
+    "run_federated",
+    "run_rounds",
+    "screen_round",
+    "simulate",
+    "vehicle_id_for",
+    "vehicle_mix",
 ]
 
 _WHERE = {

@@ -24,11 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from driveloop.cloud.evaluation import EvalSuite, GateTolerances
-from driveloop.exceptions import ConfigError, FederatedError, RegistryError
 from driveloop.federated.client import VehicleSettings, format_faults, vehicle_id_for
-from driveloop.federated.server import ReplyCallback, RoundCallback, ServerSettings, load_checkpoint
+from driveloop.federated.server import (
+    ReplyCallback,
+    RoundCallback,
+    ServerSettings,
+    load_checkpoint,
+)
+
+from driveloop.exceptions import ConfigError, FederatedError, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +141,9 @@ def simulate(server: ServerSettings, vehicle: VehicleSettings, initial: dict[str
     """Run the ServerApp and K ClientApps on Flower's Ray simulation backend; returns the run state."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from flwr.simulation import run_simulation
-
     from driveloop.federated.client import make_client_app
     from driveloop.federated.server import make_server_app
+    from flwr.simulation import run_simulation
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": logging.WARNING,
@@ -167,7 +171,7 @@ def prepare_vehicles(vehicle: VehicleSettings, count: int, on_vehicle: Any = Non
         artifact = reg.get(vehicle.base_ref)
         for i in range(count):
             vid = vehicle_id_for(i)
-            samples[vid] = int(len(local_dataset(vehicle.vehicle_dir(vid), vid, artifact, data_cfg)["target_action"]))
+            samples[vid] = len(local_dataset(vehicle.vehicle_dir(vid), vid, artifact, data_cfg)["target_action"])
             if callable(on_vehicle):
                 on_vehicle(vid)
     return samples
@@ -211,7 +215,6 @@ def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSetting
                extra: dict[str, Any]) -> dict[str, Any]:
     """Export the aggregated model, gate it against the base, register it with lineage."""
     import torch
-
     from driveloop.cloud.checkpoints import save_weights
     from driveloop.cloud.export import check_parity, export_onnx
     from driveloop.cloud.manifest import build_manifest
@@ -237,7 +240,9 @@ def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSetting
     if not cfg.evaluate:
         return report
     from driveloop.cloud.evaluation import gate
-    from driveloop.cloud.pipeline import _cached_eval  # the pipeline's cached closed-loop evaluation
+    from driveloop.cloud.pipeline import (
+        _cached_eval,  # the pipeline's cached closed-loop evaluation
+    )
 
     cache = Path(cfg.home) / "cloud" / "eval_cache"
     baseline = _cached_eval(cache, base.onnx_path, base.manifest, cfg.suite)

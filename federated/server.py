@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from driveloop.exceptions import ConfigError, FederatedError
 from driveloop.federated._quorum import OPEN, SKIPPED, QuorumPolicy, round_state
 from driveloop.federated.robust import RobustConfig, check_reply, screen_round
+
+from driveloop.exceptions import ConfigError, FederatedError
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class ServerSettings:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.dp and not (self.dp_noise_multiplier >= 0 and self.dp_clipping_norm > 0):
             raise ConfigError("DP needs noise_multiplier >= 0 and clipping_norm > 0")
-        self.quorum  # validates
-        self.robust
+        QuorumPolicy(self.quorum_frac, self.round_deadline_s)  # validates both
+        RobustConfig(self.max_update_norm, self.clip_median_factor)
 
     @property
     def quorum(self) -> QuorumPolicy:
@@ -242,9 +242,9 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
         ids = [i for i in grid.push_messages(messages) if i]
         seen: set[str] = set()
 
-        def usable(m: Any, seen: set[str] = seen) -> bool:
+        def usable(m: Any, seen: set[str] = seen, reference: dict[str, np.ndarray] = arrays) -> bool:
             vid, arr, n = _unpack(m)
-            ok = check_reply(vid, arr, n, arrays, known, seen) is None
+            ok = check_reply(vid, arr, n, reference, known, seen) is None
             seen.add(vid)
             return ok
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from driveloop.cloud.labeling import LABEL_VERSION, LabelerConfig
 from driveloop.cloud.mining import MiningConfig
+
 from driveloop.exceptions import ConfigError, FederatedError, SegmentError
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,13 @@ def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConf
     A corrupt segment is logged and skipped (the vehicle keeps the rest).
     """
     from driveloop.cloud.labeling import label_segment
-    from driveloop.cloud.mining import bin_counts, finish_scores, frames_from_ticks, score_frames, select_frames
+    from driveloop.cloud.mining import (
+        bin_counts,
+        finish_scores,
+        frames_from_ticks,
+        score_frames,
+        select_frames,
+    )
     from driveloop.edge.segment import read_ticks, validate_segment
 
     frames, shas = [], []
@@ -213,6 +219,6 @@ def local_dataset(vehicle_dir: Path, vehicle_id: str, artifact: Any, config: Veh
             logger.warning("vehicle %s rebuilds its dataset cache: %s", vehicle_id, e)
     arrays, shas = label_segments(paths, config.mining, config.labeler, vehicle_seed(vehicle_id, config.seed),
                                   config.min_samples)
-    _write_npz_atomic(cache, arrays, {"key": key, "segments": shas, "samples": int(len(arrays["target_action"]))})
+    _write_npz_atomic(cache, arrays, {"key": key, "segments": shas, "samples": len(arrays["target_action"])})
     logger.info("vehicle %s dataset: %d samples from %d segments", vehicle_id, len(arrays["target_action"]), len(shas))
     return arrays

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from driveloop.federated._quorum import (
+    COMPLETE,
+    OPEN,
+    QUORUM,
+    SKIPPED,
+    QuorumPolicy,
+    round_state,
+)
 
 from driveloop.exceptions import ConfigError
-from driveloop.federated._quorum import COMPLETE, OPEN, QUORUM, SKIPPED, QuorumPolicy, round_state
 
 P = QuorumPolicy(quorum_frac=0.7, round_deadline_s=10.0)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from driveloop.federated.run import simulate
 from driveloop.federated.server import ServerSettings, load_checkpoint, save_checkpoint
+
 from tests.federated.conftest import VEHICLES, base_arrays, vehicle_settings
 
 _CHILD = """
@@ -49,7 +49,7 @@ def test_server_killed_mid_run_resumes_after_the_last_completed_round(fl_home: P
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
         child.wait(30)
-    arrays_before, state_before = load_checkpoint(run_dir)
+    _, state_before = load_checkpoint(run_dir)
     killed_at = state_before["completed_round"]
     assert 1 <= killed_at < 3 and not state_before.get("finished")
 

@@ -7,10 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from driveloop.exceptions import ConfigError
 from driveloop.federated.robust import (
     RobustConfig,
     check_structure,
@@ -19,6 +15,10 @@ from driveloop.federated.robust import (
     screen_round,
     update_norm,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from driveloop.exceptions import ConfigError
 
 REF = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.ones(2, dtype=np.float32)}
 

@@ -1,0 +1,268 @@
+"""Federated fine-tuning benchmarks (issue 6 acceptance), measured in one run on this machine.
+
+    python bench/fl_scale.py [--home DIR] [--vehicles 10] [--rounds 3] [--sections compare,scale] [--json]
+
+Sections:
+- ``compare``: from the bootstrap model, the same K vehicles' local data used four ways, all gated on
+  the same held-out suite against the same baseline:
+    (1) FL (FedAvg) vs the centralized fine-tune on the union of the vehicles' data (same step, same
+        epochs in total): held-out interventions/h within 10%, zero collisions;
+    (2) FL with 30% of vehicles dropping out mid-round: round wall time vs the clean run's, gate passed;
+    (3) 20% poisoned vehicles (x50-scaled and sign-flipped): a robust strategy (FedMedian with norm
+        clipping) vs the clean result, and plain FedAvg without clipping, on held-out interventions/h and
+        on the offline action loss over two held-out vehicles' hard frames.
+- ``scale``: 100 virtual vehicles (tiny local data) in one simulated round on 2 cores: wall time and peak
+  memory of the whole process tree (driver + Ray workers), sampled from /proc.
+
+Ratios compare runs made in this same process on this same machine (2-core CPU, no GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Self
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np
+
+
+class TreeMemory:
+    """Peak summed RSS of this process and all its descendants (Ray's raylet and workers included)."""
+
+    def __init__(self, period_s: float = 0.5) -> None:
+        self.period_s, self.peak_bytes = period_s, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _tree_rss(self) -> int:
+        parents: dict[int, int] = {}
+        rss: dict[int, int] = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parts = f.read().rsplit(")", 1)[1].split()
+                parents[int(d)] = int(parts[1])
+                rss[int(d)] = int(parts[21]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, IndexError, ValueError):
+                continue
+        root, total = os.getpid(), 0
+        for pid, size in rss.items():
+            p, seen = pid, 0
+            while p > 1 and seen < 64:
+                if p == root:
+                    total += size
+                    break
+                p, seen = parents.get(p, 0), seen + 1
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self._tree_rss())
+            self._stop.wait(self.period_s)
+
+    def __enter__(self) -> Self:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def _log(msg: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def ensure_bootstrap(home: Path) -> None:
+    from driveloop.cloud.bootstrap import BootstrapConfig, bootstrap
+    from driveloop.cloud.registry import Registry
+
+    from driveloop.exceptions import RegistryError
+
+    try:
+        with Registry(home / "registry") as reg:
+            reg.get("validated")
+        return
+    except RegistryError:
+        pass
+    _log("bootstrapping model v1 (behaviour cloning)")
+    bootstrap(home / "registry", BootstrapConfig(episodes=12, episode_s=20.0, epochs=8, workers=2, check_episodes=1))
+
+
+def offline_loss(state: dict[str, Any], arrays: dict[str, np.ndarray]) -> float:
+    """Mean action loss of a model on held-out hard frames (hindsight labels)."""
+    import torch
+    from driveloop.cloud.model import PolicyNet, loss_parts
+
+    net = PolicyNet()
+    net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+    net.eval()
+    idx = np.flatnonzero(arrays["hard"]) if arrays["hard"].any() else np.arange(len(arrays["hard"]))
+    with torch.no_grad():
+        pred = net(*(torch.from_numpy(np.ascontiguousarray(arrays[k][idx])) for k in ("kinematics", "lidar", "grid")))
+        return float(loss_parts(pred, torch.from_numpy(arrays["target_action"][idx]))["action"])
+
+
+def _summary(gate: dict[str, Any]) -> dict[str, Any]:
+    return {side: {k: gate[side][k] for k in ("interventions_per_hour", "collisions", "progress")}
+            for side in ("baseline", "candidate")} | {"passed": gate["passed"]}
+
+
+def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, suite_s: float) -> dict[str, Any]:
+    import torch
+    from driveloop.cloud.evaluation import EvalSuite, gate
+    from driveloop.cloud.export import export_onnx
+    from driveloop.cloud.manifest import build_manifest
+    from driveloop.cloud.model import PolicyNet
+    from driveloop.cloud.pipeline import _cached_eval
+    from driveloop.cloud.registry import Registry
+    from driveloop.cloud.train import FinetuneConfig, finetune
+    from driveloop.federated.client import vehicle_id_for
+    from driveloop.federated.run import (
+        FlRunConfig,
+        _start,
+        prepare_vehicles,
+        run_federated,
+    )
+    from driveloop.federated.server import load_checkpoint
+
+    torch.set_num_threads(1)
+    suite = EvalSuite(duration_s=suite_s)
+    base_cfg = FlRunConfig(home=home, registry_dir=home / "registry", rounds=rounds, vehicles=vehicles,
+                           local_epochs=local_epochs, episodes=3, episode_s=20.0, quorum_frac=0.6, suite=suite)
+    t0 = time.perf_counter()
+    _, initial, _, _, vs = _start(base_cfg)
+    samples = prepare_vehicles(vs, vehicles + 2)  # two extra vehicles never train: the offline held-out set
+    prep_s = time.perf_counter() - t0
+    from driveloop.federated.vehicle_data import VehicleDataConfig, local_dataset
+
+    dcfg = VehicleDataConfig(episodes=3, episode_s=20.0, seed=base_cfg.seed)
+    with Registry(home / "registry") as reg:
+        art = reg.get("validated")
+        local = {vehicle_id_for(i): local_dataset(vs.vehicle_dir(vehicle_id_for(i)), vehicle_id_for(i), art, dcfg)
+                 for i in range(vehicles + 2)}
+    held = {k: np.concatenate([local[vehicle_id_for(vehicles + j)][k] for j in range(2)]) for k in local["fl000"]}
+    _log(f"vehicles ready in {prep_s:.0f} s: {samples}")
+
+    results: dict[str, Any] = {"vehicles": vehicles, "rounds": rounds, "local_epochs": local_epochs,
+                               "samples_per_vehicle": samples, "prepare_s": round(prep_s, 1), "runs": {}}
+
+    def fl(name: str, **kw: Any) -> dict[str, Any]:
+        cfg = replace(base_cfg, run_name=f"bench-{name}", **kw)
+        t = time.perf_counter()
+        r = run_federated(cfg)
+        wall = time.perf_counter() - t
+        arrays, _ = load_checkpoint(home / "federated" / f"bench-{name}")
+        out = {"strategy": cfg.strategy, "wall_s": round(wall, 1), "gate": _summary(r["gate"]),
+               "stage": r["candidate_stage"], "offline_loss": offline_loss(arrays, held),
+               "round_wall_s": [x["wall_s"] for x in r["round_log"]],
+               "median_client_s": [x["median_client_s"] for x in r["round_log"]],
+               "participants": r["participants_per_round"], "faults": r["faults"],
+               "rejected": [len(x["rejected"]) for x in r["round_log"]], "clipped": [x["clipped"] for x in r["round_log"]]}
+        _log(f"{name}: {json.dumps(out)}")
+        results["runs"][name] = out
+        return out
+
+    fl("fedavg-clean")
+    # centralized: the same step on the union of the same vehicles' data, same total epochs
+    union = {k: np.concatenate([local[vehicle_id_for(i)][k] for i in range(vehicles)]) for k in local["fl000"]}
+    t = time.perf_counter()
+    state, _ = finetune({k: torch.from_numpy(v.copy()) for k, v in initial.items()}, union,
+                        FinetuneConfig(epochs=rounds * local_epochs, batch_size=64, lr=5e-4, torch_threads=1))
+    central_s = time.perf_counter() - t
+    net = PolicyNet()
+    net.load_state_dict(state)
+    onnx = export_onnx(net, home / "federated" / "central.onnx")
+    with Registry(home / "registry") as reg:
+        base = reg.get("validated")
+    cache = home / "cloud" / "eval_cache"
+    cand = _cached_eval(cache, onnx, build_manifest(onnx, name=base.manifest.name, version=base.version), suite)
+    g = gate(_cached_eval(cache, base.onnx_path, base.manifest, suite), cand, base_cfg.tolerances).as_dict()
+    results["runs"]["central"] = {"wall_s": round(central_s, 1), "gate": _summary(g), "offline_loss": offline_loss(
+        {k: v.numpy() for k, v in state.items()}, held), "samples": len(union["target_action"])}
+    _log(f"central: {json.dumps(results['runs']['central'])}")
+    results["base_offline_loss"] = offline_loss(initial, held)
+
+    fl("fedavg-dropout30", dropout=0.3)
+    fl("fedmedian-clean", strategy="fedmedian")
+    fl("fedmedian-poison20", strategy="fedmedian", poison=0.2)
+    fl("fedavg-poison20-noclip", poison=0.2, clip_median_factor=0.0)
+    return results
+
+
+def section_scale(home: Path, vehicles: int) -> dict[str, Any]:
+    from driveloop.federated.run import FlRunConfig, _start, prepare_vehicles, simulate
+
+    cfg = FlRunConfig(home=home, registry_dir=home / "registry", rounds=1, vehicles=vehicles, local_epochs=1,
+                      episodes=1, episode_s=5.0, run_name=f"bench-scale-{vehicles}", evaluate=False)
+    _, initial, _, server, vs = _start(cfg)
+    vs = replace(vs, batch_size=64)
+    t = time.perf_counter()
+    prepare_vehicles(vs, vehicles)
+    prep_s = time.perf_counter() - t
+    with TreeMemory() as mem:
+        t = time.perf_counter()
+        state = simulate(server, vs, initial, cfg.num_cpus)
+        wall = time.perf_counter() - t
+    rec = state["rounds"][0]
+    out = {"vehicles": vehicles, "prepare_s": round(prep_s, 1), "round_wall_s": rec["wall_s"],
+           "simulation_wall_s": round(wall, 1), "peak_tree_rss_mib": round(mem.peak_bytes / 2**20),
+           "accepted": rec["accepted"], "median_client_s": rec["median_client_s"]}
+    _log(f"scale: {json.dumps(out)}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--home", type=Path, default=Path("/tmp/driveloop-flbench"))
+    ap.add_argument("--vehicles", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--suite-duration", type=float, default=20.0)
+    ap.add_argument("--scale-vehicles", type=int, default=100)
+    ap.add_argument("--sections", default="compare,scale")
+    ap.add_argument("--out", type=Path, default=None, help="Also write the JSON results here.")
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    args.home.mkdir(parents=True, exist_ok=True)
+    ensure_bootstrap(args.home)
+    results: dict[str, Any] = {"machine": f"{os.cpu_count()}-core CPU, no GPU"}
+    sections = args.sections.split(",")
+    if "compare" in sections:
+        results["compare"] = section_compare(args.home, args.vehicles, args.rounds, args.local_epochs, args.suite_duration)
+        runs = results["compare"]["runs"]
+        c, f = runs["central"]["gate"]["candidate"], runs["fedavg-clean"]["gate"]["candidate"]
+        clean, robust, naive = (runs[k]["offline_loss"] for k in ("fedmedian-clean", "fedmedian-poison20", "fedavg-poison20-noclip"))
+        results["acceptance"] = {
+            "1_fl_vs_central_iph_rel": (f["interventions_per_hour"] - c["interventions_per_hour"]) / max(c["interventions_per_hour"], 1e-9),
+            "1_fl_collisions": f["collisions"],
+            "2_dropout_round_wall_over_clean": float(np.median(runs["fedavg-dropout30"]["round_wall_s"]) / np.median(runs["fedavg-clean"]["round_wall_s"])),
+            "2_dropout_gate_passed": runs["fedavg-dropout30"]["gate"]["passed"],
+            "3_robust_poisoned_vs_clean_loss_rel": (robust - clean) / clean,
+            "3_fedavg_poisoned_vs_clean_loss_rel": (naive - runs["fedavg-clean"]["offline_loss"]) / runs["fedavg-clean"]["offline_loss"],
+        }
+    if "scale" in sections:
+        results["scale"] = section_scale(args.home, args.scale_vehicles)
+    text = json.dumps(results, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
