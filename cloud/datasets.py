@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,7 +53,7 @@ ARRAY_SPECS: dict[str, tuple[tuple[int, ...], str]] = {
 }
 
 
-def code_version(modules: tuple[str, ...] = ("mining", "labeling", "datasets")) -> str:
+def code_version(modules: tuple[str, ...] = ("mining", "labeling", "datasets", "_dataset_build")) -> str:
     """Hash of the sources that decide what a dataset contains (a code change makes a new version)."""
     h = hashlib.sha256()
     here = Path(__file__).parent
@@ -240,150 +239,3 @@ class DatasetStore:
     def _remove_stale_temps(self) -> None:
         for p in self.root.glob(f"{_TMP_PREFIX}*"):
             shutil.rmtree(p, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- building the arrays with Ray Data
-
-_OBS = ("kinematics", "lidar", "grid")
-_LIGHT = ("segment", "frame_index", "scenario", "bin_key", "is_event", "part_event", "part_ttc", "part_confidence",
-          "part_disagreement", "nominal", "accel_err", "steer_err", "event_ahead", "hazard")
-
-
-def _segment_rows(group: Any, *, meta: dict[str, tuple[str, str]], mining: dict[str, Any], labeler: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Ray map over one segment's messages (all topics): decode ticks, score, label; one row per frame."""
-    from driveloop.cloud.labeling import LabelerConfig, accuracy_parts, label_segment
-    from driveloop.cloud.mining import MiningConfig, frames_from_ticks, score_frames
-    from driveloop.edge.segment import TICK_TOPICS, decode_tick
-
-    path = str(Path(group.column("path")[0].as_py()).resolve())
-    sha, scenario = meta[path]
-    by_topic: dict[str, list[tuple[int, dict[str, Any]]]] = {t: [] for t in TICK_TOPICS}
-    for topic, data in zip(group.column("topic").to_pylist(), group.column("data").to_pylist()):
-        if topic in by_topic:
-            by_topic[topic].append((int(data["tick"]), data))
-    for rows in by_topic.values():
-        rows.sort(key=lambda r: r[0])
-    ticks = [decode_tick({t: by_topic[t][i][1] for t in TICK_TOPICS}) for i in range(len(by_topic[TICK_TOPICS[0]]))]
-    frames = frames_from_ticks(ticks, sha, scenario)
-    mcfg, lcfg = MiningConfig(**mining), LabelerConfig(**labeler)
-    scores = score_frames(frames, mcfg)
-    labels = label_segment(frames, lcfg)
-    acc = accuracy_parts(frames, labels, lcfg)
-    n = len(frames)
-    return {
-        "segment": np.array([sha] * n, dtype=object),
-        "frame_index": np.arange(n, dtype=np.int64),
-        "scenario": np.array([scenario] * n, dtype=object),
-        "bin_key": np.array(scores.bin_keys, dtype=object),
-        "is_event": scores.event,
-        **{f"part_{k}": v for k, v in scores.parts.items()},
-        **{k: v for k, v in acc.items() if k != "hazard"},
-        "hazard": labels.hazard,
-        "time_to_hazard_s": labels.time_to_hazard_s,
-        "target_action": labels.target_action,
-        "kinematics": frames.kinematics,
-        "lidar": frames.lidar,
-        "grid": frames.grid,
-    }
-
-
-def _keep_selected(batch: dict[str, np.ndarray], *, hard: dict[str, list[int]], replay: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    """Ray map: keep the selected frames and tag each as hard or replay."""
-    seg, idx = batch["segment"], batch["frame_index"]
-    hard_sets = {k: set(v) for k, v in hard.items()}
-    replay_sets = {k: set(v) for k, v in replay.items()}
-    is_hard = np.array([int(i) in hard_sets.get(s, ()) for s, i in zip(seg, idx)], dtype=bool)
-    is_replay = np.array([int(i) in replay_sets.get(s, ()) for s, i in zip(seg, idx)], dtype=bool)
-    keep = is_hard | is_replay
-    out = {k: batch[k][keep] for k in ("segment", "frame_index", "target_action", "hazard", "time_to_hazard_s", *_OBS)}
-    out["hard"] = is_hard[keep]
-    return out
-
-
-def build_arrays_with_ray(
-    segments: list[tuple[Path, str, str]],
-    mining: Any,
-    labeler: Any,
-    seed: int,
-    data_cpus: float,
-    on_step: Any = None,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Ray Data over validated segment files: read_mcap -> per-segment score+label -> select -> arrays.
-
-    ``segments``: (path, sha256, scenario) of files that passed ``validate_segment`` (one damaged file
-    would abort the whole Ray dataset). The caller has started Ray. Returns (arrays, stats).
-    """
-    import ray
-
-    from driveloop.cloud.labeling import summarize_accuracy
-    from driveloop.cloud.mining import FrameScores, bin_counts, finish_scores, rank_segments, select_frames
-
-    timings: dict[str, float] = {}
-    clock = [time.perf_counter()]
-
-    def step(name: str) -> None:
-        now = time.perf_counter()
-        timings[name] = round(now - clock[0], 3)
-        clock[0] = now
-        if callable(on_step):
-            on_step(name)
-
-    meta = {str(Path(p).resolve()): (sha, scenario) for p, sha, scenario in segments}
-    order = {sha: i for i, sha in enumerate(sorted(sha for _, sha, _ in segments))}
-    pool = ray.data.TaskPoolStrategy(size=max(1, int(data_cpus)))
-    try:
-        raw = ray.data.read_mcap([str(Path(p).resolve()) for p, _, _ in segments], include_paths=True,
-                                 include_metadata=False, override_num_blocks=len(segments))
-        frames_ds = raw.groupby("path").map_groups(
-            _segment_rows, batch_format="pyarrow", compute=pool,
-            fn_kwargs={"meta": meta, "mining": asdict(mining), "labeler": asdict(labeler)},
-        ).materialize()
-        step("mine+label")
-        light = frames_ds.select_columns(list(_LIGHT)).to_pandas()
-    except Exception as e:  # Ray wraps worker failures in its own error types
-        raise PipelineError(f"Ray Data mine/label stage failed: {e}") from e
-    if light.empty:
-        raise PipelineError("the segments hold no frames")
-    raw_scores = []
-    for sha, g in light.groupby("segment", sort=True):
-        g = g.sort_values("frame_index")
-        parts = {k: g[f"part_{k}"].to_numpy(np.float64) for k in ("event", "ttc", "confidence", "disagreement")}
-        raw_scores.append(FrameScores(str(sha), parts, g["bin_key"].astype(str).tolist(), g["is_event"].to_numpy(bool)))
-    counts = bin_counts(raw_scores)
-    finished = [finish_scores(s, counts, mining) for s in raw_scores]
-    selection = select_frames(finished, mining, seed)
-    step("select")
-    accuracy = summarize_accuracy({k: light[k].to_numpy() for k in ("nominal", "accel_err", "steer_err", "event_ahead", "hazard")}, labeler)
-    if selection.n_hard + selection.n_replay == 0:
-        raise PipelineError("mining selected no frames")
-    try:
-        chosen = frames_ds.map_batches(
-            _keep_selected, batch_format="numpy", compute=pool,
-            fn_kwargs={"hard": {k: v.tolist() for k, v in selection.hard.items()},
-                       "replay": {k: v.tolist() for k, v in selection.replay.items()}},
-        )
-        batches = list(chosen.iter_batches(batch_format="numpy", batch_size=None))
-    except Exception as e:
-        raise PipelineError(f"Ray Data selection stage failed: {e}") from e
-    batches = [b for b in batches if len(b["segment"])]
-    cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    # A stable sample order (segment, frame) so the same inputs give byte-identical arrays.
-    seg_index = np.array([order[s] for s in cat["segment"]], dtype=np.int64)
-    sort = np.lexsort((cat["frame_index"], seg_index))
-    arrays = {
-        "kinematics": cat["kinematics"][sort].astype(np.float32),
-        "lidar": cat["lidar"][sort].astype(np.float32),
-        "grid": cat["grid"][sort].astype(np.float32),
-        "target_action": cat["target_action"][sort].astype(np.float32),
-        "hazard": cat["hazard"][sort].astype(bool),
-        "time_to_hazard_s": cat["time_to_hazard_s"][sort].astype(np.float32),
-        "hard": cat["hard"][sort].astype(bool),
-        "segment_index": seg_index[sort],
-        "frame_index": cat["frame_index"][sort].astype(np.int64),
-    }
-    step("materialize")
-    stats = {"frames": int(len(light)), "hard": selection.n_hard, "replay": selection.n_replay,
-             "segments": len(segments), "labeler": accuracy.as_dict(), "timings_s": timings,
-             "top_segments": [{"sha256": sha, "mean_score": round(v, 4)} for sha, v in rank_segments(finished)],
-             "events_by_scenario": {str(k): int(v) for k, v in light.groupby("scenario")["is_event"].sum().items()}}
-    return arrays, stats

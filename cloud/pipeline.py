@@ -180,7 +180,8 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
     from driveloop.cloud._ray import cpu_split, ensure_ray
     from driveloop.cloud.catalog import Catalog
     from driveloop.cloud.checkpoints import load_weights, save_weights
-    from driveloop.cloud.datasets import DatasetManifest, DatasetStore, build_arrays_with_ray, code_version
+    from driveloop.cloud._dataset_build import build_arrays_with_ray
+    from driveloop.cloud.datasets import DatasetManifest, DatasetStore, code_version
     from driveloop.cloud.export import check_parity, export_onnx
     from driveloop.cloud.manifest import build_manifest
     from driveloop.cloud.model import PolicyNet

@@ -163,3 +163,25 @@ def test_rerun_on_unchanged_input_reuses_dataset_and_training(loop_home: dict, t
     assert again.training["run_id"] == r.training["run_id"]
     assert "dataset.mine+label" in r.timings_s and "dataset.mine+label" not in again.timings_s
     assert again.gate["candidate"] == r.gate["candidate"]  # same candidate bytes -> cached evaluation
+
+
+def test_local_build_matches_the_ray_build(loop_home: dict) -> None:
+    """A vehicle (federated mode) builds the same arrays from its own segments without Ray."""
+    import numpy as np
+
+    from driveloop.cloud._dataset_build import build_arrays_local, build_arrays_with_ray
+    from driveloop.cloud._ray import ensure_ray
+    from driveloop.cloud.labeling import LabelerConfig
+    from driveloop.cloud.store import ObjectStore
+    from driveloop.edge.segment import validate_segment
+
+    cfg: PipelineConfig = loop_home["config"]
+    store = ObjectStore(cfg.store_url)
+    segs = [(Path(store.url_of(sha)), sha, validate_segment(store.url_of(sha)).scenario) for sha in loop_home["good"][:3]]
+    ensure_ray(None, 2)
+    ray_arrays, ray_stats = build_arrays_with_ray(segs, cfg.mining, LabelerConfig(), 0, 1)
+    local_arrays, local_stats = build_arrays_local(segs, cfg.mining, LabelerConfig(), 0)
+    assert set(ray_arrays) == set(local_arrays)
+    for k in ray_arrays:
+        assert np.array_equal(ray_arrays[k], local_arrays[k]), k
+    assert ray_stats["labeler"] == local_stats["labeler"] and ray_stats["hard"] == local_stats["hard"]
