@@ -117,12 +117,21 @@ def lead_decel_mps2(history: tuple[tuple[float, float], ...], config: AebConfig)
     if n < config.lead_decel_window_ticks:
         return 0.0
     mean_t = sum(t for t, _ in history) / n
-    mean_v = sum(v for _, v in history) / n
     var_t = sum((t - mean_t) ** 2 for t, _ in history)
     if var_t <= 0.0:
         return 0.0
-    slope = sum((t - mean_t) * (v - mean_v) for t, v in history) / var_t
+    slope = sum((t - mean_t) * v for t, v in history) / var_t  # centring t alone suffices
     return max(-slope, 0.0)
+
+
+def predict(gap_m: float, lead_speed_mps: float, closing_speed_mps: float, lead_decel_mps2: float,
+            horizon_s: float) -> tuple[float, float, float]:
+    """(gap_m, lead_speed_mps, closing_speed_mps) ``horizon_s`` ahead: ego speed held, lead keeps braking
+    until it stands (the gap ignores that stop: conservative)."""
+    t = horizon_s
+    gap = gap_m - closing_speed_mps * t - 0.5 * lead_decel_mps2 * t * t
+    lead = max(lead_speed_mps - lead_decel_mps2 * t, 0.0)
+    return gap, lead, closing_speed_mps + (lead_speed_mps - lead)
 
 
 def brake_level(
@@ -130,8 +139,7 @@ def brake_level(
     lead_decel: float, config: AebConfig,
 ) -> tuple[int, float, float, float]:
     """Brake stage for one state: (level, ttc_s, rss_safe_gap_m, required_decel_mps2)."""
-    closing = min(closing_speed_mps, max(ego_speed_mps, 0.0))
-    ttc = time_to_collision_s(gap_m, closing)
+    ttc = time_to_collision_s(gap_m, closing_speed_mps)
     rss = rss_safe_gap_m(ego_speed_mps, lead_speed_mps, config)
     need = required_decel_mps2(gap_m, ego_speed_mps, lead_speed_mps, closing_speed_mps, lead_decel, config)
     if ttc <= config.full_ttc_s or need >= config.full_decel_trigger_mps2:
@@ -147,14 +155,12 @@ def assess(
 ) -> AebAssessment:
     """AEB verdict for this tick, given the lead's speed history and whether AEB braked last tick."""
     a_l = lead_decel_mps2(history, config)
-    level, ttc, rss, need = brake_level(gap_m, ego_speed_mps, lead_speed_mps, closing_speed_mps, a_l, config)
+    closing = min(closing_speed_mps, max(ego_speed_mps, 0.0))  # a lead cannot close faster than we move
+    level, ttc, rss, need = brake_level(gap_m, ego_speed_mps, lead_speed_mps, closing, a_l, config)
     if level == NONE and was_braking and (need >= config.release_decel_mps2 or ttc <= config.release_ttc_s):
         level = PARTIAL  # hysteresis: keep braking until the hazard has clearly gone
-    t = config.fcw_lead_time_s
-    gap_ahead = gap_m - closing_speed_mps * t - 0.5 * a_l * t * t
-    lead_ahead = max(lead_speed_mps - a_l * t, 0.0)
-    closing_ahead = closing_speed_mps + (lead_speed_mps - lead_ahead)
-    level_ahead = brake_level(gap_ahead, ego_speed_mps, lead_ahead, closing_ahead, a_l, config)[0]
+    ahead = predict(gap_m, lead_speed_mps, closing, a_l, config.fcw_lead_time_s)
+    level_ahead = brake_level(ahead[0], ego_speed_mps, ahead[1], ahead[2], a_l, config)[0]
     if level == FULL:
         decel = config.full_decel_mps2
     elif level == PARTIAL:

@@ -39,7 +39,7 @@ def limit_command(
         accel_mps2 = low_a
     if not math.isfinite(steering_rad):
         steering_rad = prev_s
-    dt = dt_s if math.isfinite(dt_s) and dt_s > 0.0 else 0.0
+    dt = max(dt_s, 0.0) if math.isfinite(dt_s) else 0.0
 
     rise = config.max_jerk_mps3 * dt
     fall = (config.emergency_jerk_mps3 if emergency else config.max_jerk_mps3) * dt

@@ -23,7 +23,7 @@ import numpy as np
 from .config import WatchdogConfig
 from .types import ModelReply
 
-CLOCK_TOLERANCE_S = 1e-6  # stamps this far in the future are rounding, not a fault
+CLOCK_TOLERANCE_S = 2.0**-20  # ~1 us: stamps this far in the future are rounding (a power of two: exact tests)
 _ACTION_SHAPES = ((2,), (1, 2))
 _CONFIDENCE_SHAPES = ((), (1,), (1, 1))
 

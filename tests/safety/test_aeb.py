@@ -9,7 +9,7 @@ import pytest
 from driveloop.safety import AebConfig
 from driveloop.safety.aeb import (
     FULL, NONE, PARTIAL, REQ_DECEL_MAX_MPS2, TTC_MAX_S, assess, brake_level, lead_decel_mps2, model_brakes_enough,
-    required_decel_mps2, rss_safe_gap_m, time_to_collision_s,
+    predict, required_decel_mps2, rss_safe_gap_m, time_to_collision_s,
 )
 
 CFG = AebConfig()
@@ -180,6 +180,8 @@ NO_BRAKE = [
     ("slightly closing at a safe gap", 60.0, 25.0, 24.0, 1.0),
     ("ego stopped behind stopped lead", 2.5, 0.0, 0.0, 0.0),
     ("noisy closing while ego stopped", 2.5, 0.0, 0.0, 0.5),
+    ("noisy closing at standstill, lead very close", 0.4, 0.0, 0.0, 0.5),
+    ("noisy closing faster than a crawling ego", 3.0, 0.5, 0.0, 2.0),
 ]
 
 
@@ -277,3 +279,29 @@ def test_yielding_threshold_is_inclusive() -> None:
     exact = -DECEL_ONLY.brake_gain * result.required_decel_mps2
     assert model_brakes_enough(result, exact, DECEL_ONLY)
     assert not model_brakes_enough(result, exact + 1e-9, DECEL_ONLY)
+
+
+PREDICT = [
+    ("steady closing", (40.0, 12.0, 8.0, 0.0, 1.0), (32.0, 12.0, 8.0)),
+    ("braking lead", (40.0, 12.0, 8.0, 4.0, 1.0), (30.0, 8.0, 12.0)),
+    ("lead stops within the horizon", (40.0, 2.0, 18.0, 4.0, 1.0), (20.0, 0.0, 20.0)),
+    ("half horizon", (40.0, 12.0, 8.0, 4.0, 0.5), (35.5, 10.0, 10.0)),
+    ("opening", (20.0, 25.0, -5.0, 0.0, 2.0), (30.0, 25.0, -5.0)),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "expected"), PREDICT, ids=[p[0] for p in PREDICT])
+def test_prediction_for_the_warning(name: str, args: tuple[float, ...], expected: tuple[float, float, float]) -> None:
+    assert predict(*args) == pytest.approx(expected)
+
+
+def test_lead_decel_regression_is_exact_for_any_offset() -> None:
+    history = tuple((10.0 + 0.1 * i, 30.0 - 2.5 * 0.1 * i + (0.3 if i % 2 else -0.3)) for i in range(8))
+    # alternating +-0.3 m/s noise on a 2.5 m/s^2 deceleration: least squares by hand
+    ts = [t for t, _ in history]
+    vs = [v for _, v in history]
+    mt, mv = sum(ts) / 8, sum(vs) / 8
+    slope = sum((t - mt) * (v - mv) for t, v in history) / sum((t - mt) ** 2 for t in ts)
+    assert lead_decel_mps2(history, CFG) == pytest.approx(-slope)
+    shifted = tuple((t + 100.0, v) for t, v in history)
+    assert lead_decel_mps2(shifted, CFG) == pytest.approx(-slope)

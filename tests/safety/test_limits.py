@@ -71,3 +71,4 @@ def test_out_of_envelope_previous_command_is_clamped_first() -> None:
     assert limit_command(0.0, 0.0, 100.0, 5.0, DT, False, CFG) == pytest.approx((2.5, 0.29))
     assert limit_command(0.0, 0.0, -100.0, -5.0, DT, False, CFG) == pytest.approx((-7.5, -0.29))
     assert limit_command(0.0, 0.0, math.nan, math.nan, DT, False, CFG) == pytest.approx((-7.5, 0.0))
+    assert limit_command(0.0, 0.3, 0.0, math.nan, DT, False, CFG)[1] == pytest.approx(0.06)  # from straight

@@ -157,3 +157,18 @@ DETAILS = [
 @pytest.mark.parametrize(("name", "r", "stamp", "detail"), DETAILS, ids=[d[0] for d in DETAILS])
 def test_fault_details_are_exact(name: str, r: ModelReply, stamp: float, detail: str) -> None:
     assert check_reply(r, NOW, stamp, PERIOD_S, CFG).detail == detail
+
+
+def test_timing_boundaries_are_exact() -> None:
+    """Ages exactly at the limits are still fresh (power-of-two times keep the arithmetic exact)."""
+    from driveloop.safety.watchdog import CLOCK_TOLERANCE_S as TOL
+
+    cfg = WatchdogConfig(deadline_s=0.25, stale_ticks=3)
+    period, now = 0.25, 1.0
+    assert check_reply(reply(received=now - 0.25), now, now, period, cfg).fault is None
+    assert check_reply(reply(received=now + TOL), now, now, period, cfg).fault is None
+    assert check_reply(reply(received=now + 2 * TOL), now, now, period, cfg).fault == "deadline"
+    assert check_reply(reply(received=now), now, now - 0.75 - TOL, period, cfg).fault is None
+    assert check_reply(reply(received=now), now, now - 0.75 - 2 * TOL, period, cfg).fault == "stale"
+    assert check_reply(reply(received=now), now, now + TOL, period, cfg).fault is None
+    assert check_reply(reply(received=now), now, now + 2 * TOL, period, cfg).fault == "stale"
