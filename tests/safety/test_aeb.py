@@ -22,6 +22,8 @@ TTC = [
     ("opening", 20.0, -2.0, TTC_MAX_S),
     ("far and slow is capped", 1000.0, 1.0, TTC_MAX_S),
     ("just below the cap", 98.0, 1.0, 98.0),
+    ("exact contact while opening", 0.0, -1.0, 0.0),
+    ("half a metre", 0.5, 5.0, 0.1),
 ]
 
 
@@ -71,6 +73,12 @@ REQ = [
     ("braking lead too close", 3.0, 20.0, 5.0, 15.0, 5.0, REQ_DECEL_MAX_MPS2),
     ("inside standstill gap, opening", 1.0, 10.0, 12.0, -2.0, 0.0, 0.0),
     ("far braking lead, steady", 100.0, 30.0, 30.0, 0.0, 5.0, 900.0 / (2.0 * (98.0 + 90.0 - 10.5))),
+    ("lead at the standing threshold", 20.0, 10.0, 0.1, 9.9, 6.0, 9.9**2 / (2.0 * (18.0 - 9.9 * 0.35))),
+    ("slow closing", 3.0, 10.0, 9.5, 0.5, 0.0, 0.25 / (2.0 * (1.0 - 0.175))),
+    ("slow closing, small effective gap", 3.25, 10.0, 9.0, 1.0, 0.0, 1.0 / (2.0 * 0.9)),
+    ("gently braking lead", 30.0, 20.0, 20.0, 0.0, 0.5, 400.0 / (2.0 * (28.0 + 400.0 - 7.0))),
+    ("crawling ego, braking lead", 5.0, 0.5, 0.5, 0.0, 2.0, 0.25 / (2.0 * (3.0 + 0.0625 - 0.175))),
+    ("little room, opening, braking lead", 2.75, 1.0, 2.0, -1.0, 4.0, 1.0 / (2.0 * 0.9)),
 ]
 
 
@@ -305,3 +313,11 @@ def test_lead_decel_regression_is_exact_for_any_offset() -> None:
     assert lead_decel_mps2(history, CFG) == pytest.approx(-slope)
     shifted = tuple((t + 100.0, v) for t, v in history)
     assert lead_decel_mps2(shifted, CFG) == pytest.approx(-slope)
+
+
+def test_rss_gate_is_strict() -> None:
+    """Exactly at the RSS distance the gap counts as safe: only the TTC <= partial and gap < RSS stage differs."""
+    cfg = dataclasses.replace(TTC_ONLY, partial_ttc_s=2.0)
+    gap = rss_safe_gap_m(8.0, 0.0, cfg)
+    assert brake_level(gap, 8.0, 0.0, 8.0, 0.0, cfg)[0] == NONE
+    assert brake_level(gap - 1e-9, 8.0, 0.0, 8.0, 0.0, cfg)[0] == PARTIAL
