@@ -184,4 +184,5 @@ def test_local_build_matches_the_ray_build(loop_home: dict) -> None:
     assert set(ray_arrays) == set(local_arrays)
     for k in ray_arrays:
         assert np.array_equal(ray_arrays[k], local_arrays[k]), k
-    assert ray_stats["labeler"] == local_stats["labeler"] and ray_stats["hard"] == local_stats["hard"]
+    assert ray_stats["labeler"] == pytest.approx(local_stats["labeler"], rel=1e-12, nan_ok=True)  # summation order
+    assert ray_stats["hard"] == local_stats["hard"] and ray_stats["replay"] == local_stats["replay"]
