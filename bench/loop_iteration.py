@@ -8,7 +8,7 @@ Prints each step's wall time, the held-out gate (current vs candidate) and the a
 interventions/hour >= 30% lower, zero collisions, progress within 5%, whole iteration <= 15 min.
 Ratios come from one run on the same machine, so they compare like with like.
 
-    python bench/loop_iteration.py [--home DIR] [--vehicles 8] [--duration 300] [--epochs 4] [--json]
+    python bench/loop_iteration.py [--home DIR] [--vehicles 8] [--duration 300] [--epochs 10] [--json]
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> int:
     ap.add_argument("--home", type=Path, default=None, help="Data directory (default: a fresh temp dir).")
     ap.add_argument("--vehicles", type=int, default=8)
     ap.add_argument("--duration", type=float, default=300.0)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--suite-duration", type=float, default=30.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

@@ -132,7 +132,7 @@ class MiningConfig:
     score_threshold: float = 0.3
     window_s: float = 2.0
     top_k: int = 20_000
-    replay_ratio: float = 1.0
+    replay_ratio: float = 3.0  # nominal frames distilled per hard frame: keeps nominal driving (and comfort)
 
     def __post_init__(self) -> None:
         positive = ("ttc_threshold_s", "disagreement_scale_mps2", "disagreement_scale_rad", "speed_bin_mps", "gap_bin_m")

@@ -38,7 +38,7 @@ _CKPT_PREFIX = "epoch_"
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    epochs: int = 4
+    epochs: int = 10
     batch_size: int = 256
     lr: float = 5e-4
     anchor_l2: float = 1e-3  # pull toward the base weights: bounded drift, less forgetting

@@ -60,7 +60,7 @@ def _print_report(r: dict[str, Any]) -> None:
 @pipeline_app.command("run")
 def run(
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
-    epochs: int = typer.Option(4, "--epochs", min=1, help="Fine-tune epochs."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Fine-tune epochs."),
     max_segments: int = typer.Option(0, "--max-segments", min=0, help="Use at most this many new segments (0: all)."),
     suite_duration_s: float = typer.Option(30.0, "--suite-duration", min=1.0, help="Simulated seconds per held-out vehicle."),
     base: str = typer.Option("", "--base", help="Registry ref of the current model (default: newest released, else validated)."),
