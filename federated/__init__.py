@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 _WHERE = {
-    "FlRunConfig": "run", "run_federated": "run", "simulate": "run",
+    "FlRunConfig": "run", "run_federated": "run", "run_deployed": "run", "simulate": "run", "prepare_vehicles": "run",
     "ServerSettings": "server", "make_server_app": "server", "run_rounds": "server", "build_strategy": "server",
     "load_checkpoint": "server", "STRATEGIES": "server",
     "VehicleSettings": "client", "make_client_app": "client", "vehicle_id_for": "client",
