@@ -167,7 +167,7 @@ def build_arrays_with_ray(
         raw = ray.data.read_mcap([str(Path(p).resolve()) for p, _, _ in segments], include_paths=True,
                                  include_metadata=False, override_num_blocks=len(segments))
         frames_ds = raw.groupby("path").map_groups(
-            _segment_rows, batch_format="pyarrow", compute=pool,
+            _segment_rows, batch_format="pyarrow", compute=pool,  # type: ignore[arg-type]
             fn_kwargs={"meta": meta, "mining": asdict(mining), "labeler": asdict(labeler)},
         ).materialize()
         clock.step("mine+label")

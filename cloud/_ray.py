@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from driveloop.exceptions import ConfigError, PipelineError
 
@@ -78,7 +79,7 @@ def ensure_ray(address: str | None = None, num_cpus: int = 2) -> RayRuntime:
 
     with _lock:
         if not ray.is_initialized():
-            kwargs: dict[str, object] = {
+            kwargs: dict[str, Any] = {
                 "include_dashboard": False,
                 "logging_level": logging.WARNING,
                 "log_to_driver": False,

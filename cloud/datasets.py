@@ -214,7 +214,7 @@ class DatasetStore:
         tmp.mkdir()
         try:
             with open(tmp / "arrays.npz", "wb") as f:
-                np.savez(f, **arrays)
+                np.savez(f, **arrays)  # type: ignore[arg-type]
                 f.flush()
                 os.fsync(f.fileno())
             _write_json(tmp / "stats.json", {**stats, "samples": n})
