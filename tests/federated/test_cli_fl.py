@@ -54,3 +54,26 @@ def test_fl_run_bad_flags_fail_with_one_line(argv, needle, fl_home: Path, monkey
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
     assert not (fl_home / "federated" / "vehicles" / "fl009").exists()
+
+
+def test_human_report_shows_rounds_rejections_dp_and_gate(capsys, monkeypatch) -> None:
+    from driveloop._cli_fl import _print_report
+
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: rich does not fold the table cells
+
+    side = {"interventions_per_hour": 120.0, "collisions": 0, "progress": 0.9}
+    report = {
+        "run": "run-x", "strategy": "fedmedian", "vehicles": 4, "candidate": 7, "candidate_stage": "rejected",
+        "dp": {"noise_multiplier": 0.1, "clipping_norm": 1.0},
+        "round_log": [{"round": 1, "sampled": 4, "replied": 4, "failed": 0, "accepted": 3, "clipped": 1, "wall_s": 2.0,
+                       "rejected": [{"vehicle": "fl001", "reason": "non_finite"}], "closed": "complete", "skipped": False},
+                      {"round": 2, "sampled": 4, "replied": 1, "failed": 3, "accepted": 1, "clipped": 0, "wall_s": 1.0,
+                       "rejected": [], "closed": "skipped", "skipped": True}],
+        "gate": {"passed": False, "baseline": side, "candidate": {**side, "interventions_per_hour": 60.0},
+                 "reasons": ["highway: comfort_kept failed"]},
+    }
+    _print_report(report)
+    out = capsys.readouterr().out
+    assert "fl001:non_finite" in out and "skipped" in out and "noise_multiplier=0.1" in out
+    assert "FAILED" in out and "120.0 -> 60.0" in out and "highway: comfort_kept failed" in out
+    assert "v7: rejected" in out
