@@ -37,6 +37,7 @@ _LAZY_PIPELINE_API = {
     "train_with_ray": "train", "ClassMetrics": "evaluation", "EvalSuite": "evaluation", "GateTolerances": "evaluation",
     "GateResult": "evaluation", "gate": "evaluation", "evaluate_model": "evaluation",
     "PipelineConfig": "pipeline", "PipelineReport": "pipeline", "run_pipeline": "pipeline",
+    "gate_and_register": "pipeline",
 }
 _LAZY_MODEL_API.update(_LAZY_PIPELINE_API)
 __all__ += list(_LAZY_PIPELINE_API)

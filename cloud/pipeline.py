@@ -173,18 +173,74 @@ def _cached_eval(cache_dir: Path, onnx_path: Path, manifest: Any, suite: EvalSui
     return metrics
 
 
+@dataclass(frozen=True)
+class ShippedCandidate:
+    version: int
+    stage: str  # "validated" (gate passed) or "rejected"
+    gate: Any  # GateResult
+    parity_max_abs: float
+
+
+def gate_and_register(
+    state: dict[str, Any],
+    base: Any,
+    registry: Any,
+    *,
+    registry_dir: Path,
+    work_dir: Path,
+    eval_cache_dir: Path,
+    suite: EvalSuite,
+    tolerances: GateTolerances,
+    dataset_version: str | None,
+    training_run: dict[str, Any],
+    metrics: dict[str, Any],
+    lineage: dict[str, Any],
+    timer: Callable[[str], Any] | None = None,
+) -> ShippedCandidate:
+    """Fine-tuned weights -> ONNX (parity <= 1e-4) -> closed-loop gate vs ``base`` on the held-out suite ->
+    registered candidate with lineage + torch weights; ``validated`` only if the gate passed, else
+    ``rejected`` with the failed checks as the reason. Shared by the cloud pipeline and federated runs."""
+    from contextlib import nullcontext
+
+    from driveloop.cloud.checkpoints import save_weights
+    from driveloop.cloud.export import check_parity, export_onnx
+    from driveloop.cloud.manifest import build_manifest
+    from driveloop.cloud.model import PolicyNet
+
+    time_it = timer or (lambda name: nullcontext())
+    with time_it("export"):
+        model = PolicyNet()
+        model.load_state_dict(state)
+        onnx_path = export_onnx(model, Path(work_dir) / "candidate.onnx")
+        parity = float(check_parity(model, onnx_path))
+    with time_it("evaluate"):
+        baseline = _cached_eval(eval_cache_dir, base.onnx_path, base.manifest, suite)
+        provisional = build_manifest(onnx_path, name=base.manifest.name, version=base.version)
+        candidate = _cached_eval(eval_cache_dir, onnx_path, provisional, suite)
+        result = gate(baseline, candidate, tolerances)
+    with time_it("register"):
+        cand = registry.register(
+            onnx_path, name=base.manifest.name, parent_version=base.version, dataset_version=dataset_version,
+            training_run=training_run, metrics={**metrics, "gate": result.as_dict(), "parity_max_abs": parity},
+            lineage={**lineage, "eval_suite": suite.to_dict()},
+        )
+        save_weights(registry_dir, cand.sha256, state)
+        if result.passed:
+            registry.set_stage(cand.version, "validated", "closed-loop gate passed")
+        else:
+            registry.set_stage(cand.version, "rejected", "gate failed: " + "; ".join(result.reasons))
+    return ShippedCandidate(cand.version, "validated" if result.passed else "rejected", result, parity)
+
+
 def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) -> PipelineReport:
     """Run one iteration of the loop (see module docstring); returns what it did and measured."""
     import torch
 
     from driveloop.cloud._ray import cpu_split, ensure_ray
     from driveloop.cloud.catalog import Catalog
-    from driveloop.cloud.checkpoints import load_weights, save_weights
+    from driveloop.cloud.checkpoints import load_weights
     from driveloop.cloud._dataset_build import build_arrays_with_ray
     from driveloop.cloud.datasets import DatasetManifest, DatasetStore, code_version
-    from driveloop.cloud.export import check_parity, export_onnx
-    from driveloop.cloud.manifest import build_manifest
-    from driveloop.cloud.model import PolicyNet
     from driveloop.cloud.registry import Registry
     from driveloop.cloud.store import ObjectStore
     from driveloop.cloud.train import train_with_ray
@@ -248,37 +304,19 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
                                                       cpus_per_worker=split.cpus_per_train_worker)
         report.training = {k: v for k, v in train_metrics.items() if k != "history"} | {"run_id": run_id}
 
-        with stage("export"):
-            model = PolicyNet()
-            model.load_state_dict(state)
-            onnx_path = export_onnx(model, run_dir / "candidate.onnx")
-            report.parity_max_abs = float(check_parity(model, onnx_path))
-
-        with stage("evaluate"):
-            cache = config.cloud_dir / "eval_cache"
-            baseline = _cached_eval(cache, base.onnx_path, base.manifest, config.suite)
-            provisional = build_manifest(onnx_path, name=base.manifest.name, version=base.version)
-            candidate = _cached_eval(cache, onnx_path, provisional, config.suite)
-            result = gate(baseline, candidate, config.tolerances)
-        report.gate = result.as_dict()
-
+        shipped = gate_and_register(
+            state, base, registry, registry_dir=config.registry_dir, work_dir=run_dir,
+            eval_cache_dir=config.cloud_dir / "eval_cache", suite=config.suite, tolerances=config.tolerances,
+            dataset_version=dataset.version,
+            training_run={"run_id": run_id, "config": config.finetune.to_dict(), "metrics": report.training},
+            metrics={"labeler": report.labeler},
+            lineage={"base_version": base.version, "dataset_digest": dataset.manifest.digest, "segments": len(segments),
+                     "label_version": LABEL_VERSION, "code_version": dataset.manifest.code_version},
+            timer=stage,
+        )
+        report.parity_max_abs, report.gate = shipped.parity_max_abs, shipped.gate.as_dict()
+        report.candidate, report.candidate_stage = shipped.version, shipped.stage
         with stage("register"):
-            cand = registry.register(
-                onnx_path, name=base.manifest.name, parent_version=base.version, dataset_version=dataset.version,
-                training_run={"run_id": run_id, "config": config.finetune.to_dict(), "metrics": report.training},
-                metrics={"gate": report.gate, "parity_max_abs": report.parity_max_abs, "labeler": report.labeler},
-                lineage={"base_version": base.version, "dataset_digest": dataset.manifest.digest,
-                         "segments": len(segments), "eval_suite": config.suite.to_dict(),
-                         "label_version": LABEL_VERSION, "code_version": dataset.manifest.code_version},
-            )
-            save_weights(config.registry_dir, cand.sha256, state)
-            if result.passed:
-                registry.set_stage(cand.version, "validated", "closed-loop gate passed")
-                report.candidate_stage = "validated"
-            else:
-                registry.set_stage(cand.version, "rejected", "gate failed: " + "; ".join(result.reasons))
-                report.candidate_stage = "rejected"
-            report.candidate = cand.version
             catalog.mark_consumed([sha for _, sha, _ in segments], dataset.version)
         return report
     except DriveloopError:
