@@ -321,3 +321,10 @@ def test_rss_gate_is_strict() -> None:
     gap = rss_safe_gap_m(8.0, 0.0, cfg)
     assert brake_level(gap, 8.0, 0.0, 8.0, 0.0, cfg)[0] == NONE
     assert brake_level(gap - 1e-9, 8.0, 0.0, 8.0, 0.0, cfg)[0] == PARTIAL
+
+
+def test_required_decel_at_exactly_no_room() -> None:
+    """Zero effective room is 'cannot stop any more' (capped), never a division by zero."""
+    cfg = dataclasses.replace(CFG, actuation_delay_s=0.5)  # exact binary arithmetic
+    assert required_decel_mps2(12.0, 20.0, 0.0, 20.0, 0.0, cfg) == REQ_DECEL_MAX_MPS2  # 10 m margin - 20 m/s x 0.5 s
+    assert required_decel_mps2(4.0, 6.0, 2.0, 4.0, 2.0, cfg) == REQ_DECEL_MAX_MPS2  # 2 + 1 - 3 = 0 m available
