@@ -74,6 +74,7 @@ def run(
     dp_clip: float = typer.Option(1.0, "--dp-clip", min=1e-9, help="DP clipping norm of an update."),
     fraction: float = typer.Option(1.0, "--fraction", min=1e-6, max=1.0, help="Share of vehicles sampled per round."),
     dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.99, help="Share of vehicles dropping out mid-round."),
+    dropout_mode: str = typer.Option("dropout", "--dropout-mode", help="dropout (error mid-round) | straggle (reply after the deadline)."),
     poison: float = typer.Option(0.0, "--poison", min=0.0, max=0.99, help="Share of vehicles sending poisoned updates."),
     quorum: float = typer.Option(0.6, "--quorum", min=0.01, max=1.0, help="Share of sampled vehicles that makes a round."),
     deadline_s: float = typer.Option(300.0, "--deadline", min=0.1, help="Round deadline in seconds."),
@@ -101,10 +102,10 @@ def run(
     ServerSettings(run_dir=".", vehicles=vehicles, strategy=strategy)  # validate before any work
     cfg = FlRunConfig(
         home=Path(settings.home), registry_dir=Path(settings.registry_dir), rounds=rounds, vehicles=vehicles,
-        strategy=strategy, fraction=fraction, dropout=dropout, poison=poison, dp=dp, dp_noise_multiplier=dp_noise,
+        strategy=strategy, fraction=fraction, dropout=dropout, dropout_mode=dropout_mode, poison=poison, dp=dp, dp_noise_multiplier=dp_noise,
         dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, close_at_quorum=close_at_quorum, clip_median_factor=clip_factor,
         base_ref=base or None, episodes=episodes, episode_s=episode_s, local_epochs=local_epochs, seed=seed,
-        num_cpus=settings.num_cpus, run_name=run_name or None, suite=_suite(suite_classes, suite_duration_s),
+        straggle_s=deadline_s * 2, num_cpus=settings.num_cpus, run_name=run_name or None, suite=_suite(suite_classes, suite_duration_s),
     )
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True)) as progress:

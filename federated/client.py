@@ -18,7 +18,8 @@ the node config (``vehicle-id``) or, in simulation, from the node's ``partition-
 
 Faults (for the robustness benchmarks): ``faults`` maps a vehicle id to ``scale50`` / ``signflip``
 (poisoned updates), ``dropout`` (the vehicle trains, then drops off mid-round: its reply is an error),
-``nan``, ``shape`` (broken updates) or ``impostor`` (claims an id outside the fleet).
+``straggle`` (it answers only after ``straggle_s``: past the round's deadline), ``nan``, ``shape`` (broken
+updates) or ``impostor`` (claims an id outside the fleet).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from driveloop.exceptions import ConfigError, FederatedError
 
 logger = logging.getLogger(__name__)
 
-FAULTS = ("scale50", "signflip", "dropout", "nan", "shape", "impostor")
+FAULTS = ("scale50", "signflip", "dropout", "straggle", "nan", "shape", "impostor")
 META_KEY, ARRAYS_KEY, METRICS_KEY = "meta", "arrays", "metrics"
 
 
@@ -75,6 +76,7 @@ class VehicleSettings:
     anchor_l2: float = 1e-3
     data_seed: int = 0
     faults: str = ""
+    straggle_s: float = 60.0
 
     def __post_init__(self) -> None:
         parse_faults(self.faults)
@@ -158,6 +160,8 @@ def handle_train(settings: VehicleSettings, vehicle_id: str, msg: Any) -> Any:
 
     t0 = time.perf_counter()
     fault = parse_faults(settings.faults).get(vehicle_id, "")
+    if fault == "straggle":
+        time.sleep(settings.straggle_s)
     global_arrays = msg.content[ARRAYS_KEY]
     config = msg.content.get("config", ConfigRecord())
     mu = float(config.get("proximal-mu", 0.0))

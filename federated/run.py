@@ -47,6 +47,8 @@ class FlRunConfig:
     strategy: str = "fedavg"
     fraction: float = 1.0
     dropout: float = 0.0  # share of vehicles that drop out mid-round, every round
+    dropout_mode: str = "dropout"  # dropout: the vehicle errors out mid-round | straggle: it answers too late
+    straggle_s: float = 60.0
     poison: float = 0.0  # share of vehicles sending poisoned updates (alternating x50-scaled / sign-flipped)
     poison_kind: str = "mixed"  # mixed | scale50 | signflip
     dp: bool = False
@@ -74,6 +76,8 @@ class FlRunConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"--{name} must be a fraction in [0, 1), got {v}")
+        if self.dropout_mode not in ("dropout", "straggle"):
+            raise ConfigError(f"dropout_mode must be dropout or straggle, got {self.dropout_mode!r}")
         if self.poison_kind not in ("mixed", "scale50", "signflip"):
             raise ConfigError(f"poison_kind must be mixed, scale50 or signflip, got {self.poison_kind!r}")
         if self.num_cpus < 1:
@@ -88,7 +92,7 @@ class FlRunConfig:
         for j, vid in enumerate(order[:n_poison]):
             out[vid] = self.poison_kind if self.poison_kind != "mixed" else ("scale50" if j % 2 == 0 else "signflip")
         for vid in order[n_poison : n_poison + n_drop]:
-            out[vid] = "dropout"
+            out[vid] = self.dropout_mode
         return out
 
 
@@ -117,7 +121,7 @@ def settings_for(cfg: FlRunConfig, base_version: int, run_dir: Path) -> tuple[Se
     vehicle = VehicleSettings(
         home=str(Path(cfg.home).resolve()), registry_dir=str(Path(cfg.registry_dir).resolve()), base_ref=str(base_version),
         episodes=cfg.episodes, episode_s=cfg.episode_s, local_epochs=cfg.local_epochs, lr=cfg.lr, data_seed=cfg.seed,
-        faults=format_faults(cfg.faults()),
+        faults=format_faults(cfg.faults()), straggle_s=cfg.straggle_s,
     )
     return server, vehicle
 

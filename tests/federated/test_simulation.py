@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from driveloop.federated.run import simulate
 from driveloop.federated.server import ServerSettings, load_checkpoint
 
@@ -81,3 +82,15 @@ def test_dropouts_are_excluded_and_a_round_without_quorum_is_skipped_not_the_run
     assert [r["round"] for r in state2["rounds"]] == [1, 2]
     assert state2["rounds"][0] == json.loads(json.dumps(rec))
     assert not state2["rounds"][1]["skipped"] and state2["rounds"][1]["failed"] == 1
+
+
+@pytest.mark.slow  # Flower's teardown waits for the sleeping straggler's actor
+def test_a_straggler_is_excluded_at_the_deadline_and_the_round_aggregates_the_rest(fl_home: Path) -> None:
+    base = base_arrays(fl_home)
+    server = ServerSettings(run_dir=str(fl_home / "federated" / "straggle"), vehicles=VEHICLES, rounds=1,
+                            quorum_frac=0.5, round_deadline_s=40.0)  # round 1 also starts Flower's Ray actors
+    state = simulate(server, vehicle_settings(fl_home, faults="fl003:straggle", straggle_s=120.0), base)
+    (rec,) = state["rounds"]
+    assert rec["closed"] == "quorum" and not rec["skipped"]
+    assert rec["participants"] == ["fl000", "fl001", "fl002"] and rec["replied"] == 3
+    assert 40.0 <= rec["wall_s"] < 120.0
