@@ -55,6 +55,8 @@ def test_bad_updates_are_rejected_the_round_goes_on_and_no_raw_data_leaves(fl_ho
     honest = next(m for m in replies if m.content["meta"]["vehicle-id"] == "fl002")
     for k, a in honest.content["arrays"].items():
         assert tuple(a.shape) == base[k].shape
+        # FedAvg over one accepted update is that update, tensor by tensor (no key mix-up, no clipping)
+        np.testing.assert_allclose(arrays[k], np.asarray(a.numpy()), rtol=1e-6, atol=1e-7)
     # the cloud side was never touched: no catalog, no object store
     assert not (fl_home / "cloud" / "catalog.db").exists()
     assert not (fl_home / "cloud" / "store").exists()
