@@ -8,11 +8,10 @@ The ONNX graph is what ships to vehicles; the torch state dict is what every fin
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from driveloop._atomic import write_atomic
 from driveloop.exceptions import ModelError
 
 
@@ -21,23 +20,13 @@ def weights_path(registry_root: Path | str, onnx_sha256: str) -> Path:
 
 
 def save_weights(registry_root: Path | str, onnx_sha256: str, state_dict: dict[str, Any]) -> Path:
-    """Write the state dict atomically (temp file + fsync + rename)."""
+    """Write the state dict atomically (``driveloop._atomic``)."""
     import torch
 
     path = weights_path(registry_root, onnx_sha256)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, buf.getvalue())
     return path
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from driveloop._atomic import write_atomic
 from driveloop.edge.contract import io_contract
 from driveloop.exceptions import ModelError
 
@@ -69,13 +70,7 @@ def temp_path_for(dest: Path) -> Path:
 def atomic_write_bytes(dest: Path | str, data: bytes) -> Path:
     """Write ``data`` to ``dest`` so that ``dest`` is either absent/old or complete, never partial."""
     dest = Path(dest)
-    tmp = temp_path_for(dest)
-    try:
-        tmp.write_bytes(data)
-        fsync_replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(dest, data)
     return dest
 
 

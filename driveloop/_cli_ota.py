@@ -17,6 +17,7 @@ from typing import Any
 
 import typer
 
+from driveloop._atomic import write_atomic
 from driveloop.cli import app
 from driveloop.exceptions import ConfigError, OtaError
 
@@ -38,15 +39,8 @@ def _admin_token(ota_dir: Path, create: bool) -> str:
         return path.read_text().strip()
     if not create:
         raise ConfigError(f"no admin token: set {ADMIN_TOKEN_ENV} or run `driveloop ota serve` once")
-    ota_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, (token + "\n").encode(), mode=0o600)
     typer.echo(f"admin token written to {path}", err=True)
     return token
 

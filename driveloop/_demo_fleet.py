@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from driveloop._atomic import write_atomic
 from driveloop.edge._health_window import HealthWindowResult
 from driveloop.edge.agent import AgentConfig
 from driveloop.edge.fleet import FleetReport, InferenceClient, InProcessInference, VehiclePlan, run_fleet
@@ -60,11 +61,7 @@ class DemoFleet:
             r = self.http.post(f"{self.server_url}/v1/vehicles", json={"vehicle_id": vid, "hardware_class": "cpu"},
                                headers=self.admin)
             r.raise_for_status()
-            vdir.mkdir(parents=True, exist_ok=True)
-            tmp = cred_file.with_suffix(".part")
-            tmp.write_text(json.dumps(r.json()))
-            tmp.chmod(0o600)
-            tmp.replace(cred_file)
+            write_atomic(cred_file, json.dumps(r.json()).encode(), mode=0o600)
         token = json.loads(cred_file.read_text())["token"]
         return SimVehicle(vid, OtaClient(vid, self.server_url, token, vdir, http=self.http), self.seed * 1000 + i)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from driveloop._atomic import write_atomic
 from driveloop.exceptions import ConfigError, OtaError
 
 logger = logging.getLogger(__name__)
@@ -80,14 +80,7 @@ class IterationResult:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+    write_atomic(path, json.dumps(data, indent=1, default=str).encode())
 
 class FleetServer:
     """The OTA fleet server on 127.0.0.1, in a thread of this process (dashboard included)."""
@@ -157,11 +150,7 @@ class Demo:
     def _admin_token(self) -> str:
         path = self.dir / "admin_token"
         if not path.exists():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".part")
-            tmp.write_text(secrets.token_urlsafe(24))
-            tmp.chmod(0o600)
-            tmp.replace(path)
+            write_atomic(path, secrets.token_urlsafe(24).encode(), mode=0o600)
         return path.read_text().strip()
 
     # -- the loop ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from driveloop._atomic import fsync_dir
 from driveloop.edge.segment import PART_SUFFIX, SEGMENT_SUFFIX
 from driveloop.exceptions import ConfigError, StorageError
 
@@ -49,15 +50,6 @@ class SpoolEntry:
     @property
     def has_event(self) -> bool:
         return self.priority > 0
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/unlink in ``path`` durable (POSIX: the directory entry must be fsynced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_vehicle_id(vehicle: str) -> str:

@@ -12,39 +12,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from driveloop._atomic import fsync_dir, write_atomic
+
 logger = logging.getLogger(__name__)
 
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory entry change (rename, create, unlink) across a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` all-or-nothing (temp file + fsync + os.replace + dir fsync)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(path.parent)
+__all__ = ["fsync_dir", "remove_stale_temps", "repo_lock", "write_atomic"]
 
 
 def remove_stale_temps(directory: Path) -> int:
