@@ -129,7 +129,7 @@ def _assemble(batches: list[dict[str, np.ndarray]], shas: list[str]) -> dict[str
 def _stats(light: Any, selection: Any, accuracy: Any, finished: list[Any], n_segments: int, timings: dict[str, float]) -> dict[str, Any]:
     from driveloop.cloud.mining import rank_segments
 
-    return {"frames": int(len(light)), "hard": selection.n_hard, "replay": selection.n_replay,
+    return {"frames": len(light), "hard": selection.n_hard, "replay": selection.n_replay,
             "segments": n_segments, "labeler": accuracy.as_dict(), "timings_s": timings,
             "top_segments": [{"sha256": sha, "mean_score": round(v, 4)} for sha, v in rank_segments(finished)],
             "events_by_scenario": {str(k): int(v) for k, v in light.groupby("scenario")["is_event"].sum().items()}}

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from driveloop._atomic import fsync_dir
 from driveloop.edge.contract import GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS
 from driveloop.exceptions import PipelineError, StorageError
 
@@ -219,11 +220,7 @@ class DatasetStore:
                 os.fsync(f.fileno())
             _write_json(tmp / "stats.json", {**stats, "samples": n})
             _write_json(tmp / "manifest.json", manifest.to_dict())  # last: its presence marks completeness
-            dir_fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(tmp)
             try:
                 os.replace(tmp, final)
             except OSError:

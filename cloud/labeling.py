@@ -105,7 +105,7 @@ def ground_truth_ttc(frames: SegmentFrames) -> np.ndarray:
 
 def _future_steps(n: int, horizon_s: float) -> tuple[np.ndarray, np.ndarray]:
     """Index matrix [n, K+1] of t..t+K (clamped to the segment end) and a validity mask."""
-    k = int(round(horizon_s / CONTROL_PERIOD_S))
+    k = round(horizon_s / CONTROL_PERIOD_S)
     idx = np.arange(n)[:, None] + np.arange(k + 1)[None, :]
     return np.minimum(idx, n - 1), idx < n
 
@@ -201,7 +201,7 @@ def accuracy_parts(frames: SegmentFrames, labels: Labels, config: LabelerConfig)
     """
     truth = (frames.ttc_s < config.hazard_ttc_s) | frames.collision
     idx, valid = _future_steps(len(frames), config.hazard_horizon_s)
-    margin = int(round(config.nominal_margin_s / CONTROL_PERIOD_S))
+    margin = round(config.nominal_margin_s / CONTROL_PERIOD_S)
     near_event = widen_mask(frames.event, margin)
     err = np.abs(labels.target_action.astype(np.float64) - frames.expert_action)
     return {
@@ -221,7 +221,7 @@ def summarize_accuracy(parts: dict[str, np.ndarray], config: LabelerConfig) -> L
     agree = (a <= config.agree_accel_mps2) & (s <= config.agree_steer_rad)
     nan = float("nan")
     result = LabelerAccuracy(
-        nominal_frames=int(len(a)),
+        nominal_frames=len(a),
         expert_accel_mae_mps2=float(a.mean()) if len(a) else nan,
         expert_steer_mae_rad=float(s.mean()) if len(s) else nan,
         expert_agreement=float(agree.mean()) if len(a) else nan,

@@ -93,7 +93,7 @@ def frames_from_ticks(ticks: list[Any], segment_id: str, scenario: str) -> Segme
     gaps = np.array([gap_m(s) for s in snaps], dtype=np.float64)
     lead_speed = np.array([s.speed_mps - closing_speed_mps(s) for s in snaps], dtype=np.float64)
     has_lead = np.isfinite(gaps)
-    f64 = lambda xs: np.array(xs, dtype=np.float64)  # noqa: E731
+    f64 = lambda xs: np.array(xs, dtype=np.float64)
     return SegmentFrames(
         segment_id=segment_id,
         scenario=scenario,
@@ -237,7 +237,7 @@ def widen_mask(mask: np.ndarray, frames: int) -> np.ndarray:
 
 def select_frames(scores: list[FrameScores], config: MiningConfig, seed: int) -> Selection:
     """Top-scoring frames (+ windows around events) capped at top_k, plus a seeded nominal replay sample."""
-    window = int(round(config.window_s / CONTROL_PERIOD_S))
+    window = round(config.window_s / CONTROL_PERIOD_S)
     candidates: list[tuple[float, str, int]] = []
     nominal: list[tuple[str, int]] = []
     for s in scores:
@@ -249,7 +249,7 @@ def select_frames(scores: list[FrameScores], config: MiningConfig, seed: int) ->
     candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
     chosen = candidates[: config.top_k]
     rng = np.random.default_rng(seed)
-    n_replay = min(len(nominal), int(round(config.replay_ratio * max(len(chosen), 1))))
+    n_replay = min(len(nominal), round(config.replay_ratio * max(len(chosen), 1)))
     replay_idx = rng.choice(len(nominal), size=n_replay, replace=False) if n_replay else np.zeros(0, dtype=int)
     hard_map: dict[str, list[int]] = {}
     for _, seg, i in chosen:

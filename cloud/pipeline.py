@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -162,14 +161,11 @@ def _cached_eval(cache_dir: Path, onnx_path: Path, manifest: Any, suite: EvalSui
     if path.is_file():
         data = json.loads(path.read_text())
         return {k: ClassMetrics(**v) for k, v in data.items()}
+    from driveloop._atomic import write_atomic
+
     metrics = evaluate_model(onnx_path, manifest, suite)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
-    with os.fdopen(fd, "w") as f:
-        json.dump({k: {n: getattr(m, n) for n in ClassMetrics.__dataclass_fields__} for k, m in metrics.items()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = {k: {n: getattr(m, n) for n in ClassMetrics.__dataclass_fields__} for k, m in metrics.items()}
+    write_atomic(path, json.dumps(data).encode())
     return metrics
 
 
@@ -236,10 +232,10 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
     """Run one iteration of the loop (see module docstring); returns what it did and measured."""
     import torch
 
+    from driveloop.cloud._dataset_build import build_arrays_with_ray
     from driveloop.cloud._ray import cpu_split, ensure_ray
     from driveloop.cloud.catalog import Catalog
     from driveloop.cloud.checkpoints import load_weights
-    from driveloop.cloud._dataset_build import build_arrays_with_ray
     from driveloop.cloud.datasets import DatasetManifest, DatasetStore, code_version
     from driveloop.cloud.registry import Registry
     from driveloop.cloud.store import ObjectStore

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -68,18 +67,16 @@ def _default_model() -> Any:
 
 
 def _atomic_torch_save(obj: object, dest: Path) -> None:
+    """torch.save, all-or-nothing (a crash mid-epoch never leaves a torn checkpoint)."""
+    import io
+
     import torch
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from driveloop._atomic import write_atomic
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(dest, buf.getvalue())
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -201,7 +198,7 @@ def finetune(
         "hard_loss_after": _eval_loss(model, dataset_arrays, hard_idx, config.batch_size),
         "replay_loss_after": _eval_loss(model, dataset_arrays, replay_idx, config.batch_size),
         "weight_delta_rel": delta / max(norm, 1e-12),
-        "samples": n, "hard_samples": int(len(hard_idx)), "replay_samples": int(len(replay_idx)),
+        "samples": n, "hard_samples": len(hard_idx), "replay_samples": len(replay_idx),
         "epochs": config.epochs, "resumed_after_epoch": resumed_from, "history": history,
     }
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics
