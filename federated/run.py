@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from driveloop.cloud.evaluation import EvalSuite, GateTolerances
+from driveloop.exceptions import ConfigError, FederatedError, RegistryError
 from driveloop.federated.client import VehicleSettings, format_faults, vehicle_id_for
 from driveloop.federated.server import (
     ReplyCallback,
@@ -32,8 +34,6 @@ from driveloop.federated.server import (
     ServerSettings,
     load_checkpoint,
 )
-
-from driveloop.exceptions import ConfigError, FederatedError, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,10 @@ def simulate(server: ServerSettings, vehicle: VehicleSettings, initial: dict[str
     """Run the ServerApp and K ClientApps on Flower's Ray simulation backend; returns the run state."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
     from driveloop.federated.client import make_client_app
     from driveloop.federated.server import make_server_app
-    from flwr.simulation import run_simulation
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": logging.WARNING,
@@ -217,56 +218,44 @@ def run_deployed(cfg: FlRunConfig, superlink_port: int, timeout_s: float = 3600.
 
 def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSettings, state: dict[str, Any],
                extra: dict[str, Any]) -> dict[str, Any]:
-    """Export the aggregated model, gate it against the base, register it with lineage."""
+    """Export the aggregated model, gate it against the base, register it with lineage: the cloud
+    pipeline's own ``gate_and_register`` (same parity check, same cached gate, same stage rules)."""
     import torch
-    from driveloop.cloud.checkpoints import save_weights
-    from driveloop.cloud.export import check_parity, export_onnx
-    from driveloop.cloud.manifest import build_manifest
-    from driveloop.cloud.model import PolicyNet
-    from driveloop.cloud.registry import Registry
 
-    torch.set_num_threads(1)
     arrays = load_checkpoint(run_dir)[0]  # type: ignore[index]
     aggregated = [r for r in state["rounds"] if not r["skipped"]]
     if not aggregated:
         raise FederatedError(f"no round of run {run_dir.name} reached quorum: the base model is unchanged")
-    model = PolicyNet()
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
-    onnx_path = export_onnx(model, run_dir / "candidate.onnx")
-    parity = float(check_parity(model, onnx_path))
+    weights = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     report: dict[str, Any] = {
         "run": run_dir.name, "strategy": cfg.strategy, "base_version": base.version, "vehicles": cfg.vehicles,
         "rounds": len(state["rounds"]), "rounds_aggregated": len(aggregated),
         "participants_per_round": [r["accepted"] for r in state["rounds"]], **extra,
-        "round_log": state["rounds"], "faults": cfg.faults(), "dp": state.get("dp"), "parity_max_abs": parity,
+        "round_log": state["rounds"], "faults": cfg.faults(), "dp": state.get("dp"), "parity_max_abs": None,
         "candidate": None, "candidate_stage": None, "gate": {},
     }
     if not cfg.evaluate:
-        return report
-    from driveloop.cloud.evaluation import gate
-    from driveloop.cloud.pipeline import (
-        _cached_eval,  # the pipeline's cached closed-loop evaluation
-    )
+        from driveloop.cloud.export import check_parity, export_onnx
+        from driveloop.cloud.model import PolicyNet
 
-    cache = Path(cfg.home) / "cloud" / "eval_cache"
-    baseline = _cached_eval(cache, base.onnx_path, base.manifest, cfg.suite)
-    candidate = _cached_eval(cache, onnx_path, build_manifest(onnx_path, name=base.manifest.name, version=base.version), cfg.suite)
-    result = gate(baseline, candidate, cfg.tolerances)
-    report["gate"] = result.as_dict()
+        model = PolicyNet()
+        model.load_state_dict(weights)
+        report["parity_max_abs"] = float(check_parity(model, export_onnx(model, run_dir / "candidate.onnx")))
+        return report
+    from driveloop.cloud.pipeline import gate_and_register
+    from driveloop.cloud.registry import Registry
+
     lineage = {"base_version": base.version, "kind": "federated", "rounds": len(state["rounds"]),
                "strategy": cfg.strategy, "participants_per_round": report["participants_per_round"],
-               "vehicles": cfg.vehicles, "fraction": cfg.fraction, "dp": state.get("dp"),
-               "eval_suite": cfg.suite.to_dict()}
+               "vehicles": cfg.vehicles, "fraction": cfg.fraction, "dp": state.get("dp")}
     with Registry(cfg.registry_dir) as registry:
-        cand = registry.register(onnx_path, name=base.manifest.name, parent_version=base.version,
-                                 training_run={"run_id": run_dir.name, "kind": "federated", "server": asdict(server),
-                                               "local_epochs": cfg.local_epochs, "lr": cfg.lr},
-                                 metrics={"gate": report["gate"], "parity_max_abs": parity}, lineage=lineage)
-        save_weights(cfg.registry_dir, cand.sha256, model.state_dict())
-        if result.passed:
-            registry.set_stage(cand.version, "validated", "closed-loop gate passed (federated)")
-        else:
-            registry.set_stage(cand.version, "rejected", "gate failed: " + "; ".join(result.reasons))
-    report["candidate"] = cand.version
-    report["candidate_stage"] = "validated" if result.passed else "rejected"
+        shipped = gate_and_register(
+            weights, base, registry, registry_dir=Path(cfg.registry_dir), work_dir=run_dir,
+            eval_cache_dir=Path(cfg.home) / "cloud" / "eval_cache", suite=cfg.suite, tolerances=cfg.tolerances,
+            dataset_version=None, metrics={},
+            training_run={"run_id": run_dir.name, "kind": "federated", "server": asdict(server),
+                          "local_epochs": cfg.local_epochs, "lr": cfg.lr},
+            lineage=lineage)
+    report.update({"candidate": shipped.version, "candidate_stage": shipped.stage, "gate": shipped.gate.as_dict(),
+                   "parity_max_abs": shipped.parity_max_abs})
     return report
