@@ -129,6 +129,7 @@ def poison(state: dict[str, np.ndarray], base: dict[str, np.ndarray], fault: str
 def train_locally(settings: VehicleSettings, vehicle_id: str, global_state: dict[str, Any], mu: float) -> tuple[dict[str, Any], dict[str, float | int]]:
     """Fine-tune ``global_state`` on this vehicle's own data; (new state dict, numeric metrics)."""
     import torch
+
     from driveloop.cloud.registry import Registry
     from driveloop.cloud.train import FinetuneConfig, finetune
     from driveloop.federated.vehicle_data import (

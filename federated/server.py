@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from driveloop.federated._quorum import OPEN, SKIPPED, QuorumPolicy, round_state
-from driveloop.federated.robust import RobustConfig, check_reply, screen_round
 
 from driveloop.exceptions import ConfigError, FederatedError
+from driveloop.federated._quorum import OPEN, SKIPPED, QuorumPolicy, round_state
+from driveloop.federated.robust import RobustConfig, check_reply, screen_round
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from driveloop.cloud.labeling import LABEL_VERSION, LabelerConfig
 from driveloop.cloud.mining import MiningConfig
-
 from driveloop.exceptions import ConfigError, FederatedError, SegmentError
 
 logger = logging.getLogger(__name__)

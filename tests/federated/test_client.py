@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from driveloop.exceptions import ConfigError
 from driveloop.federated.client import (
     VehicleSettings,
     format_faults,
@@ -22,8 +24,6 @@ from driveloop.federated.vehicle_data import (
     vehicle_mix,
     vehicle_scenarios,
 )
-
-from driveloop.exceptions import ConfigError
 
 BASE = {"w": np.zeros((2, 2), np.float32), "b": np.ones(3, np.float32)}
 HONEST = {"w": np.full((2, 2), 0.1, np.float32), "b": np.full(3, 1.2, np.float32)}

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from driveloop.federated.deploy import supernode_argv, wait_port, write_flower_app
 
 from driveloop.cli import main
 from driveloop.exceptions import ConfigError
+from driveloop.federated.deploy import supernode_argv, wait_port, write_flower_app
 from tests.federated.conftest import EPISODE_S
 
 

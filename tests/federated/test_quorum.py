@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from driveloop.exceptions import ConfigError
 from driveloop.federated._quorum import (
     COMPLETE,
     OPEN,
@@ -11,8 +13,6 @@ from driveloop.federated._quorum import (
     QuorumPolicy,
     round_state,
 )
-
-from driveloop.exceptions import ConfigError
 
 P = QuorumPolicy(quorum_frac=0.7, round_deadline_s=10.0)
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from driveloop.federated.run import simulate
 from driveloop.federated.server import ServerSettings, load_checkpoint, save_checkpoint
-
 from tests.federated.conftest import VEHICLES, base_arrays, vehicle_settings
 
 _CHILD = """

@@ -7,6 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from driveloop.exceptions import ConfigError
 from driveloop.federated.robust import (
     RobustConfig,
     check_structure,
@@ -15,10 +19,6 @@ from driveloop.federated.robust import (
     screen_round,
     update_norm,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from driveloop.exceptions import ConfigError
 
 REF = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.ones(2, dtype=np.float32)}
 
