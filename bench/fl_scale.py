@@ -89,7 +89,6 @@ def _log(msg: str) -> None:
 def ensure_bootstrap(home: Path) -> None:
     from driveloop.cloud.bootstrap import BootstrapConfig, bootstrap
     from driveloop.cloud.registry import Registry
-
     from driveloop.exceptions import RegistryError
 
     try:
@@ -105,6 +104,7 @@ def ensure_bootstrap(home: Path) -> None:
 def offline_loss(state: dict[str, Any], arrays: dict[str, np.ndarray]) -> float:
     """Mean action loss of a model on held-out hard frames (hindsight labels)."""
     import torch
+
     from driveloop.cloud.model import PolicyNet, loss_parts
 
     net = PolicyNet()
@@ -123,6 +123,7 @@ def _summary(gate: dict[str, Any]) -> dict[str, Any]:
 
 def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, suite_s: float) -> dict[str, Any]:
     import torch
+
     from driveloop.cloud.evaluation import EvalSuite, gate
     from driveloop.cloud.export import export_onnx
     from driveloop.cloud.manifest import build_manifest
