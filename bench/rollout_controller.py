@@ -3,7 +3,7 @@
 A decision = aggregate the stage's health reports (one per vehicle) + run the gate and the state
 machine (:func:`decide`) + ask the director for every vehicle's assignment (cold hash cache, so
 every cohort position is computed). Prints times and the ratio against the smallest fleet, measured
-in the same run; writes the table to docs/BENCHMARKS_ota.md with --write. Target: 10k in < 1 s.
+in the same run; prints the markdown table recorded in docs/BENCHMARKS.md. Target: 10k in < 1 s.
 
     python bench/rollout_controller.py [--sizes 1000 10000 100000] [--repeat 3] [--write]
 """
@@ -11,11 +11,8 @@ in the same run; writes the table to docs/BENCHMARKS_ota.md with --write. Target
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from driveloop.ota.cohorts import cohort_position
 from driveloop.ota.controller import RolloutPlan, decide, start
@@ -53,7 +50,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--write", action="store_true", help="write docs/BENCHMARKS_ota.md")
     args = ap.parse_args()
     rows = []
     for n in args.sizes:
@@ -71,31 +67,6 @@ def main() -> None:
                      f"{total / base[3]:.1f}× (n {n / base[0]:.0f}×) | {total / n * 1e6:.2f} | {action} |")
     table = "\n".join(lines)
     print(table)
-    if args.write:
-        cpu = platform.processor() or platform.machine()
-        doc = f"""# OTA rollout controller benchmark
-
-`python bench/rollout_controller.py --write` (median of {args.repeat} runs; each size measured in the same
-run, ratios against the smallest fleet). Machine: {os.cpu_count()} CPU cores ({cpu}), Python
-{platform.python_version()}, no GPU; shared with other jobs while measured.
-
-One decision = aggregate one health report per vehicle by cohort, run the health gate and the
-controller's `decide()` (stage 10 %, healthy fleet → promote), then ask the director for every vehicle's
-assignment with a cold cohort-hash cache (sha256 per vehicle). Target (issue 7): 10,000 vehicles in
-< 1 s on 2 cores.
-
-{table}
-
-The cost is linear in the fleet (one pass over the reports, one hash per vehicle); the state machine
-itself is O(1) per decision. Parsing the reports (pydantic) happens when they arrive at the server,
-not per decision, so it is not in these numbers; the server's SQL aggregation replaces the Python
-pass when the fleet server runs (`FleetStore.stage_window`).
-"""
-        out = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS_ota.md"
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(doc)
-        os.replace(tmp, out)
-        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 
 from driveloop.safety import Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs, TrackData
 
-# mutmut sets MUTANT_UNDER_TEST in every phase; the slowest sweeps then run a subset (docs/BENCHMARKS_safety.md)
+# mutmut sets MUTANT_UNDER_TEST in every phase; the slowest sweeps then run a subset (docs/BENCHMARKS.md (Safety layer))
 UNDER_MUTMUT = "MUTANT_UNDER_TEST" in os.environ
 
 DT_S = 0.1
