@@ -247,11 +247,14 @@ def test_ray_read_mcap_over_segments(killed_spool: Spool, tmp_path: Path) -> Non
     (data_dir / "torn.mcap").write_bytes(whole[: len(whole) * 2 // 3])  # as a torn upload would be
     report = scan_directory(data_dir)
     assert [p.name for p, _ in report.rejected] == ["torn.mcap"]
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    started = not ray.is_initialized()  # an earlier test in this process may share its runtime
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         rows = ray.data.read_mcap([str(i.path) for i in report.valid], include_paths=True).take_all()
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     assert len(rows) == sum(i.n_messages for i in report.valid)
     kin = {(Path(r["path"]).name, r["data"]["tick"]): r["data"]["kinematics"]
            for r in rows if r["topic"] == "/sensors/kinematics"}
