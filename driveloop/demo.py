@@ -179,6 +179,7 @@ class Demo:
             fleet.provision(releases.trusted_root(), art.onnx_path,
                             {**art.manifest.model_dump(mode="json"), "version": v1.model_version})
             loop = _Loop(self, fleet, registry, releases, server.url, http)
+            loop.abort_stale_rollout(server.app.state.service.store.latest())
             done = len(state["iterations"])
             total = cfg.iterations + (1 if cfg.inject_bad_model else 0)
             for k in range(done, total):
@@ -287,7 +288,8 @@ class _Loop:
                            rounds=self.cfg.fl_rounds, vehicles=self.cfg.vehicles, strategy="fedmedian",
                            base_ref=result.model, seed=self.cfg.seed + result.index, suite=suite,
                            num_cpus=self.settings.num_cpus, run_name=f"demo-{self.cfg.seed}-it{result.index}")
-        return run_federated(conf, on_round=lambda *a: self.say(f"  federated round {a[0] if a else ''} done"))
+        return run_federated(conf, on_round=lambda r: self.say(
+            f"  federated round {r['round']}: {r['accepted']}/{r['sampled']} updates accepted"))
 
     # -- deliberately bad model ----------------------------------------------------------------------
     def _bad_model(self, base: str) -> int:
@@ -330,6 +332,14 @@ class _Loop:
         if r.status_code >= 400:
             raise OtaError(f"fleet server: {method} {path} → {r.status_code} {r.text[:200]}")
         return r.json()
+
+    def abort_stale_rollout(self, latest: Any) -> None:
+        """A rollout left running by an interrupted demo is aborted (everyone reverts); its iteration reruns."""
+        if latest is not None and latest.state.active:
+            rid = latest.state.rollout_id
+            self._admin("POST", f"/v1/rollouts/{rid}/abort",
+                        json={"actor": "demo", "reason": "demo restarted mid-rollout: revert, rerun the iteration"})
+            self.say(f"rollout {rid} was left running by an interrupted demo: aborted")
 
     def _rollout(self, version: str, previous: str) -> tuple[str, list[dict[str, Any]]]:
         self.releases.release(int(version), hardware_class="any")
