@@ -15,6 +15,7 @@ _EXPORTS = {
     "WatchdogConfig": ".config",
     "LimitsConfig": ".config",
     "FallbackConfig": ".config",
+    "LaneConfig": ".config",
     "Supervisor": ".supervisor",
     "SupervisorState": ".supervisor",
     "step": ".supervisor",

@@ -154,6 +154,22 @@ class FallbackConfig:
 
 
 @dataclass(frozen=True)
+class LaneConfig:
+    """Lane-departure guard: the AEB only looks ahead, so a model that drifts sideways is caught here.
+
+    A 2 m car in a 4 m lane touches the lane line at 1 m from the centre; the guard fires when the offset
+    predicted ``lookahead_s`` ahead (straight-line, from the heading error) exceeds ``max_offset_m``.
+    """
+
+    max_offset_m: float = 0.9
+    lookahead_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive("max_offset_m", self.max_offset_m)
+        _non_negative("lookahead_s", self.lookahead_s)
+
+
+@dataclass(frozen=True)
 class SupervisorConfig:
     """Everything the supervisor needs, plus the arbitration (hand-back) rules."""
 
@@ -161,6 +177,7 @@ class SupervisorConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    lane: LaneConfig = field(default_factory=LaneConfig)
     control_period_s: float = 0.1
     handback_hold_s: float = 1.0  # hazard must have been clear this long ...
     handback_valid_ticks: int = 5  # ... and the model valid this many ticks in a row

@@ -7,7 +7,7 @@ hand-back with its reason and timing.
 
 Arbitration rules:
 - A hazard is an AEB brake stage (the partial stage not if a valid model already brakes with margin), a
-  watchdog fault, or the model being disabled. Any hazard puts the
+  watchdog fault, a predicted lane departure, or the model being disabled. Any hazard puts the
   fallback in command on the same tick (``activation`` is True on the first such tick).
 - Hand-back to the model needs the hazard clear for ``handback_hold_s`` and the model valid for
   ``handback_valid_ticks`` consecutive ticks (hysteresis); the jerk limit then ramps the command.
@@ -23,7 +23,7 @@ from typing import cast
 
 from driveloop.exceptions import SafetyError
 
-from . import aeb
+from . import aeb, lane
 from .config import SupervisorConfig
 from .fallback import fallback_command
 from .limits import limit_command
@@ -65,7 +65,8 @@ def _lead_history(state: SupervisorState, inputs: SupervisorInputs, dt_s: float,
     return (sample,)
 
 
-def _hazard_reason(verdict: Verdict, assessment: aeb.AebAssessment | None, model_enabled: bool) -> str | None:
+def _hazard_reason(verdict: Verdict, assessment: aeb.AebAssessment | None, model_enabled: bool,
+                   departure_m: float | None) -> str | None:
     """Why the fallback must drive this tick, or None. Faults first: they are the least recoverable."""
     if not model_enabled:
         return "model disabled"
@@ -75,6 +76,8 @@ def _hazard_reason(verdict: Verdict, assessment: aeb.AebAssessment | None, model
         stage = "full" if assessment.level == aeb.FULL else "partial"
         return (f"aeb {stage}: ttc={assessment.ttc_s:.2f} s, required decel "
                 f"{assessment.required_decel_mps2:.2f} m/s^2")
+    if departure_m is not None:
+        return f"lane departure: offset {departure_m:+.2f} m predicted"
     return None
 
 
@@ -110,7 +113,8 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
             aeb.model_brakes_enough(assessment, verdict.accel_mps2, config.aeb):
         assessment = dataclasses.replace(assessment, level=aeb.NONE, decel_mps2=0.0)
     aeb_braking = assessment is not None and assessment.level > aeb.NONE
-    reason = _hazard_reason(verdict, assessment, inputs.model_enabled)
+    departure_m = lane.departure(inputs.lane_offset_m, inputs.heading_rel_rad, inputs.ego_speed_mps, config.lane)
+    reason = _hazard_reason(verdict, assessment, inputs.model_enabled, departure_m)
     model_valid = inputs.model_enabled and verdict.fault is None
     valid_streak = state.valid_streak + 1 if model_valid else 0
     if reason is not None:

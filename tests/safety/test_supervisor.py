@@ -347,7 +347,7 @@ def test_public_api_is_lazy_and_complete() -> None:
 
     assert api.__all__ == sorted(api.__all__)
     homes = {"SupervisorConfig": config, "AebConfig": config, "WatchdogConfig": config, "LimitsConfig": config,
-             "FallbackConfig": config, "Supervisor": supervisor, "SupervisorState": supervisor, "step": supervisor,
+             "FallbackConfig": config, "LaneConfig": config, "Supervisor": supervisor, "SupervisorState": supervisor, "step": supervisor,
              "SupervisorInputs": types, "ModelReply": types, "Decision": types, "Track": types, "TrackData": types,
              "FAULT_KINDS": types}
     assert sorted(homes) == api.__all__
