@@ -32,7 +32,7 @@ from driveloop.exceptions import ConfigError, OtaError
 logger = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-BRAKING_SCALE = 0.1  # the injected bad model brakes at this fraction of what its parent would
+BRAKING_SCALE = 0.0  # the injected bad model never brakes: all braking is left to the AEB
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ class _Loop:
 
     # -- deliberately bad model ----------------------------------------------------------------------
     def _bad_model(self, base: str) -> int:
-        """The current model made a late braker: its braking commands are cut to a tenth. In cruise it
+        """The current model made a late braker: its braking commands are dropped (it coasts instead). In cruise it
         agrees with the current model (shadow passes); when it actuates, hazards force the fallback.
         Registered as validated WITHOUT the closed-loop gate, on purpose, to exercise the rollout's own
         health gates. No torch weights are kept for it: nothing may ever be fine-tuned from it."""
@@ -323,7 +323,7 @@ class _Loop:
                                        training_run={"kind": "demo-injected-bad-model", "braking_scale": BRAKING_SCALE},
                                        lineage={"note": "deliberately worse (late braker); gate bypassed by the demo"})
         self.registry.set_stage(m.version, "validated", "demo --inject-bad-model: gate bypassed on purpose")
-        self.say(f"injected deliberately bad model v{m.version} (brakes at a tenth of its own command)")
+        self.say(f"injected deliberately bad model v{m.version} (never brakes: leaves all braking to the AEB)")
         return m.version
 
     # -- release and staged rollout ------------------------------------------------------------------

@@ -59,5 +59,5 @@ def trained_home(tmp_path_factory):
     from driveloop.cloud.bootstrap import BootstrapConfig, bootstrap
 
     home = tmp_path_factory.mktemp("trained_home")
-    bootstrap(home / "registry", BootstrapConfig(episodes=8, episode_s=20.0, epochs=6, workers=2, check_episodes=1))
+    bootstrap(home / "registry", BootstrapConfig(episodes=16, episode_s=25.0, epochs=10, workers=2, check_episodes=1))
     return home
