@@ -105,7 +105,7 @@ def test_defaults_are_the_documented_ones() -> None:
             "max_steer_rad": 0.35, "max_steer_rate_radps": 0.6,
         },
         "fallback": {"comfort_decel_mps2": 3.0, "lane_gain_radpm": 0.02, "heading_gain": 0.3},
-        "lane": {"max_offset_m": 0.9, "lookahead_s": 0.5},
+        "lane": {"max_offset_m": 1.4, "lookahead_s": 0.5},
         "control_period_s": 0.1, "handback_hold_s": 1.0, "handback_valid_ticks": 5,
     }
 

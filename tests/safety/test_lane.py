@@ -32,20 +32,21 @@ def test_predicted_offset(name: str, offset: float, heading: float, speed: float
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_threshold_swept_from_below_to_above(sign: float) -> None:
-    for offset in np.linspace(0.0, 1.5, 151):
+    for k in range(0, 201):
+        offset = k / 100  # 0.00 … 2.00 m, exact at the threshold
         result = departure(sign * offset, 0.0, 20.0, CFG)
-        if offset > CFG.max_offset_m + 1e-12:
+        if offset > CFG.max_offset_m:
             assert result == pytest.approx(sign * offset)
         else:
             assert result is None
     # the heading term counts: just inside the lane but heading out fires, heading in does not
-    assert departure(sign * 0.8, sign * 0.02, 20.0, CFG) is not None
-    assert departure(sign * 0.8, -sign * 0.02, 20.0, CFG) is None
+    assert departure(sign * 1.3, sign * 0.02, 20.0, CFG) is not None
+    assert departure(sign * 1.3, -sign * 0.02, 20.0, CFG) is None
 
 
 def test_lookahead_is_a_parameter() -> None:
-    assert departure(0.6, 0.03, 20.0, LaneConfig(lookahead_s=0.0)) is None
-    assert departure(0.6, 0.03, 20.0, LaneConfig(lookahead_s=1.0)) is not None
+    assert departure(1.1, 0.03, 20.0, LaneConfig(lookahead_s=0.0)) is None
+    assert departure(1.1, 0.03, 20.0, LaneConfig(lookahead_s=1.0)) is not None
 
 
 @pytest.mark.parametrize("kw", [{"max_offset_m": 0.0}, {"max_offset_m": -1.0}, {"lookahead_s": -0.1}])
@@ -64,7 +65,7 @@ def _tick(i: int, offset: float, heading: float = 0.0) -> SupervisorInputs:
 def test_supervisor_takes_over_on_departure_and_hands_back_in_lane() -> None:
     sup = Supervisor(SupervisorConfig())
     assert sup.step(_tick(0, 0.3)).source == "model"
-    d = sup.step(_tick(1, 0.95))
+    d = sup.step(_tick(1, 1.45))
     assert d.source == "fallback" and d.activation and d.reason.startswith("lane departure")
     assert d.steering_rad < 0  # steering back to the right, toward the centre
     decisions = [sup.step(_tick(i, 0.2)) for i in range(2, 30)]
