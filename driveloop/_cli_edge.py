@@ -122,10 +122,8 @@ def drive(
 
 def _upload(settings: Any) -> dict[str, Any]:
     """Drain the spool to the configured cloud (embedded local cloud when none is configured)."""
-    try:
-        from driveloop.edge.upload_job import upload_spool
-    except ModuleNotFoundError:  # the uploader is optional at this layer
-        return {"skipped": "uploader not available"}
+    from driveloop.edge.upload_job import upload_spool
+
     return upload_spool(settings)
 
 

@@ -188,7 +188,7 @@ class Demo:
                 result = loop.iteration(k, kind)
                 state["iterations"].append(asdict(result))
                 _write_json_atomic(self.state_path, state)
-            final = {"measure": loop.measure(total)}
+            final = {"measure": loop.measure()}
         registry.close()
         report = {"iterations": state["iterations"], "final_drive": final["measure"],
                   "dashboard": "served while the demo ran", "seconds": round(time.monotonic() - t_start, 1),
@@ -217,7 +217,7 @@ class _Loop:
         self.clock_s += seconds
         return report
 
-    def measure(self, k: int) -> dict[str, Any]:
+    def measure(self) -> dict[str, Any]:
         """The fleet's seeded routes, on whatever each vehicle runs now (the number the demo reports)."""
         report = self._drive(self.cfg.drive_s, 0, record=True)
         s = report.summary()
@@ -228,7 +228,7 @@ class _Loop:
     def iteration(self, k: int, kind: str) -> IterationResult:
         self.fleet.sync()
         versions = self.fleet.versions()
-        m = self.measure(k)
+        m = self.measure()
         self.say(f"fleet on {versions}: {m['interventions_per_hour']:.1f} interventions/h, "
                  f"{m['collisions']} collisions, progress {m['progress']:.2f}")
         result = IterationResult(k + 1, max(versions, key=versions.get), m["interventions_per_hour"],

@@ -82,7 +82,16 @@ class OtaClient:
         want, shadow = offer.get("version"), offer.get("shadow_version")
         action = "none"
         if want is not None and want != active.version:
+            state = self.updater.state()
+            other = state.slot(state.inactive)
+            switch_back = other.version == want and other.status == "ready" and not state.trial
             action = "pending" if self.updater.update(want) else "rejected-or-current"
+            if switch_back and action == "pending":
+                # Back to a release this vehicle already ran and committed (an aborted rollout): no new
+                # trial window — a failed trial would otherwise return the car to the aborted model.
+                self.updater.boot()
+                self.updater.commit()
+                action = "reverted"
         self.shadow = None
         if shadow is not None and shadow != active.version:
             self.shadow = self._install_shadow(shadow)

@@ -18,10 +18,9 @@ Settings come from the factory (simulation) or from the Flower run config (deplo
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from driveloop._atomic import write_atomic
 from driveloop.exceptions import ConfigError, FederatedError
 from driveloop.federated._quorum import OPEN, SKIPPED, QuorumPolicy, round_state
 from driveloop.federated.robust import RobustConfig, check_reply, screen_round
@@ -143,16 +143,9 @@ def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], state: dict[st
     path = run_dir / CHECKPOINT
     payload = dict(arrays)
     payload[_STATE_KEY] = np.frombuffer(json.dumps(state, default=float).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, suffix=".npz.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **payload)
+    write_atomic(path, buf.getvalue())
     return path
 
 

@@ -19,10 +19,9 @@ Rules it keeps:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from driveloop._atomic import write_atomic
 from driveloop.cloud.labeling import LABEL_VERSION, LabelerConfig
 from driveloop.cloud.mining import MiningConfig
 from driveloop.exceptions import ConfigError, FederatedError, SegmentError
@@ -179,25 +179,10 @@ def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConf
 
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    meta_path = path.with_suffix(".json")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.part")
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, meta_path)
-
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+    write_atomic(path.with_suffix(".json"), json.dumps(meta, sort_keys=True).encode())
 
 def local_dataset(vehicle_dir: Path, vehicle_id: str, artifact: Any, config: VehicleDataConfig) -> dict[str, np.ndarray]:
     """The vehicle's labelled training arrays (driving first if its spool is empty); cached on disk."""
