@@ -11,7 +11,6 @@ manifest or the new one, never half of one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from driveloop._atomic import write_atomic
+from driveloop._atomic import file_sha256, write_atomic
 from driveloop.edge.contract import io_contract
 from driveloop.exceptions import ModelError
 
@@ -34,14 +33,10 @@ _HEX = frozenset("0123456789abcdef")
 
 def sha256_file(path: Path | str) -> str:
     """Hex sha256 of a file's bytes, read in chunks (models may be large)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-                h.update(chunk)
+        return file_sha256(path, _CHUNK_BYTES)
     except OSError as e:
         raise ModelError(f"cannot read {path}: {e}") from e
-    return h.hexdigest()
 
 
 def fsync_replace(tmp: Path, dest: Path) -> None:

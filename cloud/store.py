@@ -25,6 +25,7 @@ from typing import IO, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from driveloop._atomic import file_sha256
 from driveloop.exceptions import StorageError
 
 logger = logging.getLogger(__name__)
@@ -41,14 +42,10 @@ def is_sha256(value: str) -> bool:
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """sha256 of a local file, streamed so large segments never sit in memory."""
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(_COPY_BLOCK_BYTES), b""):
-                digest.update(block)
+        return file_sha256(path, _COPY_BLOCK_BYTES)
     except OSError as e:
         raise StorageError(f"cannot read {path}: {e}") from e
-    return digest.hexdigest()
 
 
 def segment_key(sha256: str) -> str:

@@ -1,4 +1,5 @@
-"""All-or-nothing file writes, shared by every package (a leaf module: it imports nothing of ours).
+"""All-or-nothing file writes and streamed file hashing, shared by every package (a leaf module: it
+imports nothing of ours).
 
 A reader sees either the old file or the complete new one, and a power cut after ``write_atomic``
 returned keeps the new one: temp file in the same directory → fsync → ``os.replace`` → fsync of the
@@ -8,6 +9,7 @@ directory entry.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -38,3 +40,12 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(tmp_name)
         raise
     fsync_dir(path.parent)
+
+
+def file_sha256(path: str | os.PathLike[str], block_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed (models and segments never sit whole in memory); OSError as is."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(block_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -12,7 +12,6 @@ mismatch, endless data), a target for another hardware class, and a release olde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -21,15 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from driveloop.edge import _slots
-from driveloop.edge._fileops import FileOps
-from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
-from driveloop.edge.fetcher import ResumableFetcher
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, TargetFile
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
+from driveloop._atomic import file_sha256
+from driveloop.edge import _slots
+from driveloop.edge._fileops import FileOps
+from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
+from driveloop.edge.fetcher import ResumableFetcher
 from driveloop.exceptions import (
     ConfigError,
     IntegrityError,
@@ -60,12 +60,7 @@ class Offer:
     manifest_target: TargetFile | None
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256  # raises FileNotFoundError for a missing slot file (boot() relies on it)
 
 
 @contextmanager
