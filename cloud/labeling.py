@@ -3,14 +3,14 @@
 On the vehicle the model only sees the present; in the cloud we know what happened next. The teacher
 produces the action the model *should* have produced:
 
-- **Longitudinal**: IDM (intelligent driver model) evaluated against the *future* lead over the next
-  ``horizon_s``: for every future step k it takes the vehicle that will be ahead at t+k (so a cut-in or a
-  braking lead counts before it shows), places it where it will be relative to an ego that keeps its
-  current speed, and keeps the most cautious IDM acceleration. The label therefore brakes early and
-  smoothly where the on-vehicle model braked late and the fallback had to intervene.
-- **Expert blend**: where the simulator's privileged expert action is logged, the label is the expert's
-  command plus only the *extra* braking that hindsight justifies (so nominal frames keep exactly the
-  behaviour the model was bootstrapped on), and the expert's steering.
+- **Longitudinal**: a hindsight planner. Knowing where the vehicle ahead *will* be over the next
+  ``horizon_s`` (so a cut-in or a braking lead counts before it shows), it finds the gentlest constant
+  acceleration, starting now after the brake lag, that keeps the gap at every future step at least
+  ``min_gap_m`` plus the distance needed to match the lead's speed at ``comfort_decel_mps2``. Brake just enough, as early as the future demands: not harder (comfort), not
+  longer or further back than needed (progress), and early enough that the fallback need not intervene.
+- **Base command**: the label is the base command (by default the fleet model's own logged command, the
+  smallest change) lowered to the planner's acceleration where that brakes more; nominal frames keep
+  the base exactly. Steering comes from the base.
 - **Lateral** without an expert: lane keeping (steer against the lane offset and heading error).
 - **Hazard**: ``hazard`` is True when within ``hazard_horizon_s`` the ground-truth TTC (from gaps and
   speeds in ``/vehicle/state``) falls below ``hazard_ttc_s`` or the ego collides; ``time_to_hazard_s``
@@ -35,18 +35,19 @@ from driveloop.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
-LABEL_VERSION = "hindsight-idm-3"
+LABEL_VERSION = "hindsight-plan-4"
 
 
 @dataclass(frozen=True)
 class LabelerConfig:
-    horizon_s: float = 2.0
-    time_gap_s: float = 1.5
-    min_gap_m: float = 4.0
+    horizon_s: float = 4.0  # how far the planner looks into the recorded future
+    time_gap_s: float = 1.5  # IDM (only where no base command is logged)
+    min_gap_m: float = 4.0  # the planner keeps at least this gap (and the IDM's jam distance)
+    plan_accel_step_mps2: float = 0.1  # resolution of the planner's acceleration search
+    brake_lag_s: float = 0.25  # the vehicle's brake actuation lag: braking starts this much later
     max_accel_mps2: float = 2.0
     comfort_decel_mps2: float = 3.0
     max_decel_mps2: float = 6.0
-    anticipation_max_decel_mps2: float = 6.0  # hindsight may add at most this much braking: early, not harsh
     label_jerk_mps3: float = 4.0  # labels ramp at most this fast (only ever by braking earlier / releasing later)
     idm_delta: float = 4.0
     lane_gain_rad_per_m: float = 0.08
@@ -57,10 +58,10 @@ class LabelerConfig:
     agree_accel_mps2: float = 1.0
     agree_steer_rad: float = 0.05
     nominal_margin_s: float = 3.0  # frames this far from any event count as nominal
-    # What the hindsight correction is added to: "model" the fleet model's own logged command (the
-    # smallest change that brakes earlier), "expert" the simulator's logged expert, "idm" present-lead IDM
-    # + lane keeping. Missing values fall back model -> expert -> idm.
-    base_action: str = "expert"
+    # What the planner lowers: "model" the fleet model's own logged command (the smallest change that
+    # brakes earlier), "expert" the simulator's logged expert, "idm" present-lead IDM + lane keeping.
+    # Missing values fall back model -> expert -> idm.
+    base_action: str = "model"
 
     def __post_init__(self) -> None:
         if self.base_action not in ("model", "expert", "idm"):
@@ -110,22 +111,54 @@ def _future_steps(n: int, horizon_s: float) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(idx, n - 1), idx < n
 
 
-def hindsight_accel(frames: SegmentFrames, c: LabelerConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(most cautious IDM acceleration against the future leads over the horizon, the same IDM against
-    the present lead only). Their difference is the braking that only hindsight justifies."""
+def future_gaps(frames: SegmentFrames, horizon_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(gap to whoever will be ahead at t+k had the ego held its speed from t, that vehicle's speed),
+    both [T, K+1] with NaN past the segment end or where nobody is ahead. The ego's own later braking
+    is added back, so the gaps depend only on the other traffic."""
     n = len(frames)
-    idx, valid = _future_steps(n, c.horizon_s)
+    idx, valid = _future_steps(n, horizon_s)
     v = np.nan_to_num(frames.ego_speed_mps)
-    # Ego displacement actually driven minus the displacement at constant current speed: add it back so
-    # the future gap is what it would be had the ego held its speed (the ego's own braking doesn't count).
     x_ego = np.concatenate([[0.0], np.cumsum(v[:-1] * CONTROL_PERIOD_S)])
     steps = (idx - np.arange(n)[:, None]) * CONTROL_PERIOD_S
     ego_shift = (x_ego[idx] - x_ego[:, None]) - v[:, None] * steps
-    gap_future = frames.lead_gap_m[idx] + ego_shift
-    gap_future = np.where(valid, gap_future, np.nan)
-    accel = idm_accel(v[:, None], np.nan_to_num(frames.set_speed_mps)[:, None], gap_future, np.nan_to_num(frames.lead_speed_mps[idx]), c)
-    accel = np.where(valid, accel, np.inf)
-    return np.min(accel, axis=1), accel[:, 0]
+    gap = np.where(valid, frames.lead_gap_m[idx] + ego_shift, np.nan)
+    return gap, np.where(valid, frames.lead_speed_mps[idx], np.nan)
+
+
+def plan_accel(frames: SegmentFrames, c: LabelerConfig) -> np.ndarray:
+    """Per frame, the highest constant acceleration (after ``brake_lag_s``) that keeps every future gap
+    safe over the horizon: gap >= min_gap + (v^2 - v_lead^2) / (2 * comfort_decel),
+    i.e. the lead's speed can still be matched comfortably, if that takes no more than
+    ``comfort_decel_mps2``. Where it would, the state is already tight: the gentlest acceleration that
+    keeps ``min_gap`` (but at least comfort braking), and ``-max_decel_mps2`` where even that fails.
+    Steps inside the brake lag are skipped: no acceleration can change them. ``max_accel_mps2`` where
+    nothing constrains."""
+    gap_c, v_lead = future_gaps(frames, c.horizon_s)
+    v = np.maximum(np.nan_to_num(frames.ego_speed_mps), 0.0)[:, None]
+    tau = np.arange(gap_c.shape[1])[None, :] * CONTROL_PERIOD_S
+    active = np.isfinite(gap_c) & (tau > c.brake_lag_s)
+    te = np.maximum(tau - c.brake_lag_s, 0.0)
+    free = v * np.minimum(tau, c.brake_lag_s)  # driven before the brake acts
+    v_lead2 = np.nan_to_num(v_lead) ** 2
+    first = {"comfort": np.full(len(frames), np.nan), "contact": np.full(len(frames), np.nan)}
+    for a in np.arange(c.max_accel_mps2, -c.max_decel_mps2 - 1e-9, -c.plan_accel_step_mps2):
+        # highest a first; feasibility only grows as a falls, so the first feasible a is the gentlest
+        if a < 0:
+            disp = free + np.where(te < v / -a, v * te + 0.5 * a * te**2, v**2 / (-2.0 * a))
+        else:
+            disp = free + v * te + 0.5 * a * te**2
+        v_a = np.maximum(v + a * te, 0.0)
+        margin = gap_c + v * tau - disp - c.min_gap_m  # the ego covers disp, not v * tau
+        closing = np.maximum(v_a**2 - v_lead2, 0.0) / (2.0 * c.comfort_decel_mps2)
+        for name, need in (("contact", 0.0), ("comfort", closing)):
+            ok = np.all(~active | (margin >= need), axis=1) & np.isnan(first[name])
+            first[name][ok] = a
+        if not np.isnan(first["comfort"]).any():
+            break
+    # Anticipation within comfort where it suffices; otherwise the gentlest braking that avoids contact,
+    # at least at comfort_decel (the state is already tight); max braking where nothing avoids it.
+    tight = np.minimum(np.nan_to_num(first["contact"], nan=-c.max_decel_mps2), -c.comfort_decel_mps2)
+    return np.where(first["comfort"] >= -c.comfort_decel_mps2, first["comfort"], tight)
 
 
 def jerk_limit(accel: np.ndarray, jerk_mps3: float) -> np.ndarray:
@@ -143,13 +176,13 @@ def jerk_limit(accel: np.ndarray, jerk_mps3: float) -> np.ndarray:
 def label_segment(frames: SegmentFrames, config: LabelerConfig) -> Labels:
     """Target actions and hazard labels for every frame of one segment.
 
-    The label is a base command (``config.base_action``: by default the simulator's logged expert, which
-    the model was bootstrapped on) plus the extra braking hindsight alone justifies (future-lead IDM
-    minus present-lead IDM, never positive, capped at ``anticipation_max_decel_mps2``): on nominal frames
-    it is the base command unchanged, before a hazard it brakes earlier. Where the base is not logged:
-    the present-lead IDM plus the same extra, and lane keeping.
+    The label is a base command (``config.base_action``: by default the fleet model's own logged
+    command) lowered to the hindsight planner's acceleration where that brakes more, then rate-limited:
+    on nominal frames it is the base command unchanged, before a hazard it brakes just enough, earlier.
+    Where no base is logged: the present-lead IDM and lane keeping.
     """
-    future_min, present = hindsight_accel(frames, config)
+    v = np.nan_to_num(frames.ego_speed_mps)
+    present = idm_accel(v, np.nan_to_num(frames.set_speed_mps), frames.lead_gap_m, np.nan_to_num(frames.lead_speed_mps), config)
     lane_keep = np.clip(
         -(config.lane_gain_rad_per_m * np.nan_to_num(frames.lane_offset_m) + config.heading_gain * np.nan_to_num(frames.heading_rad)),
         -config.max_steer_rad,
@@ -161,9 +194,8 @@ def label_segment(frames: SegmentFrames, config: LabelerConfig) -> Labels:
     for name in order:  # later sources win where they are logged
         logged = np.all(np.isfinite(sources[name]), axis=1)
         base = np.where(logged[:, None], np.nan_to_num(sources[name]), base)
-    # Only the braking that hindsight alone justifies (future-lead IDM below present-lead IDM), capped.
-    extra = np.clip(future_min - present, -config.anticipation_max_decel_mps2, 0.0)
-    accel = jerk_limit(np.clip(base[:, 0] + extra, -config.max_decel_mps2, config.max_accel_mps2), config.label_jerk_mps3)
+    accel = jerk_limit(np.clip(np.minimum(base[:, 0], plan_accel(frames, config)), -config.max_decel_mps2, config.max_accel_mps2),
+                       config.label_jerk_mps3)
     steer = base[:, 1]
     danger = (ground_truth_ttc(frames) < config.hazard_ttc_s) | frames.collision.astype(bool)
     idx, valid = _future_steps(len(frames), config.hazard_horizon_s)

@@ -39,7 +39,7 @@ _CKPT_PREFIX = "epoch_"
 class FinetuneConfig:
     epochs: int = 10
     batch_size: int = 256
-    lr: float = 5e-4
+    lr: float = 2e-4
     anchor_l2: float = 1e-3  # pull toward the base weights: bounded drift, less forgetting
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -47,6 +47,9 @@ class FinetuneConfig:
     # Targets of the replay (nominal) frames: "base" distills the base model's own outputs (keeps exactly
     # what it already does well: learning without forgetting), "label" uses the dataset's labels.
     replay_target: str = "base"
+    # Weight of the temporal term: between consecutive frames of a segment the model's change of action
+    # should match the targets' change (targets are rate-limited), so fine-tuning adds no jitter (jerk).
+    smooth_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.replay_target not in ("base", "label"):
@@ -55,6 +58,8 @@ class FinetuneConfig:
             raise ConfigError("finetune epochs, batch_size and torch_threads must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.anchor_l2 < 0 or self.max_grad_norm <= 0:
             raise ConfigError("finetune lr and max_grad_norm must be > 0, anchor_l2 >= 0")
+        if not (math.isfinite(self.smooth_weight) and self.smooth_weight >= 0):
+            raise ConfigError(f"finetune smooth_weight must be >= 0, got {self.smooth_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +94,36 @@ def _tensors(arrays: dict[str, np.ndarray], idx: np.ndarray) -> tuple[Any, Any, 
     import torch
 
     return tuple(torch.from_numpy(np.ascontiguousarray(arrays[k][idx])) for k in ("kinematics", "lidar", "grid", "target_action"))  # type: ignore[return-value]
+
+
+def next_frame_index(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Row of the next frame of the same segment for every row (-1 where the dataset does not hold it)."""
+    n = len(arrays["target_action"])
+    if "segment_index" not in arrays or "frame_index" not in arrays:
+        return np.full(n, -1, dtype=np.int64)
+    seg, frame = np.asarray(arrays["segment_index"]), np.asarray(arrays["frame_index"])
+    order = np.lexsort((frame, seg))
+    nxt = np.full(n, -1, dtype=np.int64)
+    follows = (seg[order[1:]] == seg[order[:-1]]) & (frame[order[1:]] == frame[order[:-1]] + 1)
+    nxt[order[:-1][follows]] = order[1:][follows]
+    return nxt
+
+
+def _smooth_term(model: Any, arrays: dict[str, np.ndarray], rows: np.ndarray, nxt: np.ndarray, pred_action: Any) -> Any:
+    """Mean squared mismatch between the model's and the targets' change to the next frame (scaled)."""
+    import torch
+
+    from driveloop.cloud.model import LossWeights
+
+    has = nxt[rows] >= 0
+    if not has.any():
+        return torch.zeros(())
+    kin, lid, grd, tgt_next = _tensors(arrays, nxt[rows[has]])
+    tgt = torch.from_numpy(np.ascontiguousarray(arrays["target_action"][rows[has]]))
+    w = LossWeights()
+    scale = torch.tensor([w.accel_scale_mps2, w.steering_scale_rad])
+    d_pred = (model(kin, lid, grd)[0] - pred_action[torch.from_numpy(has)]) / scale
+    return (((d_pred - (tgt_next - tgt) / scale)) ** 2).mean()
 
 
 def _eval_loss(model: Any, arrays: dict[str, np.ndarray], idx: np.ndarray, batch: int) -> float:
@@ -156,6 +191,7 @@ def finetune(
         dataset_arrays = {**dataset_arrays, "target_action": _distilled_targets(model, dataset_arrays, replay_idx, config.batch_size)}
     before = {"hard_loss_before": _eval_loss(model, dataset_arrays, hard_idx, config.batch_size),
               "replay_loss_before": _eval_loss(model, dataset_arrays, replay_idx, config.batch_size)}
+    nxt = next_frame_index(dataset_arrays) if config.smooth_weight > 0 else None
     start_epoch, history = 0, []
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resumed_from = None
@@ -172,8 +208,12 @@ def finetune(
         model.train()
         running = 0.0
         for lo in range(0, n, config.batch_size):
-            kin, lid, grd, tgt = _tensors(dataset_arrays, order[lo : lo + config.batch_size])
-            loss = loss_parts(model(kin, lid, grd), tgt)["total"]
+            rows = order[lo : lo + config.batch_size]
+            kin, lid, grd, tgt = _tensors(dataset_arrays, rows)
+            pred = model(kin, lid, grd)
+            loss = loss_parts(pred, tgt)["total"]
+            if nxt is not None:
+                loss = loss + config.smooth_weight * _smooth_term(model, dataset_arrays, rows, nxt, pred[0])
             if config.anchor_l2 > 0:
                 loss = loss + config.anchor_l2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
             if not torch.isfinite(loss):

@@ -28,8 +28,10 @@ VERDICTS = [
     ("progress within 5%", BASE, _c(interventions=5, progress=0.951), set()),
     ("progress exactly at 5%", BASE, _c(interventions=5, progress=0.95), set()),
     ("progress regresses 6%", BASE, _c(interventions=5, progress=0.94), {"progress_kept"}),
-    ("jerk within tolerance", BASE, _c(interventions=5, jerk_mps3=1.14), set()),
-    ("jerk regresses", BASE, _c(interventions=5, jerk_mps3=1.2), {"comfort_kept"}),
+    ("jerk within tolerance", BASE, _c(interventions=5, jerk_mps3=1.19), set()),
+    ("jerk regresses", BASE, _c(interventions=5, jerk_mps3=1.25), {"comfort_kept"}),
+    ("smooth baseline: imperceptible jerk rise", _c(jerk_mps3=0.1), _c(interventions=5, jerk_mps3=0.2), set()),
+    ("smooth baseline: jerk doubles and more", _c(jerk_mps3=0.1), _c(interventions=5, jerk_mps3=0.25), {"comfort_kept"}),
     ("everything wrong", BASE, _c(interventions=20, collisions=2, progress=0.5, jerk_mps3=3.0),
      {"collisions_zero", "interventions_fall", "progress_kept", "comfort_kept"}),
 ]

@@ -144,3 +144,36 @@ def test_replay_distills_the_base_model_so_nominal_behaviour_is_kept() -> None:
     assert labelled["replay_loss_before"] > 0  # against the dataset's labels instead
     with pytest.raises(ConfigError, match="replay_target"):
         FinetuneConfig(replay_target="teacher")
+
+
+def test_next_frame_index_links_consecutive_frames_of_the_same_segment() -> None:
+    from driveloop.cloud.train import next_frame_index
+
+    seg = np.array([1, 0, 0, 1, 0, 2])
+    frame = np.array([5, 3, 4, 7, 9, 0])  # rows shuffled; 1:5 -> 1:7 is a gap, 0:4 -> 0:9 too
+    nxt = next_frame_index({"target_action": np.zeros((6, 2)), "segment_index": seg, "frame_index": frame})
+    assert nxt.tolist() == [-1, 2, -1, -1, -1, -1]
+    assert (next_frame_index({"target_action": np.zeros((3, 2))}) == -1).all()  # no frame indices: no pairs
+
+
+def test_smooth_term_measures_the_change_mismatch_to_the_next_frame() -> None:
+    from driveloop.cloud.train import _smooth_term
+
+    class Constant(torch.nn.Module):
+        def forward(self, kin: torch.Tensor, lid: torch.Tensor, grd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.zeros(len(kin), 2), torch.ones(len(kin))
+
+    a = _arrays(n=4)
+    a["target_action"] = np.array([[0.0, 0.0], [0.5, 0.0], [0.5, 0.05], [9.0, 9.0]], dtype=np.float32)
+    nxt = np.array([1, 2, -1, -1])
+    rows = np.arange(4)
+    pred = torch.zeros(4, 2)
+    # a model whose output never changes misses the targets' change (0.5 m/s^2, then 1 scaled steering unit)
+    got = float(_smooth_term(Constant(), a, rows, nxt, pred[:, :]))
+    assert got == pytest.approx(np.mean([0.5**2, 0.0, 0.0, 1.0**2]))
+    assert float(_smooth_term(Constant(), a, rows[2:], nxt, pred[2:])) == 0.0  # no pairs in this batch
+
+
+def test_smooth_weight_is_validated() -> None:
+    with pytest.raises(ConfigError, match="smooth_weight"):
+        FinetuneConfig(smooth_weight=-1.0)
