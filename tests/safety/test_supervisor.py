@@ -286,10 +286,12 @@ def test_activation_and_hand_back_are_logged(caplog: pytest.LogCaptureFixture) -
         drive(sup, 0, 3)
         drive(sup, 3, 5, reply=None)
         drive(sup, 5, 30)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["fallback activation at t=0.300 s (ego 20.00 m/s): watchdog deadline: no reply by the deadline"]
-    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert infos == ["hand-back to the model at t=1.500 s after 1.20 s of fallback"]
+    # INFO, not WARNING: an activation is routine driving (it is in the per-vehicle summary), not a fault.
+    assert [r.levelno for r in caplog.records] == [logging.INFO, logging.INFO]
+    assert [r.getMessage() for r in caplog.records] == [
+        "fallback activation at t=0.300 s (ego 20.00 m/s): watchdog deadline: no reply by the deadline",
+        "hand-back to the model at t=1.500 s after 1.20 s of fallback",
+    ]
 
 
 # Replay: record a drive's inputs to a file, replay them through a fresh supervisor, get the same decisions.
