@@ -143,8 +143,9 @@ class _Stage:
         self.wall_s.append(self._wall)
         self._cpu = self._wall = 0.0
 
-    def per_vehicle(self, n: int, skip: int) -> dict[str, float]:
-        cpu, wall = np.asarray(self.cpu_s[skip:]) / n * 1e6, np.asarray(self.wall_s[skip:]) / n * 1e6
+    def per_vehicle(self, n: int, ticks: np.ndarray) -> dict[str, float]:
+        """p50 and mean per vehicle (µs) over the given tick indices."""
+        cpu, wall = np.asarray(self.cpu_s)[ticks] / n * 1e6, np.asarray(self.wall_s)[ticks] / n * 1e6
         return {"cpu_us_p50": float(np.median(cpu)), "cpu_us_mean": float(cpu.mean()),
                 "wall_us_p50": float(np.median(wall)), "wall_us_mean": float(wall.mean())}
 
@@ -170,18 +171,26 @@ class _Timed:
         return timed
 
 
-STAGES = ("sense_reference", "sense", "inference", "track", "supervisor", "sim_step", "act", "record")
+STAGES = ("sense_reference", "sense", "inference", "track", "supervisor", "bookkeeping", "sim_step", "record")
+OVERHEAD = ("inference", "track", "supervisor")  # + a sensing path; "full" adds the bookkeeping
+ORDERS = ("grouped", "interleaved")
 
 
 def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: Any, spool_dir: Path | None,
                     warmup_ticks: int = 10) -> dict[str, Any]:
-    """Drive ``n`` vehicles tick by tick, timing every stage of the loop; both sensing paths on the same inputs."""
+    """Drive ``n`` vehicles tick by tick, timing every stage of the loop; old and new paths on the same inputs.
+
+    Sensing: the batched sensors and the per-vehicle reference run on the same snapshots and noise
+    streams every tick (and must agree exactly). Loop order: even ticks run the fleet's order (every
+    vehicle ``decide``s, then every vehicle ``advance``s), odd ticks the old one (``act`` = decide +
+    advance, vehicle by vehicle); the drive is the same either way, so one run compares both.
+    """
     import copy
 
+    from driveloop.edge import agent as agent_mod
     from driveloop.edge._sensors_ref import observe_reference
     from driveloop.edge.agent import VehicleAgent, sense_fleet
     from driveloop.edge.contract import INPUT_NAMES, stack
-    from driveloop.edge.perception import forward_track
     from driveloop.safety import ModelReply
 
     st = {name: _Stage() for name in STAGES}
@@ -198,8 +207,11 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
     agents = [VehicleAgent(f"bench{i:03d}", scenario, seed + i, recorder_factory=factory) for i in range(n)]
     dt = agents[0].config.sim.dt_s
     clock = time.thread_time, time.perf_counter
+    untimed_track = agent_mod.forward_track
+    agent_mod.forward_track = _Timed(agent_mod, "forward_track", st["track"]).forward_track  # as the agent calls it
+    ticks = round(seconds / dt)
     try:
-        for tick in range(round(seconds / dt)):
+        for tick in range(ticks):
             for a in agents:  # episodes restart their simulator: (re)wrap it and the supervisor
                 if not isinstance(a._sim, _Timed):
                     a._sim = _Timed(a._sim, "step", st["sim_step"])
@@ -215,33 +227,48 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
             t2 = [c() for c in clock]
             actions, conf = runtime.run(batch)
             t3 = [c() for c in clock]
-            for a in agents:
-                forward_track(a.observation)  # act() calls it too (inside "act"); timed apart here
-            t4 = [c() for c in clock]
             now = tick * dt
-            for i, a in enumerate(agents):
-                a.act(ModelReply(actions[i], conf[i], now + (t3[1] - t2[1]), alive=True))
-            t5 = [c() for c in clock]
-            for name, (u, v) in zip(("sense_reference", "sense", "inference", "track", "act"),
-                                    ((t, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5))):
+            replies = [ModelReply(actions[i], conf[i], now + (t3[1] - t2[1]), alive=True) for i in range(n)]
+            if tick % 2 == 0:
+                for a, reply in zip(agents, replies):
+                    a.decide(reply)
+                for a in agents:
+                    a.advance()
+            else:
+                for a, reply in zip(agents, replies):
+                    a.act(reply)
+            t4 = [c() for c in clock]
+            for name, (u, v) in zip(("sense_reference", "sense", "inference", "bookkeeping"),
+                                    ((t, t1), (t1, t2), (t2, t3), (t3, t4))):
                 st[name].add(v[0] - u[0], v[1] - u[1])
+            book = st["bookkeeping"]  # what decide + advance cost beyond their timed parts
+            for part in ("track", "supervisor", "sim_step", "record"):
+                book.add(-st[part]._cpu, -st[part]._wall)
             for stage in st.values():
                 stage.close_tick()
             for name in INPUT_NAMES:  # the two paths did the same work
                 if not np.array_equal(old[name], batch[name]):
                     raise RuntimeError(f"batched sensors differ from the reference on {name} at tick {tick}")
     finally:
+        agent_mod.forward_track = untimed_track
         for a in agents:
             a.close()
-    per = {name: st[name].per_vehicle(n, warmup_ticks) for name in STAGES}
-    out: dict[str, Any] = {"vehicles": n, "ticks": len(st["sim_step"].cpu_s), "stages_per_vehicle_us": per}
-    for path, sensing in (("new", "sense"), ("old", "sense_reference")):
-        for metric in ("cpu_us_p50", "cpu_us_mean", "wall_us_p50"):
-            overhead = sum(per[k][metric] for k in (sensing, "inference", "track", "supervisor"))
-            out[f"overhead_{path}_{metric}"] = overhead
-            out[f"ratio_{path}_{metric}"] = overhead / per["sim_step"][metric]
-    out["sensing_speedup_cpu_p50"] = per["sense_reference"]["cpu_us_p50"] / per["sense"]["cpu_us_p50"]
-    out["overhead_speedup_cpu_p50"] = out["overhead_old_cpu_us_p50"] / out["overhead_new_cpu_us_p50"]
+    out: dict[str, Any] = {"vehicles": n, "ticks": ticks}
+    for order, parity in zip(ORDERS, (0, 1)):
+        idx = np.arange(warmup_ticks + parity, ticks, 2)
+        per = {name: st[name].per_vehicle(n, idx) for name in STAGES}
+        res: dict[str, Any] = {"stages_per_vehicle_us": per}
+        for path, sensing in (("new", "sense"), ("old", "sense_reference")):
+            for metric in ("cpu_us_p50", "cpu_us_mean", "wall_us_p50"):
+                overhead = sum(per[k][metric] for k in (sensing, *OVERHEAD))
+                res[f"overhead_{path}_{metric}"] = overhead
+                res[f"ratio_{path}_{metric}"] = overhead / per["sim_step"][metric]
+                full = overhead + per["bookkeeping"][metric]
+                res[f"overhead_full_{path}_{metric}"] = full
+                res[f"ratio_full_{path}_{metric}"] = full / per["sim_step"][metric]
+        res["sensing_speedup_cpu_p50"] = per["sense_reference"]["cpu_us_p50"] / per["sense"]["cpu_us_p50"]
+        res["overhead_speedup_cpu_p50"] = res["overhead_old_cpu_us_p50"] / res["overhead_new_cpu_us_p50"]
+        out[order] = res
     return out
 
 
@@ -274,18 +301,21 @@ def _print_agent(ag: dict[str, Any]) -> None:
     print(f"agent loop, scenario {ag['scenario']}, {ag['seconds']:.0f} s simulated; per vehicle per tick, µs "
           "(CPU = this thread's time; wall includes preemption by other processes)")
     for f in ag["fleets"]:
-        print(f"  {f['vehicles']} vehicle(s), {f['ticks']} ticks")
-        print(f"    {'stage':<16} {'cpu p50':>9} {'cpu mean':>9} {'wall p50':>9}")
-        for name, row in f["stages_per_vehicle_us"].items():
-            if name == "record" and not ag["record"]:
-                continue
-            print(f"    {name:<16} {row['cpu_us_p50']:9.1f} {row['cpu_us_mean']:9.1f} {row['wall_us_p50']:9.1f}")
-        for path in ("old", "new"):
-            print(f"    overhead {path} (sensors+inference+track+supervisor): cpu p50 "
-                  f"{f[f'overhead_{path}_cpu_us_p50']:.1f} µs = {100 * f[f'ratio_{path}_cpu_us_p50']:.1f}% of the env "
-                  f"step (wall p50 {100 * f[f'ratio_{path}_wall_us_p50']:.1f}%)")
-        print(f"    old/new: sensing {f['sensing_speedup_cpu_p50']:.2f}x, overhead {f['overhead_speedup_cpu_p50']:.2f}x "
-              "(cpu p50)")
+        for order in ORDERS:
+            r = f[order]
+            print(f"  {f['vehicles']} vehicle(s), {f['ticks']} ticks, {order} order (half the ticks)")
+            print(f"    {'stage':<16} {'cpu p50':>9} {'cpu mean':>9} {'wall p50':>9}")
+            for name, row in r["stages_per_vehicle_us"].items():
+                if name == "record" and not ag["record"]:
+                    continue
+                print(f"    {name:<16} {row['cpu_us_p50']:9.1f} {row['cpu_us_mean']:9.1f} {row['wall_us_p50']:9.1f}")
+            for path in ("old", "new"):
+                print(f"    overhead {path} sensors (sensors+inference+track+supervisor): cpu p50 "
+                      f"{r[f'overhead_{path}_cpu_us_p50']:.1f} µs = {100 * r[f'ratio_{path}_cpu_us_p50']:.1f}% of "
+                      f"the env step (wall p50 {100 * r[f'ratio_{path}_wall_us_p50']:.1f}%); with bookkeeping "
+                      f"{r[f'overhead_full_{path}_cpu_us_p50']:.1f} µs = {100 * r[f'ratio_full_{path}_cpu_us_p50']:.1f}%")
+            print(f"    old/new: sensing {r['sensing_speedup_cpu_p50']:.2f}x, overhead "
+                  f"{r['overhead_speedup_cpu_p50']:.2f}x (cpu p50)")
 
 
 def machine() -> dict[str, Any]:

@@ -135,6 +135,7 @@ class VehicleAgent:
         self.supervisor = Supervisor(self.config.supervisor)
         self.t_s = 0.0  # vehicle clock across episodes
         self.last_decision: Decision | None = None
+        self._pending: Decision | None = None  # decided, not yet applied
         self.fault_log: dict[str, float | None] = {"injected_at_s": None, "detected_at_s": None, "brake_at_s": None}
         self._mix_rng = np.random.default_rng([self.base_seed, 7])
         self._episode = -1
@@ -223,8 +224,18 @@ class VehicleAgent:
 
     def act(self, reply: ModelReply | None, latency_ms: float = 0.0) -> Decision:
         """Supervise the model's reply, actuate, record, and advance the simulator one period."""
+        decision = self.decide(reply, latency_ms)
+        self.advance()
+        return decision
+
+    def decide(self, reply: ModelReply | None, latency_ms: float = 0.0) -> Decision:
+        """Supervise the model's reply and record the tick; :meth:`advance` then actuates it.
+
+        The fleet decides for every vehicle before it advances any: between two vehicles' safety code
+        there is then no ~1 ms simulator step evicting the caches, which halves its cost per vehicle.
+        """
         snap, obs = self.snapshot, self._obs
-        assert obs is not None, "sense() must be called before act()"
+        assert obs is not None, "sense() must be called before decide()"
         t0 = time.perf_counter()
         track = forward_track(obs)
         kin = obs.kinematics
@@ -243,8 +254,16 @@ class VehicleAgent:
         )
         self.metrics.supervise_s += time.perf_counter() - t0
         self.last_decision = decision
+        self._pending = decision
         self._track_fault(decision)
         self._record(snap, obs, reply, decision, latency_ms, track)
+        return decision
+
+    def advance(self) -> None:
+        """Apply the decided command: step the simulator one period (a new episode after a crash or its end)."""
+        decision, snap = self._pending, self.snapshot
+        assert decision is not None, "decide() must be called before advance()"
+        self._pending = None
         t1 = time.perf_counter()
         nxt = self._sim.step(decision.accel_mps2, decision.steering_rad)  # type: ignore[union-attr]
         self.metrics.sim_s += time.perf_counter() - t1
@@ -253,7 +272,6 @@ class VehicleAgent:
         self.t_s = round(self.t_s + self.config.sim.dt_s, 9)
         if nxt.crashed or self._sim.done:  # type: ignore[union-attr]
             self.new_episode()
-        return decision
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def _track_fault(self, decision: Decision) -> None:
