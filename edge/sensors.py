@@ -321,16 +321,18 @@ def observe_batch(
     if any(prev is not None and any(cfg.dropout_p) for cfg, prev in zip(cfgs, previous)):
         live = np.array([[prev is None or d[k] >= cfg.dropout_p[k] for k in range(len(INPUT_NAMES))]
                          for d, cfg, prev in zip(dropped, cfgs, previous)], dtype=bool)
+        all_live = live.all(axis=1).tolist()
     else:
         live = np.ones((n, len(INPUT_NAMES)), dtype=bool)
+        all_live = [True] * n  # one numpy call per vehicle saved on every tick of a dropout-free drive
     if any(any(cfg.sigma) for cfg in cfgs):
         add_noise(arrays, rngs, np.array([c.sigma for c in cfgs], dtype=np.float64), live)
     frames = []
+    kin, lidar, grid = arrays["kinematics"], arrays["lidar"], arrays["grid"]
     for i, (snap, prev) in enumerate(zip(snapshots, previous)):
-        if live[i].all():
-            frame = SensorFrame(Observation(arrays["kinematics"][i], arrays["lidar"][i], arrays["grid"][i]),
-                                dict.fromkeys(INPUT_NAMES, False), dict.fromkeys(INPUT_NAMES, snap.t_s))
-            frames.append(frame)
+        if all_live[i]:
+            frames.append(SensorFrame(Observation(kin[i], lidar[i], grid[i]), dict.fromkeys(INPUT_NAMES, False),
+                                      dict.fromkeys(INPUT_NAMES, snap.t_s)))
             continue
         stale: dict[str, bool] = {}
         stamps: dict[str, float] = {}
@@ -340,8 +342,7 @@ def observe_batch(
             else:  # a lost frame: the last one repeats, with its old stamp
                 arrays[name][i] = getattr(prev.observation, name)
                 stale[name], stamps[name] = True, prev.stamp_s[name]
-        obs = Observation(arrays["kinematics"][i], arrays["lidar"][i], arrays["grid"][i])
-        frames.append(SensorFrame(observation=obs, stale=stale, stamp_s=stamps))
+        frames.append(SensorFrame(Observation(kin[i], lidar[i], grid[i]), stale, stamps))
     return SensorBatch(arrays=arrays, frames=tuple(frames))
 
 

@@ -205,3 +205,37 @@ def test_bound_bucket_pads_and_slices_like_the_plain_session(policy: tuple[Polic
         np.testing.assert_allclose(conf, ref_c, atol=1e-6)
     with pytest.raises(ContractError):
         bucket.run(_batch(9), 9)
+
+
+def test_cpu_io_binding_gives_the_plain_sessions_outputs(policy: tuple[PolicyNet, Path]) -> None:
+    """The bound buffers are reused across calls: outputs must equal sess.run's and never alias each other."""
+    from driveloop.edge import runtime as runtime_mod
+
+    _, path = policy
+    rt = ModelRuntime(path, build_manifest(path, name="p", version=1), device="cpu")
+    plain = list(C.OUTPUT_NAMES)
+    previous: tuple[np.ndarray, np.ndarray] | None = None
+    for seed, n in enumerate((1, 8, 3, 8, 1, 64)):
+        batch = _batch(n, seed)
+        if seed == 2:  # a non-contiguous view (a fleet group sliced out of the sensors' batch)
+            batch = {k: np.repeat(v, 2, axis=0)[::2] for k, v in batch.items()}
+            assert not batch["grid"].flags.c_contiguous
+        action, conf = rt.run(batch)
+        expected = rt._cpu.run(plain, {k: np.ascontiguousarray(v) for k, v in batch.items()})
+        np.testing.assert_array_equal(action, expected[0])
+        np.testing.assert_array_equal(conf, expected[1])
+        if previous is not None and previous[0].shape == action.shape:
+            assert not np.shares_memory(previous[0], action)
+        previous = (action, conf)
+    assert sorted(rt._cpu_bound) == [1, 3, 8, 64]
+    kept = np.array(previous[0])
+    rt.run(_batch(64, 99))
+    np.testing.assert_array_equal(previous[0], kept)  # a returned array is the caller's, not a live buffer
+
+    with rt._cpu_lock:  # another thread holds the buffers: the plain session answers the same
+        action, conf = rt.run(_batch(8, 5))
+    np.testing.assert_array_equal(action, rt._cpu.run(plain, _batch(8, 5))[0])
+
+    for n in range(1, runtime_mod.MAX_CPU_BINDINGS + 3):  # many batch sizes: the cache stays bounded
+        rt.run(_batch(n, n))
+    assert 0 < len(rt._cpu_bound) <= runtime_mod.MAX_CPU_BINDINGS
