@@ -6,6 +6,9 @@ simulator, through the real control loop (edge/agent.py: sensors → perception 
   fallback and AEB alone must avoid every case; otherwise the registry model drives behind the supervisor.
 - Nominal episodes (seeded ``highway`` drives, one episode per vehicle) are driven by the model; any
   fallback activation there is a *false activation*. They need a model, so ``--fallback-only`` skips them.
+  Each activation is listed (``nominal_activations``) with its kind, reason and the ground truth the car
+  decided on (lane offset, true gap and TTC to the real lead), so that one can tell a rule firing for
+  nothing from a model driving badly.
 - ``--noise SIGMA`` adds Gaussian noise to every sensor (SensorConfig.uniform).
 The exit code is 0 only when every case was avoided and nominal driving had no activation or collision.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -39,6 +43,39 @@ def _case_row(name: str, metrics: Any) -> dict[str, Any]:
         "fcw_ticks": int(metrics.fcw),
         "aeb_ticks": int(metrics.aeb_ticks),
     }
+
+
+def _kind(reason: str | None) -> str:
+    """The rule behind an activation reason: aeb, lane, watchdog or disabled."""
+    head = (reason or "").split(" ", 1)[0]
+    return {"aeb": "aeb", "lane": "lane", "watchdog": "watchdog", "model": "disabled"}.get(head, head or "unknown")
+
+
+class ActivationLog:
+    """``run_fleet`` tick hook: every activation with its reason and the ground truth it was decided on.
+
+    ``on_tick`` runs after the step, so the state the supervisor saw is the previous tick's snapshot
+    (kept per vehicle); a vehicle's first tick has none recorded (ground-truth fields are then None).
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._seen: dict[str, Any] = {}
+
+    def __call__(self, tick: int, total: int, agents: Sequence[Any]) -> None:
+        from driveloop.edge.world import gap_m, ttc_s
+
+        for agent in agents:
+            decision, seen = agent.last_decision, self._seen.get(agent.vehicle_id)
+            if decision is not None and decision.activation:
+                row: dict[str, Any] = {"vehicle": agent.vehicle_id, "seed": agent.seed, "tick": tick,
+                                       "kind": _kind(decision.reason), "reason": decision.reason,
+                                       "lane_offset_m": None, "speed_mps": None, "gap_m": None, "ttc_s": None}
+                if seen is not None:
+                    row.update(lane_offset_m=round(seen.lane_offset_m, 3), speed_mps=round(seen.speed_mps, 3),
+                               gap_m=round(gap_m(seen), 3), ttc_s=round(ttc_s(seen), 3))
+                self.rows.append(row)
+            self._seen[agent.vehicle_id] = agent.snapshot
 
 
 def check_request(noise: float, cases: Sequence[str]) -> list[Any]:
@@ -81,12 +118,13 @@ def run_suite(
             on_step(spec.name)
 
     nominal_metrics: list[Any] = []
+    log = ActivationLog()
     if not fallback_only and nominal > 0:
         duration = min(nominal_duration_s, parse_scenario(NOMINAL_SCENARIO).duration_s)
         for start in range(0, nominal, NOMINAL_FLEET_SIZE):
             plans = [VehiclePlan(f"nom{i:04d}", NOMINAL_SCENARIO, seed * 100_000 + i, "default")
                      for i in range(start, min(start + NOMINAL_FLEET_SIZE, nominal))]
-            nominal_metrics.extend(run_fleet(plans, clients, duration, config).vehicles)
+            nominal_metrics.extend(run_fleet(plans, clients, duration, config, on_tick=log).vehicles)
             if on_step is not None:
                 on_step(f"nominal {min(start + NOMINAL_FLEET_SIZE, nominal)}/{nominal}")
 
@@ -102,6 +140,8 @@ def run_suite(
         "nominal_episodes": len(nominal_metrics),
         "false_activations": sum(int(m.interventions) for m in nominal_metrics),
         "nominal_collisions": sum(int(m.collisions) for m in nominal_metrics),
+        "activations_by_kind": dict(Counter(row["kind"] for row in log.rows)),
+        "nominal_activations": log.rows,
         "rows": rows,
     }
 
@@ -183,3 +223,6 @@ def _print(report: Mapping[str, Any]) -> None:
     console.print(f"avoided {report['avoided']}/{report['cases']}, min gap {report['min_gap_m']} m; "
                   f"nominal episodes {report['nominal_episodes']}, false activations {report['false_activations']}, "
                   f"nominal collisions {report['nominal_collisions']}")
+    for row in report["nominal_activations"]:
+        console.print(f"  {row['vehicle']} seed {row['seed']} tick {row['tick']}: {row['reason']} "
+                      f"(true lane offset {row['lane_offset_m']} m, gap {row['gap_m']} m, TTC {row['ttc_s']} s)")

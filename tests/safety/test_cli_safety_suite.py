@@ -72,6 +72,54 @@ def test_model_mode_with_a_blind_cruise_model() -> None:
     assert suite_passed(report) == (report["false_activations"] == 0 and report["nominal_collisions"] == 0)
 
 
+def test_nominal_activations_are_listed_with_their_ground_truth() -> None:
+    """A model that steers steadily left drifts out of its lane: every nominal activation is listed as a
+    lane departure, with the true lane offset the vehicle had when the guard fired."""
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    from driveloop._cli_safety import run_suite, suite_passed
+    from driveloop.edge.fleet import InProcessInference
+    from driveloop.safety import LaneConfig
+    from tests.fakes.runner import FakeRunner
+
+    @dataclass
+    class DriftingRunner(FakeRunner):
+        def run(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            action, conf = super().run(batch)
+            action[:, 1] = 0.02  # rad, left, whatever the lane offset
+            return action, conf
+
+    report = run_suite({"default": InProcessInference(DriftingRunner())}, fallback_only=False, noise=0.0, cases=[],
+                       nominal=3, nominal_duration_s=6.0, seed=2)
+    rows = report["nominal_activations"]
+    assert report["nominal_episodes"] == 3 and report["cases"] == 0
+    assert len(rows) == report["false_activations"] >= 3 and not suite_passed(report)
+    assert report["activations_by_kind"] == {"lane": len(rows)}
+    assert {r["vehicle"] for r in rows} == {"nom0000", "nom0001", "nom0002"}
+    assert [r["seed"] for r in rows if r["vehicle"] == "nom0001"][0] == 200_001
+    for r in rows:
+        assert r["reason"].startswith("lane departure: offset +")
+        # fired on the way out, before the car body crossed into the next lane's centre
+        assert 0.5 < r["lane_offset_m"] < LaneConfig().max_offset_m + 0.5
+        assert r["tick"] > 0 and r["speed_mps"] > 10.0
+
+
+@pytest.mark.parametrize(("reason", "kind"), [
+    ("aeb partial: ttc=1.40 s, required decel 3.10 m/s^2", "aeb"),
+    ("lane departure: offset +1.45 m predicted", "lane"),
+    ("watchdog deadline: reply 0.150 s late", "watchdog"),
+    ("model disabled", "disabled"),
+    ("", "unknown"),
+    (None, "unknown"),
+])
+def test_activation_kind(reason: str | None, kind: str) -> None:
+    from driveloop._cli_safety import _kind
+
+    assert _kind(reason) == kind
+
+
 def test_suite_verdict() -> None:
     from driveloop._cli_safety import suite_passed
 
