@@ -180,9 +180,11 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
     fl("fedavg-clean")
     # centralized: the same step on the union of the same vehicles' data, same total epochs
     union = {k: np.concatenate([local[vehicle_id_for(i)][k] for i in range(vehicles)]) for k in local["fl000"]}
+    union["segment_index"] = np.concatenate([  # segments numbered per vehicle: keep them apart in the union
+        local[vehicle_id_for(i)]["segment_index"] + 1000 * i for i in range(vehicles)])
     t = time.perf_counter()
     state, _ = finetune({k: torch.from_numpy(v.copy()) for k, v in initial.items()}, union,
-                        FinetuneConfig(epochs=rounds * local_epochs, batch_size=64, lr=5e-4, torch_threads=1))
+                        FinetuneConfig(epochs=rounds * local_epochs, batch_size=64, lr=base_cfg.lr, torch_threads=1))
     central_s = time.perf_counter() - t
     net = PolicyNet()
     net.load_state_dict(state)

@@ -145,7 +145,8 @@ def train_locally(settings: VehicleSettings, vehicle_id: str, global_state: dict
         artifact = reg.get(settings.base_ref)
         arrays = local_dataset(settings.vehicle_dir(vehicle_id), vehicle_id, artifact, data_cfg)
     config = FinetuneConfig(epochs=settings.local_epochs, batch_size=settings.batch_size, lr=settings.lr,
-                            anchor_l2=max(settings.anchor_l2, mu / 2.0), seed=vehicle_seed(vehicle_id), torch_threads=1)
+                            anchor_l2=max(settings.anchor_l2, mu / 2.0), seed=vehicle_seed(vehicle_id), torch_threads=1,
+                            replay_target="label")  # replay targets: the released model's, distilled once
     state, metrics = finetune(global_state, arrays, config)
     # A fixed set of finite numbers: strategies require the same metric keys from every vehicle.
     numeric = {"num-examples": int(metrics["samples"]), "hard-samples": int(metrics["hard_samples"]),

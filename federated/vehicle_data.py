@@ -37,7 +37,7 @@ from driveloop.exceptions import ConfigError, FederatedError, SegmentError
 logger = logging.getLogger(__name__)
 
 SPOOL_QUOTA_BYTES = 512 * 1024 * 1024
-_ARRAY_KEYS = ("kinematics", "lidar", "grid", "target_action", "hazard", "hard")
+_ARRAY_KEYS = ("kinematics", "lidar", "grid", "target_action", "hazard", "hard", "segment_index", "frame_index")
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConf
         ratio = (min_samples - selection.n_hard) / max(selection.n_hard, 1)
         selection = select_frames(finished, replace(mining, replay_ratio=max(ratio, mining.replay_ratio)), seed)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in _ARRAY_KEYS}
-    for f in frames:
+    for seg_no, f in enumerate(frames):
         hard = selection.hard.get(f.segment_id, np.zeros(0, dtype=np.int64))
         replay = selection.replay.get(f.segment_id, np.zeros(0, dtype=np.int64))
         idx = np.sort(np.concatenate([hard, replay])).astype(np.int64)
@@ -170,6 +170,8 @@ def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConf
         parts["target_action"].append(labels.target_action[idx])
         parts["hazard"].append(labels.hazard[idx])
         parts["hard"].append(np.isin(idx, hard))
+        parts["segment_index"].append(np.full(len(idx), seg_no, dtype=np.int64))  # consecutive frames: the
+        parts["frame_index"].append(idx)  # fine-tune's smoothness term pairs them
     if not parts["target_action"]:
         raise FederatedError("mining selected no frames from the vehicle's segments")
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
@@ -184,14 +186,32 @@ def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], meta: dict[str,
     write_atomic(path, buf.getvalue())
     write_atomic(path.with_suffix(".json"), json.dumps(meta, sort_keys=True).encode())
 
+def distill_replay(arrays: dict[str, np.ndarray], artifact: Any, batch: int = 256) -> dict[str, np.ndarray]:
+    """Replay (nominal) frames get the released model's own outputs as targets, computed once with ONNX
+    Runtime: every round then keeps the *released* behaviour on nominal driving (learning without
+    forgetting), not the drifting round-start global model's."""
+    from driveloop.edge.runtime import ModelRuntime
+
+    replay = np.flatnonzero(~np.asarray(arrays["hard"], dtype=bool))
+    if not len(replay):
+        return arrays
+    runtime = ModelRuntime(artifact.onnx_path, artifact.manifest, device="cpu")
+    target = np.array(arrays["target_action"], dtype=np.float32, copy=True)
+    for lo in range(0, len(replay), batch):
+        rows = replay[lo : lo + batch]
+        target[rows] = runtime.run({k: np.ascontiguousarray(arrays[k][rows]) for k in ("kinematics", "lidar", "grid")})[0]
+    return {**arrays, "target_action": target}
+
+
 def local_dataset(vehicle_dir: Path, vehicle_id: str, artifact: Any, config: VehicleDataConfig) -> dict[str, np.ndarray]:
-    """The vehicle's labelled training arrays (driving first if its spool is empty); cached on disk."""
+    """The vehicle's labelled training arrays (driving first if its spool is empty), replay targets
+    distilled from ``artifact`` (the released model); cached on disk."""
     vehicle_dir = Path(vehicle_dir)
     paths = ensure_spool(vehicle_dir, vehicle_id, artifact, config)
     key = hashlib.sha256(json.dumps({
         "segments": sorted(p.name for p in paths), "label_version": LABEL_VERSION,
         "mining": asdict(config.mining), "labeler": asdict(config.labeler), "seed": config.seed,
-        "min_samples": config.min_samples,
+        "min_samples": config.min_samples, "replay_targets_from": artifact.manifest.sha256,
     }, sort_keys=True, default=str).encode()).hexdigest()
     cache = vehicle_dir / "dataset.npz"
     meta_path = cache.with_suffix(".json")
@@ -204,6 +224,7 @@ def local_dataset(vehicle_dir: Path, vehicle_id: str, artifact: Any, config: Veh
             logger.warning("vehicle %s rebuilds its dataset cache: %s", vehicle_id, e)
     arrays, shas = label_segments(paths, config.mining, config.labeler, vehicle_seed(vehicle_id, config.seed),
                                   config.min_samples)
+    arrays = distill_replay(arrays, artifact)
     _write_npz_atomic(cache, arrays, {"key": key, "segments": shas, "samples": len(arrays["target_action"])})
     logger.info("vehicle %s dataset: %d samples from %d segments", vehicle_id, len(arrays["target_action"]), len(shas))
     return arrays
