@@ -287,8 +287,9 @@ def _grid(snapshots: Sequence[WorldSnapshot], f: _Fleet) -> np.ndarray:
     flat = owner[inside] * cells + row[inside] * GRID_W + col[inside]
     weight = weight[inside]
     # Each vehicle owns its own bins, in the same order as alone: per-cell sums are unchanged by batching.
-    covered = np.bincount(flat, weights=weight, minlength=n * cells).astype(np.float64)
-    speed_sum = np.bincount(flat, weights=weight * dvx[inside], minlength=n * cells).astype(np.float64)
+    # (bincount returns int64 when nothing is inside the grid: the cast covers that, and copies nothing otherwise.)
+    covered = np.bincount(flat, weights=weight, minlength=n * cells).astype(np.float64, copy=False)
+    speed_sum = np.bincount(flat, weights=weight * dvx[inside], minlength=n * cells).astype(np.float64, copy=False)
     out[:, 0] = np.minimum(covered / _GRID_CELL_AREA_M2, 1.0).reshape(n, GRID_H, GRID_W)
     out[:, 1] = np.divide(speed_sum, covered, out=np.zeros_like(covered), where=covered > 0).reshape(
         n, GRID_H, GRID_W)
