@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+
 from driveloop.edge import world
 from driveloop.edge.world import VehicleState, WorldSnapshot
 
