@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from driveloop.exceptions import ConfigError
-from driveloop.safety import AebConfig, FallbackConfig, LimitsConfig, SupervisorConfig, WatchdogConfig
+from driveloop.safety import AebConfig, FallbackConfig, LaneConfig, LimitsConfig, SupervisorConfig, WatchdogConfig
 
 POS, NONNEG = "finite and > 0", "finite and >= 0"
 BAD = [
@@ -57,6 +57,11 @@ BAD = [
     ("fallback comfort zero", FallbackConfig, {"comfort_decel_mps2": 0.0}, POS),
     ("fallback lane gain negative", FallbackConfig, {"lane_gain_radpm": -0.1}, NONNEG),
     ("fallback heading gain negative", FallbackConfig, {"heading_gain": -0.1}, NONNEG),
+    ("lane offset zero", LaneConfig, {"max_offset_m": 0.0}, POS),
+    ("lane offset negative", LaneConfig, {"max_offset_m": -1.4}, POS),
+    ("lane offset nan", LaneConfig, {"max_offset_m": float("nan")}, POS),
+    ("lane lookahead negative", LaneConfig, {"lookahead_s": -0.1}, NONNEG),
+    ("lane lookahead inf", LaneConfig, {"lookahead_s": float("inf")}, NONNEG),
     ("supervisor period zero", SupervisorConfig, {"control_period_s": 0.0}, POS),
     ("supervisor hold negative", SupervisorConfig, {"handback_hold_s": -1.0}, NONNEG),
     ("supervisor valid ticks zero", SupervisorConfig, {"handback_valid_ticks": 0}, "an int >= 1"),
@@ -125,6 +130,8 @@ GOOD = [
     ("limits defaults", LimitsConfig, {}),
     ("emergency jerk equals jerk", LimitsConfig, {"max_jerk_mps3": 5.0, "emergency_jerk_mps3": 5.0}),
     ("fallback zero gains", FallbackConfig, {"lane_gain_radpm": 0.0, "heading_gain": 0.0}),
+    ("lane defaults", LaneConfig, {}),
+    ("lane no lookahead", LaneConfig, {"lookahead_s": 0.0}),
     ("supervisor defaults", SupervisorConfig, {}),
     ("supervisor zero hold", SupervisorConfig, {"handback_hold_s": 0.0}),
     ("supervisor comfort equals limit", SupervisorConfig, {"fallback": FallbackConfig(comfort_decel_mps2=8.0)}),
