@@ -42,6 +42,11 @@ def test_bad_config_is_refused(name: str, kw: dict[str, float]) -> None:
         bs.BootstrapConfig(**kw)
 
 
+def test_dagger_rounds_default_to_twice_the_cloning_episodes() -> None:
+    assert bs.BootstrapConfig(episodes=7).dagger_episode_count == 14
+    assert bs.BootstrapConfig(episodes=7, dagger_episodes=3).dagger_episode_count == 3
+
+
 def test_no_dagger_needs_no_dagger_sizes() -> None:
     cfg = bs.BootstrapConfig(dagger_rounds=0, dagger_epochs=0)
     assert cfg.dagger_rounds == 0
@@ -62,8 +67,8 @@ def test_training_seeds_never_overlap_evaluation_seeds(monkeypatch: pytest.Monke
     bs.collect(cfg, learner_state={"w": 1}, dagger_round=1)
     bs.collect(cfg, learner_state={"w": 1}, dagger_round=2)
     seeds = [s for _, s, _ in calls]
-    assert len(set(seeds)) == 12 and min(seeds) >= bs.TRAIN_SEED_BASE
-    assert [learner for _, _, learner in calls] == [False] * 4 + [True] * 8
+    assert len(set(seeds)) == 4 + 8 + 8 and min(seeds) >= bs.TRAIN_SEED_BASE
+    assert [learner for _, _, learner in calls] == [False] * 4 + [True] * 16
     assert {sc for sc, _, _ in calls} == set(bs.DEMO_SCENARIOS)
 
 
@@ -105,8 +110,8 @@ def test_dagger_episode_is_driven_by_the_learner_and_labelled_by_the_expert() ->
 
 
 def test_small_bootstrap_runs_dagger_and_records_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    cfg = bs.BootstrapConfig(episodes=2, episode_s=6.0, epochs=2, dagger_rounds=1, dagger_epochs=1, workers=1,
-                             check_episodes=1)
+    cfg = bs.BootstrapConfig(episodes=2, episode_s=6.0, epochs=2, dagger_rounds=1, dagger_episodes=2,
+                             dagger_epochs=1, workers=1, check_episodes=1)
     summary = bs.bootstrap(tmp_path / "registry", cfg)
     assert summary["stage"] == "validated" and summary["version"] == 1
     # cloning ticks + one learner-driven round (2 episodes, shorter where the weak learner crashed)
