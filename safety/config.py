@@ -159,8 +159,8 @@ class LaneConfig:
 
     The guard fires when the offset predicted ``lookahead_s`` ahead (straight-line, from the heading error)
     exceeds ``max_offset_m``. It prevents collisions, not line touches: a 2 m car in a 4 m lane touches the
-    line at 1 m, and a same-size car centred in the next lane at 2 m, so 1.4 m leaves 0.6 m while not firing
-    on the bootstrap model's ordinary sway (up to ~1.2 m measured over 200 nominal episodes).
+    line at 1 m, and a same-size car centred in the next lane at 2 m, so 1.4 m leaves 0.6 m. The bootstrap
+    model's sway stays within 0.62 m over 200 nominal episodes; a model that passes 1.4 m is driving badly.
     """
 
     max_offset_m: float = 1.4
