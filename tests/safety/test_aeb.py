@@ -8,8 +8,19 @@ import pytest
 
 from driveloop.safety import AebConfig
 from driveloop.safety.aeb import (
-    FULL, NONE, PARTIAL, REQ_DECEL_MAX_MPS2, TTC_MAX_S, assess, brake_level, lead_decel_mps2, model_brakes_enough,
-    predict, required_decel_mps2, rss_safe_gap_m, time_to_collision_s,
+    FULL,
+    NONE,
+    PARTIAL,
+    REQ_DECEL_MAX_MPS2,
+    TTC_MAX_S,
+    assess,
+    brake_level,
+    lead_decel_mps2,
+    model_brakes_enough,
+    predict,
+    required_decel_mps2,
+    rss_safe_gap_m,
+    time_to_collision_s,
 )
 
 CFG = AebConfig()

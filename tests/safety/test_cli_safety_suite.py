@@ -98,7 +98,7 @@ def test_nominal_activations_are_listed_with_their_ground_truth() -> None:
     assert len(rows) == report["false_activations"] >= 3 and not suite_passed(report)
     assert report["activations_by_kind"] == {"lane": len(rows)}
     assert {r["vehicle"] for r in rows} == {"nom0000", "nom0001", "nom0002"}
-    assert [r["seed"] for r in rows if r["vehicle"] == "nom0001"][0] == 200_001
+    assert next(r["seed"] for r in rows if r["vehicle"] == "nom0001") == 200_001
     for r in rows:
         assert r["reason"].startswith("lane departure: offset +")
         # fired on the way out, before the car body crossed into the next lane's centre

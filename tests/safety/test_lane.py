@@ -32,7 +32,7 @@ def test_predicted_offset(name: str, offset: float, heading: float, speed: float
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_threshold_swept_from_below_to_above(sign: float) -> None:
-    for k in range(0, 201):
+    for k in range(201):
         offset = k / 100  # 0.00 … 2.00 m, exact at the threshold
         result = departure(sign * offset, 0.0, 20.0, CFG)
         if offset > CFG.max_offset_m:

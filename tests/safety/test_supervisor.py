@@ -13,7 +13,14 @@ import pytest
 
 from driveloop.exceptions import SafetyError
 from driveloop.safety import (
-    Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs, SupervisorState, TrackData, step,
+    Decision,
+    ModelReply,
+    Supervisor,
+    SupervisorConfig,
+    SupervisorInputs,
+    SupervisorState,
+    TrackData,
+    step,
 )
 
 from ._harness import Case, blind_model, run
@@ -344,7 +351,6 @@ def test_partial_stage_reason_and_exact_fault_reason() -> None:
 
 def test_public_api_is_lazy_and_complete() -> None:
     import driveloop.safety as api
-
     from driveloop.safety import config, supervisor, types
 
     assert api.__all__ == sorted(api.__all__)
