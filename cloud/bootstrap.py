@@ -13,7 +13,12 @@ expert never visits (measured: a model that kept accelerating towards a lead 3 m
 - DAgger (Ross et al. 2011): after cloning, ``dagger_rounds`` times, the *learner* drives fresh episodes
   (its own command plus the same noise), every tick is labelled with the expert's action in that state,
   and the net is trained on everything gathered so far for ``dagger_epochs``. The learner thus sees, and
-  learns to leave, exactly the states its own mistakes lead to.
+  learns to leave, exactly the states its own mistakes lead to. **Off by default** (``dagger_rounds=0``):
+  measured on 2 cores, one round already turns v1 into an over-cautious driver that stops 20-27 m short
+  of every CCR target (progress in ccrs-30 0.14 vs 0.36) and needs the fallback in no hazard but the
+  sensor-range-limited ccrs-70/80 — it closes the very gap the data loop is for, by braking early for
+  everything. Without it, 6 of 200 nominal safety-suite episodes see an activation, each a true hazard
+  (TTC < 2 s, or < 1 s to a lane-line crossing; docs/SAFETY.md), and the loop has hazards to learn.
 
 The torch weights are kept beside the ONNX file (``checkpoints``) so that every later model is a
 fine-tune of its parent, never a model trained from scratch.
@@ -51,7 +56,7 @@ class BootstrapConfig:
     accel_noise_mps2: float = 0.6
     steer_noise_rad: float = 0.02
     noise_corr_s: float = 1.0  # correlation time of the DART noise (0: white noise)
-    dagger_rounds: int = 2  # learner-driven, expert-labelled rounds after cloning
+    dagger_rounds: int = 0  # learner-driven, expert-labelled rounds after cloning (off by default: see above)
     # Episodes per DAgger round (None: twice ``episodes``). The learner's own states are the valuable ones:
     # with as many as ``episodes`` one training seed of 2 still swerved out of lane in 10 of 200 nominal
     # episodes; with twice as many both seeds had none.

@@ -4,13 +4,16 @@ simulator, through the real control loop (edge/agent.py: sensors → perception 
 - Each CCR case runs as its own one-vehicle drive for the scenario's duration; it is *avoided* when the
   ego never touches the target. With ``--fallback-only`` the model is dead from the first tick, so the
   fallback and AEB alone must avoid every case; otherwise the registry model drives behind the supervisor.
-- Nominal episodes (seeded ``highway`` drives, one episode per vehicle) are driven by the model; any
-  fallback activation there is a *false activation*. They need a model, so ``--fallback-only`` skips them.
-  Each activation is listed (``nominal_activations``) with its kind, reason and the ground truth the car
-  decided on (lane offset, true gap and TTC to the real lead), so that one can tell a rule firing for
-  nothing from a model driving badly.
+- Nominal episodes (seeded ``highway`` drives, one episode per vehicle) are driven by the model. Each
+  fallback activation there is listed (``nominal_activations``) with its kind, reason and the ground
+  truth the car decided on (lane offset, true gap and TTC to the real lead), and judged on that ground
+  truth by ``driveloop._safety_truth`` (TTC/headway for AEB, time to line crossing for the lane guard,
+  thresholds from the ADAS norms, not the rules'): *justified* when a real hazard was there (the model
+  drove badly and the layer caught it), *false* when not (the layer acted for nothing). They need a
+  model, so ``--fallback-only`` skips them.
 - ``--noise SIGMA`` adds Gaussian noise to every sensor (SensorConfig.uniform).
-The exit code is 0 only when every case was avoided and nominal driving had no activation or collision.
+The exit code is 0 only when every case was avoided and nominal driving had no false activation and no
+collision.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import typer
 
 from driveloop._jsonout import dumps
+from driveloop._safety_truth import HazardCriteria, judge_activation
 from driveloop.cli import app
 from driveloop.exceptions import ConfigError
 
@@ -58,9 +62,10 @@ class ActivationLog:
     (kept per vehicle); a vehicle's first tick has none recorded (ground-truth fields are then None).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, criteria: HazardCriteria | None = None) -> None:
         self.rows: list[dict[str, Any]] = []
         self._seen: dict[str, Any] = {}
+        self.criteria = criteria or HazardCriteria()
 
     def __call__(self, tick: int, total: int, agents: Sequence[Any]) -> None:
         from driveloop.edge.world import gap_m, ttc_s
@@ -74,6 +79,7 @@ class ActivationLog:
                 if seen is not None:
                     row.update(lane_offset_m=round(seen.lane_offset_m, 3), speed_mps=round(seen.speed_mps, 3),
                                gap_m=round(gap_m(seen), 3), ttc_s=round(ttc_s(seen), 3))
+                row["justified"], row["why"] = judge_activation(row["kind"], seen, self.criteria)
                 self.rows.append(row)
             self._seen[agent.vehicle_id] = agent.snapshot
 
@@ -138,7 +144,8 @@ def run_suite(
         "collisions": sum(r["collisions"] for r in rows),
         "min_gap_m": min((r["min_gap_m"] for r in rows), default=None),
         "nominal_episodes": len(nominal_metrics),
-        "false_activations": sum(int(m.interventions) for m in nominal_metrics),
+        "false_activations": sum(not row["justified"] for row in log.rows),
+        "justified_activations": sum(bool(row["justified"]) for row in log.rows),
         "nominal_collisions": sum(int(m.collisions) for m in nominal_metrics),
         "activations_by_kind": dict(Counter(row["kind"] for row in log.rows)),
         "nominal_activations": log.rows,
@@ -147,7 +154,7 @@ def run_suite(
 
 
 def suite_passed(report: Mapping[str, Any]) -> bool:
-    """Every case avoided; nominal driving without activation or collision."""
+    """Every case avoided; nominal driving without a false activation or a collision."""
     return (report["avoided"] == report["cases"] and report["false_activations"] == 0
             and report["nominal_collisions"] == 0)
 
@@ -221,8 +228,9 @@ def _print(report: Mapping[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(f"avoided {report['avoided']}/{report['cases']}, min gap {report['min_gap_m']} m; "
-                  f"nominal episodes {report['nominal_episodes']}, false activations {report['false_activations']}, "
-                  f"nominal collisions {report['nominal_collisions']}")
+                  f"nominal episodes {report['nominal_episodes']}, false activations {report['false_activations']} "
+                  f"(justified {report['justified_activations']}), nominal collisions {report['nominal_collisions']}")
     for row in report["nominal_activations"]:
-        console.print(f"  {row['vehicle']} seed {row['seed']} tick {row['tick']}: {row['reason']} "
-                      f"(true lane offset {row['lane_offset_m']} m, gap {row['gap_m']} m, TTC {row['ttc_s']} s)")
+        verdict = "justified" if row["justified"] else "[red]FALSE[/red]"
+        console.print(f"  {row['vehicle']} seed {row['seed']} tick {row['tick']}: {row['reason']} — {verdict}: "
+                      f"{row['why']} (true lane offset {row['lane_offset_m']} m, gap {row['gap_m']} m, TTC {row['ttc_s']} s)")

@@ -48,7 +48,7 @@ class DemoConfig:
     port: int = 8700
     bootstrap_episodes: int = 24
     eval_duration_s: float = 20.0
-    finetune_epochs: int = 4
+    finetune_epochs: int = 10
     eval_classes: tuple[str, ...] | None = None  # None: every scenario class of the held-out suite
     bootstrap_epochs: int = 12
 

@@ -72,7 +72,7 @@ class VehicleSettings:
     mix_concentration: float = 1.0
     local_epochs: int = 2
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 2e-4
     anchor_l2: float = 1e-3
     data_seed: int = 0
     faults: str = ""

@@ -63,7 +63,7 @@ class FlRunConfig:
     episodes: int = 3
     episode_s: float = 20.0
     local_epochs: int = 2
-    lr: float = 5e-4
+    lr: float = 2e-4
     seed: int = 0
     num_cpus: int = 2
     run_name: str | None = None

@@ -31,7 +31,8 @@ VERDICTS = [
     ("jerk within tolerance", BASE, _c(interventions=5, jerk_mps3=1.19), set()),
     ("jerk regresses", BASE, _c(interventions=5, jerk_mps3=1.25), {"comfort_kept"}),
     ("smooth baseline: imperceptible jerk rise", _c(jerk_mps3=0.1), _c(interventions=5, jerk_mps3=0.2), set()),
-    ("smooth baseline: jerk doubles and more", _c(jerk_mps3=0.1), _c(interventions=5, jerk_mps3=0.25), {"comfort_kept"}),
+    ("smooth baseline: still comfortable", _c(jerk_mps3=0.1), _c(interventions=5, jerk_mps3=0.5), set()),
+    ("smooth baseline: above the comfort floor", _c(jerk_mps3=0.1), _c(interventions=5, jerk_mps3=0.51), {"comfort_kept"}),
     ("everything wrong", BASE, _c(interventions=20, collisions=2, progress=0.5, jerk_mps3=3.0),
      {"collisions_zero", "interventions_fall", "progress_kept", "comfort_kept"}),
 ]

@@ -74,7 +74,8 @@ def test_model_mode_with_a_blind_cruise_model() -> None:
 
 def test_nominal_activations_are_listed_with_their_ground_truth() -> None:
     """A model that steers steadily left drifts out of its lane: every nominal activation is listed as a
-    lane departure, with the true lane offset the vehicle had when the guard fired."""
+    lane departure, with the true lane offset the vehicle had when the guard fired, and judged justified
+    by the ground truth (the car was about to cross the lane marking: the model drove badly)."""
     from dataclasses import dataclass
 
     import numpy as np
@@ -95,7 +96,8 @@ def test_nominal_activations_are_listed_with_their_ground_truth() -> None:
                        nominal=3, nominal_duration_s=6.0, seed=2)
     rows = report["nominal_activations"]
     assert report["nominal_episodes"] == 3 and report["cases"] == 0
-    assert len(rows) == report["false_activations"] >= 3 and not suite_passed(report)
+    assert len(rows) == report["justified_activations"] >= 3 and report["false_activations"] == 0
+    assert suite_passed(report)  # no case ran, no collision, no activation for nothing
     assert report["activations_by_kind"] == {"lane": len(rows)}
     assert {r["vehicle"] for r in rows} == {"nom0000", "nom0001", "nom0002"}
     assert next(r["seed"] for r in rows if r["vehicle"] == "nom0001") == 200_001
@@ -104,6 +106,31 @@ def test_nominal_activations_are_listed_with_their_ground_truth() -> None:
         # fired on the way out, before the car body crossed into the next lane's centre
         assert 0.5 < r["lane_offset_m"] < LaneConfig().max_offset_m + 0.5
         assert r["tick"] > 0 and r["speed_mps"] > 10.0
+        assert r["justified"] and ("line crossing" in r["why"] or "over the lane marking" in r["why"])
+
+
+def test_an_activation_without_a_true_hazard_is_false() -> None:
+    """The log judges each activation on the state the supervisor saw (the previous tick's snapshot)."""
+    from types import SimpleNamespace
+
+    from driveloop._cli_safety import ActivationLog, suite_passed
+    from driveloop.edge.world import VehicleState, WorldSnapshot
+
+    def snap(lead_gap: float | None) -> WorldSnapshot:
+        others = () if lead_gap is None else (VehicleState(1, lead_gap + 5.0, 0.0, 20.0, 0.0, 0.0),)
+        return WorldSnapshot(0.0, VehicleState(0, 0.0, 0.0, 25.0, 0.0, 0.0), 25.0, 0.0, 0.0, 0.0, 0.0, 25.0, 4.0, others)
+
+    log = ActivationLog()
+    quiet = SimpleNamespace(vehicle_id="v", seed=1, last_decision=None, snapshot=snap(None))
+    log(0, 3, [quiet])  # remembers the free road the next decision is made on
+    phantom = SimpleNamespace(decision=SimpleNamespace(activation=True, reason="aeb partial: ttc=1.20 s"))
+    log(1, 3, [SimpleNamespace(vehicle_id="v", seed=1, last_decision=phantom.decision, snapshot=snap(8.0))])
+    log(2, 3, [SimpleNamespace(vehicle_id="v", seed=1, last_decision=phantom.decision, snapshot=snap(8.0))])
+    first, second = log.rows
+    assert (first["justified"], first["why"]) == (False, "no aeb hazard in the ground truth")  # braked for nothing
+    assert second["justified"] and "TTC" in second["why"]  # 8 m closing at 5 m/s: a real hazard
+    report = {"cases": 0, "avoided": 0, "nominal_collisions": 0, "false_activations": sum(not r["justified"] for r in log.rows)}
+    assert not suite_passed(report)
 
 
 @pytest.mark.parametrize(("reason", "kind"), [
