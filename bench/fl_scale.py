@@ -121,6 +121,12 @@ def _summary(gate: dict[str, Any]) -> dict[str, Any]:
             for side in ("baseline", "candidate")} | {"passed": gate["passed"]}
 
 
+def _rel_iph(run: dict[str, Any], reference: dict[str, Any]) -> float:
+    """Relative change of held-out interventions/h (closed loop, the gate's measure) vs a reference run."""
+    a, b = (r["gate"]["candidate"]["interventions_per_hour"] for r in (run, reference))
+    return (a - b) / max(b, 1e-9)
+
+
 def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, suite_s: float) -> dict[str, Any]:
     import torch
 
@@ -257,6 +263,8 @@ def main() -> None:
             "2_dropout_round_wall_over_clean": float(np.median(runs["fedavg-dropout30"]["round_wall_s"]) / np.median(runs["fedavg-clean"]["round_wall_s"])),
             "2_dropout_gate_passed": runs["fedavg-dropout30"]["gate"]["passed"],
             "3_robust_poisoned_vs_clean_loss_rel": (robust - clean) / clean,
+            "3_robust_poisoned_vs_clean_iph_rel": _rel_iph(runs["fedmedian-poison20"], runs["fedmedian-clean"]),
+            "3_fedavg_poisoned_vs_clean_iph_rel": _rel_iph(runs["fedavg-poison20-noclip"], runs["fedavg-clean"]),
             "3_fedavg_poisoned_vs_clean_loss_rel": (naive - runs["fedavg-clean"]["offline_loss"]) / runs["fedavg-clean"]["offline_loss"],
         }
     if "scale" in sections:
