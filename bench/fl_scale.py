@@ -240,7 +240,7 @@ def main() -> None:
     ap.add_argument("--vehicles", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=2)
-    ap.add_argument("--suite-duration", type=float, default=20.0)
+    ap.add_argument("--suite-duration", type=float, default=30.0)  # the held-out suite default
     ap.add_argument("--scale-vehicles", type=int, default=100)
     ap.add_argument("--sections", default="compare,scale")
     ap.add_argument("--out", type=Path, default=None, help="Also write the JSON results here.")
