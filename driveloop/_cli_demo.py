@@ -8,6 +8,7 @@ import typer
 
 from driveloop._jsonout import dumps
 from driveloop.cli import app
+from driveloop.demo import DemoConfig
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 def demo(
     iterations: int = typer.Option(3, "--iterations", min=1, help="Loop iterations."),
     vehicles: int = typer.Option(8, "--vehicles", min=2, max=64, help="Fleet size."),
-    drive_s: float = typer.Option(60.0, "--drive-s", min=1.0, help="Seconds each vehicle drives per iteration."),
+    drive_s: float = typer.Option(DemoConfig.drive_s, "--drive-s", min=1.0, help="Seconds each vehicle drives per iteration."),
     window_s: float = typer.Option(20.0, "--window-s", min=1.0, help="Rollout health window per vehicle [s]."),
     inject_bad_model: bool = typer.Option(False, "--inject-bad-model",
                                           help="Add an iteration that ships a deliberately worse model."),
@@ -25,7 +26,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Run the whole closed loop on embedded defaults: drive, upload, learn, gate, sign, roll out, repeat."""
-    from driveloop.demo import Demo, DemoConfig
+    from driveloop.demo import Demo
     from driveloop.settings import load_settings
 
     config = DemoConfig(iterations=iterations, vehicles=vehicles, drive_s=drive_s, window_s=window_s,

@@ -39,7 +39,7 @@ BRAKING_SCALE = 0.0  # the injected bad model never brakes: all braking is left 
 class DemoConfig:
     iterations: int = 3
     vehicles: int = 8
-    drive_s: float = 60.0  # each iteration's data drive, per vehicle (simulated seconds)
+    drive_s: float = 240.0  # each iteration's data drive, per vehicle (simulated seconds): enough hazards to learn from
     window_s: float = 20.0  # one rollout health window, per vehicle
     max_windows: int = 14  # per rollout; a rollout still running then is reported as "stalled"
     fl_rounds: int = 2
