@@ -6,7 +6,10 @@ verdict made of named checks:
 - ``collisions_zero``: the candidate never collides;
 - ``interventions_fall``: its fallback interventions per hour are below the baseline's (when the baseline
   already has none, the candidate must have none too);
-- ``progress_kept``: its progress is within ``progress_tolerance_frac`` of the baseline's;
+- ``progress_kept``: its progress is within ``progress_tolerance_frac`` (10 %) of the baseline's — per class,
+  where a few episodes decide (in a CCR class a car stopping 3 m earlier moves it by ~5 %, and two seed sets
+  of the same model differ by ~4 %); over the whole suite progress must stay within
+  ``suite_progress_tolerance_frac`` (5 %);
 - ``comfort_kept``: its mean |jerk| is within ``jerk_tolerance_frac`` (+ ``jerk_tolerance_abs_mps3``) of
   the baseline's, or at most ``comfort_floor_mps3``. Near-zero baselines (smooth cruising, ~0.1-0.2 m/s³)
   are why: a relative test there rejects differences of a tenth of a m/s³, far below what passengers
@@ -70,14 +73,16 @@ class ClassMetrics:
 
 @dataclass(frozen=True)
 class GateTolerances:
-    progress_tolerance_frac: float = 0.05
+    progress_tolerance_frac: float = 0.10
+    suite_progress_tolerance_frac: float = 0.05
     jerk_tolerance_frac: float = 0.10
     jerk_tolerance_abs_mps3: float = 0.1
     comfort_floor_mps3: float = 0.5  # mean |jerk| at or below this is comfortable, whatever the baseline
     min_suite_iph_reduction_frac: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("progress_tolerance_frac", "jerk_tolerance_frac", "min_suite_iph_reduction_frac"):
+        for name in ("progress_tolerance_frac", "suite_progress_tolerance_frac", "jerk_tolerance_frac",
+                     "min_suite_iph_reduction_frac"):
             v = getattr(self, name)
             if not (math.isfinite(v) and 0.0 <= v < 1.0):
                 raise ConfigError(f"gate {name} must be a fraction in [0, 1), got {v}")
@@ -105,11 +110,12 @@ class GateResult:
     suite_iph_candidate: float
     suite_iph_reduction_frac: float
     suite_reduction_ok: bool
+    suite_progress_ok: bool = True
     reasons: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return self.suite_reduction_ok and all(v.passed for v in self.classes.values())
+        return self.suite_reduction_ok and self.suite_progress_ok and all(v.passed for v in self.classes.values())
 
     def totals(self, which: str) -> dict[str, float | int]:
         """Suite totals of 'baseline' or 'candidate' (the pipeline's JSON report)."""
@@ -122,7 +128,7 @@ class GateResult:
             "collisions": sum(m.collisions for m in ms),
             "interventions": sum(m.interventions for m in ms),
             "interventions_per_hour": sum(m.interventions for m in ms) / hours,
-            "progress": sum(m.progress * m.episodes for m in ms) / eps,
+            "progress": _suite_progress(ms),
             "jerk_mps3": sum(m.jerk_mps3 * m.episodes for m in ms) / eps,
         }
 
@@ -132,6 +138,7 @@ class GateResult:
             "baseline": self.totals("baseline"),
             "candidate": self.totals("candidate"),
             "suite_iph_reduction_frac": self.suite_iph_reduction_frac,
+            "suite_progress_ok": self.suite_progress_ok,
             "classes": {
                 name: {
                     "passed": v.passed,
@@ -156,6 +163,11 @@ def judge_class(scenario: str, base: ClassMetrics, cand: ClassMetrics, tol: Gate
                                               tol.comfort_floor_mps3),
     }
     return ClassVerdict(scenario=scenario, checks=checks, baseline=base, candidate=cand)
+
+
+def _suite_progress(metrics: list[ClassMetrics]) -> float:
+    """Episode-weighted progress over every class of the suite."""
+    return sum(m.progress * m.episodes for m in metrics) / sum(m.episodes for m in metrics)
 
 
 def gate(
@@ -184,7 +196,11 @@ def gate(
         reasons.append(
             f"suite interventions/h fell {reduction:.1%}, need >= {tolerances.min_suite_iph_reduction_frac:.0%}"
         )
-    result = GateResult(classes, b_iph, c_iph, reduction, suite_ok, reasons)
+    b_prog, c_prog = (_suite_progress(list(m.values())) for m in (baseline_metrics, candidate_metrics))
+    progress_ok = c_prog >= b_prog * (1.0 - tolerances.suite_progress_tolerance_frac)
+    if not progress_ok:
+        reasons.append(f"suite progress fell {b_prog:.3f} -> {c_prog:.3f}, more than {tolerances.suite_progress_tolerance_frac:.0%}")
+    result = GateResult(classes, b_iph, c_iph, reduction, suite_ok, progress_ok, reasons)
     logger.info("gate %s: iph %.2f -> %.2f; %s", "PASSED" if result.passed else "FAILED", b_iph, c_iph, reasons or "all checks ok")
     return result
 
