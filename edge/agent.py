@@ -238,14 +238,14 @@ class VehicleAgent:
         assert obs is not None, "sense() must be called before decide()"
         t0 = time.perf_counter()
         track = forward_track(obs)
-        kin = obs.kinematics
+        speed, accel, heading, offset = obs.kinematics[:4].tolist()  # one conversion, not four numpy scalars
         decision = self.supervisor.step(
             SupervisorInputs(
                 now_s=self.t_s + self.config.deadline_s,  # the loop decides at the inference deadline
-                ego_speed_mps=float(kin[0]),
-                ego_accel_mps2=float(kin[1]),
-                lane_offset_m=float(kin[3]),
-                heading_rel_rad=float(kin[2]),
+                ego_speed_mps=speed,
+                ego_accel_mps2=accel,
+                lane_offset_m=offset,
+                heading_rel_rad=heading,
                 track=track,
                 sensor_stamp_s=self._sensor_stamp_s,
                 reply=reply,

@@ -17,7 +17,7 @@ Rules:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from driveloop.edge.contract import (
@@ -38,9 +38,8 @@ _ROW = len(NEIGHBOUR_FEATURES)
 _PRESENT, _DX, _DY, _DVX = (NEIGHBOUR_FEATURES.index(f) for f in ("present", "dx_m", "dy_m", "dvx_mps"))
 
 
-@dataclass(frozen=True)
-class Track:
-    """The object ahead in the ego lane, as the sensors see it (SI units)."""
+class Track(NamedTuple):
+    """The object ahead in the ego lane, as the sensors see it (SI units); a NamedTuple: built every tick."""
 
     gap_m: float
     closing_speed_mps: float
@@ -58,7 +57,8 @@ def forward_track(
     ignored (a broken row is no evidence of an object, the watchdog reports the bad frame).
     """
     kin = observation.kinematics if isinstance(observation, Observation) else observation
-    kin = np.asarray(kin, dtype=np.float64)
+    if not (isinstance(kin, np.ndarray) and kin.dtype.char in "fd"):  # float32/64 convert exactly in tolist()
+        kin = np.asarray(kin, dtype=np.float64)
     if kin.shape != (KIN_DIM,):
         raise SafetyError(f"kinematics must have shape ({KIN_DIM},), got {kin.shape}")
     # Six rows of five numbers: plain floats beat numpy calls on arrays this small (it runs every tick).

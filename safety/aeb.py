@@ -17,7 +17,7 @@ Rules (all pure functions of one tick's numbers):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .config import AebConfig
 
@@ -28,9 +28,11 @@ STOPPED_LEAD_MPS = 0.1  # below this the lead is standing and cannot brake furth
 NONE, PARTIAL, FULL = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class AebAssessment:
-    """One tick's AEB verdict: warning, brake stage and the deceleration to command."""
+class AebAssessment(NamedTuple):
+    """One tick's AEB verdict: warning, brake stage and the deceleration to command.
+
+    Immutable; a NamedTuple because one is built every tick a track exists (cheaper than a frozen dataclass).
+    """
 
     fcw: bool
     level: int  # NONE, PARTIAL or FULL

@@ -16,7 +16,6 @@ Arbitration rules:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import NamedTuple, cast
 
@@ -110,7 +109,7 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
         verdict = Verdict(None)
     if assessment is not None and inputs.model_enabled and verdict.fault is None and \
             aeb.model_brakes_enough(assessment, verdict.accel_mps2, config.aeb):
-        assessment = dataclasses.replace(assessment, level=aeb.NONE, decel_mps2=0.0)
+        assessment = assessment._replace(level=aeb.NONE, decel_mps2=0.0)
     aeb_braking = assessment is not None and assessment.level > aeb.NONE
     departure_m = lane.departure(inputs.lane_offset_m, inputs.heading_rel_rad, inputs.ego_speed_mps, config.lane)
     reason = _hazard_reason(verdict, assessment, inputs.model_enabled, departure_m)

@@ -16,7 +16,7 @@ Every check is on the current tick only, so a fault is detected on the tick it h
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,9 +28,11 @@ _ACTION_SHAPES = ((2,), (1, 2))
 _CONFIDENCE_SHAPES = ((), (1,), (1, 1))
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The watchdog's answer: a fault kind, or the validated [accel, steering] and confidence."""
+class Verdict(NamedTuple):
+    """The watchdog's answer: a fault kind, or the validated [accel, steering] and confidence.
+
+    Immutable; a NamedTuple because one is built every tick of every vehicle (cheaper than a frozen dataclass).
+    """
 
     fault: str | None
     accel_mps2: float = 0.0
