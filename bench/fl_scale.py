@@ -148,8 +148,10 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
 
     torch.set_num_threads(1)
     suite = EvalSuite(duration_s=suite_s)
-    base_cfg = FlRunConfig(home=home, registry_dir=home / "registry", rounds=rounds, vehicles=vehicles,
-                           local_epochs=local_epochs, episodes=3, episode_s=20.0, quorum_frac=0.6, suite=suite)
+    with Registry(home / "registry") as reg:  # every run starts from this model: a validated FL candidate
+        base_version = reg.get("validated").version  # of one run must not become the next run's base
+    base_cfg = FlRunConfig(home=home, registry_dir=home / "registry", base_ref=str(base_version), rounds=rounds,
+                           vehicles=vehicles, local_epochs=local_epochs, episodes=3, episode_s=20.0, quorum_frac=0.6, suite=suite)
     t0 = time.perf_counter()
     _, initial, _, _, vs = _start(base_cfg)
     samples = prepare_vehicles(vs, vehicles + 2)  # two extra vehicles never train: the offline held-out set
@@ -158,7 +160,7 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
 
     dcfg = VehicleDataConfig(episodes=3, episode_s=20.0, seed=base_cfg.seed)
     with Registry(home / "registry") as reg:
-        art = reg.get("validated")
+        art = reg.get(base_version)
         local = {vehicle_id_for(i): local_dataset(vs.vehicle_dir(vehicle_id_for(i)), vehicle_id_for(i), art, dcfg)
                  for i in range(vehicles + 2)}
     held = {k: np.concatenate([local[vehicle_id_for(vehicles + j)][k] for j in range(2)]) for k in local["fl000"]}
@@ -196,7 +198,7 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
     net.load_state_dict(state)
     onnx = export_onnx(net, home / "federated" / "central.onnx")
     with Registry(home / "registry") as reg:
-        base = reg.get("validated")
+        base = reg.get(base_version)
     cache = home / "cloud" / "eval_cache"
     cand = _cached_eval(cache, onnx, build_manifest(onnx, name=base.manifest.name, version=base.version), suite)
     g = gate(_cached_eval(cache, base.onnx_path, base.manifest, suite), cand, base_cfg.tolerances).as_dict()
