@@ -3,7 +3,10 @@
 ``finetune`` is the one training step, usable anywhere (the cloud pipeline inside Ray Train, a
 federated vehicle locally): it starts from the given torch state dict, trains on the dataset's mix of
 mined hard frames and nominal replay frames (the replay keeps the model from forgetting what it already
-does well), pulls the weights toward the base with an L2 anchor so the update stays bounded, checkpoints
+does well), pulls the weights toward the base with an L2 anchor so the update stays bounded, asks the
+model's change of output between consecutive frames to match the targets' (``smooth_weight``: fine-tunes
+toward braking labels added jerk to nominal cruising; the targets are rate-limited, so this keeps the model's
+commands as smooth as theirs), checkpoints
 every epoch (atomically) and, given the same checkpoint directory again, resumes after the last
 completed epoch. ``train_with_ray`` runs it under Ray Train's ``TorchTrainer`` with one 1-CPU worker, so
 that Ray Data keeps the machine's other CPU (see ``cloud/_ray.py``).
@@ -123,7 +126,7 @@ def _smooth_term(model: Any, arrays: dict[str, np.ndarray], rows: np.ndarray, nx
     w = LossWeights()
     scale = torch.tensor([w.accel_scale_mps2, w.steering_scale_rad])
     d_pred = (model(kin, lid, grd)[0] - pred_action[torch.from_numpy(has)]) / scale
-    return (((d_pred - (tgt_next - tgt) / scale)) ** 2).mean()
+    return ((d_pred - (tgt_next - tgt) / scale) ** 2).mean()
 
 
 def _eval_loss(model: Any, arrays: dict[str, np.ndarray], idx: np.ndarray, batch: int) -> float:
