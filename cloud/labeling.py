@@ -6,8 +6,9 @@ produces the action the model *should* have produced:
 - **Longitudinal**: a hindsight planner. Knowing where the vehicle ahead *will* be over the next
   ``horizon_s`` (so a cut-in or a braking lead counts before it shows), it finds the gentlest constant
   acceleration, starting now after the brake lag, that keeps the gap at every future step at least
-  ``min_gap_m`` plus the distance needed to match the lead's speed at ``comfort_decel_mps2``. Brake just enough, as early as the future demands: not harder (comfort), not
-  longer or further back than needed (progress), and early enough that the fallback need not intervene.
+  ``min_gap_m`` plus the distance needed to match the lead's speed at ``comfort_decel_mps2``. Brake just
+  enough, as early as the future demands: not harder (comfort), not longer or further back than needed
+  (progress), and early enough that the fallback need not intervene.
 - **Base command**: the label is the base command (by default the fleet model's own logged command, the
   smallest change) lowered to the planner's acceleration where that brakes more; nominal frames keep
   the base exactly. Steering comes from the base.
