@@ -196,7 +196,7 @@ class Supervisor:
         self.state, decision = step(before, inputs, self.config)
         if decision.activation:
             logger.info("fallback activation at t=%.3f s (ego %.2f m/s): %s", inputs.now_s,
-                           inputs.ego_speed_mps, decision.reason)
+                        inputs.ego_speed_mps, decision.reason)
         elif before.mode == "fallback" and decision.source == "model":
             held = inputs.now_s - cast(float, before.fallback_since_s)  # pragma: no mutate (cast is typing only)
             logger.info("hand-back to the model at t=%.3f s after %.2f s of fallback", inputs.now_s, held)
