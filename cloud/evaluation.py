@@ -128,8 +128,8 @@ class GateResult:
             "collisions": sum(m.collisions for m in ms),
             "interventions": sum(m.interventions for m in ms),
             "interventions_per_hour": sum(m.interventions for m in ms) / hours,
-            "progress": _suite_progress(ms),
-            "jerk_mps3": sum(m.jerk_mps3 * m.episodes for m in ms) / eps,
+            "progress": _episode_mean(ms, "progress"),
+            "jerk_mps3": _episode_mean(ms, "jerk_mps3"),
         }
 
     def as_dict(self) -> dict[str, object]:
@@ -165,9 +165,9 @@ def judge_class(scenario: str, base: ClassMetrics, cand: ClassMetrics, tol: Gate
     return ClassVerdict(scenario=scenario, checks=checks, baseline=base, candidate=cand)
 
 
-def _suite_progress(metrics: list[ClassMetrics]) -> float:
-    """Episode-weighted progress over every class of the suite."""
-    return sum(m.progress * m.episodes for m in metrics) / sum(m.episodes for m in metrics)
+def _episode_mean(metrics: list[ClassMetrics], name: str) -> float:
+    """Episode-weighted mean of one metric (``progress``, ``jerk_mps3``) over the suite's classes."""
+    return sum(getattr(m, name) * m.episodes for m in metrics) / sum(m.episodes for m in metrics)
 
 
 def gate(
@@ -196,7 +196,7 @@ def gate(
         reasons.append(
             f"suite interventions/h fell {reduction:.1%}, need >= {tolerances.min_suite_iph_reduction_frac:.0%}"
         )
-    b_prog, c_prog = (_suite_progress(list(m.values())) for m in (baseline_metrics, candidate_metrics))
+    b_prog, c_prog = (_episode_mean(list(m.values()), "progress") for m in (baseline_metrics, candidate_metrics))
     progress_ok = c_prog >= b_prog * (1.0 - tolerances.suite_progress_tolerance_frac)
     if not progress_ok:
         reasons.append(f"suite progress fell {b_prog:.3f} -> {c_prog:.3f}, more than {tolerances.suite_progress_tolerance_frac:.0%}")
