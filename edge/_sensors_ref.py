@@ -34,15 +34,14 @@ from driveloop.edge.contract import (
     NEIGHBOUR_FEATURES,
     Observation,
 )
-from driveloop.edge.sensors import (
+from driveloop.edge._sensor_geometry import (
     _FOOTPRINT,
     _GRID_CELL_AREA_M2,
     _GRID_Y_MAX_M,
     _OUTLINE,
     LIDAR_CELL_RAD,
-    SensorConfig,
-    SensorFrame,
 )
+from driveloop.edge.sensors import SensorConfig, SensorFrame
 from driveloop.edge.world import WorldSnapshot
 
 

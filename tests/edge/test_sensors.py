@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -261,17 +262,62 @@ def _random_world(g: np.random.Generator, t_s: float) -> WorldSnapshot:
                          g.uniform(-1, 1), 25.0, 4.0, others)
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test on each sensor geometry backend (the compiled one needs numba: skipped without it)."""
+    from driveloop.edge import _sensor_geometry as geometry
+
+    if request.param == "compiled":
+        pytest.importorskip("numba")
+    before = geometry.backend()
+    geometry.set_backend(request.param)
+    try:
+        yield request.param
+    finally:
+        geometry.set_backend(before)
+
+
+def _bits(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).tobytes()  # bit for bit: -0.0 differs from 0.0 here, unlike ==
+
+
 @pytest.mark.parametrize("sigma,dropout_p", [(0.0, 0.0), (0.5, 0.0), (3.0, 0.3)])
-def test_batched_sensors_equal_the_reference_implementation(sigma: float, dropout_p: float) -> None:
-    """300 random worlds in fleets of 1..8: the same values, stale flags and stamps as one reference call each."""
+def test_batched_sensors_equal_the_reference_implementation(sigma: float, dropout_p: float, backend: str) -> None:
+    """300 random worlds in fleets of 1..8: the same bits, stale flags and stamps as one reference call each."""
+    _compare_with_reference([SensorConfig.uniform(sigma, dropout_p)] * 8, int(sigma * 10) + 1)
+
+
+def test_mixed_configs_in_one_batch_equal_the_reference(backend: str) -> None:
+    """Each vehicle its own range, noise and dropout (the per-vehicle paths): still the reference's bits."""
+    configs = [SensorConfig(neighbour_range_m=30.0), SensorConfig.uniform(0.5),
+               SensorConfig(lidar_sigma=1.0, grid_dropout_p=0.3, neighbour_range_m=60.0), SensorConfig(),
+               SensorConfig.uniform(0.0, 0.2), SensorConfig(kinematics_sigma=2.0, neighbour_range_m=15.0),
+               SensorConfig.uniform(3.0, 0.3), SensorConfig(neighbour_range_m=120.0)]
+    _compare_with_reference(configs, 7)
+
+
+def test_backend_falls_back_to_numpy_without_the_compiled_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from driveloop.edge import _sensor_geometry as geometry
+
+    monkeypatch.setattr(geometry, "_backend", None)
+    monkeypatch.setitem(sys.modules, "driveloop.edge._sensor_kernels", None)  # as if numba were not installed
+    assert geometry.backend() == "numpy"
+    with pytest.raises(ImportError):
+        geometry.set_backend("compiled")
+    with pytest.raises(ConfigError):
+        geometry.set_backend("fortran")
+
+
+def _compare_with_reference(configs: list[SensorConfig], seed: int) -> None:
     from driveloop.edge._sensors_ref import observe_reference
 
-    g = np.random.default_rng(int(sigma * 10) + 1)
-    cfg = SensorConfig.uniform(sigma, dropout_p)
+    g = np.random.default_rng(seed)
     worlds = [_random_world(g, 0.1 * i) for i in range(300)]
     assert sum(len(w.others) for w in worlds) > 3000  # crowded enough that every sensor sees something
-    suites = [SensorSuite(cfg, seed=100 + i) for i in range(8)]
-    reference = [SensorSuite(cfg, seed=100 + i) for i in range(8)]
+    suites = [SensorSuite(cfg, seed=100 + i) for i, cfg in enumerate(configs)]
+    reference = [SensorSuite(cfg, seed=100 + i) for i, cfg in enumerate(configs)]
     hits = 0
     start = 0
     while start < len(worlds):
@@ -284,8 +330,10 @@ def test_batched_sensors_equal_the_reference_implementation(sigma: float, dropou
             ref._last = expected
             got = batch.frames[i]
             for name in ("kinematics", "lidar", "grid"):
-                np.testing.assert_array_equal(getattr(got.observation, name), getattr(expected.observation, name))
-                np.testing.assert_array_equal(batch.arrays[name][i], getattr(expected.observation, name))
+                want = getattr(expected.observation, name)
+                np.testing.assert_array_equal(getattr(got.observation, name), want)
+                assert _bits(getattr(got.observation, name)) == _bits(want)
+                assert _bits(batch.arrays[name][i]) == _bits(want)
             assert got.stale == expected.stale and got.stamp_s == expected.stamp_s
             hits += int((expected.observation.lidar[0] < LIDAR_RANGE_M).sum())
         start += n
