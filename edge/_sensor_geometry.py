@@ -107,14 +107,14 @@ def _inputs(snapshots: Sequence[WorldSnapshot]) -> tuple[np.ndarray, np.ndarray,
     raw = np.fromiter(chain.from_iterable(map(_STATE, chain.from_iterable(others))), dtype=np.float64,
                       count=7 * sum(counts)).reshape(-1, 7)
     # Per vehicle (scalar math, B values): position, velocity, heading, the rotation as the two
-    # multiplier pairs (cos, -sin) and (sin, cos), half length and half width.
+    # multiplier pairs (cos, -sin) and (sin, cos), half length and half width; then its kinematics ego block.
     ego_rows = []
     for s in snapshots:
         e = s.ego
         c, sn = math.cos(e.heading_rad), math.sin(e.heading_rad)
         ego_rows.append((e.x_m, e.y_m, e.vx_mps, e.vy_mps, e.heading_rad, c, -sn, sn, c,
-                         e.length_m / 2, e.width_m / 2))
-    return raw, np.array(ego_rows, dtype=np.float64).reshape(-1, 11), counts
+                         e.length_m / 2, e.width_m / 2, *_EGO_BLOCK(s)))
+    return raw, np.array(ego_rows, dtype=np.float64).reshape(-1, 11 + len(EGO_FEATURES)), counts
 
 
 def _pairs(snapshots: Sequence[WorldSnapshot]) -> _Fleet:
@@ -138,14 +138,15 @@ def _pairs(snapshots: Sequence[WorldSnapshot]) -> _Fleet:
     return _Fleet(owner=owner, geo=geo, dist=np.hypot(geo[_PX], geo[_PY]), half_diag=np.hypot(raw[5], raw[6]) / 2)
 
 
-def _pairs_compiled(snapshots: Sequence[WorldSnapshot]) -> _Fleet:
-    """:func:`_pairs` with its arithmetic in a compiled loop; cos, sin and hypot stay numpy's."""
+def _pairs_compiled(snapshots: Sequence[WorldSnapshot]) -> tuple[_Fleet, np.ndarray]:
+    """:func:`_pairs` with its arithmetic in a compiled loop (cos, sin and hypot stay numpy's), and the
+    kinematics batch with its ego block filled in."""
     raw, ego, counts = _inputs(snapshots)
-    geo, owner, heading = _kernels.pair_table(raw, ego, np.array(counts, dtype=np.int64))  # type: ignore[union-attr]
+    geo, owner, heading, kin = _kernels.pair_table(raw, ego, np.array(counts, dtype=np.int64))  # type: ignore[union-attr]
     np.cos(heading, out=geo[_COS])
     np.sin(heading, out=geo[_SIN])
     return _Fleet(owner=owner, geo=geo, dist=np.hypot(geo[_PX], geo[_PY]),
-                  half_diag=np.hypot(geo[_LEN], geo[_WID]) / 2)
+                  half_diag=np.hypot(geo[_LEN], geo[_WID]) / 2), kin
 
 
 def _outline_points(g: np.ndarray, template_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -294,16 +295,27 @@ def geometry(snapshots: Sequence[WorldSnapshot], range_m: float | np.ndarray,
         pairs = _pairs(snapshots)
         per_pair = range_m if isinstance(range_m, float) else np.asarray(range_m)[pairs.owner]
         return _kinematics(snapshots, pairs, per_pair), _lidar(snapshots, pairs), _grid(snapshots, pairs)
-    pairs = _pairs_compiled(snapshots)
-    n = len(snapshots)
-    kin, lidar = _ego_kinematics(snapshots), _empty_lidar(n)
-    grid = np.zeros((n, GRID_CHANNELS, GRID_H, GRID_W), dtype=np.float32)
+    pairs, kin = _pairs_compiled(snapshots)
     k = _kernels
     assert k is not None
-    ranges = np.full(n, range_m) if isinstance(range_m, float) else np.asarray(range_m, dtype=np.float64)
-    xs, ys, pair = k.neighbours_and_grid(pairs.geo, pairs.owner, pairs.dist, pairs.half_diag, ranges, _OUTLINE_T,
-                                         _FOOTPRINT_T, kin, grid)
-    if xs.size:  # range and bearing by numpy: its arctan2 can differ from libm's in the last bit
-        k.lidar_nearest(xs, ys, np.hypot(xs, ys), np.arctan2(ys, xs), pair, pairs.geo, pairs.owner, LIDAR_CELL_RAD,
-                        lidar)
+    ranges = _ranges(range_m)
+    grid, xs, ys, pair = k.neighbours_and_grid(pairs.geo, pairs.owner, pairs.dist, pairs.half_diag, ranges,
+                                               _OUTLINE_T, _FOOTPRINT_T, kin)
+    # Range and bearing by numpy: its arctan2 can differ from libm's in the last bit.
+    lidar = k.lidar_nearest(xs, ys, np.hypot(xs, ys), np.arctan2(ys, xs), pair, pairs.geo, pairs.owner,
+                            len(snapshots), LIDAR_CELL_RAD)
     return kin, lidar, grid
+
+
+_RANGE_ARRAYS: dict[float, np.ndarray] = {}
+
+
+def _ranges(range_m: float | np.ndarray) -> np.ndarray:
+    """The neighbour range as the compiled loop takes it: per vehicle, or one value (cached) for all."""
+    if not isinstance(range_m, float):
+        return np.asarray(range_m, dtype=np.float64)
+    arr = _RANGE_ARRAYS.get(range_m)
+    if arr is None:
+        arr = _RANGE_ARRAYS[range_m] = np.array([range_m])
+        arr.flags.writeable = False
+    return arr

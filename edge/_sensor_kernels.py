@@ -26,10 +26,12 @@ from numba import njit
 from driveloop.edge.contract import (
     GRID_CELL_X_M,
     GRID_CELL_Y_M,
+    GRID_CHANNELS,
     GRID_H,
     GRID_W,
     GRID_X_MIN_M,
     GRID_Y_MIN_M,
+    KIN_DIM,
     LIDAR_CELLS,
     LIDAR_RANGE_M,
     N_NEIGHBOURS,
@@ -38,6 +40,7 @@ from driveloop.edge.contract import (
 # Rows of the per-pair table ``geo`` (edge.sensors._Fleet).
 _PRESENT, _PX, _PY, _VX, _VY, _COS, _SIN, _LEN, _WID, _EGO_HL, _EGO_HW = range(11)
 _N_EGO = 6
+_EGO_COLS = 11  # the ego block's first column in the per-vehicle rows
 _ROW = 5
 _GRID_X_MAX_M = GRID_X_MIN_M + GRID_W * GRID_CELL_X_M
 _GRID_Y_MAX_M = GRID_Y_MIN_M + GRID_H * GRID_CELL_Y_M
@@ -48,12 +51,19 @@ _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
 @njit(**_JIT)
-def pair_table(raw: np.ndarray, ego: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``edge._sensor_geometry._pairs`` without its cos/sin/hypot: (geo, owner, relative heading).
+def pair_table(raw: np.ndarray, ego: np.ndarray, counts: np.ndarray,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``edge._sensor_geometry._pairs`` without its cos/sin/hypot: (geo, owner, relative heading, kinematics).
 
-    ``raw`` (P, 7) holds the other vehicles' states, ``ego`` (B, 11) each vehicle's row, ``counts`` how
-    many pairs each vehicle owns; the caller fills the ``_COS``/``_SIN`` rows from the heading with numpy.
+    ``raw`` (P, 7) holds the other vehicles' states, ``ego`` (B, 11 + 6) each vehicle's row and its
+    kinematics ego block, ``counts`` how many pairs each vehicle owns. The caller fills the ``_COS`` and
+    ``_SIN`` rows from the heading with numpy; the kinematics batch comes back with the ego block filled.
     """
+    n = ego.shape[0]
+    kin = np.zeros((n, KIN_DIM), np.float32)
+    for b in range(n):
+        for k in range(_N_EGO):
+            kin[b, k] = ego[b, _EGO_COLS + k]
     p = raw.shape[0]
     owner = np.empty(p, np.int64)
     j = 0
@@ -74,20 +84,22 @@ def pair_table(raw: np.ndarray, ego: np.ndarray, counts: np.ndarray) -> tuple[np
         geo[_VY, j] = dvx * e[6] + dvy * e[8]
         geo[_LEN, j], geo[_WID, j] = raw[j, 5], raw[j, 6]
         geo[_EGO_HL, j], geo[_EGO_HW, j] = e[9], e[10]
-    return geo, owner, heading
+    return geo, owner, heading, kin
 
 
 @njit(**_JIT)
 def neighbours_and_grid(geo: np.ndarray, owner: np.ndarray, dist: np.ndarray, half_diag: np.ndarray,
                         range_m: np.ndarray, outline_t: np.ndarray, footprint_t: np.ndarray, kin: np.ndarray,
-                        grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fill the neighbour rows of ``kin`` and all of ``grid``; return the lidar's candidate points.
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fill the neighbour rows of ``kin``; return the grid batch and the lidar's candidate points.
 
-    Returns (x, y, pair): the outline points (pair-major) of every pair whose outline can come within
-    lidar range, and the pair index of each such vehicle, for numpy's hypot/arctan2 and then
-    :func:`lidar_nearest`.
+    ``range_m`` holds the neighbour range per vehicle, or one for all. Returns (grid, x, y, pair): the
+    outline points (pair-major) of every pair whose outline can come within lidar range, and the pair
+    index of each such vehicle, for numpy's hypot/arctan2 and then :func:`lidar_nearest`.
     """
     n, p = kin.shape[0], owner.shape[0]
+    grid = np.zeros((n, GRID_CHANNELS, GRID_H, GRID_W), np.float32)
+    per_vehicle = range_m.shape[0] > 1
     start = np.zeros(n + 1, np.int64)
     for j in range(p):
         start[owner[j] + 1] += 1
@@ -99,7 +111,7 @@ def neighbours_and_grid(geo: np.ndarray, owner: np.ndarray, dist: np.ndarray, ha
         for rank in range(N_NEIGHBOURS):
             best = -1
             for j in range(start[b], start[b + 1]):
-                if not taken[j] and dist[j] <= range_m[b] and (best < 0 or dist[j] < dist[best]):
+                if not taken[j] and dist[j] <= range_m[b if per_vehicle else 0] and (best < 0 or dist[j] < dist[best]):
                     best = j
             if best < 0:
                 break
@@ -154,14 +166,15 @@ def neighbours_and_grid(geo: np.ndarray, owner: np.ndarray, dist: np.ndarray, ha
             ly = outline_t[1, t] * width
             xs[i * n_out + t] = c * lx - s * ly + x
             ys[i * n_out + t] = s * lx + c * ly + y
-    return xs, ys, near[:k_near]
+    return grid, xs, ys, near[:k_near]
 
 
 @njit(**_JIT)
 def lidar_nearest(xs: np.ndarray, ys: np.ndarray, r: np.ndarray, angle: np.ndarray, pair: np.ndarray, geo: np.ndarray,
-                  owner: np.ndarray, cell_rad: float, lidar: np.ndarray) -> None:
-    """Fill ``lidar`` from the candidate points, their range ``r`` and bearing ``angle`` (numpy's)."""
-    n = lidar.shape[0]
+                  owner: np.ndarray, n: int, cell_rad: float) -> np.ndarray:
+    """The lidar batch of ``n`` vehicles from the candidate points, their range ``r`` and bearing ``angle`` (numpy's)."""
+    lidar = np.zeros((n, 2, LIDAR_CELLS), np.float32)
+    lidar[:, 0, :] = LIDAR_RANGE_M
     n_out = xs.shape[0] // max(pair.shape[0], 1)
     best = np.full(n * LIDAR_CELLS, np.inf)
     first = np.full(n * LIDAR_CELLS, -1)
@@ -189,3 +202,4 @@ def lidar_nearest(xs: np.ndarray, ys: np.ndarray, r: np.ndarray, angle: np.ndarr
         b, cell = k // LIDAR_CELLS, k % LIDAR_CELLS
         lidar[b, 0, cell] = best[k]
         lidar[b, 1, cell] = -(geo[_VX, j] * (xs[i] / ri) + geo[_VY, j] * (ys[i] / ri))
+    return lidar

@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 import numpy as np
 from driveloop.edge._sensor_geometry import LIDAR_CELL_RAD, geometry  # noqa: F401 (cell width re-exported)
@@ -96,9 +97,12 @@ class SensorConfig:
 _DEFAULT = SensorConfig()
 
 
-@dataclass(frozen=True)
-class SensorFrame:
-    """One tick of sensor output: the observation, which sensors are stale, and when each was measured."""
+class SensorFrame(NamedTuple):
+    """One tick of sensor output: the observation, which sensors are stale, and when each was measured.
+
+    Immutable; a NamedTuple because one is built for every vehicle on every tick (cheaper than a frozen
+    dataclass).
+    """
 
     observation: Observation
     stale: dict[str, bool]
@@ -136,7 +140,7 @@ def observe_batch(
     # A fleet shares one config object: one identity count decides it (and the per-pair range gather goes).
     uniform = not cfgs or cfgs.count(cfgs[0]) == n
     if uniform:
-        range_m: float | np.ndarray = cfgs[0].neighbour_range_m if cfgs else _DEFAULT.neighbour_range_m
+        range_m: float | np.ndarray = float(cfgs[0].neighbour_range_m if cfgs else _DEFAULT.neighbour_range_m)
         noisy, drops = bool(cfgs) and cfgs[0].has_noise, bool(cfgs) and cfgs[0].has_dropout
     else:
         range_m = np.array([c.neighbour_range_m for c in cfgs])
