@@ -276,14 +276,16 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
 
 
 def bench_agent_overhead(seconds: float = 30.0, scenario: str = "highway", seed: int = 0,
-                         fleet_sizes: tuple[int, ...] = (1, 8), record: bool = False) -> dict[str, Any]:
+                         fleet_sizes: tuple[int, ...] = (1, 8), record: bool = False,
+                         sensor_backend: str | None = None) -> dict[str, Any]:
     """The loop's own cost per vehicle per tick (sensors + inference + supervisor) beside the bare env step.
 
     Per fleet size: every stage in this thread's CPU time (``time.thread_time``: other processes on a
     shared machine do not count) and in wall time, p50 and mean per vehicle per tick; the batched
     sensors (``sense_fleet``) and the per-vehicle reference (``observe_reference`` + ``stack``, the
     path before batching) run on the same snapshots and noise streams every tick, so the old/new
-    ratio comes from one run. ``record`` adds a real MCAP recorder (the ``record`` stage).
+    ratio comes from one run. ``record`` adds a real MCAP recorder (the ``record`` stage);
+    ``sensor_backend`` picks the sensor geometry backend (default: the tree's default, reported).
     """
     import torch
     from driveloop.cloud.export import export_onnx
@@ -292,16 +294,33 @@ def bench_agent_overhead(seconds: float = 30.0, scenario: str = "highway", seed:
     from driveloop.edge.runtime import ModelRuntime
 
     torch.set_num_threads(1)
+    backend = _sensor_backend(sensor_backend)
     with tempfile.TemporaryDirectory() as d:
         path = export_onnx(PolicyNet(PolicyConfig(seed=seed)), Path(d) / "model.onnx")
         rt = ModelRuntime(path, build_manifest(path, name="bench", version=1), device="cpu")
         fleets = [_fleet_overhead(n, seconds, scenario, seed, rt, Path(d) / f"spool{n}" if record else None)
                   for n in fleet_sizes]
-    return {"scenario": scenario, "seconds": seconds, "record": record, "fleets": fleets}
+    return {"scenario": scenario, "seconds": seconds, "record": record, "sensor_backend": backend, "fleets": fleets}
+
+
+def _sensor_backend(requested: str | None) -> str:
+    """Select (if asked) and report the sensor geometry backend; trees from before the backends had numpy only."""
+    from driveloop.edge import sensors
+
+    if not hasattr(sensors, "geometry"):  # the bench also runs on older trees (alternating before/after runs)
+        if requested not in (None, "numpy"):
+            raise SystemExit(f"this tree has no sensor backend {requested!r}")
+        return "numpy (single path)"
+    from driveloop.edge import _sensor_geometry
+
+    if requested is not None:
+        _sensor_geometry.set_backend(requested)
+    return _sensor_geometry.backend()
 
 
 def _print_agent(ag: dict[str, Any]) -> None:
-    print(f"agent loop, scenario {ag['scenario']}, {ag['seconds']:.0f} s simulated; per vehicle per tick, µs "
+    print(f"agent loop, scenario {ag['scenario']}, {ag['seconds']:.0f} s simulated, sensor geometry "
+          f"{ag.get('sensor_backend', '?')}; per vehicle per tick, µs "
           "(CPU = this thread's time; wall includes preemption by other processes)")
     for f in ag["fleets"]:
         for order in ORDERS:
@@ -362,6 +381,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--agent-vehicles", type=int, nargs="+", default=[1, 8], help="fleet sizes for the agent bench")
     p.add_argument("--agent-record", action="store_true", help="agent bench with a real MCAP recorder")
     p.add_argument("--agent-only", action="store_true", help="only the agent bench (no inference engines)")
+    p.add_argument("--sensor-backend", choices=("compiled", "numpy"), default=None,
+                   help="sensor geometry backend for the agent bench (default: compiled where numba is installed)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result: dict[str, Any] = {"machine": machine()}
@@ -371,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["isolated"] = bench_isolated(max(100, args.iters // 5))
     if not args.no_agent:
         result["agent"] = bench_agent_overhead(args.agent_seconds, fleet_sizes=tuple(args.agent_vehicles),
-                                               record=args.agent_record)
+                                               record=args.agent_record, sensor_backend=args.sensor_backend)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
