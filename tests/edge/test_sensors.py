@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -260,21 +259,6 @@ def _random_world(g: np.random.Generator, t_s: float) -> WorldSnapshot:
     )
     return WorldSnapshot(t_s, ego, g.uniform(0, 40), g.uniform(-5, 3), g.uniform(-0.3, 0.3), g.uniform(-0.2, 0.2),
                          g.uniform(-1, 1), 25.0, 4.0, others)
-
-
-@pytest.fixture(params=["compiled", "numpy"])
-def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run a test on each sensor geometry backend (the compiled one needs numba: skipped without it)."""
-    from driveloop.edge import _sensor_geometry as geometry
-
-    if request.param == "compiled":
-        pytest.importorskip("numba")
-    before = geometry.backend()
-    geometry.set_backend(request.param)
-    try:
-        yield request.param
-    finally:
-        geometry.set_backend(before)
 
 
 def _bits(a: np.ndarray) -> bytes:
