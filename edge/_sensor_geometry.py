@@ -5,9 +5,9 @@ One pass builds every (vehicle, other vehicle) pair of the tick in the owning ve
 backends that give the same values bit for bit (and the per-vehicle reference's,
 ``edge/_sensors_ref.py``):
 
-- ``"compiled"`` (default where numba is installed): neighbour selection, occupancy grid and the
-  lidar's nearest point per cell as two compiled loops (``edge/_sensor_kernels.py``), with numpy
-  computing every transcendental value between them;
+- ``"compiled"`` (default where numba is installed): the pair table, neighbour selection, occupancy grid
+  and the lidar's nearest point per cell as three compiled loops (``edge/_sensor_kernels.py``), with
+  numpy computing every transcendental value between them;
 - ``"numpy"``: ~50 whole-fleet numpy calls (always available; the fallback without numba).
 
 Why two: at fleet sizes the arrays are tiny and, right after the simulator step (caches cold), each
@@ -41,7 +41,7 @@ from driveloop.edge.contract import (
     N_NEIGHBOURS,
     NEIGHBOUR_FEATURES,
 )
-from driveloop.edge.world import WorldSnapshot
+from driveloop.edge.world import VehicleState, WorldSnapshot
 
 from driveloop.exceptions import ConfigError
 
@@ -138,11 +138,11 @@ def _pairs(snapshots: Sequence[WorldSnapshot]) -> _Fleet:
     return _Fleet(owner=owner, geo=geo, dist=np.hypot(geo[_PX], geo[_PY]), half_diag=np.hypot(raw[5], raw[6]) / 2)
 
 
-def _pairs_compiled(snapshots: Sequence[WorldSnapshot]) -> tuple[_Fleet, np.ndarray]:
+def _pairs_compiled(k: ModuleType, snapshots: Sequence[WorldSnapshot]) -> tuple[_Fleet, np.ndarray]:
     """:func:`_pairs` with its arithmetic in a compiled loop (cos, sin and hypot stay numpy's), and the
     kinematics batch with its ego block filled in."""
     raw, ego, counts = _inputs(snapshots)
-    geo, owner, heading, kin = _kernels.pair_table(raw, ego, np.array(counts, dtype=np.int64))  # type: ignore[union-attr]
+    geo, owner, heading, kin = k.pair_table(raw, ego, np.array(counts, dtype=np.int64))
     np.cos(heading, out=geo[_COS])
     np.sin(heading, out=geo[_SIN])
     return _Fleet(owner=owner, geo=geo, dist=np.hypot(geo[_PX], geo[_PY]),
@@ -266,11 +266,15 @@ _backend: str | None = None  # resolved on first use: "compiled" when numba impo
 
 
 def backend() -> str:
-    """The geometry backend in use (importing numba and loading the compiled loops on first call)."""
-    global _backend, _kernels
+    """The geometry backend in use; the first call imports numba and loads (or compiles) the loops.
+
+    ``SensorSuite`` asks at construction, so that one-time cost (~0.5 s, ~2.4 s the first time on a
+    machine) is paid before a drive's first tick rather than inside it.
+    """
+    global _backend
     if _backend is None:
         try:
-            _kernels = importlib.import_module("driveloop.edge._sensor_kernels")
+            _load_kernels()
             _backend = "compiled"
         except ImportError as e:  # numba is optional: the numpy path gives the same values
             logger.info("sensor geometry on numpy (compiled loops unavailable: %s)", e)
@@ -280,12 +284,22 @@ def backend() -> str:
 
 def set_backend(name: str) -> None:
     """Choose the geometry backend (tests and benchmarks run both); ConfigError if unknown or unavailable."""
-    global _backend, _kernels
+    global _backend
     if name not in BACKENDS:
         raise ConfigError(f"sensor backend must be one of {BACKENDS}, got {name!r}")
-    if name == "compiled":
-        _kernels = importlib.import_module("driveloop.edge._sensor_kernels")
+    if name == "compiled" and _kernels is None:
+        _load_kernels()
     _backend = name
+
+
+def _load_kernels() -> None:
+    """Import the compiled loops and run them once on a one-vehicle world (loads their machine code)."""
+    global _kernels
+    kernels = importlib.import_module("driveloop.edge._sensor_kernels")
+    ego = VehicleState(0, 0.0, 0.0, 20.0, 0.0, 0.0)
+    lead = VehicleState(1, 20.0, 0.0, 15.0, 0.0, 0.0)
+    _compiled(kernels, [WorldSnapshot(0.0, ego, 20.0, 0.0, 0.0, 0.0, 0.0, 20.0, 4.0, (lead,))], 100.0)
+    _kernels = kernels
 
 
 def geometry(snapshots: Sequence[WorldSnapshot], range_m: float | np.ndarray,
@@ -295,9 +309,14 @@ def geometry(snapshots: Sequence[WorldSnapshot], range_m: float | np.ndarray,
         pairs = _pairs(snapshots)
         per_pair = range_m if isinstance(range_m, float) else np.asarray(range_m)[pairs.owner]
         return _kinematics(snapshots, pairs, per_pair), _lidar(snapshots, pairs), _grid(snapshots, pairs)
-    pairs, kin = _pairs_compiled(snapshots)
-    k = _kernels
-    assert k is not None
+    assert _kernels is not None
+    return _compiled(_kernels, snapshots, range_m)
+
+
+def _compiled(k: ModuleType, snapshots: Sequence[WorldSnapshot], range_m: float | np.ndarray,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`geometry` on the compiled loops of module ``k``."""
+    pairs, kin = _pairs_compiled(k, snapshots)
     ranges = _ranges(range_m)
     grid, xs, ys, pair = k.neighbours_and_grid(pairs.geo, pairs.owner, pairs.dist, pairs.half_diag, ranges,
                                                _OUTLINE_T, _FOOTPRINT_T, kin)

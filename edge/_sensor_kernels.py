@@ -1,12 +1,13 @@
-"""Compiled (numba) sensor geometry: the numpy path of ``edge.sensors`` in two loops, same values bit for bit.
+"""Compiled (numba) sensor geometry: the numpy path of ``edge.sensors`` in three loops, same values bit for bit.
 
 Why: at fleet sizes the sensor pass is ~60 small numpy calls per tick, and right after the simulator step
-(caches cold) each call's fixed cost is most of what the control loop pays. Here the neighbour selection,
-the occupancy grid and the lidar's nearest point per cell run as two compiled loops over the same pairs.
+(caches cold) each call's fixed cost is most of what the control loop pays. Here the pair table, the
+neighbour selection with the occupancy grid, and the lidar's nearest point per cell run as three compiled
+loops over the same pairs.
 
 Why the values are the same bit for bit (``tests/edge/test_sensors.py`` checks it against the reference
 on random worlds, ``bench/edge_inference.py`` on every tick of real drives):
-- every transcendental value (cos, sin, hypot, arctan2) is still computed by numpy, between the two
+- every transcendental value (cos, sin, hypot, arctan2) is still computed by numpy, between the
   loops: numpy's ``arctan2`` is a SIMD routine that can differ from libm's in the last bit;
 - the loops do only IEEE-754 additions, subtractions, multiplications, divisions, comparisons and
   ``floor``, in the numpy expressions' order (``a * b - c * d + e`` is ``((a*b) - (c*d)) + e``), with

@@ -33,7 +33,7 @@ from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
-from driveloop.edge._sensor_geometry import LIDAR_CELL_RAD, geometry  # noqa: F401 (cell width re-exported)
+from driveloop.edge._sensor_geometry import LIDAR_CELL_RAD, backend, geometry  # noqa: F401 (cell width re-exported)
 from driveloop.edge._sensor_noise import (  # noqa: F401 (units re-exported: documented here)
     EGO_NOISE_UNITS,
     GRID_OCCUPANCY_NOISE_UNIT,
@@ -194,6 +194,7 @@ class SensorSuite:
     """A vehicle's sensors over time: its own seeded noise stream and the last frame for dropouts."""
 
     def __init__(self, config: SensorConfig | None = None, seed: int = 0) -> None:
+        backend()  # load the geometry backend now, not in the first tick
         self.config = config or SensorConfig()
         self.seed = seed
         self._rng = np.random.default_rng(seed)

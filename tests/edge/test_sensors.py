@@ -286,12 +286,21 @@ def test_backend_falls_back_to_numpy_without_the_compiled_loops(monkeypatch: pyt
     from driveloop.edge import _sensor_geometry as geometry
 
     monkeypatch.setattr(geometry, "_backend", None)
+    monkeypatch.setattr(geometry, "_kernels", None)
     monkeypatch.setitem(sys.modules, "driveloop.edge._sensor_kernels", None)  # as if numba were not installed
     assert geometry.backend() == "numpy"
     with pytest.raises(ImportError):
         geometry.set_backend("compiled")
     with pytest.raises(ConfigError):
         geometry.set_backend("fortran")
+
+
+def test_a_sensor_suite_loads_the_backend_before_the_first_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    from driveloop.edge import _sensor_geometry as geometry
+
+    monkeypatch.setattr(geometry, "_backend", None)
+    SensorSuite(seed=1)
+    assert geometry._backend in geometry.BACKENDS
 
 
 def _compare_with_reference(configs: list[SensorConfig], seed: int) -> None:
