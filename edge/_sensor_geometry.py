@@ -100,7 +100,7 @@ _PRESENT, _PX, _PY, _VX, _VY, _COS, _SIN, _LEN, _WID, _EGO_HL, _EGO_HW = range(1
 
 
 def _inputs(snapshots: Sequence[WorldSnapshot]) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """The fleet's ground truth as arrays: others (P, 7), each vehicle's row (B, 11), pairs per vehicle."""
+    """The fleet's ground truth as arrays: others (P, 7), each vehicle's row (B, 11 + 6), pairs per vehicle."""
     others = [s.others for s in snapshots]
     counts = [len(o) for o in others]
     # A flat float stream into fromiter: cheaper than np.array's nested-sequence discovery.
