@@ -1,12 +1,14 @@
 """Federated fine-tuning benchmarks (issue 6 acceptance), measured in one run on this machine.
 
-    python bench/fl_scale.py [--home DIR] [--vehicles 10] [--rounds 3] [--sections compare,scale] [--json]
+    python bench/fl_scale.py [--home DIR] [--vehicles 10] [--rounds 100] [--sections compare,scale] [--json]
 
 Sections:
 - ``compare``: from the bootstrap model, the same K vehicles' local data used four ways, all gated on
   the same held-out suite against the same baseline:
-    (1) FL (FedAvg) vs the centralized fine-tune on the union of the vehicles' data (same step, same
-        epochs in total): held-out interventions/h within 10%, zero collisions;
+    (1) FL (FedAvg aggregation + the server's Adam, one local gradient step per round) vs the centralized
+        fine-tune on the union of the vehicles' data (the cloud's step: Adam, ``--central-epochs``):
+        held-out interventions/h within 10%, zero collisions. Also classic FedAvg (local Adam epochs,
+        plain averaging, ``--classic-rounds`` × 2 epochs) on the same data: why the server holds the optimiser;
     (2) FL with 30% of vehicles dropping out mid-round: round wall time vs the clean run's, gate passed;
     (3) 20% poisoned vehicles (x50-scaled and sign-flipped): a robust strategy (FedMedian with norm
         clipping) vs the clean result, and plain FedAvg without clipping, on held-out interventions/h and
@@ -127,7 +129,10 @@ def _rel_iph(run: dict[str, Any], reference: dict[str, Any]) -> float:
     return (a - b) / max(b, 1e-9)
 
 
-def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, suite_s: float) -> dict[str, Any]:
+def section_compare(home: Path, base_version: int, vehicles: int, rounds: int, central_epochs: int,
+                    classic_rounds: int, suite_s: float) -> dict[str, Any]:
+    import shutil
+
     import torch
 
     from driveloop.cloud.evaluation import EvalSuite, gate
@@ -148,10 +153,8 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
 
     torch.set_num_threads(1)
     suite = EvalSuite(duration_s=suite_s)
-    with Registry(home / "registry") as reg:  # every run starts from this model: a validated FL candidate
-        base_version = reg.get("validated").version  # of one run must not become the next run's base
     base_cfg = FlRunConfig(home=home, registry_dir=home / "registry", base_ref=str(base_version), rounds=rounds,
-                           vehicles=vehicles, local_epochs=local_epochs, episodes=3, episode_s=20.0, quorum_frac=0.6, suite=suite)
+                           vehicles=vehicles, episodes=3, episode_s=20.0, quorum_frac=0.6, suite=suite)
     t0 = time.perf_counter()
     _, initial, _, _, vs = _start(base_cfg)
     samples = prepare_vehicles(vs, vehicles + 2)  # two extra vehicles never train: the offline held-out set
@@ -166,15 +169,16 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
     held = {k: np.concatenate([local[vehicle_id_for(vehicles + j)][k] for j in range(2)]) for k in local["fl000"]}
     _log(f"vehicles ready in {prep_s:.0f} s: {samples}")
 
-    results: dict[str, Any] = {"vehicles": vehicles, "rounds": rounds, "local_epochs": local_epochs,
+    results: dict[str, Any] = {"vehicles": vehicles, "rounds": rounds, "central_epochs": central_epochs,
                                "samples_per_vehicle": samples, "prepare_s": round(prep_s, 1), "runs": {}}
 
     def fl(name: str, **kw: Any) -> dict[str, Any]:
         cfg = replace(base_cfg, run_name=f"bench-{name}", **kw)
+        shutil.rmtree(home / "federated" / cfg.run_name, ignore_errors=True)  # a fresh run, not a resumed one
         t = time.perf_counter()
         r = run_federated(cfg)
         wall = time.perf_counter() - t
-        arrays, _ = load_checkpoint(home / "federated" / f"bench-{name}")
+        arrays = load_checkpoint(home / "federated" / f"bench-{name}").arrays  # type: ignore[union-attr]
         out = {"strategy": cfg.strategy, "wall_s": round(wall, 1), "gate": _summary(r["gate"]),
                "stage": r["candidate_stage"], "offline_loss": offline_loss(arrays, held),
                "round_wall_s": [x["wall_s"] for x in r["round_log"]],
@@ -186,13 +190,13 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
         return out
 
     fl("fedavg-clean")
-    # centralized: the same step on the union of the same vehicles' data, same total epochs
+    # centralized: the cloud pipeline's fine-tune step (Adam, minibatches) on the union of the same data
     union = {k: np.concatenate([local[vehicle_id_for(i)][k] for i in range(vehicles)]) for k in local["fl000"]}
     union["segment_index"] = np.concatenate([  # segments numbered per vehicle: keep them apart in the union
         local[vehicle_id_for(i)]["segment_index"] + 1000 * i for i in range(vehicles)])
     t = time.perf_counter()
     state, _ = finetune({k: torch.from_numpy(v.copy()) for k, v in initial.items()}, union,
-                        FinetuneConfig(epochs=rounds * local_epochs, batch_size=64, lr=base_cfg.lr, torch_threads=1))
+                        FinetuneConfig(epochs=central_epochs, batch_size=64, torch_threads=1))
     central_s = time.perf_counter() - t
     net = PolicyNet()
     net.load_state_dict(state)
@@ -207,6 +211,8 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
     _log(f"central: {json.dumps(results['runs']['central'])}")
     results["base_offline_loss"] = offline_loss(initial, held)
 
+    fl("fedavg-classic", rounds=classic_rounds, local_epochs=2, local_optimizer="adam", batch_size=64, lr=2e-4,
+       server_opt="none")
     fl("fedavg-dropout30", dropout=0.3)
     fl("fedmedian-clean", strategy="fedmedian")
     fl("fedmedian-poison20", strategy="fedmedian", poison=0.2)
@@ -214,13 +220,12 @@ def section_compare(home: Path, vehicles: int, rounds: int, local_epochs: int, s
     return results
 
 
-def section_scale(home: Path, vehicles: int) -> dict[str, Any]:
+def section_scale(home: Path, base_version: int, vehicles: int) -> dict[str, Any]:
     from driveloop.federated.run import FlRunConfig, _start, prepare_vehicles, simulate
 
-    cfg = FlRunConfig(home=home, registry_dir=home / "registry", rounds=1, vehicles=vehicles, local_epochs=1,
+    cfg = FlRunConfig(home=home, registry_dir=home / "registry", base_ref=str(base_version), rounds=1, vehicles=vehicles,
                       episodes=1, episode_s=5.0, run_name=f"bench-scale-{vehicles}", evaluate=False)
     _, initial, _, server, vs = _start(cfg)
-    vs = replace(vs, batch_size=64)
     t = time.perf_counter()
     prepare_vehicles(vs, vehicles)
     prep_s = time.perf_counter() - t
@@ -240,8 +245,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", type=Path, default=Path("/tmp/driveloop-flbench"))
     ap.add_argument("--vehicles", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--local-epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--central-epochs", type=int, default=6)
+    ap.add_argument("--classic-rounds", type=int, default=3)
     ap.add_argument("--suite-duration", type=float, default=30.0)  # the held-out suite default
     ap.add_argument("--scale-vehicles", type=int, default=100)
     ap.add_argument("--sections", default="compare,scale")
@@ -252,10 +258,17 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     args.home.mkdir(parents=True, exist_ok=True)
     ensure_bootstrap(args.home)
+    from driveloop.cloud.registry import Registry
+
+    # Every run and section starts from this model: a candidate validated by one run must not become the
+    # next run's base, nor re-distil the vehicles' replay targets (their dataset caches) for the next section.
+    with Registry(args.home / "registry") as reg:
+        base_version = reg.get("validated").version
     results: dict[str, Any] = {"machine": f"{os.cpu_count()}-core CPU, no GPU"}
     sections = args.sections.split(",")
     if "compare" in sections:
-        results["compare"] = section_compare(args.home, args.vehicles, args.rounds, args.local_epochs, args.suite_duration)
+        results["compare"] = section_compare(args.home, base_version, args.vehicles, args.rounds, args.central_epochs, args.classic_rounds,
+                                             args.suite_duration)
         runs = results["compare"]["runs"]
         c, f = runs["central"]["gate"]["candidate"], runs["fedavg-clean"]["gate"]["candidate"]
         clean, robust, naive = (runs[k]["offline_loss"] for k in ("fedmedian-clean", "fedmedian-poison20", "fedavg-poison20-noclip"))
@@ -270,7 +283,7 @@ def main() -> None:
             "3_fedavg_poisoned_vs_clean_loss_rel": (naive - runs["fedavg-clean"]["offline_loss"]) / runs["fedavg-clean"]["offline_loss"],
         }
     if "scale" in sections:
-        results["scale"] = section_scale(args.home, args.scale_vehicles)
+        results["scale"] = section_scale(args.home, base_version, args.scale_vehicles)
     text = json.dumps(results, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
     if args.out:
         args.out.write_text(text)

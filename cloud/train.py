@@ -53,8 +53,13 @@ class FinetuneConfig:
     # Weight of the temporal term: between consecutive frames of a segment the model's change of action
     # should match the targets' change (targets are rate-limited), so fine-tuning adds no jitter (jerk).
     smooth_weight: float = 1.0
+    # "adam" for the cloud fine-tune; "sgd" (plain, no momentum) for a federated vehicle's local step, whose
+    # adaptive optimiser runs on the server over the aggregated update (federated/_server_opt.py).
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"finetune optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.replay_target not in ("base", "label"):
             raise ConfigError(f"finetune replay_target must be 'base' or 'label', got {self.replay_target!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.torch_threads < 1:
@@ -188,7 +193,7 @@ def finetune(
     except (RuntimeError, KeyError) as e:
         raise ModelError(f"base weights do not fit the policy model: {e}") from e
     anchor = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = (torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD)(model.parameters(), lr=config.lr)
     hard_idx, replay_idx = np.flatnonzero(hard), np.flatnonzero(~hard)
     if config.replay_target == "base" and len(replay_idx):
         dataset_arrays = {**dataset_arrays, "target_action": _distilled_targets(model, dataset_arrays, replay_idx, config.batch_size)}

@@ -66,21 +66,23 @@ def _suite(classes: str, duration_s: float) -> Any:
 
 @fl_app.command("run")
 def run(
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
+    rounds: int = typer.Option(100, "--rounds", min=1, help="Federated rounds (each vehicle: one gradient step per round)."),
     vehicles: int = typer.Option(10, "--vehicles", min=1, help="Virtual vehicles (each trains on its own spool)."),
     strategy: str = typer.Option("fedavg", "--strategy", help="fedavg | fedprox | fedmedian | trimmedavg | krum"),
     dp: bool = typer.Option(False, "--dp", help="Central DP: Flower's server-side fixed-clipping Gaussian wrapper."),
     dp_noise: float = typer.Option(0.1, "--dp-noise", min=0.0, help="DP noise multiplier."),
     dp_clip: float = typer.Option(1.0, "--dp-clip", min=1e-9, help="DP clipping norm of an update."),
     fraction: float = typer.Option(1.0, "--fraction", min=1e-6, max=1.0, help="Share of vehicles sampled per round."),
-    dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.99, help="Share of vehicles dropping out mid-round."),
+    dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.99, help="Share of vehicles dropping out mid-round (a fresh draw each round)."),
     dropout_mode: str = typer.Option("dropout", "--dropout-mode", help="dropout (error mid-round) | straggle (reply after the deadline)."),
     poison: float = typer.Option(0.0, "--poison", min=0.0, max=0.99, help="Share of vehicles sending poisoned updates."),
     quorum: float = typer.Option(0.6, "--quorum", min=0.01, max=1.0, help="Share of sampled vehicles that makes a round."),
     deadline_s: float = typer.Option(300.0, "--deadline", min=0.1, help="Round deadline in seconds."),
     close_at_quorum: bool = typer.Option(False, "--close-at-quorum", help="Close a round as soon as the quorum replied."),
     clip_factor: float = typer.Option(3.0, "--clip-factor", min=0.0, help="Clip updates to this x the round's median norm (0: off)."),
-    local_epochs: int = typer.Option(2, "--local-epochs", min=1, help="Fine-tune epochs per vehicle per round."),
+    local_epochs: int = typer.Option(1, "--local-epochs", min=1, help="Local full-batch steps per vehicle per round (>1 drifts)."),
+    server_opt: str = typer.Option("adam", "--server-opt", help="adam (FedAdam over the aggregate) | none (plain FedAvg)."),
+    server_lr: float = typer.Option(3e-4, "--server-lr", min=1e-9, help="Server Adam step per weight and round."),
     episodes: int = typer.Option(3, "--episodes", min=1, help="Episodes a vehicle with an empty spool drives first."),
     episode_s: float = typer.Option(20.0, "--episode-s", min=1.0, help="Simulated seconds per such episode."),
     suite_duration_s: float = typer.Option(30.0, "--suite-duration", min=1.0, help="Simulated seconds per held-out vehicle."),
@@ -99,13 +101,13 @@ def run(
     from driveloop.settings import load_settings
 
     settings = load_settings()
-    ServerSettings(run_dir=".", vehicles=vehicles, strategy=strategy)  # validate before any work
+    ServerSettings(run_dir=".", vehicles=vehicles, strategy=strategy, server_opt=server_opt, server_lr=server_lr)  # validate first
     cfg = FlRunConfig(
         home=Path(settings.home), registry_dir=Path(settings.registry_dir), rounds=rounds, vehicles=vehicles,
         strategy=strategy, fraction=fraction, dropout=dropout, dropout_mode=dropout_mode, poison=poison, dp=dp, dp_noise_multiplier=dp_noise,
         dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, close_at_quorum=close_at_quorum, clip_median_factor=clip_factor,
         base_ref=base or None, episodes=episodes, episode_s=episode_s, local_epochs=local_epochs, seed=seed,
-        straggle_s=deadline_s * 2, num_cpus=settings.num_cpus, run_name=run_name or None, suite=_suite(suite_classes, suite_duration_s),
+        server_opt=server_opt, server_lr=server_lr, straggle_s=deadline_s * 2, num_cpus=settings.num_cpus, run_name=run_name or None, suite=_suite(suite_classes, suite_duration_s),
     )
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True)) as progress:
@@ -173,12 +175,12 @@ def vehicle(
 @fl_app.command("start")
 def start(
     superlink_port: int = typer.Option(9093, "--superlink-port", min=1, max=65535, help="Port of `fl serve`."),
-    rounds: int = typer.Option(3, "--rounds", min=1),
+    rounds: int = typer.Option(100, "--rounds", min=1),
     vehicles: int = typer.Option(3, "--vehicles", min=1, help="Vehicles fl000… expected to be connected."),
     strategy: str = typer.Option("fedavg", "--strategy", help="fedavg | fedprox | fedmedian | trimmedavg | krum"),
     quorum: float = typer.Option(0.6, "--quorum", min=0.01, max=1.0),
     deadline_s: float = typer.Option(300.0, "--deadline", min=0.1),
-    local_epochs: int = typer.Option(2, "--local-epochs", min=1),
+    local_epochs: int = typer.Option(1, "--local-epochs", min=1),
     episodes: int = typer.Option(3, "--episodes", min=1),
     episode_s: float = typer.Option(20.0, "--episode-s", min=1.0),
     suite_duration_s: float = typer.Option(30.0, "--suite-duration", min=1.0),

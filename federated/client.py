@@ -19,12 +19,14 @@ the node config (``vehicle-id``) or, in simulation, from the node's ``partition-
 Faults (for the robustness benchmarks): ``faults`` maps a vehicle id to ``scale50`` / ``signflip``
 (poisoned updates), ``dropout`` (the vehicle trains, then drops off mid-round: its reply is an error),
 ``straggle`` (it answers only after ``straggle_s``: past the round's deadline), ``nan``, ``shape`` (broken
-updates) or ``impostor`` (claims an id outside the fleet).
+updates) or ``impostor`` (claims an id outside the fleet), in every round. ``dropout_frac`` instead drops a
+fresh seeded share of the fleet each round (``round_dropouts``), as connectivity loss does on the road.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -70,18 +72,30 @@ class VehicleSettings:
     episodes: int = 3
     episode_s: float = 20.0
     mix_concentration: float = 1.0
-    local_epochs: int = 2
-    batch_size: int = 64
-    lr: float = 2e-4
+    # One local full-batch SGD step per round by default: the update is the vehicle's gradient (times lr),
+    # and the server's Adam turns the fleet's mean gradient into the central optimiser (server.py, why:
+    # federated/_server_opt.py). Several local epochs drift toward each vehicle's own data.
+    local_epochs: int = 1
+    batch_size: int = 0  # 0: the vehicle's whole dataset in one batch
+    optimizer: str = "sgd"
+    lr: float = 1.0
     anchor_l2: float = 1e-3
     data_seed: int = 0
     faults: str = ""
     straggle_s: float = 60.0
+    dropout_frac: float = 0.0  # a fresh seeded share of the fleet drops out of every round
+    dropout_mode: str = "dropout"  # dropout: error mid-round | straggle: reply after the deadline
+    fleet_size: int = 0  # the draw is over fl000 … fl{fleet_size-1}
 
     def __post_init__(self) -> None:
         parse_faults(self.faults)
-        if self.local_epochs < 1 or self.batch_size < 1:
-            raise ConfigError("local_epochs and batch_size must be >= 1")
+        if not 0.0 <= self.dropout_frac < 1.0 or self.dropout_mode not in ("dropout", "straggle"):
+            raise ConfigError(f"dropout_frac must be in [0, 1) and dropout_mode dropout|straggle, got "
+                              f"{self.dropout_frac}, {self.dropout_mode!r}")
+        if self.local_epochs < 1 or self.batch_size < 0:
+            raise ConfigError("local_epochs must be >= 1 and batch_size >= 0 (0: whole dataset)")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"vehicle optimizer must be sgd or adam, got {self.optimizer!r}")
 
     def to_run_config(self) -> dict[str, Any]:
         return {f"vehicle.{k}": v for k, v in asdict(self).items()}
@@ -103,6 +117,14 @@ def resolve_vehicle_id(node_config: dict[str, Any]) -> str:
     if "partition-id" in node_config:
         return vehicle_id_for(int(node_config["partition-id"]))
     raise ConfigError("node config has neither vehicle-id nor partition-id")
+
+
+def round_dropouts(fleet_size: int, frac: float, server_round: int, seed: int) -> set[str]:
+    """The vehicles that drop out of ``server_round``: ``round(frac × fleet_size)`` of them, drawn afresh each
+    round from (seed, round), so every vehicle (and the report) computes the same set without talking."""
+    n = round(frac * fleet_size)
+    order = np.random.default_rng((seed, server_round)).permutation(fleet_size)
+    return {vehicle_id_for(int(i)) for i in order[:n]}
 
 
 def poison(state: dict[str, np.ndarray], base: dict[str, np.ndarray], fault: str) -> dict[str, np.ndarray]:
@@ -144,7 +166,9 @@ def train_locally(settings: VehicleSettings, vehicle_id: str, global_state: dict
     with Registry(settings.registry_dir) as reg:
         artifact = reg.get(settings.base_ref)
         arrays = local_dataset(settings.vehicle_dir(vehicle_id), vehicle_id, artifact, data_cfg)
-    config = FinetuneConfig(epochs=settings.local_epochs, batch_size=settings.batch_size, lr=settings.lr,
+    # Unclipped: bounding updates is the server's job (robust.py clips every update against the round's).
+    config = FinetuneConfig(epochs=settings.local_epochs, batch_size=settings.batch_size or len(arrays["target_action"]),
+                            lr=settings.lr, optimizer=settings.optimizer, max_grad_norm=math.inf,
                             anchor_l2=max(settings.anchor_l2, mu / 2.0), seed=vehicle_seed(vehicle_id), torch_threads=1,
                             replay_target="label")  # replay targets: the released model's, distilled once
     state, metrics = finetune(global_state, arrays, config)
@@ -161,11 +185,14 @@ def handle_train(settings: VehicleSettings, vehicle_id: str, msg: Any) -> Any:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     t0 = time.perf_counter()
+    config = msg.content.get("config", ConfigRecord())
     fault = parse_faults(settings.faults).get(vehicle_id, "")
+    if settings.dropout_frac > 0 and vehicle_id in round_dropouts(
+            settings.fleet_size, settings.dropout_frac, int(config.get("server-round", 0)), settings.data_seed):
+        fault = settings.dropout_mode
     if fault == "straggle":
         time.sleep(settings.straggle_s)
     global_arrays = msg.content[ARRAYS_KEY]
-    config = msg.content.get("config", ConfigRecord())
     mu = float(config.get("proximal-mu", 0.0))
     base = {k: np.asarray(a.numpy()) for k, a in global_arrays.items()}
     state, metrics = train_locally(settings, vehicle_id, {k: torch.from_numpy(v.copy()) for k, v in base.items()}, mu)

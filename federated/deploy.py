@@ -199,7 +199,7 @@ def wait_finished(run_dir: Path, timeout_s: float, poll_s: float = 1.0) -> dict[
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         done = load_checkpoint(run_dir)
-        if done is not None and done[1].get("finished"):
-            return done[1]
+        if done is not None and done.state.get("finished"):
+            return done.state
         time.sleep(poll_s)
     raise FederatedError(f"the federated run in {run_dir} did not finish within {timeout_s:g} s")

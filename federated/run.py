@@ -42,11 +42,11 @@ logger = logging.getLogger(__name__)
 class FlRunConfig:
     home: Path
     registry_dir: Path
-    rounds: int = 3
+    rounds: int = 100  # one gradient step each (see local_optimizer); docs/BENCHMARKS.md: 100 reach the central result
     vehicles: int = 10
     strategy: str = "fedavg"
     fraction: float = 1.0
-    dropout: float = 0.0  # share of vehicles that drop out mid-round, every round
+    dropout: float = 0.0  # share of vehicles that drop out mid-round: a fresh seeded draw every round
     dropout_mode: str = "dropout"  # dropout: the vehicle errors out mid-round | straggle: it answers too late
     straggle_s: float = 60.0
     poison: float = 0.0  # share of vehicles sending poisoned updates (alternating x50-scaled / sign-flipped)
@@ -62,8 +62,12 @@ class FlRunConfig:
     base_ref: str | None = None
     episodes: int = 3
     episode_s: float = 20.0
-    local_epochs: int = 2
-    lr: float = 2e-4
+    local_epochs: int = 1
+    local_optimizer: str = "sgd"  # with batch_size 0 and lr 1.0 the update is the vehicle's full-batch gradient
+    batch_size: int = 0
+    lr: float = 1.0  # the vehicles' local step; the server's Adam makes the global step (server_lr)
+    server_opt: str = "adam"
+    server_lr: float = 3e-4
     seed: int = 0
     num_cpus: int = 2
     run_name: str | None = None
@@ -84,16 +88,12 @@ class FlRunConfig:
             raise ConfigError("num_cpus must be >= 1")
 
     def faults(self) -> dict[str, str]:
-        """Which vehicles misbehave (seeded, disjoint): the first ``poison`` share poisons, the next drops."""
+        """Which vehicles send poisoned updates in every round (seeded). Dropouts are drawn per round
+        (``client.round_dropouts``): a compromised vehicle stays compromised, a lost link comes back."""
         ids = [vehicle_id_for(i) for i in range(self.vehicles)]
         order = [ids[i] for i in np.random.default_rng(self.seed).permutation(len(ids))]
-        n_poison, n_drop = round(self.poison * len(ids)), round(self.dropout * len(ids))
-        out: dict[str, str] = {}
-        for j, vid in enumerate(order[:n_poison]):
-            out[vid] = self.poison_kind if self.poison_kind != "mixed" else ("scale50" if j % 2 == 0 else "signflip")
-        for vid in order[n_poison : n_poison + n_drop]:
-            out[vid] = self.dropout_mode
-        return out
+        kinds = ("scale50", "signflip") if self.poison_kind == "mixed" else (self.poison_kind,)
+        return {vid: kinds[j % len(kinds)] for j, vid in enumerate(order[: round(self.poison * len(ids))])}
 
 
 def _digest(data: Any) -> str:
@@ -117,11 +117,14 @@ def settings_for(cfg: FlRunConfig, base_version: int, run_dir: Path) -> tuple[Se
         max_update_norm=cfg.max_update_norm,
         clip_median_factor=cfg.clip_median_factor, krum_malicious=max(1, round(cfg.poison * cfg.vehicles)),
         dp=cfg.dp, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clipping_norm=cfg.dp_clipping_norm,
+        server_opt=cfg.server_opt, server_lr=cfg.server_lr,
     )
     vehicle = VehicleSettings(
         home=str(Path(cfg.home).resolve()), registry_dir=str(Path(cfg.registry_dir).resolve()), base_ref=str(base_version),
         episodes=cfg.episodes, episode_s=cfg.episode_s, local_epochs=cfg.local_epochs, lr=cfg.lr, data_seed=cfg.seed,
-        faults=format_faults(cfg.faults()), straggle_s=cfg.straggle_s,
+        optimizer=cfg.local_optimizer, batch_size=cfg.batch_size,
+        faults=format_faults(cfg.faults()), straggle_s=cfg.straggle_s, dropout_frac=cfg.dropout,
+        dropout_mode=cfg.dropout_mode, fleet_size=cfg.vehicles,
     )
     return server, vehicle
 
@@ -157,10 +160,10 @@ def simulate(server: ServerSettings, vehicle: VehicleSettings, initial: dict[str
         run_simulation(server_app=make_server_app(server, initial, on_round, on_reply), client_app=make_client_app(vehicle),
                        num_supernodes=server.vehicles, backend_config=backend)  # type: ignore[arg-type]
     done = load_checkpoint(Path(server.run_dir))
-    if done is None or done[1]["completed_round"] < server.rounds:
-        got = 0 if done is None else done[1]["completed_round"]
+    if done is None or done.state["completed_round"] < server.rounds:
+        got = 0 if done is None else done.state["completed_round"]
         raise FederatedError(f"the federated run stopped after {got} of {server.rounds} rounds (see the log)")
-    return done[1]
+    return done.state
 
 
 def prepare_vehicles(vehicle: VehicleSettings, count: int, on_vehicle: Any = None) -> dict[str, int]:
@@ -222,7 +225,7 @@ def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSetting
     pipeline's own ``gate_and_register`` (same parity check, same cached gate, same stage rules)."""
     import torch
 
-    arrays = load_checkpoint(run_dir)[0]  # type: ignore[index]
+    arrays = load_checkpoint(run_dir).arrays  # type: ignore[union-attr]
     aggregated = [r for r in state["rounds"] if not r["skipped"]]
     if not aggregated:
         raise FederatedError(f"no round of run {run_dir.name} reached quorum: the base model is unchanged")
@@ -231,7 +234,8 @@ def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSetting
         "run": run_dir.name, "strategy": cfg.strategy, "base_version": base.version, "vehicles": cfg.vehicles,
         "rounds": len(state["rounds"]), "rounds_aggregated": len(aggregated),
         "participants_per_round": [r["accepted"] for r in state["rounds"]], **extra,
-        "round_log": state["rounds"], "faults": cfg.faults(), "dp": state.get("dp"), "parity_max_abs": None,
+        "round_log": state["rounds"], "faults": cfg.faults(), "dropout": {"fraction": cfg.dropout, "mode": cfg.dropout_mode},
+        "dp": state.get("dp"), "parity_max_abs": None,
         "candidate": None, "candidate_stage": None, "gate": {},
     }
     if not cfg.evaluate:
@@ -247,14 +251,16 @@ def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSetting
 
     lineage = {"base_version": base.version, "kind": "federated", "rounds": len(state["rounds"]),
                "strategy": cfg.strategy, "participants_per_round": report["participants_per_round"],
-               "vehicles": cfg.vehicles, "fraction": cfg.fraction, "dp": state.get("dp")}
+               "vehicles": cfg.vehicles, "fraction": cfg.fraction, "dp": state.get("dp"),
+               "server_optimizer": {"kind": cfg.server_opt, "lr": cfg.server_lr}}
     with Registry(cfg.registry_dir) as registry:
         shipped = gate_and_register(
             weights, base, registry, registry_dir=Path(cfg.registry_dir), work_dir=run_dir,
             eval_cache_dir=Path(cfg.home) / "cloud" / "eval_cache", suite=cfg.suite, tolerances=cfg.tolerances,
             dataset_version=None, metrics={},
             training_run={"run_id": run_dir.name, "kind": "federated", "server": asdict(server),
-                          "local_epochs": cfg.local_epochs, "lr": cfg.lr},
+                          "local_epochs": cfg.local_epochs, "local_optimizer": cfg.local_optimizer, "lr": cfg.lr,
+                          "batch_size": cfg.batch_size},
             lineage=lineage)
     report.update({"candidate": shipped.version, "candidate_stage": shipped.stage, "gate": shipped.gate.as_dict(),
                    "parity_max_abs": shipped.parity_max_abs})

@@ -9,9 +9,10 @@ Each round the server:
    dropouts are excluded, not waited for; without quorum the round is **skipped**, not the run;
 3. screens the replies (``robust.screen_round``): unknown vehicle, duplicate, wrong keys/shape/dtype,
    NaN/Inf are rejected with a logged reason; accepted updates are norm-clipped;
-4. lets the strategy aggregate the accepted replies, then **checkpoints** atomically
-   (``<run_dir>/checkpoint.npz``: the global tensors and the round history in one file, temp + fsync +
-   rename). A restarted server with the same ``run_dir`` resumes after the last completed round.
+4. lets the strategy aggregate the accepted replies; the server optimiser (Adam by default,
+   ``_server_opt``: why) takes its step from the current global model toward that aggregate;
+5. **checkpoints** atomically (``<run_dir>/checkpoint.npz``: the global tensors, the server optimiser's
+   moments and the round history in one file, temp + fsync + rename). A restarted server with the same ``run_dir`` resumes after the last completed round.
 
 Settings come from the factory (simulation) or from the Flower run config (deployment, ``server.*``).
 """
@@ -25,13 +26,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from driveloop._atomic import write_atomic
 from driveloop.exceptions import ConfigError, FederatedError
 from driveloop.federated._quorum import OPEN, SKIPPED, QuorumPolicy, round_state
+from driveloop.federated._server_opt import ServerOptConfig, ServerOptState, server_step
 from driveloop.federated.robust import RobustConfig, check_reply, screen_round
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("fedavg", "fedprox", "fedmedian", "trimmedavg", "krum")
 CHECKPOINT = "checkpoint.npz"
 _STATE_KEY = "__state_json__"
+_OPT_PREFIX = "__server_opt__/"
 _POLL_S = 0.05
 RoundCallback = Callable[[dict[str, Any]], None]
 ReplyCallback = Callable[[Any], None]  # sees every reply Message as it arrives (audits, tests)
@@ -64,6 +67,10 @@ class ServerSettings:
     dp: bool = False
     dp_noise_multiplier: float = 0.1
     dp_clipping_norm: float = 1.0
+    server_opt: str = "adam"  # applied to every strategy's aggregate (federated/_server_opt.py)
+    server_lr: float = 3e-4
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -76,6 +83,7 @@ class ServerSettings:
             raise ConfigError("DP needs noise_multiplier >= 0 and clipping_norm > 0")
         QuorumPolicy(self.quorum_frac, self.round_deadline_s)  # validates both
         RobustConfig(self.max_update_norm, self.clip_median_factor)
+        ServerOptConfig(self.server_opt, self.server_lr, self.server_beta1, self.server_beta2)  # validates
 
     @property
     def quorum(self) -> QuorumPolicy:
@@ -84,6 +92,10 @@ class ServerSettings:
     @property
     def robust(self) -> RobustConfig:
         return RobustConfig(self.max_update_norm, self.clip_median_factor, reject_zero_updates=self.dp)
+
+    @property
+    def optimizer(self) -> ServerOptConfig:
+        return ServerOptConfig(self.server_opt, self.server_lr, self.server_beta1, self.server_beta2)
 
     @property
     def sampled_per_round(self) -> int:
@@ -137,11 +149,20 @@ def build_strategy(s: ServerSettings) -> Any:
 
 # ---------------------------------------------------------------- checkpoint
 
-def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], state: dict[str, Any]) -> Path:
-    """Global tensors + run state in one file, atomically."""
+class Checkpoint(NamedTuple):
+    arrays: dict[str, np.ndarray]  # the global model after the last completed round
+    state: dict[str, Any]  # completed_round, the round log, settings
+    optimizer: ServerOptState  # the server optimiser's step and moments
+
+
+def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], state: dict[str, Any],
+                    optimizer: ServerOptState | None = None) -> Path:
+    """Global tensors + server optimiser state + run state in one file, atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CHECKPOINT
-    payload = dict(arrays)
+    opt = optimizer if optimizer is not None else ServerOptState()
+    payload = dict(arrays) | {_OPT_PREFIX + k: a for k, a in opt.to_arrays().items()}
+    state = {**state, "server_opt_step": opt.step}
     payload[_STATE_KEY] = np.frombuffer(json.dumps(state, default=float).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **payload)
@@ -149,18 +170,19 @@ def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], state: dict[st
     return path
 
 
-def load_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """(arrays, state) of the last completed round, or None when the run has not checkpointed yet."""
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The last completed round's checkpoint, or None when the run has not checkpointed yet."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
             state = json.loads(bytes(z[_STATE_KEY]).decode())
-            arrays = {k: z[k] for k in z.files if k != _STATE_KEY}
+            arrays = {k: z[k] for k in z.files if k != _STATE_KEY and not k.startswith(_OPT_PREFIX)}
+            opt = {k[len(_OPT_PREFIX):]: z[k] for k in z.files if k.startswith(_OPT_PREFIX)}
     except (OSError, ValueError, KeyError) as e:
         raise FederatedError(f"checkpoint {path} is unreadable: {e}") from e
-    return arrays, state
+    return Checkpoint(arrays, state, ServerOptState.from_arrays(int(state.get("server_opt_step", 0)), opt))
 
 
 # ---------------------------------------------------------------- the round loop
@@ -224,10 +246,10 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
     strategy = build_strategy(settings)
     resumed = load_checkpoint(run_dir)
     if resumed is not None:
-        arrays, state = resumed
+        arrays, state, opt = resumed
         logger.info("resuming federated run %s after round %d", run_dir.name, state["completed_round"])
     else:
-        arrays, state = dict(initial), {"completed_round": 0, "rounds": [], "settings": asdict(settings)}
+        arrays, state, opt = dict(initial), {"completed_round": 0, "rounds": [], "settings": asdict(settings)}, ServerOptState()
     known = settings.known_vehicles()
     for rnd in range(state["completed_round"] + 1, settings.rounds + 1):
         started = time.monotonic()
@@ -271,16 +293,16 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
         if new_arrays is None:
             logger.warning("round %d skipped: %d accepted of %d sampled (%s)", rnd, len(accepted), len(ids), closed)
         else:
-            arrays = new_arrays
+            arrays, opt = server_step(arrays, new_arrays, opt, settings.optimizer)
         state["rounds"].append(record)
         state["completed_round"] = rnd
-        save_checkpoint(run_dir, arrays, state)
+        save_checkpoint(run_dir, arrays, state, opt)
         logger.info("round %d: %s", rnd, {k: v for k, v in record.items() if k != "participants"})
         if on_round is not None:
             on_round(record)
     state["dp"] = settings.dp_parameters()
     state["finished"] = True
-    save_checkpoint(run_dir, arrays, state)
+    save_checkpoint(run_dir, arrays, state, opt)
     return state
 
 

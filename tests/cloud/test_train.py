@@ -177,3 +177,24 @@ def test_smooth_term_measures_the_change_mismatch_to_the_next_frame() -> None:
 def test_smooth_weight_is_validated() -> None:
     with pytest.raises(ConfigError, match="smooth_weight"):
         FinetuneConfig(smooth_weight=-1.0)
+
+
+def test_sgd_one_full_batch_step_is_the_plain_gradient_step() -> None:
+    """The federated vehicle's local step: w - lr * dL/dw on its whole dataset, nothing adaptive."""
+    from driveloop.cloud.model import loss_parts
+
+    torch.manual_seed(1)
+    base, arrays = _base(), _arrays(40)
+    cfg = FinetuneConfig(epochs=1, batch_size=40, lr=0.3, optimizer="sgd", max_grad_norm=float("inf"),
+                         anchor_l2=0.0, smooth_weight=0.0, replay_target="label")
+    got, _ = finetune(base, arrays, cfg)
+    net = PolicyNet()
+    net.load_state_dict(base)
+    net.train()
+    loss = loss_parts(net(*(torch.from_numpy(arrays[k]) for k in ("kinematics", "lidar", "grid"))),
+                      torch.from_numpy(arrays["target_action"]))["total"]
+    grads = dict(zip([n for n, _ in net.named_parameters()], torch.autograd.grad(loss, list(net.parameters()))))
+    for name, g in grads.items():
+        torch.testing.assert_close(got[name], base[name] - 0.3 * g, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="optimizer"):
+        FinetuneConfig(optimizer="rmsprop")

@@ -40,6 +40,7 @@ def test_fl_run_json_registers_a_gated_candidate_with_lineage(fl_home: Path, mon
     assert m.lineage["kind"] == "federated" and m.lineage["strategy"] == "fedavg"
     assert m.lineage["rounds"] == 1 and m.lineage["participants_per_round"] == [VEHICLES]
     assert m.lineage["dp"]["noise_multiplier"] == 0.05
+    assert m.lineage["server_optimizer"] == {"kind": "adam", "lr": 3e-4}
     assert m.metrics["gate"]["passed"] == gate["passed"]
     assert [e.to_stage for e in history][-1] == r["candidate_stage"]
 
@@ -47,6 +48,7 @@ def test_fl_run_json_registers_a_gated_candidate_with_lineage(fl_home: Path, mon
 @pytest.mark.parametrize("argv,needle", [
     (["--strategy", "bogus"], "unknown strategy"),
     (["--suite-classes", "nope"], "unknown scenario classes"),
+    (["--server-opt", "sgd"], "unknown server optimizer"),
 ])
 def test_fl_run_bad_flags_fail_with_one_line(argv, needle, fl_home: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("DRIVELOOP_HOME", str(fl_home))

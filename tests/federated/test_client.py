@@ -15,6 +15,7 @@ from driveloop.federated.client import (
     parse_faults,
     poison,
     resolve_vehicle_id,
+    round_dropouts,
     vehicle_id_for,
 )
 from driveloop.federated.run import FlRunConfig
@@ -84,15 +85,29 @@ def test_every_strategy_builds(strategy: str, dp: bool) -> None:
         assert strat.num_sampled_clients == 5
 
 
-def test_fault_assignment_is_seeded_disjoint_and_sized() -> None:
+def test_poison_assignment_is_seeded_and_sized() -> None:
     cfg = FlRunConfig(home=Path("/h"), registry_dir=Path("/r"), vehicles=10, poison=0.2, dropout=0.3, seed=3)
     faults = cfg.faults()
     assert faults == cfg.faults()  # seeded
-    kinds = sorted(faults.values())
-    assert kinds == ["dropout"] * 3 + ["scale50", "signflip"]
+    assert sorted(faults.values()) == ["scale50", "signflip"]  # dropouts are drawn per round, not here
+    assert sorted(FlRunConfig(home=Path("/h"), registry_dir=Path("/r"), vehicles=10, poison=0.2,
+                              poison_kind="signflip").faults().values()) == ["signflip"] * 2
     assert FlRunConfig(home=Path("/h"), registry_dir=Path("/r"), vehicles=10).faults() == {}
     with pytest.raises(ConfigError):
         FlRunConfig(home=Path("/h"), registry_dir=Path("/r"), dropout=1.0)
+
+
+def test_round_dropouts_are_a_fresh_seeded_share_every_round() -> None:
+    draws = [round_dropouts(10, 0.3, rnd, seed=0) for rnd in range(1, 21)]
+    assert all(len(d) == 3 and d <= {vehicle_id_for(i) for i in range(10)} for d in draws)
+    assert draws[0] == round_dropouts(10, 0.3, 1, seed=0)  # every vehicle computes the same set
+    assert len({frozenset(d) for d in draws}) > 10  # a new draw each round, not a fixed 30 % of the fleet
+    assert {v for d in draws for v in d} == {vehicle_id_for(i) for i in range(10)}  # everyone drops sometimes
+    assert round_dropouts(10, 0.0, 1, seed=0) == set()
+    assert round_dropouts(10, 0.3, 1, seed=1) != draws[0] or round_dropouts(10, 0.3, 2, seed=1) != draws[1]
+    for bad in ({"dropout_frac": 1.0}, {"dropout_frac": -0.1}, {"dropout_mode": "vanish"}):
+        with pytest.raises(ConfigError):
+            VehicleSettings(home="/h", registry_dir="/r", **bad)
 
 
 def test_vehicles_see_different_scenario_mixes() -> None:

@@ -49,7 +49,7 @@ def test_server_killed_mid_run_resumes_after_the_last_completed_round(fl_home: P
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
         child.wait(30)
-    _, state_before = load_checkpoint(run_dir)
+    state_before = load_checkpoint(run_dir).state
     killed_at = state_before["completed_round"]
     assert 1 <= killed_at < 3 and not state_before.get("finished")
 
@@ -64,11 +64,25 @@ def test_server_killed_mid_run_resumes_after_the_last_completed_round(fl_home: P
 def test_checkpoint_is_one_atomic_file_and_round_trips(tmp_path: Path) -> None:
     arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, dtype=np.float32)}
     save_checkpoint(tmp_path, arrays, {"completed_round": 2, "rounds": [{"round": 1}, {"round": 2}]})
-    got, state = load_checkpoint(tmp_path)
+    got, state, _ = load_checkpoint(tmp_path)
     assert state["completed_round"] == 2 and set(got) == {"w", "b"}
     np.testing.assert_array_equal(got["w"], arrays["w"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.npz"]  # no temp file left
     assert load_checkpoint(tmp_path / "nothing") is None
+
+
+def test_checkpoint_keeps_the_server_optimizer_state_apart_from_the_model(tmp_path: Path) -> None:
+    """A resumed server continues Adam's trajectory: step count and moments survive, and never leak into the
+    model tensors a vehicle or the registry sees."""
+    from driveloop.federated._server_opt import ServerOptConfig, ServerOptState, server_step
+
+    arrays = {"w": np.zeros((2, 3), dtype=np.float32)}
+    moved, opt = server_step(arrays, {"w": np.ones((2, 3), dtype=np.float32)}, ServerOptState(), ServerOptConfig())
+    save_checkpoint(tmp_path, moved, {"completed_round": 1, "rounds": []}, opt)
+    got = load_checkpoint(tmp_path)
+    assert set(got.arrays) == {"w"} and got.optimizer.step == 1 and got.state["server_opt_step"] == 1
+    np.testing.assert_array_equal(got.optimizer.m["w"], opt.m["w"])
+    np.testing.assert_array_equal(got.optimizer.v["w"], opt.v["w"])
 
 
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
@@ -89,5 +103,5 @@ def test_resume_uses_the_checkpoint_not_the_initial_weights(fl_home: Path, tmp_p
     state = run_rounds(grid=None, settings=ServerSettings(run_dir=str(tmp_path), vehicles=VEHICLES, rounds=1),
                        initial=base)
     assert state["completed_round"] == 1 and state["finished"]
-    got, _ = load_checkpoint(tmp_path)
+    got = load_checkpoint(tmp_path).arrays
     np.testing.assert_array_equal(got["head.bias"], moved["head.bias"])

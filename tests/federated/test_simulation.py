@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from driveloop.federated._server_opt import ServerOptState, server_step
 from driveloop.federated.run import simulate
 from driveloop.federated.server import ServerSettings, load_checkpoint
 from tests.federated.conftest import VEHICLES, base_arrays, vehicle_settings
@@ -34,7 +35,7 @@ def test_bad_updates_are_rejected_the_round_goes_on_and_no_raw_data_leaves(fl_ho
     reasons = {r["vehicle"]: r["reason"] for r in rec["rejected"]}
     assert reasons == {"fl000": "non_finite", "fl001": "wrong_shape", "impostor-fl003": "unknown_vehicle"}
 
-    arrays, _ = load_checkpoint(Path(server.run_dir))
+    arrays = load_checkpoint(Path(server.run_dir)).arrays
     assert all(np.all(np.isfinite(v)) for v in arrays.values())
     assert any(not np.array_equal(arrays[k], base[k]) for k in base)  # fl002's update was applied
 
@@ -53,10 +54,14 @@ def test_bad_updates_are_rejected_the_round_goes_on_and_no_raw_data_leaves(fl_ho
         total = sum(int(np.prod(a.shape)) for a in content["arrays"].values())
         assert total <= 2 * sum(v.size for v in base.values())  # the shape fault doubles one tensor at most
     honest = next(m for m in replies if m.content["meta"]["vehicle-id"] == "fl002")
-    for k, a in honest.content["arrays"].items():
-        assert tuple(a.shape) == base[k].shape
-        # FedAvg over one accepted update is that update, tensor by tensor (no key mix-up, no clipping)
-        np.testing.assert_allclose(arrays[k], np.asarray(a.numpy()), rtol=1e-6, atol=1e-7)
+    update = {k: np.asarray(a.numpy()) for k, a in honest.content["arrays"].items()}
+    # FedAvg over one accepted update is that update (no key mix-up, no clipping); the server's Adam then
+    # takes its first step from the base toward it, tensor by tensor
+    expected, opt = server_step(base, update, ServerOptState(), server.optimizer)
+    assert opt.step == 1 and load_checkpoint(Path(server.run_dir)).optimizer.step == 1
+    for k in base:
+        assert update[k].shape == base[k].shape
+        np.testing.assert_allclose(arrays[k], expected[k], rtol=1e-6, atol=1e-7)
     # the cloud side was never touched: no catalog, no object store
     assert not (fl_home / "cloud" / "catalog.db").exists()
     assert not (fl_home / "cloud" / "store").exists()
@@ -70,7 +75,7 @@ def test_dropouts_are_excluded_and_a_round_without_quorum_is_skipped_not_the_run
     state = simulate(server, vehicle_settings(fl_home, faults="fl000:dropout,fl001:dropout,fl003:dropout"), base)
     (rec,) = state["rounds"]
     assert rec["failed"] == 3 and rec["skipped"] and rec["closed"] == "skipped"
-    arrays, saved = load_checkpoint(run_dir)
+    arrays, saved, _ = load_checkpoint(run_dir)
     assert saved["completed_round"] == 1
     for k in base:  # skipped round: the global model is unchanged
         np.testing.assert_array_equal(arrays[k], base[k])
@@ -84,6 +89,21 @@ def test_dropouts_are_excluded_and_a_round_without_quorum_is_skipped_not_the_run
     assert [r["round"] for r in state2["rounds"]] == [1, 2]
     assert state2["rounds"][0] == json.loads(json.dumps(rec))
     assert not state2["rounds"][1]["skipped"] and state2["rounds"][1]["failed"] == 1
+
+
+def test_per_round_dropouts_are_a_fresh_draw_and_every_round_aggregates_the_rest(fl_home: Path) -> None:
+    """``--dropout``: each round its own seeded half of the fleet trains, then drops off mid-round."""
+    from driveloop.federated.client import round_dropouts
+
+    server = ServerSettings(run_dir=str(fl_home / "federated" / "rdrop"), vehicles=VEHICLES, rounds=3, quorum_frac=0.5)
+    state = simulate(server, vehicle_settings(fl_home, dropout_frac=0.5, fleet_size=VEHICLES, data_seed=1),
+                     base_arrays(fl_home))
+    everyone = {f"fl{i:03d}" for i in range(VEHICLES)}
+    for rec in state["rounds"]:
+        dropped = round_dropouts(VEHICLES, 0.5, rec["round"], seed=1)
+        assert rec["failed"] == len(dropped) == VEHICLES // 2 and not rec["skipped"]
+        assert set(rec["participants"]) == everyone - dropped
+    assert len({tuple(r["participants"]) for r in state["rounds"]}) > 1  # not the same vehicles every round
 
 
 @pytest.mark.slow  # Flower's teardown waits for the sleeping straggler's actor
