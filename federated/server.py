@@ -12,7 +12,8 @@ Each round the server:
 4. lets the strategy aggregate the accepted replies; the server optimiser (Adam by default,
    ``_server_opt``: why) takes its step from the current global model toward that aggregate;
 5. **checkpoints** atomically (``<run_dir>/checkpoint.npz``: the global tensors, the server optimiser's
-   moments and the round history in one file, temp + fsync + rename). A restarted server with the same ``run_dir`` resumes after the last completed round.
+   moments and the round history in one file, temp + fsync + rename). A restarted server with the same
+   ``run_dir`` resumes after the last completed round, on the same optimiser trajectory.
 
 Settings come from the factory (simulation) or from the Flower run config (deployment, ``server.*``).
 """
