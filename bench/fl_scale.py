@@ -168,7 +168,7 @@ def section_compare(home: Path, base_version: int, vehicles: int, rounds: int, c
     held = {k: np.concatenate([local[vehicle_id_for(vehicles + j)][k] for j in range(HELD_OUT)]) for k in local["fl000"]}
     _log(f"vehicles ready in {prep_s:.0f} s: {samples}")
 
-    results: dict[str, Any] = {"vehicles": vehicles, "rounds": rounds, "central_epochs": central_epochs,
+    results: dict[str, Any] = {"vehicles": vehicles, "num_cpus": base_cfg.num_cpus, "rounds": rounds, "central_epochs": central_epochs,
                                "samples_per_vehicle": samples, "prepare_s": round(prep_s, 1), "runs": {}}
 
     def fl(name: str, **kw: Any) -> dict[str, Any]:
@@ -299,7 +299,7 @@ def main() -> None:
     if "compare" in sections:
         results["compare"] = section_compare(args.home, base_version, args.vehicles, args.rounds, args.central_epochs,
                                              args.classic_rounds, args.suite_duration)
-        results["acceptance"] = acceptance(results["compare"]["runs"], args.vehicles, 2)  # FlRunConfig.num_cpus
+        results["acceptance"] = acceptance(results["compare"]["runs"], args.vehicles, results["compare"]["num_cpus"])
     if "scale" in sections:
         results["scale"] = section_scale(args.home, base_version, args.scale_vehicles)
     text = json.dumps(results, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
