@@ -42,7 +42,7 @@ class DemoConfig:
     drive_s: float = 240.0  # each iteration's data drive, per vehicle (simulated seconds): enough hazards to learn from
     window_s: float = 20.0  # one rollout health window, per vehicle
     max_windows: int = 14  # per rollout; a rollout still running then is reported as "stalled"
-    fl_rounds: int = 2
+    fl_rounds: int = 100  # one gradient step per vehicle each (federated/_server_opt.py); ~1 min on 2 cores
     inject_bad_model: bool = False
     seed: int = 0
     port: int = 8700
@@ -285,7 +285,7 @@ class _Loop:
 
         self.say(f"federated: {self.cfg.fl_rounds} round(s) over {self.cfg.vehicles} vehicles' own data")
         conf = FlRunConfig(home=Path(self.settings.home), registry_dir=Path(self.settings.registry_dir),
-                           rounds=self.cfg.fl_rounds, vehicles=self.cfg.vehicles, strategy="fedmedian",
+                           rounds=self.cfg.fl_rounds, vehicles=self.cfg.vehicles, strategy="fedavg",
                            base_ref=result.model, seed=self.cfg.seed + result.index, suite=suite,
                            num_cpus=self.settings.num_cpus, run_name=f"demo-{self.cfg.seed}-it{result.index}")
         return run_federated(conf, on_round=lambda r: self.say(
