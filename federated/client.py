@@ -10,7 +10,8 @@ with exactly three records:
 - ``meta``: the vehicle id.
 
 No segment bytes, paths, frames or labels are ever put in a reply: raw data never leaves the vehicle.
-FedProx's ``proximal-mu`` becomes the fine-tune's L2 anchor (μ/2·‖w − w_global‖², the same term).
+FedProx's ``proximal-mu`` becomes the fine-tune's L2 anchor (μ/2·‖w − w_global‖², the same term); with the
+default single local step its gradient is zero at the round's start, so FedProx then equals FedAvg.
 
 Settings come either from the factory (simulation: ``make_client_app(settings)``) or, for a deployed
 SuperNode, from the Flower run config (``VehicleSettings.from_run_config``); the vehicle id comes from
