@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 StateDict = dict[str, Any]  # name -> torch.Tensor
 _CKPT_PREFIX = "epoch_"
+OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class FinetuneConfig:
     optimizer: str = "adam"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("adam", "sgd"):
+        if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"finetune optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.replay_target not in ("base", "label"):
             raise ConfigError(f"finetune replay_target must be 'base' or 'label', got {self.replay_target!r}")

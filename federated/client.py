@@ -35,11 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from driveloop.cloud.train import OPTIMIZERS
 from driveloop.exceptions import ConfigError, FederatedError
 
 logger = logging.getLogger(__name__)
 
 FAULTS = ("scale50", "signflip", "dropout", "straggle", "nan", "shape", "impostor")
+DROPOUT_MODES = ("dropout", "straggle")  # how a vehicle drawn by round_dropouts leaves the round
 META_KEY, ARRAYS_KEY, METRICS_KEY = "meta", "arrays", "metrics"
 
 
@@ -90,13 +92,13 @@ class VehicleSettings:
 
     def __post_init__(self) -> None:
         parse_faults(self.faults)
-        if not 0.0 <= self.dropout_frac < 1.0 or self.dropout_mode not in ("dropout", "straggle"):
+        if not 0.0 <= self.dropout_frac < 1.0 or self.dropout_mode not in DROPOUT_MODES:
             raise ConfigError(f"dropout_frac must be in [0, 1) and dropout_mode dropout|straggle, got "
                               f"{self.dropout_frac}, {self.dropout_mode!r}")
         if self.local_epochs < 1 or self.batch_size < 0:
             raise ConfigError("local_epochs must be >= 1 and batch_size >= 0 (0: whole dataset)")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"vehicle optimizer must be sgd or adam, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:  # checked here too: before any vehicle drives or trains
+            raise ConfigError(f"vehicle optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     def to_run_config(self) -> dict[str, Any]:
         return {f"vehicle.{k}": v for k, v in asdict(self).items()}

@@ -27,7 +27,7 @@ import numpy as np
 
 from driveloop.cloud.evaluation import EvalSuite, GateTolerances
 from driveloop.exceptions import ConfigError, FederatedError, RegistryError
-from driveloop.federated.client import VehicleSettings, format_faults, vehicle_id_for
+from driveloop.federated.client import DROPOUT_MODES, VehicleSettings, format_faults, vehicle_id_for
 from driveloop.federated.server import (
     ReplyCallback,
     RoundCallback,
@@ -80,7 +80,7 @@ class FlRunConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ConfigError(f"--{name} must be a fraction in [0, 1), got {v}")
-        if self.dropout_mode not in ("dropout", "straggle"):
+        if self.dropout_mode not in DROPOUT_MODES:
             raise ConfigError(f"dropout_mode must be dropout or straggle, got {self.dropout_mode!r}")
         if self.poison_kind not in ("mixed", "scale50", "signflip"):
             raise ConfigError(f"poison_kind must be mixed, scale50 or signflip, got {self.poison_kind!r}")
