@@ -61,9 +61,9 @@ def bench_inference(iters: int = 2000, batch_sizes: tuple[int, ...] = (1, 64), d
     import torch
 
     from driveloop.cloud.export import check_parity, export_onnx
-    from driveloop.cloud.manifest import build_manifest
+    from driveloop.contracts.manifest import build_manifest
     from driveloop.cloud.model import PolicyConfig, PolicyNet, example_inputs
-    from driveloop.edge import contract as C
+    from driveloop.contracts import observation as C
     from driveloop.edge.runtime import ModelRuntime
 
     torch.set_num_threads(1)
@@ -102,9 +102,9 @@ def bench_inference(iters: int = 2000, batch_sizes: tuple[int, ...] = (1, 64), d
 def bench_isolated(iters: int = 500, batch: int = 1, seed: int = 0) -> dict[str, Any]:
     """Round trip (submit + poll) through the isolated model process, vs the in-process runtime."""
     from driveloop.cloud.export import export_onnx
-    from driveloop.cloud.manifest import build_manifest
+    from driveloop.contracts.manifest import build_manifest
     from driveloop.cloud.model import PolicyConfig, PolicyNet, example_inputs
-    from driveloop.edge import contract as C
+    from driveloop.contracts import observation as C
     from driveloop.edge.isolated import IsolatedRuntime
 
     with tempfile.TemporaryDirectory() as d:
@@ -191,9 +191,9 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
     import copy
 
     from driveloop.edge import agent as agent_mod
-    from driveloop.edge._sensors_ref import observe_reference
+    from driveloop.sim._sensors_ref import observe_reference
     from driveloop.edge.agent import VehicleAgent, sense_fleet
-    from driveloop.edge.contract import INPUT_NAMES, stack
+    from driveloop.contracts.observation import INPUT_NAMES, stack
     from driveloop.safety import ModelReply
 
     st = {name: _Stage() for name in STAGES}
@@ -289,7 +289,7 @@ def bench_agent_overhead(seconds: float = 30.0, scenario: str = "highway", seed:
     """
     import torch
     from driveloop.cloud.export import export_onnx
-    from driveloop.cloud.manifest import build_manifest
+    from driveloop.contracts.manifest import build_manifest
     from driveloop.cloud.model import PolicyConfig, PolicyNet
     from driveloop.edge.runtime import ModelRuntime
 
@@ -305,13 +305,13 @@ def bench_agent_overhead(seconds: float = 30.0, scenario: str = "highway", seed:
 
 def _sensor_backend(requested: str | None) -> str:
     """Select (if asked) and report the sensor geometry backend; trees from before the backends had numpy only."""
-    from driveloop.edge import sensors
+    from driveloop.sim import sensors
 
     if not hasattr(sensors, "geometry"):  # the bench also runs on older trees (alternating before/after runs)
         if requested not in (None, "numpy"):
             raise SystemExit(f"this tree has no sensor backend {requested!r}")
         return "numpy (single path)"
-    from driveloop.edge import _sensor_geometry
+    from driveloop.sim import _sensor_geometry
 
     if requested is not None:
         _sensor_geometry.set_backend(requested)

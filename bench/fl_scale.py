@@ -95,7 +95,7 @@ def _log(msg: str) -> None:
 def ensure_bootstrap(home: Path) -> None:
     from driveloop.cloud.bootstrap import BootstrapConfig, bootstrap
     from driveloop.cloud.registry import Registry
-    from driveloop.exceptions import RegistryError
+    from driveloop.core.exceptions import RegistryError
 
     try:
         with Registry(home / "registry") as reg:
@@ -136,7 +136,7 @@ def section_compare(home: Path, base_version: int, vehicles: int, rounds: int, c
 
     from driveloop.cloud.evaluation import EvalSuite, gate
     from driveloop.cloud.export import export_onnx
-    from driveloop.cloud.manifest import build_manifest
+    from driveloop.contracts.manifest import build_manifest
     from driveloop.cloud.model import PolicyNet
     from driveloop.cloud.pipeline import _cached_eval
     from driveloop.cloud.registry import Registry

@@ -45,7 +45,7 @@ def _ingest_spool(home: Path) -> int:
     """Fallback when no uploader is wired into `drive`: validate + store + catalog the spool's segments."""
     from driveloop.cloud.catalog import Catalog, SegmentRecord
     from driveloop.cloud.store import ObjectStore
-    from driveloop.edge.segment import scan_directory
+    from driveloop.contracts.segment import scan_directory
     from driveloop.settings import Settings
 
     settings = Settings(home=home)

@@ -18,7 +18,7 @@ from driveloop.ota.cohorts import cohort_position
 from driveloop.ota.controller import RolloutPlan, decide, start
 from driveloop.ota.director import assign_fleet, fleet_share
 from driveloop.ota.gates import aggregate
-from driveloop.ota.messages import HealthReport
+from driveloop.contracts.fleet import HealthReport
 
 PLAN = RolloutPlan.default()
 

@@ -51,8 +51,8 @@ def _baseline_steps_per_s(steps: int, seed: int) -> float:
 
 
 def _sim_steps_per_s(name: str, steps: int, seed: int, expert: bool) -> tuple[float, int]:
-    from driveloop.edge.scenarios import parse_scenario
-    from driveloop.edge.sim import Simulator
+    from driveloop.sim.scenarios import parse_scenario
+    from driveloop.sim.simulator import Simulator
 
     sim = Simulator(parse_scenario(name), seed)
     snap = sim.reset()
@@ -66,9 +66,9 @@ def _sim_steps_per_s(name: str, steps: int, seed: int, expert: bool) -> tuple[fl
 
 
 def _observe_us(name: str, seed: int, noise: float, calls: int = 2000) -> float:
-    from driveloop.edge.scenarios import parse_scenario
-    from driveloop.edge.sensors import SensorConfig, observe
-    from driveloop.edge.sim import Simulator
+    from driveloop.sim.scenarios import parse_scenario
+    from driveloop.sim.sensors import SensorConfig, observe
+    from driveloop.sim.simulator import Simulator
 
     sim = Simulator(parse_scenario(name), seed)
     snap = sim.reset()

@@ -1,43 +1,25 @@
-"""driveloop.cloud — see DESIGN.md. Public API listed in __all__ (kept import-light)."""
+"""driveloop.cloud — ingest, catalog, store, the Ray data pipeline, training, the evaluation gate,
+export and the model registry. See docs/ARCHITECTURE.md.
+
+Imports core, contracts, safety, sim and edge; never ota or federated. Public names are lazy: torch,
+Ray and fastapi load only when used.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from driveloop.core.lazy import lazy_exports
 
-# Policy model, export and registry (lazy: torch/onnx load only when these names are used).
-_LAZY_MODEL_API = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "PolicyNet": "model", "PolicyConfig": "model", "LossWeights": "model", "loss": "model",
-    "export_onnx": "export", "check_parity": "export",
-    "ModelManifest": "manifest", "read_manifest": "manifest", "write_manifest": "manifest", "sha256_file": "manifest",
-    "Registry": "registry", "ModelArtifact": "registry",
-}
-__all__ += list(_LAZY_MODEL_API)
-
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY_MODEL_API:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY_MODEL_API[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-# Backflow: object store, catalog, campaigns, vehicle auth, ingest (same lazy lookup; fastapi loads on use).
-_LAZY_BACKFLOW_API = {
+    "export_onnx": "export", "check_parity": "export", "Registry": "registry", "ModelArtifact": "registry",
     "ObjectStore": "store", "Catalog": "catalog", "SegmentRecord": "catalog", "SegmentQuery": "catalog",
     "Campaign": "campaigns", "CampaignSpec": "campaigns", "register_vehicle": "auth",
-    "IngestConfig": "ingest", "IngestService": "ingest", "create_app": "ingest",
-}
-_LAZY_MODEL_API.update(_LAZY_BACKFLOW_API)
-__all__ += list(_LAZY_BACKFLOW_API)
-
-# Data loop: mining, hindsight labels, dataset versions, fine-tune, gate, pipeline (lazy: ray/torch on use).
-_LAZY_PIPELINE_API = {
+    "IngestConfig": "ingest_service", "IngestService": "ingest_service", "create_app": "ingest",
+    "LocalTransport": "local_transport", "make_transport": "local_transport",
     "MiningConfig": "mining", "SegmentFrames": "mining", "LabelerConfig": "labeling", "label_segment": "labeling",
     "DatasetManifest": "datasets", "DatasetStore": "datasets", "FinetuneConfig": "train", "finetune": "train",
     "train_with_ray": "train", "ClassMetrics": "evaluation", "EvalSuite": "evaluation", "GateTolerances": "evaluation",
     "GateResult": "evaluation", "gate": "evaluation", "evaluate_model": "evaluation",
     "PipelineConfig": "pipeline", "PipelineReport": "pipeline", "run_pipeline": "pipeline",
     "gate_and_register": "pipeline",
-}
-_LAZY_MODEL_API.update(_LAZY_PIPELINE_API)
-__all__ += list(_LAZY_PIPELINE_API)
+})

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from driveloop.exceptions import PipelineError
+from driveloop.core.exceptions import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def frame_rows(ticks: list[Any], sha: str, scenario: str, mining: dict[str, Any]
 
 def _segment_rows(group: Any, *, meta: dict[str, tuple[str, str]], mining: dict[str, Any], labeler: dict[str, Any]) -> dict[str, np.ndarray]:
     """Ray map over one segment's messages (all topics, a pyarrow table): decode the ticks, then ``frame_rows``."""
-    from driveloop.edge.segment import TICK_TOPICS, decode_tick
+    from driveloop.contracts.segment import TICK_TOPICS, decode_tick
 
     path = str(Path(group.column("path")[0].as_py()).resolve())
     sha, scenario = meta[path]
@@ -194,11 +194,11 @@ def build_arrays_local(
     segments: list[tuple[Path, str, str]], mining: Any, labeler: Any, seed: int,
     on_step: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The same dataset without Ray, reading each validated segment with ``edge.segment.read_ticks``:
+    """The same dataset without Ray, reading each validated segment with ``contracts.segment.read_ticks``:
     for a vehicle that fine-tunes on its own data (its segments never leave it)."""
     import pandas as pd
 
-    from driveloop.edge.segment import read_ticks
+    from driveloop.contracts.segment import read_ticks
 
     clock = _Clock(on_step)
     rows = [frame_rows(list(read_ticks(p)), sha, scenario, asdict(mining), asdict(labeler)) for p, sha, scenario in segments]

@@ -16,7 +16,7 @@ import re
 import secrets
 
 from driveloop.cloud.catalog import Catalog, VehicleRecord
-from driveloop.exceptions import AuthError, ConfigError
+from driveloop.core.exceptions import AuthError, ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from driveloop.exceptions import ConfigError, ModelError
+from driveloop.core.exceptions import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +127,9 @@ def demonstrate(scenario: str, seed: int, episode_s: float, accel_noise_mps2: fl
     The executed command is the expert's (behaviour cloning) or, given ``learner_state`` (PolicyNet
     weights), the learner's own (DAgger); either way plus the DART noise.
     """
-    from driveloop.edge.scenarios import parse_scenario
-    from driveloop.edge.sensors import SensorSuite
-    from driveloop.edge.sim import Simulator
+    from driveloop.sim.scenarios import parse_scenario
+    from driveloop.sim.sensors import SensorSuite
+    from driveloop.sim.simulator import Simulator
 
     learner = _load_learner(learner_state) if learner_state is not None else None
     rng = np.random.default_rng([seed, 3])

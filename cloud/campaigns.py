@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from driveloop.edge.triggers import TriggerSpec

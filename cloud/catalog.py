@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from driveloop.cloud._catalog_schema import Base, CampaignRow, SegmentRow, SegmentEventRow, UploadRow, VehicleRow
 from driveloop.cloud.campaigns import Campaign, CampaignSpec
-from driveloop.exceptions import ConfigError, StorageError
+from driveloop.core.exceptions import ConfigError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ UPLOAD_FAILED = "failed"
 
 @dataclass(frozen=True)
 class SegmentRecord:
-    """One cataloged segment (mirrors edge.segment.SegmentInfo plus cloud bookkeeping)."""
+    """One cataloged segment (mirrors contracts.segment.SegmentInfo plus cloud bookkeeping)."""
 
     sha256: str
     vehicle: str

@@ -11,8 +11,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from driveloop._atomic import write_atomic
-from driveloop.exceptions import ModelError
+from driveloop.core.atomic import write_atomic
+from driveloop.core.exceptions import ModelError
 
 
 def weights_path(registry_root: Path | str, onnx_sha256: str) -> Path:
@@ -20,7 +20,7 @@ def weights_path(registry_root: Path | str, onnx_sha256: str) -> Path:
 
 
 def save_weights(registry_root: Path | str, onnx_sha256: str, state_dict: dict[str, Any]) -> Path:
-    """Write the state dict atomically (``driveloop._atomic``)."""
+    """Write the state dict atomically (``driveloop.core.atomic``)."""
     import torch
 
     path = weights_path(registry_root, onnx_sha256)

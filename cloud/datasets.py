@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from driveloop._atomic import fsync_dir
-from driveloop.edge.contract import GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS
-from driveloop.exceptions import PipelineError, StorageError
+from driveloop.core.atomic import fsync_dir
+from driveloop.contracts.observation import GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS
+from driveloop.core.exceptions import PipelineError, StorageError
 
 logger = logging.getLogger(__name__)
 

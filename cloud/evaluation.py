@@ -27,7 +27,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from driveloop.exceptions import ConfigError, PipelineError
+from driveloop.core.exceptions import ConfigError, PipelineError
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ eval gate scored. Every export is checked against ONNX Runtime at batch 1 and at
 a model that differs by more than ``PARITY_TOL`` is refused (ModelError).
 
 Rules: the graph has a dynamic batch axis named ``batch`` on every input and output, names from
-``edge.contract``; the file appears atomically (temp file, fsync, rename) so a crash never leaves a
+``contracts.observation``; the file appears atomically (temp file, fsync, rename) so a crash never leaves a
 half-written model where the registry or a vehicle could pick it up.
 """
 
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from driveloop.cloud.manifest import fsync_replace, temp_path_for
 from driveloop.cloud.model import example_inputs
-from driveloop.edge import contract as C
-from driveloop.exceptions import ModelError
+from driveloop.contracts import observation as C
+from driveloop.core.atomic import fsync_replace, temp_path_for
+from driveloop.core.exceptions import ModelError
 
 logger = logging.getLogger(__name__)
 

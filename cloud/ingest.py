@@ -31,11 +31,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.requests import ClientDisconnect
 
-from driveloop.cloud._ingest_service import ChunkWriter, IngestConfig, IngestService
+from driveloop.cloud.ingest_service import ChunkWriter, IngestConfig, IngestService
 from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.store import ObjectStore
-from driveloop.edge.transport import OFFSET_HEADER, UploadStatus
-from driveloop.exceptions import (
+from driveloop.contracts.upload import OFFSET_HEADER, UploadStatus
+from driveloop.core.exceptions import (
     AuthError,
     ConfigError,
     DriveloopError,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from driveloop.cloud.mining import SegmentFrames, widen_mask
-from driveloop.edge.contract import CONTROL_PERIOD_S
-from driveloop.exceptions import ConfigError
+from driveloop.contracts.observation import CONTROL_PERIOD_S
+from driveloop.core.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 

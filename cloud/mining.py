@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from driveloop.edge.contract import CONTROL_PERIOD_S
-from driveloop.exceptions import ConfigError, PipelineError
+from driveloop.contracts.observation import CONTROL_PERIOD_S
+from driveloop.core.exceptions import ConfigError, PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,9 @@ def _nan_pair(v: list[float] | None) -> list[float]:
 
 
 def frames_from_ticks(ticks: list[Any], segment_id: str, scenario: str) -> SegmentFrames:
-    """Build ``SegmentFrames`` from a segment's ``edge.segment.TickRecord`` list (ground truth from
-    ``/vehicle/state`` via ``edge.world``). SegmentError when the logged state is malformed."""
-    from driveloop.edge.world import WorldSnapshot, closing_speed_mps, gap_m
+    """Build ``SegmentFrames`` from a segment's ``contracts.segment.TickRecord`` list (ground truth from
+    ``/vehicle/state`` via ``sim.world``). SegmentError when the logged state is malformed."""
+    from driveloop.sim.world import WorldSnapshot, closing_speed_mps, gap_m
 
     if not ticks:
         raise PipelineError(f"segment {segment_id} has no ticks")

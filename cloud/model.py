@@ -6,7 +6,7 @@ that matches its structure (a 2-D CNN for the occupancy-grid "camera", a circula
 360° lidar ring, an MLP for the kinematics vector) and a fusion MLP joins them.
 
 Rules this module keeps:
-- Inputs and outputs follow ``edge.contract`` exactly (names, shapes, float32, SI units).
+- Inputs and outputs follow ``contracts.observation`` exactly (names, shapes, float32, SI units).
 - Input normalisation constants are buffers inside the module, so they are part of the ONNX graph
   and the vehicle never guesses scales.
 - Outputs are bounded by construction: acceleration in [-ACCEL_MIN_MPS2, ACCEL_MAX_MPS2]
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from driveloop.edge import contract as C
-from driveloop.exceptions import ConfigError
+from driveloop.contracts import observation as C
+from driveloop.core.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class PolicyNet(nn.Module):
         return action, confidence
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Call with a contract-named dict (as produced by ``edge.contract.stack``)."""
+        """Call with a contract-named dict (as produced by ``contracts.observation.stack``)."""
         return self(*(batch[n] for n in C.INPUT_NAMES))
 
     def count_params(self) -> int:

@@ -31,7 +31,7 @@ from driveloop.cloud.evaluation import ClassMetrics, EvalSuite, GateTolerances, 
 from driveloop.cloud.labeling import LABEL_VERSION, LabelerConfig
 from driveloop.cloud.mining import MiningConfig
 from driveloop.cloud.train import FinetuneConfig
-from driveloop.exceptions import DriveloopError, PipelineError, RegistryError, SegmentError, StorageError
+from driveloop.core.exceptions import DriveloopError, PipelineError, RegistryError, SegmentError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _resolve_base(registry: Any, ref: str | None) -> Any:
 
 def _validate(records: list[Any], store: Any, workdir: Path, report: PipelineReport) -> list[tuple[Path, str, str]]:
     """Local, validated copies of the new segments; bad ones are reported and skipped."""
-    from driveloop.edge.segment import validate_segment
+    from driveloop.contracts.segment import validate_segment
 
     good: list[tuple[Path, str, str]] = []
     for rec in records:
@@ -161,7 +161,7 @@ def _cached_eval(cache_dir: Path, onnx_path: Path, manifest: Any, suite: EvalSui
     if path.is_file():
         data = json.loads(path.read_text())
         return {k: ClassMetrics(**v) for k, v in data.items()}
-    from driveloop._atomic import write_atomic
+    from driveloop.core.atomic import write_atomic
 
     metrics = evaluate_model(onnx_path, manifest, suite)
     data = {k: {n: getattr(m, n) for n in ClassMetrics.__dataclass_fields__} for k, m in metrics.items()}
@@ -200,7 +200,7 @@ def gate_and_register(
 
     from driveloop.cloud.checkpoints import save_weights
     from driveloop.cloud.export import check_parity, export_onnx
-    from driveloop.cloud.manifest import build_manifest
+    from driveloop.contracts.manifest import build_manifest
     from driveloop.cloud.model import PolicyNet
 
     time_it = timer or (lambda name: nullcontext())
@@ -233,7 +233,7 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
     import torch
 
     from driveloop.cloud._dataset_build import build_arrays_with_ray
-    from driveloop.cloud._ray import cpu_split, ensure_ray
+    from driveloop.cloud.ray_runtime import cpu_split, ensure_ray
     from driveloop.cloud.catalog import Catalog
     from driveloop.cloud.checkpoints import load_weights
     from driveloop.cloud.datasets import DatasetManifest, DatasetStore, code_version

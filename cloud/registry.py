@@ -32,17 +32,10 @@ from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from driveloop.cloud.manifest import (
-    ModelManifest,
-    atomic_write_bytes,
-    build_manifest,
-    fsync_replace,
-    parse_manifest,
-    sha256_file,
-    temp_path_for,
-)
-from driveloop.edge import contract as C
-from driveloop.exceptions import ContractError, IntegrityError, ModelError, RegistryError
+from driveloop.contracts import observation as C
+from driveloop.contracts.manifest import ModelManifest, build_manifest, parse_manifest, sha256_file
+from driveloop.core.atomic import fsync_replace, temp_path_for, write_atomic
+from driveloop.core.exceptions import ContractError, IntegrityError, ModelError, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +327,7 @@ class Registry:
         return Session(self._engine, expire_on_commit=False)
 
     def _write_manifest_file(self, manifest: ModelManifest) -> None:
-        atomic_write_bytes(self.manifest_path(manifest.version), (manifest.to_json() + "\n").encode())
+        write_atomic(self.manifest_path(manifest.version), (manifest.to_json() + "\n").encode())
 
     def _row(self, s: Session, version: int) -> _ModelRow:
         row = s.get(_ModelRow, version)

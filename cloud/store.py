@@ -25,8 +25,8 @@ from typing import IO, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from driveloop._atomic import file_sha256
-from driveloop.exceptions import StorageError
+from driveloop.core.atomic import file_sha256, fsync_dir
+from driveloop.core.exceptions import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +53,6 @@ def segment_key(sha256: str) -> str:
     if not is_sha256(sha256):
         raise StorageError(f"not a sha256 digest: {sha256!r}")
     return f"{SEGMENT_PREFIX}/{sha256[:2]}/{sha256}.mcap"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ObjectStore:
@@ -138,7 +130,7 @@ class ObjectStore:
                 return sha
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             logger.debug("stored %s (%s)", sha, src)
             return sha
         except OSError as e:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from driveloop.exceptions import ConfigError, ModelError, PipelineError
+from driveloop.core.exceptions import ConfigError, ModelError, PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _atomic_torch_save(obj: object, dest: Path) -> None:
 
     import torch
 
-    from driveloop._atomic import write_atomic
+    from driveloop.core.atomic import write_atomic
 
     buf = io.BytesIO()
     torch.save(obj, buf)

@@ -14,7 +14,7 @@ import typer
 
 from driveloop._jsonout import dumps
 from driveloop.cli import app
-from driveloop.exceptions import RegistryError
+from driveloop.core.exceptions import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -266,16 +266,16 @@ def cloud_upload(
     """Upload a vehicle's spool to the configured cloud (DRIVELOOP_CLOUD_URL + token, else the
     embedded local cloud); exit 6 when segments are still pending at the end."""
     from driveloop.edge.spool import Spool
-    from driveloop.edge.transport import make_transport
+    from driveloop.wiring import transport_for
     from driveloop.edge.uploader import Uploader
-    from driveloop.exceptions import ConfigError
+    from driveloop.core.exceptions import ConfigError
     from driveloop.settings import load_settings
 
     s = load_settings()
     root = spool_dir or s.spool_dir
     if not (root / "closed").is_dir():
         raise ConfigError(f"no spool at {root} (nothing recorded yet?)")
-    transport = make_transport(vehicle, s.cloud_dir, s.cloud_url, s.cloud_token, s.catalog_url, s.store_url)
+    transport = transport_for(s)(vehicle)
     bps = None if bandwidth_mbps is None else bandwidth_mbps * 1e6
     try:
         with Uploader(Spool(root, quota_bytes=2**62), transport, s.home / "uploader" / vehicle,

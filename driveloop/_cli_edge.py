@@ -11,7 +11,7 @@ import typer
 
 from driveloop._jsonout import dumps
 from driveloop.cli import app
-from driveloop.exceptions import ConfigError, RegistryError
+from driveloop.core.exceptions import ConfigError, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +80,9 @@ def drive(
 ) -> None:
     """Drive N vehicles in the simulator with the ONNX policy behind the safety supervisor."""
     from driveloop.edge.agent import AgentConfig, FaultSpec
-    from driveloop.edge.scenarios import MIX, parse_scenario
-    from driveloop.edge.sensors import SensorConfig
-    from driveloop.edge.video import check_video_path
+    from driveloop.sim.scenarios import MIX, parse_scenario
+    from driveloop.sim.sensors import SensorConfig
+    from driveloop.sim.video import check_video_path
     from driveloop.settings import load_settings
 
     # Validate everything before anything is written.
@@ -102,10 +102,9 @@ def drive(
                            isolate=isolate, fault=fault_spec, device=device, record=record, video=video)
     campaigns = []
     if record:
-        from driveloop.edge.drive import fetch_campaigns
+        from driveloop.wiring import fetch_campaigns
 
-        campaigns = fetch_campaigns(f"{request.vehicle_prefix}000", settings.cloud_dir, settings.cloud_url,
-                                    settings.cloud_token, settings.catalog_url, settings.store_url)
+        campaigns = fetch_campaigns(settings, f"{request.vehicle_prefix}000")
     report = drive_fleet(request, artifact, config, spool_dir=settings.spool_dir, quota_bytes=SPOOL_QUOTA_BYTES,
                          show_progress=not as_json, campaigns=campaigns)
     summary: dict[str, Any] = report.summary()
@@ -122,7 +121,7 @@ def drive(
 
 def _upload(settings: Any) -> dict[str, Any]:
     """Drain the spool to the configured cloud (embedded local cloud when none is configured)."""
-    from driveloop.edge.upload_job import upload_spool
+    from driveloop.wiring import upload_spool
 
     return upload_spool(settings)
 

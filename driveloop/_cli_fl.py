@@ -54,7 +54,7 @@ def _print_report(r: dict[str, Any]) -> None:
 def _suite(classes: str, duration_s: float) -> Any:
     """The held-out suite, optionally restricted to some scenario classes (ConfigError on unknown ones)."""
     from driveloop.cloud.evaluation import DEFAULT_SUITE, EvalSuite
-    from driveloop.exceptions import ConfigError
+    from driveloop.core.exceptions import ConfigError
 
     names = [c.strip() for c in classes.split(",") if c.strip()]
     unknown = [c for c in names if c not in DEFAULT_SUITE]
@@ -139,7 +139,7 @@ def _foreground(managed: Any) -> None:
         managed.stop()
         return
     if code:
-        from driveloop.exceptions import FederatedError
+        from driveloop.core.exceptions import FederatedError
 
         raise FederatedError(f"{managed.name} exited with {code} (see {managed.log_path})")
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import typer
 
-from driveloop._atomic import write_atomic
+from driveloop.core.atomic import write_atomic
 from driveloop.cli import app
-from driveloop.exceptions import ConfigError, OtaError
+from driveloop.core.exceptions import ConfigError, OtaError
 
 ota_app = typer.Typer(help="Staged OTA: releases, rollouts, fleet server", no_args_is_help=True)
 rollout_app = typer.Typer(help="Start, watch and steer a staged rollout.", no_args_is_help=True)
@@ -116,7 +116,7 @@ def rollout_start(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Start a staged rollout of VERSION."""
-    from driveloop.ota.messages import RolloutStart
+    from driveloop.contracts.fleet import RolloutStart
 
     plan = None
     if plan_file is not None:
@@ -142,7 +142,7 @@ def rollout_status(rollout_id: int | None = typer.Argument(None, help="Default: 
 
 
 def _operator(kind: str, rollout_id: int | None, reason: str, as_json: bool) -> None:
-    from driveloop.ota.messages import OperatorRequest
+    from driveloop.contracts.fleet import OperatorRequest
 
     rid = _latest_id(rollout_id)
     req = OperatorRequest(actor=os.environ.get("USER", "cli") or "cli", reason=reason)

@@ -19,7 +19,7 @@ ota_app.add_typer(keys_app, name="keys")
 
 def _service(root_threshold: int | None = None) -> Any:
     from driveloop.cloud.registry import Registry
-    from driveloop.ota._tuf_repo import RepoPolicy
+    from driveloop.ota.release import RepoPolicy
     from driveloop.ota.release import ReleaseService
     from driveloop.settings import load_settings
 
@@ -57,7 +57,7 @@ def refresh_timestamp(
     """Re-sign the TUF timestamp (run periodically: vehicles reject an expired one as a freeze attack)."""
     from datetime import UTC, datetime, timedelta
 
-    from driveloop.exceptions import ConfigError
+    from driveloop.core.exceptions import ConfigError
 
     if expires_in_s <= 0:
         raise ConfigError(f"--expires-in-s must be > 0, got {expires_in_s}")

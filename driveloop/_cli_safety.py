@@ -7,7 +7,7 @@ simulator, through the real control loop (edge/agent.py: sensors → perception 
 - Nominal episodes (seeded ``highway`` drives, one episode per vehicle) are driven by the model. Each
   fallback activation there is listed (``nominal_activations``) with its kind, reason and the ground
   truth the car decided on (lane offset, true gap and TTC to the real lead), and judged on that ground
-  truth by ``driveloop._safety_truth`` (TTC/headway for AEB, time to line crossing for the lane guard,
+  truth by ``driveloop.sim.truth`` (TTC/headway for AEB, time to line crossing for the lane guard,
   thresholds from the ADAS norms, not the rules'): *justified* when a real hazard was there (the model
   drove badly and the layer caught it), *false* when not (the layer acted for nothing). They need a
   model, so ``--fallback-only`` skips them.
@@ -27,9 +27,9 @@ from typing import Any
 import typer
 
 from driveloop._jsonout import dumps
-from driveloop._safety_truth import HazardCriteria, judge_activation
+from driveloop.sim.truth import HazardCriteria, judge_activation
 from driveloop.cli import app
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ActivationLog:
         self.criteria = criteria or HazardCriteria()
 
     def __call__(self, tick: int, total: int, agents: Sequence[Any]) -> None:
-        from driveloop.edge.world import gap_m, ttc_s
+        from driveloop.sim.world import gap_m, ttc_s
 
         for agent in agents:
             decision, seen = agent.last_decision, self._seen.get(agent.vehicle_id)
@@ -86,7 +86,7 @@ class ActivationLog:
 
 def check_request(noise: float, cases: Sequence[str]) -> list[Any]:
     """The cases' ScenarioSpecs; ConfigError/ScenarioError before anything runs or prints."""
-    from driveloop.edge.scenarios import parse_scenario
+    from driveloop.sim.scenarios import parse_scenario
 
     if not (math.isfinite(noise) and noise >= 0):
         raise ConfigError(f"--noise must be a finite sigma >= 0, got {noise}")
@@ -110,8 +110,8 @@ def run_suite(
     """Run the cases and nominal episodes; returns the report (plain data, JSON-ready)."""
     from driveloop.edge.agent import AgentConfig
     from driveloop.edge.fleet import VehiclePlan, run_fleet
-    from driveloop.edge.scenarios import parse_scenario
-    from driveloop.edge.sensors import SensorConfig
+    from driveloop.sim.scenarios import parse_scenario
+    from driveloop.sim.sensors import SensorConfig
 
     specs = check_request(noise, cases)
     config = AgentConfig(sensors=SensorConfig.uniform(noise), model_enabled=not fallback_only)
@@ -173,7 +173,7 @@ def safety_suite(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Euro NCAP CCR cases + nominal episodes through the real control loop; fails on any collision."""
-    from driveloop.edge.scenarios import CCR_CASES
+    from driveloop.sim.scenarios import CCR_CASES
 
     names = list(case) if case else list(CCR_CASES)
     check_request(noise, names)

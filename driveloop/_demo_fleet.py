@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from driveloop._atomic import write_atomic
-from driveloop.edge._health_window import HealthWindowResult
+from driveloop.core.atomic import write_atomic
+from driveloop.edge.health_window import HealthWindowResult
 from driveloop.edge.agent import AgentConfig
 from driveloop.edge.fleet import FleetReport, InferenceClient, InProcessInference, VehiclePlan, run_fleet
 from driveloop.edge.ota_client import ActiveModel, OtaClient
@@ -36,7 +36,7 @@ class SimVehicle:
 
 
 def _manifest(data: dict[str, Any]) -> Any:
-    from driveloop.cloud.manifest import ModelManifest
+    from driveloop.contracts.manifest import ModelManifest
 
     return ModelManifest.model_validate(data)
 

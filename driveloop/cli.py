@@ -13,7 +13,7 @@ import sys
 import click
 import typer
 
-from driveloop.exceptions import DriveloopError
+from driveloop.core.exceptions import DriveloopError
 
 app = typer.Typer(
     name="driveloop",

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driveloop._atomic import write_atomic
-from driveloop.exceptions import ConfigError, OtaError
+from driveloop.core.atomic import write_atomic
+from driveloop.core.exceptions import ConfigError, OtaError
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class _Loop:
                  f"{m['collisions']} collisions, progress {m['progress']:.2f}")
         result = IterationResult(k + 1, max(versions, key=versions.get), m["interventions_per_hour"],
                                  m["collisions"], m["progress"], m["distance_km"], m["segments"], kind=kind)
-        from driveloop.edge.upload_job import upload_spool
+        from driveloop.wiring import upload_spool
 
         up = upload_spool(self.settings)
         self.say(f"uploaded {up['uploaded']} segments")

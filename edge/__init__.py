@@ -1,60 +1,21 @@
-"""driveloop.edge — see DESIGN.md. Public API listed in __all__ (kept import-light)."""
+"""driveloop.edge — the vehicle: model runtime, control loop, fleet runner, recorder, spool, uploader,
+OTA client. See docs/ARCHITECTURE.md.
+
+Imports core, contracts, safety and sim; never the cloud, ota or federated packages (where it needs
+the cloud — an upload transport — it owns the Protocol and the composition happens above it).
+Public names are lazy: onnxruntime, python-tuf and httpx load only when used.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from driveloop.core.lazy import lazy_exports
 
-# Model runtime and isolation (lazy: onnxruntime loads only when these names are used).
-_LAZY_RUNTIME_API = {
-    "ModelRunner": "runtime", "ModelRuntime": "runtime", "load_runtime": "runtime",
+__all__, __getattr__ = lazy_exports(__name__, {
+    "ModelRunner": "runtime", "ModelRuntime": "runtime",
     "IsolatedRuntime": "isolated", "FaultyRunner": "isolated", "Reply": "isolated",
-}
-__all__ += list(_LAZY_RUNTIME_API)
-
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY_RUNTIME_API:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY_RUNTIME_API[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-# Recording: segment contract, recorder, triggers, spool (same lazy lookup as above).
-_LAZY_RECORDING_API = {
-    "TickRecord": "segment", "SegmentInfo": "segment", "validate_segment": "segment", "read_ticks": "segment",
-    "scan_directory": "segment", "Recorder": "recorder", "Spool": "spool", "SpoolEntry": "spool",
+    "Recorder": "recorder", "Spool": "spool", "SpoolEntry": "spool",
     "TriggerSpec": "triggers", "TriggerEngine": "triggers", "compile_condition": "triggers",
-}
-_LAZY_RUNTIME_API.update(_LAZY_RECORDING_API)
-__all__ += list(_LAZY_RECORDING_API)
-
-# OTA client: A/B updater and resumable TUF fetcher (same lazy lookup; python-tuf loads on use).
-_LAZY_OTA_CLIENT_API = {"VehicleUpdater": "updater", "Offer": "updater", "ResumableFetcher": "fetcher"}
-_LAZY_RUNTIME_API.update(_LAZY_OTA_CLIENT_API)
-__all__ += list(_LAZY_OTA_CLIENT_API)
-
-# Simulated world: scenarios, simulator, sensors, perception (same lazy lookup; highway-env loads on use).
-_LAZY_SIM_API = {
-    "VehicleState": "world", "WorldSnapshot": "world", "lead_vehicle": "world", "gap_m": "world", "ttc_s": "world",
-    "ScenarioSpec": "scenarios", "parse_scenario": "scenarios", "scenario_names": "scenarios",
-    "CCR_CASES": "scenarios", "draw_mix": "scenarios", "SimConfig": "sim", "Simulator": "sim",
-    "SensorConfig": "sensors", "SensorFrame": "sensors", "SensorSuite": "sensors", "observe": "sensors",
-    "Track": "perception", "forward_track": "perception",
-}
-_LAZY_RUNTIME_API.update(_LAZY_SIM_API)
-__all__ += list(_LAZY_SIM_API)
-
-# Upload: transports and the spool uploader (same lazy lookup; httpx loads on use).
-_LAZY_UPLOAD_API = {
-    "UploadTransport": "transport", "UploadStatus": "transport", "HttpTransport": "transport",
-    "LocalTransport": "transport", "make_transport": "transport", "campaign_triggers": "transport",
-    "Uploader": "uploader", "BackoffPolicy": "uploader",
-}
-_LAZY_RUNTIME_API.update(_LAZY_UPLOAD_API)
-__all__ += list(_LAZY_UPLOAD_API)
-
-# Batched fleet sensing (same lazy lookup).
-_LAZY_SENSING_API = {"SensorBatch": "sensors", "observe_batch": "sensors", "observe_suites": "sensors",
-                     "sense_fleet": "agent"}
-_LAZY_RUNTIME_API.update(_LAZY_SENSING_API)
-__all__ += list(_LAZY_SENSING_API)
+    "VehicleUpdater": "updater", "Offer": "updater", "ResumableFetcher": "fetcher",
+    "UploadTransport": "transport", "HttpTransport": "transport", "campaign_triggers": "transport",
+    "Uploader": "uploader", "BackoffPolicy": "uploader", "sense_fleet": "agent",
+})

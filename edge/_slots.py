@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from driveloop.exceptions import ConfigError, OtaError
+from driveloop.core.exceptions import ConfigError, OtaError
 
 SlotName = Literal["a", "b"]
 SLOT_NAMES: tuple[SlotName, SlotName] = ("a", "b")

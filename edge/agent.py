@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from driveloop.edge.contract import Observation, stack
-from driveloop.edge.perception import forward_track
-from driveloop.edge.scenarios import parse_scenario
-from driveloop.edge.segment import TickRecord
-from driveloop.edge.sensors import SensorConfig, SensorFrame, SensorSuite, observe_suites
-from driveloop.edge.sim import SimConfig, Simulator
-from driveloop.edge.world import WorldSnapshot, gap_m
-from driveloop.exceptions import ConfigError
+from driveloop.contracts.observation import Observation, stack
+from driveloop.sim.perception import forward_track
+from driveloop.sim.scenarios import parse_scenario
+from driveloop.contracts.segment import TickRecord
+from driveloop.sim.sensors import SensorConfig, SensorFrame, SensorSuite, observe_suites
+from driveloop.sim.simulator import SimConfig, Simulator
+from driveloop.sim.world import WorldSnapshot, gap_m
+from driveloop.core.exceptions import ConfigError
 from driveloop.safety import Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class VehicleAgent:
         self.end_episode()
         self._episode += 1
         if self.scenario_request == "mix":
-            from driveloop.edge.scenarios import draw_mix
+            from driveloop.sim.scenarios import draw_mix
 
             name = draw_mix(self._mix_rng)
         else:
@@ -357,7 +357,7 @@ class VehicleAgent:
 def sense_fleet(agents: Sequence[VehicleAgent]) -> dict[str, np.ndarray]:
     """Read every agent's sensors for this tick in one batch; returns the model inputs, row i = agent i.
 
-    One :func:`~driveloop.edge.sensors.observe_suites` call covers every vehicle whose sensors are
+    One :func:`~driveloop.sim.sensors.observe_suites` call covers every vehicle whose sensors are
     live (vectorised geometry; each vehicle's own noise stream), so the batch the model needs comes
     out of the sensors already stacked. A vehicle under a stale-sensor fault keeps its last frame.
     The time is shared equally among the agents' ``sense_s``.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from driveloop.edge.agent import AgentConfig, FaultSpec, VehicleAgent
+from driveloop.edge.transport import UploadTransport
 from driveloop.edge.fleet import FleetReport, InferenceClient, InProcessInference, IsolatedInference, VehiclePlan, run_fleet
 
 logger = logging.getLogger(__name__)
@@ -76,12 +77,11 @@ def recorder_factory(spool_dir: Path, quota_bytes: int, model_version: str,
     return make
 
 
-def fetch_campaigns(vehicle_id: str, cloud_dir: Path, cloud_url: str | None, token: str | None,
-                    catalog_url: str | None = None, store_url: str | None = None) -> list[Any]:
-    """The approved, unexpired collection campaigns of the configured cloud, as recorder triggers."""
-    from driveloop.edge.transport import campaign_triggers, make_transport
+def fetch_campaigns(transport: UploadTransport) -> list[Any]:
+    """The approved, unexpired collection campaigns ``transport``'s cloud serves, as recorder triggers
+    (the transport is closed afterwards)."""
+    from driveloop.edge.transport import campaign_triggers
 
-    transport = make_transport(vehicle_id, cloud_dir, cloud_url, token, catalog_url, store_url)
     try:
         return campaign_triggers(transport.campaigns())
     finally:
@@ -99,7 +99,7 @@ def drive_fleet(request: DriveRequest, artifact: Any, config: AgentConfig, spool
                if request.record else None)
     video = None
     if request.video is not None:
-        from driveloop.edge.video import VideoWriter
+        from driveloop.sim.video import VideoWriter
 
         video = VideoWriter(request.video)
     try:

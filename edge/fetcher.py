@@ -31,7 +31,7 @@ import httpx
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient.fetcher import FetcherInterface
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from driveloop.edge.agent import (
     VehicleMetrics,
     sense_fleet,
 )
-from driveloop.exceptions import ConfigError, ModelError
+from driveloop.core.exceptions import ConfigError, ModelError
 from driveloop.safety import ModelReply
 
 logger = logging.getLogger(__name__)

@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from driveloop.edge import contract as C
+from driveloop.contracts import observation as C
 from driveloop.edge.runtime import BATCH_BUCKETS, validate_batch
-from driveloop.exceptions import ConfigError, IntegrityError, ModelError
+from driveloop.core.exceptions import ConfigError, IntegrityError, ModelError
 
 if TYPE_CHECKING:
-    from driveloop.cloud.manifest import ModelManifest
+    from driveloop.contracts.manifest import ModelManifest
     from driveloop.edge.runtime import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ def _child_main(fd: int) -> None:
     """The model process: load + verify the model, then serve requests until told to stop or orphaned."""
     from multiprocessing.connection import Connection
 
-    from driveloop.cloud.manifest import parse_manifest
+    from driveloop.contracts.manifest import parse_manifest
     from driveloop.edge.runtime import ModelRuntime
-    from driveloop.exceptions import DriveloopError
+    from driveloop.core.exceptions import DriveloopError
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     conn = Connection(fd)
@@ -174,7 +174,7 @@ class IsolatedRuntime:
         config: IsolationConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from driveloop.cloud.manifest import sha256_file
+        from driveloop.contracts.manifest import sha256_file
 
         self.path = Path(onnx_path)
         if not self.path.is_file():

@@ -3,9 +3,9 @@
 The updater (:mod:`driveloop.edge.updater`) verifies and installs; this client adds the fleet server's
 HTTP API around it (per-vehicle bearer token):
 
-- ``GET /v1/update?vehicle=…`` → :class:`~driveloop.ota.messages.UpdateOffer` (what to run, and what to
+- ``GET /v1/update?vehicle=…`` → :class:`~driveloop.contracts.fleet.UpdateOffer` (what to run, and what to
   run in shadow);
-- ``POST /v1/health`` ← :class:`~driveloop.ota.messages.HealthReport` once per health window.
+- ``POST /v1/health`` ← :class:`~driveloop.contracts.fleet.HealthReport` once per health window.
 
 A new active version is installed into the inactive slot and boots on the *next* start (the fleet
 runner restarts its vehicles between windows); a shadow version is installed without switching, so it
@@ -23,9 +23,9 @@ from typing import Any
 
 import httpx
 
-from driveloop.edge._health_window import HealthWindowResult
+from driveloop.edge.health_window import HealthWindowResult
 from driveloop.edge.updater import VehicleUpdater
-from driveloop.exceptions import OtaError
+from driveloop.core.exceptions import OtaError
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import IO, Self
 
 from mcap.writer import CompressionType, Writer
 
-from driveloop.edge.segment import (
+from driveloop.contracts.segment import (
     METADATA_NAME,
     PROFILE,
     SCHEMAS,
@@ -41,7 +41,7 @@ from driveloop.edge.segment import (
 )
 from driveloop.edge.spool import Spool, check_vehicle_id
 from driveloop.edge.triggers import FiredEvent, TriggerEngine, TriggerSpec, builtin_triggers
-from driveloop.exceptions import ConfigError, SegmentError, StorageError
+from driveloop.core.exceptions import ConfigError, SegmentError, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Before the first inference the runtime proves that it runs the model the fleet server released:
 the file's sha256 must equal the manifest's (IntegrityError), and the session's input/output names,
-shapes and dtypes must equal both ``edge.contract`` and the manifest (ContractError). A model that
+shapes and dtypes must equal both ``contracts.observation`` and the manifest (ContractError). A model that
 passes is run on:
 
 - the CPU execution provider (default, and everywhere without a working GPU), one intra-op thread so
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from driveloop.edge import contract as C
-from driveloop.exceptions import ConfigError, ContractError, IntegrityError, ModelError
+from driveloop.contracts import observation as C
+from driveloop.core.exceptions import ConfigError, ContractError, IntegrityError, ModelError
 
 if TYPE_CHECKING:
-    from driveloop.cloud.manifest import ModelManifest
+    from driveloop.contracts.manifest import ModelManifest
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class ModelRuntime:
     def __init__(
         self, onnx_path: Path | str, manifest: ModelManifest, *, device: str = "auto", intra_op_threads: int = 1
     ) -> None:
-        from driveloop.cloud.manifest import sha256_file
+        from driveloop.contracts.manifest import sha256_file
 
         if device not in DEVICES:
             raise ConfigError(f"device must be one of {DEVICES}, got {device!r}")
@@ -314,11 +314,3 @@ class ModelRuntime:
         for n in sizes:
             self.run(C.empty_batch(n))
 
-
-def load_runtime(registry_root: Path | str, ref: int | str = "released", device: str = "auto") -> ModelRuntime:
-    """Open the registry at ``registry_root`` and load ``ref`` (version, 'latest' or a stage) verified."""
-    from driveloop.cloud.registry import Registry
-
-    with Registry(registry_root) as reg:
-        artifact = reg.get(ref)
-    return ModelRuntime(artifact.onnx_path, artifact.manifest, device=device)

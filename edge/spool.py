@@ -25,9 +25,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from driveloop._atomic import fsync_dir
-from driveloop.edge.segment import PART_SUFFIX, SEGMENT_SUFFIX
-from driveloop.exceptions import ConfigError, StorageError
+from driveloop.core.atomic import fsync_dir
+from driveloop.contracts.segment import PART_SUFFIX, SEGMENT_SUFFIX
+from driveloop.core.exceptions import ConfigError, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Signals the vehicle provides each tick (edge.segment.TickRecord.signals()); recorder conditions
+# Signals the vehicle provides each tick (contracts.segment.TickRecord.signals()); recorder conditions
 # must only use these, so a typo in a campaign is rejected when it is loaded, not silently false.
 SIGNAL_NAMES = frozenset({
     "t", "speed", "accel", "steering", "confidence", "latency_ms", "ttc",

@@ -25,12 +25,12 @@ from tuf.api.metadata import Metadata, TargetFile
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from driveloop._atomic import file_sha256
+from driveloop.core.atomic import file_sha256
 from driveloop.edge import _slots
-from driveloop.edge._fileops import FileOps
-from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
+from driveloop.core.atomic import FileOps
+from driveloop.edge.health_window import HealthWindowPolicy, HealthWindowResult
 from driveloop.edge.fetcher import ResumableFetcher
-from driveloop.exceptions import (
+from driveloop.core.exceptions import (
     ConfigError,
     IntegrityError,
     OtaError,

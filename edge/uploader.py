@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from driveloop.edge.spool import Spool, SpoolEntry
-from driveloop.edge.transport import UploadStatus, UploadTransport
-from driveloop.exceptions import ConfigError, UploadError, UploadRejectedError
+from driveloop.contracts.upload import UploadStatus
+from driveloop.edge.transport import UploadTransport
+from driveloop.core.exceptions import ConfigError, UploadError, UploadRejectedError
 
 logger = logging.getLogger(__name__)
 

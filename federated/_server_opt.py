@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 Arrays = Mapping[str, np.ndarray]
 KINDS = ("adam", "none")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from driveloop.cloud.train import OPTIMIZERS
-from driveloop.exceptions import ConfigError, FederatedError
+from driveloop.core.exceptions import ConfigError, FederatedError
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from driveloop.exceptions import ConfigError, FederatedError
+from driveloop.core.exceptions import ConfigError, FederatedError
 
 logger = logging.getLogger(__name__)
 

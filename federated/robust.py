@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from driveloop.cloud.evaluation import EvalSuite, GateTolerances
-from driveloop.exceptions import ConfigError, FederatedError, RegistryError
+from driveloop.core.exceptions import ConfigError, FederatedError, RegistryError
 from driveloop.federated.client import DROPOUT_MODES, VehicleSettings, format_faults, vehicle_id_for
 from driveloop.federated.server import (
     ReplyCallback,
@@ -135,7 +135,7 @@ def _ray_guard() -> Any:
     import ray
 
     if ray.is_initialized():
-        from driveloop.cloud._ray import shared_runtime
+        from driveloop.cloud.ray_runtime import shared_runtime
 
         with shared_runtime():
             yield

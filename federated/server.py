@@ -31,9 +31,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from driveloop._atomic import write_atomic
-from driveloop.exceptions import ConfigError, FederatedError
-from driveloop.federated._quorum import OPEN, SKIPPED, QuorumPolicy, round_state
+from driveloop.core.atomic import write_atomic
+from driveloop.core.exceptions import ConfigError, FederatedError
+from driveloop.federated.quorum import OPEN, SKIPPED, QuorumPolicy, round_state
 from driveloop.federated._server_opt import ServerOptConfig, ServerOptState, server_step
 from driveloop.federated.robust import RobustConfig, check_reply, screen_round
 

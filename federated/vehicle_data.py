@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from driveloop._atomic import write_atomic
+from driveloop.core.atomic import write_atomic
 from driveloop.cloud.labeling import LABEL_VERSION, LabelerConfig
 from driveloop.cloud.mining import MiningConfig
-from driveloop.exceptions import ConfigError, FederatedError, SegmentError
+from driveloop.core.exceptions import ConfigError, FederatedError, SegmentError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def vehicle_seed(vehicle_id: str, seed: int = 0) -> int:
 
 def vehicle_mix(vehicle_id: str, config: VehicleDataConfig) -> dict[str, float]:
     """This vehicle's scenario-class weights: a Dirichlet draw centred on the fleet mix."""
-    from driveloop.edge.scenarios import MIX_WEIGHTS
+    from driveloop.sim.scenarios import MIX_WEIGHTS
 
     keys = list(MIX_WEIGHTS)
     base = np.array([MIX_WEIGHTS[k] for k in keys]) / sum(MIX_WEIGHTS.values())
@@ -73,7 +73,7 @@ def vehicle_mix(vehicle_id: str, config: VehicleDataConfig) -> dict[str, float]:
 
 def vehicle_scenarios(vehicle_id: str, config: VehicleDataConfig) -> list[tuple[str, int]]:
     """(scenario, seed) for each episode the vehicle drives to fill its spool."""
-    from driveloop.edge.scenarios import CCR_CASES
+    from driveloop.sim.scenarios import CCR_CASES
 
     mix = vehicle_mix(vehicle_id, config)
     keys, p = list(mix), np.array(list(mix.values()))
@@ -135,7 +135,7 @@ def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConf
         score_frames,
         select_frames,
     )
-    from driveloop.edge.segment import read_ticks, validate_segment
+    from driveloop.contracts.segment import read_ticks, validate_segment
 
     frames, shas = [], []
     for path in paths:

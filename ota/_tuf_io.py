@@ -1,9 +1,8 @@
 """Crash-safe file primitives for the signing side of OTA (TUF repository and key store).
 
-Every file the release service writes goes through :func:`write_atomic`: bytes land in a temporary
-file in the same directory, are fsynced, and only then replace the target with ``os.replace`` (and
-the directory is fsynced), so a crash leaves either the old file or the new one, never a torn one.
-Mutations of the repository are serialised with :func:`repo_lock` (an ``flock`` on a lock file), so
+Every file the release service writes goes through ``core.atomic.write_atomic``, so a crash leaves
+either the old file or the new one, never a torn one; :func:`remove_stale_temps` clears the temp
+files such a crash leaves behind. Mutations of the repository are serialised with :func:`repo_lock` (an ``flock`` on a lock file), so
 two operators releasing at once cannot interleave version bumps.
 """
 
@@ -15,11 +14,9 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from driveloop._atomic import fsync_dir, write_atomic
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["fsync_dir", "remove_stale_temps", "repo_lock", "write_atomic"]
+__all__ = ["remove_stale_temps", "repo_lock"]
 
 
 def remove_stale_temps(directory: Path) -> int:

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from driveloop.ota._tuf_io import remove_stale_temps, write_atomic
-from driveloop.ota.keys import ROLES, KeyStore
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import (
     Metadata,
@@ -28,7 +26,10 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from driveloop.exceptions import ConfigError, OtaError
+from driveloop.core.atomic import write_atomic
+from driveloop.core.exceptions import ConfigError, OtaError
+from driveloop.ota._tuf_io import remove_stale_temps
+from driveloop.ota.keys import ROLES, KeyStore
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from driveloop.exceptions import OtaError, StorageError
+from driveloop.core.exceptions import OtaError, StorageError
 
 GENESIS = "0" * 64
 

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Iterable
 from functools import lru_cache
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 _SCALE = float(1 << 64)
 

@@ -10,7 +10,7 @@ and the time; the gate verdict turns into one :class:`Decision`:
   (or COMPLETE after the last stage).
 
 Operators :func:`apply` pause / resume / promote / abort; illegal transitions raise
-:class:`~driveloop.exceptions.RolloutStateError` and leave the state as it was. Nothing here reads a
+:class:`~driveloop.core.exceptions.RolloutStateError` and leave the state as it was. Nothing here reads a
 clock, a file or the network: :func:`replay` over the recorded events rebuilds the exact state.
 """
 
@@ -21,9 +21,16 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any
 
-from driveloop.exceptions import ConfigError, RolloutStateError
-from driveloop.ota.gates import CohortStats, GateResult, GateTolerances, HealthWindow, Verdict, evaluate_active, \
-    evaluate_shadow
+from driveloop.core.exceptions import ConfigError, RolloutStateError
+from driveloop.ota.gates import (
+    CohortStats,
+    GateResult,
+    GateTolerances,
+    HealthWindow,
+    Verdict,
+    evaluate_active,
+    evaluate_shadow,
+)
 
 __all__ = ["StageSpec", "RolloutPlan", "RolloutState", "Status", "Action", "Decision", "OperatorAction",
            "RolloutEvent", "start", "decide", "apply", "replay", "plan_of"]

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from driveloop.exceptions import ConfigError
-from driveloop.ota.messages import HealthReport
+from driveloop.contracts.fleet import HealthReport
+from driveloop.core.exceptions import ConfigError
 
 _S_PER_H = 3600.0
 

@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from driveloop.exceptions import ConfigError, OtaError
+from driveloop.core.exceptions import ConfigError, OtaError
 
 logger = logging.getLogger(__name__)
 

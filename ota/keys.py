@@ -17,8 +17,8 @@ from pathlib import Path
 
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
-from driveloop.exceptions import ConfigError, OtaError
-from driveloop.ota._tuf_io import fsync_dir, write_atomic
+from driveloop.core.atomic import fsync_dir, write_atomic
+from driveloop.core.exceptions import ConfigError, OtaError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from driveloop.exceptions import ConfigError, OtaError
+from driveloop.core.exceptions import ConfigError, OtaError
 from driveloop.ota.gates import CohortStats, HealthWindow, ShadowAggregate
 from driveloop.ota.metrics import PREFIX
 

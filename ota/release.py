@@ -23,12 +23,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from driveloop.ota._tuf_io import repo_lock, write_atomic
-from driveloop.ota._tuf_repo import RepoPolicy, TufRepo
-from driveloop.ota.keys import ROLES, KeyStore, check_role
 from tuf.api.metadata import TargetFile
 
-from driveloop.exceptions import ConfigError, IntegrityError, OtaError
+from driveloop.core.atomic import write_atomic
+from driveloop.core.exceptions import ConfigError, IntegrityError, OtaError
+from driveloop.ota._tuf_io import repo_lock
+from driveloop.ota._tuf_repo import RepoPolicy, TufRepo
+from driveloop.ota.keys import ROLES, KeyStore, check_role
 
 logger = logging.getLogger(__name__)
 

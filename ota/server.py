@@ -31,10 +31,25 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
-from driveloop.exceptions import AuthError, ConfigError, DriveloopError, OtaError, RolloutStateError, \
-    StaleReportError
-from driveloop.ota.messages import HealthReport, OperatorRequest, RolloutStart, RolloutStatus, StageView, \
-    UpdateCheck, UpdateOffer, VehicleCredential, VehicleEnrol
+from driveloop.contracts.fleet import (
+    HealthReport,
+    OperatorRequest,
+    RolloutStart,
+    RolloutStatus,
+    StageView,
+    UpdateCheck,
+    UpdateOffer,
+    VehicleCredential,
+    VehicleEnrol,
+)
+from driveloop.core.exceptions import (
+    AuthError,
+    ConfigError,
+    DriveloopError,
+    OtaError,
+    RolloutStateError,
+    StaleReportError,
+)
 from driveloop.ota.controller import OperatorAction, RolloutEvent, RolloutPlan, apply, decide
 from driveloop.ota.director import assign, assign_fleet, fleet_share
 from driveloop.ota.gates import HealthWindow

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from driveloop.exceptions import ConfigError
+from driveloop.contracts.fleet import HealthReport, ShadowStats
+from driveloop.core.exceptions import ConfigError
 from driveloop.ota.audit import JsonlAuditLog
 from driveloop.ota.cohorts import in_cohort
 from driveloop.ota.controller import Action, RolloutEvent, RolloutPlan, Status, decide, replay, start
 from driveloop.ota.director import assign
 from driveloop.ota.gates import aggregate
-from driveloop.ota.messages import HealthReport, ShadowStats
 
 logger = logging.getLogger(__name__)
 

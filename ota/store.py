@@ -18,17 +18,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Float, Integer, MetaData, String, Table, Text, create_engine, event, func, insert, \
-    select, update
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
 
-from driveloop.exceptions import AuthError, OtaError, StaleReportError, StorageError
+from driveloop.contracts.fleet import HealthReport
+from driveloop.core.exceptions import AuthError, OtaError, StaleReportError, StorageError
 from driveloop.ota.audit import AuditEntry, VerifyResult, make_entry, verify
 from driveloop.ota.controller import RolloutEvent, RolloutPlan, RolloutState, Status, plan_of, replay
 from driveloop.ota.gates import CohortStats, HealthWindow, ShadowAggregate
-from driveloop.ota.messages import HealthReport
 
 logger = logging.getLogger(__name__)
 

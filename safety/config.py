@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 # UN R152 5.2.1.1: the collision warning must come at least 0.8 s before emergency braking.
 R152_MIN_WARNING_S = 0.8

@@ -1,7 +1,7 @@
 """Fallback controller: the minimal-risk manoeuvre when the model may not drive.
 
 Brakes to a stop at ``comfort_decel_mps2`` (or harder when AEB asks for more) and holds the lane with a
-proportional controller on the lateral offset and the heading error. Sign convention (edge/contract.py):
+proportional controller on the lateral offset and the heading error. Sign convention (contracts/observation.py):
 lane offset and heading are + to the left, steering + turns left, so both terms steer back.
 At standstill it keeps the brake applied (holding the vehicle) and the wheels straight.
 """

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple, cast
 
-from driveloop.exceptions import SafetyError
+from driveloop.core.exceptions import SafetyError
 
 from . import aeb, lane
 from .config import SupervisorConfig

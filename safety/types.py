@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
-from driveloop.exceptions import SafetyError
+from driveloop.core.exceptions import SafetyError
 
 FAULT_KINDS = ("dead", "deadline", "stale", "shape", "nan", "range")
 Source = Literal["model", "fallback"]

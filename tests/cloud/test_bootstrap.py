@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from driveloop.cloud import bootstrap as bs
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 DT_S = 0.1
 
@@ -84,9 +84,9 @@ def _policy_state() -> dict[str, object]:
 def test_dagger_episode_is_driven_by_the_learner_and_labelled_by_the_expert() -> None:
     """Replay: the learner's own commands reproduce the recorded states, and every label is the expert's
     action in that state (not the learner's)."""
-    from driveloop.edge.scenarios import parse_scenario
-    from driveloop.edge.sensors import SensorSuite
-    from driveloop.edge.sim import Simulator
+    from driveloop.sim.scenarios import parse_scenario
+    from driveloop.sim.sensors import SensorSuite
+    from driveloop.sim.simulator import Simulator
 
     state = _policy_state()
     seed, episode_s = 1_000_123, 3.0

@@ -23,7 +23,7 @@ from driveloop.cloud.campaigns import (
 )
 from driveloop.edge.transport import campaign_triggers
 from driveloop.edge.triggers import TriggerEngine
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 NOW = 1_800_000_000.0
 
@@ -171,7 +171,7 @@ def test_campaign_round_trip_cloud_to_recorder_to_catalog(tmp_path: Path) -> Non
     from driveloop.cloud.catalog import SegmentQuery
     from driveloop.edge.recorder import Recorder
     from driveloop.edge.spool import Spool
-    from driveloop.edge.transport import LocalTransport
+    from driveloop.cloud.local_transport import LocalTransport
     from driveloop.edge.triggers import builtin_triggers
     from driveloop.edge.uploader import Uploader
     from tests.fakes.transport import synthetic_tick

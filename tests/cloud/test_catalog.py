@@ -22,7 +22,7 @@ from driveloop.cloud.catalog import (
     SegmentQuery,
     SegmentRecord,
 )
-from driveloop.exceptions import ConfigError, StorageError
+from driveloop.core.exceptions import ConfigError, StorageError
 
 
 def make_record(n: int, **overrides: object) -> SegmentRecord:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from driveloop.cloud.datasets import ARRAY_SPECS, DatasetManifest, DatasetStore, check_arrays, code_version
-from driveloop.exceptions import PipelineError, StorageError
+from driveloop.core.exceptions import PipelineError, StorageError
 
 
 def _manifest(**changes: object) -> DatasetManifest:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from driveloop.cloud.evaluation import ClassMetrics, GateTolerances, gate, judge_class
-from driveloop.exceptions import ConfigError, PipelineError
+from driveloop.core.exceptions import ConfigError, PipelineError
 
 BASE = ClassMetrics(episodes=4, hours=0.1, collisions=0, interventions=10, progress=1.0, jerk_mps3=1.0)
 TOL = GateTolerances()

@@ -12,8 +12,8 @@ import torch
 
 from driveloop.cloud.export import OPSET, PARITY_TOL, check_parity, export_onnx
 from driveloop.cloud.model import PolicyConfig, PolicyNet, example_inputs
-from driveloop.edge import contract as C
-from driveloop.exceptions import ModelError
+from driveloop.contracts import observation as C
+from driveloop.core.exceptions import ModelError
 
 
 @pytest.fixture(scope="module")

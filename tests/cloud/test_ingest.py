@@ -14,13 +14,14 @@ import pytest
 
 from driveloop.cloud.auth import hash_secret, register_vehicle
 from driveloop.cloud.catalog import Catalog
-from driveloop.cloud._ingest_service import ChunkWriter
+from driveloop.cloud.ingest_service import ChunkWriter
 from driveloop.cloud.ingest import IngestConfig, IngestService, create_app, serve_in_thread
 from driveloop.cloud.store import ObjectStore
-from driveloop.edge.segment import validate_segment
+from driveloop.contracts.segment import validate_segment
 from driveloop.edge.spool import Spool
-from driveloop.edge.transport import HttpTransport, LocalTransport, campaign_triggers
-from driveloop.exceptions import AuthError, SegmentError, UploadError, UploadRejectedError
+from driveloop.cloud.local_transport import LocalTransport
+from driveloop.edge.transport import HttpTransport, campaign_triggers
+from driveloop.core.exceptions import AuthError, SegmentError, UploadError, UploadRejectedError
 from tests.fakes.transport import record_synthetic_segments
 
 ADMIN = "admin-secret-token"

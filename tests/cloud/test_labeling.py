@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from driveloop.cloud.labeling import LabelerConfig, idm_accel, label_segment, labeler_accuracy
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from tests.fakes.frames import DT, braking_lead, make_frames
 
 

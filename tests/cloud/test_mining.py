@@ -14,7 +14,7 @@ from driveloop.cloud.mining import (
     score_frames,
     select_frames,
 )
-from driveloop.exceptions import ConfigError, PipelineError
+from driveloop.core.exceptions import ConfigError, PipelineError
 from tests.fakes.frames import braking_lead, make_frames
 
 

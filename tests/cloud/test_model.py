@@ -17,8 +17,8 @@ from driveloop.cloud.model import (
     loss,
     loss_parts,
 )
-from driveloop.edge import contract as C
-from driveloop.exceptions import ConfigError
+from driveloop.contracts import observation as C
+from driveloop.core.exceptions import ConfigError
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])

@@ -17,7 +17,7 @@ from driveloop.cloud.evaluation import EvalSuite, GateTolerances
 from driveloop.cloud.mining import MiningConfig
 from driveloop.cloud.pipeline import PipelineConfig, PipelineReport, run_pipeline
 from driveloop.cloud.train import FinetuneConfig
-from driveloop.exceptions import PipelineError
+from driveloop.core.exceptions import PipelineError
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def _record_drive(root: Path, model_path: Path, manifest: object) -> list[Path]:
 def _ingest(catalog: object, store: object, path: Path) -> str:
     """What the ingest server does after an upload: validate, store by sha256, catalog."""
     from driveloop.cloud.catalog import SegmentRecord
-    from driveloop.edge.segment import validate_segment
+    from driveloop.contracts.segment import validate_segment
 
     info = validate_segment(path)
     sha = store.put_file(path)  # type: ignore[attr-defined]
@@ -57,7 +57,7 @@ def loop_home(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     from driveloop.cloud.model import PolicyNet
     from driveloop.cloud.registry import Registry
     from driveloop.cloud.store import ObjectStore
-    from driveloop.edge.segment import validate_segment
+    from driveloop.contracts.segment import validate_segment
 
     home = tmp_path_factory.mktemp("home")
     registry_dir = home / "registry"
@@ -170,10 +170,10 @@ def test_local_build_matches_the_ray_build(loop_home: dict) -> None:
     import numpy as np
 
     from driveloop.cloud._dataset_build import build_arrays_local, build_arrays_with_ray
-    from driveloop.cloud._ray import ensure_ray
+    from driveloop.cloud.ray_runtime import ensure_ray
     from driveloop.cloud.labeling import LabelerConfig
     from driveloop.cloud.store import ObjectStore
-    from driveloop.edge.segment import validate_segment
+    from driveloop.contracts.segment import validate_segment
 
     cfg: PipelineConfig = loop_home["config"]
     store = ObjectStore(cfg.store_url)

@@ -22,7 +22,7 @@ import pytest
 
 from driveloop.cloud.catalog import Catalog
 from driveloop.edge.spool import Spool
-from driveloop.edge.transport import LocalTransport
+from driveloop.cloud.local_transport import LocalTransport
 from tests.cloud.test_catalog import (  # noqa: F401  (re-collected here with the PostgreSQL fixture)
     test_add_segment_is_idempotent_and_round_trips,
     test_campaigns_round_trip,

@@ -14,7 +14,7 @@ import torch
 from pydantic import ValidationError
 
 from driveloop.cloud.export import export_onnx
-from driveloop.cloud.manifest import (
+from driveloop.contracts.manifest import (
     ModelManifest,
     build_manifest,
     parse_manifest,
@@ -24,8 +24,8 @@ from driveloop.cloud.manifest import (
 )
 from driveloop.cloud.model import PolicyConfig, PolicyNet
 from driveloop.cloud.registry import STAGES, TRANSITIONS, Registry, check_transition
-from driveloop.edge import contract as C
-from driveloop.exceptions import ContractError, IntegrityError, ModelError, RegistryError
+from driveloop.contracts import observation as C
+from driveloop.core.exceptions import ContractError, IntegrityError, ModelError, RegistryError
 from tests.cloud.test_postgres import _BIN as _PG_BIN
 from tests.cloud.test_postgres import _fresh_database, server  # noqa: F401  (fixture, used via getfixturevalue)
 

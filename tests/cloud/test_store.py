@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from driveloop.cloud.store import ObjectStore, is_sha256, segment_key, sha256_file
-from driveloop.exceptions import StorageError
+from driveloop.core.exceptions import StorageError
 
 
 def _write(path: Path, data: bytes) -> Path:

@@ -10,7 +10,7 @@ import torch
 
 from driveloop.cloud.model import PolicyNet
 from driveloop.cloud.train import FinetuneConfig, finetune, latest_checkpoint, train_with_ray
-from driveloop.exceptions import ConfigError, ModelError, PipelineError
+from driveloop.core.exceptions import ConfigError, ModelError, PipelineError
 
 CFG = FinetuneConfig(epochs=4, batch_size=16, lr=3e-3, seed=0)
 
@@ -84,7 +84,7 @@ def test_bad_inputs() -> None:
 
 @pytest.mark.slow
 def test_ray_train_runs_the_same_step_and_resumes(tmp_path: Path) -> None:
-    from driveloop.cloud._ray import ensure_ray
+    from driveloop.cloud.ray_runtime import ensure_ray
 
     ensure_ray(None, num_cpus=2)
     arrays_path = tmp_path / "arrays.npz"
@@ -104,7 +104,7 @@ def test_ray_train_runs_the_same_step_and_resumes(tmp_path: Path) -> None:
     [(2, 1, 1.0), (4, 1, 3.0), (8, 3, 5.0)],
 )
 def test_cpu_split_leaves_ray_data_a_cpu(cpus: int, workers: int, data_cpus: float) -> None:
-    from driveloop.cloud._ray import cpu_split
+    from driveloop.cloud.ray_runtime import cpu_split
 
     split = cpu_split(cpus, workers)
     assert split.data_cpus == data_cpus and split.train_workers * split.cpus_per_train_worker + split.data_cpus == cpus
@@ -112,7 +112,7 @@ def test_cpu_split_leaves_ray_data_a_cpu(cpus: int, workers: int, data_cpus: flo
 
 @pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 2), (2, 0)])
 def test_cpu_split_refuses_a_trainer_that_takes_every_cpu(cpus: int, workers: int) -> None:
-    from driveloop.cloud._ray import cpu_split
+    from driveloop.cloud.ray_runtime import cpu_split
 
     with pytest.raises(ConfigError):
         cpu_split(cpus, workers)
@@ -122,7 +122,7 @@ def test_cpu_split_refuses_a_trainer_that_takes_every_cpu(cpus: int, workers: in
 def test_shared_runtime_survives_flowers_shutdown_and_reinit_on_demand() -> None:
     import ray
 
-    from driveloop.cloud._ray import ensure_ray, shared_runtime
+    from driveloop.cloud.ray_runtime import ensure_ray, shared_runtime
 
     rt = ensure_ray(None, num_cpus=2)
     assert rt.num_cpus == 2

@@ -10,7 +10,7 @@ import pytest
 from driveloop.edge.agent import AgentConfig, FaultSpec
 from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
 from driveloop.edge.isolated import FaultyRunner
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from tests.fakes.runner import FakeRunner
 
 
@@ -92,7 +92,7 @@ def test_shadow_model_is_compared_never_actuated() -> None:
 
 def test_recorded_segments_validate(tmp_path) -> None:
     from driveloop.edge.drive import recorder_factory
-    from driveloop.edge.segment import read_ticks, validate_segment
+    from driveloop.contracts.segment import read_ticks, validate_segment
 
     factory = recorder_factory(tmp_path / "spool", 10**9, "1")
     report = run_fleet(_plans(2), {"default": InProcessInference(FakeRunner())}, duration_s=3.0,

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from driveloop.cloud.export import PARITY_TOL, export_onnx
-from driveloop.cloud.manifest import build_manifest
+from driveloop.contracts.manifest import build_manifest
 from driveloop.cloud.model import PolicyConfig, PolicyNet, example_inputs
-from driveloop.edge import contract as C
+from driveloop.contracts import observation as C
 from driveloop.edge.isolated import GARBAGE_VALUE, FaultyRunner, IsolatedRuntime, IsolationConfig
 from driveloop.edge.runtime import ModelRunner, ModelRuntime
-from driveloop.exceptions import ConfigError, IntegrityError, ModelError
+from driveloop.core.exceptions import ConfigError, IntegrityError, ModelError
 from tests.fakes.runner import FakeRunner
 
 _LONG_S = 30.0  # a deadline that only a dead or faulty child misses
@@ -238,8 +238,8 @@ def test_child_does_not_outlive_a_vehicle_process_that_died(model: tuple[Path, o
     (tmp_path / "manifest.json").write_text(manifest.to_json())
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        from driveloop.cloud.manifest import read_manifest
-        from driveloop.edge import contract as C
+        from driveloop.contracts.manifest import read_manifest
+        from driveloop.contracts import observation as C
         from driveloop.edge.isolated import IsolatedRuntime
         rt = IsolatedRuntime({str(path)!r}, read_manifest({str(tmp_path / "manifest.json")!r}))
         assert rt.wait_ready()

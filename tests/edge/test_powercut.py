@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 from driveloop.edge import _slots
-from driveloop.edge._fileops import FileOps
+from driveloop.core.atomic import FileOps
 from driveloop.edge.updater import VehicleUpdater, sha256_file
-from driveloop.ota._tuf_repo import RepoPolicy
+from driveloop.ota.release import RepoPolicy
 from driveloop.ota.release import ReleaseService
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from driveloop.exceptions import OtaError
+from driveloop.core.exceptions import OtaError
 from tests.fakes.tuf_repo import FakeRegistry
 
 NOW_S = float(int(time.time()))  # clients check expiry against the real clock

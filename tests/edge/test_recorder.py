@@ -16,7 +16,7 @@ import pytest
 from mcap.reader import make_reader
 
 from driveloop.edge.recorder import Recorder
-from driveloop.edge.segment import (
+from driveloop.contracts.segment import (
     PART_SUFFIX,
     TICK_TOPICS,
     TOPIC_EVENT,
@@ -28,8 +28,8 @@ from driveloop.edge.segment import (
 )
 from driveloop.edge.spool import Spool
 from driveloop.edge.triggers import TriggerSpec, builtin_triggers
-from driveloop.exceptions import ConfigError, SegmentError
-from tests.edge.test_segment import assert_tick_equal, make_tick
+from driveloop.core.exceptions import ConfigError, SegmentError
+from tests.contracts.test_segment import assert_tick_equal, make_tick
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def test_event_segments_flagged_with_windows(tmp_path: Path, name: str, brake_s:
 
 
 def _events(path: Path) -> list[dict]:
-    from driveloop.edge.segment import read_events
+    from driveloop.contracts.segment import read_events
 
     return read_events(path)
 
@@ -174,7 +174,7 @@ _CHILD = textwrap.dedent("""
     import numpy as np
     from driveloop.edge.recorder import Recorder
     from driveloop.edge.spool import Spool
-    from tests.edge.test_segment import make_tick
+    from tests.contracts.test_segment import make_tick
 
     rec = Recorder(Spool(sys.argv[1], 10**9), "victim", "highway", 0, "1", segment_max_s=1.0)
     rng = np.random.default_rng(0)

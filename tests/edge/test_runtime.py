@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from driveloop.cloud.export import PARITY_TOL, export_onnx
-from driveloop.cloud.manifest import build_manifest
+from driveloop.contracts.manifest import build_manifest
 from driveloop.cloud.model import PolicyConfig, PolicyNet, example_inputs
 from driveloop.cloud.registry import Registry
-from driveloop.edge import contract as C
-from driveloop.edge.runtime import ModelRunner, ModelRuntime, bucket_for, cuda_works, load_runtime, validate_batch
-from driveloop.exceptions import ConfigError, ContractError, IntegrityError, ModelError
+from driveloop.contracts import observation as C
+from driveloop.edge.runtime import ModelRunner, ModelRuntime, bucket_for, cuda_works, validate_batch
+from driveloop.wiring import load_runtime
+from driveloop.core.exceptions import ConfigError, ContractError, IntegrityError, ModelError
 from tests.fakes.runner import FakeRunner
 
 _AXES = {n: {0: "batch"} for n in (*C.INPUT_NAMES, *C.OUTPUT_NAMES)}

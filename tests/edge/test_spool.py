@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from driveloop.edge.spool import Spool
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 SIZE = 1000
 

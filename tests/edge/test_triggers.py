@@ -16,7 +16,7 @@ from driveloop.edge.triggers import (
     builtin_triggers,
     compile_condition,
 )
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 
 BASE = {"ttc": 5.0, "fallback": False, "confidence": 0.9, "speed": 20.0, "accel": 0.0, "steering": 0.0,
         "collision": False}

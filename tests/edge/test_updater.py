@@ -11,10 +11,10 @@ import httpx
 import pytest
 from driveloop.edge.fetcher import ResumableFetcher
 from driveloop.edge.updater import VehicleUpdater, sha256_file
-from driveloop.ota._tuf_repo import RepoPolicy
+from driveloop.ota.release import RepoPolicy
 from driveloop.ota.release import ReleaseService
 
-from driveloop.exceptions import ConfigError, OtaError, RollbackAttackError
+from driveloop.core.exceptions import ConfigError, OtaError, RollbackAttackError
 from tests.fakes.tuf_repo import FakeRegistry, RepoServer, ServerBehaviour
 
 NOW_S = float(int(time.time()))  # clients check expiry against the real clock
@@ -242,7 +242,7 @@ def test_local_directory_mode(tmp_path: Path) -> None:
 
 
 def test_health_window_verdicts_drive_commit_and_revert(world: tuple[ReleaseService, FakeRegistry, Path]) -> None:
-    from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
+    from driveloop.edge.health_window import HealthWindowPolicy, HealthWindowResult
 
     svc, _, vdir = world
     svc.release("1")
@@ -274,7 +274,7 @@ def test_health_window_verdicts_drive_commit_and_revert(world: tuple[ReleaseServ
     ],
 )
 def test_health_policy_table(result: dict, verdict: bool | None, why: str) -> None:
-    from driveloop.edge._health_window import HealthWindowPolicy, HealthWindowResult
+    from driveloop.edge.health_window import HealthWindowPolicy, HealthWindowResult
 
     got, reason = HealthWindowPolicy().judge(HealthWindowResult(**result))
     assert got is verdict and why in reason

@@ -24,9 +24,10 @@ from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.ingest import IngestConfig, create_app, serve_in_thread
 from driveloop.cloud.store import ObjectStore
 from driveloop.edge.spool import Spool
-from driveloop.edge.transport import LocalTransport, UploadStatus
+from driveloop.cloud.local_transport import LocalTransport
+from driveloop.contracts.upload import UploadStatus
 from driveloop.edge.uploader import BackoffPolicy, TokenBucket, Uploader, UploadReport
-from driveloop.exceptions import AuthError, ConfigError, UploadError
+from driveloop.core.exceptions import AuthError, ConfigError, UploadError
 from tests.fakes.transport import FakeTransport, FlakyHttpTransport, record_synthetic_segments
 
 REPO = Path(__file__).resolve().parents[2]

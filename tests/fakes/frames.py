@@ -11,7 +11,7 @@ import numpy as np
 
 from driveloop.cloud.labeling import LabelerConfig, idm_accel
 from driveloop.cloud.mining import SegmentFrames
-from driveloop.edge.contract import CONTROL_PERIOD_S, GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS
+from driveloop.contracts.observation import CONTROL_PERIOD_S, GRID_CHANNELS, GRID_H, GRID_W, KIN_DIM, LIDAR_CELLS
 
 DT = CONTROL_PERIOD_S
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from driveloop.cloud.manifest import ModelManifest
-from driveloop.edge import contract as C
+from driveloop.contracts.manifest import ModelManifest
+from driveloop.contracts import observation as C
 from driveloop.edge.runtime import validate_batch
-from driveloop.exceptions import ModelError
+from driveloop.core.exceptions import ModelError
 
 FAULT_KINDS = ("raise", "nan", "garbage")
 _SPEED = C.EGO_FEATURES.index("speed_mps")

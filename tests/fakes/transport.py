@@ -18,10 +18,11 @@ import httpx
 import numpy as np
 
 from driveloop.edge.recorder import Recorder
-from driveloop.edge.segment import TickRecord
+from driveloop.contracts.segment import TickRecord
 from driveloop.edge.spool import Spool
-from driveloop.edge.transport import OFFSET_HEADER, HttpTransport, UploadStatus
-from driveloop.exceptions import UploadError, UploadRejectedError
+from driveloop.contracts.upload import OFFSET_HEADER, UploadStatus
+from driveloop.edge.transport import HttpTransport
+from driveloop.core.exceptions import UploadError, UploadRejectedError
 
 
 class InjectedDrop(Exception):

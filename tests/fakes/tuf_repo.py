@@ -18,11 +18,11 @@ from typing import Any, Self
 
 import numpy as np
 import onnx
-from driveloop.edge.contract import INPUTS, KIN_DIM, OUTPUTS
+from driveloop.contracts.observation import INPUTS, KIN_DIM, OUTPUTS
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel
 
-from driveloop.exceptions import RegistryError
+from driveloop.core.exceptions import RegistryError
 
 
 class FakeManifest(BaseModel):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from driveloop.federated.client import (
     VehicleSettings,
     format_faults,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from driveloop.cli import main
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from driveloop.federated.deploy import supernode_argv, wait_port, write_flower_app
 from tests.federated.conftest import EPISODE_S
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from driveloop.exceptions import ConfigError
-from driveloop.federated._quorum import (
+from driveloop.core.exceptions import ConfigError
+from driveloop.federated.quorum import (
     COMPLETE,
     OPEN,
     QUORUM,

@@ -13,7 +13,7 @@ from tests.federated.conftest import VEHICLES, base_arrays, vehicle_settings
 def test_a_shared_ray_runtime_survives_the_simulation(fl_home: Path) -> None:
     import ray
 
-    from driveloop.cloud._ray import ensure_ray, shutdown_ray
+    from driveloop.cloud.ray_runtime import ensure_ray, shutdown_ray
 
     ensure_ray(None, 2)
     try:

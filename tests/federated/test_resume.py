@@ -86,7 +86,7 @@ def test_checkpoint_keeps_the_server_optimizer_state_apart_from_the_model(tmp_pa
 
 
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    from driveloop.exceptions import FederatedError
+    from driveloop.core.exceptions import FederatedError
 
     (tmp_path / "checkpoint.npz").write_bytes(b"not a zip")
     with pytest.raises(FederatedError, match="unreadable"):

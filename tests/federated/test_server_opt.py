@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from driveloop.federated._server_opt import ServerOptConfig, ServerOptState, server_step
 
 

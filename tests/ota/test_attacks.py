@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from driveloop.edge.updater import VehicleUpdater, sha256_file
-from driveloop.ota._tuf_repo import RepoPolicy
+from driveloop.ota.release import RepoPolicy
 from driveloop.ota.release import ReleaseService
 from tuf.api.metadata import Metadata, Targets
 from tuf.api.serialization.json import JSONSerializer
 
-from driveloop.exceptions import OtaError, RollbackAttackError, SignatureError
+from driveloop.core.exceptions import OtaError, RollbackAttackError, SignatureError
 from tests.fakes.tuf_repo import FakeRegistry, RepoServer, ServerBehaviour
 
 NOW_S = float(int(time.time()))  # clients check expiry against the real clock

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from driveloop.exceptions import StorageError
+from driveloop.core.exceptions import StorageError
 from driveloop.ota.audit import GENESIS, AuditEntry, JsonlAuditLog, make_entry, verify
 
 

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from driveloop.ota.cohorts import cohort_members, cohort_position, cohort_sizes, in_cohort, label
 
 FLEET = [f"veh-{i:05d}" for i in range(20_000)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from driveloop.exceptions import ConfigError, RolloutStateError
+from driveloop.core.exceptions import ConfigError, RolloutStateError
 from driveloop.ota.cohorts import in_cohort
 from driveloop.ota.controller import Action, OperatorAction, RolloutEvent, RolloutPlan, RolloutState, StageSpec, \
     Status, apply, decide, plan_of, replay, start

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from driveloop.ota.gates import CohortStats, GateTolerances, HealthWindow, ShadowAggregate, Verdict, aggregate, \
     evaluate_active, evaluate_shadow, poisson_sf
-from driveloop.ota.messages import HealthReport, ShadowStats
+from driveloop.contracts.fleet import HealthReport, ShadowStats
 
 TOL = GateTolerances()
 

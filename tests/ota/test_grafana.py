@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI, HTTPException, Request
 
 from driveloop.cli import main
-from driveloop.exceptions import ConfigError, OtaError
+from driveloop.core.exceptions import ConfigError, OtaError
 from driveloop.ota.grafana import DASHBOARD_UID, DATASOURCE_UID, PANELS, build_dashboard, provision
 from tests.ota.test_server import serve_in_thread
 

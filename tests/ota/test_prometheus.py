@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from driveloop.exceptions import ConfigError, OtaError
+from driveloop.core.exceptions import ConfigError, OtaError
 from driveloop.ota.gates import HealthWindow
 from driveloop.ota.promql import PromHealthSource, stage_selector, window_from_samples
 from driveloop.ota.server import ServerConfig, create_app

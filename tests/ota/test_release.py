@@ -14,12 +14,12 @@ import driveloop.ota._tuf_repo as tuf_repo_mod
 import driveloop.ota.keys as keys_mod
 import driveloop.ota.release as release_mod
 import pytest
-from driveloop.ota._tuf_repo import RepoPolicy
+from driveloop.ota.release import RepoPolicy
 from driveloop.ota.release import ReleaseService
 from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 
-from driveloop.exceptions import ConfigError, IntegrityError, OtaError
+from driveloop.core.exceptions import ConfigError, IntegrityError, OtaError
 from tests.fakes.tuf_repo import FakeRegistry, tiny_policy_onnx, tuf_client
 
 NOW_S = float(int(time.time()))  # clients check expiry against the real clock

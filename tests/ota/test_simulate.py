@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from driveloop.cli import main
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from driveloop.ota.audit import JsonlAuditLog
 from driveloop.ota.simulate import SimConfig, simulate
 

@@ -48,7 +48,7 @@ def test_fallback_only_json_report(capsys: pytest.CaptureFixture[str]) -> None:
 def test_all_30_cases_fallback_only_with_noise() -> None:
     """Acceptance 1 in the real simulator: 30/30 avoided with the model dead, sensor noise sigma 0.5."""
     from driveloop._cli_safety import run_suite
-    from driveloop.edge.scenarios import CCR_CASES
+    from driveloop.sim.scenarios import CCR_CASES
 
     report = run_suite({}, fallback_only=True, noise=0.5, cases=CCR_CASES, nominal=0, nominal_duration_s=1.0)
     assert report["cases"] == 30
@@ -114,7 +114,7 @@ def test_an_activation_without_a_true_hazard_is_false() -> None:
     from types import SimpleNamespace
 
     from driveloop._cli_safety import ActivationLog, suite_passed
-    from driveloop.edge.world import VehicleState, WorldSnapshot
+    from driveloop.sim.world import VehicleState, WorldSnapshot
 
     def snap(lead_gap: float | None) -> WorldSnapshot:
         others = () if lead_gap is None else (VehicleState(1, lead_gap + 5.0, 0.0, 20.0, 0.0, 0.0),)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from driveloop.safety import AebConfig, FallbackConfig, LaneConfig, LimitsConfig, SupervisorConfig, WatchdogConfig
 
 POS, NONNEG = "finite and > 0", "finite and >= 0"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from driveloop.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError
 from driveloop.safety import LaneConfig, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs
 from driveloop.safety.lane import departure, predicted_offset_m
 

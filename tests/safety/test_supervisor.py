@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from driveloop.exceptions import SafetyError
+from driveloop.core.exceptions import SafetyError
 from driveloop.safety import (
     Decision,
     ModelReply,

@@ -1,0 +1,131 @@
+"""Ray runtime helpers shared by the cloud pipeline, its fine-tune step and the federated runs.
+
+Rules kept here (so no caller has to remember them):
+
+- **One runtime per process, started on demand.** ``ensure_ray`` connects to ``RAY_ADDRESS`` when one is
+  given (a Ray cluster), else starts a local runtime held to this machine's CPUs (2 here), without the
+  dashboard and with quiet logs. It is idempotent: every Ray stage calls it, so a runtime that someone
+  else shut down in between is simply started again ("re-init on demand"). ``local_mode`` is never used.
+- **Flower may not kill a shared runtime.** Flower's simulation backend calls ``ray.shutdown()`` when it
+  terminates. A caller that shares the process's runtime with Flower wraps the Flower run in
+  ``shared_runtime()``: while inside, ``ray.shutdown`` is a logged no-op, and the runtime is left as it
+  was. Without the guard the next pipeline stage still works, because it re-inits on demand.
+- **Data and Train never starve each other.** ``cpu_split`` reserves CPUs for the trainer workers and
+  gives Ray Data what is left (at least one), and the pipeline materializes its dataset before training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from driveloop.core.exceptions import ConfigError, PipelineError
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_started_here = False  # True when ensure_ray started (and therefore owns) the current runtime
+
+
+@dataclass(frozen=True)
+class RayRuntime:
+    """What ensure_ray connected to."""
+
+    address: str | None  # None: a local runtime started by this process
+    num_cpus: float  # CPUs the cluster offers
+    started_here: bool
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """CPUs for the trainer workers and for Ray Data, so neither can take them all."""
+
+    train_workers: int
+    cpus_per_train_worker: float
+    data_cpus: float
+
+
+def cpu_split(total_cpus: float, train_workers: int = 1) -> CpuSplit:
+    """Reserve one CPU per trainer worker and leave the rest (at least one) to Ray Data.
+
+    On 2 CPUs: one trainer worker with 1 CPU and 1 CPU for Data. A trainer that asked for every CPU
+    would leave Ray Data backpressured forever (the known hang), so this refuses such a split.
+    """
+    if train_workers < 1:
+        raise ConfigError(f"train_workers must be >= 1, got {train_workers}")
+    if total_cpus < train_workers + 1:
+        raise ConfigError(
+            f"{total_cpus:g} CPUs cannot hold {train_workers} trainer worker(s) plus one CPU for Ray Data"
+        )
+    return CpuSplit(train_workers=train_workers, cpus_per_train_worker=1.0, data_cpus=float(total_cpus - train_workers))
+
+
+def ensure_ray(address: str | None = None, num_cpus: int = 2) -> RayRuntime:
+    """Start or join the Ray runtime once; later calls return the running one.
+
+    ``address`` (e.g. from ``RAY_ADDRESS``) joins an existing cluster; without it a local runtime is
+    limited to ``num_cpus`` CPUs. Never uses ``local_mode``.
+    """
+    global _started_here
+    if num_cpus < 1:
+        raise ConfigError(f"num_cpus must be >= 1, got {num_cpus}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    with _lock:
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {
+                "include_dashboard": False,
+                "logging_level": logging.WARNING,
+                "log_to_driver": False,
+                "configure_logging": True,
+            }
+            try:
+                if address:
+                    ray.init(address=address, **kwargs)
+                    _started_here = False
+                else:
+                    # The runtime's workers import our code from this interpreter's environment.
+                    ray.init(num_cpus=num_cpus, **kwargs)
+                    _started_here = True
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise PipelineError(f"cannot start Ray ({address or 'local'}): {e}") from e
+            logger.info("Ray runtime %s (%s CPUs)", address or "local", ray.cluster_resources().get("CPU"))
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))
+    return RayRuntime(address=address, num_cpus=cpus, started_here=_started_here)
+
+
+def shutdown_ray() -> None:
+    """Shut down the runtime only if this process started it (never a cluster we merely joined)."""
+    global _started_here
+    import ray
+
+    with _lock:
+        if ray.is_initialized() and _started_here:
+            ray.shutdown()
+        _started_here = False
+
+
+@contextlib.contextmanager
+def shared_runtime() -> Iterator[None]:
+    """Keep the process's Ray runtime alive across code that calls ``ray.shutdown()`` (Flower's backend).
+
+    Inside the block ``ray.shutdown`` only logs; it is restored on exit, even on error.
+    """
+    import ray
+
+    original = ray.shutdown
+
+    def _guarded_shutdown(*args: object, **kwargs: object) -> None:
+        logger.info("ray.shutdown() ignored: the Ray runtime is shared with the cloud pipeline")
+
+    ray.shutdown = _guarded_shutdown  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ray.shutdown = original  # type: ignore[assignment]

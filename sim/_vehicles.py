@@ -1,0 +1,225 @@
+"""highway-env vehicle classes of the driveloop simulator (private to ``sim.simulator``).
+
+- :class:`EgoVehicle` is driven by commands (acceleration, steering) through a first-order actuator
+  lag, with speed held in [0, max] (no reversing). It also exposes the IDM + lane-keeping *expert*
+  used for behaviour cloning. The ego never changes lane on its own: hazards come from others.
+- :class:`TrafficVehicle` is highway-env's IDM/MOBIL with a realistic braking capability (highway-env
+  clips IDM symmetrically at 6 m/s², too weak to follow an ego that brakes at 9 m/s²).
+- :class:`LaneChanger` is traffic that changes into a given lane at a given time (cut-in) or when it
+  reaches a given road segment (merge), without asking MOBIL.
+- :class:`ScriptedTarget` is a Euro NCAP CCR target: constant speed, optionally braking at a fixed
+  deceleration from a given time until standstill; it ignores everything around it.
+
+All classes work in highway-env's frame (y down); ``sim.simulator`` converts at the boundary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from highway_env.road.road import LaneIndex, Road
+from highway_env.vehicle.behavior import IDMVehicle
+from highway_env.vehicle.kinematics import Vehicle
+
+# Traffic braking: a healthy car brakes at ~9 m/s² on dry asphalt.
+TRAFFIC_MAX_DECEL_MPS2 = 9.0
+TRAFFIC_MAX_ACCEL_MPS2 = 3.0
+# Render colours (RGB): the ego green, a scenario's subject (cut-in, merger, CCR target) yellow,
+# background traffic highway-env's blue, anything crashed red.
+EGO_RGB = (50, 200, 0)
+SUBJECT_RGB = (200, 200, 0)
+CRASHED_RGB = (255, 100, 100)
+
+
+def clamp_speed_accel(speed_mps: float, accel_mps2: float, dt_s: float, max_speed_mps: float) -> float:
+    """The acceleration that keeps speed within [0, max] over dt (no reversing, no overspeed)."""
+    if speed_mps + accel_mps2 * dt_s < 0.0:
+        return -speed_mps / dt_s
+    if speed_mps + accel_mps2 * dt_s > max_speed_mps:
+        return (max_speed_mps - speed_mps) / dt_s
+    return accel_mps2
+
+
+class TrafficVehicle(IDMVehicle):
+    """IDM/MOBIL traffic that can brake as hard as a real car and never reverses."""
+
+    ACC_MAX = TRAFFIC_MAX_DECEL_MPS2  # the IDM clip is symmetric; the upper side is re-clipped below
+    TIME_WANTED = 1.5
+    MIN_SPEED = 0.0
+
+    def act(self, action: dict | str | None = None) -> None:
+        super().act()
+        if not self.crashed:
+            self.action["acceleration"] = min(float(self.action["acceleration"]), TRAFFIC_MAX_ACCEL_MPS2)
+
+    def step(self, dt: float) -> None:
+        if not self.crashed:
+            self.action["acceleration"] = clamp_speed_accel(
+                self.speed, float(self.action["acceleration"]), dt, self.MAX_SPEED
+            )
+        super().step(dt)
+        self.speed = max(self.speed, 0.0)
+
+
+class LaneChanger(TrafficVehicle):
+    """Traffic forced into ``into_lane`` (same road segment) at ``at_time_s`` or on reaching ``at_segment``."""
+
+    def __init__(
+        self,
+        road: Road,
+        position: np.ndarray,
+        heading: float,
+        speed: float,
+        *,
+        into_lane_id: int,
+        at_time_s: float | None = None,
+        at_segment: tuple[str, str] | None = None,
+    ) -> None:
+        super().__init__(road, position, heading, speed, enable_lane_change=False)
+        self.into_lane_id = into_lane_id
+        self.at_time_s = at_time_s
+        self.at_segment = at_segment
+        self.elapsed_s = 0.0
+        self.started = False
+
+    @property
+    def color(self) -> tuple[int, int, int]:
+        return CRASHED_RGB if self.crashed else SUBJECT_RGB
+
+    def act(self, action: dict | str | None = None) -> None:
+        if not self.started and not self.crashed:
+            due_time = self.at_time_s is not None and self.elapsed_s >= self.at_time_s
+            due_place = self.at_segment is not None and tuple(self.lane_index[:2]) == self.at_segment
+            if due_time or due_place:
+                self.target_lane_index = (self.lane_index[0], self.lane_index[1], self.into_lane_id)
+                self.started = True
+        super().act()
+
+    def follow_road(self) -> None:
+        # Once committed, keep the chosen lane id on the following road segments too.
+        super().follow_road()
+        if self.started and self.target_lane_index[2] != self.into_lane_id:
+            lanes = self.road.network.graph[self.target_lane_index[0]][self.target_lane_index[1]]
+            if self.into_lane_id < len(lanes):
+                self.target_lane_index = (*self.target_lane_index[:2], self.into_lane_id)
+
+    def step(self, dt: float) -> None:
+        self.elapsed_s += dt
+        super().step(dt)
+
+
+class ScriptedTarget(Vehicle):
+    """A CCR target: holds ``speed``; brakes at ``decel_mps2`` from ``brake_at_s`` to standstill."""
+
+    MIN_SPEED = 0.0
+
+    def __init__(
+        self,
+        road: Road,
+        position: np.ndarray,
+        heading: float,
+        speed: float,
+        *,
+        decel_mps2: float = 0.0,
+        brake_at_s: float = math.inf,
+    ) -> None:
+        super().__init__(road, position, heading, speed)
+        self.decel_mps2 = decel_mps2
+        self.brake_at_s = brake_at_s
+        self.elapsed_s = 0.0
+
+    @property
+    def color(self) -> tuple[int, int, int]:
+        return CRASHED_RGB if self.crashed else SUBJECT_RGB
+
+    def act(self, action: dict | str | None = None) -> None:
+        braking = self.elapsed_s >= self.brake_at_s and self.decel_mps2 > 0
+        self.action = {"steering": 0.0, "acceleration": -self.decel_mps2 if braking else 0.0}
+
+    def step(self, dt: float) -> None:
+        self.elapsed_s += dt
+        self.action["acceleration"] = clamp_speed_accel(self.speed, self.action["acceleration"], dt, self.MAX_SPEED)
+        super().step(dt)
+        self.speed = max(self.speed, 0.0)
+
+
+class EgoVehicle(IDMVehicle):
+    """The vehicle under test: commanded acceleration/steering, first-order actuator lag, no reversing.
+
+    ``command(accel, steering)`` sets the *commanded* values; each integration step moves the applied
+    acceleration towards the command with time constant ``lag_s`` (exact exponential update), so a
+    step to -8 m/s² reaches 63 % after one time constant. Steering is applied directly.
+    ``expert_action()`` is IDM on the current lane + lane keeping on the ego's own lane id.
+    """
+
+    TIME_WANTED = 1.5
+    MIN_SPEED = 0.0
+
+    def __init__(
+        self,
+        road: Road,
+        position: np.ndarray,
+        heading: float,
+        speed: float,
+        *,
+        set_speed_mps: float,
+        lag_s: float,
+        max_speed_mps: float,
+    ) -> None:
+        super().__init__(road, position, heading, speed, target_speed=set_speed_mps, enable_lane_change=False)
+        self.lag_s = lag_s
+        self.max_speed_mps = max_speed_mps
+        self.set_speed_mps = set_speed_mps
+        self.accel_cmd_mps2 = 0.0
+        self.steering_cmd_rad = 0.0  # highway-env frame (+ to the right)
+        self.applied_accel_mps2 = 0.0  # actuator state (brake pressure / drive torque) after the lag
+        self.accel_mps2 = 0.0  # acceleration the body actually felt (0 when held at standstill)
+        self.lane_id = int(self.lane_index[2]) if self.lane_index else 0
+
+    @property
+    def color(self) -> tuple[int, int, int]:
+        return CRASHED_RGB if self.crashed else EGO_RGB
+
+    def command(self, accel_mps2: float, steering_rad_hw: float) -> None:
+        self.accel_cmd_mps2 = float(accel_mps2)
+        self.steering_cmd_rad = float(steering_rad_hw)
+
+    def own_lane_index(self) -> LaneIndex:
+        """The ego's lane id on its current road segment (it never changes lane by itself)."""
+        _from, _to, _ = self.lane_index
+        lanes = self.road.network.graph[_from][_to]
+        return (_from, _to, min(self.lane_id, len(lanes) - 1))
+
+    def act(self, action: dict | str | None = None) -> None:
+        # Commands are held between control ticks; road.act() must not overwrite them with IDM.
+        return None
+
+    def step(self, dt: float) -> None:
+        if self.crashed:
+            self.applied_accel_mps2 = 0.0
+            speed_before = self.speed
+            super().step(dt)
+            self.speed = max(self.speed, 0.0)
+            self.accel_mps2 = (self.speed - speed_before) / dt
+            return
+        if self.lag_s > 0:
+            alpha = 1.0 - math.exp(-dt / self.lag_s)
+            self.applied_accel_mps2 += (self.accel_cmd_mps2 - self.applied_accel_mps2) * alpha
+        else:
+            self.applied_accel_mps2 = self.accel_cmd_mps2
+        accel = clamp_speed_accel(self.speed, self.applied_accel_mps2, dt, self.max_speed_mps)
+        self.action = {"acceleration": accel, "steering": self.steering_cmd_rad}
+        self.accel_mps2 = accel
+        self.timer += dt
+        Vehicle.step(self, dt)
+        self.speed = min(max(self.speed, 0.0), self.max_speed_mps)
+
+    def expert(self, accel_range_mps2: tuple[float, float], max_steer_rad: float) -> tuple[float, float]:
+        """IDM acceleration to the lead in the ego lane + lane keeping; steering in highway-env frame."""
+        lane = self.own_lane_index()
+        front, rear = self.road.neighbour_vehicles(self, lane)
+        accel = float(self.acceleration(ego_vehicle=self, front_vehicle=front, rear_vehicle=rear))
+        accel = float(np.clip(accel, *accel_range_mps2))
+        steer = float(np.clip(self.steering_control(lane), -max_steer_rad, max_steer_rad))
+        return accel, steer
