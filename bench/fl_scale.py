@@ -141,26 +141,27 @@ def section_compare(home: Path, base_version: int, vehicles: int, rounds: int, c
     from driveloop.cloud.pipeline import _cached_eval
     from driveloop.cloud.registry import Registry
     from driveloop.cloud.train import FinetuneConfig, finetune
-    from driveloop.federated.client import vehicle_id_for
+    from driveloop.federated.client import VehicleSettings, vehicle_id_for
     from driveloop.federated.run import (
         FlRunConfig,
         _start,
         prepare_vehicles,
         run_federated,
     )
-    from driveloop.federated.server import load_checkpoint
+    from driveloop.federated.server import ServerSettings, load_checkpoint
 
     torch.set_num_threads(1)
     suite = EvalSuite(duration_s=suite_s)
-    base_cfg = FlRunConfig(home=home, registry_dir=home / "registry", base_ref=str(base_version), rounds=rounds,
-                           vehicles=vehicles, episodes=3, episode_s=20.0, quorum_frac=0.6, suite=suite)
+    base_cfg = FlRunConfig(vehicle=VehicleSettings(home=str(home), registry_dir=str(home / "registry"), episodes=3, episode_s=20.0),
+                           server=ServerSettings(vehicles=vehicles, rounds=rounds, quorum_frac=0.6),
+                           base_ref=str(base_version), suite=suite)
     t0 = time.perf_counter()
     _, initial, _, _, vs = _start(base_cfg)
     samples = prepare_vehicles(vs, vehicles + HELD_OUT)  # extra vehicles never train: the offline held-out set
     prep_s = time.perf_counter() - t0
     from driveloop.federated.vehicle_data import VehicleDataConfig, local_dataset
 
-    dcfg = VehicleDataConfig(episodes=3, episode_s=20.0, seed=base_cfg.seed)
+    dcfg = VehicleDataConfig(episodes=3, episode_s=20.0, seed=base_cfg.vehicle.data_seed)
     with Registry(home / "registry") as reg:
         art = reg.get(base_version)
         local = {vehicle_id_for(i): local_dataset(vs.vehicle_dir(vehicle_id_for(i)), vehicle_id_for(i), art, dcfg)
@@ -171,14 +172,17 @@ def section_compare(home: Path, base_version: int, vehicles: int, rounds: int, c
     results: dict[str, Any] = {"vehicles": vehicles, "num_cpus": base_cfg.num_cpus, "rounds": rounds, "central_epochs": central_epochs,
                                "samples_per_vehicle": samples, "prepare_s": round(prep_s, 1), "runs": {}}
 
-    def fl(name: str, **kw: Any) -> dict[str, Any]:
-        cfg = replace(base_cfg, run_name=f"bench-{name}", **kw)
+    def fl(name: str, server: dict[str, Any] | None = None, vehicle: dict[str, Any] | None = None,
+           **kw: Any) -> dict[str, Any]:
+        """One run: ``server``/``vehicle`` change the base run's settings, ``kw`` its run-level fields."""
+        cfg = replace(base_cfg, run_name=f"bench-{name}", server=replace(base_cfg.server, **(server or {})),
+                      vehicle=replace(base_cfg.vehicle, **(vehicle or {})), **kw)
         shutil.rmtree(home / "federated" / cfg.run_name, ignore_errors=True)  # a fresh run, not a resumed one
         t = time.perf_counter()
         r = run_federated(cfg)
         wall = time.perf_counter() - t
         arrays = load_checkpoint(home / "federated" / f"bench-{name}").arrays  # type: ignore[union-attr]
-        out = {"strategy": cfg.strategy, "wall_s": round(wall, 1), "gate": _summary(r["gate"]),
+        out = {"strategy": cfg.server.strategy, "wall_s": round(wall, 1), "gate": _summary(r["gate"]),
                "stage": r["candidate_stage"], "offline_loss": offline_loss(arrays, held),
                "round_wall_s": [x["wall_s"] for x in r["round_log"]],
                "median_client_s": [x["median_client_s"] for x in r["round_log"]],
@@ -210,14 +214,16 @@ def section_compare(home: Path, base_version: int, vehicles: int, rounds: int, c
     _log(f"central: {json.dumps(results['runs']['central'])}")
     results["base_offline_loss"] = offline_loss(initial, held)
 
-    classic = {"rounds": classic_rounds, "local_epochs": 2, "local_optimizer": "adam", "batch_size": 64, "lr": 2e-4,
-               "server_opt": "none"}  # FedAvg as first published: local epochs, the server averages models
-    fl("fedavg-classic", **classic)
-    fl("fedavg-dropout30", dropout=0.3)
-    fl("trimmedavg-clean", strategy="trimmedavg")
-    fl("trimmedavg-poison20", strategy="trimmedavg", poison=0.2)
+    # FedAvg as first published: local epochs, the server averages models
+    classic_server = {"rounds": classic_rounds, "server_opt": "none"}
+    classic_vehicle = {"local_epochs": 2, "optimizer": "adam", "batch_size": 64, "lr": 2e-4}
+    fl("fedavg-classic", server=classic_server, vehicle=classic_vehicle)
+    fl("fedavg-dropout30", vehicle={"dropout_frac": 0.3})
+    fl("trimmedavg-clean", server={"strategy": "trimmedavg"})
+    fl("trimmedavg-poison20", server={"strategy": "trimmedavg"}, poison=0.2)
     fl("fedavg-poison20", poison=0.2)
-    fl("fedavg-classic-poison20-noclip", **classic, poison=0.2, clip_median_factor=0.0)
+    fl("fedavg-classic-poison20-noclip", server=classic_server | {"clip_median_factor": 0.0}, vehicle=classic_vehicle,
+       poison=0.2)
     return results
 
 
@@ -249,10 +255,13 @@ def acceptance(runs: dict[str, Any], vehicles: int, cpus: int) -> dict[str, Any]
 
 
 def section_scale(home: Path, base_version: int, vehicles: int) -> dict[str, Any]:
+    from driveloop.federated.client import VehicleSettings
     from driveloop.federated.run import FlRunConfig, _start, prepare_vehicles, simulate
+    from driveloop.federated.server import ServerSettings
 
-    cfg = FlRunConfig(home=home, registry_dir=home / "registry", base_ref=str(base_version), rounds=1, vehicles=vehicles,
-                      episodes=1, episode_s=5.0, run_name=f"bench-scale-{vehicles}", evaluate=False)
+    cfg = FlRunConfig(vehicle=VehicleSettings(home=str(home), registry_dir=str(home / "registry"), episodes=1, episode_s=5.0),
+                      server=ServerSettings(vehicles=vehicles, rounds=1), base_ref=str(base_version),
+                      run_name=f"bench-scale-{vehicles}", evaluate=False)
     _, initial, _, server, vs = _start(cfg)
     shutil.rmtree(server.run_dir, ignore_errors=True)  # time a round, not a resumed (finished) run
     t = time.perf_counter()

@@ -24,7 +24,7 @@ PLAN = RolloutPlan.default()
 
 
 def fleet_reports(n: int, canary: set[str]) -> list[HealthReport]:
-    return [HealthReport(vehicle_id=v, model_version="v2" if v in canary else "v1", window_start_s=0.0,
+    return [HealthReport(vehicle_id=v, model_version="2" if v in canary else "1", window_start_s=0.0,
                          window_end_s=600.0, seq=1, ticks=6000, fallback_interventions=i % 3, collisions=0,
                          deadline_misses=i % 5, inference_p99_ms=7.0 + (i % 10) / 10, crashes=0)
             for i, v in enumerate(f"veh-{k:07d}" for k in range(n))]
@@ -32,12 +32,12 @@ def fleet_reports(n: int, canary: set[str]) -> list[HealthReport]:
 
 def one_decision(n: int, reports: list[HealthReport], ids: list[str]) -> tuple[float, float, float, str]:
     """Times (s) of aggregate+decide, director for the fleet, total; and the decision taken."""
-    state = start(1, "v2", "v1", PLAN, 0.0)
+    state = start(1, "2", "1", PLAN, 0.0)
     # the 10 % stage, one healthy window already seen: this window completes its evidence
     state = replace(state, stage_index=2, max_fraction=0.1, evaluations_in_stage=1)
     cohort_position.cache_clear()
     t0 = time.perf_counter()
-    window = aggregate(reports, "v2", "v1")
+    window = aggregate(reports, "2", "1")
     _, d = decide(state, PLAN, window, 1200.0)
     t1 = time.perf_counter()
     share = fleet_share(assign_fleet(state, PLAN, ids))

@@ -2,12 +2,16 @@
 
 Portable column types only, so one schema serves SQLite and PostgreSQL. Segment events live in a child
 table (not a JSON column) so "segments with an ``aeb`` event" is an indexed join on every backend.
+A segment's metadata (``contracts.segment.SegmentMeta``) maps to and from its columns in one place,
+``segment_row`` / ``segment_meta``; the table layout is unchanged, so old databases keep working.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Integer, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from driveloop.contracts.segment import SegmentMeta
 
 
 class Base(DeclarativeBase):
@@ -37,6 +41,30 @@ class SegmentEventRow(Base):
     sha256: Mapped[str] = mapped_column(ForeignKey("segments.sha256"), primary_key=True)
     event: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
     count: Mapped[int] = mapped_column(Integer)
+
+
+def segment_row(meta: SegmentMeta, *, sha256: str, size: int, name: str | None, ingested_at_s: float,
+                consumed_by_dataset: str | None) -> SegmentRow:
+    """The row of a segment: its metadata's columns (events as child rows) plus catalog bookkeeping.
+    The catalog does not keep ``priority``, ``recorded_at_unix_s`` or the versions (no such columns)."""
+    row = SegmentRow(
+        sha256=sha256, vehicle=meta.vehicle, scenario=meta.scenario, seed=meta.seed,
+        model_version=meta.model_version, start_s=meta.start_s, end_s=meta.end_s, n_ticks=meta.n_ticks,
+        has_event=meta.has_event, size=size, name=name, ingested_at_s=ingested_at_s,
+        consumed_by_dataset=consumed_by_dataset,
+    )  # fmt: skip
+    row.events = [SegmentEventRow(event=k, count=v) for k, v in sorted(meta.events.items())]
+    return row
+
+
+def segment_meta(row: SegmentRow) -> SegmentMeta:
+    """A row's metadata back; what the catalog does not keep is None (see ``SegmentMeta``)."""
+    return SegmentMeta(
+        vehicle=row.vehicle, scenario=row.scenario, seed=row.seed, model_version=row.model_version,
+        start_s=row.start_s, end_s=row.end_s, n_ticks=row.n_ticks,
+        events={e.event: e.count for e in sorted(row.events, key=lambda e: e.event)},
+        has_event=row.has_event, priority=None, recorded_at_unix_s=None, obs_version=None, schema_version=None,
+    )  # fmt: skip
 
 
 class VehicleRow(Base):

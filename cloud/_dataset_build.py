@@ -85,16 +85,20 @@ def _keep_selected(batch: dict[str, np.ndarray], *, hard: dict[str, list[int]], 
     return out
 
 
-def _select(light: Any, mining: Any, labeler: Any, seed: int) -> tuple[Any, Any, list[Any]]:
-    """Batch-wide rarity, selection and labeler accuracy from the light (no observations) columns."""
+def _select(light: Any, mining: Any, labeler: Any, seed: int, order: list[str]) -> tuple[Any, Any, list[Any]]:
+    """Batch-wide rarity, selection and labeler accuracy from the light (no observations) columns.
+
+    Segments are taken in ``order`` (the caller's stable order, never content hashes: a segment's bytes
+    hold wall-clock fields, so hash order differs run to run and the seeded replay draw with it)."""
     from driveloop.cloud.labeling import summarize_accuracy
     from driveloop.cloud.mining import FrameScores, bin_counts, finish_scores, select_frames
 
     if light.empty:
         raise PipelineError("the segments hold no frames")
     raw_scores = []
-    for sha, g in light.groupby("segment", sort=True):
-        g = g.sort_values("frame_index")
+    groups = dict(tuple(light.groupby("segment", sort=False)))
+    for sha in (sha for sha in order if sha in groups):
+        g = groups[sha].sort_values("frame_index")
         parts = {k: g[f"part_{k}"].to_numpy(np.float64) for k in ("event", "ttc", "confidence", "disagreement")}
         raw_scores.append(FrameScores(str(sha), parts, g["bin_key"].astype(str).tolist(), g["is_event"].to_numpy(bool)))
     counts = bin_counts(raw_scores)
@@ -107,12 +111,14 @@ def _select(light: Any, mining: Any, labeler: Any, seed: int) -> tuple[Any, Any,
 
 
 def _assemble(batches: list[dict[str, np.ndarray]], shas: list[str]) -> dict[str, np.ndarray]:
-    """Selected rows -> dataset arrays in a stable (segment, frame) order: same input, same bytes."""
+    """Selected rows -> dataset arrays in (segment in the caller's stable order, frame) order: same
+    recordings, same bytes. ``segment_index`` is the row's position in the manifest's sorted segments."""
     batches = [b for b in batches if len(b["segment"])]
     cat = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    order = {sha: i for i, sha in enumerate(sorted(shas))}
-    seg_index = np.array([order[s] for s in cat["segment"]], dtype=np.int64)
-    sort = np.lexsort((cat["frame_index"], seg_index))
+    rank = {sha: i for i, sha in enumerate(shas)}
+    index = {sha: i for i, sha in enumerate(sorted(shas))}
+    seg_index = np.array([index[s] for s in cat["segment"]], dtype=np.int64)
+    sort = np.lexsort((cat["frame_index"], np.array([rank[s] for s in cat["segment"]], dtype=np.int64)))
     return {
         "kinematics": cat["kinematics"][sort].astype(np.float32),
         "lidar": cat["lidar"][sort].astype(np.float32),
@@ -156,7 +162,8 @@ def build_arrays_with_ray(
     """Ray Data over validated segment files: read_mcap -> per-segment score+label -> select -> arrays.
 
     ``segments``: (path, sha256, scenario) of files that passed ``validate_segment`` (one damaged file
-    would abort the whole Ray dataset). The caller has started Ray. Returns (arrays, stats).
+    would abort the whole Ray dataset), in a stable order the dataset keeps (the pipeline sorts by
+    vehicle, seed and start time). The caller has started Ray. Returns (arrays, stats).
     """
     import ray
 
@@ -174,7 +181,7 @@ def build_arrays_with_ray(
         light = frames_ds.select_columns(list(_LIGHT)).to_pandas()
     except Exception as e:  # Ray wraps worker failures in its own error types
         raise PipelineError(f"Ray Data mine/label stage failed: {e}") from e
-    selection, accuracy, finished = _select(light, mining, labeler, seed)
+    selection, accuracy, finished = _select(light, mining, labeler, seed, [sha for _, sha, _ in segments])
     clock.step("select")
     try:
         chosen = frames_ds.map_batches(
@@ -205,7 +212,7 @@ def build_arrays_local(
     every = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
     clock.step("mine+label")
     light = pd.DataFrame({k: every[k] for k in _LIGHT})
-    selection, accuracy, finished = _select(light, mining, labeler, seed)
+    selection, accuracy, finished = _select(light, mining, labeler, seed, [sha for _, sha, _ in segments])
     clock.step("select")
     chosen = _keep_selected(every, hard={k: v.tolist() for k, v in selection.hard.items()},
                             replay={k: v.tolist() for k, v in selection.replay.items()})

@@ -26,8 +26,18 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from driveloop.cloud._catalog_schema import Base, CampaignRow, SegmentRow, SegmentEventRow, UploadRow, VehicleRow
+from driveloop.cloud._catalog_schema import (
+    Base,
+    CampaignRow,
+    SegmentEventRow,
+    SegmentRow,
+    UploadRow,
+    VehicleRow,
+    segment_meta,
+    segment_row,
+)
 from driveloop.cloud.campaigns import Campaign, CampaignSpec
+from driveloop.contracts.segment import SegmentInfo, SegmentMeta
 from driveloop.core.exceptions import ConfigError, StorageError
 
 logger = logging.getLogger(__name__)
@@ -39,41 +49,31 @@ UPLOAD_FAILED = "failed"
 
 @dataclass(frozen=True)
 class SegmentRecord:
-    """One cataloged segment (mirrors contracts.segment.SegmentInfo plus cloud bookkeeping)."""
+    """One cataloged segment: its metadata (``meta``, the contract's one definition; read back from
+    the database it lacks what the catalog does not keep, see ``SegmentMeta``) plus cloud bookkeeping."""
 
     sha256: str
-    vehicle: str
-    scenario: str
-    seed: int
-    model_version: str
-    start_s: float
-    end_s: float
-    n_ticks: int
-    events: dict[str, int]
-    has_event: bool
+    meta: SegmentMeta
     size: int
     ingested_at_s: float
     name: str | None = None
     consumed_by_dataset: str | None = None
 
     @classmethod
-    def from_info(cls, info: Any, ingested_at_s: float, name: str | None = None) -> SegmentRecord:
-        """Build from a validated ``SegmentInfo`` (duck-typed so the catalog does not import edge)."""
-        return cls(
-            sha256=info.sha256,
-            vehicle=str(info.vehicle),
-            scenario=str(info.scenario),
-            seed=int(info.seed),
-            model_version=str(info.model_version),
-            start_s=float(info.start_s),
-            end_s=float(info.end_s),
-            n_ticks=int(info.n_ticks),
-            events={str(k): int(v) for k, v in dict(info.events).items()},
-            has_event=bool(info.has_event),
-            size=int(info.size),
-            ingested_at_s=float(ingested_at_s),
-            name=name,
-        )
+    def from_info(cls, info: SegmentInfo, ingested_at_s: float, name: str | None = None) -> SegmentRecord:
+        """Build from a validated ``SegmentInfo``."""
+        return cls(sha256=info.sha256, meta=info.meta, size=int(info.size), ingested_at_s=float(ingested_at_s),
+                   name=name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat JSON row reports print (``cloud segments list --json``); keys as they always were."""
+        m = self.meta
+        return {
+            "sha256": self.sha256, "vehicle": m.vehicle, "scenario": m.scenario, "seed": m.seed,
+            "model_version": m.model_version, "start_s": m.start_s, "end_s": m.end_s, "n_ticks": m.n_ticks,
+            "events": dict(m.events), "has_event": m.has_event, "size": self.size,
+            "ingested_at_s": self.ingested_at_s, "name": self.name, "consumed_by_dataset": self.consumed_by_dataset,
+        }  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -119,10 +119,7 @@ class SegmentQuery:
 
 def _segment_record(row: SegmentRow) -> SegmentRecord:
     return SegmentRecord(
-        sha256=row.sha256, vehicle=row.vehicle, scenario=row.scenario, seed=row.seed,
-        model_version=row.model_version, start_s=row.start_s, end_s=row.end_s, n_ticks=row.n_ticks,
-        events={e.event: e.count for e in sorted(row.events, key=lambda e: e.event)},
-        has_event=row.has_event, size=row.size, ingested_at_s=row.ingested_at_s, name=row.name,
+        sha256=row.sha256, meta=segment_meta(row), size=row.size, ingested_at_s=row.ingested_at_s, name=row.name,
         consumed_by_dataset=row.consumed_by_dataset,
     )  # fmt: skip
 
@@ -210,14 +207,8 @@ class Catalog:
 
     @staticmethod
     def _segment_row(r: SegmentRecord) -> SegmentRow:
-        row = SegmentRow(
-            sha256=r.sha256, vehicle=r.vehicle, scenario=r.scenario, seed=r.seed,
-            model_version=r.model_version, start_s=r.start_s, end_s=r.end_s, n_ticks=r.n_ticks,
-            has_event=r.has_event, size=r.size, name=r.name, ingested_at_s=r.ingested_at_s,
-            consumed_by_dataset=r.consumed_by_dataset,
-        )  # fmt: skip
-        row.events = [SegmentEventRow(event=k, count=v) for k, v in sorted(r.events.items())]
-        return row
+        return segment_row(r.meta, sha256=r.sha256, size=r.size, name=r.name, ingested_at_s=r.ingested_at_s,
+                           consumed_by_dataset=r.consumed_by_dataset)
 
     def get_segment(self, sha256: str) -> SegmentRecord | None:
         with self._session() as s:
@@ -253,7 +244,7 @@ class Catalog:
                     select(SegmentEventRow.sha256).where(SegmentEventRow.event == q.event, SegmentEventRow.count > 0)
                 )
             )
-        stmt = stmt.order_by(SegmentRow.start_s, SegmentRow.sha256)
+        stmt = stmt.order_by(SegmentRow.start_s, SegmentRow.vehicle, SegmentRow.seed, SegmentRow.sha256)  # stable, not by hash
         if q.limit is not None:
             stmt = stmt.limit(q.limit)
         with self._session() as s:

@@ -5,16 +5,18 @@ length IS the server's offset (a crash between the write and the catalog update 
 disagree), and bytes of a chunk cut off mid-body are kept, so a resumed upload never resends them.
 When the last byte arrives the upload is finalized, in this order, and refused as a whole at the
 first failure (partial deleted, upload marked failed, catalog and store untouched):
-sha256 of the received bytes == declared → ``validate_segment`` (finalized MCAP, our schema) →
+sha256 of the received bytes == declared → ``validate_segment_bytes`` (finalized MCAP, our schema) →
 segment's vehicle == uploader → store content-addressed → catalog (one transaction with the upload's
 ``done``). If cataloging fails after the store wrote a new object, the object is removed again.
+The checks run on the bytes read once from staging (python-tuf style: verify bytes, then do I/O);
+this service does the staging, store and catalog around them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -24,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from driveloop.cloud import campaigns as campaign_rules
-from driveloop.cloud.auth import authenticate, bearer_token, check_admin, hash_secret, validate_vehicle_id
+from driveloop.cloud.auth import authenticate, bearer_token, check_admin
 from driveloop.cloud.catalog import UPLOAD_DONE, UPLOAD_FAILED, UPLOAD_OPEN, Catalog, SegmentRecord, UploadRecord
-from driveloop.cloud.store import ObjectStore, is_sha256, sha256_file
+from driveloop.cloud.store import ObjectStore, is_sha256
+from driveloop.contracts.segment import SegmentInfo, validate_segment_bytes
 from driveloop.contracts.upload import STATE_EXISTS, UploadStatus
 from driveloop.core.exceptions import AuthError, ConfigError, SegmentError, StorageError, UploadRejectedError
+from driveloop.core.ids import check_vehicle_id
+from driveloop.core.tokens import hash_token, new_token
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +134,9 @@ class IngestService:
 
     def __init__(self, store: ObjectStore, catalog: Catalog, config: IngestConfig,
                  clock: Callable[[], float] = time.time,
-                 validator: Callable[[Path], Any] | None = None) -> None:
+                 validator: Callable[[bytes], SegmentInfo] = validate_segment_bytes) -> None:
         self.store, self.catalog, self.config, self.clock = store, catalog, config, clock
-        if validator is None:
-            from driveloop.contracts.segment import validate_segment
-
-            validator = validate_segment
-        self._validate: Callable[[Path], Any] = validator
+        self._validate = validator
         self.stats = IngestStats()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -151,10 +152,10 @@ class IngestService:
 
     def ensure_local_vehicle(self, vehicle_id: str) -> str:
         """Register a vehicle of the embedded local cloud (no token ever leaves the process)."""
-        validate_vehicle_id(vehicle_id)
+        check_vehicle_id(vehicle_id)
         if self.catalog.get_vehicle(vehicle_id) is None:
             try:
-                self.catalog.add_vehicle(vehicle_id, hash_secret(secrets.token_urlsafe(32)), self.clock())
+                self.catalog.add_vehicle(vehicle_id, hash_token(new_token()), self.clock())
             except ConfigError:  # another local process registered it first
                 pass
         return vehicle_id
@@ -297,15 +298,17 @@ class IngestService:
         logger.warning("rejected upload %s (%s) from %s: %s", up.id, up.name, up.vehicle, error)
 
     def _finalize(self, up: UploadRecord, part: Path) -> UploadStatus:
-        sha = sha256_file(part)
+        data = part.read_bytes()  # at most max_segment_bytes (checked when the upload was declared)
+        sha = hashlib.sha256(data).hexdigest()
         try:
             if sha != up.sha256:
                 raise UploadRejectedError(f"sha256 of received bytes is {sha}, declared {up.sha256}", status=422)
-            info = self._validate(part)
-            if str(info.vehicle) != up.vehicle:
-                raise AuthError(f"segment was recorded by {info.vehicle!r}, uploaded by {up.vehicle!r}", status=403)
-        except SegmentError as e:  # its message names our staging path: name the upload instead
-            refused = SegmentError(f"segment {up.name} refused: {str(e).removeprefix(f'{part}: ')}")
+            info = self._validate(data)
+            if info.meta.vehicle != up.vehicle:
+                raise AuthError(f"segment was recorded by {info.meta.vehicle!r}, uploaded by {up.vehicle!r}",
+                                status=403)
+        except SegmentError as e:  # the bytes' error names no path: name the upload
+            refused = SegmentError(f"segment {up.name} refused: {e}")
             self._reject(up, part, refused)
             raise refused from e
         except (UploadRejectedError, AuthError) as e:

@@ -236,23 +236,26 @@ def widen_mask(mask: np.ndarray, frames: int) -> np.ndarray:
 
 
 def select_frames(scores: list[FrameScores], config: MiningConfig, seed: int) -> Selection:
-    """Top-scoring frames (+ windows around events) capped at top_k, plus a seeded nominal replay sample."""
+    """Top-scoring frames (+ windows around events) capped at top_k, plus a seeded nominal replay sample.
+
+    Ties and the replay draw follow the order of ``scores`` (the caller's stable segment order), never
+    the segment ids (content hashes), so the same recordings give the same selection."""
     window = round(config.window_s / CONTROL_PERIOD_S)
-    candidates: list[tuple[float, str, int]] = []
+    candidates: list[tuple[float, int, str, int]] = []
     nominal: list[tuple[str, int]] = []
-    for s in scores:
+    for pos, s in enumerate(scores):
         if len(s.total) != len(s.event):
             raise PipelineError(f"segment {s.segment_id}: scores not finished (call finish_scores)")
         hard = widen_mask(s.event, window) | (s.total >= config.score_threshold)
-        candidates += [(float(s.total[i]), s.segment_id, int(i)) for i in np.flatnonzero(hard)]
+        candidates += [(float(s.total[i]), pos, s.segment_id, int(i)) for i in np.flatnonzero(hard)]
         nominal += [(s.segment_id, int(i)) for i in np.flatnonzero(~hard)]
-    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    candidates.sort(key=lambda c: (-c[0], c[1], c[3]))
     chosen = candidates[: config.top_k]
     rng = np.random.default_rng(seed)
     n_replay = min(len(nominal), round(config.replay_ratio * max(len(chosen), 1)))
     replay_idx = rng.choice(len(nominal), size=n_replay, replace=False) if n_replay else np.zeros(0, dtype=int)
     hard_map: dict[str, list[int]] = {}
-    for _, seg, i in chosen:
+    for _, _, seg, i in chosen:
         hard_map.setdefault(seg, []).append(i)
     replay_map: dict[str, list[int]] = {}
     for j in sorted(replay_idx.tolist()):

@@ -31,7 +31,7 @@ from driveloop.cloud.evaluation import ClassMetrics, EvalSuite, GateTolerances, 
 from driveloop.cloud.labeling import LABEL_VERSION, LabelerConfig
 from driveloop.cloud.mining import MiningConfig
 from driveloop.cloud.train import FinetuneConfig
-from driveloop.core.exceptions import DriveloopError, PipelineError, RegistryError, SegmentError, StorageError
+from driveloop.core.exceptions import DriveloopError, NoModelError, PipelineError, SegmentError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -119,23 +119,13 @@ def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _resolve_base(registry: Any, ref: str | None) -> Any:
-    """The current model: the given ref, else the newest released, else the newest validated."""
-    if ref is not None:
-        return registry.get(ref)
-    for stage in ("released", "validated"):
-        try:
-            return registry.get(stage)
-        except RegistryError:
-            continue
-    raise PipelineError("no released or validated model to fine-tune from (run `driveloop bootstrap` first)")
-
-
 def _validate(records: list[Any], store: Any, workdir: Path, report: PipelineReport) -> list[tuple[Path, str, str]]:
-    """Local, validated copies of the new segments; bad ones are reported and skipped."""
+    """Local, validated copies of the new segments, ordered by what was recorded (vehicle, seed, start
+    time, scenario), not by content hash: a segment's bytes carry wall-clock fields, and the dataset's
+    row order and replay draw follow this order. Bad ones are reported and skipped."""
     from driveloop.contracts.segment import validate_segment
 
-    good: list[tuple[Path, str, str]] = []
+    good: list[tuple[tuple[Any, ...], Path, str, str]] = []
     for rec in records:
         try:
             if store.is_local:
@@ -147,11 +137,12 @@ def _validate(records: list[Any], store: Any, workdir: Path, report: PipelineRep
             info = validate_segment(path)
             if info.sha256 != rec.sha256:
                 raise SegmentError(f"content sha256 {info.sha256[:12]}… differs from the catalog's {rec.sha256[:12]}…")
-            good.append((path, rec.sha256, info.scenario))
+            m = info.meta
+            good.append(((m.vehicle, m.seed, m.start_s, m.scenario, rec.sha256), path, rec.sha256, m.scenario))
         except (SegmentError, StorageError, OSError) as e:
             logger.warning("skipping segment %s: %s", rec.sha256[:12], e)
             report.rejected.append({"sha256": rec.sha256, "reason": str(e)})
-    return good
+    return [(path, sha, scenario) for _, path, sha, scenario in sorted(good, key=lambda g: g[0])]
 
 
 def _cached_eval(cache_dir: Path, onnx_path: Path, manifest: Any, suite: EvalSuite) -> dict[str, ClassMetrics]:
@@ -259,7 +250,11 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
             report.segments_used = len(segments)
         if not segments:
             raise PipelineError(f"none of the {len(records)} new segments is valid (see the rejected list)")
-        base = _resolve_base(registry, config.base_ref)
+        try:
+            base = registry.resolve(config.base_ref)  # the ref, else newest released, else newest validated
+        except NoModelError as e:
+            raise PipelineError("no released or validated model to fine-tune from "
+                                "(run `driveloop bootstrap` first)") from e
         report.base_version = base.version
         base_weights = load_weights(config.registry_dir, base.manifest)
 

@@ -35,7 +35,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from driveloop.contracts import observation as C
 from driveloop.contracts.manifest import ModelManifest, build_manifest, parse_manifest, sha256_file
 from driveloop.core.atomic import fsync_replace, temp_path_for, write_atomic
-from driveloop.core.exceptions import ContractError, IntegrityError, ModelError, RegistryError
+from driveloop.core.exceptions import ContractError, IntegrityError, ModelError, NoModelError, RegistryError
+from driveloop.core.version import parse_model_version
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,21 @@ class Registry:
             self._write_manifest_file(manifest)  # repair an orphaned or stale copy from the index
         return ModelArtifact(self.blob_path(manifest.sha256), manifest, stage, path)
 
+    def resolve(self, ref: int | str | None = None) -> ModelArtifact:
+        """The model to drive or fine-tune from: ``ref`` as :meth:`get` reads it, or with no ref (None or
+        "") the newest released model, else the newest validated one (a fresh registry has only that).
+
+        NoModelError when neither exists, so callers can answer with their own error and exit code.
+        """
+        if ref is not None and ref != "":
+            return self.get(ref)
+        with self._session() as s:
+            newest = (self._newest(s, stage) for stage in (RELEASED, VALIDATED))
+            version = next((row.version for row in newest if row is not None), None)
+        if version is None:
+            raise NoModelError("the registry holds no released or validated model: run `driveloop bootstrap`")
+        return self.get(version)
+
     def list(self) -> builtins.list[tuple[ModelManifest, str]]:
         """Every version with its stage, oldest first."""
         with self._session() as s:
@@ -335,18 +351,20 @@ class Registry:
             raise RegistryError(f"model version {version} is not in the registry")
         return row
 
-    def _resolve(self, s: Session, ref: int | str) -> _ModelRow:
-        if isinstance(ref, int) and not isinstance(ref, bool):
-            return self._row(s, ref)
-        text = str(ref).strip().lower()
-        if text.lstrip("v").isdigit():
-            return self._row(s, int(text.lstrip("v")))
+    def _newest(self, s: Session, stage: str | None) -> _ModelRow | None:
         query = select(_ModelRow).order_by(_ModelRow.version.desc()).limit(1)
-        if text != "latest":
-            if text not in STAGES:
-                raise RegistryError(f"unknown model ref {ref!r}: use a version, 'latest' or one of {', '.join(STAGES)}")
-            query = query.where(_ModelRow.stage == text)
-        row = s.scalars(query).first()
-        if row is None:
-            raise RegistryError(f"no model matches {ref!r} in the registry")
-        return row
+        if stage is not None:
+            query = query.where(_ModelRow.stage == stage)
+        return s.scalars(query).first()
+
+    def _resolve(self, s: Session, ref: int | str) -> _ModelRow:
+        text = ref.strip().lower() if isinstance(ref, str) else None
+        if text == "latest" or text in STAGES:
+            row = self._newest(s, None if text == "latest" else text)
+            if row is None:
+                raise RegistryError(f"no model matches {ref!r} in the registry")
+            return row
+        if text is not None and not any(c.isdigit() for c in text):
+            raise RegistryError(f"unknown model ref {ref!r}: use a version, 'latest' or one of {', '.join(STAGES)}")
+        # A number: one rule for 3, "3" and "v3"; 0, "3x" or a 30-digit number are ConfigErrors.
+        return self._row(s, parse_model_version(ref if text is None else text, allow_prefix=True))

@@ -13,7 +13,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "TensorSpec": "observation", "Observation": "observation", "io_contract": "observation",
     "ModelManifest": "manifest", "read_manifest": "manifest", "write_manifest": "manifest",
     "TickRecord": "segment", "SegmentMeta": "segment", "SegmentInfo": "segment", "validate_segment": "segment",
-    "read_ticks": "segment", "scan_directory": "segment",
+    "validate_segment_bytes": "segment", "read_ticks": "segment", "scan_directory": "segment",
     "UploadStatus": "upload",
     "HealthReport": "fleet", "UpdateOffer": "fleet",
 })

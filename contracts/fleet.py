@@ -12,8 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-VEHICLE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+from driveloop.core.ids import VEHICLE_ID_PATTERN
+from driveloop.core.version import MODEL_VERSION_PATTERN
+
+VERSION_PATTERN = MODEL_VERSION_PATTERN  # a registry version's canonical text: "3", never "v3" or "03"
+HARDWARE_CLASS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
 
 Role = Literal["active", "shadow"]
 OperatorKind = Literal["pause", "resume", "promote", "abort"]
@@ -84,7 +87,7 @@ class UpdateOffer(_Wire):
 
 class VehicleEnrol(_Wire):
     vehicle_id: str = Field(pattern=VEHICLE_ID_PATTERN)
-    hardware_class: str = Field(default="generic", pattern=VERSION_PATTERN)
+    hardware_class: str = Field(default="generic", pattern=HARDWARE_CLASS_PATTERN)
 
 
 class VehicleCredential(_Wire):

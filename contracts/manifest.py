@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from driveloop.contracts.observation import io_contract
 from driveloop.core.atomic import file_sha256, write_atomic
 from driveloop.core.exceptions import ModelError
+from driveloop.core.version import MODEL_VERSION_MAX, MODEL_VERSION_MIN
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ class ModelManifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    version: int = Field(ge=1)
+    version: int = Field(ge=MODEL_VERSION_MIN, le=MODEL_VERSION_MAX)  # the one rule: core/version.py
     sha256: str = Field(min_length=64, max_length=64)
     inputs: dict[str, list[int]]
     outputs: dict[str, list[int]]
     obs_version: int = Field(ge=1)
-    parent_version: int | None = Field(default=None, ge=1)
+    parent_version: int | None = Field(default=None, ge=MODEL_VERSION_MIN, le=MODEL_VERSION_MAX)
     dataset_version: str | None = None
     training_run: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)

@@ -12,4 +12,8 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "DriveloopError": "exceptions",
     "write_atomic": "atomic", "fsync_dir": "atomic", "file_sha256": "atomic", "FileOps": "atomic",
     "lazy_exports": "lazy",
+    "VEHICLE_ID_PATTERN": "ids", "is_vehicle_id": "ids", "check_vehicle_id": "ids",
+    "ModelVersion": "version", "MODEL_VERSION_PATTERN": "version", "parse_model_version": "version",
+    "model_version_text": "version", "check_model_version_text": "version",
+    "new_token": "tokens", "hash_token": "tokens", "verify_token": "tokens", "parse_bearer": "tokens",
 })

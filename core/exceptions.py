@@ -8,6 +8,7 @@
     │   ├── IntegrityError         sha256 does not match the manifest
     │   └── ContractError          model I/O names/shapes/dtypes differ from the contract
     ├── RegistryError              model registry: unknown version, illegal stage change
+    │   └── NoModelError           no released or validated model to drive or fine-tune from
     ├── SegmentError               MCAP segment corrupt, truncated, or of the wrong schema
     ├── StorageError               object store / catalog failures
     ├── UploadError                transport failures while uploading segments
@@ -56,6 +57,10 @@ class ContractError(ModelError):
 
 class RegistryError(DriveloopError):
     exit_code = 4
+
+
+class NoModelError(RegistryError):
+    """The registry holds no released or validated model (``Registry.resolve`` without a ref)."""
 
 
 class SegmentError(DriveloopError):

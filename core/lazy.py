@@ -7,6 +7,7 @@ them is first used. Each package declares one table ``{public name: submodule}``
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from importlib import import_module
 from typing import Any
@@ -19,6 +20,8 @@ def lazy_exports(package: str, table: Mapping[str, str]) -> tuple[list[str], Cal
     def __getattr__(name: str) -> Any:
         if name not in names:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(import_module(f"{package}.{names[name]}"), name)
+        value = getattr(import_module(f"{package}.{names[name]}"), name)
+        setattr(sys.modules[package], name, value)  # cached: the next access is a plain attribute
+        return value
 
     return sorted(names), __getattr__

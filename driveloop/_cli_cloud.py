@@ -35,10 +35,6 @@ def _open_registry() -> Any:
     return Registry(root)
 
 
-def _ref(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
-
-
 def _row(manifest: Any, stage: str) -> dict[str, Any]:
     return {
         "version": manifest.version, "name": manifest.name, "stage": stage, "parent_version": manifest.parent_version,
@@ -76,7 +72,7 @@ def list_models(as_json: bool = _JSON) -> None:
 def show(ref: str = typer.Argument(..., help="Version, 'latest' or a stage name."), as_json: bool = _JSON) -> None:
     """One version's manifest, stage, stage history and file locations."""
     with _open_registry() as reg:
-        art = reg.get(_ref(ref))
+        art = reg.get(ref)
         history = reg.history(art.version)
     out = {
         "stage": art.stage, "onnx_path": art.onnx_path, "manifest_path": art.manifest_path,
@@ -102,7 +98,7 @@ def show(ref: str = typer.Argument(..., help="Version, 'latest' or a stage name.
 def lineage(ref: str = typer.Argument(..., help="Version, 'latest' or a stage name."), as_json: bool = _JSON) -> None:
     """The version, its parent, and so on back to the root model."""
     with _open_registry() as reg:
-        version = reg.get(_ref(ref)).version
+        version = reg.get(ref).version
         stages = {m.version: stage for m, stage in reg.list()}
         chain = [_row(m, stages[m.version]) | {"lineage": m.lineage, "training_run": m.training_run}
                  for m in reg.lineage(version)]
@@ -118,7 +114,7 @@ def lineage(ref: str = typer.Argument(..., help="Version, 'latest' or a stage na
 def verify(ref: str = typer.Argument(..., help="Version, 'latest' or a stage name."), as_json: bool = _JSON) -> None:
     """Re-hash a version's blob against its manifest (exit 4 when tampered or missing)."""
     with _open_registry() as reg:
-        version = reg.get(_ref(ref)).version
+        version = reg.get(ref).version
         sha = reg.verify(version)
     typer.echo(dumps({"version": version, "sha256": sha, "ok": True}) if as_json else f"v{version} ok ({sha})")
 
@@ -155,13 +151,13 @@ def cloud_serve(
                                     help="Enables the admin campaign API for this bearer token."),
 ) -> None:
     """Run the ingest server (resumable uploads, campaigns) over this data directory's cloud."""
-    from driveloop.cloud.auth import hash_secret
+    from driveloop.core.tokens import hash_token
     from driveloop.cloud.ingest import build_app, serve
     from driveloop.settings import load_settings
 
     s = load_settings()
     app_ = build_app(s.resolved_store_url(), s.resolved_catalog_url(), s.cloud_dir / "uploads",
-                     admin_token_hash=hash_secret(admin_token) if admin_token else None)
+                     admin_token_hash=hash_token(admin_token) if admin_token else None)
     typer.echo(f"driveloop ingest on http://{host}:{port} (catalog {s.resolved_catalog_url()})")
     serve(app_, host=host, port=port)
 
@@ -241,12 +237,10 @@ def segments_list(
     as_json: bool = _JSON,
 ) -> None:
     """Cataloged segments, oldest first."""
-    from dataclasses import asdict
-
     from driveloop.cloud.catalog import SegmentQuery
 
     query = SegmentQuery(vehicle=vehicle, scenario=scenario, event=event, unconsumed=True if new else None)
-    rows = [asdict(r) for r in _ingest_service().catalog.segments(query)]
+    rows = [r.to_json() for r in _ingest_service().catalog.segments(query)]
     if as_json:
         typer.echo(dumps({"segments": rows, "count": len(rows)}))
         return
@@ -269,8 +263,10 @@ def cloud_upload(
     from driveloop.wiring import transport_for
     from driveloop.edge.uploader import Uploader
     from driveloop.core.exceptions import ConfigError
+    from driveloop.core.ids import check_vehicle_id
     from driveloop.settings import load_settings
 
+    vehicle = check_vehicle_id(vehicle)  # names the uploader's state folder below
     s = load_settings()
     root = spool_dir or s.spool_dir
     if not (root / "closed").is_dir():

@@ -50,14 +50,7 @@ def resolve_model(registry_root: Path, ref: str | None) -> Any:
     if not (registry_root / "registry.db").exists():
         raise RegistryError(f"no model registry at {registry_root}: run `driveloop bootstrap` first")
     with Registry(registry_root) as reg:
-        if ref is not None:
-            return reg.get(int(ref) if ref.isdigit() else ref)
-        for stage in ("released", "validated"):
-            try:
-                return reg.get(stage)
-            except RegistryError:
-                continue
-    raise RegistryError("the registry holds no released or validated model: run `driveloop bootstrap`")
+        return reg.resolve(ref)
 
 
 @app.command()

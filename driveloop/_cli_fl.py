@@ -96,19 +96,21 @@ def run(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from driveloop.federated.client import VehicleSettings
     from driveloop.federated.run import FlRunConfig, run_federated
     from driveloop.federated.server import ServerSettings
     from driveloop.settings import load_settings
 
     settings = load_settings()
-    ServerSettings(run_dir=".", vehicles=vehicles, strategy=strategy, server_opt=server_opt, server_lr=server_lr)  # validate first
-    cfg = FlRunConfig(
-        home=Path(settings.home), registry_dir=Path(settings.registry_dir), rounds=rounds, vehicles=vehicles,
-        strategy=strategy, fraction=fraction, dropout=dropout, dropout_mode=dropout_mode, poison=poison, dp=dp, dp_noise_multiplier=dp_noise,
-        dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, close_at_quorum=close_at_quorum, clip_median_factor=clip_factor,
-        base_ref=base or None, episodes=episodes, episode_s=episode_s, local_epochs=local_epochs, seed=seed,
-        server_opt=server_opt, server_lr=server_lr, straggle_s=deadline_s * 2, num_cpus=settings.num_cpus, run_name=run_name or None, suite=_suite(suite_classes, suite_duration_s),
-    )
+    server = ServerSettings(  # validated here, before any vehicle prepares its data
+        vehicles=vehicles, rounds=rounds, strategy=strategy, fraction=fraction, dp=dp, dp_noise_multiplier=dp_noise,
+        dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, close_at_quorum=close_at_quorum,
+        clip_median_factor=clip_factor, server_opt=server_opt, server_lr=server_lr)
+    vehicle = VehicleSettings(
+        home=str(Path(settings.home)), registry_dir=str(Path(settings.registry_dir)), episodes=episodes, episode_s=episode_s,
+        local_epochs=local_epochs, data_seed=seed, straggle_s=deadline_s * 2, dropout_frac=dropout, dropout_mode=dropout_mode)
+    cfg = FlRunConfig(vehicle=vehicle, server=server, base_ref=base or None, poison=poison, num_cpus=settings.num_cpus,
+                      run_name=run_name or None, suite=_suite(suite_classes, suite_duration_s))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=Console(stderr=True)) as progress:
         prep = progress.add_task("vehicles preparing local data", total=vehicles)
@@ -189,16 +191,16 @@ def start(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Submit a federated run to `fl serve` (flwr run), wait for it, then gate and register the result."""
+    from driveloop.federated.client import VehicleSettings
     from driveloop.federated.run import FlRunConfig, run_deployed
     from driveloop.federated.server import ServerSettings
     from driveloop.settings import load_settings
 
     settings = load_settings()
-    ServerSettings(run_dir=".", vehicles=vehicles, strategy=strategy)
-    cfg = FlRunConfig(home=Path(settings.home).resolve(), registry_dir=Path(settings.registry_dir).resolve(), rounds=rounds,
-                      vehicles=vehicles, strategy=strategy, quorum_frac=quorum, round_deadline_s=deadline_s,
-                      local_epochs=local_epochs, episodes=episodes, episode_s=episode_s,
-                      suite=_suite(suite_classes, suite_duration_s))
+    server = ServerSettings(vehicles=vehicles, rounds=rounds, strategy=strategy, quorum_frac=quorum, round_deadline_s=deadline_s)
+    vehicle = VehicleSettings(home=str(Path(settings.home).resolve()), registry_dir=str(Path(settings.registry_dir).resolve()),
+                              local_epochs=local_epochs, episodes=episodes, episode_s=episode_s)
+    cfg = FlRunConfig(vehicle=vehicle, server=server, suite=_suite(suite_classes, suite_duration_s))
     report = run_deployed(cfg, superlink_port, timeout_s)
     if as_json:
         typer.echo(dumps(report))

@@ -117,7 +117,10 @@ def rollout_start(
 ) -> None:
     """Start a staged rollout of VERSION."""
     from driveloop.contracts.fleet import RolloutStart
+    from driveloop.core.version import model_version_text
 
+    # "3" or "v3", like `ota release`; the wire carries "3" (a bad one is a one-line ConfigError).
+    version, previous = model_version_text(version, allow_prefix=True), model_version_text(previous, allow_prefix=True)
     plan = None
     if plan_file is not None:
         try:

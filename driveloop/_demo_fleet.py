@@ -90,6 +90,10 @@ class DemoFleet:
             out[version] = out.get(version, 0) + 1
         return out
 
+    def active_version(self, vehicle_id: str) -> str:
+        """The model that actuates ``vehicle_id`` in the current window (what its segments record)."""
+        return self._active[vehicle_id].version
+
     def sync(self) -> dict[str, int]:
         """Every vehicle asks the director and installs what it is told (boots it on its next start)."""
         actions: dict[str, int] = {}

@@ -212,7 +212,8 @@ class _Loop:
     def _drive(self, seconds: float, window_seed: int, record: bool) -> Any:
         from driveloop.edge.drive import recorder_factory
 
-        factory = recorder_factory(self.settings.spool_dir, 2 * 2**30, "fleet") if record else None
+        # Mid-rollout the fleet runs several models: each vehicle's segments name the one that drove.
+        factory = recorder_factory(self.settings.spool_dir, 2 * 2**30, self.fleet.active_version) if record else None
         report = self.fleet.drive_window(self.clock_s, seconds, "mix", window_seed, recorder_factory=factory)
         self.clock_s += seconds
         return report
@@ -281,13 +282,17 @@ class _Loop:
 
     def _federated(self, result: IterationResult, suite: Any) -> dict[str, Any]:
         """One federated run (``fl_rounds`` rounds) over the vehicles' own spools, from the fleet's model."""
+        from driveloop.federated.client import VehicleSettings
         from driveloop.federated.run import FlRunConfig, run_federated
+        from driveloop.federated.server import ServerSettings
 
         self.say(f"federated: {self.cfg.fl_rounds} round(s) over {self.cfg.vehicles} vehicles' own data")
-        conf = FlRunConfig(home=Path(self.settings.home), registry_dir=Path(self.settings.registry_dir),
-                           rounds=self.cfg.fl_rounds, vehicles=self.cfg.vehicles, strategy="fedavg",
-                           base_ref=result.model, seed=self.cfg.seed + result.index, suite=suite,
-                           num_cpus=self.settings.num_cpus, run_name=f"demo-{self.cfg.seed}-it{result.index}")
+        conf = FlRunConfig(vehicle=VehicleSettings(home=str(Path(self.settings.home)),
+                                                   registry_dir=str(Path(self.settings.registry_dir)),
+                                                   data_seed=self.cfg.seed + result.index),
+                           server=ServerSettings(vehicles=self.cfg.vehicles, rounds=self.cfg.fl_rounds, strategy="fedavg"),
+                           base_ref=result.model, suite=suite, num_cpus=self.settings.num_cpus,
+                           run_name=f"demo-{self.cfg.seed}-it{result.index}")
         return run_federated(conf, on_round=lambda r: self.say(
             f"  federated round {r['round']}: {r['accepted']}/{r['sampled']} updates accepted"))
 

@@ -12,7 +12,7 @@ from driveloop.core.lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "ModelRunner": "runtime", "ModelRuntime": "runtime",
-    "IsolatedRuntime": "isolated", "FaultyRunner": "isolated", "Reply": "isolated",
+    "IsolatedRuntime": "isolated", "FaultyRunner": "faults", "Reply": "isolated",
     "Recorder": "recorder", "Spool": "spool", "SpoolEntry": "spool",
     "TriggerSpec": "triggers", "TriggerEngine": "triggers", "compile_condition": "triggers",
     "VehicleUpdater": "updater", "Offer": "updater", "ResumableFetcher": "fetcher",

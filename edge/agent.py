@@ -28,28 +28,31 @@ from driveloop.sim.sensors import SensorConfig, SensorFrame, SensorSuite, observ
 from driveloop.sim.simulator import SimConfig, Simulator
 from driveloop.sim.world import WorldSnapshot, gap_m
 from driveloop.core.exceptions import ConfigError
+from driveloop.edge.faults import Fault, lookup
 from driveloop.safety import Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs
 
 logger = logging.getLogger(__name__)
 
-MODEL_FAULTS = ("kill", "hang", "nan", "garbage", "late")
-SENSOR_FAULTS = ("stale",)
-FAULT_KINDS = MODEL_FAULTS + SENSOR_FAULTS
-
 
 @dataclass(frozen=True)
 class FaultSpec:
-    """A fault injected at ``at_s`` into the drive, lasting ``duration_s`` (kill: one SIGKILL)."""
+    """A fault injected at ``at_s`` into the drive, lasting ``duration_s`` (kill: one SIGKILL).
+
+    ``kind`` names a row of :data:`~driveloop.edge.faults.FAULTS`; :attr:`behaviour` is that row.
+    """
 
     kind: str
     at_s: float = 5.0
     duration_s: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.kind not in FAULT_KINDS:
-            raise ConfigError(f"unknown fault {self.kind!r}; valid: {', '.join(FAULT_KINDS)}")
+        lookup(self.kind)  # ConfigError listing the valid names
         if not (math.isfinite(self.at_s) and self.at_s >= 0 and self.duration_s > 0):
             raise ConfigError("fault time must be >= 0 and its duration > 0")
+
+    @property
+    def behaviour(self) -> Fault:
+        return lookup(self.kind)
 
     def active(self, now_s: float) -> bool:
         return self.at_s - 1e-9 <= now_s < self.at_s + self.duration_s - 1e-9
@@ -213,7 +216,7 @@ class VehicleAgent:
         return self._obs
 
     def _sensors_frozen(self) -> bool:
-        frozen = self.fault is not None and self.fault.kind == "stale" and self.fault.active(self.t_s)
+        frozen = self.fault is not None and self.fault.behaviour.freezes_sensors and self.fault.active(self.t_s)
         return frozen and self._obs is not None  # the sensor stack stopped delivering: the last frame repeats
 
     def _take_frame(self, frame: SensorFrame) -> None:

@@ -8,7 +8,7 @@ contract) before the spool is touched, so a bad model writes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,23 +53,25 @@ def open_client(artifact: Any, isolate: bool, fault: FaultSpec | None, device: s
     runtime = ModelRuntime(artifact.onnx_path, artifact.manifest, device=device)
     runtime.warmup()  # first-call allocations must not be mistaken for a deadline miss
     if fault is not None:
-        from driveloop.edge.isolated import FaultyRunner
+        from driveloop.edge.faults import FaultyRunner
 
         return InProcessInference(FaultyRunner(runtime)), None
     return InProcessInference(runtime), None
 
 
-def recorder_factory(spool_dir: Path, quota_bytes: int, model_version: str,
+def recorder_factory(spool_dir: Path, quota_bytes: int, model_version: str | Callable[[str], str],
                      campaigns: Sequence[Any] = ()) -> Any:
     """Recorders into one spool; ``campaigns`` (cloud collection campaigns as TriggerSpecs) run beside
-    the built-in triggers."""
+    the built-in triggers. ``model_version`` is the version every vehicle runs, or a function of the
+    vehicle id for a fleet mid-rollout (each segment names the model that drove it)."""
     from driveloop.edge.recorder import Recorder
     from driveloop.edge.spool import Spool
 
     spool = Spool(spool_dir, quota_bytes)
 
     def make(vehicle_id: str, scenario: str, seed: int) -> Recorder:
-        rec = Recorder(spool, vehicle_id, scenario, seed, model_version)
+        version = model_version(vehicle_id) if callable(model_version) else model_version
+        rec = Recorder(spool, vehicle_id, scenario, seed, version)
         if campaigns:
             rec.set_campaign_triggers(campaigns)
         return rec

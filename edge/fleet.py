@@ -22,7 +22,6 @@ from typing import Protocol
 import numpy as np
 
 from driveloop.edge.agent import (
-    MODEL_FAULTS,
     AgentConfig,
     FaultSpec,
     RecorderFactory,
@@ -242,8 +241,8 @@ def run_fleet(
     try:
         for tick in range(total):
             now = tick * dt
-            if fault is not None and fault.kind in MODEL_FAULTS and abs(now - fault.at_s) < dt / 2:
-                count = 1 if fault.kind == "kill" else max(1, int(round(fault.duration_s / dt)))
+            if fault is not None and fault.behaviour.side == "model" and abs(now - fault.at_s) < dt / 2:
+                count = 1 if fault.behaviour.kills else max(1, int(round(fault.duration_s / dt)))
                 for client in clients.values():
                     client.inject(fault.kind, count)
                 logger.warning("fault %s injected at t=%.1f s", fault.kind, now)

@@ -1,4 +1,4 @@
-"""IsolatedRuntime: the model in its own process, so the vehicle outlives it; plus fault injection.
+"""IsolatedRuntime: the model in its own process, so the vehicle outlives it.
 
 Why: a model that segfaults, leaks, hangs in a kernel or returns garbage must never take the control
 loop with it. The loop talks to the model process without ever blocking past its deadline:
@@ -11,10 +11,11 @@ loop with it. The loop talks to the model process without ever blocking past its
   ``hang_timeout_s`` is killed. Either way it is restarted after an exponential backoff, from the
   loop's own calls (``Process.start`` only forks/execs; the model loads in the child, off the loop).
 
-Faults (``inject``) for tests and ``driveloop drive --fault``: kill (SIGKILL the child), hang (the
-child sleeps forever on the next request), nan (NaN outputs), garbage (wrong shape, huge values),
-late (reply after ``late_delay_s``). ``FaultyRunner`` applies the same faults to any in-process
-ModelRunner. Detecting them is the safety watchdog's job; this module only reports what happened.
+Faults (``inject``) for tests and ``driveloop drive --fault``: the model-side rows of
+:data:`~driveloop.edge.faults.FAULTS` — kill (SIGKILL the child), hang (the child sleeps forever on the
+next request), nan, garbage, late (reply after ``late_delay_s``). ``edge.faults.FaultyRunner`` applies
+the same faults to any in-process ModelRunner. Detecting them is the safety watchdog's job; this module
+only reports what happened.
 """
 
 from __future__ import annotations
@@ -37,17 +38,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from driveloop.contracts import observation as C
+from driveloop.edge.faults import Fault, lookup
 from driveloop.edge.runtime import BATCH_BUCKETS, validate_batch
 from driveloop.core.exceptions import ConfigError, IntegrityError, ModelError
 
 if TYPE_CHECKING:
     from driveloop.contracts.manifest import ModelManifest
-    from driveloop.edge.runtime import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-FAULT_KINDS = ("kill", "hang", "nan", "garbage", "late")
-GARBAGE_VALUE = 3.0e38  # near float32 max: "huge" without being inf
 _ROW_FLOATS = sum(int(np.prod(s.shape)) for s in C.INPUTS)
 
 
@@ -84,15 +83,6 @@ class Reply:
                 and bool(np.isfinite(self.action).all() and np.isfinite(self.confidence).all()))
 
 
-def corrupt(kind: str, action: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The output faults, shared by the model process and FaultyRunner."""
-    if kind == "nan":
-        return np.full_like(action, np.nan), conf
-    if kind == "garbage":
-        return np.full((action.shape[0], 5), GARBAGE_VALUE, np.float32), np.full((action.shape[0], 3), -GARBAGE_VALUE, np.float32)
-    return action, conf
-
-
 def _unlink(path: str) -> None:
     Path(path).unlink(missing_ok=True)
 
@@ -127,7 +117,7 @@ def _child_main(fd: int) -> None:
         return
     views = _buffer_views(np.memmap(buf_path, np.float32, "r", shape=(max_batch * _ROW_FLOATS,)), max_batch)
     conn.send(("ready", rt.provider))
-    fault: str | None = None
+    fault: Fault | None = None
     fault_left: int | None = 0
     late_s = 0.0
     while True:
@@ -139,13 +129,13 @@ def _child_main(fd: int) -> None:
         if msg[0] == "stop":
             return
         if msg[0] == "fault":
-            fault, fault_left, late_s = msg[1], msg[2], msg[3]
+            fault, fault_left, late_s = lookup(msg[1], "model"), msg[2], msg[3]
             continue
         _, rid, n = msg
         active = fault if fault_left is None or fault_left > 0 else None
-        if active and fault_left is not None:
+        if active is not None and fault_left is not None:
             fault_left -= 1
-        if active == "hang":
+        if active is not None and active.hangs:
             while os.getppid() == parent_pid:  # hung for good, but never outlive the vehicle process
                 time.sleep(0.5)
             _unlink(buf_path)
@@ -155,9 +145,10 @@ def _child_main(fd: int) -> None:
         except DriveloopError as e:
             conn.send(("error", rid, str(e)))
             continue
-        if active == "late":
+        if active is not None and active.late:
             time.sleep(late_s)
-        action, conf = corrupt(active or "", action, conf)
+        if active is not None and active.corrupt is not None:
+            action, conf = active.corrupt(action, conf)
         conn.send(("ok", rid, action, conf))
 
 
@@ -361,13 +352,12 @@ class IsolatedRuntime:
 
     def inject(self, kind: str, count: int | None = 1) -> None:
         """Inject a fault: kill now, or hang/nan/garbage/late on the next ``count`` requests (None = all)."""
-        if kind not in FAULT_KINDS:
-            raise ConfigError(f"unknown fault {kind!r}; choose from {', '.join(FAULT_KINDS)}")
+        fault = lookup(kind, "model")
         if self._proc is None or self._conn is None:
             raise ModelError(f"no model process to inject {kind!r} into ({self._state})")
         pid = self._proc.pid
         try:
-            if kind == "kill":
+            if fault.kills:
                 os.kill(pid, signal.SIGKILL)
             else:
                 self._conn.send(("fault", kind, count, self.config.late_delay_s))
@@ -419,43 +409,3 @@ class IsolatedRuntime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-class FaultyRunner:
-    """Applies the same faults to an in-process ModelRunner (no isolation: 'hang' blocks for ``hang_s``)."""
-
-    def __init__(self, inner: ModelRunner, *, late_s: float = 0.3, hang_s: float = 1.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.inner, self.late_s, self.hang_s, self._sleep = inner, late_s, hang_s, sleep
-        self._fault: str | None = None
-        self._left: int | None = 0
-
-    def inject(self, kind: str, count: int | None = 1) -> None:
-        """kill: raise for ``count`` calls (None = until clear()); others: corrupt the next ``count`` calls."""
-        if kind not in FAULT_KINDS:
-            raise ConfigError(f"unknown fault {kind!r}; choose from {', '.join(FAULT_KINDS)}")
-        self._fault, self._left = kind, count
-
-    def clear(self) -> None:
-        self._fault, self._left = None, 0
-
-    @property
-    def manifest(self) -> ModelManifest:
-        return self.inner.manifest
-
-    @property
-    def provider(self) -> str:
-        return f"faulty:{self.inner.provider}"
-
-    def run(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        fault = self._fault if self._left is None or self._left > 0 else None
-        if fault and self._left is not None:
-            self._left -= 1
-        if fault == "kill":
-            raise ModelError("model is dead (injected kill)")
-        if fault == "hang":
-            self._sleep(self.hang_s)
-            raise ModelError(f"model hung for {self.hang_s}s (injected)")
-        action, conf = self.inner.run(batch)
-        if fault == "late":
-            self._sleep(self.late_s)
-        return corrupt(fault or "", action, conf)

@@ -39,9 +39,11 @@ from driveloop.contracts.segment import (
     schema_bytes,
     validate_segment,
 )
-from driveloop.edge.spool import Spool, check_vehicle_id
+from driveloop.edge.spool import Spool
 from driveloop.edge.triggers import FiredEvent, TriggerEngine, TriggerSpec, builtin_triggers
 from driveloop.core.exceptions import ConfigError, SegmentError, StorageError
+from driveloop.core.version import model_version_text
+from driveloop.core.ids import check_vehicle_id
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class Recorder:
         vehicle_id: str,
         scenario: str,
         seed: int,
-        model_version: str,
+        model_version: str | int,
         segment_max_s: float = DEFAULT_SEGMENT_MAX_S,
         triggers: TriggerEngine | Iterable[TriggerSpec] | None = None,
         chunk_size_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -95,7 +97,8 @@ class Recorder:
         self.vehicle_id = check_vehicle_id(vehicle_id)
         self.scenario = scenario
         self.seed = int(seed)
-        self.model_version = str(model_version)
+        # Checked here, before any segment exists: metadata carries the canonical text ("3"), never "v3" or "0".
+        self.model_version = model_version_text(model_version)
         self.segment_max_s = float(segment_max_s)
         self.chunk_size_bytes = chunk_size_bytes
         self.verify = verify
@@ -189,7 +192,7 @@ class Recorder:
                 self.quarantined.append(self.spool.quarantine(part))
                 continue
             path, evicted = self.spool.add_closed(part, self.vehicle_id, self.spool.part_opened_ns(part),
-                                                  info.priority)
+                                                  info.meta.priority or 0)  # always set in a segment file
             logger.warning("recovered a complete segment left open by a crash: %s", path.name)
             self.recovered.append(path)
             self.evicted += evicted

@@ -28,11 +28,13 @@ from pathlib import Path
 from driveloop.core.atomic import fsync_dir
 from driveloop.contracts.segment import PART_SUFFIX, SEGMENT_SUFFIX
 from driveloop.core.exceptions import ConfigError, StorageError
+from driveloop.core.ids import VEHICLE_ID_REGEX, check_vehicle_id
 
 logger = logging.getLogger(__name__)
 
-VEHICLE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_CLOSED_RE = re.compile(r"^(?P<opened_ns>\d{19})-(?P<vehicle>[A-Za-z0-9_.-]{1,64})-p(?P<priority>\d)\.mcap$")
+# The vehicle id may itself contain "-" (and even "-p1"): the anchored "-p<digit>.mcap" tail decides.
+# A name whose id breaks the rule (e.g. "..") is not a segment: it never reaches a path or an upload.
+_CLOSED_RE = re.compile(rf"^(?P<opened_ns>\d{{19}})-(?P<vehicle>{VEHICLE_ID_REGEX})-p(?P<priority>\d)\.mcap$")
 MAX_PRIORITY = 9
 
 
@@ -50,12 +52,6 @@ class SpoolEntry:
     @property
     def has_event(self) -> bool:
         return self.priority > 0
-
-
-def check_vehicle_id(vehicle: str) -> str:
-    if not isinstance(vehicle, str) or not VEHICLE_RE.match(vehicle):
-        raise ConfigError(f"vehicle id {vehicle!r} must match {VEHICLE_RE.pattern}")
-    return vehicle
 
 
 class Spool:

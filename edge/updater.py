@@ -30,6 +30,7 @@ from driveloop.edge import _slots
 from driveloop.core.atomic import FileOps
 from driveloop.edge.health_window import HealthWindowPolicy, HealthWindowResult
 from driveloop.edge.fetcher import ResumableFetcher
+from driveloop.core.version import check_model_version_text
 from driveloop.core.exceptions import (
     ConfigError,
     IntegrityError,
@@ -248,6 +249,11 @@ class VehicleUpdater:
         if other.version == target_version and other.status == "ready" and not state.trial:
             # The previous model is still in the other slot (e.g. a rollout was aborted): switch back.
             return Offer(target_version, other.sha256 or "", 0, other.release_seq, "any", {}, None, None)
+        # Checked here, where it becomes a TUF target path (slots above hold versions verified at install):
+        try:  # only a canonical version, "3", never "v3", "03" or "../x"
+            check_model_version_text(target_version)
+        except ConfigError as e:
+            raise OtaError(f"the director's target is not a release: {e}") from e
         self._tuf = self._updater()
         with tuf_errors(f"checking release {target_version}"):
             self._tuf.refresh()

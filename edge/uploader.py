@@ -34,6 +34,7 @@ from driveloop.edge.spool import Spool, SpoolEntry
 from driveloop.contracts.upload import UploadStatus
 from driveloop.edge.transport import UploadTransport
 from driveloop.core.exceptions import ConfigError, UploadError, UploadRejectedError
+from driveloop.core.ids import check_vehicle_id
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ class Uploader:
         if chunk_bytes < 1:
             raise ConfigError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
         self.spool, self.transport, self.chunk_bytes = spool, transport, chunk_bytes
-        self.vehicle_id = vehicle_id
+        # Checked before state_dir is touched: callers name that folder after the id.
+        self.vehicle_id = None if vehicle_id is None else check_vehicle_id(vehicle_id)
         self.rng = rng or random.Random()
         self.backoff = backoff or BackoffPolicy()
         self.clock, self.sleep = clock, sleep

@@ -22,6 +22,7 @@ Faults (for the robustness benchmarks): ``faults`` maps a vehicle id to ``scale5
 ``straggle`` (it answers only after ``straggle_s``: past the round's deadline), ``nan``, ``shape`` (broken
 updates) or ``impostor`` (claims an id outside the fleet), in every round. ``dropout_frac`` instead drops a
 fresh seeded share of the fleet each round (``round_dropouts``), as connectivity loss does on the road.
+What each fault does is its row in :data:`FAULTS`.
 """
 
 from __future__ import annotations
@@ -29,19 +30,71 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from driveloop.cloud.train import OPTIMIZERS
 from driveloop.core.exceptions import ConfigError, FederatedError
+from driveloop.core.ids import check_vehicle_id
 
 logger = logging.getLogger(__name__)
 
-FAULTS = ("scale50", "signflip", "dropout", "straggle", "nan", "shape", "impostor")
-DROPOUT_MODES = ("dropout", "straggle")  # how a vehicle drawn by round_dropouts leaves the round
+Arrays = dict[str, np.ndarray]
+
+
+def _scale50(state: Arrays, base: Arrays) -> Arrays:
+    return {k: (base[k] + 50.0 * (v - base[k])).astype(v.dtype) for k, v in state.items()}
+
+
+def _signflip(state: Arrays, base: Arrays) -> Arrays:
+    return {k: (base[k] - (v - base[k])).astype(v.dtype) for k, v in state.items()}
+
+
+def _nan(state: Arrays, base: Arrays) -> Arrays:
+    out = dict(state)
+    first = next(iter(out))
+    bad = out[first].copy()
+    bad.flat[0] = np.nan
+    out[first] = bad
+    return out
+
+
+def _wrong_shape(state: Arrays, base: Arrays) -> Arrays:
+    out = dict(state)
+    first = next(iter(out))
+    out[first] = np.zeros((*out[first].shape, 2), dtype=out[first].dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class VehicleFault:
+    """What an injected fault does to a vehicle's round (see the module docstring)."""
+
+    poison: Callable[[Arrays, Arrays], Arrays] | None = None  # (honest update, global) -> the update sent
+    drop: bool = False  # trains, then errors mid-round
+    straggle: bool = False  # answers only after straggle_s
+    impostor: bool = False  # claims an id outside the fleet
+
+
+# Fault name -> what it does: one table for parse_faults, poison and handle_train. Its order is that of
+# the valid names in error messages.
+FAULTS: Mapping[str, VehicleFault] = MappingProxyType({
+    "scale50": VehicleFault(poison=_scale50),
+    "signflip": VehicleFault(poison=_signflip),
+    "dropout": VehicleFault(drop=True),
+    "straggle": VehicleFault(straggle=True),
+    "nan": VehicleFault(poison=_nan),
+    "shape": VehicleFault(poison=_wrong_shape),
+    "impostor": VehicleFault(impostor=True),
+})
+NO_FAULT = VehicleFault()
+# How a vehicle drawn by round_dropouts leaves the round: the faults that drop or delay its reply.
+DROPOUT_MODES = tuple(name for name, f in FAULTS.items() if f.drop or f.straggle)
 META_KEY, ARRAYS_KEY, METRICS_KEY = "meta", "arrays", "metrics"
 
 
@@ -55,10 +108,17 @@ def parse_faults(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
         vid, _, fault = item.partition(":")
-        if fault not in FAULTS:
-            raise ConfigError(f"unknown fault {fault!r} for {vid!r}; valid: {', '.join(FAULTS)}")
+        vehicle_fault(fault, f" for {vid!r}")
         out[vid] = fault
     return out
+
+
+def vehicle_fault(name: str, where: str = "") -> VehicleFault:
+    """The row of fault ``name``; ConfigError listing the valid names when there is none."""
+    try:
+        return FAULTS[name]
+    except KeyError:
+        raise ConfigError(f"unknown fault {name!r}{where}; valid: {', '.join(FAULTS)}") from None
 
 
 def format_faults(faults: dict[str, str]) -> str:
@@ -92,9 +152,10 @@ class VehicleSettings:
 
     def __post_init__(self) -> None:
         parse_faults(self.faults)
-        if not 0.0 <= self.dropout_frac < 1.0 or self.dropout_mode not in DROPOUT_MODES:
-            raise ConfigError(f"dropout_frac must be in [0, 1) and dropout_mode dropout|straggle, got "
-                              f"{self.dropout_frac}, {self.dropout_mode!r}")
+        if not 0.0 <= self.dropout_frac < 1.0:
+            raise ConfigError(f"dropout_frac must be a fraction in [0, 1), got {self.dropout_frac}")
+        if self.dropout_mode not in DROPOUT_MODES:
+            raise ConfigError(f"unknown dropout_mode {self.dropout_mode!r}; valid: {', '.join(DROPOUT_MODES)}")
         if self.local_epochs < 1 or self.batch_size < 0:
             raise ConfigError("local_epochs must be >= 1 and batch_size >= 0 (0: whole dataset)")
         if self.optimizer not in OPTIMIZERS:  # checked here too: before any vehicle drives or trains
@@ -115,8 +176,8 @@ class VehicleSettings:
 
 
 def resolve_vehicle_id(node_config: dict[str, Any]) -> str:
-    if "vehicle-id" in node_config:
-        return str(node_config["vehicle-id"])
+    if "vehicle-id" in node_config:  # names the vehicle's data folder: the one id rule, no "." or ".."
+        return check_vehicle_id(str(node_config["vehicle-id"]))
     if "partition-id" in node_config:
         return vehicle_id_for(int(node_config["partition-id"]))
     raise ConfigError("node config has neither vehicle-id nor partition-id")
@@ -130,25 +191,11 @@ def round_dropouts(fleet_size: int, frac: float, server_round: int, seed: int) -
     return {vehicle_id_for(int(i)) for i in order[:n]}
 
 
-def poison(state: dict[str, np.ndarray], base: dict[str, np.ndarray], fault: str) -> dict[str, np.ndarray]:
-    """A poisoned/broken version of an honest update (pure: for the robustness benchmarks and tests)."""
-    if fault == "scale50":
-        return {k: (base[k] + 50.0 * (v - base[k])).astype(v.dtype) for k, v in state.items()}
-    if fault == "signflip":
-        return {k: (base[k] - (v - base[k])).astype(v.dtype) for k, v in state.items()}
-    if fault == "nan":
-        out = dict(state)
-        first = next(iter(out))
-        bad = out[first].copy()
-        bad.flat[0] = np.nan
-        out[first] = bad
-        return out
-    if fault == "shape":
-        out = dict(state)
-        first = next(iter(out))
-        out[first] = np.zeros((*out[first].shape, 2), dtype=out[first].dtype)
-        return out
-    return state
+def poison(state: Arrays, base: Arrays, fault: str) -> Arrays:
+    """A poisoned/broken version of an honest update (pure: for the robustness benchmarks and tests);
+    a fault that does not touch the update (dropout, straggle, impostor) leaves it as it is."""
+    rewrite = vehicle_fault(fault).poison
+    return state if rewrite is None else rewrite(state, base)
 
 
 def train_locally(settings: VehicleSettings, vehicle_id: str, global_state: dict[str, Any], mu: float) -> tuple[dict[str, Any], dict[str, float | int]]:
@@ -189,24 +236,25 @@ def handle_train(settings: VehicleSettings, vehicle_id: str, msg: Any) -> Any:
 
     t0 = time.perf_counter()
     config = msg.content.get("config", ConfigRecord())
-    fault = parse_faults(settings.faults).get(vehicle_id, "")
+    name = parse_faults(settings.faults).get(vehicle_id)
     if settings.dropout_frac > 0 and vehicle_id in round_dropouts(
             settings.fleet_size, settings.dropout_frac, int(config.get("server-round", 0)), settings.data_seed):
-        fault = settings.dropout_mode
-    if fault == "straggle":
+        name = settings.dropout_mode
+    fault = FAULTS[name] if name else NO_FAULT
+    if fault.straggle:
         time.sleep(settings.straggle_s)
     global_arrays = msg.content[ARRAYS_KEY]
     mu = float(config.get("proximal-mu", 0.0))
     base = {k: np.asarray(a.numpy()) for k, a in global_arrays.items()}
     state, metrics = train_locally(settings, vehicle_id, {k: torch.from_numpy(v.copy()) for k, v in base.items()}, mu)
-    if fault == "dropout":
+    if fault.drop:
         raise FederatedError(f"vehicle {vehicle_id} dropped out mid-round (injected fault)")
     np_state = {k: v.detach().cpu().numpy() for k, v in state.items()}
-    if fault in ("scale50", "signflip", "nan", "shape"):
-        np_state = poison(np_state, base, fault)
+    if fault.poison is not None:
+        np_state = fault.poison(np_state, base)
     out_arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in np_state.items()})
     metrics["train-time-s"] = time.perf_counter() - t0
-    claimed = f"impostor-{vehicle_id}" if fault == "impostor" else vehicle_id
+    claimed = f"impostor-{vehicle_id}" if fault.impostor else vehicle_id
     content = RecordDict({ARRAYS_KEY: out_arrays, METRICS_KEY: MetricRecord(metrics),
                           META_KEY: ConfigRecord({"vehicle-id": claimed})})
     logger.info("vehicle %s trained on %d samples in %.2f s", vehicle_id, metrics["num-examples"], metrics["train-time-s"])

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from driveloop.core.exceptions import ConfigError, FederatedError
+from driveloop.core.exceptions import FederatedError
+from driveloop.core.ids import check_vehicle_id
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,7 @@ def superlink_argv(port: int, database: Path | None = None) -> list[str]:
 
 
 def supernode_argv(vehicle_id: str, superlink_port: int, port: int) -> list[str]:
-    if not vehicle_id or any(c in vehicle_id for c in "\"' ="):
-        raise ConfigError(f"bad vehicle id {vehicle_id!r}")
+    check_vehicle_id(vehicle_id)  # the rule has no quote, space or "=": the node config stays one pair
     return [_exe("flower-supernode"), "--insecure", "--superlink", f"{HOST}:{superlink_port}",
             "--node-config", f'vehicle-id="{vehicle_id}"', "--host", HOST, "--port", str(port)]
 

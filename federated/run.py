@@ -19,15 +19,17 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from driveloop.cloud.evaluation import EvalSuite, GateTolerances
-from driveloop.core.exceptions import ConfigError, FederatedError, RegistryError
-from driveloop.federated.client import DROPOUT_MODES, VehicleSettings, format_faults, vehicle_id_for
+from driveloop.core.exceptions import ConfigError, FederatedError, NoModelError
+from driveloop.federated.client import VehicleSettings, format_faults, vehicle_id_for
 from driveloop.federated.server import (
     ReplyCallback,
     RoundCallback,
@@ -38,37 +40,46 @@ from driveloop.federated.server import (
 logger = logging.getLogger(__name__)
 
 
+# --poison-kind -> the client faults the poisoned vehicles send, dealt out in turn (client.FAULTS names).
+POISON_KINDS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "mixed": ("scale50", "signflip"),
+    "scale50": ("scale50",),
+    "signflip": ("signflip",),
+})
+# What the run sets in the composed settings (from its other fields): they must be left at their defaults.
+_RUN_SETS = {"server": ("run_dir", "krum_malicious"), "vehicle": ("base_ref", "faults", "fleet_size")}
+# The flat names FlRunConfig's fields had before it composed the settings: the default run name is a digest
+# of the settings under these names, so a rerun of a run named before still finds (and resumes) it.
+_FLAT_NAMES = {
+    "rounds": ("server", "rounds"), "vehicles": ("server", "vehicles"), "strategy": ("server", "strategy"),
+    "fraction": ("server", "fraction"), "dp": ("server", "dp"), "dp_noise_multiplier": ("server", "dp_noise_multiplier"),
+    "dp_clipping_norm": ("server", "dp_clipping_norm"), "quorum_frac": ("server", "quorum_frac"),
+    "round_deadline_s": ("server", "round_deadline_s"), "close_at_quorum": ("server", "close_at_quorum"),
+    "clip_median_factor": ("server", "clip_median_factor"), "max_update_norm": ("server", "max_update_norm"),
+    "server_opt": ("server", "server_opt"), "server_lr": ("server", "server_lr"),
+    "dropout": ("vehicle", "dropout_frac"), "dropout_mode": ("vehicle", "dropout_mode"),
+    "straggle_s": ("vehicle", "straggle_s"), "episodes": ("vehicle", "episodes"), "episode_s": ("vehicle", "episode_s"),
+    "local_epochs": ("vehicle", "local_epochs"), "local_optimizer": ("vehicle", "optimizer"),
+    "batch_size": ("vehicle", "batch_size"), "lr": ("vehicle", "lr"), "seed": ("vehicle", "data_seed"),
+}
+
+
 @dataclass(frozen=True)
 class FlRunConfig:
-    home: Path
-    registry_dir: Path
-    rounds: int = 100  # one gradient step each (see local_optimizer); docs/BENCHMARKS.md: 100 reach the central result
-    vehicles: int = 10
-    strategy: str = "fedavg"
-    fraction: float = 1.0
-    dropout: float = 0.0  # share of vehicles that drop out mid-round: a fresh seeded draw every round
-    dropout_mode: str = "dropout"  # dropout: the vehicle errors out mid-round | straggle: it answers too late
-    straggle_s: float = 60.0
-    poison: float = 0.0  # share of vehicles sending poisoned updates (alternating x50-scaled / sign-flipped)
-    poison_kind: str = "mixed"  # mixed | scale50 | signflip
-    dp: bool = False
-    dp_noise_multiplier: float = 0.1
-    dp_clipping_norm: float = 1.0
-    quorum_frac: float = 0.6
-    round_deadline_s: float = 300.0
-    close_at_quorum: bool = False
-    clip_median_factor: float = 3.0
-    max_update_norm: float = 0.0
-    base_ref: str | None = None
-    episodes: int = 3
-    episode_s: float = 20.0
-    local_epochs: int = 1
-    local_optimizer: str = "sgd"  # with batch_size 0 and lr 1.0 the update is the vehicle's full-batch gradient
-    batch_size: int = 0
-    lr: float = 1.0  # the vehicles' local step; the server's Adam makes the global step (server_lr)
-    server_opt: str = "adam"
-    server_lr: float = 3e-4
-    seed: int = 0
+    """One ``fl run``: the server's and the vehicles' settings (each default defined there, once) plus what
+    only the run has. ``vehicle.home``/``vehicle.registry_dir`` are the run's data directory and registry;
+    ``vehicle.data_seed`` seeds both the vehicles' data and the poison assignment.
+
+    The run fills in what it derives: ``server.run_dir`` (named by ``run_name`` or a digest of the
+    settings), ``server.krum_malicious`` (from ``poison``), ``vehicle.base_ref`` (the resolved ``base_ref``),
+    ``vehicle.faults`` (from ``poison``/``poison_kind``) and ``vehicle.fleet_size`` (``server.vehicles``).
+    """
+
+    vehicle: VehicleSettings
+    server: ServerSettings = field(default_factory=ServerSettings)
+    base_ref: str | None = None  # None: the newest released model, else the newest validated
+    poison: float = 0.0  # share of vehicles sending poisoned updates (see poison_kind)
+    poison_kind: str = "mixed"  # a key of POISON_KINDS
     num_cpus: int = 2
     run_name: str | None = None
     suite: EvalSuite = field(default_factory=EvalSuite)
@@ -76,56 +87,58 @@ class FlRunConfig:
     evaluate: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("dropout", "poison"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"--{name} must be a fraction in [0, 1), got {v}")
-        if self.dropout_mode not in DROPOUT_MODES:
-            raise ConfigError(f"dropout_mode must be dropout or straggle, got {self.dropout_mode!r}")
-        if self.poison_kind not in ("mixed", "scale50", "signflip"):
-            raise ConfigError(f"poison_kind must be mixed, scale50 or signflip, got {self.poison_kind!r}")
+        if not 0.0 <= self.poison < 1.0:
+            raise ConfigError(f"--poison must be a fraction in [0, 1), got {self.poison}")
+        if self.poison_kind not in POISON_KINDS:
+            raise ConfigError(f"unknown poison_kind {self.poison_kind!r}; valid: {', '.join(POISON_KINDS)}")
         if self.num_cpus < 1:
             raise ConfigError("num_cpus must be >= 1")
+        for part, names in _RUN_SETS.items():
+            settings = getattr(self, part)
+            for f in fields(settings):
+                if f.name in names and getattr(settings, f.name) != f.default:
+                    raise ConfigError(f"{part}.{f.name} is set by the run; leave it at its default")
+
+    @property
+    def home(self) -> Path:
+        return Path(self.vehicle.home)
+
+    @property
+    def registry_dir(self) -> Path:
+        return Path(self.vehicle.registry_dir)
 
     def faults(self) -> dict[str, str]:
         """Which vehicles send poisoned updates in every round (seeded). Dropouts are drawn per round
         (``client.round_dropouts``): a compromised vehicle stays compromised, a lost link comes back."""
-        ids = [vehicle_id_for(i) for i in range(self.vehicles)]
-        order = [ids[i] for i in np.random.default_rng(self.seed).permutation(len(ids))]
-        kinds = ("scale50", "signflip") if self.poison_kind == "mixed" else (self.poison_kind,)
+        ids = [vehicle_id_for(i) for i in range(self.server.vehicles)]
+        order = [ids[i] for i in np.random.default_rng(self.vehicle.data_seed).permutation(len(ids))]
+        kinds = POISON_KINDS[self.poison_kind]
         return {vid: kinds[j % len(kinds)] for j, vid in enumerate(order[: round(self.poison * len(ids))])}
+
+    def run_key(self) -> dict[str, Any]:
+        """What names a run (digested into the default run name): every setting but where the data lives
+        and how the result is gated, under its flat name (``_FLAT_NAMES``); settings that had no flat name
+        count only when changed from their default, so the name of a run configured before is unchanged."""
+        key: dict[str, Any] = {flat: getattr(getattr(self, part), name) for flat, (part, name) in _FLAT_NAMES.items()}
+        key |= {"base_ref": self.base_ref, "poison": self.poison, "poison_kind": self.poison_kind, "num_cpus": self.num_cpus}
+        for part in ("server", "vehicle"):
+            settings = getattr(self, part)
+            named = {n for p, n in _FLAT_NAMES.values() if p == part} | set(_RUN_SETS[part]) | {"home", "registry_dir"}
+            key |= {f"{part}.{f.name}": getattr(settings, f.name) for f in fields(settings)
+                    if f.name not in named and getattr(settings, f.name) != f.default}
+        return key
 
 
 def _digest(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def resolve_base(registry: Any, ref: str | None) -> Any:
-    """The model to fine-tune: ``ref``, else the newest released, else the newest validated."""
-    if ref is not None:
-        return registry.get(ref)
-    for stage in ("released", "validated"):
-        with contextlib.suppress(RegistryError):
-            return registry.get(stage)
-    raise FederatedError("no released or validated model to fine-tune from (run `driveloop bootstrap` first)")
-
-
 def settings_for(cfg: FlRunConfig, base_version: int, run_dir: Path) -> tuple[ServerSettings, VehicleSettings]:
-    server = ServerSettings(
-        run_dir=str(run_dir), vehicles=cfg.vehicles, rounds=cfg.rounds, strategy=cfg.strategy, fraction=cfg.fraction,
-        quorum_frac=cfg.quorum_frac, round_deadline_s=cfg.round_deadline_s, close_at_quorum=cfg.close_at_quorum,
-        max_update_norm=cfg.max_update_norm,
-        clip_median_factor=cfg.clip_median_factor, krum_malicious=max(1, round(cfg.poison * cfg.vehicles)),
-        dp=cfg.dp, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clipping_norm=cfg.dp_clipping_norm,
-        server_opt=cfg.server_opt, server_lr=cfg.server_lr,
-    )
-    vehicle = VehicleSettings(
-        home=str(Path(cfg.home).resolve()), registry_dir=str(Path(cfg.registry_dir).resolve()), base_ref=str(base_version),
-        episodes=cfg.episodes, episode_s=cfg.episode_s, local_epochs=cfg.local_epochs, lr=cfg.lr, data_seed=cfg.seed,
-        optimizer=cfg.local_optimizer, batch_size=cfg.batch_size,
-        faults=format_faults(cfg.faults()), straggle_s=cfg.straggle_s, dropout_frac=cfg.dropout,
-        dropout_mode=cfg.dropout_mode, fleet_size=cfg.vehicles,
-    )
+    """The run's settings with what it derives filled in (see FlRunConfig)."""
+    n = cfg.server.vehicles
+    server = replace(cfg.server, run_dir=str(run_dir), krum_malicious=max(1, round(cfg.poison * n)))
+    vehicle = replace(cfg.vehicle, home=str(cfg.home.resolve()), registry_dir=str(cfg.registry_dir.resolve()),
+                      base_ref=str(base_version), faults=format_faults(cfg.faults()), fleet_size=n)
     return server, vehicle
 
 
@@ -191,11 +204,14 @@ def _start(cfg: FlRunConfig) -> tuple[Any, dict[str, np.ndarray], Path, ServerSe
     from driveloop.cloud.registry import Registry
 
     with Registry(cfg.registry_dir) as registry:
-        base = resolve_base(registry, cfg.base_ref)
+        try:
+            base = registry.resolve(cfg.base_ref)  # the ref, else newest released, else newest validated
+        except NoModelError as e:
+            raise FederatedError("no released or validated model to fine-tune from "
+                                 "(run `driveloop bootstrap` first)") from e
     initial = {k: v.detach().cpu().numpy() for k, v in load_weights(cfg.registry_dir, base.manifest).items()}
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("home", "registry_dir", "run_name", "suite", "tolerances", "evaluate")}
-    run_name = cfg.run_name or f"run-{_digest({'cfg': key, 'base': base.manifest.sha256})[:12]}"
-    run_dir = Path(cfg.home) / "federated" / run_name
+    run_name = cfg.run_name or f"run-{_digest({'cfg': cfg.run_key(), 'base': base.manifest.sha256})[:12]}"
+    run_dir = cfg.home / "federated" / run_name
     server, vehicle = settings_for(cfg, base.version, run_dir)
     return base, initial, run_dir, server, vehicle
 
@@ -203,7 +219,7 @@ def _start(cfg: FlRunConfig) -> tuple[Any, dict[str, np.ndarray], Path, ServerSe
 def run_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_vehicle: Any = None) -> dict[str, Any]:
     """The whole ``fl run`` on the simulation runtime: simulate, export, gate, register (see ``--json``)."""
     base, initial, run_dir, server, vehicle = _start(cfg)
-    samples = prepare_vehicles(vehicle, cfg.vehicles, on_vehicle)
+    samples = prepare_vehicles(vehicle, server.vehicles, on_vehicle)
     state = simulate(server, vehicle, initial, cfg.num_cpus, on_round)
     return finish_run(cfg, base, run_dir, server, state, {"samples_per_vehicle": samples})
 
@@ -231,10 +247,11 @@ def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSetting
         raise FederatedError(f"no round of run {run_dir.name} reached quorum: the base model is unchanged")
     weights = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     report: dict[str, Any] = {
-        "run": run_dir.name, "strategy": cfg.strategy, "base_version": base.version, "vehicles": cfg.vehicles,
+        "run": run_dir.name, "strategy": server.strategy, "base_version": base.version, "vehicles": server.vehicles,
         "rounds": len(state["rounds"]), "rounds_aggregated": len(aggregated),
         "participants_per_round": [r["accepted"] for r in state["rounds"]], **extra,
-        "round_log": state["rounds"], "faults": cfg.faults(), "dropout": {"fraction": cfg.dropout, "mode": cfg.dropout_mode},
+        "round_log": state["rounds"], "faults": cfg.faults(),
+        "dropout": {"fraction": cfg.vehicle.dropout_frac, "mode": cfg.vehicle.dropout_mode},
         "dp": state.get("dp"), "parity_max_abs": None,
         "candidate": None, "candidate_stage": None, "gate": {},
     }
@@ -250,17 +267,17 @@ def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSetting
     from driveloop.cloud.registry import Registry
 
     lineage = {"base_version": base.version, "kind": "federated", "rounds": len(state["rounds"]),
-               "strategy": cfg.strategy, "participants_per_round": report["participants_per_round"],
-               "vehicles": cfg.vehicles, "fraction": cfg.fraction, "dp": state.get("dp"),
-               "server_optimizer": {"kind": cfg.server_opt, "lr": cfg.server_lr}}
+               "strategy": server.strategy, "participants_per_round": report["participants_per_round"],
+               "vehicles": server.vehicles, "fraction": server.fraction, "dp": state.get("dp"),
+               "server_optimizer": {"kind": server.server_opt, "lr": server.server_lr}}
     with Registry(cfg.registry_dir) as registry:
         shipped = gate_and_register(
-            weights, base, registry, registry_dir=Path(cfg.registry_dir), work_dir=run_dir,
-            eval_cache_dir=Path(cfg.home) / "cloud" / "eval_cache", suite=cfg.suite, tolerances=cfg.tolerances,
+            weights, base, registry, registry_dir=cfg.registry_dir, work_dir=run_dir,
+            eval_cache_dir=cfg.home / "cloud" / "eval_cache", suite=cfg.suite, tolerances=cfg.tolerances,
             dataset_version=None, metrics={},
             training_run={"run_id": run_dir.name, "kind": "federated", "server": asdict(server),
-                          "local_epochs": cfg.local_epochs, "local_optimizer": cfg.local_optimizer, "lr": cfg.lr,
-                          "batch_size": cfg.batch_size},
+                          "local_epochs": cfg.vehicle.local_epochs, "local_optimizer": cfg.vehicle.optimizer,
+                          "lr": cfg.vehicle.lr, "batch_size": cfg.vehicle.batch_size},
             lineage=lineage)
     report.update({"candidate": shipped.version, "candidate_stage": shipped.stage, "gate": shipped.gate.as_dict(),
                    "parity_max_abs": shipped.parity_max_abs})

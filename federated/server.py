@@ -24,9 +24,10 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,7 +40,17 @@ from driveloop.federated.robust import RobustConfig, check_reply, screen_round
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("fedavg", "fedprox", "fedmedian", "trimmedavg", "krum")
+# Strategy name -> builder(flwr.serverapp.strategy module, settings, the arguments all strategies share).
+# One table, read by the settings check and build_strategy; its order is that of the valid names in errors.
+StrategyBuilder = Callable[[Any, "ServerSettings", dict[str, Any]], Any]
+STRATEGY_BUILDERS: Mapping[str, StrategyBuilder] = MappingProxyType({
+    "fedavg": lambda fs, s, common: fs.FedAvg(**common),
+    "fedprox": lambda fs, s, common: fs.FedProx(**common, proximal_mu=s.proximal_mu),
+    "fedmedian": lambda fs, s, common: fs.FedMedian(**common),
+    "trimmedavg": lambda fs, s, common: fs.FedTrimmedAvg(**common, beta=s.trim_beta),
+    "krum": lambda fs, s, common: fs.Krum(**common, num_malicious_nodes=s.krum_malicious),
+})
+STRATEGIES = tuple(STRATEGY_BUILDERS)
 CHECKPOINT = "checkpoint.npz"
 _STATE_KEY = "__state_json__"
 _OPT_PREFIX = "__server_opt__/"
@@ -50,14 +61,17 @@ ReplyCallback = Callable[[Any], None]  # sees every reply Message as it arrives 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Flat (run-config compatible) settings of the aggregation server."""
+    """Flat (run-config compatible) settings of the aggregation server.
 
-    run_dir: str
-    vehicles: int  # the fleet: vehicle ids fl000 … fl{vehicles-1}; replies from others are rejected
-    rounds: int = 3
-    strategy: str = "fedavg"
+    The defaults are those of ``driveloop fl run`` and the demo (``FlRunConfig`` composes these settings).
+    """
+
+    run_dir: str = ""  # required to run; FlRunConfig names it (a digest of the settings, or --run)
+    vehicles: int = 10  # the fleet: vehicle ids fl000 … fl{vehicles-1}; replies from others are rejected
+    rounds: int = 100  # one gradient step each (VehicleSettings); docs/BENCHMARKS.md: 100 reach the central result
+    strategy: str = "fedavg"  # a key of STRATEGY_BUILDERS
     fraction: float = 1.0
-    quorum_frac: float = 0.7
+    quorum_frac: float = 0.6
     round_deadline_s: float = 300.0
     close_at_quorum: bool = False
     max_update_norm: float = 0.0
@@ -74,8 +88,7 @@ class ServerSettings:
     server_beta2: float = 0.99
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown strategy {self.strategy!r}; valid: {', '.join(STRATEGIES)}")
+        strategy_builder(self.strategy)  # ConfigError listing the valid names
         if self.vehicles < 1 or self.rounds < 1:
             raise ConfigError("a federated run needs >= 1 vehicle and >= 1 round")
         if not 0.0 < self.fraction <= 1.0:
@@ -126,22 +139,21 @@ class ServerSettings:
         return cls(**kw)
 
 
+def strategy_builder(name: str) -> StrategyBuilder:
+    """The builder of strategy ``name``; ConfigError listing the valid names when there is none."""
+    try:
+        return STRATEGY_BUILDERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}") from None
+
+
 def build_strategy(s: ServerSettings) -> Any:
     """The Flower strategy for ``s.strategy`` (train only: the gate evaluates, not the vehicles)."""
     from flwr.serverapp import strategy as fs
 
     common = {"fraction_train": s.fraction, "fraction_evaluate": 0.0, "min_train_nodes": s.sampled_per_round,
               "min_available_nodes": s.vehicles}
-    if s.strategy == "fedavg":
-        strat = fs.FedAvg(**common)
-    elif s.strategy == "fedprox":
-        strat = fs.FedProx(**common, proximal_mu=s.proximal_mu)
-    elif s.strategy == "fedmedian":
-        strat = fs.FedMedian(**common)
-    elif s.strategy == "trimmedavg":
-        strat = fs.FedTrimmedAvg(**common, beta=s.trim_beta)
-    else:
-        strat = fs.Krum(**common, num_malicious_nodes=s.krum_malicious)
+    strat = strategy_builder(s.strategy)(fs, s, common)
     if s.dp:
         strat = fs.DifferentialPrivacyServerSideFixedClipping(strat, s.dp_noise_multiplier, s.dp_clipping_norm,
                                                               s.sampled_per_round)
@@ -243,6 +255,8 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
     """Run (or resume) the rounds; returns the final run state (also in the checkpoint)."""
     from flwr.app import ConfigRecord
 
+    if not settings.run_dir:
+        raise ConfigError("the server settings name no run_dir to checkpoint into")
     run_dir = Path(settings.run_dir)
     strategy = build_strategy(settings)
     resumed = load_checkpoint(run_dir)

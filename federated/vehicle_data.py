@@ -141,7 +141,7 @@ def label_segments(paths: list[Path], mining: MiningConfig, labeler: LabelerConf
     for path in paths:
         try:
             info = validate_segment(path)
-            f = frames_from_ticks(list(read_ticks(path)), info.sha256, info.scenario)
+            f = frames_from_ticks(list(read_ticks(path)), info.sha256, info.meta.scenario)
         except SegmentError as e:
             logger.warning("vehicle skips segment %s: %s", Path(path).name, e)
             continue

@@ -16,9 +16,10 @@ clock, a file or the network: :func:`replay` over the recorded events rebuilds t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
+from types import MappingProxyType
 from typing import Any
 
 from driveloop.core.exceptions import ConfigError, RolloutStateError
@@ -33,7 +34,7 @@ from driveloop.ota.gates import (
 )
 
 __all__ = ["StageSpec", "RolloutPlan", "RolloutState", "Status", "Action", "Decision", "OperatorAction",
-           "RolloutEvent", "start", "decide", "apply", "replay", "plan_of"]
+           "OPERATOR_ACTIONS", "RolloutEvent", "start", "decide", "apply", "replay", "plan_of"]
 
 
 class Status(str, Enum):
@@ -168,7 +169,7 @@ class RolloutState:
 
 @dataclass(frozen=True)
 class OperatorAction:
-    kind: str  # pause | resume | promote | abort
+    kind: str  # a key of OPERATOR_ACTIONS: pause | resume | promote | abort
     at_s: float
     actor: str = "operator"
     reason: str = ""
@@ -235,29 +236,51 @@ def decide(state: RolloutState, plan: RolloutPlan, window: HealthWindow, now_s: 
                     f"health gate passed in {stage.name}", gate)
 
 
+# An operator action's handler: (state, plan, at_s, who) -> the new state; raises RolloutStateError when
+# illegal. ``apply`` has already checked that the rollout is active.
+OperatorHandler = Callable[[RolloutState, RolloutPlan, float, str], RolloutState]
+
+
+def _pause(state: RolloutState, plan: RolloutPlan, at_s: float, who: str) -> RolloutState:
+    if state.status is Status.PAUSED:
+        raise RolloutStateError(f"cannot pause: rollout {state.rollout_id} is already paused")
+    d = Decision(Action.HOLD, state.stage(plan).name, None, f"paused by {who}", at_s)
+    return replace(state, status=Status.PAUSED, reason=d.reason, last_decision=d, last_event_s=at_s)
+
+
+def _resume(state: RolloutState, plan: RolloutPlan, at_s: float, who: str) -> RolloutState:
+    if state.status is not Status.PAUSED:
+        raise RolloutStateError(f"cannot resume: rollout {state.rollout_id} is not paused")
+    d = Decision(Action.HOLD, state.stage(plan).name, None, f"resumed by {who}", at_s)
+    return replace(state, status=Status.RUNNING, reason=d.reason, last_decision=d, last_event_s=at_s)
+
+
+def _promote(state: RolloutState, plan: RolloutPlan, at_s: float, who: str) -> RolloutState:
+    return _advance(state, plan, None, at_s, f"promoted by {who}", None)[0]
+
+
+def _abort(state: RolloutState, plan: RolloutPlan, at_s: float, who: str) -> RolloutState:
+    d = Decision(Action.ABORT, state.stage(plan).name, None, f"aborted by {who}", at_s)
+    return replace(state, status=Status.ABORTED, reason=d.reason, last_decision=d, last_event_s=at_s)
+
+
+# Operator action name -> handler: the one list of operator actions (apply, the fleet server's routes).
+# Its order is that of the valid names in error messages.
+OPERATOR_ACTIONS: Mapping[str, OperatorHandler] = MappingProxyType({
+    "pause": _pause, "resume": _resume, "promote": _promote, "abort": _abort,
+})
+
+
 def apply(state: RolloutState, plan: RolloutPlan, action: OperatorAction) -> RolloutState:
     """An operator's pause / resume / promote / abort; illegal ones raise RolloutStateError."""
     _tick(state, action.at_s)
-    stage = state.stage(plan).name
     who = f"{action.actor}: {action.reason}" if action.reason else action.actor
     if not state.active:
         raise RolloutStateError(f"cannot {action.kind}: rollout {state.rollout_id} is {state.status.value}")
-    if action.kind == "pause":
-        if state.status is Status.PAUSED:
-            raise RolloutStateError(f"cannot pause: rollout {state.rollout_id} is already paused")
-        d = Decision(Action.HOLD, stage, None, f"paused by {who}", action.at_s)
-        return replace(state, status=Status.PAUSED, reason=d.reason, last_decision=d, last_event_s=action.at_s)
-    if action.kind == "resume":
-        if state.status is not Status.PAUSED:
-            raise RolloutStateError(f"cannot resume: rollout {state.rollout_id} is not paused")
-        d = Decision(Action.HOLD, stage, None, f"resumed by {who}", action.at_s)
-        return replace(state, status=Status.RUNNING, reason=d.reason, last_decision=d, last_event_s=action.at_s)
-    if action.kind == "abort":
-        d = Decision(Action.ABORT, stage, None, f"aborted by {who}", action.at_s)
-        return replace(state, status=Status.ABORTED, reason=d.reason, last_decision=d, last_event_s=action.at_s)
-    if action.kind == "promote":
-        return _advance(state, plan, None, action.at_s, f"promoted by {who}", None)[0]
-    raise RolloutStateError(f"unknown operator action {action.kind!r} (pause, resume, promote, abort)")
+    handler = OPERATOR_ACTIONS.get(action.kind)
+    if handler is None:
+        raise RolloutStateError(f"unknown operator action {action.kind!r} ({', '.join(OPERATOR_ACTIONS)})")
+    return handler(state, plan, action.at_s, who)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from tuf.api.metadata import TargetFile
 
 from driveloop.core.atomic import write_atomic
 from driveloop.core.exceptions import ConfigError, IntegrityError, OtaError
+from driveloop.core.version import model_version_text
 from driveloop.ota._tuf_io import repo_lock
 from driveloop.ota._tuf_repo import RepoPolicy, TufRepo
 from driveloop.ota.keys import ROLES, KeyStore, check_role
@@ -81,12 +82,6 @@ def manifest_dict(manifest: Any) -> dict[str, Any]:
     if isinstance(manifest, dict):
         return dict(manifest)
     raise OtaError(f"unsupported manifest type {type(manifest).__name__}")
-
-
-def _check_version(version: str) -> str:
-    if not version or "/" in version or version.startswith(".") or any(c.isspace() for c in version):
-        raise ConfigError(f"invalid model version {version!r}: no slashes, spaces or leading dots")
-    return version
 
 
 class ReleaseService:
@@ -162,7 +157,7 @@ class ReleaseService:
             raise ConfigError(f"hardware class must be one of {', '.join(HARDWARE_CLASSES)}, got {hardware_class!r}")
         artifact = self.registry.get(version)
         manifest = manifest_dict(artifact.manifest)
-        canonical = _check_version(str(manifest.get("version", "")))
+        canonical = model_version_text(manifest.get("version"))  # names the TUF target path: "3", never "v3"
         if artifact.stage not in RELEASABLE_STAGES:
             raise OtaError(
                 f"model {canonical} is {artifact.stage!r}; only a validated model can be released "

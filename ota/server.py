@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,7 +49,8 @@ from driveloop.core.exceptions import (
     RolloutStateError,
     StaleReportError,
 )
-from driveloop.ota.controller import OperatorAction, RolloutEvent, RolloutPlan, apply, decide
+from driveloop.core.tokens import hash_token, parse_bearer, verify_token
+from driveloop.ota.controller import OPERATOR_ACTIONS, OperatorAction, RolloutEvent, RolloutPlan, apply, decide
 from driveloop.ota.director import assign, assign_fleet, fleet_share
 from driveloop.ota.gates import HealthWindow
 from driveloop.ota.metrics import FleetMetrics, FleetSnapshot
@@ -216,12 +216,6 @@ class ServerConfig:
         return self.ota_dir / "repo"
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
-
-
 def _status_of(e: DriveloopError) -> int:
     if isinstance(e, AuthError):
         return e.status
@@ -235,6 +229,7 @@ def _status_of(e: DriveloopError) -> int:
 def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> FastAPI:
     """The fleet server app. ``clock`` (seconds) is injectable so tests drive time explicitly."""
     store = FleetStore(config.db_url) if config.db_url else FleetStore.at(config.ota_dir)
+    admin_token_hash = hash_token(config.admin_token)  # compared as digests: equal length, constant time
     source = None
     if config.prometheus_url:
         from driveloop.ota.promql import PromHealthSource
@@ -289,10 +284,10 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
         return response
 
     def admin(authorization: str | None = Header(default=None)) -> str:
-        token = _bearer(authorization)
+        token = parse_bearer(authorization)
         if token is None:
             raise AuthError("missing admin token (Authorization: Bearer …)", status=401)
-        if not hmac.compare_digest(token.encode(), config.admin_token.encode()):
+        if not verify_token(token, admin_token_hash):
             raise AuthError("invalid admin token", status=403)
         return "admin"
 
@@ -302,7 +297,7 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
 
     @app.post("/v1/health")
     def post_health(report: HealthReport, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        store.authenticate(report.vehicle_id, _bearer(authorization))
+        store.authenticate(report.vehicle_id, parse_bearer(authorization))
         return service.ingest(report)
 
     @app.get("/v1/update")
@@ -312,7 +307,7 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
             check = UpdateCheck(vehicle_id=vehicle, current_version=current)
         except ValidationError as e:
             raise ConfigError(f"invalid update check: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from e
-        store.authenticate(check.vehicle_id, _bearer(authorization))
+        store.authenticate(check.vehicle_id, parse_bearer(authorization))
         return service.offer(check.vehicle_id)
 
     @app.post("/v1/rollouts", status_code=201)
@@ -329,8 +324,8 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
         if action == "evaluate":
             service.evaluate(force=True)
             return service.status(rollout_id)
-        if action not in ("pause", "resume", "promote", "abort"):
-            raise ConfigError(f"unknown action {action!r} (pause, resume, promote, abort, evaluate)")
+        if action not in OPERATOR_ACTIONS:
+            raise ConfigError(f"unknown action {action!r} ({', '.join((*OPERATOR_ACTIONS, 'evaluate'))})")
         return service.operate(rollout_id, action, req or OperatorRequest())
 
     @app.get("/metrics")

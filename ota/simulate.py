@@ -31,7 +31,7 @@ from driveloop.ota.gates import aggregate
 
 logger = logging.getLogger(__name__)
 
-OLD, NEW = "model-v1", "model-v2"
+OLD, NEW = "1", "2"  # registry model versions, as health reports carry them
 BAD_KINDS = ("interventions", "crash")
 
 

@@ -8,11 +8,8 @@ rebuilt by replaying the event log (:func:`driveloop.ota.controller.replay`), ca
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
-import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from driveloop.contracts.fleet import HealthReport
 from driveloop.core.exceptions import AuthError, OtaError, StaleReportError, StorageError
+from driveloop.core.tokens import hash_token, new_token, verify_token
 from driveloop.ota.audit import AuditEntry, VerifyResult, make_entry, verify
 from driveloop.ota.controller import RolloutEvent, RolloutPlan, RolloutState, Status, plan_of, replay
 from driveloop.ota.gates import CohortStats, HealthWindow, ShadowAggregate
@@ -109,10 +107,6 @@ update_outcomes = Table(
 )
 
 
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 @dataclass(frozen=True)
 class Rollout:
     state: RolloutState
@@ -145,10 +139,10 @@ class FleetStore:
     # ---- vehicles -------------------------------------------------------------------------------
     def enrol(self, vehicle_id: str, hardware_class: str, now_s: float) -> str:
         """Register a vehicle and return its token (shown once; only its sha256 is stored)."""
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         try:
             with self.lock, self.engine.begin() as c:
-                c.execute(insert(vehicles).values(vehicle_id=vehicle_id, token_sha256=token_digest(token),
+                c.execute(insert(vehicles).values(vehicle_id=vehicle_id, token_sha256=hash_token(token),
                                                   hardware_class=hardware_class, enrolled_at_s=now_s))
         except SAIntegrityError as e:
             raise OtaError(f"vehicle {vehicle_id} is already enrolled") from e
@@ -160,7 +154,7 @@ class FleetStore:
             row = c.execute(select(vehicles.c.token_sha256).where(vehicles.c.vehicle_id == vehicle_id)).first()
         if row is None:
             raise AuthError(f"unknown vehicle {vehicle_id}", status=401)
-        if not token or not hmac.compare_digest(row[0], token_digest(token)):
+        if not verify_token(token, row[0]):
             raise AuthError(f"invalid token for vehicle {vehicle_id}", status=401)
 
     def vehicle_ids(self) -> list[str]:

@@ -9,4 +9,6 @@ if command -v apt-get >/dev/null; then
 fi
 python3 -m pip install -q --upgrade pip
 python3 -m pip install -q -e ".[test]"
+# The layer rules of docs/ARCHITECTURE.md (pyproject [tool.importlinter]): a wrong-way import fails CI.
+lint-imports --no-cache
 python3 -m pytest -q -p no:cacheprovider "$@"

@@ -199,5 +199,5 @@ def test_campaign_round_trip_cloud_to_recorder_to_catalog(tmp_path: Path) -> Non
         report = up.drain(max_s=60)
     assert len(report.uploaded) == 3
     (hit,) = local.service.catalog.segments(SegmentQuery(event="campaign.fast"))
-    assert hit.events == {"campaign.fast": 1} and hit.has_event and hit.sha256 == report.uploaded[0]
+    assert hit.meta.events == {"campaign.fast": 1} and hit.meta.has_event and hit.sha256 == report.uploaded[0]
     local.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -22,13 +22,16 @@ from driveloop.cloud.catalog import (
     SegmentQuery,
     SegmentRecord,
 )
+from driveloop.contracts.segment import SegmentMeta
 from driveloop.core.exceptions import ConfigError, StorageError
+
+META_FIELDS = {f.name for f in fields(SegmentMeta)}
 
 
 def make_record(n: int, **overrides: object) -> SegmentRecord:
-    """A synthetic cataloged segment; ``n`` picks the sha256 and the time slot."""
-    base = SegmentRecord(
-        sha256=hashlib.sha256(f"seg-{n}".encode()).hexdigest(),
+    """A synthetic cataloged segment; ``n`` picks the sha256 and the time slot. Its metadata holds only
+    what the catalog keeps (the rest None), so it round-trips equal; overrides go to ``meta`` by name."""
+    meta = SegmentMeta(
         vehicle=f"veh-{n % 2}",
         scenario="highway" if n % 3 else "cut_in",
         seed=1000 + n,
@@ -38,11 +41,19 @@ def make_record(n: int, **overrides: object) -> SegmentRecord:
         n_ticks=200,
         events={},
         has_event=False,
+        priority=None,
+        recorded_at_unix_s=None,
+        obs_version=None,
+        schema_version=None,
+    )
+    base = SegmentRecord(
+        sha256=hashlib.sha256(f"seg-{n}".encode()).hexdigest(),
+        meta=replace(meta, **{k: v for k, v in overrides.items() if k in META_FIELDS}),  # type: ignore[arg-type]
         size=1000 + n,
         ingested_at_s=5000.0 + n,
         name=f"seg-{n}.mcap",
     )
-    return replace(base, **overrides)  # type: ignore[arg-type]
+    return replace(base, **{k: v for k, v in overrides.items() if k not in META_FIELDS})  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -56,7 +67,7 @@ def test_add_segment_is_idempotent_and_round_trips(catalog: Catalog) -> None:
     rec = make_record(1, events={"aeb": 2, "fcw": 1}, has_event=True)
     assert catalog.add_segment(rec) is True
     assert catalog.add_segment(rec) is False
-    assert catalog.add_segment(replace(rec, vehicle="someone-else")) is False  # same bytes, first wins
+    assert catalog.add_segment(replace(rec, meta=replace(rec.meta, vehicle="someone-else"))) is False  # first wins
     assert catalog.get_segment(rec.sha256) == rec
     assert catalog.has_segment(rec.sha256)
     assert not catalog.has_segment("0" * 64)

@@ -12,7 +12,7 @@ import fsspec
 import httpx
 import pytest
 
-from driveloop.cloud.auth import hash_secret, register_vehicle
+from driveloop.cloud.auth import register_vehicle
 from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.ingest_service import ChunkWriter
 from driveloop.cloud.ingest import IngestConfig, IngestService, create_app, serve_in_thread
@@ -22,6 +22,7 @@ from driveloop.edge.spool import Spool
 from driveloop.cloud.local_transport import LocalTransport
 from driveloop.edge.transport import HttpTransport, campaign_triggers
 from driveloop.core.exceptions import AuthError, SegmentError, UploadError, UploadRejectedError
+from driveloop.core.tokens import hash_token
 from tests.fakes.transport import record_synthetic_segments
 
 ADMIN = "admin-secret-token"
@@ -66,7 +67,7 @@ def cloud(tmp_path: Path) -> Iterator[Cloud]:
     catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
     staging = tmp_path / "uploads"
     config = IngestConfig(staging_dir=staging, max_segment_bytes=MAX_SEGMENT_BYTES,
-                          max_chunk_bytes=MAX_CHUNK_BYTES, admin_token_hash=hash_secret(ADMIN))
+                          max_chunk_bytes=MAX_CHUNK_BYTES, admin_token_hash=hash_token(ADMIN))
     app = create_app(store, catalog, config, clock=clock)
     tokens = {v: register_vehicle(catalog, v, clock()) for v in ("veh-a", "veh-b", "veh-off")}
     catalog.update_vehicle("veh-off", enabled=False)
@@ -103,8 +104,9 @@ def test_upload_catalogs_a_validated_segment(cloud: Cloud, segments: dict[str, l
     assert result["cataloged"] is True and result["sha256"] == info.sha256 == hashlib.sha256(data).hexdigest()
     rec = cloud.catalog.get_segment(info.sha256)
     assert rec is not None
-    assert (rec.vehicle, rec.scenario, rec.seed, rec.n_ticks, rec.size) == ("veh-a", "highway", 1, 30, len(data))
-    assert rec.events == info.events and rec.has_event and rec.events
+    m = rec.meta
+    assert (m.vehicle, m.scenario, m.seed, m.n_ticks, rec.size) == ("veh-a", "highway", 1, 30, len(data))
+    assert m.events == info.meta.events and m.has_event and m.events
     assert rec.name == path.name and rec.ingested_at_s == cloud.clock()
     with cloud.store.open(info.sha256) as f:
         assert f.read() == data
@@ -349,6 +351,9 @@ def test_cli_manages_the_same_cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert main(["cloud", "segments", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert listed["count"] == 1 and listed["segments"][0]["vehicle"] == "veh-a"
+    assert list(listed["segments"][0]) == ["sha256", "vehicle", "scenario", "seed", "model_version", "start_s", "end_s",
+                                           "n_ticks", "events", "has_event", "size", "ingested_at_s", "name",
+                                           "consumed_by_dataset"]  # the JSON keys never change
     assert main(["cloud", "campaigns", "list", "--json"]) == 0
     assert [c["state"] for c in json.loads(capsys.readouterr().out)["campaigns"]] == ["approved"]
     assert main(["cloud", "uploads", "list", "--json", "--state", "done"]) == 0

@@ -138,3 +138,22 @@ def test_widen_mask(mask: list[int], k: int, want: list[int]) -> None:
     from driveloop.cloud.mining import widen_mask
 
     assert widen_mask(np.array(mask, dtype=bool), k).tolist() == [bool(w) for w in want]
+
+
+def test_selection_follows_segment_order_not_segment_ids() -> None:
+    """Segment ids are content hashes, which differ run to run (wall-clock fields in the bytes): the
+    same recordings in the same order must give the same frames whatever their ids sort as."""
+    cfg = MiningConfig(window_s=1.0, replay_ratio=2.0)
+    frames = [make_frames(braking_lead(), segment_id="a"), make_frames(braking_lead(), segment_id="b"),
+              make_frames(np.full(150, 25.0), gap0_m=200.0, segment_id="c")]
+
+    def select(ids: list[str]) -> list[tuple[list[int], list[int]]]:
+        renamed = [dataclasses.replace(f, segment_id=i) for f, i in zip(frames, ids)]
+        raw = [score_frames(f, cfg) for f in renamed]
+        scores = [finish_scores(s, bin_counts(raw), cfg) for s in raw]
+        sel = select_frames(scores, dataclasses.replace(cfg, top_k=40), seed=3)
+        empty = np.zeros(0, dtype=np.int64)
+        return [(sel.hard.get(i, empty).tolist(), sel.replay.get(i, empty).tolist()) for i in ids]
+
+    assert select(["x1", "x2", "x3"]) == select(["z9", "m5", "a0"])  # ids that sort the other way round
+    assert select(["x1", "x2", "x3"])[0][0] != []  # the tie between the two braking segments is broken by order

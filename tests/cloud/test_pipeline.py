@@ -177,7 +177,7 @@ def test_local_build_matches_the_ray_build(loop_home: dict) -> None:
 
     cfg: PipelineConfig = loop_home["config"]
     store = ObjectStore(cfg.store_url)
-    segs = [(Path(store.url_of(sha)), sha, validate_segment(store.url_of(sha)).scenario) for sha in loop_home["good"][:3]]
+    segs = [(Path(store.url_of(sha)), sha, validate_segment(store.url_of(sha)).meta.scenario) for sha in loop_home["good"][:3]]
     ensure_ray(None, 2)
     ray_arrays, ray_stats = build_arrays_with_ray(segs, cfg.mining, LabelerConfig(), 0, 1)
     local_arrays, local_stats = build_arrays_local(segs, cfg.mining, LabelerConfig(), 0)

@@ -30,13 +30,14 @@ def test_missing_object_is_reported_then_a_pipeline_error(tmp_path: Path, monkey
     import time
 
     from driveloop.cloud.catalog import Catalog, SegmentRecord
+    from driveloop.contracts.segment import SegmentMeta
 
     monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path))
     (tmp_path / "cloud").mkdir()
     cat = Catalog(f"sqlite:///{(tmp_path / 'cloud' / 'catalog.db').resolve()}")
-    cat.add_segment(SegmentRecord(sha256="a" * 64, vehicle="v1", scenario="highway", seed=1, model_version="1",
-                                  start_s=0.0, end_s=1.0, n_ticks=10, events={}, has_event=False, size=10,
-                                  ingested_at_s=time.time()))
+    meta = SegmentMeta(vehicle="v1", scenario="highway", seed=1, model_version="1", start_s=0.0, end_s=1.0,
+                       n_ticks=10, events={}, has_event=False, priority=0, recorded_at_unix_s=0.0)
+    cat.add_segment(SegmentRecord(sha256="a" * 64, meta=meta, size=10, ingested_at_s=time.time()))
     cat.close()
     # the catalogued object is missing from the store: reported, skipped, then a clear error
     assert main(["cloud", "pipeline", "run"]) == 7

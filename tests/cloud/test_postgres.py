@@ -116,6 +116,6 @@ def test_ingest_on_postgres(server: str, tmp_path: Path) -> None:
     status = local.send_chunk(status.upload_id, 5000, data[5000:])
     assert status.confirmed and status.sha256 == sha
     (rec,) = local.service.catalog.new_segments()
-    assert (rec.sha256, rec.vehicle, rec.n_ticks, rec.size) == (sha, "veh-pg", 20, len(data))
+    assert (rec.sha256, rec.meta.vehicle, rec.meta.n_ticks, rec.size) == (sha, "veh-pg", 20, len(data))
     assert local.start(sha, len(data), path.name).state == "exists"
     local.close()

@@ -25,7 +25,14 @@ from driveloop.contracts.manifest import (
 from driveloop.cloud.model import PolicyConfig, PolicyNet
 from driveloop.cloud.registry import STAGES, TRANSITIONS, Registry, check_transition
 from driveloop.contracts import observation as C
-from driveloop.core.exceptions import ContractError, IntegrityError, ModelError, RegistryError
+from driveloop.core.exceptions import (
+    ConfigError,
+    ContractError,
+    IntegrityError,
+    ModelError,
+    NoModelError,
+    RegistryError,
+)
 from tests.cloud.test_postgres import _BIN as _PG_BIN
 from tests.cloud.test_postgres import _fresh_database, server  # noqa: F401  (fixture, used via getfixturevalue)
 
@@ -142,6 +149,59 @@ def test_get_unknown_refs_raise(reg: Registry, models: list[Path], ref: int | st
     reg.register(models[0])
     with pytest.raises(RegistryError):
         reg.get(ref)
+
+
+@pytest.mark.parametrize("ref", [0, "0", -1, "3x", "vv3", 10**30, "99999999999999999999999", True])
+def test_get_bad_versions_are_config_errors(reg: Registry, models: list[Path], ref: int | str) -> None:
+    """A malformed or out-of-range number is the caller's mistake (exit 2), never an OverflowError."""
+    reg.register(models[0])
+    with pytest.raises(ConfigError, match="model version"):
+        reg.get(ref)
+
+
+# (name, stages of v1, v2, v3 after registration, expected version of resolve(None))
+RESOLVE = [
+    ("released_beats_newer_validated", ("released", "validated", "validated"), 1),
+    ("newest_released", ("released", "released", "validated"), 2),
+    ("validated_when_none_released", ("validated", "validated", "candidate"), 2),
+    ("validated_when_released_revoked", ("revoked", "validated", "candidate"), 2),
+]
+
+_PATH = {"validated": ("validated",), "released": ("validated", "released"), "rejected": ("rejected",),
+         "revoked": ("validated", "released", "revoked"), "candidate": ()}
+
+
+def _stage_models(reg: Registry, models: list[Path], stages: tuple[str, ...]) -> None:
+    for version, stage in enumerate(stages, start=1):
+        reg.register(models[0])
+        for step in _PATH[stage]:
+            reg.set_stage(version, step, "test")
+
+
+@pytest.mark.parametrize(("name", "stages", "expected"), RESOLVE, ids=[c[0] for c in RESOLVE])
+def test_resolve_default_is_newest_released_else_validated(
+    reg: Registry, models: list[Path], name: str, stages: tuple[str, ...], expected: int
+) -> None:
+    _stage_models(reg, models, stages)
+    assert reg.resolve(None).version == expected
+    assert reg.resolve("").version == expected
+    assert reg.resolve().version == expected
+
+
+def test_resolve_explicit_ref_is_get(reg: Registry, models: list[Path]) -> None:
+    _stage_models(reg, models, ("released", "validated", "candidate"))
+    assert [reg.resolve(r).version for r in (3, "3", "v2", "latest", "candidate", "validated")] == [3, 3, 2, 3, 3, 2]
+    with pytest.raises(RegistryError, match="not in the registry"):
+        reg.resolve(9)
+
+
+@pytest.mark.parametrize("stages", [(), ("candidate", "rejected", "revoked")], ids=["empty", "nothing_deployable"])
+def test_resolve_without_released_or_validated_raises(
+    reg: Registry, models: list[Path], stages: tuple[str, ...]
+) -> None:
+    _stage_models(reg, models, stages)
+    with pytest.raises(NoModelError, match="no released or validated model"):
+        reg.resolve(None)
 
 
 def test_register_refuses_missing_file_unknown_parent_and_non_contract_models(

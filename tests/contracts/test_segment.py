@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from driveloop.contracts.segment import (
     scan_directory,
     schema_bytes,
     validate_segment,
+    validate_segment_bytes,
 )
 from driveloop.edge.spool import Spool
 from driveloop.edge.triggers import SIGNAL_NAMES
@@ -95,9 +98,10 @@ def assert_tick_equal(a: TickRecord, b: TickRecord) -> None:
 def test_round_trip_equal(tmp_path: Path) -> None:
     path, ticks = record_segment(tmp_path, 30)
     info = validate_segment(path)
-    assert (info.vehicle, info.scenario, info.seed, info.model_version) == ("veh-1", "highway", 0, "1")
-    assert (info.n_ticks, info.start_s, info.end_s) == (30, 0.0, 2.9)
-    assert info.n_messages == 30 * 6 and info.events == {} and not info.has_event and info.priority == 0
+    m = info.meta
+    assert (m.vehicle, m.scenario, m.seed, m.model_version) == ("veh-1", "highway", 0, "1")
+    assert (m.n_ticks, m.start_s, m.end_s) == (30, 0.0, 2.9)
+    assert info.n_messages == 30 * 6 and m.events == {} and not m.has_event and m.priority == 0
     assert len(info.sha256) == 64 and info.size == path.stat().st_size
     back = list(read_ticks(path))
     assert len(back) == 30
@@ -208,6 +212,58 @@ def test_corruption_table(tmp_path: Path) -> None:
     assert [i.path.name for i in report.valid] == ["good.mcap"]
     assert sorted(p.name for p, _ in report.rejected) == sorted(f"{n}.mcap" for n in [*cases, "wrong_schema"])
     assert read_events(bad_dir / "good.mcap")[0]["trigger"] in {"hard_brake", "low_ttc"}
+
+
+def test_bytes_core_gives_what_the_file_wrapper_gives(tmp_path: Path) -> None:
+    """``validate_segment`` is ``validate_segment_bytes`` on the file's bytes, plus the path."""
+    path, _ = record_segment(tmp_path / "spool", 25, brake=True)
+    from_bytes = validate_segment_bytes(path.read_bytes())
+    from_file = validate_segment(path)
+    assert from_bytes.path is None and from_file.path == path
+    assert replace(from_bytes, path=path) == from_file
+    assert from_bytes.meta.has_event and from_bytes.meta.events and from_bytes.meta.n_ticks == 25
+
+
+def _flip(data: bytes, pos: int) -> bytes:
+    return data[:pos] + bytes([data[pos] ^ 0x10]) + data[pos + 1:]
+
+
+# name, how the good bytes are damaged, what the error says (None: any SegmentError)
+BYTES_REJECT_CASES: list[tuple[str, Callable[[bytes], bytes], str | None]] = [
+    ("empty", lambda d: b"", "empty file"),
+    ("not_mcap", lambda d: b"hello world, not an MCAP file" * 3, "bad magic"),
+    ("only_magic", lambda d: d[:8], "no footer"),  # starts and ends with the magic, nothing between
+    ("truncated_half", lambda d: d[: len(d) // 2], "no closing magic"),
+    ("truncated_last_byte", lambda d: d[:-1], "no closing magic"),
+    ("head_and_tail_only", lambda d: d[:64] + d[-64:], None),
+    ("garbled_middle", lambda d: _flip(d, len(d) // 2), None),
+    ("garbled_summary", lambda d: _flip(d, len(d) - 60), None),
+    ("garbage_appended", lambda d: d + b"\0\0\0", "no closing magic"),
+]
+
+
+@pytest.mark.parametrize("name,damage,message", BYTES_REJECT_CASES, ids=[c[0] for c in BYTES_REJECT_CASES])
+def test_bytes_core_rejects_damaged_bytes(tmp_path: Path, small_segment: bytes, name: str,
+                                          damage: Callable[[bytes], bytes], message: str | None) -> None:
+    """Damaged bytes raise SegmentError with the same message as the file check, less the path prefix."""
+    blob = damage(small_segment)
+    with pytest.raises(SegmentError) as from_bytes:
+        validate_segment_bytes(blob)
+    if message is not None:
+        assert message in str(from_bytes.value)
+    target = tmp_path / f"{name}.mcap"
+    target.write_bytes(blob)
+    with pytest.raises(SegmentError) as from_file:
+        validate_segment(target)
+    assert str(from_file.value) == f"{target}: {from_bytes.value}"
+
+
+def test_bytes_core_keeps_the_size_limit(small_segment: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    import driveloop.contracts.segment as segment
+
+    monkeypatch.setattr(segment, "MAX_SEGMENT_BYTES", len(small_segment) - 1)
+    with pytest.raises(SegmentError, match=f"{len(small_segment)} bytes exceeds the"):
+        validate_segment_bytes(small_segment)
 
 
 def test_fuzz_bit_flips_and_truncations_only_raise_segment_error(tmp_path: Path) -> None:

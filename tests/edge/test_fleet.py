@@ -9,7 +9,7 @@ import pytest
 
 from driveloop.edge.agent import AgentConfig, FaultSpec
 from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
-from driveloop.edge.isolated import FaultyRunner
+from driveloop.edge.faults import FaultyRunner
 from driveloop.core.exceptions import ConfigError
 from tests.fakes.runner import FakeRunner
 
@@ -99,8 +99,8 @@ def test_recorded_segments_validate(tmp_path) -> None:
                        recorder_factory=factory)
     assert len(report.segments) == 2
     infos = [validate_segment(p) for p in report.segments]
-    assert sorted(i.vehicle for i in infos) == ["v0", "v1"]
-    assert sum(i.n_ticks for i in infos) == 60
+    assert sorted(i.meta.vehicle for i in infos) == ["v0", "v1"]
+    assert sum(i.meta.n_ticks for i in infos) == 60
     ticks = list(read_ticks(report.segments[0]))
     assert ticks[0].expert_action is not None and ticks[0].state["ego"]["x_m"] < ticks[-1].state["ego"]["x_m"]
     assert all(t.source == "model" for t in ticks)

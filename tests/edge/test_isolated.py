@@ -1,4 +1,4 @@
-"""IsolatedRuntime with a real child process (kill, hang, nan, garbage, late) and the in-process FaultyRunner."""
+"""IsolatedRuntime with a real child process (kill, hang, nan, garbage, late); FaultyRunner: test_faults.py."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from driveloop.cloud.export import PARITY_TOL, export_onnx
 from driveloop.contracts.manifest import build_manifest
 from driveloop.cloud.model import PolicyConfig, PolicyNet, example_inputs
 from driveloop.contracts import observation as C
-from driveloop.edge.isolated import GARBAGE_VALUE, FaultyRunner, IsolatedRuntime, IsolationConfig
+from driveloop.edge.faults import GARBAGE_VALUE
+from driveloop.edge.isolated import IsolatedRuntime, IsolationConfig
 from driveloop.edge.runtime import ModelRunner, ModelRuntime
 from driveloop.core.exceptions import ConfigError, IntegrityError, ModelError
-from tests.fakes.runner import FakeRunner
 
 _LONG_S = 30.0  # a deadline that only a dead or faulty child misses
 _SHORT_S = 0.05  # a deadline a late/hung child is sure to miss (it sleeps much longer)
@@ -193,36 +193,6 @@ def test_close_stops_the_child_and_removes_the_buffer(model: tuple[Path, object]
 def test_isolation_config_validation(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         IsolationConfig(**kwargs)
-
-
-# -- FaultyRunner (in-process) ----------------------------------------------------------------------------
-
-
-def test_faulty_runner_applies_each_fault() -> None:
-    slept: list[float] = []
-    runner = FaultyRunner(FakeRunner(), late_s=0.3, hang_s=2.0, sleep=slept.append)
-    assert isinstance(runner, ModelRunner) and runner.manifest.version == 1 and runner.provider == "faulty:FakeRunner"
-    batch = C.empty_batch(2)
-    assert runner.run(batch)[0].shape == (2, 2)
-    runner.inject("nan")
-    assert np.isnan(runner.run(batch)[0]).all()
-    assert np.isfinite(runner.run(batch)[0]).all()  # one-shot by default
-    runner.inject("garbage")
-    assert runner.run(batch)[0].shape == (2, 5)
-    runner.inject("late")
-    assert runner.run(batch)[0].shape == (2, 2) and slept == [0.3]
-    runner.inject("hang")
-    with pytest.raises(ModelError, match="hung"):
-        runner.run(batch)
-    assert slept == [0.3, 2.0]
-    runner.inject("kill", count=None)
-    for _ in range(3):
-        with pytest.raises(ModelError, match="dead"):
-            runner.run(batch)
-    runner.clear()
-    assert runner.run(batch)[0].shape == (2, 2)
-    with pytest.raises(ConfigError):
-        runner.inject("stale")  # stale frames are injected by the sensor side
 
 
 @pytest.mark.parametrize("hung", [False, True], ids=["idle-child", "hung-child"])

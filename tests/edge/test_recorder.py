@@ -50,10 +50,11 @@ def test_rollover_at_20_s_and_round_trip(tmp_path: Path) -> None:
     with Recorder(spool, "car-1", "highway", 7, "3", triggers=[]) as rec:
         ticks = _drive(rec, 45.0)
     infos = [validate_segment(p) for p in rec.closed]
-    assert [i.n_ticks for i in infos] == [200, 200, 50]
-    assert [(i.start_s, i.end_s) for i in infos] == [(0.0, 19.9), (20.0, 39.9), (40.0, 44.9)]
-    assert all(i.end_s - i.start_s < 20.0 for i in infos)
-    assert {(i.vehicle, i.scenario, i.seed, i.model_version) for i in infos} == {("car-1", "highway", 7, "3")}
+    metas = [i.meta for i in infos]
+    assert [m.n_ticks for m in metas] == [200, 200, 50]
+    assert [(m.start_s, m.end_s) for m in metas] == [(0.0, 19.9), (20.0, 39.9), (40.0, 44.9)]
+    assert all(m.end_s - m.start_s < 20.0 for m in metas)
+    assert {(m.vehicle, m.scenario, m.seed, m.model_version) for m in metas} == {("car-1", "highway", 7, "3")}
     back = [t for p in rec.closed for t in read_ticks(p)]
     assert len(back) == len(ticks)
     for a, b in zip(ticks, back):
@@ -80,8 +81,8 @@ def test_event_segments_flagged_with_windows(tmp_path: Path, name: str, brake_s:
     assert rec.closed == [e.path for e in by_start]  # current names, after any promotion
     infos = [validate_segment(e.path) for e in by_start]
     hit = int(brake_s // 2)
-    assert [i.events for i in infos] == [{"hard_brake": 1} if k == hit else {} for k in range(5)]
-    assert infos[hit].has_event and infos[hit].priority == 3
+    assert [i.meta.events for i in infos] == [{"hard_brake": 1} if k == hit else {} for k in range(5)]
+    assert infos[hit].meta.has_event and infos[hit].meta.priority == 3
     (ev,) = [m for m in _events(by_start[hit].path)]
     assert ev["trigger"] == "hard_brake" and abs(ev["t_s"] - brake_s) < 1e-9
     assert spool.closed_segments()[0].priority == 3  # events upload first
@@ -104,8 +105,8 @@ def test_campaign_triggers_run_next_to_builtins(tmp_path: Path) -> None:
         assert [s.name for s in rec.triggers.specs] == [*(s.name for s in builtin_triggers()), "campaign.fast"]
         _drive(rec, 2.0, first_tick=10)  # make_tick: speed 27 on every third tick (i % 3 == 2)
     infos = [validate_segment(p) for p in rec.closed]  # closed follows the promotion's rename
-    assert [i.events.get("campaign.fast", 0) for i in infos] == [0, 3, 4]  # ticks 11,14,17 | 20,23,26,29
-    assert [i.priority for i in infos] == [0, 6, 6]  # what happened inside each segment
+    assert [i.meta.events.get("campaign.fast", 0) for i in infos] == [0, 3, 4]  # ticks 11,14,17 | 20,23,26,29
+    assert [i.meta.priority for i in infos] == [0, 6, 6]  # what happened inside each segment
     assert [e.priority for e in sorted(spool.closed_segments(), key=lambda e: e.opened_ns)] == [6, 6, 6]
 
 
@@ -120,7 +121,7 @@ def test_builtin_triggers_and_quota_keep_event_segments(tmp_path: Path) -> None:
     left = spool.closed_segments()
     assert rec.evicted and spool.usage_bytes() <= spool.quota_bytes
     assert all(e.has_event for e in left)
-    counts = Counter(k for e in left for k in validate_segment(e.path).events)
+    counts = Counter(k for e in left for k in validate_segment(e.path).meta.events)
     assert counts["hard_brake"] >= 1
 
 
@@ -133,7 +134,7 @@ def test_complete_leftover_part_is_recovered_on_start(tmp_path: Path) -> None:
     again = Recorder(spool, "car-9", "highway", 0, "1")
     assert again.quarantined == [] and [p.name for p in again.recovered] == [
         spool.closed_path("car-9", seg.opened_ns, 0).name]
-    assert validate_segment(again.recovered[0]).n_ticks == 10
+    assert validate_segment(again.recovered[0]).meta.n_ticks == 10
 
 
 def test_leftover_part_is_quarantined_on_start(tmp_path: Path) -> None:
@@ -153,6 +154,10 @@ def test_recorder_errors(tmp_path: Path) -> None:
         Recorder(spool, "car", "s", 0, "1", segment_max_s=0.0)
     with pytest.raises(ConfigError):
         Recorder(spool, "bad/id", "s", 0, "1")
+    for bad_version in ("fleet", "v1", "0", "99999999999999999999999"):  # checked before any segment exists
+        with pytest.raises(ConfigError, match="model version"):
+            Recorder(spool, "car", "s", 0, bad_version)
+    assert Recorder(spool, "car", "s", 0, 3).model_version == "3"  # the manifest's int, as metadata text
     with pytest.raises(ConfigError):
         Recorder(spool, "car", "s", 0, "1", triggers=[TriggerSpec("x", "nonexistent > 1")])
     rec = Recorder(spool, "car", "s", 0, "1")
@@ -211,11 +216,11 @@ def test_sigkill_loses_only_the_open_segment(killed_spool: Spool) -> None:
     assert len(parts) <= 1 and all(p.name.endswith(PART_SUFFIX) for p in parts)
     for p in closed:
         info = validate_segment(p)
-        assert info.n_ticks == 10 and info.vehicle == "victim"
+        assert info.meta.n_ticks == 10 and info.meta.vehicle == "victim"
         assert len(list(read_ticks(p))) == 10
         with open(p, "rb") as f:
             topics = Counter(ch.topic for _, ch, _ in make_reader(f).iter_messages())
-        assert all(topics[t] == 10 for t in TICK_TOPICS) and topics[TOPIC_EVENT] == sum(info.events.values())
+        assert all(topics[t] == 10 for t in TICK_TOPICS) and topics[TOPIC_EVENT] == sum(info.meta.events.values())
     # A restarted recorder publishes the leftover if it was complete (killed between finishing and
     # renaming it), otherwise quarantines it; either way open/ is clean and closed/ stays valid.
     complete = 0
@@ -265,7 +270,7 @@ def test_ray_read_mcap_over_segments(killed_spool: Spool, tmp_path: Path) -> Non
         assert np.array_equal(np.asarray(kin[(first.path.name, t.tick)], dtype=np.float32), t.kinematics)
         assert np.array_equal(grids[(first.path.name, t.tick)], t.grid)
     events = [r["data"] for r in rows if r["topic"] == TOPIC_EVENT]
-    assert len(events) == sum(sum(i.events.values()) for i in report.valid) > 0
+    assert len(events) == sum(sum(i.meta.events.values()) for i in report.valid) > 0
     assert {e["trigger"] for e in events} >= {"hard_brake"}
     applied = [r["data"] for r in rows if r["topic"] == "/control/applied"]
     assert {a["source"] for a in applied} == {"model"} and any(a["aeb"] for a in applied)
@@ -283,4 +288,4 @@ def test_rollover_with_an_accumulated_float_clock(tmp_path: Path) -> None:
             drifted |= t_s != round(t_s, 6)
             t_s += 0.2
     assert drifted
-    assert [validate_segment(p).n_ticks for p in rec.closed] == [100, 100, 1]
+    assert [validate_segment(p).meta.n_ticks for p in rec.closed] == [100, 100, 1]

@@ -101,7 +101,19 @@ def test_foreign_files_in_closed_are_ignored(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 10**6)
     (spool.closed_dir / "notes.txt").write_text("hi")
     (spool.closed_dir / "123-v-p1.mcap").write_bytes(b"short id")
+    for vehicle in (".", "..", "-v", "_v"):  # ids the vehicle-id rule refuses are not segments
+        (spool.closed_dir / f"{1:019d}-{vehicle}-p1.mcap").write_bytes(b"bad id")
     assert spool.closed_segments() == []
+
+
+@pytest.mark.parametrize("vehicle", ["v", "veh-0", "car-p1", "a.b_c-d", "x" * 64])
+def test_file_names_round_trip_the_vehicle_id(tmp_path: Path, vehicle: str) -> None:
+    """The id is embedded in the file name, and may itself contain "-p<digit>"."""
+    spool = Spool(tmp_path, 10**6)
+    _add(spool, vehicle, 7, 3)
+    [entry] = spool.closed_segments()
+    assert (entry.vehicle, entry.opened_ns, entry.priority) == (vehicle, 7, 3)
+    assert entry.segment_id == f"{7:019d}-{vehicle}"
 
 
 @pytest.mark.parametrize("quota", [0, -5, 1.5])
@@ -110,7 +122,7 @@ def test_bad_quota(tmp_path: Path, quota: object) -> None:
         Spool(tmp_path, quota)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("vehicle", ["", "a/b", "../x", "a b", "x" * 65])
+@pytest.mark.parametrize("vehicle", ["", ".", "..", "a/b", "../x", "a b", "x" * 65])
 def test_bad_vehicle_ids(tmp_path: Path, vehicle: str) -> None:
     spool = Spool(tmp_path, 10)
     with pytest.raises(ConfigError):

@@ -130,6 +130,20 @@ def test_hardware_class_rollback_and_unknown(world: tuple[ReleaseService, FakeRe
         VehicleUpdater(vdir, svc.repo.repo_dir, hardware_class="tpu")
 
 
+@pytest.mark.parametrize("target", ["v1", "01", "../1", "1/../2", "99999999999999999999999", True])
+def test_target_that_is_not_a_canonical_version_is_refused_before_any_fetch(
+    world: tuple[ReleaseService, FakeRegistry, Path], target: object
+) -> None:
+    """The director's target becomes a TUF path: "v1" or "01" must not pass for release "1"."""
+    svc, _, vdir = world
+    svc.release("1")
+    u, _ = _start(vdir, svc.repo.repo_dir)
+    before = u.state()
+    with pytest.raises(OtaError, match="not a release: .*model version"):
+        u.check(target)  # type: ignore[arg-type]
+    assert u.state() == before
+
+
 def test_director_abort_switches_back_locally(world: tuple[ReleaseService, FakeRegistry, Path]) -> None:
     svc, _, vdir = world
     svc.release("1")

@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from driveloop.core.exceptions import ConfigError, RolloutStateError
 from driveloop.ota.cohorts import in_cohort
-from driveloop.ota.controller import Action, OperatorAction, RolloutEvent, RolloutPlan, RolloutState, StageSpec, \
-    Status, apply, decide, plan_of, replay, start
+from driveloop.ota.controller import OPERATOR_ACTIONS, Action, OperatorAction, RolloutEvent, RolloutPlan, RolloutState, \
+    StageSpec, Status, apply, decide, plan_of, replay, start
 from driveloop.ota.director import assign, assign_fleet, fleet_share
 from driveloop.ota.gates import CohortStats, HealthWindow, ShadowAggregate
 
@@ -131,6 +131,39 @@ def test_illegal_operator_actions(name: str, before: list[str], action: str) -> 
         s = apply(s, PLAN, OperatorAction(k, float(i + 1)))
     with pytest.raises(RolloutStateError):
         apply(s, PLAN, OperatorAction(action, 100.0))
+
+
+# action, the actions before it, then: status, stage index, the decision's action and reason
+OPERATOR_ROWS = [
+    ("pause", [], Status.PAUSED, 0, Action.HOLD, "paused by alice: why"),
+    ("resume", ["pause"], Status.RUNNING, 0, Action.HOLD, "resumed by alice: why"),
+    ("promote", [], Status.RUNNING, 1, Action.PROMOTE, "promoted by alice: why"),
+    ("abort", [], Status.ABORTED, 0, Action.ABORT, "aborted by alice: why"),
+]
+
+
+@pytest.mark.parametrize("action,before,status,stage_index,decision,reason", OPERATOR_ROWS,
+                         ids=[r[0] for r in OPERATOR_ROWS])
+def test_every_operator_action_maps_to_its_transition(action: str, before: list[str], status: Status, stage_index: int,
+                                                      decision: Action, reason: str) -> None:
+    s = fresh()
+    for i, k in enumerate(before):
+        s = apply(s, PLAN, OperatorAction(k, float(i + 1)))
+    s = apply(s, PLAN, OperatorAction(action, 50.0, "alice", "why"))
+    assert (s.status, s.stage_index, s.reason, s.last_event_s) == (status, stage_index, reason, 50.0)
+    assert s.last_decision is not None and (s.last_decision.action, s.last_decision.reason) == (decision, reason)
+    assert s.last_decision.stage == PLAN.stages[0].name
+
+
+def test_the_operator_table_is_the_whole_vocabulary() -> None:
+    assert list(OPERATOR_ACTIONS) == [r[0] for r in OPERATOR_ROWS]
+
+
+@pytest.mark.parametrize("kind", ["explode", "Pause", "evaluate", ""])
+def test_unknown_operator_actions_are_refused_with_the_valid_names(kind: str) -> None:
+    with pytest.raises(RolloutStateError) as e:
+        apply(fresh(), PLAN, OperatorAction(kind, 1.0))
+    assert str(e.value) == f"unknown operator action {kind!r} (pause, resume, promote, abort)"
 
 
 def test_manual_promote_through_every_stage_completes() -> None:

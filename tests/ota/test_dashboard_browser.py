@@ -48,7 +48,7 @@ def mid_rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runn
                   for v in FLEET}
         fleet = Fleet(srv, tokens)
         fleet.window()
-        r = httpx.post(f"{srv.url}/v1/rollouts", json={"version": "v2", "previous_version": "v1", "plan": PLAN},
+        r = httpx.post(f"{srv.url}/v1/rollouts", json={"version": "2", "previous_version": "1", "plan": PLAN},
                        headers=admin())
         rid = r.json()["rollout_id"]
         for _ in range(6):
@@ -71,7 +71,7 @@ def test_dashboard_renders_mid_rollout(mid_rollout: tuple[Running, int], tmp_pat
     html = dom.stdout
     assert re.search(r'<li class="current" data-stage="50%">50% \(50%\)</li>', html), html[:3000]
     assert "running · stage 50%" in html
-    assert f"#{rid}: v1 → v2" in html
+    assert f"#{rid}: 1 → 2" in html
     assert f"{len(FLEET)} vehicles · 2 model versions" in html
     for cohort, n in view["cohort_sizes"].items():
         assert f"<td>{cohort}</td><td>{n}</td>" in html

@@ -46,7 +46,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
         pytest.skip("the prometheus binary is not installed (Debian: apt-get install prometheus)")
     tmp = tmp_path_factory.mktemp("prom")
     prom_url = f"http://127.0.0.1:{free_port()}"
-    write_release(tmp / "ota", ["v1", "v2"])
+    write_release(tmp / "ota", ["1", "2"])
     clock = FakeClock()
     app = create_app(ServerConfig(tmp / "ota", ADMIN, eval_interval_s=60.0, background_eval=False,
                                   prometheus_url=prom_url), clock=clock)
@@ -90,7 +90,7 @@ def test_gate_reads_the_same_numbers_through_prometheus(stack: tuple[str, str, o
     plan = {"stages": [{"name": "canary", "fraction": 0.5, "min_duration_s": 0.0, "min_evaluations": 1,
                         "tolerances": {"min_vehicles": 2, "min_hours": 0.1, "min_control_hours": 0.1}},
                        {"name": "100%", "fraction": 1.0}]}
-    r = httpx.post(f"{url}/v1/rollouts", json={"version": "v2", "previous_version": "v1", "plan": plan},
+    r = httpx.post(f"{url}/v1/rollouts", json={"version": "2", "previous_version": "1", "plan": plan},
                    headers=admin())
     assert r.status_code == 201, r.text
     rid = r.json()["rollout_id"]

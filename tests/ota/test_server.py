@@ -71,7 +71,7 @@ def write_release(ota_dir: Path, versions: list[str]) -> None:
 @contextlib.contextmanager
 def start_server(tmp: Path, **kw: Any) -> Iterator[Running]:
     ota_dir = tmp / "ota"
-    write_release(ota_dir, ["v1", "v2"])
+    write_release(ota_dir, ["1", "2"])
     clock = FakeClock()
     app = create_app(ServerConfig(ota_dir, ADMIN, eval_interval_s=60.0, background_eval=False, **kw), clock=clock)
     url, server, thread = serve_in_thread(app)
@@ -133,7 +133,7 @@ class Fleet:
 
     def __init__(self, srv: Running, tokens: dict[str, str]) -> None:
         self.srv, self.tokens, self.seq = srv, tokens, {v: 0 for v in tokens}
-        self.running = {v: "v1" for v in tokens}
+        self.running = {v: "1" for v in tokens}
         self.ever_v2: set[str] = set()
 
     def window(self, bad: bool = False) -> list[dict[str, Any]]:
@@ -144,12 +144,12 @@ class Fleet:
                 offer = c.get("/v1/update", params={"vehicle": v}, headers=admin(tok)).json()
                 if offer["version"]:
                     self.running[v] = offer["version"]
-                if self.running[v] == "v2":
+                if self.running[v] == "2":
                     self.ever_v2.add(v)
                 self.seq[v] += 1
                 body = report(v, self.running[v], self.seq[v], self.srv.clock.t,
-                              interventions=12 if bad and self.running[v] == "v2" else 1,
-                              shadow=offer["shadow_version"] == "v2")
+                              interventions=12 if bad and self.running[v] == "2" else 1,
+                              shadow=offer["shadow_version"] == "2")
                 r = c.post("/v1/health", json=body, headers=admin(tok))
                 assert r.status_code == 200, r.text
                 out.append(r.json())
@@ -171,7 +171,7 @@ def state_of(srv: Running) -> tuple[Any, ...]:
 
 def test_good_rollout_end_to_end(srv: Running, fleet: Fleet) -> None:
     fleet.window()  # reports on v1 before any rollout: no decision
-    r = httpx.post(f"{srv.url}/v1/rollouts", json={"version": "v2", "previous_version": "v1", "plan": PLAN},
+    r = httpx.post(f"{srv.url}/v1/rollouts", json={"version": "2", "previous_version": "1", "plan": PLAN},
                    headers=admin())
     assert r.status_code == 201, r.text
     rid = r.json()["rollout_id"]
@@ -184,7 +184,7 @@ def test_good_rollout_end_to_end(srv: Running, fleet: Fleet) -> None:
         if st["status"] == "completed":
             break
     assert st["status"] == "completed", stages
-    assert set(fleet.running.values()) == {"v2"}
+    assert set(fleet.running.values()) == {"2"}
     store = srv.app.state.service.store
     assert replay(store.events(rid)) == store.load(rid).state
     assert store.verify_audit().ok
@@ -194,16 +194,16 @@ def test_good_rollout_end_to_end(srv: Running, fleet: Fleet) -> None:
     assert 'driveloop_ota_updates_total{outcome="success"} 24.0' in metrics
     assert "driveloop_ota_request_seconds_bucket" in metrics
     assert f'driveloop_ota_cohort_size{{cohort="canary",rollout="{rid}"}} 24.0' in metrics
-    assert 'driveloop_ota_fleet_vehicles{version="v2"} 24.0' in metrics
+    assert 'driveloop_ota_fleet_vehicles{version="2"} 24.0' in metrics
     assert f'driveloop_ota_health_vehicles{{cohort="canary",rollout="{rid}",stage="100%"}} 24.0' in metrics
     assert 'driveloop_ota_decisions_total{action="promote"} 2.0' in metrics
 
 
 def test_bad_canary_is_aborted_and_reverted(srv: Running, tokens: dict[str, str], fleet: Fleet) -> None:
-    assert set(fleet.running.values()) == {"v2"}  # the fleet is on v2 now; roll out v3 on top
-    write_release(srv.ota_dir, ["v1", "v2", "v3"])
+    assert set(fleet.running.values()) == {"2"}  # the fleet is on v2 now; roll out v3 on top
+    write_release(srv.ota_dir, ["1", "2", "3"])
     plan = {"stages": PLAN["stages"][1:]}
-    r = httpx.post(f"{srv.url}/v1/rollouts", json={"version": "v3", "previous_version": "v2", "plan": plan},
+    r = httpx.post(f"{srv.url}/v1/rollouts", json={"version": "3", "previous_version": "2", "plan": plan},
                    headers=admin())
     assert r.status_code == 201, r.text
     rid = r.json()["rollout_id"]
@@ -215,11 +215,11 @@ def test_bad_canary_is_aborted_and_reverted(srv: Running, tokens: dict[str, str]
             for v, tok in tokens.items():
                 offer = c.get("/v1/update", params={"vehicle": v}, headers=admin(tok)).json()
                 fleet.running[v] = offer["version"]
-                if offer["version"] == "v3":
+                if offer["version"] == "3":
                     exposed.add(v)
                 fleet.seq[v] += 1
                 body = report(v, fleet.running[v], fleet.seq[v], srv.clock.t,
-                              interventions=15 if fleet.running[v] == "v3" else 1)
+                              interventions=15 if fleet.running[v] == "3" else 1)
                 assert c.post("/v1/health", json=body, headers=admin(tok)).status_code == 200
         if httpx.get(f"{srv.url}/v1/rollouts/{rid}").json()["status"] == "aborted":
             break
@@ -228,7 +228,7 @@ def test_bad_canary_is_aborted_and_reverted(srv: Running, tokens: dict[str, str]
     assert exposed == canary
     offers = {httpx.get(f"{srv.url}/v1/update", params={"vehicle": v}, headers=admin(t)).json()["version"]
               for v, t in tokens.items()}
-    assert offers == {"v2"}
+    assert offers == {"2"}
 
 
 def test_tuf_files_served_with_range(srv: Running) -> None:
@@ -243,14 +243,14 @@ def test_tuf_files_served_with_range(srv: Running) -> None:
 def _bad_cases(tokens: dict[str, str]) -> list[tuple[str, str, str, dict[str, Any], int, str]]:
     v0, v1 = FLEET[0], FLEET[1]
     t0 = admin(tokens[v0])
-    ok = report(v0, "v2", 10_000, 9e6)
+    ok = report(v0, "2", 10_000, 9e6)
     return [
         ("health: no token", "POST", "/v1/health", {"json": ok}, 401, "unknown vehicle"[:0] + "invalid token"),
         ("health: wrong token", "POST", "/v1/health", {"json": ok, "headers": admin("nope")}, 401, "invalid token"),
         ("health: another vehicle's token", "POST", "/v1/health",
          {"json": ok, "headers": admin(tokens[v1])}, 401, "invalid token"),
         ("health: unknown vehicle", "POST", "/v1/health",
-         {"json": report("ghost", "v2", 1, 9e6), "headers": t0}, 401, "unknown vehicle"),
+         {"json": report("ghost", "2", 1, 9e6), "headers": t0}, 401, "unknown vehicle"),
         ("health: malformed json", "POST", "/v1/health",
          {"content": b"{not json", "headers": t0 | {"Content-Type": "application/json"}}, 422, "invalid request"),
         ("health: bad field", "POST", "/v1/health",
@@ -258,7 +258,7 @@ def _bad_cases(tokens: dict[str, str]) -> list[tuple[str, str, str, dict[str, An
         ("health: unknown field", "POST", "/v1/health",
          {"json": ok | {"speed": 1}, "headers": t0}, 422, "speed"),
         ("health: out-of-order seq", "POST", "/v1/health",
-         {"json": report(v0, "v2", 1, 9e6), "headers": t0}, 409, "not after"),
+         {"json": report(v0, "2", 1, 9e6), "headers": t0}, 409, "not after"),
         ("update: no token", "GET", f"/v1/update?vehicle={v0}", {}, 401, "invalid token"),
         ("update: unknown vehicle", "GET", "/v1/update?vehicle=ghost", {"headers": t0}, 401, "unknown vehicle"),
         ("update: missing vehicle", "GET", "/v1/update", {"headers": t0}, 422, "vehicle"),
@@ -272,11 +272,13 @@ def _bad_cases(tokens: dict[str, str]) -> list[tuple[str, str, str, dict[str, An
          "already enrolled"),
         ("enrol: bad id", "POST", "/v1/vehicles", {"json": {"vehicle_id": "../x"}, "headers": admin()}, 422,
          "vehicle_id"),
-        ("start: wrong admin", "POST", "/v1/rollouts", {"json": {"version": "v9", "previous_version": "v2"},
+        ("start: wrong admin", "POST", "/v1/rollouts", {"json": {"version": "9", "previous_version": "2"},
                                                         "headers": admin("x" * 20)}, 403, "invalid admin"),
         ("start: not released", "POST", "/v1/rollouts",
-         {"json": {"version": "v9", "previous_version": "v2"}, "headers": admin()}, 409, "not released"),
-        ("start: bad plan", "POST", "/v1/rollouts", {"json": {"version": "v3", "previous_version": "v2",
+         {"json": {"version": "9", "previous_version": "2"}, "headers": admin()}, 409, "not released"),
+        ("start: version not canonical", "POST", "/v1/rollouts",
+         {"json": {"version": "v3", "previous_version": "2"}, "headers": admin()}, 422, "version"),
+        ("start: bad plan", "POST", "/v1/rollouts", {"json": {"version": "3", "previous_version": "2",
                                                               "plan": {"stages": []}}, "headers": admin()}, 422,
          "at least one stage"),
         ("start: malformed json", "POST", "/v1/rollouts",
@@ -296,7 +298,7 @@ def _bad_cases(tokens: dict[str, str]) -> list[tuple[str, str, str, dict[str, An
 
 
 def test_bad_input_is_rejected_and_changes_nothing(srv: Running, tokens: dict[str, str]) -> None:
-    r = httpx.post(f"{srv.url}/v1/health", json=report(FLEET[0], "v2", 9_999, 9e6 - 1), headers=admin(tokens[FLEET[0]]))
+    r = httpx.post(f"{srv.url}/v1/health", json=report(FLEET[0], "2", 9_999, 9e6 - 1), headers=admin(tokens[FLEET[0]]))
     assert r.status_code == 200, r.text
     rid = srv.app.state.service.store.latest_rollout_id()
     assert httpx.get(f"{srv.url}/v1/rollouts/{rid}").json()["status"] == "aborted"  # from the test above
@@ -313,10 +315,10 @@ def test_bad_input_is_rejected_and_changes_nothing(srv: Running, tokens: dict[st
 
 
 def test_promote_then_pause_and_resume_via_api(srv: Running) -> None:
-    write_release(srv.ota_dir, ["v1", "v2", "v3", "v4"])
-    r = httpx.post(f"{srv.url}/v1/rollouts", json={"version": "v4", "previous_version": "v2"}, headers=admin())
+    write_release(srv.ota_dir, ["1", "2", "3", "4"])
+    r = httpx.post(f"{srv.url}/v1/rollouts", json={"version": "4", "previous_version": "2"}, headers=admin())
     rid = r.json()["rollout_id"]
-    assert httpx.post(f"{srv.url}/v1/rollouts", json={"version": "v4", "previous_version": "v2"},
+    assert httpx.post(f"{srv.url}/v1/rollouts", json={"version": "4", "previous_version": "2"},
                       headers=admin()).status_code == 409  # one active rollout at a time
     for action, status, stage in [("pause", "paused", "shadow"), ("promote", "paused", "canary"),
                                   ("resume", "running", "canary"), ("abort", "aborted", "canary")]:
@@ -355,10 +357,10 @@ def test_cli_rollout_against_the_local_store(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path))
     monkeypatch.delenv("DRIVELOOP_OTA_URL", raising=False)
     assert _cli(capsys, "ota", "rollout", "status")[0] == 9  # no rollout yet
-    write_release(tmp_path / "ota", ["v1", "v2"])
-    code, err = _cli(capsys, "ota", "rollout", "start", "v9", "--previous", "v1")
+    write_release(tmp_path / "ota", ["1", "2"])
+    code, err = _cli(capsys, "ota", "rollout", "start", "9", "--previous", "1")
     assert code == 9 and "not released" in str(err)
-    code, st = _cli(capsys, "ota", "rollout", "start", "v2", "--previous", "v1", "--json")
+    code, st = _cli(capsys, "ota", "rollout", "start", "2", "--previous", "1", "--json")
     assert code == 0 and isinstance(st, dict) and (st["stage"], st["status"]) == ("shadow", "running")
     steps = [("pause", 0, "paused"), ("resume", 0, "running"), ("resume", 9, "not paused"),
              ("promote", 0, "canary"), ("abort", 0, "aborted"), ("promote", 9, "cannot promote")]
@@ -378,7 +380,7 @@ def test_cli_serve_and_remote_rollout(tmp_path: Path, monkeypatch: pytest.Monkey
     import subprocess
     import sys
 
-    write_release(tmp_path / "ota", ["v1", "v2"])
+    write_release(tmp_path / "ota", ["1", "2"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -399,7 +401,7 @@ def test_cli_serve_and_remote_rollout(tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path / "elsewhere"))  # remote mode needs no local store
         monkeypatch.setenv("DRIVELOOP_OTA_URL", url)
         monkeypatch.setenv("DRIVELOOP_OTA_ADMIN_TOKEN", ADMIN)
-        code, st = _cli(capsys, "ota", "rollout", "start", "v2", "--previous", "v1", "--json")
+        code, st = _cli(capsys, "ota", "rollout", "start", "2", "--previous", "1", "--json")
         assert code == 0 and isinstance(st, dict) and st["rollout_id"] == 1
         code, st = _cli(capsys, "ota", "rollout", "pause", "--json")
         assert code == 0 and isinstance(st, dict) and st["status"] == "paused"
@@ -417,12 +419,12 @@ def test_cli_serve_and_remote_rollout(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_background_evaluation_decides_without_reports(tmp_path: Path) -> None:
     """A silent fleet still gets decisions: the background loop evaluates every eval_interval_s."""
     ota_dir = tmp_path / "ota"
-    write_release(ota_dir, ["v1", "v2"])
+    write_release(ota_dir, ["1", "2"])
     clock = FakeClock()
     app = create_app(ServerConfig(ota_dir, ADMIN, eval_interval_s=0.05, background_eval=True), clock=clock)
     url, server, thread = serve_in_thread(app)
     try:
-        rid = httpx.post(f"{url}/v1/rollouts", json={"version": "v2", "previous_version": "v1"},
+        rid = httpx.post(f"{url}/v1/rollouts", json={"version": "2", "previous_version": "1"},
                          headers=admin()).json()["rollout_id"]
         store = app.state.service.store
         clock.t += 600.0
