@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -245,16 +244,3 @@ def grafana_cmd(
     prom = prometheus_url or load_settings().prometheus_url or "http://127.0.0.1:9090"
     _emit(provision(url, token, prom), as_json)
 
-
-def _register_release_commands() -> None:
-    """``ota release`` / ``ota keys`` live in the release engineer's module; cli.py imports it too."""
-    if "driveloop._cli_ota_release" in sys.modules:
-        return
-    try:
-        __import__("driveloop._cli_ota_release")
-    except ModuleNotFoundError as e:
-        if e.name != "driveloop._cli_ota_release":
-            raise
-
-
-_register_release_commands()
