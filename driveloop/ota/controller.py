@@ -4,10 +4,20 @@ A :class:`RolloutPlan` lists stages (default shadow → canary 1 % → 10 % → 
 evaluation calls :func:`decide` with the stage's aggregated :class:`~driveloop.ota.gates.HealthWindow`
 and the time; the gate verdict turns into one :class:`Decision`:
 
-- FAIL → ABORT: the rollout stops for good and the director reverts every vehicle on the release.
-- INCONCLUSIVE → HOLD (never promote without evidence).
-- PASS, once the stage has run ``min_duration_s`` and ``min_evaluations`` windows → PROMOTE
-  (or COMPLETE after the last stage).
+| gate verdict | decision |
+|---|---|
+| FAIL | ABORT: the rollout stops for good; the director reverts every vehicle on the release |
+| INCONCLUSIVE: too few samples, or no comparison group | HOLD while it lasts (exposure does not grow) |
+| INCONCLUSIVE: a metric above its limit, not significantly | HOLD (1); the ``max_inconclusive``-th → ABORT (2) |
+| PASS before ``min_duration_s`` and ``min_evaluations`` windows | HOLD |
+| PASS after them | PROMOTE (COMPLETE after the last stage) |
+
+(1) A stage's window is cumulative, so each hold adds evidence. (2) The bounded rule: a model that has
+not shown itself within tolerance after that many windows is rolled back — the burden of proof is on
+the new model, and a stage never keeps a suspicious model on its cohort indefinitely.
+
+The gate itself is picked by the plan's ``gate_rules`` (:data:`GATE_RULES`): logs recorded before a
+rules change replay under the rules they were decided by.
 
 Operators :func:`apply` pause / resume / promote / abort; illegal transitions raise
 :class:`~driveloop.core.exceptions.RolloutStateError` and leave the state as it was. Nothing here reads a
@@ -23,18 +33,40 @@ from types import MappingProxyType
 from typing import Any
 
 from driveloop.core.exceptions import ConfigError, RolloutStateError
-from driveloop.ota.gates import (
-    CohortStats,
-    GateResult,
-    GateTolerances,
-    HealthWindow,
-    Verdict,
-    evaluate_active,
-    evaluate_shadow,
-)
+from driveloop.ota import _gates_v1, gates
+from driveloop.ota.gates import CohortStats, GateResult, GateTolerances, HealthWindow, Verdict
 
 __all__ = ["StageSpec", "RolloutPlan", "RolloutState", "Status", "Action", "Decision", "OperatorAction",
-           "OPERATOR_ACTIONS", "RolloutEvent", "start", "decide", "apply", "replay", "plan_of"]
+           "OPERATOR_ACTIONS", "RolloutEvent", "GateRules", "GATE_RULES", "CURRENT_GATE_RULES", "LEGACY_GATE_RULES",
+           "start", "decide", "apply", "replay", "plan_of"]
+
+
+@dataclass(frozen=True)
+class GateRules:
+    """One version of the health-gate rules: the gates, which control stats later stages compare with,
+    and whether statistically inconclusive windows are bounded."""
+
+    active: Callable[[HealthWindow, GateTolerances, CohortStats | None], GateResult]
+    shadow: Callable[[HealthWindow, GateTolerances], GateResult]
+    baseline_after: Callable[[HealthWindow, GateTolerances, CohortStats | None], CohortStats | None]
+    bounded_holds: bool
+
+
+def _baseline_after(window: HealthWindow, tol: GateTolerances, baseline: CohortStats | None) -> CohortStats | None:
+    """What the promoting gate compared with (the stage's control, or it pooled with the baseline)."""
+    ref = gates.reference(window, tol, baseline)
+    return baseline if ref is None else ref
+
+
+LEGACY_GATE_RULES = 1  # what a logged plan without ``gate_rules`` was decided by (every log before rules 2)
+CURRENT_GATE_RULES = 2
+# gate_rules of a plan -> its rules. 1: the control's observed rate taken as exact (frozen in
+# _gates_v1); 2: exact two-exposure tests, pooled references, bounded holds. Never change a published entry.
+GATE_RULES: Mapping[int, GateRules] = MappingProxyType({
+    LEGACY_GATE_RULES: GateRules(_gates_v1.evaluate_active, _gates_v1.evaluate_shadow, _gates_v1.baseline_after,
+                                 bounded_holds=False),
+    CURRENT_GATE_RULES: GateRules(gates.evaluate_active, gates.evaluate_shadow, _baseline_after, bounded_holds=True),
+})
 
 
 class Status(str, Enum):
@@ -62,6 +94,7 @@ class StageSpec:
     min_duration_s: float = 900.0
     min_evaluations: int = 2
     tolerances: GateTolerances = field(default_factory=GateTolerances)
+    max_inconclusive: int = 6  # statistically inconclusive windows a stage may hold for, then it aborts
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 32:
@@ -72,6 +105,8 @@ class StageSpec:
             raise ConfigError(f"stage {self.name}: min_duration_s must be >= 0, got {self.min_duration_s}")
         if self.min_evaluations < 1:
             raise ConfigError(f"stage {self.name}: min_evaluations must be >= 1, got {self.min_evaluations}")
+        if self.max_inconclusive < 1:
+            raise ConfigError(f"stage {self.name}: max_inconclusive must be >= 1, got {self.max_inconclusive}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,13 +123,17 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class RolloutPlan:
-    """Ordered stages. Shadow stages come first; exposure never shrinks; the last stage is 100 % active."""
+    """Ordered stages. Shadow stages come first; exposure never shrinks; the last stage is 100 % active.
+    ``gate_rules``: the key of :data:`GATE_RULES` its health evaluations are decided by."""
 
     stages: tuple[StageSpec, ...]
+    gate_rules: int = CURRENT_GATE_RULES
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("a rollout plan needs at least one stage")
+        if self.gate_rules not in GATE_RULES:
+            raise ConfigError(f"unknown gate_rules {self.gate_rules!r} (known: {', '.join(map(str, GATE_RULES))})")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"stage names must be unique: {names}")
@@ -120,14 +159,20 @@ class RolloutPlan:
         return cls(tuple(StageSpec(n, f, sh, min_duration_s, max(min_evaluations, k), tol) for n, f, sh, k in spec))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": [s.to_dict() for s in self.stages]}
+        return {"stages": [s.to_dict() for s in self.stages], "gate_rules": self.gate_rules}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RolloutPlan:
+    def from_dict(cls, d: dict[str, Any], default_gate_rules: int = CURRENT_GATE_RULES) -> RolloutPlan:
+        """``default_gate_rules``: for a dict that does not name them — a new plan gets the current rules,
+        a plan read back from an event log written before they had a name gets rules 1."""
         try:
-            return cls(tuple(StageSpec.from_dict(s) for s in d["stages"]))
+            rules = d.get("gate_rules", default_gate_rules)
+            stages = tuple(StageSpec.from_dict(s) for s in d["stages"])
         except (KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"bad rollout plan: {e!r}") from e
+        if type(rules) is not int:  # not a bool, not "2", not 2.0
+            raise ConfigError(f"bad rollout plan: gate_rules must be an integer, got {rules!r}")
+        return cls(stages, rules)
 
 
 @dataclass(frozen=True)
@@ -153,6 +198,7 @@ class RolloutState:
     stage_index: int
     stage_entered_s: float
     evaluations_in_stage: int = 0
+    inconclusive_in_stage: int = 0  # windows held because a metric was above its limit, not significantly
     max_fraction: float = 0.0  # the largest fraction ever exposed (shadow included)
     baseline: CohortStats | None = None  # control stats kept for stages without a control group
     reason: str = ""
@@ -193,8 +239,8 @@ def _advance(state: RolloutState, plan: RolloutPlan, window: HealthWindow | None
     """Promote to the next stage, or complete after the last; remember control stats as the baseline."""
     cur = state.stage(plan)
     baseline = state.baseline
-    if window is not None and window.control.hours >= cur.tolerances.min_control_hours:
-        baseline = window.control
+    if window is not None:
+        baseline = GATE_RULES[plan.gate_rules].baseline_after(window, cur.tolerances, baseline)
     if state.stage_index + 1 >= len(plan.stages):
         d = Decision(Action.COMPLETE, cur.name, None, reason, now_s, gate)
         return replace(state, status=Status.COMPLETED, baseline=baseline, reason=reason, last_decision=d,
@@ -202,8 +248,8 @@ def _advance(state: RolloutState, plan: RolloutPlan, window: HealthWindow | None
     nxt = plan.stages[state.stage_index + 1]
     d = Decision(Action.PROMOTE, cur.name, nxt.name, reason, now_s, gate)
     return replace(state, stage_index=state.stage_index + 1, stage_entered_s=now_s, evaluations_in_stage=0,
-                   max_fraction=max(state.max_fraction, nxt.fraction), baseline=baseline, reason=reason,
-                   last_decision=d, last_event_s=now_s), d
+                   inconclusive_in_stage=0, max_fraction=max(state.max_fraction, nxt.fraction), baseline=baseline,
+                   reason=reason, last_decision=d, last_event_s=now_s), d
 
 
 def decide(state: RolloutState, plan: RolloutPlan, window: HealthWindow, now_s: float) -> tuple[RolloutState, Decision]:
@@ -215,17 +261,24 @@ def decide(state: RolloutState, plan: RolloutPlan, window: HealthWindow, now_s: 
     if state.status is Status.PAUSED:
         d = Decision(Action.HOLD, stage.name, None, "paused by operator", now_s)
         return replace(state, last_decision=d, last_event_s=now_s), d
-    gate = evaluate_shadow(window, stage.tolerances) if stage.shadow else \
-        evaluate_active(window, stage.tolerances, state.baseline)
+    rules = GATE_RULES[plan.gate_rules]
+    gate = rules.shadow(window, stage.tolerances) if stage.shadow else \
+        rules.active(window, stage.tolerances, state.baseline)
     n = state.evaluations_in_stage + 1
-    if gate.verdict is Verdict.FAIL:
-        reason = f"health gate failed in {stage.name}: {gate.reason}"
+    unsure = gate.unsure() if rules.bounded_holds and gate.verdict is Verdict.INCONCLUSIVE else []
+    k = state.inconclusive_in_stage + (1 if unsure else 0)
+    if gate.verdict is Verdict.FAIL or (unsure and k >= stage.max_inconclusive):
+        reason = f"health gate failed in {stage.name}: {gate.reason}" if gate.verdict is Verdict.FAIL else \
+            (f"still inconclusive in {stage.name} after {k} windows: {', '.join(unsure)} above the limit, "
+             "never shown within it")
         d = Decision(Action.ABORT, stage.name, None, reason, now_s, gate)
-        return replace(state, status=Status.ABORTED, evaluations_in_stage=n, reason=reason, last_decision=d,
-                       last_event_s=now_s), d
+        return replace(state, status=Status.ABORTED, evaluations_in_stage=n, inconclusive_in_stage=k, reason=reason,
+                       last_decision=d, last_event_s=now_s), d
     if gate.verdict is Verdict.INCONCLUSIVE:
-        d = Decision(Action.HOLD, stage.name, None, f"inconclusive: {gate.reason}", now_s, gate)
-        return replace(state, evaluations_in_stage=n, last_decision=d, last_event_s=now_s), d
+        bound = f" ({k}/{stage.max_inconclusive} inconclusive windows)" if unsure else ""
+        d = Decision(Action.HOLD, stage.name, None, f"inconclusive: {gate.reason}{bound}", now_s, gate)
+        return replace(state, evaluations_in_stage=n, inconclusive_in_stage=k, last_decision=d,
+                       last_event_s=now_s), d
     elapsed = now_s - state.stage_entered_s
     if elapsed < stage.min_duration_s or n < stage.min_evaluations:
         reason = (f"healthy, waiting: {elapsed:.0f}/{stage.min_duration_s:.0f} s, "
@@ -303,7 +356,7 @@ class RolloutEvent:
 def plan_of(events: Iterable[RolloutEvent]) -> RolloutPlan:
     for e in events:
         if e.kind == "start":
-            return RolloutPlan.from_dict(e.data["plan"])
+            return RolloutPlan.from_dict(e.data["plan"], default_gate_rules=LEGACY_GATE_RULES)
     raise RolloutStateError("event log has no start event")
 
 
@@ -314,7 +367,7 @@ def replay(events: Iterable[RolloutEvent]) -> RolloutState:
     if first is None or first.kind != "start":
         raise RolloutStateError("event log must begin with a start event")
     d = first.data
-    plan = RolloutPlan.from_dict(d["plan"])
+    plan = RolloutPlan.from_dict(d["plan"], default_gate_rules=LEGACY_GATE_RULES)
     state = start(int(d["rollout_id"]), d["version"], d["previous_version"], plan, first.at_s)
     for e in it:
         if e.kind == "evaluate":

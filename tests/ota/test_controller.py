@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from driveloop.core.exceptions import ConfigError, RolloutStateError
 from driveloop.ota.cohorts import in_cohort
-from driveloop.ota.controller import OPERATOR_ACTIONS, Action, OperatorAction, RolloutEvent, RolloutPlan, RolloutState, \
-    StageSpec, Status, apply, decide, plan_of, replay, start
+from driveloop.ota.controller import CURRENT_GATE_RULES, GATE_RULES, LEGACY_GATE_RULES, OPERATOR_ACTIONS, Action, \
+    OperatorAction, RolloutEvent, RolloutPlan, RolloutState, StageSpec, Status, apply, decide, plan_of, replay, start
 from driveloop.ota.director import assign, assign_fleet, fleet_share
-from driveloop.ota.gates import CohortStats, HealthWindow, ShadowAggregate
+from driveloop.ota.gates import CohortStats, GateTolerances, HealthWindow, ShadowAggregate
 
 PLAN = RolloutPlan.default(min_duration_s=900.0, min_evaluations=2)
 CONTROL = CohortStats(500, 500, 100.0, 3_600_000, 200, 0, 0, 0, 8.0 * 3_600_000)
@@ -48,7 +51,7 @@ def test_bad_plans_rejected(name: str, stages: tuple[StageSpec, ...]) -> None:
 
 
 @pytest.mark.parametrize("kw", [{"fraction": 0.0}, {"fraction": 1.5}, {"min_duration_s": -1.0},
-                                {"min_evaluations": 0}, {"name": ""}])
+                                {"min_evaluations": 0}, {"name": ""}, {"max_inconclusive": 0}])
 def test_bad_stage_rejected(kw: dict[str, object]) -> None:
     args: dict[str, object] = {"name": "s", "fraction": 0.5} | kw
     with pytest.raises(ConfigError):
@@ -248,3 +251,185 @@ def test_director_reverts_everyone_on_abort_and_keeps_exposure_on_pause() -> Non
     aborted = apply(s, PLAN, OperatorAction("abort", 1.0))
     assert {assign(aborted, PLAN, v).version for v in FLEET} == {"v1"}
     assert assign(None, None, "veh-1").version is None
+
+
+# -- gate rules: thin evidence holds, a worse canary still aborts, old logs replay as recorded ---------
+TICKS_PER_S = 10
+
+
+def drive(vehicles: int, seconds: float, interventions: int = 0) -> CohortStats:
+    """A cohort's sums over ``seconds`` of driving in all."""
+    ticks = int(seconds * TICKS_PER_S)
+    return CohortStats(vehicles, vehicles, seconds / 3600.0, ticks, interventions, 0, 0, 0, 8.0 * ticks)
+
+
+def per_h(rate: float, seconds: float) -> int:
+    """Events a cohort at ``rate`` per hour has seen after ``seconds`` (never rounded up: no lucky extra)."""
+    return math.floor(rate * seconds / 3600.0)
+
+
+# The demo's plan (driveloop/demo.py demo_plan): ~8 cars, windows of seconds.
+DEMO_TOL = GateTolerances(min_vehicles=1, min_hours=0.02, min_control_hours=0.02, min_shadow_ticks=200,
+                          max_disagreement_rate=0.25, max_mean_abs_diff=1.0)
+
+
+def demo_plan(rules: int) -> RolloutPlan:
+    spec = [("shadow", 0.25, True, 1), ("canary", 0.25, False, 2), ("50%", 0.5, False, 1), ("100%", 1.0, False, 1)]
+    return RolloutPlan(tuple(StageSpec(n, f, sh, 0.0, k, DEMO_TOL) for n, f, sh, k in spec), rules)
+
+
+def sim_plan(rules: int) -> RolloutPlan:
+    """`ota simulate`'s plan without the wait: the canary stage still needs 3 windows to promote."""
+    return replace(RolloutPlan.default(min_duration_s=0.0, min_evaluations=1), gate_rules=rules)
+
+
+V1_PER_H, V2_PER_H = 58.1, 3.75  # the demo: interventions per hour of v1 and v2 on the measure drive
+DEMO_BASELINE = drive(6, 200.0)  # the canary stage's control: 0 interventions in 200 s
+
+
+def demo_50(k: int, canary_per_h: float, first: int = 1) -> HealthWindow:
+    """The demo's 50 % stage after ``k`` windows: canary 2 cars × 60 s, control 2 cars × 20 s per window;
+    the canary's first event comes in window 1 (``first`` of them), later ones at ``canary_per_h``."""
+    return HealthWindow(drive(2, 120.0 * k, max(first, per_h(canary_per_h, 120.0 * k))),
+                        drive(2, 40.0 * k, per_h(V1_PER_H, 40.0 * k)))
+
+
+def sim_canary(k: int, factor: float) -> HealthWindow:
+    """`ota simulate`'s canary stage after ``k`` windows of 600 s: 10 canary vehicles at ``factor`` × the
+    fleet's 2/h, 990 control vehicles at 2/h."""
+    return HealthWindow(drive(10, 6000.0 * k, per_h(2.0 * factor, 6000.0 * k)),
+                        drive(990, 594_000.0 * k, per_h(2.0, 594_000.0 * k)))
+
+
+def run_stage(plan: RolloutPlan, stage: int, windows: list[HealthWindow],
+              baseline: CohortStats | None) -> tuple[list[Action], RolloutState]:
+    """Decide window after window in ``stage`` until something other than a hold happens."""
+    s = replace(start(1, "v2", "v1", plan, 0.0), stage_index=stage, max_fraction=plan.stages[stage].fraction,
+                baseline=baseline)
+    actions = []
+    for k, w in enumerate(windows, 1):
+        s, d = decide(s, plan, w, 60.0 * k)
+        actions.append(d.action)
+        if d.action is not Action.HOLD:
+            break
+    return actions, s
+
+
+H, P, A = Action.HOLD, Action.PROMOTE, Action.ABORT
+# name, plan, stage index, windows, baseline, actions now (rules 2), actions before (rules 1)
+STAGE_CASES = [
+    ("1 vs 0 events in small windows holds, then the better model promotes", demo_plan, 2,
+     [demo_50(k, V2_PER_H) for k in range(1, 9)], DEMO_BASELINE, [H, P], [A]),
+    ("equal rates pass after enough exposure", demo_plan, 2,
+     [HealthWindow(drive(2, 120.0 * k, max(5, per_h(30.0, 120.0 * k))), drive(2, 120.0 * k, per_h(30.0, 120.0 * k)))
+      for k in range(1, 9)], drive(6, 200.0, 1), [H, H, H, P], [A]),
+    ("a canary above the limit that never shows significance holds, then aborts at the bound", demo_plan, 2,
+     [HealthWindow(drive(2, 120.0 * k, math.ceil(0.6 * k)), drive(2, 40.0 * k)) for k in range(1, 12)],
+     drive(6, 200.0, 1), [H] * 5 + [A], [H, A]),
+    ("0 vs 0 passes", demo_plan, 2, [HealthWindow(drive(2, 120.0), drive(2, 40.0))], DEMO_BASELINE, [P], [P]),
+    ("truly worse canary (10x, demo fleet) aborts in window 1, as before", demo_plan, 2,
+     [demo_50(k, 10 * V1_PER_H) for k in range(1, 9)], drive(6, 200.0, 3), [A], [A]),
+    ("truly worse canary (10x, simulator fleet) aborts in window 1, as before", sim_plan, 1,
+     [sim_canary(k, 10.0) for k in range(1, 9)], None, [A], [A]),
+    ("the simulator's bad model (4x) aborts in window 1, as before", sim_plan, 1,
+     [sim_canary(k, 4.0) for k in range(1, 9)], None, [A], [A]),
+    ("3x aborts in window 1 (before: window 3)", sim_plan, 1, [sim_canary(k, 3.0) for k in range(1, 9)], None,
+     [A], [H, H, A]),
+    ("an equal-rate canary on the simulator fleet promotes after its 3 windows", sim_plan, 1,
+     [sim_canary(k, 1.0) for k in range(1, 9)], None, [H, H, P], [H, H, P]),
+]
+
+
+@pytest.mark.parametrize("name,plan,stage,windows,baseline,now,before", STAGE_CASES, ids=[c[0] for c in STAGE_CASES])
+def test_stage_decisions_table(name: str, plan: object, stage: int, windows: list[HealthWindow],
+                               baseline: CohortStats | None, now: list[Action], before: list[Action]) -> None:
+    """Each fixture decided by the controller now (rules 2) and as before (rules 1), in the same test."""
+    make = plan  # a function of the gate rules
+    got_now, _ = run_stage(make(CURRENT_GATE_RULES), stage, windows, baseline)  # type: ignore[operator]
+    got_before, _ = run_stage(make(LEGACY_GATE_RULES), stage, windows, baseline)  # type: ignore[operator]
+    assert (got_now, got_before) == (now, before)
+
+
+@pytest.mark.parametrize("fleet,factor", [("demo", 10.0), ("demo", 20.0), ("sim", 10.0), ("sim", 5.0), ("sim", 4.0),
+                                          ("sim", 3.0)])
+def test_truly_worse_canary_aborts_no_later_than_before(fleet: str, factor: float) -> None:
+    if fleet == "demo":
+        plan, stage, base = demo_plan, 2, drive(6, 200.0, per_h(V1_PER_H, 200.0))
+        windows = [demo_50(k, factor * V1_PER_H) for k in range(1, 13)]
+    else:
+        plan, stage, base = sim_plan, 1, None
+        windows = [sim_canary(k, factor) for k in range(1, 13)]
+    now, _ = run_stage(plan(CURRENT_GATE_RULES), stage, windows, base)
+    before, _ = run_stage(plan(LEGACY_GATE_RULES), stage, windows, base)
+    assert now[-1] is A and before[-1] is A
+    assert len(now) <= len(before)
+
+
+def test_bounded_hold_counts_and_says_why() -> None:
+    plan = demo_plan(CURRENT_GATE_RULES)
+    windows = [HealthWindow(drive(2, 120.0 * k, math.ceil(0.6 * k)), drive(2, 40.0 * k)) for k in range(1, 7)]
+    actions, s = run_stage(plan, 2, windows, drive(6, 200.0, 1))
+    assert actions == [H] * 5 + [A] and s.inconclusive_in_stage == plan.stages[2].max_inconclusive == 6
+    assert s.reason == ("still inconclusive in 50% after 6 windows: interventions_per_h above the limit, "
+                        "never shown within it")
+    held, _ = run_stage(plan, 2, windows[:2], drive(6, 200.0, 1))
+    assert held == [H, H]
+    s2 = replace(start(1, "v2", "v1", plan, 0.0), stage_index=2, baseline=drive(6, 200.0, 1))
+    s2, d = decide(s2, plan, windows[0], 60.0)
+    assert d.reason.endswith("(1/6 inconclusive windows)") and s2.inconclusive_in_stage == 1
+
+
+def test_too_few_samples_is_not_counted_toward_the_bound() -> None:
+    s = replace_stage(fresh(), 1)
+    for k in range(1, 3 * PLAN.stages[1].max_inconclusive):
+        s, d = decide(s, PLAN, EMPTY, 600.0 * k)
+        assert d.action is Action.HOLD
+    assert s.inconclusive_in_stage == 0
+
+
+def test_promotion_resets_the_bound_and_pools_the_baseline() -> None:
+    plan = demo_plan(CURRENT_GATE_RULES)
+    s = replace(start(1, "v2", "v1", plan, 0.0), stage_index=2, max_fraction=0.5, baseline=DEMO_BASELINE,
+                inconclusive_in_stage=3)
+    w = HealthWindow(drive(2, 120.0), drive(2, 40.0))  # thin control: pooled with the baseline
+    s, d = decide(s, plan, w, 60.0)
+    assert d.action is Action.PROMOTE and s.inconclusive_in_stage == 0
+    assert s.baseline == drive(2, 40.0).pooled(DEMO_BASELINE)
+
+
+def _demo_log(plan_dict: dict[str, object]) -> list[RolloutEvent]:
+    """The demo's rollout as its fleet server logged it: shadow, two canary windows (control: 0
+    interventions in 200 s, the baseline), then the 50 % window with one canary intervention."""
+    shadow = HealthWindow(shadow=ShadowAggregate(2, 400, 10, 0.05 * 400))
+    canary = HealthWindow(drive(2, 100.0), DEMO_BASELINE)
+    windows = [shadow, canary, canary, demo_50(1, V2_PER_H)]
+    first = RolloutEvent("start", 0.0, {"rollout_id": 1, "version": "2", "previous_version": "1", "plan": plan_dict})
+    return [first] + [RolloutEvent("evaluate", 60.0 * k, {"window": w.to_dict()}) for k, w in enumerate(windows, 1)]
+
+
+def test_logs_written_before_gate_rules_replay_as_they_were_decided() -> None:
+    """A log from before rules 2 has no ``gate_rules`` in its plan: it replays under rules 1, so the
+    demo's abort stays an abort (rules 2 would hold and put v2 back on the fleet)."""
+    old = demo_plan(CURRENT_GATE_RULES).to_dict()
+    del old["gate_rules"]
+    for stage in old["stages"]:  # nor the fields rules 2 added
+        del stage["max_inconclusive"], stage["tolerances"]["count_alpha"], stage["tolerances"]["p99_min_reports"]
+    assert plan_of(_demo_log(old)).gate_rules == LEGACY_GATE_RULES
+    was = replay(_demo_log(old))
+    assert (was.status, was.stage_index, was.baseline) == (Status.ABORTED, 2, DEMO_BASELINE)
+    assert was.reason == "health gate failed in 50%: worse than allowed: interventions_per_h"
+    now = replay(_demo_log(demo_plan(CURRENT_GATE_RULES).to_dict()))
+    assert (now.status, now.stage_index, now.inconclusive_in_stage) == (Status.RUNNING, 2, 1)
+    assert RolloutPlan.from_dict(old).gate_rules == CURRENT_GATE_RULES  # a new plan without the key: current
+
+
+def test_gate_rules_are_validated_and_round_trip() -> None:
+    assert PLAN.gate_rules == CURRENT_GATE_RULES and PLAN.to_dict()["gate_rules"] == CURRENT_GATE_RULES
+    assert set(GATE_RULES) == {LEGACY_GATE_RULES, CURRENT_GATE_RULES}
+    with pytest.raises(ConfigError, match="gate_rules"):
+        RolloutPlan(PLAN.stages, gate_rules=9)
+    for bad in ("2", True, 2.0, None):
+        with pytest.raises(ConfigError, match="gate_rules"):
+            RolloutPlan.from_dict({**PLAN.to_dict(), "gate_rules": bad})
+    with pytest.raises(ConfigError):
+        RolloutPlan.from_dict([])  # type: ignore[arg-type]
