@@ -38,8 +38,11 @@ def _print_report(r: dict[str, Any]) -> None:
                       str(rec["clipped"]), rejected, rec["closed"] + (" (skipped)" if rec["skipped"] else ""),
                       f"{rec['wall_s']:.1f}")
     console.print(table)
-    if r["dp"]:
-        console.print("DP: " + ", ".join(f"{k}={v}" for k, v in r["dp"].items()))
+    dp = r["dp"]
+    if dp:
+        console.print(f"DP: epsilon={dp['epsilon']:.4g} at delta={dp['delta']:g} after {dp['rounds']} released rounds "
+                      f"(noise multiplier {dp['noise_multiplier']:g}, clip norm {dp['clip_norm']:g}, "
+                      f"sample rate {dp['sample_rate']:g}; {dp['accountant']})")
     gate = r["gate"]
     if gate:
         b, c = gate["baseline"], gate["candidate"]
@@ -69,9 +72,11 @@ def run(
     rounds: int = typer.Option(100, "--rounds", min=1, help="Federated rounds (each vehicle: one gradient step per round)."),
     vehicles: int = typer.Option(10, "--vehicles", min=1, help="Virtual vehicles (each trains on its own spool)."),
     strategy: str = typer.Option("fedavg", "--strategy", help="fedavg | fedprox | fedmedian | trimmedavg | krum"),
-    dp: bool = typer.Option(False, "--dp", help="Central DP: Flower's server-side fixed-clipping Gaussian wrapper."),
-    dp_noise: float = typer.Option(0.1, "--dp-noise", min=0.0, help="DP noise multiplier."),
+    dp: bool = typer.Option(False, "--dp", help="Central DP: Flower's server-side fixed-clipping Gaussian wrapper; "
+                            "reports (epsilon, delta). Needs fedavg|fedprox and --clip-factor 0 (federated/dp.py: why)."),
+    dp_noise: float = typer.Option(0.1, "--dp-noise", min=0.0, help="DP noise multiplier z (noise std z*clip/n)."),
     dp_clip: float = typer.Option(1.0, "--dp-clip", min=1e-9, help="DP clipping norm of an update."),
+    dp_delta: float = typer.Option(1e-5, "--dp-delta", min=0.0, max=1.0, help="DP delta the budget epsilon is reported at."),
     fraction: float = typer.Option(1.0, "--fraction", min=1e-6, max=1.0, help="Share of vehicles sampled per round."),
     dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.99, help="Share of vehicles dropping out mid-round (a fresh draw each round)."),
     dropout_mode: str = typer.Option("dropout", "--dropout-mode", help="dropout (error mid-round) | straggle (reply after the deadline)."),
@@ -104,7 +109,7 @@ def run(
     settings = load_settings()
     server = ServerSettings(  # validated here, before any vehicle prepares its data
         vehicles=vehicles, rounds=rounds, strategy=strategy, fraction=fraction, dp=dp, dp_noise_multiplier=dp_noise,
-        dp_clipping_norm=dp_clip, quorum_frac=quorum, round_deadline_s=deadline_s, close_at_quorum=close_at_quorum,
+        dp_clipping_norm=dp_clip, dp_delta=dp_delta, quorum_frac=quorum, round_deadline_s=deadline_s, close_at_quorum=close_at_quorum,
         clip_median_factor=clip_factor, server_opt=server_opt, server_lr=server_lr)
     vehicle = VehicleSettings(
         home=str(Path(settings.home)), registry_dir=str(Path(settings.registry_dir)), episodes=episodes, episode_s=episode_s,

@@ -13,6 +13,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "ServerSettings": "server", "make_server_app": "server", "run_rounds": "server", "build_strategy": "server",
     "load_checkpoint": "server", "STRATEGIES": "server",
     "VehicleSettings": "client", "make_client_app": "client", "vehicle_id_for": "client",
-    "RobustConfig": "robust", "screen_round": "robust", "QuorumPolicy": "quorum", "round_state": "quorum",
+    "DP_STRATEGIES": "dp", "RobustConfig": "robust", "screen_round": "robust", "QuorumPolicy": "quorum", "round_state": "quorum",
     "VehicleDataConfig": "vehicle_data", "local_dataset": "vehicle_data", "vehicle_mix": "vehicle_data",
 })

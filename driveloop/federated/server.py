@@ -3,14 +3,16 @@
 Each round the server:
 
 1. asks the strategy (FedAvg, FedProx, FedMedian, FedTrimmedAvg, Krum; optionally wrapped in Flower's
-   server-side fixed-clipping DP) which vehicles to sample and what to send them;
+   server-side fixed-clipping DP, only where its accountant's assumptions hold: ``dp.py``) which vehicles
+   to sample and what to send them;
 2. pushes the messages and pulls replies until the round closes (``_quorum.round_state``): every
    vehicle answered, or a quorum of good replies is in, or the deadline passed. Stragglers and
    dropouts are excluded, not waited for; without quorum the round is **skipped**, not the run;
 3. screens the replies (``robust.screen_round``): unknown vehicle, duplicate, wrong keys/shape/dtype,
    NaN/Inf are rejected with a logged reason; accepted updates are norm-clipped;
-4. lets the strategy aggregate the accepted replies; the server optimiser (Adam by default,
-   ``_server_opt``: why) takes its step from the current global model toward that aggregate;
+4. lets the strategy aggregate the accepted replies (under DP: only when every sampled vehicle's update
+   was accepted, each weighted 1); the server optimiser (Adam by default, ``_server_opt``: why) takes its
+   step from the current global model toward that aggregate;
 5. **checkpoints** atomically (``<run_dir>/checkpoint.npz``: the global tensors, the server optimiser's
    moments and the round history in one file, temp + fsync + rename). A restarted server with the same
    ``run_dir`` resumes after the last completed round, on the same optimiser trajectory.
@@ -34,8 +36,9 @@ import numpy as np
 
 from driveloop.core.atomic import write_atomic
 from driveloop.core.exceptions import ConfigError, FederatedError
-from driveloop.federated.quorum import OPEN, SKIPPED, QuorumPolicy, round_state
+from driveloop.federated import dp as _dp
 from driveloop.federated._server_opt import ServerOptConfig, ServerOptState, server_step
+from driveloop.federated.quorum import OPEN, SKIPPED, QuorumPolicy, round_state
 from driveloop.federated.robust import RobustConfig, check_reply, screen_round
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,16 @@ _OPT_PREFIX = "__server_opt__/"
 _POLL_S = 0.05
 RoundCallback = Callable[[dict[str, Any]], None]
 ReplyCallback = Callable[[Any], None]  # sees every reply Message as it arrives (audits, tests)
+
+
+class Clock(NamedTuple):
+    """Where the round loop reads the time and waits between polls; tests pass a simulated one."""
+
+    now_s: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+WALL_CLOCK = Clock()
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,7 @@ class ServerSettings:
     dp: bool = False
     dp_noise_multiplier: float = 0.1
     dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5  # the δ the privacy budget ε is reported at
     server_opt: str = "adam"  # applied to every strategy's aggregate (federated/_server_opt.py)
     server_lr: float = 3e-4
     server_beta1: float = 0.9
@@ -93,8 +107,8 @@ class ServerSettings:
             raise ConfigError("a federated run needs >= 1 vehicle and >= 1 round")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.dp and not (self.dp_noise_multiplier >= 0 and self.dp_clipping_norm > 0):
-            raise ConfigError("DP needs noise_multiplier >= 0 and clipping_norm > 0")
+        if self.dp:
+            _dp.check_covered(self)  # ConfigError naming each assumption of the accountant it breaks
         QuorumPolicy(self.quorum_frac, self.round_deadline_s)  # validates both
         RobustConfig(self.max_update_norm, self.clip_median_factor)
         ServerOptConfig(self.server_opt, self.server_lr, self.server_beta1, self.server_beta2)  # validates
@@ -115,18 +129,19 @@ class ServerSettings:
     def sampled_per_round(self) -> int:
         return max(1, int(self.vehicles * self.fraction))
 
+    def needed(self, sampled: int) -> int:
+        """Accepted updates a round must have to aggregate: the quorum, or under DP all the n that the
+        noise is calibrated to (``sampled_per_round``, also when fewer instructions went out)."""
+        return max(sampled, self.sampled_per_round) if self.dp else self.quorum.needed(sampled)
+
     def known_vehicles(self) -> set[str]:
         from driveloop.federated.client import vehicle_id_for
 
         return {vehicle_id_for(i) for i in range(self.vehicles)}
 
-    def dp_parameters(self) -> dict[str, Any] | None:
-        if not self.dp:
-            return None
-        n = self.sampled_per_round
-        return {"mechanism": "gaussian, server-side fixed clipping (Flower DifferentialPrivacyServerSideFixedClipping)",
-                "noise_multiplier": self.dp_noise_multiplier, "clipping_norm": self.dp_clipping_norm,
-                "num_sampled_clients": n, "noise_stdev": self.dp_noise_multiplier * self.dp_clipping_norm / n}
+    def dp_parameters(self, released_rounds: int) -> dict[str, Any] | None:
+        """The privacy budget after ``released_rounds`` noised aggregates (None without DP)."""
+        return _dp.report(self, released_rounds) if self.dp else None
 
     def to_run_config(self) -> dict[str, Any]:
         return {f"server.{k}": v for k, v in asdict(self).items()}
@@ -220,7 +235,8 @@ def _unpack(m: Any) -> tuple[str, dict[str, np.ndarray], float]:
 
 
 def _collect(grid: Any, message_ids: list[str], policy: QuorumPolicy, started_s: float,
-             usable: Callable[[Any], bool], on_reply: ReplyCallback | None = None) -> tuple[list[Any], list[Any], str]:
+             usable: Callable[[Any], bool], on_reply: ReplyCallback | None,
+             clock: Clock) -> tuple[list[Any], list[Any], str]:
     """Pull replies until the round closes; (replies with content, error replies, how it closed).
 
     Only replies that ``usable`` accepts count toward the quorum; an error or a rejected update counts
@@ -244,14 +260,15 @@ def _collect(grid: Any, message_ids: list[str], policy: QuorumPolicy, started_s:
                         n_usable += 1
                     else:
                         n_failed += 1
-        state = round_state(policy, len(message_ids), n_usable, n_failed, started_s, time.monotonic())
+        state = round_state(policy, len(message_ids), n_usable, n_failed, started_s, clock.now_s())
         if state != OPEN:
             return good, errors, state
-        time.sleep(_POLL_S)
+        clock.sleep(_POLL_S)
 
 
 def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarray],
-               on_round: RoundCallback | None = None, on_reply: ReplyCallback | None = None) -> dict[str, Any]:
+               on_round: RoundCallback | None = None, on_reply: ReplyCallback | None = None,
+               clock: Clock = WALL_CLOCK) -> dict[str, Any]:
     """Run (or resume) the rounds; returns the final run state (also in the checkpoint)."""
     from flwr.app import ConfigRecord
 
@@ -267,7 +284,7 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
         arrays, state, opt = dict(initial), {"completed_round": 0, "rounds": [], "settings": asdict(settings)}, ServerOptState()
     known = settings.known_vehicles()
     for rnd in range(state["completed_round"] + 1, settings.rounds + 1):
-        started = time.monotonic()
+        started = clock.now_s()
         messages = list(strategy.configure_train(rnd, _to_record(arrays), ConfigRecord({"server-round": rnd}), grid))
         ids = [i for i in grid.push_messages(messages) if i]
         seen: set[str] = set()
@@ -278,18 +295,20 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
             seen.add(vid)
             return ok
 
-        good, errors, closed = _collect(grid, ids, settings.quorum, started, usable, on_reply)
+        good, errors, closed = _collect(grid, ids, settings.quorum, started, usable, on_reply, clock)
         replies = [_unpack(m) for m in good]
         screen = screen_round(replies, arrays, known, settings.robust)
         accepted = []
         for i, clipped in screen.accepted.items():
             good[i].content["arrays"] = _to_record(clipped)
             accepted.append(good[i])
-        enough = len(accepted) >= settings.quorum.needed(len(ids)) if ids else False
+        enough = len(accepted) >= settings.needed(len(ids)) if ids else False
         new_arrays = None
         if closed != SKIPPED and enough:
             from flwr.serverapp.exception import InconsistentMessageReplies
 
+            if settings.dp:
+                _dp.uniform_weights(accepted)
             try:
                 agg, _metrics = strategy.aggregate_train(rnd, accepted)
             except (InconsistentMessageReplies, ValueError, ZeroDivisionError) as e:
@@ -302,7 +321,7 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
             "accepted": len(accepted), "participants": sorted(screen.verdicts[i].vehicle_id for i in screen.accepted),
             "rejected": [{"vehicle": v.vehicle_id, "reason": v.reason, "detail": v.detail} for v in screen.rejected],
             "clipped": sum(1 for v in screen.verdicts if v.reason == "clipped"),
-            "closed": closed, "skipped": new_arrays is None, "wall_s": round(time.monotonic() - started, 3),
+            "closed": closed, "skipped": new_arrays is None, "wall_s": round(clock.now_s() - started, 3),
             "median_client_s": float(np.median(times)) if times else None,
         }
         if new_arrays is None:
@@ -315,7 +334,7 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
         logger.info("round %d: %s", rnd, {k: v for k, v in record.items() if k != "participants"})
         if on_round is not None:
             on_round(record)
-    state["dp"] = settings.dp_parameters()
+    state["dp"] = settings.dp_parameters(sum(1 for r in state["rounds"] if not r["skipped"]))
     state["finished"] = True
     save_checkpoint(run_dir, arrays, state, opt)
     return state

@@ -21,6 +21,7 @@ from driveloop.federated.client import (
     vehicle_fault,
     vehicle_id_for,
 )
+from driveloop.federated.dp import DP_STRATEGIES
 from driveloop.federated.run import FlRunConfig
 from driveloop.federated.server import STRATEGIES, STRATEGY_BUILDERS, ServerSettings, build_strategy, strategy_builder
 from driveloop.federated.vehicle_data import (
@@ -63,7 +64,7 @@ def test_vehicle_settings_round_trip_through_the_run_config() -> None:
 
 
 def test_server_settings_round_trip_and_validation() -> None:
-    s = ServerSettings(run_dir="/r", vehicles=5, strategy="krum", dp=True)
+    s = ServerSettings(run_dir="/r", vehicles=5, strategy="fedprox", dp=True, dp_delta=1e-3, clip_median_factor=0.0)
     assert ServerSettings.from_run_config(s.to_run_config()) == s
     for bad in ({"strategy": "nope"}, {"vehicles": 0}, {"fraction": 0.0}, {"quorum_frac": 2.0},
                 {"dp": True, "dp_clipping_norm": 0.0}):
@@ -78,10 +79,14 @@ def test_vehicle_id_resolution() -> None:
         resolve_vehicle_id({})
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("dp", [False, True])
+STRATEGY_DP = [(name, False) for name in STRATEGIES] + [(name, True) for name in DP_STRATEGIES]
+
+
+@pytest.mark.parametrize("strategy,dp", STRATEGY_DP, ids=[f"{n}{'-dp' if d else ''}" for n, d in STRATEGY_DP])
 def test_every_strategy_builds(strategy: str, dp: bool) -> None:
-    strat = build_strategy(ServerSettings(run_dir="/r", vehicles=10, strategy=strategy, fraction=0.5, dp=dp))
+    """With DP only the mean strategies (tests/federated/test_dp.py: the others are refused)."""
+    strat = build_strategy(ServerSettings(run_dir="/r", vehicles=10, strategy=strategy, fraction=0.5, dp=dp,
+                                          clip_median_factor=0.0 if dp else 3.0))
     inner = strat.strategy if dp else strat
     assert inner.fraction_train == 0.5 and inner.fraction_evaluate == 0.0 and inner.min_train_nodes == 5
     if dp:

@@ -34,6 +34,7 @@ def test_the_run_uses_the_settings_defaults_which_are_the_cli_ones() -> None:
     cli = {name: p.default.default for name, p in inspect.signature(run).parameters.items()}  # typer OptionInfo
     flag_to_setting = [("rounds", c.server.rounds), ("vehicles", c.server.vehicles), ("strategy", c.server.strategy),
                        ("dp", c.server.dp), ("dp_noise", c.server.dp_noise_multiplier), ("dp_clip", c.server.dp_clipping_norm),
+                       ("dp_delta", c.server.dp_delta),
                        ("fraction", c.server.fraction), ("quorum", c.server.quorum_frac),
                        ("deadline_s", c.server.round_deadline_s), ("close_at_quorum", c.server.close_at_quorum),
                        ("clip_factor", c.server.clip_median_factor), ("server_opt", c.server.server_opt),
@@ -47,8 +48,10 @@ def test_the_run_uses_the_settings_defaults_which_are_the_cli_ones() -> None:
 # (name, config, the run name the flat FlRunConfig gave it): reruns still find and resume their runs
 RUN_NAMES = [
     ("defaults", cfg(), "run-e4bf38ba6363"),
+    # DP now needs clip_median_factor 0 (federated/dp.py); a flat name, so this name is the flat scheme's too
     ("cli test flags", cfg({"rounds": 1, "vehicles": 4, "dp": True, "dp_noise_multiplier": 0.05, "dp_clipping_norm": 5.0,
-                            "quorum_frac": 0.5}, {"episodes": 2, "episode_s": 10.0, "straggle_s": 600.0}), "run-7644dc0aa437"),
+                            "quorum_frac": 0.5, "clip_median_factor": 0.0}, {"episodes": 2, "episode_s": 10.0,
+                                                                            "straggle_s": 600.0}), "run-b66cfc024e91"),
     ("everything renamed", cfg({"rounds": 3, "server_opt": "none", "clip_median_factor": 0.0, "vehicles": 12,
                                 "strategy": "trimmedavg"},
                                {"local_epochs": 2, "optimizer": "adam", "batch_size": 64, "lr": 2e-4, "dropout_frac": 0.3,

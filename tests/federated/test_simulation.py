@@ -107,12 +107,14 @@ def test_per_round_dropouts_are_a_fresh_draw_and_every_round_aggregates_the_rest
 
 
 @pytest.mark.slow  # Flower's teardown waits for the sleeping straggler's actor
-def test_a_straggler_is_excluded_at_the_deadline_and_the_round_aggregates_the_rest(fl_home: Path) -> None:
+def test_a_straggler_is_left_out_when_the_quorum_closes_the_round(fl_home: Path) -> None:
+    """The round closes as soon as the three honest vehicles replied, however long they took on this
+    machine (a 40 s deadline raced them and lost under load); the deadline here only guards a hang. Closing
+    at the deadline is tested on a simulated clock in test_round_loop.py."""
     base = base_arrays(fl_home)
     server = ServerSettings(run_dir=str(fl_home / "federated" / "straggle"), vehicles=VEHICLES, rounds=1,
-                            quorum_frac=0.5, round_deadline_s=40.0)  # round 1 also starts Flower's Ray actors
+                            quorum_frac=0.75, close_at_quorum=True, round_deadline_s=600.0)
     state = simulate(server, vehicle_settings(fl_home, faults="fl003:straggle", straggle_s=120.0), base)
     (rec,) = state["rounds"]
     assert rec["closed"] == "quorum" and not rec["skipped"]
     assert rec["participants"] == ["fl000", "fl001", "fl002"] and rec["replied"] == 3
-    assert 40.0 <= rec["wall_s"] < 120.0
