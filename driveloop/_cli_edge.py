@@ -62,7 +62,7 @@ def drive(
     seed: int = typer.Option(0, "--seed", min=0),
     video: Path | None = typer.Option(None, "--video", help="Write vehicle 0's drive to an .mp4 or .gif."),
     isolate: bool = typer.Option(False, "--isolate", help="Run the model in its own process."),
-    fault: str | None = typer.Option(None, "--fault", help="Inject kill|hang|nan|garbage|stale|late."),
+    fault: str | None = typer.Option(None, "--fault", help="Inject kill|hang|nan|garbage|late|error|stale."),
     fault_at: float = typer.Option(5.0, "--fault-at", min=0.0, help="When to inject the fault [s]."),
     noise: float = typer.Option(0.0, "--noise", min=0.0, help="Sensor noise sigma (all sensors)."),
     dropout: float = typer.Option(0.0, "--dropout", min=0.0, max=0.9, help="Sensor frame dropout probability."),

@@ -1,33 +1,44 @@
-"""``driveloop safety-suite``: the 30 Euro NCAP car-to-car rear cases and nominal episodes in the real
-simulator, through the real control loop (edge/agent.py: sensors → perception → supervisor → actuators).
+"""``driveloop safety-suite``: case families (the 30 Euro NCAP car-to-car rear cases, the parametric cut-in
+grid) and nominal episodes in the real simulator, through the real control loop (edge/agent.py: sensors →
+perception → supervisor → actuators).
 
-- Each CCR case runs as its own one-vehicle drive for the scenario's duration; it is *avoided* when the
-  ego never touches the target. With ``--fallback-only`` the model is dead from the first tick, so the
-  fallback and AEB alone must avoid every case; otherwise the registry model drives behind the supervisor.
+- ``--family ccr|cut-in|all`` picks the cases (default ``ccr``; ``--case`` names them one by one). Each case
+  runs as its own one-vehicle drive for the scenario's duration; it is *avoided* when the ego never touches
+  another vehicle.
+- Modes: ``--fallback-only`` kills the model at t = 0 (the fallback's minimal-risk stop starts at once);
+  ``--model-never-brakes`` lets the registry model drive (steer, accelerate) but drops its braking commands
+  (Euro NCAP's driver who does not brake), so every avoided case is the AEB's doing (``aeb_ticks`` per
+  case); by default the model drives behind the supervisor.
+- Cut-in cases are judged on ground truth (``driveloop.sim.truth.cut_in_truth``): *avoidable* when braking at
+  the vehicle's own limits from the first frame on which the cutting car's side is over the lane marking
+  avoids it. A CCR case has no such check: every one is required. ``avoidable`` counts the required cases,
+  ``avoidable_collisions`` the required cases that were not avoided.
 - Nominal episodes (seeded ``highway`` drives, one episode per vehicle) are driven by the model. Each
   fallback activation there is listed (``nominal_activations``) with its kind, reason and the ground
   truth the car decided on (lane offset, true gap and TTC to the real lead), and judged on that ground
   truth by ``driveloop.sim.truth`` (TTC/headway for AEB, time to line crossing for the lane guard,
   thresholds from the ADAS norms, not the rules'): *justified* when a real hazard was there (the model
   drove badly and the layer caught it), *false* when not (the layer acted for nothing). They need a
-  model, so ``--fallback-only`` skips them.
+  whole model, so ``--fallback-only`` and ``--model-never-brakes`` skip them.
 - ``--noise SIGMA`` adds Gaussian noise to every sensor (SensorConfig.uniform).
-The exit code is 0 only when every case was avoided and nominal driving had no false activation and no
-collision.
+The exit code is 0 only when every required case was avoided and nominal driving had no false activation
+and no collision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import typer
 
 from driveloop._jsonout import dumps
-from driveloop.sim.truth import HazardCriteria, judge_activation
+from driveloop.sim.truth import BrakingLimits, CutInTruth, HazardCriteria, cut_in_truth, cutting_in, judge_activation
 from driveloop.cli import app
 from driveloop.core.exceptions import ConfigError
 
@@ -35,10 +46,58 @@ logger = logging.getLogger(__name__)
 
 NOMINAL_SCENARIO = "highway"
 NOMINAL_FLEET_SIZE = 16  # nominal vehicles driven together (one batched inference call per tick)
+FAMILY_CHOICES = ("ccr", "cut-in", "all")
 
 
-def _case_row(name: str, metrics: Any) -> dict[str, Any]:
-    return {
+class NeverBrakes:
+    """An inference client whose model drives (steers, accelerates) but whose braking is dropped.
+
+    Euro NCAP assumes a driver who does not brake: a negative acceleration becomes 0 (coasting), so any
+    braking in the case is the safety layer's. Anything that is not a floating [n, 2] batch goes through
+    unchanged, for the watchdog to judge; NaN stays NaN.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def infer(self, batch: dict[str, np.ndarray], deadline_s: float) -> Any:
+        result = self.inner.infer(batch, deadline_s)
+        actions = result.actions
+        if not (isinstance(actions, np.ndarray) and actions.dtype.kind == "f" and actions.ndim == 2
+                and actions.shape[1] == 2):
+            return result
+        coasting = actions.copy()
+        coasting[:, 0] = np.maximum(coasting[:, 0], 0.0)  # maximum keeps NaN
+        return dataclasses.replace(result, actions=coasting)
+
+    def inject(self, kind: str, count: int | None = 1) -> None:
+        self.inner.inject(kind, count)
+
+
+class CutInWitness:
+    """``run_fleet`` tick hook: the first frame of the first episode on which a car is cutting in."""
+
+    def __init__(self) -> None:
+        self.frame: tuple[Any, Any] | None = None  # (WorldSnapshot, the cutting car's VehicleState)
+
+    def __call__(self, tick: int, total: int, agents: Sequence[Any]) -> None:
+        agent = agents[0]
+        if self.frame is not None or agent.metrics.episodes != 1:
+            return  # seen already, or the first episode ended (a collision starts another)
+        snap = agent.snapshot
+        cutter = next((o for o in snap.others if cutting_in(snap, o)), None)
+        if cutter is not None:
+            self.frame = (snap, cutter)
+
+
+def braking_limits(config: Any) -> BrakingLimits:
+    """The vehicle's own braking limits (the simulator's, not the safety layer's) for the ground truth."""
+    sim = config.sim
+    return BrakingLimits(-sim.accel_min_mps2, sim.brake_lag_s, 1.0 / sim.sim_frequency_hz)
+
+
+def _case_row(name: str, metrics: Any, truth: CutInTruth | None = None, judged: bool = False) -> dict[str, Any]:
+    row: dict[str, Any] = {
         "case": name,
         "avoided": metrics.collisions == 0,
         "collisions": int(metrics.collisions),
@@ -46,7 +105,18 @@ def _case_row(name: str, metrics: Any) -> dict[str, Any]:
         "interventions": int(metrics.interventions),
         "fcw_ticks": int(metrics.fcw),
         "aeb_ticks": int(metrics.aeb_ticks),
+        "avoidable": None,  # not judged on ground truth: the case is required
     }
+    if judged:  # a cut-in: judged, or required when no cut-in frame was seen (nothing to judge it on)
+        row.update(avoidable=None if truth is None else truth.avoidable,
+                   ideal_min_gap_m=None if truth is None else round(truth.min_gap_m, 3),
+                   detected_at_s=None if truth is None else round(truth.detected_at_s, 3),
+                   gap_at_detection_m=None if truth is None else round(truth.gap_at_detection_m, 3))
+    return row
+
+
+def _required(row: Mapping[str, Any]) -> bool:
+    return row["avoidable"] is not False
 
 
 def _kind(reason: str | None) -> str:
@@ -84,15 +154,27 @@ class ActivationLog:
             self._seen[agent.vehicle_id] = agent.snapshot
 
 
-def check_request(noise: float, cases: Sequence[str]) -> list[Any]:
+def family_cases(family: str) -> list[str]:
+    """The case names of a ``--family`` (``all``: every family); ConfigError for an unknown one."""
+    from driveloop.sim.scenarios import FAMILY_CASES
+
+    if family not in FAMILY_CHOICES:
+        raise ConfigError(f"--family must be one of {', '.join(FAMILY_CHOICES)}, got {family!r}")
+    return [name for key, names in FAMILY_CASES.items() if family in (key, "all") for name in names]
+
+
+def check_request(noise: float, cases: Sequence[str], fallback_only: bool = False,
+                  never_brakes: bool = False) -> list[Any]:
     """The cases' ScenarioSpecs; ConfigError/ScenarioError before anything runs or prints."""
     from driveloop.sim.scenarios import parse_scenario
 
     if not (math.isfinite(noise) and noise >= 0):
         raise ConfigError(f"--noise must be a finite sigma >= 0, got {noise}")
+    if fallback_only and never_brakes:
+        raise ConfigError("--model-never-brakes needs the model to drive: it cannot go with --fallback-only")
     specs = [parse_scenario(name) for name in cases]
-    if not all(spec.is_ccr for spec in specs):
-        raise ConfigError(f"not CCR cases: {[s.name for s in specs if not s.is_ccr]}")
+    if not all(spec.family for spec in specs):
+        raise ConfigError(f"not CCR or cut-in cases: {[s.name for s in specs if not s.family]}")
     return specs
 
 
@@ -106,6 +188,7 @@ def run_suite(
     nominal_duration_s: float,
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
+    never_brakes: bool = False,
 ) -> dict[str, Any]:
     """Run the cases and nominal episodes; returns the report (plain data, JSON-ready)."""
     from driveloop.edge.agent import AgentConfig
@@ -113,19 +196,24 @@ def run_suite(
     from driveloop.sim.scenarios import parse_scenario
     from driveloop.sim.sensors import SensorConfig
 
-    specs = check_request(noise, cases)
+    specs = check_request(noise, cases, fallback_only, never_brakes)
     config = AgentConfig(sensors=SensorConfig.uniform(noise), model_enabled=not fallback_only)
+    case_clients = {key: NeverBrakes(c) for key, c in clients.items()} if never_brakes else clients
+    limits = braking_limits(config)
 
     rows = []
     for i, spec in enumerate(specs):
-        report = run_fleet([VehiclePlan(f"ccr{i:02d}", spec.name, seed, "default")], clients, spec.duration_s, config)
-        rows.append(_case_row(spec.name, report.vehicles[0]))
+        witness = CutInWitness()
+        report = run_fleet([VehiclePlan(f"case{i:03d}", spec.name, seed, "default")], case_clients,
+                           spec.duration_s, config, on_tick=witness)
+        truth = None if witness.frame is None else cut_in_truth(*witness.frame, limits)
+        rows.append(_case_row(spec.name, report.vehicles[0], truth, judged=spec.family == "cut-in"))
         if on_step is not None:
             on_step(spec.name)
 
     nominal_metrics: list[Any] = []
     log = ActivationLog()
-    if not fallback_only and nominal > 0:
+    if not (fallback_only or never_brakes) and nominal > 0:
         duration = min(nominal_duration_s, parse_scenario(NOMINAL_SCENARIO).duration_s)
         for start in range(0, nominal, NOMINAL_FLEET_SIZE):
             plans = [VehiclePlan(f"nom{i:04d}", NOMINAL_SCENARIO, seed * 100_000 + i, "default")
@@ -134,14 +222,17 @@ def run_suite(
             if on_step is not None:
                 on_step(f"nominal {min(start + NOMINAL_FLEET_SIZE, nominal)}/{nominal}")
 
-    avoided = sum(r["avoided"] for r in rows)
+    mode = "fallback-only" if fallback_only else "model-never-brakes" if never_brakes else "model"
     return {
-        "mode": "fallback-only" if fallback_only else "model",
+        "mode": mode,
+        "families": sorted({spec.family for spec in specs}),
         "noise": noise,
         "seed": seed,
         "cases": len(rows),
-        "avoided": avoided,
+        "avoidable": sum(_required(r) for r in rows),
+        "avoided": sum(r["avoided"] for r in rows),
         "collisions": sum(r["collisions"] for r in rows),
+        "avoidable_collisions": sum(r["collisions"] for r in rows if _required(r)),
         "min_gap_m": min((r["min_gap_m"] for r in rows), default=None),
         "nominal_episodes": len(nominal_metrics),
         "false_activations": sum(not row["justified"] for row in log.rows),
@@ -154,8 +245,8 @@ def run_suite(
 
 
 def suite_passed(report: Mapping[str, Any]) -> bool:
-    """Every case avoided; nominal driving without a false activation or a collision."""
-    return (report["avoided"] == report["cases"] and report["false_activations"] == 0
+    """Every required case avoided; nominal driving without a false activation or a collision."""
+    return (report["avoidable_collisions"] == 0 and report["false_activations"] == 0
             and report["nominal_collisions"] == 0)
 
 
@@ -163,8 +254,12 @@ def suite_passed(report: Mapping[str, Any]) -> bool:
 def safety_suite(
     fallback_only: bool = typer.Option(False, "--fallback-only", help="Kill the model from the start: "
                                        "fallback + AEB alone must avoid every case."),
+    never_brakes: bool = typer.Option(False, "--model-never-brakes", help="The model drives but its braking "
+                                      "is dropped: every avoided case is the AEB's doing."),
+    family: str = typer.Option("ccr", "--family", help="Cases to run: ccr (Euro NCAP), cut-in or all."),
     noise: float = typer.Option(0.0, "--noise", min=0.0, help="Sensor noise sigma on every sensor."),
-    case: list[str] | None = typer.Option(None, "--case", help="Run only this CCR case (repeatable)."),
+    case: list[str] | None = typer.Option(None, "--case", help="Run only this case (repeatable; overrides "
+                                          "--family)."),
     nominal: int = typer.Option(20, "--nominal", min=0, help="Nominal seeded episodes (model only)."),
     nominal_duration: float = typer.Option(30.0, "--nominal-duration", min=0.1, help="Seconds per nominal episode."),
     model: str | None = typer.Option(None, "--model", help="Registry ref (default: newest released/validated)."),
@@ -172,11 +267,9 @@ def safety_suite(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Euro NCAP CCR cases + nominal episodes through the real control loop; fails on any collision."""
-    from driveloop.sim.scenarios import CCR_CASES
-
-    names = list(case) if case else list(CCR_CASES)
-    check_request(noise, names)
+    """CCR and cut-in cases + nominal episodes through the real control loop; fails on any avoidable collision."""
+    names = list(case) if case else family_cases(family)
+    check_request(noise, names, fallback_only, never_brakes)
     clients: dict[str, Any] = {}
     closeable = None
     version = None
@@ -190,18 +283,18 @@ def safety_suite(
         artifact = resolve_model(load_settings().registry_dir, model)
         version = artifact.manifest.version
         clients["default"], closeable = open_client(artifact, False, None, device)
-    total = len(names) + (0 if fallback_only else -(-nominal // NOMINAL_FLEET_SIZE))
+    total = len(names) + (0 if fallback_only or never_brakes else -(-nominal // NOMINAL_FLEET_SIZE))
+    kwargs: dict[str, Any] = dict(fallback_only=fallback_only, noise=noise, cases=names, nominal=nominal,
+                                  nominal_duration_s=nominal_duration, seed=seed, never_brakes=never_brakes)
     try:
         if as_json:
-            report = run_suite(clients, fallback_only=fallback_only, noise=noise, cases=names, nominal=nominal,
-                               nominal_duration_s=nominal_duration, seed=seed)
+            report = run_suite(clients, **kwargs)
         else:
             from rich.progress import Progress
 
             with Progress(transient=True) as progress:
                 task = progress.add_task("safety suite", total=total)
-                report = run_suite(clients, fallback_only=fallback_only, noise=noise, cases=names, nominal=nominal,
-                                   nominal_duration_s=nominal_duration, seed=seed,
+                report = run_suite(clients, **kwargs,
                                    on_step=lambda label: progress.update(task, advance=1, description=label))
     finally:
         if closeable is not None:
@@ -220,14 +313,17 @@ def _print(report: Mapping[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"safety suite ({report['mode']}, noise {report['noise']})")
-    for column in ("case", "avoided", "min gap m", "interventions", "FCW ticks", "AEB ticks"):
+    for column in ("case", "avoidable", "avoided", "min gap m", "interventions", "FCW ticks", "AEB ticks"):
         table.add_column(column, justify="left" if column == "case" else "right")
     for r in report["rows"]:
-        table.add_row(r["case"], "yes" if r["avoided"] else "[red]NO[/red]", f"{r['min_gap_m']:.2f}",
+        avoidable = {None: "required", True: "yes", False: "no"}[r["avoidable"]]
+        missed = "[red]NO[/red]" if _required(r) else "no"
+        table.add_row(r["case"], avoidable, "yes" if r["avoided"] else missed, f"{r['min_gap_m']:.2f}",
                       str(r["interventions"]), str(r["fcw_ticks"]), str(r["aeb_ticks"]))
     console = Console()
     console.print(table)
-    console.print(f"avoided {report['avoided']}/{report['cases']}, min gap {report['min_gap_m']} m; "
+    console.print(f"avoided {report['avoided']}/{report['cases']} (avoidable {report['avoidable']}, collisions in "
+                  f"avoidable cases {report['avoidable_collisions']}), min gap {report['min_gap_m']} m; "
                   f"nominal episodes {report['nominal_episodes']}, false activations {report['false_activations']} "
                   f"(justified {report['justified_activations']}), nominal collisions {report['nominal_collisions']}")
     for row in report["nominal_activations"]:

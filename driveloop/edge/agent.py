@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from driveloop.contracts.observation import Observation, stack
-from driveloop.sim.perception import forward_track
+from driveloop.sim.perception import forward_track, side_tracks
 from driveloop.sim.scenarios import parse_scenario
 from driveloop.contracts.segment import TickRecord
 from driveloop.sim.sensors import SensorConfig, SensorFrame, SensorSuite, observe_suites
@@ -74,6 +74,19 @@ class AgentConfig:
 
 
 @dataclass
+class ShadowStats:
+    """Shadow model vs the actuating model on the same inputs (never actuated)."""
+
+    compared_ticks: int = 0
+    disagreements: int = 0  # |Δaccel| > 1 m/s² or |Δsteer| > 0.05 rad
+    abs_diff_sum: float = 0.0
+
+    @property
+    def mean_abs_diff(self) -> float:
+        return self.abs_diff_sum / self.compared_ticks if self.compared_ticks else 0.0
+
+
+@dataclass
 class VehicleMetrics:
     """What one vehicle did; summed into fleet metrics. Distances in m, times in s."""
 
@@ -97,6 +110,14 @@ class VehicleMetrics:
     sense_s: float = 0.0
     supervise_s: float = 0.0
     sim_s: float = 0.0
+    model_errors: int = 0  # ticks without model output because the model call raised
+    inference_ms: list[float] = field(default_factory=list, repr=False)  # its own group's call, per tick
+    shadow: ShadowStats | None = None  # its own rows of a shadow comparison; None when no shadow ran beside it
+
+    @property
+    def inference_p99_ms(self) -> float:
+        """p99 of the inference calls this vehicle waited for (what its health report carries)."""
+        return float(np.percentile(self.inference_ms, 99)) if self.inference_ms else 0.0
 
     @property
     def interventions_per_hour(self) -> float:
@@ -253,6 +274,7 @@ class VehicleAgent:
                 sensor_stamp_s=self._sensor_stamp_s,
                 reply=reply,
                 model_enabled=self.config.model_enabled,
+                neighbours=side_tracks(obs),  # the AEB brakes for one that cuts in
             )
         )
         self.metrics.supervise_s += time.perf_counter() - t0

@@ -9,6 +9,7 @@ unknown name is refused with the valid ones listed (:func:`lookup`).
 - hang: the request is never answered (in-process: blocks ``hang_s``, then raises);
 - nan: NaN actions; garbage: wrong shapes and huge values;
 - late: the reply comes after a delay;
+- error: ONNX Runtime raises inside ``run`` (an untyped ``Fail``, not a ModelError), as a failing kernel would;
 - stale: the sensors stop delivering and the last frame repeats (injected on the sensor side).
 
 Detecting them is the safety watchdog's job; its verdict names (``driveloop.safety.FAULT_KINDS``: what it
@@ -47,6 +48,13 @@ def _garbage(action: np.ndarray, conf: np.ndarray) -> Outputs:
     return np.full((n, 5), GARBAGE_VALUE, np.float32), np.full((n, 3), -GARBAGE_VALUE, np.float32)
 
 
+def _ort_failure() -> Exception:
+    """What ONNX Runtime raises when a kernel fails inside ``run``: untyped, not one of our errors."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    return Fail("[ONNXRuntimeError] : 1 : FAIL : injected fault: a kernel failed inside run")
+
+
 @dataclass(frozen=True)
 class Fault:
     """What one injectable fault does; ``side`` says who injects it (the model runner or the sensors)."""
@@ -57,6 +65,7 @@ class Fault:
     hangs: bool = False  # the request is never answered
     late: bool = False  # the reply comes after the runner's delay
     corrupt: Callable[[np.ndarray, np.ndarray], Outputs] | None = None  # rewrites the model's outputs
+    raises: Callable[[], Exception] | None = None  # the call raises this instead of answering
     freezes_sensors: bool = False  # the sensor stack repeats its last frame
 
 
@@ -67,6 +76,7 @@ FAULTS: Mapping[str, Fault] = MappingProxyType({f.name: f for f in (
     Fault("nan", "model", corrupt=_nan),
     Fault("garbage", "model", corrupt=_garbage),
     Fault("late", "model", late=True),
+    Fault("error", "model", raises=_ort_failure),
     Fault("stale", "sensor", freezes_sensors=True),
 )})
 MODEL_FAULTS = tuple(name for name, f in FAULTS.items() if f.side == "model")
@@ -118,6 +128,8 @@ class FaultyRunner:
         if fault.hangs:
             self._sleep(self.hang_s)
             raise ModelError(f"model hung for {self.hang_s}s (injected)")
+        if fault.raises is not None:
+            raise fault.raises()
         action, conf = self.inner.run(batch)
         if fault.late:
             self._sleep(self.late_s)

@@ -6,7 +6,13 @@ vehicle's own supervisor. Vehicles may run different models (an OTA canary cohor
 and any model may also run in *shadow* beside a group: its outputs are compared, never actuated.
 
 Timing: ``tick_ms`` is the fleet's per-tick cost of sensors + inference + supervisors (what must fit
-the 100 ms control period); the simulator's own step is measured apart (``sim_ms``).
+the 100 ms control period); the simulator's own step is measured apart (``sim_ms``). Each vehicle is
+charged its own group's call (``VehicleMetrics.inference_ms``) and gets its own rows of a shadow
+comparison (``VehicleMetrics.shadow``): what a vehicle reports is what it measured.
+
+A model call that raises anything (ONNX Runtime's untyped ``Fail``, a shape error, MemoryError…) is
+"no model output" for that group's vehicles: the fallback brakes, ``model_errors`` counts it, one warning
+per run of failures is logged, the loop goes on. KeyboardInterrupt and SystemExit are not caught.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from driveloop.edge.agent import (
     AgentConfig,
     FaultSpec,
     RecorderFactory,
+    ShadowStats,
     VehicleAgent,
     VehicleMetrics,
     sense_fleet,
 )
-from driveloop.core.exceptions import ConfigError, ModelError
+from driveloop.core.exceptions import ConfigError
 from driveloop.safety import ModelReply
 
 logger = logging.getLogger(__name__)
@@ -43,6 +50,28 @@ class BatchResult:
     confidences: np.ndarray | None
     latency_s: float
     alive: bool
+    error: str | None = None  # the model path raised ("Type: message"): no output, counted per vehicle
+
+
+class _FailureLog:
+    """Logs a failing model path once per run of failures: at 10 Hz a broken model must not flood the log."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.failures = what, 0
+
+    def failed(self, e: Exception) -> str:
+        self.failures += 1
+        if self.failures == 1:
+            logger.warning("%s: model call failed (%s); no model output until it answers again", self.what,
+                           type(e).__name__, exc_info=e)
+        else:
+            logger.debug("%s: model call failed again: %s", self.what, e)
+        return f"{type(e).__name__}: {e}"
+
+    def answered(self) -> None:
+        if self.failures:
+            logger.info("%s: model answers again after %d failed calls", self.what, self.failures)
+            self.failures = 0
 
 
 class InferenceClient(Protocol):
@@ -54,19 +83,23 @@ class InferenceClient(Protocol):
 
 
 class InProcessInference:
-    """A ModelRunner called in the loop's thread; a reply slower than the deadline counts as missed."""
+    """A ModelRunner called in the loop's thread; a reply slower than the deadline counts as missed.
 
-    def __init__(self, runner: object) -> None:
+    ``clock`` times the call (tests pass one that does not depend on the host's speed)."""
+
+    def __init__(self, runner: object, clock: Callable[[], float] = time.perf_counter) -> None:
         self.runner = runner
+        self._clock = clock
+        self._failures = _FailureLog(f"in-process model {getattr(runner, 'provider', type(runner).__name__)}")
 
     def infer(self, batch: dict[str, np.ndarray], deadline_s: float) -> BatchResult:
-        t0 = time.perf_counter()
+        t0 = self._clock()
         try:
             actions, conf = self.runner.run(batch)  # type: ignore[attr-defined]
-        except ModelError as e:
-            logger.debug("model call failed: %s", e)
-            return BatchResult(None, None, time.perf_counter() - t0, alive=False)
-        latency = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - anything from the model path is "no output"; interrupts propagate
+            return BatchResult(None, None, self._clock() - t0, alive=False, error=self._failures.failed(e))
+        self._failures.answered()
+        latency = self._clock() - t0
         if latency > deadline_s:
             return BatchResult(None, None, latency, alive=True)
         return BatchResult(actions, conf, latency, alive=True)
@@ -79,21 +112,29 @@ class InProcessInference:
 
 
 class IsolatedInference:
-    """An :class:`~driveloop.edge.isolated.IsolatedRuntime`: submit, then wait at most until the deadline."""
+    """An :class:`~driveloop.edge.isolated.IsolatedRuntime`: submit, then wait at most until the deadline.
+
+    Times are on the runtime's own clock (``now()``), the one its deadlines, hang timeout and backoff use.
+    """
 
     def __init__(self, runtime: object) -> None:
         self.runtime = runtime
+        self._failures = _FailureLog("model process")
 
     def infer(self, batch: dict[str, np.ndarray], deadline_s: float) -> BatchResult:
         rt = self.runtime
-        t0 = time.perf_counter()
-        if not rt.submit(batch):  # type: ignore[attr-defined]
-            return BatchResult(None, None, 0.0, alive=bool(rt.alive))  # type: ignore[attr-defined]
-        reply = rt.poll(time.monotonic() + deadline_s)  # type: ignore[attr-defined]
-        latency = time.perf_counter() - t0
-        if reply is None:
-            return BatchResult(None, None, latency, alive=bool(rt.alive))  # type: ignore[attr-defined]
-        return BatchResult(reply.action, reply.confidence, latency, alive=True)
+        t0 = rt.now()  # type: ignore[attr-defined]
+        try:
+            if not rt.submit(batch, t0):  # type: ignore[attr-defined]
+                return BatchResult(None, None, 0.0, alive=bool(rt.alive))  # type: ignore[attr-defined]
+            reply = rt.poll(t0 + deadline_s)  # type: ignore[attr-defined]
+            if reply is None:
+                return BatchResult(None, None, rt.now() - t0, alive=bool(rt.alive))  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - the model process answered with an error, or the call failed
+            return BatchResult(None, None, rt.now() - t0, alive=False,  # type: ignore[attr-defined]
+                               error=self._failures.failed(e))
+        self._failures.answered()
+        return BatchResult(reply.action, reply.confidence, reply.latency_s, alive=True)
 
     def inject(self, kind: str, count: int | None = 1) -> None:
         self.runtime.inject(kind, count)  # type: ignore[attr-defined]
@@ -107,19 +148,6 @@ class VehiclePlan:
     scenario: str
     seed: int
     model: str = "default"
-
-
-@dataclass
-class ShadowStats:
-    """Shadow model vs the actuating model on the same inputs (never actuated)."""
-
-    compared_ticks: int = 0
-    disagreements: int = 0  # |Δaccel| > 1 m/s² or |Δsteer| > 0.05 rad
-    abs_diff_sum: float = 0.0
-
-    @property
-    def mean_abs_diff(self) -> float:
-        return self.abs_diff_sum / self.compared_ticks if self.compared_ticks else 0.0
 
 
 @dataclass
@@ -166,6 +194,7 @@ class FleetReport:
             "interventions": interventions,
             "interventions_per_hour": round(interventions / driven_h, 3) if driven_h > 0 else 0.0,
             "fallback_ticks": int(self._sum("fallback_ticks")),
+            "model_errors": int(self._sum("model_errors")),
             "deadline_misses": self.deadline_misses,
             "progress": round(self._sum("distance_m") / set_m, 4) if set_m > 0 else 0.0,
             "mean_abs_jerk_mps3": round(self._sum("abs_jerk_sum") / ticks, 4) if ticks else 0.0,
@@ -189,18 +218,33 @@ def _replies(result: BatchResult, n: int, now_s: float) -> list[ModelReply]:
     return [ModelReply(actions[i], conf[i], at, alive=True) for i in range(n)]
 
 
-def _compare(stats: ShadowStats, main: BatchResult, shadow: BatchResult) -> None:
+def _compare(group: ShadowStats, rows: Sequence[ShadowStats], main: BatchResult, shadow: BatchResult) -> None:
+    """Compare row by row: row i's outcome goes to ``rows[i]`` (its vehicle) and to the group's total.
+
+    A row compares when the actuating model gave a finite [accel, steer] for it (else there is nothing
+    to compare against); an invalid or non-finite shadow row is a disagreement.
+    """
     if main.actions is None or shadow.actions is None:
         return
+    n = len(rows)
     a, b = np.asarray(main.actions, dtype=np.float64), np.asarray(shadow.actions, dtype=np.float64)
-    if a.shape != b.shape or not np.isfinite(b).all():
-        stats.compared_ticks += len(a)
-        stats.disagreements += len(a)
+    if a.shape != (n, 2):
         return
-    diff = np.abs(a - b)
-    stats.compared_ticks += len(a)
-    stats.disagreements += int(((diff[:, 0] > 1.0) | (diff[:, 1] > 0.05)).sum())
-    stats.abs_diff_sum += float(diff[:, 0].sum())
+    compared = np.isfinite(a).all(axis=1)
+    if b.shape == (n, 2):
+        valid = np.isfinite(b).all(axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):  # rows with inf/NaN are masked out just below
+            diff = np.where((compared & valid)[:, None], np.abs(a - b), 0.0)
+        disagree = compared & (~valid | (diff[:, 0] > 1.0) | (diff[:, 1] > 0.05))
+    else:
+        diff, disagree = np.zeros((n, 2)), compared
+    for i in np.flatnonzero(compared):
+        rows[i].compared_ticks += 1
+        rows[i].disagreements += int(disagree[i])
+        rows[i].abs_diff_sum += float(diff[i, 0])
+    group.compared_ticks += int(compared.sum())
+    group.disagreements += int(disagree.sum())
+    group.abs_diff_sum += float(diff[:, 0].sum())
 
 
 def run_fleet(
@@ -232,6 +276,9 @@ def run_fleet(
         groups.setdefault(p.model, []).append(i)
     shadows = shadows or {}
     shadow_stats = {k: ShadowStats() for k in shadows}
+    for key in shadows.keys() & groups.keys():  # each vehicle beside a shadow keeps its own comparison
+        for i in groups[key]:
+            agents[i].metrics.shadow = ShadowStats()
     dt = config.sim.dt_s
     total = int(round(duration_s / dt))
     tick_ms: list[float] = []
@@ -251,20 +298,26 @@ def run_fleet(
             sensed = sense_fleet(agents)  # one vectorised sensor pass: the fleet's batch comes out stacked
             infer_s = 0.0
             for key, idx in groups.items():
+                latency_ms = 0.0
                 if not config.model_enabled:
                     replies = [ModelReply(None, None, None, alive=False)] * len(idx)
                 else:
                     batch = sensed if len(idx) == len(agents) else {k: v[idx] for k, v in sensed.items()}
                     result = clients[key].infer(batch, config.deadline_s)
                     infer_s += result.latency_s
-                    inference_ms.append(result.latency_s * 1e3)
+                    latency_ms = result.latency_s * 1e3  # this group's call: what each of its vehicles waited
+                    inference_ms.append(latency_ms)
                     if result.actions is None:
                         misses += 1
                     if key in shadows:
-                        _compare(shadow_stats[key], result, shadows[key].infer(batch, config.deadline_s))
+                        _compare(shadow_stats[key], [agents[i].metrics.shadow for i in idx],  # type: ignore[misc]
+                                 result, shadows[key].infer(batch, config.deadline_s))
                     replies = _replies(result, len(idx), now)
+                    for i in idx:
+                        agents[i].metrics.inference_ms.append(latency_ms)
+                        agents[i].metrics.model_errors += result.error is not None
                 for i, reply in zip(idx, replies):
-                    agents[i].decide(reply, latency_ms=infer_s * 1e3)
+                    agents[i].decide(reply, latency_ms=latency_ms)
             for agent in agents:  # every vehicle decided first: the safety code runs back to back, caches warm
                 agent.advance()
             loop_s = sum(a.metrics.sense_s + a.metrics.supervise_s for a in agents) - sum(sense_before)

@@ -5,7 +5,9 @@ loop with it. The loop talks to the model process without ever blocking past its
 
 - ``submit(batch, now_s)`` copies the batch into a shared memory-mapped buffer and sends a tiny
   request over a pipe (a pipe write of the whole batch could block on a hung reader; this cannot).
-- ``poll(deadline_s)`` waits at most until the deadline for that request's reply; ``None`` is a miss.
+- ``poll(deadline_s)`` waits at most until the deadline for that request's reply; ``None`` is a miss,
+  and so is a reply read after the deadline. A request the model failed (any exception in the child:
+  the child answers with the error and keeps serving) raises ModelError.
 - At most one request is in flight; while the child is busy (late or hung) ``submit`` returns False.
 - A dead child (SIGKILL, crash) is seen as EOF on the pipe or by its exit code; a child silent for
   ``hang_timeout_s`` is killed. Either way it is restarted after an exponential backoff, from the
@@ -13,9 +15,9 @@ loop with it. The loop talks to the model process without ever blocking past its
 
 Faults (``inject``) for tests and ``driveloop drive --fault``: the model-side rows of
 :data:`~driveloop.edge.faults.FAULTS` — kill (SIGKILL the child), hang (the child sleeps forever on the
-next request), nan, garbage, late (reply after ``late_delay_s``). ``edge.faults.FaultyRunner`` applies
-the same faults to any in-process ModelRunner. Detecting them is the safety watchdog's job; this module
-only reports what happened.
+next request), nan, garbage, late (reply after ``late_delay_s``), error (the run raises).
+``edge.faults.FaultyRunner`` applies the same faults to any in-process ModelRunner. Detecting them is the
+safety watchdog's job; this module only reports what happened.
 """
 
 from __future__ import annotations
@@ -141,9 +143,11 @@ def _child_main(fd: int) -> None:
             _unlink(buf_path)
             return
         try:
+            if active is not None and active.raises is not None:
+                raise active.raises()
             action, conf = rt.run({name: views[name][:n] for name in C.INPUT_NAMES})
-        except DriveloopError as e:
-            conn.send(("error", rid, str(e)))
+        except Exception as e:  # noqa: BLE001 - ORT's run errors are untyped (Fail, MemoryError…): answer, serve on
+            conn.send(("error", rid, f"{type(e).__name__}: {e}"))
             continue
         if active is not None and active.late:
             time.sleep(late_s)
@@ -271,7 +275,11 @@ class IsolatedRuntime:
     def _drain(self, now_s: float) -> Reply | None:
         """Read whatever replies are waiting (never blocks); returns the in-flight request's reply if there."""
         while self._conn is not None and self._conn.poll(0):
-            reply = self._receive(now_s)
+            try:
+                reply = self._receive(now_s)
+            except ModelError as e:  # the request we gave up on failed as well: it was already a miss
+                logger.debug("late error reply dropped: %s", e)
+                continue
             if reply is not None:
                 return reply
         return None
@@ -289,7 +297,7 @@ class IsolatedRuntime:
         self._backoff_s = self.config.restart_backoff_min_s  # it answered: healthy again
         if msg[0] == "error":
             self.error = msg[2]
-            return None
+            raise ModelError(f"model process failed request {rid}: {msg[2]}")
         return Reply(rid, msg[2], msg[3], now_s - submitted_s)
 
     # -- control-loop API ----------------------------------------------------------------------------
@@ -317,12 +325,19 @@ class IsolatedRuntime:
         return True
 
     def poll(self, deadline_s: float) -> Reply | None:
-        """Wait (at most until ``deadline_s`` on this runtime's clock) for the in-flight reply; None = missed."""
+        """Wait (at most until ``deadline_s`` on this runtime's clock) for the in-flight reply; None = missed.
+
+        Past the deadline a reply is late however it got there, so the answer does not depend on when the
+        caller came round to polling. ModelError when the model process failed the request.
+        """
         while self._in_flight is not None and self._conn is not None:
             remaining = deadline_s - self._clock()
-            if not self._conn.poll(max(remaining, 0.0)):
-                return None
+            if remaining < 0 or not self._conn.poll(remaining):
+                return None  # a reply still on its way is drained as stale by the next submit
             reply = self._receive(self._clock())
+            if reply is not None and self._clock() > deadline_s:
+                logger.debug("reply to request %d read after its deadline: a miss", reply.request_id)
+                return None
             if reply is not None or self._in_flight is None:
                 return reply
         return None
@@ -365,6 +380,10 @@ class IsolatedRuntime:
             self._on_death(self._clock(), "died")
             return
         logger.warning("fault injected into model process pid %d: %s", pid, kind)
+
+    def now(self) -> float:
+        """This runtime's clock: the one its deadlines, hang timeout and restart backoff are measured on."""
+        return self._clock()
 
     @property
     def alive(self) -> bool:

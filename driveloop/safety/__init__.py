@@ -13,5 +13,5 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "FallbackConfig": "config", "LaneConfig": "config",
     "Supervisor": "supervisor", "SupervisorState": "supervisor", "step": "supervisor",
     "SupervisorInputs": "types", "ModelReply": "types", "Decision": "types", "Track": "types", "TrackData": "types",
-    "FAULT_KINDS": "types",
+    "SideTrack": "types", "FAULT_KINDS": "types",
 })

@@ -13,6 +13,10 @@ Rules (all pure functions of one tick's numbers):
   required deceleration), as a real AEB yields to a driver who brakes; the full stage never yields.
 - FCW is the brake condition evaluated on the state predicted ``fcw_lead_time_s`` ahead, so at a
   steady closing speed the warning always precedes the brake by that time (UN R152: >= 0.8 s).
+- Cut-ins: an object beside the lane corridor counts as a lead from the first frame its side is over our
+  lane's marking (centre within ``cut_in_offset_m`` of our lane's centre) while it moves further in at
+  ``cut_in_lateral_speed_mps`` or more; perception puts it in the corridor only once its centre is there,
+  which for a slow cut-in is seconds later. It has no speed history yet, so no lead deceleration.
 """
 
 from __future__ import annotations
@@ -178,6 +182,14 @@ def assess(
         required_decel_mps2=need,
         lead_decel_mps2=a_l,
     )
+
+
+def cutting_in(lateral_from_lane_centre_m: float, lateral_speed_mps: float, config: AebConfig) -> bool:
+    """An object beside the lane is cutting in: side over our marking and moving further in fast enough
+    (speed towards our lane's centre >= the threshold; one already on the centre line is in our path)."""
+    offset = lateral_from_lane_centre_m
+    return (abs(offset) <= config.cut_in_offset_m
+            and lateral_speed_mps * offset <= -config.cut_in_lateral_speed_mps * abs(offset))
 
 
 def model_brakes_enough(assessment: AebAssessment, model_accel_mps2: float, config: AebConfig) -> bool:

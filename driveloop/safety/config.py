@@ -51,19 +51,24 @@ class AebConfig:
     full_ttc_s: float = 1.0
     full_decel_trigger_mps2: float = 5.0
     partial_decel_mps2: float = 3.0  # least deceleration commanded in the partial stage
-    full_decel_mps2: float = 8.0
+    full_decel_mps2: float = 9.0
     brake_gain: float = 1.5  # partial stage commands gain x required deceleration (margin for lag/noise)
     release_decel_mps2: float = 1.0  # AEB releases once required deceleration is below this ...
     release_ttc_s: float = 4.0  # ... and TTC is above this (hysteresis against chattering)
     fcw_lead_time_s: float = 1.0  # FCW = brake condition predicted this far ahead (>= 0.8 s, R152)
     lead_decel_window_ticks: int = 8  # lead deceleration = least-squares slope of this many speeds (0.7 s)
     track_jump_m: float = 5.0  # a gap change beyond closing x dt + this is a new object: history restarts
+    # Cut-in: an object beside our lane is braked for like a lead from the frame its side is over our lane
+    # marking (its centre this close to our lane's centre: a 2 m car, a 4 m lane) while it moves further in ...
+    cut_in_offset_m: float = 3.0
+    cut_in_lateral_speed_mps: float = 0.25  # ... at least this fast (slower is lane keeping, not a cut-in)
 
     def __post_init__(self) -> None:
         for name in (
             "response_time_s", "min_brake_mps2", "max_brake_lead_mps2", "partial_ttc_s",
             "partial_decel_trigger_mps2", "full_ttc_s", "full_decel_trigger_mps2", "partial_decel_mps2",
             "full_decel_mps2", "brake_gain", "release_decel_mps2", "release_ttc_s", "track_jump_m",
+            "cut_in_offset_m", "cut_in_lateral_speed_mps",
         ):
             _positive(name, getattr(self, name))
         for name in ("max_accel_response_mps2", "actuation_delay_s", "standstill_gap_m"):
@@ -123,9 +128,9 @@ class LimitsConfig:
     """
 
     max_accel_mps2: float = 3.0
-    max_decel_mps2: float = 8.0
+    max_decel_mps2: float = 9.0
     max_jerk_mps3: float = 5.0
-    emergency_jerk_mps3: float = 50.0
+    emergency_jerk_mps3: float = 120.0
     max_steer_rad: float = 0.35
     max_steer_rate_radps: float = 0.6
 

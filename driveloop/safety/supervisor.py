@@ -7,7 +7,10 @@ hand-back with its reason and timing.
 
 Arbitration rules:
 - A hazard is an AEB brake stage (the partial stage not if a valid model already brakes with margin), a
-  watchdog fault, a predicted lane departure, or the model being disabled. Any hazard puts the
+  watchdog fault, a predicted lane departure, or the model being disabled. The AEB assesses the lead and
+  every neighbour that is cutting in (``aeb.cutting_in``) and brakes for the most demanding of them; while
+  it brakes for a cut-in the wheel is held straight (lane keeping would steer back towards the lane's
+  centre, into a car that is coming from that side). Any hazard puts the
   fallback in command on the same tick (``activation`` is True on the first such tick).
 - Hand-back to the model needs the hazard clear for ``handback_hold_s`` and the model valid for
   ``handback_valid_ticks`` consecutive ticks (hysteresis); the jerk limit then ramps the command.
@@ -63,15 +66,28 @@ def _lead_history(state: SupervisorState, inputs: SupervisorInputs, dt_s: float,
     return (sample,)
 
 
+def _cut_in(inputs: SupervisorInputs, was_braking: bool,
+            config: SupervisorConfig) -> tuple[aeb.AebAssessment, float] | None:
+    """(AEB verdict, gap_m) for the most demanding neighbour that is cutting in, or None when none is."""
+    worst = None
+    for side in inputs.neighbours:
+        if aeb.cutting_in(float(side.lane_offset_m), float(side.lateral_speed_mps), config.aeb):
+            got = aeb.assess(float(side.gap_m), inputs.ego_speed_mps, float(side.lead_speed_mps),
+                             float(side.closing_speed_mps), (), was_braking, config.aeb)
+            if worst is None or (got.level, got.decel_mps2) > (worst[0].level, worst[0].decel_mps2):
+                worst = (got, float(side.gap_m))
+    return worst
+
+
 def _hazard_reason(verdict: Verdict, assessment: aeb.AebAssessment | None, model_enabled: bool,
-                   departure_m: float | None) -> str | None:
+                   departure_m: float | None, cut_in: bool) -> str | None:
     """Why the fallback must drive this tick, or None. Faults first: they are the least recoverable."""
     if not model_enabled:
         return "model disabled"
     if verdict.fault is not None:
         return f"watchdog {verdict.fault}: {verdict.detail}"
     if assessment is not None and assessment.level > aeb.NONE:
-        stage = "full" if assessment.level == aeb.FULL else "partial"
+        stage = ("full" if assessment.level == aeb.FULL else "partial") + (" cut-in" if cut_in else "")
         return (f"aeb {stage}: ttc={assessment.ttc_s:.2f} s, required decel "
                 f"{assessment.required_decel_mps2:.2f} m/s^2")
     if departure_m is not None:
@@ -102,6 +118,16 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
             "required_decel_mps2": assessment.required_decel_mps2,
             "lead_decel_mps2": assessment.lead_decel_mps2,
         }
+    cut_in = _cut_in(inputs, state.aeb_braking, config)
+    braking_for_cut_in = cut_in is not None and (
+        assessment is None or (cut_in[0].level, cut_in[0].decel_mps2) > (assessment.level, assessment.decel_mps2))
+    if cut_in is not None:
+        side, track_parts["cut_in_gap_m"] = cut_in
+        track_parts["cut_in_required_decel_mps2"] = side.required_decel_mps2
+        if braking_for_cut_in:
+            assessment = side
+        elif side.fcw:
+            assessment = assessment._replace(fcw=True)  # type: ignore[union-attr]  # the lead decides; warn too
     if inputs.model_enabled:
         verdict = check_reply(inputs.reply, inputs.now_s, inputs.sensor_stamp_s, config.control_period_s,
                               config.watchdog)
@@ -112,7 +138,7 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
         assessment = assessment._replace(level=aeb.NONE, decel_mps2=0.0)
     aeb_braking = assessment is not None and assessment.level > aeb.NONE
     departure_m = lane.departure(inputs.lane_offset_m, inputs.heading_rel_rad, inputs.ego_speed_mps, config.lane)
-    reason = _hazard_reason(verdict, assessment, inputs.model_enabled, departure_m)
+    reason = _hazard_reason(verdict, assessment, inputs.model_enabled, departure_m, braking_for_cut_in)
     model_valid = inputs.model_enabled and verdict.fault is None
     valid_streak = state.valid_streak + 1 if model_valid else 0
     if reason is not None:
@@ -138,6 +164,8 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
     else:
         request = fallback_command(inputs.ego_speed_mps, inputs.lane_offset_m, inputs.heading_rel_rad,
                                    aeb_decel, config.fallback)
+        if braking_for_cut_in and aeb_braking:
+            request = (request[0], 0.0)
     prev_accel = state.prev_accel_mps2 if state.prev_accel_mps2 is not None else inputs.ego_accel_mps2
     emergency = mode == "fallback" and (aeb_braking or verdict.fault is not None or activation)
     accel, steer = limit_command(request[0], request[1], prev_accel, state.prev_steering_rad, dt, emergency,

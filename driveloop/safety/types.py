@@ -31,13 +31,30 @@ class Track(Protocol):
     def lead_speed_mps(self) -> float: ...
 
 
+@runtime_checkable
+class SideTrack(Track, Protocol):
+    """An object ahead beside the ego's lane corridor: a Track plus where it is across the ego's lane."""
+
+    @property
+    def lane_offset_m(self) -> float: ...  # its centre from the ego lane's centre, + left
+
+    @property
+    def lateral_speed_mps(self) -> float: ...  # its speed across the lane, + to the left
+
+
 @dataclass(frozen=True)
 class TrackData:
-    """A plain Track, for tests, replays and callers without their own type."""
+    """A plain Track (and SideTrack), for tests, replays and callers without their own type."""
 
     gap_m: float
     closing_speed_mps: float
     lead_speed_mps: float
+    lane_offset_m: float = 0.0
+    lateral_speed_mps: float = 0.0
+
+
+_TRACK_FIELDS = ("gap_m", "closing_speed_mps", "lead_speed_mps")
+_SIDE_FIELDS = (*_TRACK_FIELDS, "lane_offset_m", "lateral_speed_mps")
 
 
 @dataclass(frozen=True)
@@ -62,7 +79,8 @@ def _finite(name: str, value: object) -> float:
 
 @dataclass(frozen=True)
 class SupervisorInputs:
-    """One tick's inputs. ``sensor_stamp_s`` is the time of the newest fresh sensor frame."""
+    """One tick's inputs. ``sensor_stamp_s`` is the time of the newest fresh sensor frame; ``neighbours`` are
+    the objects ahead beside the lane corridor (the AEB brakes for one that cuts in)."""
 
     now_s: float
     ego_speed_mps: float
@@ -73,13 +91,17 @@ class SupervisorInputs:
     sensor_stamp_s: float
     reply: ModelReply | None
     model_enabled: bool = True
+    neighbours: tuple[SideTrack, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("now_s", "ego_speed_mps", "ego_accel_mps2", "lane_offset_m", "heading_rel_rad", "sensor_stamp_s"):
             _finite(name, getattr(self, name))
         if self.track is not None:
-            for name in ("gap_m", "closing_speed_mps", "lead_speed_mps"):
+            for name in _TRACK_FIELDS:
                 _finite(f"track.{name}", getattr(self.track, name, None))
+        for i, side in enumerate(self.neighbours):
+            for name in _SIDE_FIELDS:
+                _finite(f"neighbours[{i}].{name}", getattr(side, name, None))
         if self.reply is not None and not isinstance(self.reply, ModelReply):
             raise SafetyError(f"supervisor input reply must be a ModelReply or None, got {type(self.reply).__name__}")
 

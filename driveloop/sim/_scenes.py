@@ -7,12 +7,16 @@ seed rebuilds the same scene. Placement rules that keep scenes *avoidable*:
   and never closer than 30 m behind the ego, so nobody rear-ends a braking ego at the start;
 - cut-in / merge subjects end up 12–25 m ahead of the ego, 2–5 m/s slower: a 9 m/s² brake with a
   0.25 s lag stops the closing within a few metres;
-- CCR targets start at Euro NCAP's TTC of 4 s (≥10 m) or at the CCRb headway.
+- CCR targets start at Euro NCAP's TTC of 4 s (≥10 m) or at the CCRb headway;
+- a parametric cut-in (``cutin-*``) is exact, without traffic or jitter (the seed only picks the side it comes
+  from), so its ground truth follows from the spec (``scenarios.cut_in_plan``): whether it is avoidable is
+  judged by ``sim.truth``, not promised here.
 Positions here are in highway-env's frame (x along the road, y down).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,10 +27,11 @@ from highway_env.vehicle.kinematics import Vehicle
 from driveloop.sim._vehicles import (
     EgoVehicle,
     LaneChanger,
+    ScriptedCutIn,
     ScriptedTarget,
     TrafficVehicle,
 )
-from driveloop.sim.scenarios import ScenarioSpec
+from driveloop.sim.scenarios import LANE_WIDTH_M, ScenarioSpec, cut_in_plan
 
 SPEED_LIMIT_MPS = 40.0
 STRAIGHT_ROAD_M = 30_000.0  # 12.5 min at the 40 m/s top speed; traffic is recycled around the ego
@@ -131,13 +136,7 @@ def _place_traffic(road: Road, ego: EgoVehicle, rng: np.random.Generator, count:
 def build_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState, lag_s: float,
                 max_speed_mps: float) -> Scene:
     """Build the scene for ``spec``; all randomness from ``rng`` (ours) and ``road_rng`` (highway-env's)."""
-    if spec.kind in ("highway", "dense"):
-        return _nominal_scene(spec, rng, road_rng, lag_s, max_speed_mps)
-    if spec.kind == "cut-in":
-        return _cut_in_scene(spec, rng, road_rng, lag_s, max_speed_mps)
-    if spec.kind == "merge":
-        return _merge_scene(spec, rng, road_rng, lag_s, max_speed_mps)
-    return _ccr_scene(spec, rng, road_rng, lag_s, max_speed_mps)
+    return _BUILDERS[spec.kind](spec, rng, road_rng, lag_s, max_speed_mps)
 
 
 def _nominal_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState, lag_s: float,
@@ -210,6 +209,30 @@ def _ccr_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random
                             decel_mps2=spec.target_decel_mps2, brake_at_s=brake_at_s)
     road.vehicles.append(target)
     return Scene(road=road, ego=ego, subject=target, meta={"gap_m": gap, "brake_at_s": brake_at_s})
+
+
+def _parametric_cut_in_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState,
+                              lag_s: float, max_speed_mps: float) -> Scene:
+    assert StraightLane.DEFAULT_WIDTH == LANE_WIDTH_M, "cut_in_plan assumes highway-env's lane width"
+    plan = cut_in_plan(spec)
+    road = Road(network=_straight_network(spec.lanes, length_m=4000.0), np_random=road_rng)
+    ego = _ego(road, ("0", "1", 1), EGO_START_X_M, plan.ego_speed_mps, spec, lag_s, max_speed_mps)
+    side = int(rng.choice([-1, 1]))  # the lane it comes from: one lane up or down (highway-env frame)
+    x = float(ego.position[0]) + Vehicle.LENGTH + plan.start_gap_m
+    start = np.array([x, float(ego.position[1]) + side * plan.start_offset_m])
+    cutter = ScriptedCutIn(road, start, plan.cutter_speed_mps, target_y_m=float(ego.position[1]),
+                           lateral_speed_mps=plan.lateral_speed_mps, start_s=plan.start_s)
+    road.vehicles.append(cutter)
+    return Scene(road=road, ego=ego, subject=cutter,
+                 meta={"side": side, "crossing_s": plan.crossing_s, "start_gap_m": plan.start_gap_m})
+
+
+_SceneBuilder = Callable[[ScenarioSpec, np.random.Generator, np.random.RandomState, float, float], Scene]
+# Scenario kind -> scene builder (a table: a new kind is one row).
+_BUILDERS: dict[str, _SceneBuilder] = {
+    "highway": _nominal_scene, "dense": _nominal_scene, "cut-in": _cut_in_scene, "merge": _merge_scene,
+    "ccrs": _ccr_scene, "ccrm": _ccr_scene, "ccrb": _ccr_scene, "cutin": _parametric_cut_in_scene,
+}
 
 
 def recycle_traffic(scene: Scene, rng: np.random.Generator) -> int:

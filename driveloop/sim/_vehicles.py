@@ -9,6 +9,9 @@
   reaches a given road segment (merge), without asking MOBIL.
 - :class:`ScriptedTarget` is a Euro NCAP CCR target: constant speed, optionally braking at a fixed
   deceleration from a given time until standstill; it ignores everything around it.
+- :class:`ScriptedCutIn` is the parametric cut-in's subject: constant speed along the road, and from a given
+  time a constant sideways speed until it is centred in the target lane (heading held along the road, so
+  its box and its reported velocity are exactly the scripted motion the ground-truth check assumes).
 
 All classes work in highway-env's frame (y down); ``sim.simulator`` converts at the boundary.
 """
@@ -22,6 +25,7 @@ from highway_env.road.road import LaneIndex, Road
 from highway_env.vehicle.behavior import IDMVehicle
 from highway_env.vehicle.kinematics import Vehicle
 
+CONTROL_STEP_S = 0.1  # a scripted vehicle's first step (later steps pass their own dt)
 # Traffic braking: a healthy car brakes at ~9 m/s² on dry asphalt.
 TRAFFIC_MAX_DECEL_MPS2 = 9.0
 TRAFFIC_MAX_ACCEL_MPS2 = 3.0
@@ -142,6 +146,55 @@ class ScriptedTarget(Vehicle):
         self.action["acceleration"] = clamp_speed_accel(self.speed, self.action["acceleration"], dt, self.MAX_SPEED)
         super().step(dt)
         self.speed = max(self.speed, 0.0)
+
+
+class ScriptedCutIn(Vehicle):
+    """A cut-in subject: ``speed`` along the road; from ``start_s`` it moves sideways at ``lateral_speed_mps``
+    until its centre reaches ``target_y_m`` (highway-env frame), then holds that lane.
+
+    ``velocity`` is the motion over the coming step (x along the road, y sideways), so sensors, collision
+    prediction and the ground truth all see the same lateral speed from the tick the manoeuvre starts.
+    """
+
+    MIN_SPEED = 0.0
+
+    def __init__(self, road: Road, position: np.ndarray, speed: float, *, target_y_m: float,
+                 lateral_speed_mps: float, start_s: float) -> None:
+        super().__init__(road, position, 0.0, speed)
+        self.target_y_m = float(target_y_m)
+        self.lateral_speed_mps = float(lateral_speed_mps)
+        self.start_s = float(start_s)
+        self.elapsed_s = 0.0
+        self.lateral_mps = self._lateral_for_next_step(CONTROL_STEP_S)
+
+    @property
+    def color(self) -> tuple[int, int, int]:
+        return CRASHED_RGB if self.crashed else SUBJECT_RGB
+
+    @property
+    def velocity(self) -> np.ndarray:
+        return np.array([self.speed, self.lateral_mps])
+
+    def _lateral_for_next_step(self, dt: float) -> float:
+        if self.crashed or self.elapsed_s < self.start_s - 1e-9:
+            return 0.0
+        left = self.target_y_m - float(self.position[1])
+        return math.copysign(min(self.lateral_speed_mps, abs(left) / dt), left) if abs(left) > 1e-9 else 0.0
+
+    def act(self, action: dict | str | None = None) -> None:
+        self.action = {"steering": 0.0, "acceleration": 0.0}
+
+    def step(self, dt: float) -> None:
+        self.position = self.position + np.array([self.speed * dt, self.lateral_mps * dt])
+        if self.impact is not None:
+            self.position = self.position + self.impact
+            self.crashed = True
+            self.impact = None
+        if self.crashed:
+            self.speed = max(self.speed - TRAFFIC_MAX_DECEL_MPS2 * dt, 0.0)
+        self.elapsed_s += dt
+        self.lateral_mps = self._lateral_for_next_step(dt)
+        self.on_state_update()
 
 
 class EgoVehicle(IDMVehicle):

@@ -12,6 +12,11 @@ Rules:
 - ``gap_m`` is bumper to bumper: ``dx`` minus one vehicle length (half the ego + half the other,
   both 5 m cars), so it can go negative on contact;
 - ``closing_speed_mps`` = −``dvx`` (+ when the gap shrinks), ``lead_speed_mps`` = ego speed + ``dvx``.
+
+:func:`side_tracks` reports the other present rows ahead (outside the corridor) with where they are across the
+ego's *lane* (not its heading): the centre's offset from the lane's centre and the speed across the lane, from
+the ego's lane offset and heading (a 0.03 rad yaw moves a car 20 m ahead by 0.6 m in the ego frame). The safety
+layer decides which of them is cutting in (``safety.aeb.cutting_in``).
 """
 
 from __future__ import annotations
@@ -34,16 +39,24 @@ CORRIDOR_HALF_WIDTH_M = 1.8
 
 _N_EGO = len(EGO_FEATURES)
 _SPEED = EGO_FEATURES.index("speed_mps")
+_HEADING, _OFFSET = EGO_FEATURES.index("heading_rad"), EGO_FEATURES.index("lane_offset_m")
 _ROW = len(NEIGHBOUR_FEATURES)
-_PRESENT, _DX, _DY, _DVX = (NEIGHBOUR_FEATURES.index(f) for f in ("present", "dx_m", "dy_m", "dvx_mps"))
+_PRESENT, _DX, _DY, _DVX, _DVY = (NEIGHBOUR_FEATURES.index(f)
+                                  for f in ("present", "dx_m", "dy_m", "dvx_mps", "dvy_mps"))
 
 
 class Track(NamedTuple):
-    """The object ahead in the ego lane, as the sensors see it (SI units); a NamedTuple: built every tick."""
+    """An object ahead as the sensors see it (SI units); a NamedTuple: built every tick.
+
+    ``lane_offset_m``/``lateral_speed_mps`` (+ left: its centre from the ego lane's centre, its speed across
+    the lane) matter for side tracks; the forward track leaves them 0.
+    """
 
     gap_m: float
     closing_speed_mps: float
     lead_speed_mps: float
+    lane_offset_m: float = 0.0
+    lateral_speed_mps: float = 0.0
 
 
 def forward_track(
@@ -80,3 +93,29 @@ def forward_track(
         closing_speed_mps=-best[_DVX],
         lead_speed_mps=max(ego_speed + best[_DVX], 0.0),
     )
+
+
+def side_tracks(
+    observation: Observation | np.ndarray,
+    corridor_half_width_m: float = CORRIDOR_HALF_WIDTH_M,
+    vehicle_length_m: float = VEHICLE_LENGTH_M,
+) -> tuple[Track, ...]:
+    """Every present, finite row ahead *outside* the corridor, nearest first, placed across the ego's lane.
+
+    The ego frame is turned by the ego's heading to the lane: offset = ego lane offset + dx sin h + dy cos h,
+    speed across = (ego speed + dvx) sin h + dvy cos h. Empty when the ego block is not finite.
+    """
+    kin = observation.kinematics if isinstance(observation, Observation) else np.asarray(observation, np.float64)
+    if kin.shape != (KIN_DIM,):
+        raise SafetyError(f"kinematics must have shape ({KIN_DIM},), got {kin.shape}")
+    values = kin.tolist()
+    ego_speed, heading, offset = values[_SPEED], values[_HEADING], values[_OFFSET]
+    if not all(map(math.isfinite, (ego_speed, heading, offset))):
+        return ()
+    sin_h, cos_h = math.sin(heading), math.cos(heading)
+    rows = [values[start:start + _ROW] for start in range(_N_EGO, KIN_DIM, _ROW)]
+    side = sorted((r for r in rows if r[_PRESENT] > 0.5 and r[_DX] > 0 and abs(r[_DY]) >= corridor_half_width_m
+                   and all(map(math.isfinite, r))), key=lambda r: r[_DX])
+    return tuple(Track(r[_DX] - vehicle_length_m, -r[_DVX], max(ego_speed + r[_DVX], 0.0),
+                       offset + r[_DX] * sin_h + r[_DY] * cos_h, (ego_speed + r[_DVX]) * sin_h + r[_DVY] * cos_h)
+                 for r in side)

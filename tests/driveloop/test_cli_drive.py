@@ -59,7 +59,7 @@ def test_same_seed_same_result(home, capsys) -> None:
     ("args", "code", "message"),
     [
         (("drive", "--scenario", "moon-landing"), 2, "unknown scenario"),
-        (("drive", "--scenario", "ccrs-13"), 2, "unknown scenario"),
+        (("drive", "--scenario", "ccrs-131"), 2, "ego speed 131 km/h is outside 5..130 km/h"),
         (("drive", "--bogus-flag"), 2, "No such option"),
         (("drive", "--vehicles", "0"), 2, "Invalid value"),
         (("drive", "--fault", "meteor"), 2, "unknown fault"),

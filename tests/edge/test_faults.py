@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
 from driveloop.contracts import observation as C
 from driveloop.core.exceptions import ConfigError, ModelError
@@ -20,6 +21,7 @@ ROWS = [
     ("nan", "model", {"corrupt"}),
     ("garbage", "model", {"corrupt"}),
     ("late", "model", {"late"}),
+    ("error", "model", {"raises"}),
     ("stale", "sensor", {"freezes_sensors"}),
 ]
 
@@ -27,7 +29,7 @@ ROWS = [
 def _flags(name: str) -> set[str]:
     f = FAULTS[name]
     return {k for k in ("kills", "hangs", "late", "freezes_sensors") if getattr(f, k)} | (
-        {"corrupt"} if f.corrupt is not None else set())
+        {"corrupt"} if f.corrupt is not None else set()) | ({"raises"} if f.raises is not None else set())
 
 
 @pytest.mark.parametrize("name,side,flags", ROWS, ids=[r[0] for r in ROWS])
@@ -40,13 +42,13 @@ def test_every_fault_maps_to_its_behaviour(name: str, side: str, flags: set[str]
 
 def test_the_table_is_the_whole_vocabulary_in_message_order() -> None:
     assert list(FAULTS) == [r[0] for r in ROWS]
-    assert MODEL_FAULTS == ("kill", "hang", "nan", "garbage", "late") and SENSOR_FAULTS == ("stale",)
+    assert MODEL_FAULTS == ("kill", "hang", "nan", "garbage", "late", "error") and SENSOR_FAULTS == ("stale",)
 
 
 UNKNOWN = [
-    ("unknown anywhere", "meteor", None, "unknown fault 'meteor'; valid: kill, hang, nan, garbage, late, stale"),
-    ("unknown to the model", "meteor", "model", "unknown model fault 'meteor'; valid: kill, hang, nan, garbage, late"),
-    ("sensor fault on the model side", "stale", "model", "unknown model fault 'stale'; valid: kill, hang, nan, garbage, late"),
+    ("unknown anywhere", "meteor", None, "unknown fault 'meteor'; valid: kill, hang, nan, garbage, late, error, stale"),
+    ("unknown to the model", "meteor", "model", "unknown model fault 'meteor'; valid: kill, hang, nan, garbage, late, error"),
+    ("sensor fault on the model side", "stale", "model", "unknown model fault 'stale'; valid: kill, hang, nan, garbage, late, error"),
     ("model fault on the sensor side", "kill", "sensor", "unknown sensor fault 'kill'; valid: stale"),
     ("case matters", "NaN", None, "valid: kill, hang"),
 ]
@@ -59,9 +61,9 @@ def test_unknown_faults_are_refused_with_the_valid_names(name: str, fault: str, 
 
 
 def test_every_caller_refuses_unknown_faults_from_the_table() -> None:
-    with pytest.raises(ConfigError, match="valid: kill, hang, nan, garbage, late, stale"):
+    with pytest.raises(ConfigError, match="valid: kill, hang, nan, garbage, late, error, stale"):
         FaultSpec("meteor")
-    with pytest.raises(ConfigError, match="unknown model fault 'stale'; valid: kill, hang, nan, garbage, late$"):
+    with pytest.raises(ConfigError, match="unknown model fault 'stale'; valid: kill, hang, nan, garbage, late, error$"):
         FaultyRunner(FakeRunner()).inject("stale")  # stale frames are injected by the sensor side
 
 
@@ -91,6 +93,10 @@ def test_faulty_runner_applies_each_fault() -> None:
     with pytest.raises(ModelError, match="hung"):
         runner.run(batch)
     assert slept == [0.3, 2.0]
+    runner.inject("error")
+    with pytest.raises(Fail, match="kernel failed"):  # untyped, as ONNX Runtime raises it: not a ModelError
+        runner.run(batch)
+    assert runner.run(batch)[0].shape == (2, 2)
     runner.inject("kill", count=None)
     for _ in range(3):
         with pytest.raises(ModelError, match="dead"):

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
-from driveloop.edge.agent import AgentConfig, FaultSpec
+from driveloop.edge.agent import AgentConfig, FaultSpec, VehicleAgent
 from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
-from driveloop.edge.faults import FaultyRunner
+from driveloop.edge.faults import FAULTS, FaultyRunner
 from driveloop.core.exceptions import ConfigError
-from tests.fakes.runner import FakeRunner
+from tests.fakes.runner import FakeRunner, StubClient
+
+DT_S = AgentConfig().sim.dt_s
 
 
 def _plans(n: int, scenario: str = "highway", seed: int = 0) -> list[VehiclePlan]:
@@ -57,7 +62,7 @@ def test_garbage_model_never_reaches_the_actuators() -> None:
     assert s["collisions"] == 0
 
 
-@pytest.mark.parametrize("kind", ["kill", "nan", "garbage", "late", "hang", "stale"])
+@pytest.mark.parametrize("kind", list(FAULTS))
 def test_injected_fault_is_detected_and_braked_for(kind: str) -> None:
     fault = FaultSpec(kind, at_s=2.0, duration_s=1.0)
     runner = FaultyRunner(FakeRunner(), late_s=0.06, hang_s=0.2)
@@ -125,3 +130,104 @@ def test_metrics_are_consistent() -> None:
     assert s["distance_km"] > 0.1
     assert math.isfinite(s["tick_ms_p99"]) and s["tick_ms_p99"] >= s["tick_ms_p50"] > 0
     assert np.isclose(s["interventions_per_hour"], s["interventions"] / (8.0 / 3600))
+
+
+class _Decisions:
+    """``on_tick`` hook: each tick's (source, watchdog verdict) per vehicle."""
+
+    def __init__(self) -> None:
+        self.ticks: list[list[tuple[str, str | None]]] = []
+
+    def __call__(self, tick: int, total: int, agents: Sequence[VehicleAgent]) -> None:
+        decisions = [a.last_decision for a in agents]
+        self.ticks.append([(d.source, d.watchdog) for d in decisions])  # type: ignore[union-attr]
+
+
+# What a model call can raise besides ModelError: ONNX Runtime's untyped errors, numpy's shape error, no memory.
+MODEL_PATH_ERRORS: list[tuple[str, Callable[[], BaseException]]] = [
+    ("ort-fail", lambda: Fail("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Gemm")),
+    ("ort-runtime-exception", lambda: RuntimeException("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bad alloc")),
+    ("shape-error", lambda: ValueError("cannot reshape array of size 6 into shape (2,2)")),
+    ("memory-error", MemoryError),
+]
+
+
+@pytest.mark.parametrize("make", [m for _, m in MODEL_PATH_ERRORS], ids=[n for n, _ in MODEL_PATH_ERRORS])
+def test_model_exception_mid_drive_is_no_output_braked_counted_and_logged_once(
+        make: Callable[[], BaseException], caplog: pytest.LogCaptureFixture) -> None:
+    first, failing = 20, 5  # calls 20..24 raise: t = 2.0 .. 2.4 s, one call per tick (one model group)
+    runner = FakeRunner(errors={i: make for i in range(first, first + failing)})
+    decisions = _Decisions()
+    with caplog.at_level(logging.WARNING, logger="driveloop.edge"):
+        client = InProcessInference(runner, clock=lambda: 0.0)  # calls take no time: host speed cannot matter
+    with caplog.at_level(logging.WARNING, logger="driveloop.edge"):
+        report = run_fleet(_plans(2, scenario="dense"), {"default": client}, duration_s=5.0, on_tick=decisions)
+    assert runner.calls == len(decisions.ticks) == 50  # the loop went on, one call per tick
+    for tick in range(first, first + failing):  # no model output on those ticks: the fallback drives
+        assert decisions.ticks[tick] == [("fallback", "dead")] * 2
+    assert decisions.ticks[first - 1] == decisions.ticks[-1] == [("model", None)] * 2  # before and after: the model
+    assert [v.model_errors for v in report.vehicles] == [failing, failing]
+    assert report.summary()["model_errors"] == 2 * failing and report.summary()["collisions"] == 0
+    logged = [r for r in caplog.records if r.levelno == logging.WARNING and "model call failed" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None and logged[0].exc_info[0] is type(make())
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_interrupts_from_the_model_call_are_not_swallowed(interrupt: type[BaseException]) -> None:
+    runner = FakeRunner(errors={3: interrupt})
+    with pytest.raises(interrupt):
+        run_fleet(_plans(1), {"default": InProcessInference(runner)}, duration_s=2.0)
+    assert runner.calls == 4
+
+
+class _Latencies:
+    """Recorder factory that keeps each vehicle's recorded ``model_latency_ms`` per tick."""
+
+    def __init__(self) -> None:
+        self.by_vehicle: dict[str, list[float]] = {}
+
+    def __call__(self, vehicle_id: str, scenario: str, seed: int) -> object:
+        series = self.by_vehicle.setdefault(vehicle_id, [])
+
+        class _Rec:
+            closed: tuple = ()
+
+            def record(self, tick: object) -> None:
+                series.append(tick.model_latency_ms)  # type: ignore[attr-defined]
+
+            def close(self) -> None:
+                pass
+
+        return _Rec()
+
+
+def test_each_vehicle_is_charged_its_own_groups_inference_latency() -> None:
+    # Group "a" is called first each tick: a vehicle of group "b" must not be charged a's call as well.
+    clients = {"a": StubClient(latency_s=0.010), "b": StubClient(latency_s=0.020)}
+    plans = [VehiclePlan("v0", "highway", 1, "a"), VehiclePlan("v1", "highway", 2, "b"),
+             VehiclePlan("v2", "highway", 3, "a")]
+    recorded = _Latencies()
+    report = run_fleet(plans, clients, duration_s=1.0, recorder_factory=recorded)
+    assert recorded.by_vehicle == {"v0": [10.0] * 10, "v1": [20.0] * 10, "v2": [10.0] * 10}
+    assert [v.inference_ms for v in report.vehicles] == [[10.0] * 10, [20.0] * 10, [10.0] * 10]
+    assert [v.inference_p99_ms for v in report.vehicles] == [10.0, 20.0, 10.0]
+
+
+def test_shadow_comparisons_are_each_vehicles_own() -> None:
+    # The shadow disagrees (+2 m/s², over the 1 m/s² threshold) on batch row 0 only, i.e. vehicle v0.
+    main, shadow = StubClient(), StubClient(accel_offset_by_row={0: 2.0})
+    report = run_fleet(_plans(2), {"default": main}, duration_s=2.0, shadows={"default": shadow})
+    v0, v1 = (v.shadow for v in report.vehicles)
+    assert v0 is not None and v1 is not None
+    assert (v0.compared_ticks, v0.disagreements, v1.compared_ticks, v1.disagreements) == (20, 20, 20, 0)
+    assert v0.mean_abs_diff == pytest.approx(2.0, abs=1e-5) and v1.mean_abs_diff == 0.0
+    group = report.shadow["default"]
+    assert (group.compared_ticks, group.disagreements) == (40, 20)
+
+
+def test_no_shadow_stats_for_a_vehicle_without_a_shadow() -> None:
+    clients = {"a": StubClient(), "b": StubClient()}
+    plans = [VehiclePlan("v0", "highway", 1, "a"), VehiclePlan("v1", "highway", 2, "b")]
+    report = run_fleet(plans, clients, duration_s=1.0, shadows={"b": StubClient()})
+    assert report.vehicles[0].shadow is None
+    assert report.vehicles[1].shadow is not None and report.vehicles[1].shadow.compared_ticks == 10

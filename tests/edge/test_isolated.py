@@ -1,9 +1,19 @@
-"""IsolatedRuntime with a real child process (kill, hang, nan, garbage, late); FaultyRunner: test_faults.py."""
+"""IsolatedRuntime with a real child process (kill, hang, nan, garbage, late, error), alone and driving a fleet
+through IsolatedInference; FaultyRunner: test_faults.py.
+
+No test waits for a timer to run out: the runtime's clock is real time plus jumps the test makes
+(:class:`Clock`), with the restart backoff and hang timeout far longer than any test, so each fires at
+the exact point the test jumps the clock; a late reply is awaited on the pipe, a process's exit on its pidfd.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import select
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +24,31 @@ from driveloop.cloud.export import PARITY_TOL, export_onnx
 from driveloop.contracts.manifest import build_manifest
 from driveloop.cloud.model import PolicyConfig, PolicyNet, example_inputs
 from driveloop.contracts import observation as C
-from driveloop.edge.faults import GARBAGE_VALUE
+from driveloop.edge.agent import AgentConfig, FaultSpec, VehicleAgent
+from driveloop.edge.faults import FAULTS, GARBAGE_VALUE, Fault
+from driveloop.edge.fleet import IsolatedInference, VehiclePlan, run_fleet
 from driveloop.edge.isolated import IsolatedRuntime, IsolationConfig
 from driveloop.edge.runtime import ModelRunner, ModelRuntime
 from driveloop.core.exceptions import ConfigError, IntegrityError, ModelError
 
 _LONG_S = 30.0  # a deadline that only a dead or faulty child misses
 _SHORT_S = 0.05  # a deadline a late/hung child is sure to miss (it sleeps much longer)
-CFG = IsolationConfig(restart_backoff_min_s=0.2, hang_timeout_s=5.0, late_delay_s=0.5)
+_JUMP_S = 1000.0  # restart backoff and hang timeout: only a jump of the test's clock reaches them
+CFG = IsolationConfig(restart_backoff_min_s=_JUMP_S, restart_backoff_max_s=_JUMP_S, hang_timeout_s=_JUMP_S,
+                      late_delay_s=0.5)
+
+
+class Clock:
+    """A runtime's clock: real time (replies are really waited for) plus the jumps the test makes."""
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset_s
+
+    def advance(self, seconds: float) -> None:
+        self.offset_s += seconds
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +58,14 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
 
 
 @pytest.fixture(scope="module")
-def iso(model: tuple[Path, object]) -> IsolatedRuntime:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(scope="module")
+def iso(model: tuple[Path, object], clock: Clock) -> Iterator[IsolatedRuntime]:
     path, manifest = model
-    with IsolatedRuntime(path, manifest, config=CFG) as rt:
+    with IsolatedRuntime(path, manifest, config=CFG, clock=clock) as rt:
         assert rt.wait_ready()
         yield rt
 
@@ -51,8 +83,26 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def _wait_exit(pid: int) -> None:
+    """Block until process ``pid`` (not our child: it cannot be wait()ed for) has exited: its pidfd turns readable."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone and reaped already
+    try:
+        select.select([fd], [], [])
+    finally:
+        os.close(fd)
+
+
+def _await_late_reply(rt: IsolatedRuntime) -> None:
+    """Block until the reply to a request given up on is on the pipe (the next submit drains it)."""
+    if rt._in_flight is not None and rt._conn is not None:
+        assert rt._conn.poll(None)
+
+
 def _tick(rt: IsolatedRuntime, batch: dict[str, np.ndarray], budget_s: float = _LONG_S):
-    now = time.monotonic()
+    now = rt.now()
     submitted = rt.submit(batch, now)
     return submitted, rt.poll(now + budget_s)
 
@@ -73,38 +123,41 @@ def test_child_process_serves_the_same_outputs_as_in_process(iso: IsolatedRuntim
     assert action.shape == (2, 2) and conf.shape == (2, 1)
 
 
-def test_sigkill_mid_run_is_survived_and_restarted(iso: IsolatedRuntime) -> None:
+def test_sigkill_mid_run_is_survived_and_restarted(iso: IsolatedRuntime, clock: Clock) -> None:
     batch = _batch(4)
     old_pid, restarts = iso.pid, iso.restarts
-    iso.inject("late")  # keeps the next request in the child for late_delay_s…
-    now = time.monotonic()
+    iso.inject("hang")  # keeps the next request in the child…
+    now = iso.now()
     assert iso.submit(batch, now)
     iso.inject("kill")  # …so it is surely in flight when the process dies
     assert iso.poll(now + _LONG_S) is None  # the next tick learns it: EOF, not a timeout
     assert not iso.alive and iso.state == "waiting"
     with pytest.raises(OSError):
         os.kill(old_pid, 0)  # reaped: no zombie left behind
-    assert not iso.submit(batch, now)  # inside the backoff: refused without blocking
-    assert iso.submit(batch, now + 10.0) is False and iso.state == "starting"  # backoff over: respawned
+    assert not iso.submit(batch)  # inside the backoff: refused without blocking
+    clock.advance(CFG.restart_backoff_max_s)
+    assert iso.submit(batch) is False and iso.state == "starting"  # backoff over: respawned
     assert iso.wait_ready() and iso.restarts == restarts + 1 and iso.pid != old_pid
     submitted, reply = _tick(iso, batch)
     assert submitted and reply is not None and reply.well_formed(4)
 
 
-def test_hang_misses_deadlines_then_is_killed_and_restarted(iso: IsolatedRuntime) -> None:
+def test_hang_misses_deadlines_then_is_killed_and_restarted(iso: IsolatedRuntime, clock: Clock) -> None:
     batch = _batch(2)
     iso.inject("hang")
     old_pid = iso.pid
-    now = time.monotonic()
+    now = iso.now()
     assert iso.submit(batch, now)
-    assert iso.poll(time.monotonic() + _SHORT_S) is None  # deadline miss
-    assert not iso.submit(batch, now + 0.1)  # still busy with the hung request
+    assert iso.poll(now + _SHORT_S) is None  # deadline miss
+    assert not iso.submit(batch)  # still busy with the hung request
     assert iso.alive  # not yet overdue by hang_timeout_s
-    assert not iso.submit(batch, now + CFG.hang_timeout_s + 0.1)  # overdue: killed, restart scheduled
+    clock.advance(CFG.hang_timeout_s)
+    assert not iso.submit(batch)  # overdue: killed, restart scheduled
     assert not iso.alive and iso.pid is None
     with pytest.raises(OSError):
         os.kill(old_pid, 0)
-    iso.submit(batch, now + CFG.hang_timeout_s + 1.0)  # backoff elapsed: respawn
+    clock.advance(CFG.restart_backoff_max_s)
+    assert not iso.submit(batch) and iso.state == "starting"  # backoff elapsed: respawned
     assert iso.wait_ready() and iso.pid != old_pid
     assert _tick(iso, batch)[1] is not None
 
@@ -136,7 +189,7 @@ def test_late_reply_misses_the_deadline_and_is_dropped(iso: IsolatedRuntime) -> 
     submitted, reply = _tick(iso, batch, budget_s=_SHORT_S)
     assert submitted and reply is None
     assert iso.alive  # late is not dead
-    time.sleep(CFG.late_delay_s * 2)  # let the stale reply arrive
+    _await_late_reply(iso)
     submitted, reply = _tick(iso, _batch(2, seed=9))
     assert submitted and reply is not None and reply.well_formed(2)
     assert reply.request_id == iso._next_id  # the fresh request's reply, not the stale one
@@ -223,10 +276,99 @@ def test_child_does_not_outlive_a_vehicle_process_that_died(model: tuple[Path, o
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     child_pid, buf_path = proc.stdout.split()
-    for _ in range(600):  # the child notices within one 0.5 s sleep (hung) or at once (EOF)
-        if _gone(int(child_pid)):
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"model process {child_pid} outlived its vehicle process")
+    _wait_exit(int(child_pid))  # it notices within one 0.5 s sleep (hung) or at once (EOF); blocks if it never does
+    assert _gone(int(child_pid))
     assert not Path(buf_path).exists()
+
+
+def test_model_error_is_answered_and_the_process_serves_on(iso: IsolatedRuntime) -> None:
+    """ONNX Runtime raising inside ``run`` in the child (untyped, not a ModelError): the child answers with
+    the error and keeps serving; the parent raises ModelError for that request; nothing restarts."""
+    pid, restarts = iso.pid, iso.restarts
+    iso.inject("error")
+    now = iso.now()
+    assert iso.submit(_batch(2), now)
+    with pytest.raises(ModelError, match="Fail: .*kernel failed"):
+        iso.poll(now + _LONG_S)
+    assert iso.alive and iso.pid == pid and iso.restarts == restarts
+    _, reply = _tick(iso, _batch(2))
+    assert reply is not None and reply.well_formed(2)
+
+
+# -- a fleet driving through the model process (`driveloop drive --isolate --fault …`) -------------------
+DT_S = AgentConfig().sim.dt_s
+DETECT_TICKS, BRAKE_TICKS = 2, 1  # detected within 2 control periods, braking within 1 more
+FAULT = {"at_s": 20 * DT_S, "duration_s": 10 * DT_S}
+HANDBACK_TICKS = math.ceil(AgentConfig().supervisor.handback_hold_s / DT_S) + 1  # model valid again → it drives
+DRIVE_S = (30 + 2 * HANDBACK_TICKS) * DT_S
+
+
+class _PacedRecovery:
+    """``on_tick`` hook: the real time a vehicle's loop would spend after a fault, spent at an exact tick.
+
+    The simulated fleet outruns real time and the model process does not; so once the fault is seen,
+    a hung request gets ``hang_timeout_s`` and a dead process its restart backoff by jumping the
+    runtime's clock, and the restarted process's model load is awaited. Records each tick's
+    (source, watchdog verdict, model errors so far) per vehicle.
+    """
+
+    def __init__(self, rt: IsolatedRuntime, clock: Clock, row: Fault) -> None:
+        self.rt, self.clock, self.row = rt, clock, row
+        self.ticks: list[list[tuple[str, str | None, int]]] = []
+        self.restarted_at: int | None = None
+        self._hang_given = False
+
+    def __call__(self, tick: int, total: int, agents: Sequence[VehicleAgent]) -> None:
+        decisions = [a.last_decision for a in agents]
+        self.ticks.append([(d.source, d.watchdog, a.metrics.model_errors)  # type: ignore[union-attr]
+                           for d, a in zip(decisions, agents)])
+        if agents[0].fault_log["detected_at_s"] is None:
+            return
+        if self.row.hangs and not self._hang_given:
+            self.clock.advance(self.rt.config.hang_timeout_s)  # the next tick finds the request overdue
+            self._hang_given = True
+        elif self.rt.state == "waiting":
+            self.clock.advance(self.rt.config.restart_backoff_max_s)
+            assert self.rt.wait_ready()
+            self.restarted_at = tick
+
+
+@pytest.mark.parametrize("kind", list(FAULTS))
+def test_fleet_through_the_model_process_survives_each_fault(model: tuple[Path, object], kind: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Per fault kind: detected within 2 ticks, braking 1 tick after, no collision, the model process
+    restarted exactly when the fault took it down (kill, hang), the model driving again afterwards."""
+    row, (path, manifest), clock = FAULTS[kind], model, Clock()
+    fault = FaultSpec(kind, **FAULT)
+    plans = [VehiclePlan(f"v{i}", "dense", 40 + i) for i in range(2)]
+    with IsolatedRuntime(path, manifest, config=CFG, clock=clock) as rt:
+        assert rt.wait_ready()
+        hook = _PacedRecovery(rt, clock, row)
+        with caplog.at_level(logging.WARNING, logger="driveloop.edge.fleet"):
+            report = run_fleet(plans, {"default": IsolatedInference(rt)}, DRIVE_S, fault=fault, on_tick=hook)
+        restarts = rt.restarts
+    for log in report.faults.values():
+        assert log["injected_at_s"] == pytest.approx(fault.at_s)
+        assert log["detected_at_s"] is not None and log["brake_at_s"] is not None
+        assert log["detected_at_s"] - log["injected_at_s"] <= DETECT_TICKS * DT_S + 1e-9
+        assert log["brake_at_s"] - log["detected_at_s"] <= BRAKE_TICKS * DT_S + 1e-9
+    assert report.summary()["collisions"] == 0
+    assert restarts == (1 if row.kills or row.hangs else 0)
+    assert (hook.restarted_at is not None) == bool(row.kills or row.hangs)
+    if not row.late:  # a late model stays late for every request of its count, past the end of this drive
+        over = max(round((fault.at_s + fault.duration_s) / DT_S), (hook.restarted_at or 0) + 1)
+        assert any(all(src == "model" and verdict is None for src, verdict, _ in t) for t in hook.ticks[over:])
+    errors = [v.model_errors for v in report.vehicles]
+    failed_calls = [r for r in caplog.records if "model call failed" in r.getMessage()]
+    if row.raises is None:
+        assert errors == [0, 0] and failed_calls == []
+        return
+    # Each failed request: no output for that tick (fallback, model reported dead), counted, logged once.
+    # (A host stall past the deadline turns a failed request into a plain miss: the count is at most one
+    # per injected failure here; test_fleet.py pins it exactly in process.)
+    count = round(fault.duration_s / DT_S)
+    assert errors[0] == errors[1] and 0 < errors[0] <= count
+    for before, now in zip(hook.ticks, hook.ticks[1:]):
+        for (_, _, n_before), (src, verdict, n_now) in zip(before, now):
+            assert n_now == n_before or (n_now == n_before + 1 and (src, verdict) == ("fallback", "dead"))
+    assert len(failed_calls) == 1 and failed_calls[0].levelno == logging.WARNING

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -174,8 +173,10 @@ def test_recorder_errors(tmp_path: Path) -> None:
     assert rec.close() == rec.closed and len(rec.closed) == 1
 
 
+# The recorder process SIGKILLs itself at an exact point: 4 segments of 10 ticks closed, 5 ticks into
+# the 5th; with "finished-not-published", that 5th segment was completed on disk but not yet published.
 _CHILD = textwrap.dedent("""
-    import sys
+    import os, signal, sys
     import numpy as np
     from driveloop.edge.recorder import Recorder
     from driveloop.edge.spool import Spool
@@ -183,37 +184,35 @@ _CHILD = textwrap.dedent("""
 
     rec = Recorder(Spool(sys.argv[1], 10**9), "victim", "highway", 0, "1", segment_max_s=1.0)
     rng = np.random.default_rng(0)
-    i = 0
-    while True:
+    for i in range(45):
         rec.record(make_tick(i, rng, brake=i % 25 == 0))
-        i += 1
+    if sys.argv[2] == "finished-not-published":
+        rec._finish(rec._seg)
+    os.kill(os.getpid(), signal.SIGKILL)
 """)
+KILL_POINTS = [("mid-segment", 0), ("finished-not-published", 1)]  # (where it dies, complete leftovers)
+
+
+def _killed(root: Path, where: str) -> Spool:
+    """A spool whose recorder process was SIGKILLed at ``where`` (see _CHILD)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(root), where], cwd=REPO, env=env, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    return Spool(root, 10**9)
 
 
 @pytest.fixture(scope="module")
 def killed_spool(tmp_path_factory: pytest.TempPathFactory) -> Spool:
-    """A spool whose recorder process was SIGKILLed while writing."""
-    root = tmp_path_factory.mktemp("killed")
-    spool = Spool(root, 10**9)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(root)], cwd=REPO, env=env)
-    try:
-        while len(list(spool.closed_dir.iterdir())) < 4 or not any(spool.open_dir.iterdir()):
-            assert proc.poll() is None, "recorder child died on its own"
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return spool
+    return _killed(tmp_path_factory.mktemp("killed"), "mid-segment")
 
 
-def test_sigkill_loses_only_the_open_segment(killed_spool: Spool) -> None:
+@pytest.mark.parametrize("where,complete", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
+def test_sigkill_loses_only_the_open_segment(tmp_path: Path, where: str, complete: int) -> None:
+    killed_spool = _killed(tmp_path, where)
     closed = sorted(killed_spool.closed_dir.iterdir())
-    assert len(closed) >= 4 and all(p.name.endswith(".mcap") for p in closed)
+    assert len(closed) == 4 and all(p.name.endswith(".mcap") for p in closed)
     parts = list(killed_spool.open_dir.iterdir())
-    # At most the one open segment is left (none if the kill fell between publishing one and opening the next).
-    assert len(parts) <= 1 and all(p.name.endswith(PART_SUFFIX) for p in parts)
+    assert len(parts) == 1 and parts[0].name.endswith(PART_SUFFIX)  # the open segment, and only it
     for p in closed:
         info = validate_segment(p)
         assert info.meta.n_ticks == 10 and info.meta.vehicle == "victim"
@@ -223,20 +222,15 @@ def test_sigkill_loses_only_the_open_segment(killed_spool: Spool) -> None:
         assert all(topics[t] == 10 for t in TICK_TOPICS) and topics[TOPIC_EVENT] == sum(info.meta.events.values())
     # A restarted recorder publishes the leftover if it was complete (killed between finishing and
     # renaming it), otherwise quarantines it; either way open/ is clean and closed/ stays valid.
-    complete = 0
-    for part in parts:
-        try:
-            validate_segment(part)
-            complete = 1
-        except SegmentError:
-            pass
     restarted = Recorder(killed_spool, "victim", "highway", 0, "1")
-    assert (len(restarted.recovered), len(restarted.quarantined)) == (complete, len(parts) - complete)
+    assert (len(restarted.recovered), len(restarted.quarantined)) == (complete, 1 - complete)
     assert list(killed_spool.open_dir.iterdir()) == []
     assert len(killed_spool.closed_segments()) == len(closed) + complete
     for q in restarted.quarantined:
         with pytest.raises(SegmentError):
             validate_segment(q)
+    for r in restarted.recovered:
+        assert validate_segment(r).meta.n_ticks == 5
 
 
 @pytest.mark.slow

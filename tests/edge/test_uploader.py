@@ -314,11 +314,11 @@ def test_property_exactly_once_without_resending(template: Path, chunk_bytes: in
 _CHILD = """
 import random, sys
 from driveloop.edge.spool import Spool
-from driveloop.edge.transport import HttpTransport
 from driveloop.edge.uploader import Uploader
-spool_root, state_dir, url, token = sys.argv[1:5]
-up = Uploader(Spool(spool_root, 10**9), HttpTransport(url, token), state_dir, chunk_bytes=32768,
-              bandwidth_bps=8 * 300_000, rng=random.Random(1))
+from tests.fakes.transport import DyingHttpTransport
+spool_root, state_dir, url, token, kill_at = sys.argv[1:6]
+up = Uploader(Spool(spool_root, 10**9), DyingHttpTransport(url, token, int(kill_at)), state_dir, chunk_bytes=32768,
+              rng=random.Random(1))
 up.drain(max_s=3600)
 """
 
@@ -335,30 +335,21 @@ def test_acceptance_interruptions_and_sigkill(tmp_path: Path) -> None:
     app = create_app(store, catalog, IngestConfig(staging_dir=tmp_path / "uploads"))
     token = register_vehicle(catalog, "veh-a", time.time())
     stats = app.state.service.stats
+    kill_at = int(0.3 * total)  # the uploader process dies mid-chunk at this byte (of the bytes it sent)
     with serve_in_thread(app) as url:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(spool.root), str(tmp_path / "state"), url, token],
-                                 env=env, cwd=REPO)
-        while stats.bytes_received < 0.3 * total:
-            assert child.poll() is None, "the uploader finished before it could be killed"
-            time.sleep(0.02)
-        child.send_signal(signal.SIGKILL)
-        assert child.wait() == -signal.SIGKILL
-        while app.state.service.uploads_in_flight():  # the server drains what was still in flight
-            time.sleep(0.01)
-        killed_at = stats.bytes_received
+        child = subprocess.run([sys.executable, "-c", _CHILD, str(spool.root), str(tmp_path / "state"), url, token,
+                                str(kill_at)], env=env, cwd=REPO, check=False)
+        assert child.returncode == -signal.SIGKILL
         assert 0 < len(catalog.segments()) < len(originals)  # killed mid-drain
 
+        # Every cut lies within what is left to send (at least total - kill_at bytes), so all 10 happen.
+        # A retry that finds the dropped request still holding the upload waits for it (busy_wait_s).
         rng = random.Random(5)
-        flaky = FlakyHttpTransport(url, token, cut_at=sorted(rng.sample(range(total - killed_at - 1000), 10)))
+        flaky = FlakyHttpTransport(url, token, cut_at=sorted(rng.sample(range(total - kill_at - 1000), 10)))
         ft = FakeTime()
-
-        def sleep(s: float) -> None:  # backoff on the fake clock, but let the server see the drop
-            ft.sleep(s)
-            time.sleep(0.02)
-
         with Uploader(spool, flaky, tmp_path / "state", chunk_bytes=32768, rng=rng,
-                      clock=ft.clock, sleep=sleep) as up:
+                      clock=ft.clock, sleep=ft.sleep) as up:
             report = up.drain(max_s=3600)
         flaky.close()
     assert flaky.interruptions == 10 and report.failures >= 10

@@ -7,14 +7,16 @@ accel = clip(gain * (set_speed - speed), -max_brake, max_throttle), steering = -
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from driveloop.contracts.manifest import ModelManifest
 from driveloop.contracts import observation as C
+from driveloop.edge.fleet import BatchResult
 from driveloop.edge.runtime import validate_batch
-from driveloop.core.exceptions import ModelError
+from driveloop.core.exceptions import ConfigError, ModelError
 
 FAULT_KINDS = ("raise", "nan", "garbage")
 _SPEED = C.EGO_FEATURES.index("speed_mps")
@@ -33,7 +35,9 @@ def fake_manifest(version: int = 1, *, name: str = "fake", parent_version: int |
 
 @dataclass
 class FakeRunner:
-    """Deterministic ModelRunner. ``faults`` maps a 0-based call index to a fault kind in FAULT_KINDS."""
+    """Deterministic ModelRunner. ``faults`` maps a 0-based call index to a fault kind in FAULT_KINDS;
+    ``errors`` maps a call index to what that call raises (an ORT ``Fail``, a MemoryError…), as a session
+    that fails mid-drive would."""
 
     version: int = 1
     gain_per_s: float = 0.5
@@ -42,6 +46,7 @@ class FakeRunner:
     max_brake_mps2: float = 3.0
     confidence: float = 0.9
     faults: dict[int, str] = field(default_factory=dict)
+    errors: dict[int, Callable[[], BaseException]] = field(default_factory=dict)
     calls: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
@@ -65,6 +70,8 @@ class FakeRunner:
         self.calls += 1
         self.batch_sizes.append(n)
         fault = self.faults.get(index)
+        if index in self.errors:
+            raise self.errors[index]()
         if fault == "raise":
             raise ModelError(f"FakeRunner programmed failure at call {index}")
         kin = batch["kinematics"]
@@ -77,3 +84,23 @@ class FakeRunner:
         elif fault == "garbage":
             return np.full((n, 7), 1e30, dtype=np.float32), conf
         return action, conf
+
+
+@dataclass
+class StubClient:
+    """An InferenceClient over a FakeRunner that reports a scripted ``latency_s`` (no clock: latency
+    accounting is tested without timing) and adds ``accel_offset_by_row`` to chosen rows of each batch
+    (a shadow model that disagrees with the main one on some vehicles only)."""
+
+    runner: FakeRunner = field(default_factory=FakeRunner)
+    latency_s: float = 0.001
+    accel_offset_by_row: dict[int, float] = field(default_factory=dict)
+
+    def infer(self, batch: dict[str, np.ndarray], deadline_s: float) -> BatchResult:
+        action, conf = self.runner.run(batch)
+        for row, offset in self.accel_offset_by_row.items():
+            action[row, 0] += offset
+        return BatchResult(action, conf, self.latency_s, alive=True)
+
+    def inject(self, kind: str, count: int | None = 1) -> None:
+        raise ConfigError("StubClient takes no faults")

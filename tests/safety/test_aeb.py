@@ -1,4 +1,8 @@
-"""AEB rules: worked examples for TTC, RSS and required deceleration, then every threshold swept."""
+"""AEB rules: worked examples for TTC, RSS and required deceleration, then every threshold swept.
+
+Every sweep takes its points from the config's constants (below, at, above each threshold, as opendbc
+derives its safety sweeps from the car's class constants), so a changed threshold moves its sweep.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from driveloop.safety.aeb import (
     TTC_MAX_S,
     assess,
     brake_level,
+    cutting_in,
     lead_decel_mps2,
     model_brakes_enough,
     predict,
@@ -24,6 +29,7 @@ from driveloop.safety.aeb import (
 )
 
 CFG = AebConfig()
+STEP = 0.1  # distance of the sweep points from each threshold (s, m/s^2)
 
 TTC = [
     ("closing", 20.0, 5.0, 4.0),
@@ -144,23 +150,46 @@ TTC_ONLY = dataclasses.replace(CFG, partial_decel_trigger_mps2=90.0, full_decel_
 DECEL_ONLY = dataclasses.replace(CFG, partial_ttc_s=0.02, full_ttc_s=0.01, release_ttc_s=0.02)
 
 
-@pytest.mark.parametrize(("ttc", "expected"), [(0.9, FULL), (1.0, FULL), (1.1, PARTIAL), (1.4, PARTIAL),
-                                                (1.5, PARTIAL), (1.6, NONE), (10.0, NONE)])
-def test_ttc_thresholds_inside_rss_distance(ttc: float, expected: int) -> None:
-    closing = 4.0  # ego 20 behind a 16 m/s lead: RSS distance ~23 m, larger than every gap swept
-    gap = ttc * closing
-    assert gap < rss_safe_gap_m(20.0, 16.0, TTC_ONLY)
-    assert brake_level(gap, 20.0, 16.0, closing, 0.0, TTC_ONLY)[0] == expected
+# The same sweeps run on the defaults and on a config with every stage threshold moved: the points follow.
+SHIFTED = dataclasses.replace(CFG, full_ttc_s=0.8, partial_ttc_s=1.8, partial_decel_trigger_mps2=2.5,
+                              full_decel_trigger_mps2=6.0, release_decel_mps2=0.8, cut_in_offset_m=2.8,
+                              cut_in_lateral_speed_mps=0.4)
+CONFIGS = pytest.mark.parametrize("cfg", [CFG, SHIFTED], ids=["defaults", "shifted"])
+
+
+def ttc_sweep(cfg: AebConfig) -> list[tuple[float, int]]:
+    return [
+        (cfg.full_ttc_s - STEP, FULL), (cfg.full_ttc_s, FULL), (cfg.full_ttc_s + STEP, PARTIAL),
+        (cfg.partial_ttc_s - STEP, PARTIAL), (cfg.partial_ttc_s, PARTIAL), (cfg.partial_ttc_s + STEP, NONE),
+        (cfg.release_ttc_s * 2.5, NONE),
+    ]
+
+
+@CONFIGS
+def test_ttc_sweep_points_are_ordered(cfg: AebConfig) -> None:
+    """The points around one threshold must not reach the next one (else the sweep tests the wrong rule)."""
+    assert cfg.full_ttc_s + STEP < cfg.partial_ttc_s - STEP
+
+
+@CONFIGS
+def test_ttc_thresholds_inside_rss_distance(cfg: AebConfig) -> None:
+    ttc_only = dataclasses.replace(cfg, partial_decel_trigger_mps2=90.0, full_decel_trigger_mps2=95.0)
+    closing = 4.0  # ego 20 behind a 16 m/s lead: RSS distance ~49 m, larger than every gap swept
+    for ttc, expected in ttc_sweep(cfg):
+        gap = ttc * closing
+        assert gap < rss_safe_gap_m(20.0, 16.0, ttc_only)
+        assert brake_level(gap, 20.0, 16.0, closing, 0.0, ttc_only)[0] == expected, ttc
 
 
 def test_partial_ttc_stage_needs_the_rss_distance_violated() -> None:
-    closing, ttc = 4.0, 1.2
+    closing, ttc = 4.0, (CFG.full_ttc_s + CFG.partial_ttc_s) / 2
     lenient = dataclasses.replace(TTC_ONLY, response_time_s=0.01, min_brake_mps2=50.0, max_accel_response_mps2=0.0)
     gap = ttc * closing
     assert rss_safe_gap_m(20.0, 16.0, lenient) < gap  # RSS says the gap is safe
     assert brake_level(gap, 20.0, 16.0, closing, 0.0, lenient)[0] == NONE
     assert brake_level(gap, 20.0, 16.0, closing, 0.0, TTC_ONLY)[0] == PARTIAL
-    assert brake_level(0.9 * closing, 20.0, 16.0, closing, 0.0, lenient)[0] == FULL  # full TTC ignores RSS
+    full_ttc = CFG.full_ttc_s - STEP
+    assert brake_level(full_ttc * closing, 20.0, 16.0, closing, 0.0, lenient)[0] == FULL  # full TTC ignores RSS
 
 
 def _gap_for(need: float, ego: float = 20.0) -> float:
@@ -168,15 +197,27 @@ def _gap_for(need: float, ego: float = 20.0) -> float:
     return ego * ego / (2.0 * need) + CFG.standstill_gap_m + ego * CFG.actuation_delay_s
 
 
-@pytest.mark.parametrize(("need", "expected"), [(2.9, NONE), (3.1, PARTIAL), (4.9, PARTIAL), (5.1, FULL)])
-def test_required_decel_thresholds(need: float, expected: int) -> None:
-    level, _, _, got = brake_level(_gap_for(need), 20.0, 0.0, 20.0, 0.0, DECEL_ONLY)
-    assert got == pytest.approx(need)
-    assert level == expected
+def decel_sweep(cfg: AebConfig) -> list[tuple[float, int]]:
+    return [
+        (cfg.partial_decel_trigger_mps2 - STEP, NONE), (cfg.partial_decel_trigger_mps2 + STEP, PARTIAL),
+        (cfg.full_decel_trigger_mps2 - STEP, PARTIAL), (cfg.full_decel_trigger_mps2 + STEP, FULL),
+    ]
+
+
+BETWEEN = (CFG.partial_decel_trigger_mps2 + CFG.full_decel_trigger_mps2) / 2  # a need in the partial stage
+
+
+@CONFIGS
+def test_required_decel_thresholds(cfg: AebConfig) -> None:
+    decel_only = dataclasses.replace(cfg, partial_ttc_s=0.02, full_ttc_s=0.01, release_ttc_s=0.02)
+    for need, expected in decel_sweep(cfg):
+        level, _, _, got = brake_level(_gap_for(need), 20.0, 0.0, 20.0, 0.0, decel_only)
+        assert got == pytest.approx(need)
+        assert level == expected, need
 
 
 def test_required_decel_thresholds_are_inclusive() -> None:
-    gap = _gap_for(3.5)
+    gap = _gap_for(BETWEEN)
     need = brake_level(gap, 20.0, 0.0, 20.0, 0.0, DECEL_ONLY)[3]
     at_partial = dataclasses.replace(DECEL_ONLY, partial_decel_trigger_mps2=need)
     assert brake_level(gap, 20.0, 0.0, 20.0, 0.0, at_partial)[0] == PARTIAL
@@ -211,13 +252,15 @@ def test_never_brakes_for_nothing(name: str, gap: float, ego: float, lead: float
 
 
 def test_release_hysteresis() -> None:
-    # required decel between release (1.0) and the partial trigger (3.0), TTC long: holds only when braking
-    gap = _gap_for(2.0)
+    # required decel between release and the partial trigger, TTC long: holds only when braking
+    hold = (CFG.release_decel_mps2 + CFG.partial_decel_trigger_mps2) / 2
+    gap = _gap_for(hold)
     assert assess(gap, 20.0, 0.0, 20.0, (), False, DECEL_ONLY).level == NONE
     held = assess(gap, 20.0, 0.0, 20.0, (), True, DECEL_ONLY)
-    assert held.level == PARTIAL and held.decel_mps2 == pytest.approx(CFG.brake_gain * 2.0)
+    assert held.level == PARTIAL
+    assert held.decel_mps2 == pytest.approx(max(CFG.partial_decel_mps2, CFG.brake_gain * hold))
     # below the release deceleration but still a short TTC: holds
-    gap_low = _gap_for(0.9)
+    gap_low = _gap_for(CFG.release_decel_mps2 - STEP)
     short_ttc = dataclasses.replace(DECEL_ONLY, release_ttc_s=gap_low / 20.0 + 0.5)
     assert assess(gap_low, 20.0, 0.0, 20.0, (), True, short_ttc).level == PARTIAL
     # both clear: releases
@@ -231,17 +274,28 @@ def test_release_hysteresis() -> None:
     assert assess(gap_low, 20.0, 0.0, 20.0, (), True, ttc_cfg).level == PARTIAL
 
 
-@pytest.mark.parametrize(("need", "expected"), [(3.1, 3.1 * 1.5), (4.9, 4.9 * 1.5), (5.4, 8.0), (20.0, 8.0)])
+def _partial_command(need: float) -> float:
+    return min(max(CFG.partial_decel_mps2, CFG.brake_gain * need), CFG.full_decel_mps2)
+
+
+@pytest.mark.parametrize(("need", "expected"), [
+    (CFG.partial_decel_trigger_mps2 + STEP, _partial_command(CFG.partial_decel_trigger_mps2 + STEP)),
+    (CFG.full_decel_trigger_mps2 - STEP, _partial_command(CFG.full_decel_trigger_mps2 - STEP)),
+    (CFG.full_decel_trigger_mps2 + STEP, CFG.full_decel_mps2),
+    (4 * CFG.full_decel_trigger_mps2, CFG.full_decel_mps2),
+])
 def test_brake_command_by_stage(need: float, expected: float) -> None:
     result = assess(_gap_for(need), 20.0, 0.0, 20.0, (), False, DECEL_ONLY)
     assert result.decel_mps2 == pytest.approx(expected)
 
 
 def test_partial_stage_commands_at_least_the_partial_deceleration() -> None:
+    need = CFG.partial_decel_trigger_mps2 + 2 * STEP
     cfg = dataclasses.replace(DECEL_ONLY, brake_gain=0.5)
-    assert assess(_gap_for(3.2), 20.0, 0.0, 20.0, (), False, cfg).decel_mps2 == pytest.approx(CFG.partial_decel_mps2)
-    capped = dataclasses.replace(DECEL_ONLY, brake_gain=5.0, full_decel_mps2=7.0)
-    assert assess(_gap_for(3.2), 20.0, 0.0, 20.0, (), False, capped).decel_mps2 == pytest.approx(7.0)
+    assert assess(_gap_for(need), 20.0, 0.0, 20.0, (), False, cfg).decel_mps2 == pytest.approx(CFG.partial_decel_mps2)
+    cap = CFG.partial_decel_mps2 + 1.0
+    capped = dataclasses.replace(DECEL_ONLY, brake_gain=5.0, full_decel_mps2=cap)
+    assert assess(_gap_for(need), 20.0, 0.0, 20.0, (), False, capped).decel_mps2 == pytest.approx(cap)
 
 
 @pytest.mark.parametrize("closing", [3.0, 5.0, 8.0, 12.0, 16.0, 22.0, 30.0])
@@ -280,10 +334,14 @@ def test_fcw_includes_the_current_brake_stage() -> None:
     assert result.level == FULL and result.fcw
 
 
+YIELD_AT = -CFG.brake_gain * BETWEEN  # the partial stage yields to a valid model braking at least this hard
+
+
 @pytest.mark.parametrize(("need", "model_accel", "expected"), [
-    (3.5, -5.0, False), (3.5, -5.24, False), (3.5, -5.26, True), (3.5, -6.0, True),  # partial: yields at 1.5 x need
-    (5.5, -8.0, False),  # full never yields
-    (2.0, -10.0, False),  # no stage: nothing to yield
+    (BETWEEN, YIELD_AT + 0.5, False), (BETWEEN, YIELD_AT + 0.01, False),  # partial: yields at brake_gain x need
+    (BETWEEN, YIELD_AT - 0.01, True), (BETWEEN, YIELD_AT - 0.5, True),
+    (CFG.full_decel_trigger_mps2 + STEP, -CFG.full_decel_mps2 - 1.0, False),  # full never yields
+    (CFG.partial_decel_trigger_mps2 - STEP, -10 * CFG.full_decel_mps2, False),  # no stage: nothing to yield
 ])
 def test_partial_stage_yields_to_a_model_that_brakes_with_margin(need: float, model_accel: float,
                                                                  expected: bool) -> None:
@@ -294,7 +352,7 @@ def test_partial_stage_yields_to_a_model_that_brakes_with_margin(need: float, mo
 
 
 def test_yielding_threshold_is_inclusive() -> None:
-    result = assess(_gap_for(3.5), 20.0, 0.0, 20.0, (), False, DECEL_ONLY)
+    result = assess(_gap_for(BETWEEN), 20.0, 0.0, 20.0, (), False, DECEL_ONLY)
     exact = -DECEL_ONLY.brake_gain * result.required_decel_mps2
     assert model_brakes_enough(result, exact, DECEL_ONLY)
     assert not model_brakes_enough(result, exact + 1e-9, DECEL_ONLY)
@@ -339,3 +397,33 @@ def test_required_decel_at_exactly_no_room() -> None:
     cfg = dataclasses.replace(CFG, actuation_delay_s=0.5)  # exact binary arithmetic
     assert required_decel_mps2(12.0, 20.0, 0.0, 20.0, 0.0, cfg) == REQ_DECEL_MAX_MPS2  # 10 m margin - 20 m/s x 0.5 s
     assert required_decel_mps2(4.0, 6.0, 2.0, 4.0, 2.0, cfg) == REQ_DECEL_MAX_MPS2  # 2 + 1 - 3 = 0 m available
+
+
+# Cut-ins: an object beside the lane counts once its side is over our marking and it moves further in.
+def cut_in_sweep(cfg: AebConfig) -> list[tuple[float, float, bool]]:
+    """(offset from our lane's centre, inward speed, cutting in?)"""
+    return [
+        (cfg.cut_in_offset_m + STEP, 2.0, False),  # still in its own lane, however fast it comes
+        (cfg.cut_in_offset_m, 2.0, True),  # side exactly on the marking
+        (cfg.cut_in_offset_m - STEP, 2.0, True),
+        (cfg.cut_in_offset_m - STEP, cfg.cut_in_lateral_speed_mps - 0.01, False),  # too slow: lane keeping
+        (cfg.cut_in_offset_m - STEP, cfg.cut_in_lateral_speed_mps, True),
+        (cfg.cut_in_offset_m - STEP, 0.0, False),
+        (cfg.cut_in_offset_m - STEP, -2.0, False),  # leaving our lane
+        (0.5, 2.0, True),
+        (0.0, 0.0, True),  # on our lane's centre line: in our path, whatever it does
+    ]
+
+
+@CONFIGS
+@pytest.mark.parametrize("side", [1.0, -1.0])  # + left of our lane, - right
+def test_cut_in_swept_across_offset_and_lateral_speed(cfg: AebConfig, side: float) -> None:
+    for offset, inward, expected in cut_in_sweep(cfg):
+        assert cutting_in(side * offset, -side * inward, cfg) is expected, (offset, inward)
+
+
+def test_cut_in_thresholds_are_parameters() -> None:
+    wide = dataclasses.replace(CFG, cut_in_offset_m=CFG.cut_in_offset_m + 1.0)
+    assert cutting_in(CFG.cut_in_offset_m + 0.5, -1.0, wide) and not cutting_in(CFG.cut_in_offset_m + 0.5, -1.0, CFG)
+    slow = dataclasses.replace(CFG, cut_in_lateral_speed_mps=0.1)
+    assert cutting_in(-2.5, 0.15, slow) and not cutting_in(-2.5, 0.15, CFG)

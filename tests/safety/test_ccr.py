@@ -15,6 +15,8 @@ import math
 
 import pytest
 
+from driveloop.safety.config import R152_MIN_WARNING_S
+
 from ._harness import KMH, UNDER_MUTMUT, Case, blind_model, ccr_cases, dead_model, idm_model, run
 
 CASES = ccr_cases()
@@ -66,7 +68,7 @@ def test_r152_warning_precedes_the_brake_by_0_8_s(case: Case) -> None:
     result = run(far, blind_model)
     assert not result.collision
     assert result.first_fcw_s is not None and result.first_brake_s is not None
-    assert result.first_brake_s - result.first_fcw_s >= 0.8 - 1e-9
+    assert result.first_brake_s - result.first_fcw_s >= R152_MIN_WARNING_S - 1e-9
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith("ccrb")], ids=lambda c: c.name)

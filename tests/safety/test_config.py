@@ -40,6 +40,10 @@ BAD = [
     ("aeb window float", AebConfig, {"lead_decel_window_ticks": 5.0}, "an int >= 2"),
     ("aeb brake gain zero", AebConfig, {"brake_gain": 0.0}, POS),
     ("aeb track jump zero", AebConfig, {"track_jump_m": 0.0}, POS),
+    ("aeb cut-in offset zero", AebConfig, {"cut_in_offset_m": 0.0}, POS),
+    ("aeb cut-in offset nan", AebConfig, {"cut_in_offset_m": float("nan")}, POS),
+    ("aeb cut-in lateral speed zero", AebConfig, {"cut_in_lateral_speed_mps": 0.0}, POS),
+    ("aeb cut-in lateral speed negative", AebConfig, {"cut_in_lateral_speed_mps": -0.25}, POS),
     ("watchdog deadline zero", WatchdogConfig, {"deadline_s": 0.0}, POS),
     ("watchdog stale zero", WatchdogConfig, {"stale_ticks": 0}, "an int >= 1"),
     ("watchdog stale float", WatchdogConfig, {"stale_ticks": 2.5}, "an int >= 1"),
@@ -67,11 +71,12 @@ BAD = [
     ("supervisor valid ticks zero", SupervisorConfig, {"handback_valid_ticks": 0}, "an int >= 1"),
     ("supervisor valid ticks float", SupervisorConfig, {"handback_valid_ticks": 2.0}, "an int >= 1"),
 ]
-NESTED = [
-    ("supervisor comfort beyond limits", {"fallback": FallbackConfig(comfort_decel_mps2=9.0)},
-     "safety config: fallback.comfort_decel_mps2=9.0 must be <= limits.max_decel_mps2"),
-    ("supervisor aeb beyond limits", {"limits": LimitsConfig(max_decel_mps2=7.0)},
-     "safety config: aeb.full_decel_mps2=8.0 must be <= limits.max_decel_mps2"),
+_LIMIT = LimitsConfig().max_decel_mps2
+NESTED = [  # derived from the defaults: just beyond the limit, whatever the limit is
+    ("supervisor comfort beyond limits", {"fallback": FallbackConfig(comfort_decel_mps2=_LIMIT + 1.0)},
+     f"safety config: fallback.comfort_decel_mps2={_LIMIT + 1.0!r} must be <= limits.max_decel_mps2"),
+    ("supervisor aeb beyond limits", {"limits": LimitsConfig(max_decel_mps2=AebConfig().full_decel_mps2 - 1.0)},
+     f"safety config: aeb.full_decel_mps2={AebConfig().full_decel_mps2!r} must be <= limits.max_decel_mps2"),
 ]
 
 
@@ -97,16 +102,17 @@ def test_defaults_are_the_documented_ones() -> None:
             "response_time_s": 0.5, "max_accel_response_mps2": 2.0, "min_brake_mps2": 4.0,
             "max_brake_lead_mps2": 8.0, "actuation_delay_s": 0.35, "standstill_gap_m": 2.0,
             "partial_ttc_s": 1.5, "partial_decel_trigger_mps2": 3.0, "full_ttc_s": 1.0,
-            "full_decel_trigger_mps2": 5.0, "partial_decel_mps2": 3.0, "full_decel_mps2": 8.0,
+            "full_decel_trigger_mps2": 5.0, "partial_decel_mps2": 3.0, "full_decel_mps2": 9.0,
             "brake_gain": 1.5, "release_decel_mps2": 1.0, "release_ttc_s": 4.0, "fcw_lead_time_s": 1.0,
-            "lead_decel_window_ticks": 8, "track_jump_m": 5.0,
+            "lead_decel_window_ticks": 8, "track_jump_m": 5.0, "cut_in_offset_m": 3.0,
+            "cut_in_lateral_speed_mps": 0.25,
         },
         "watchdog": {
             "deadline_s": 0.1, "stale_ticks": 3, "plausible_accel_min_mps2": -12.0,
             "plausible_accel_max_mps2": 6.0, "plausible_steer_abs_rad": 1.0,
         },
         "limits": {
-            "max_accel_mps2": 3.0, "max_decel_mps2": 8.0, "max_jerk_mps3": 5.0, "emergency_jerk_mps3": 50.0,
+            "max_accel_mps2": 3.0, "max_decel_mps2": 9.0, "max_jerk_mps3": 5.0, "emergency_jerk_mps3": 120.0,
             "max_steer_rad": 0.35, "max_steer_rate_radps": 0.6,
         },
         "fallback": {"comfort_decel_mps2": 3.0, "lane_gain_radpm": 0.02, "heading_gain": 0.3},
@@ -134,7 +140,7 @@ GOOD = [
     ("lane no lookahead", LaneConfig, {"lookahead_s": 0.0}),
     ("supervisor defaults", SupervisorConfig, {}),
     ("supervisor zero hold", SupervisorConfig, {"handback_hold_s": 0.0}),
-    ("supervisor comfort equals limit", SupervisorConfig, {"fallback": FallbackConfig(comfort_decel_mps2=8.0)}),
+    ("supervisor comfort equals limit", SupervisorConfig, {"fallback": FallbackConfig(comfort_decel_mps2=_LIMIT)}),
 ]
 
 

@@ -6,24 +6,28 @@ import math
 
 import pytest
 
-from driveloop.safety import FallbackConfig
-from driveloop.safety.fallback import fallback_command
+from driveloop.safety import AebConfig, FallbackConfig
+from driveloop.safety.fallback import STANDSTILL_MPS, fallback_command
 
-CFG = FallbackConfig()  # comfort 3 m/s^2, 0.02 rad/m, 0.3 rad/rad
+CFG = FallbackConfig()
+COMFORT, K_OFF, K_HEAD = CFG.comfort_decel_mps2, CFG.lane_gain_radpm, CFG.heading_gain
 
 
-@pytest.mark.parametrize(("aeb", "expected"), [(0.0, -3.0), (2.9, -3.0), (3.0, -3.0), (3.1, -3.1), (8.0, -8.0)])
+@pytest.mark.parametrize(("aeb", "expected"), [
+    (0.0, -COMFORT), (COMFORT - 0.1, -COMFORT), (COMFORT, -COMFORT), (COMFORT + 0.1, -COMFORT - 0.1),
+    (AebConfig().full_decel_mps2, -AebConfig().full_decel_mps2),
+])
 def test_decel_is_comfort_or_aeb_whichever_is_harder(aeb: float, expected: float) -> None:
     assert fallback_command(20.0, 0.0, 0.0, aeb, CFG)[0] == pytest.approx(expected)
 
 
 STEER = [
     ("centred", 0.0, 0.0, 0.0),
-    ("left of centre steers right", 1.0, 0.0, -0.02),
-    ("right of centre steers left", -1.5, 0.0, 0.03),
-    ("heading left steers right", 0.0, 0.1, -0.03),
-    ("both add up", 1.0, 0.1, -0.05),
-    ("opposite terms cancel", 1.5, -0.1, 0.0),
+    ("left of centre steers right", 1.0, 0.0, -K_OFF),
+    ("right of centre steers left", -1.5, 0.0, 1.5 * K_OFF),
+    ("heading left steers right", 0.0, 0.1, -0.1 * K_HEAD),
+    ("both add up", 1.0, 0.1, -K_OFF - 0.1 * K_HEAD),
+    ("opposite terms cancel", K_HEAD, -K_OFF, 0.0),
 ]
 
 
@@ -32,10 +36,11 @@ def test_lane_keeping_gains(name: str, offset: float, heading: float, expected: 
     assert fallback_command(20.0, offset, heading, 0.0, CFG)[1] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize(("speed", "steers"), [(0.0, False), (0.05, False), (0.06, True), (5.0, True)])
+@pytest.mark.parametrize(("speed", "steers"), [(0.0, False), (STANDSTILL_MPS, False), (STANDSTILL_MPS + 0.01, True),
+                                                (5.0, True)])
 def test_standstill_holds_brake_and_straight_wheels(speed: float, steers: bool) -> None:
     accel, steer = fallback_command(speed, 1.0, 0.1, 0.0, CFG)
-    assert accel == pytest.approx(-3.0)
+    assert accel == pytest.approx(-COMFORT)
     assert (steer != 0.0) == steers
 
 

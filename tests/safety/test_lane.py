@@ -32,16 +32,18 @@ def test_predicted_offset(name: str, offset: float, heading: float, speed: float
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_threshold_swept_from_below_to_above(sign: float) -> None:
-    for k in range(201):
-        offset = k / 100  # 0.00 … 2.00 m, exact at the threshold
+    for k in range(-100, 101):
+        offset = CFG.max_offset_m + k / 100  # 1 m below ... 1 m above the threshold, exact at it
         result = departure(sign * offset, 0.0, 20.0, CFG)
-        if offset > CFG.max_offset_m:
+        if k > 0:
             assert result == pytest.approx(sign * offset)
         else:
             assert result is None
     # the heading term counts: just inside the lane but heading out fires, heading in does not
-    assert departure(sign * 1.3, sign * 0.02, 20.0, CFG) is not None
-    assert departure(sign * 1.3, -sign * 0.02, 20.0, CFG) is None
+    inside = CFG.max_offset_m - 0.1
+    heading = math.asin(0.2 / (20.0 * CFG.lookahead_s))  # 0.2 m further out over the lookahead
+    assert departure(sign * inside, sign * heading, 20.0, CFG) is not None
+    assert departure(sign * inside, -sign * heading, 20.0, CFG) is None
 
 
 def test_lookahead_is_a_parameter() -> None:

@@ -27,6 +27,10 @@ from ._harness import Case, blind_model, run
 
 CFG = SupervisorConfig()
 DT = 0.1
+COMFORT = CFG.fallback.comfort_decel_mps2
+FALL = CFG.limits.emergency_jerk_mps3 * DT  # most a hazard brake may deepen per tick
+RISE = CFG.limits.max_jerk_mps3 * DT  # most any command may rise (or a non-hazard one fall) per tick
+FULL = CFG.aeb.full_decel_mps2
 GOOD = np.array([1.5, 0.02], np.float32)
 CONF = np.array([0.9], np.float32)
 
@@ -61,7 +65,7 @@ def test_valid_model_drives_within_limits() -> None:
     sup = Supervisor()
     decisions = drive(sup, 0, 10)
     assert all(d.source == "model" and not d.activation and d.watchdog is None for d in decisions)
-    assert [round(d.accel_mps2, 6) for d in decisions[:4]] == [0.5, 1.0, 1.5, 1.5]  # jerk-limited ramp
+    assert [round(d.accel_mps2, 6) for d in decisions[:4]] == [min(RISE * k, 1.5) for k in (1, 2, 3, 4)]  # ramp
     assert decisions[0].steering_rad == pytest.approx(0.02)
     assert decisions[0].reason is None and decisions[0].parts["dt_s"] == pytest.approx(DT)
     assert "ttc_s" not in decisions[0].parts  # no track, no AEB parts
@@ -73,17 +77,21 @@ def test_model_braking_is_held_to_the_comfort_jerk() -> None:
     drive(sup, 0, 5)  # +1.5 m/s^2
     hard = [sup.step(tick(i, reply=ModelReply(np.array([-8.0, 0.0], np.float32), CONF, round(i * DT, 10))))
             for i in range(5, 8)]
-    assert [round(d.accel_mps2, 6) for d in hard] == [1.0, 0.5, 0.0]
+    assert [round(d.accel_mps2, 6) for d in hard] == pytest.approx([1.5 - RISE * k for k in (1, 2, 3)])
     assert all(d.source == "model" for d in hard)
 
 
 def test_emergency_jerk_only_while_a_hazard_is_braking() -> None:
-    faulty_sup = Supervisor()  # a persistent fault keeps the emergency jerk after the activation tick
-    got = [faulty_sup.step(tick(i, reply=None, accel=3.0)).accel_mps2 for i in range(2)]
-    assert got == pytest.approx([-2.0, -3.0])
-    disabled = Supervisor()  # a disabled model is no emergency after the first tick
-    got = [disabled.step(tick(i, enabled=False, accel=3.0)).accel_mps2 for i in range(3)]
-    assert got == pytest.approx([-2.0, -2.5, -3.0])
+    # a hazard brakes by up to FALL per tick, anything else by RISE: start so high (the envelope widened
+    # for the test) that one emergency tick ends a little above the comfort brake
+    start = -COMFORT + FALL + 2 * RISE
+    cfg = SupervisorConfig(limits=dataclasses.replace(CFG.limits, max_accel_mps2=max(start, CFG.limits.max_accel_mps2)))
+    faulty_sup = Supervisor(cfg)  # a persistent fault keeps the emergency jerk after the activation tick
+    got = [faulty_sup.step(tick(i, reply=None, accel=start)).accel_mps2 for i in range(2)]
+    assert got == pytest.approx([start - FALL, -COMFORT])
+    disabled = Supervisor(cfg)  # a disabled model is no emergency after the first tick
+    got = [disabled.step(tick(i, enabled=False, accel=start)).accel_mps2 for i in range(3)]
+    assert got == pytest.approx([start - FALL, start - FALL - RISE, -COMFORT])
 
 
 def test_first_tick_ramps_from_the_measured_acceleration() -> None:
@@ -99,36 +107,44 @@ def test_fault_detected_and_braking_on_the_same_tick(kind: str) -> None:
     assert d.watchdog == kind and d.source == "fallback" and d.activation
     assert d.reason is not None and d.reason.startswith(f"watchdog {kind}")
     assert d.accel_mps2 < 0.0  # the brake goes out on the detection tick (emergency jerk from +1.5)
-    assert d.accel_mps2 == pytest.approx(max(1.5 - 5.0, -3.0))
+    assert d.accel_mps2 == pytest.approx(max(1.5 - FALL, -COMFORT))
     later = sup.step(tick(11, **faulty(kind, 11)))  # type: ignore[arg-type]
     assert later.source == "fallback" and not later.activation and later.watchdog == kind
-    assert later.accel_mps2 == pytest.approx(-3.0)
+    assert later.accel_mps2 == pytest.approx(-COMFORT)
     assert later.steering_rad < 0.0  # holds the lane: 0.5 m left of centre steers right
+
+
+def _first_model_tick(clear_tick: int, config: SupervisorConfig) -> int:
+    """Hazard clear (and the model valid) from ``clear_tick``: the tick the model gets the car back."""
+    return clear_tick + max(round(config.handback_hold_s / DT), config.handback_valid_ticks - 1)
 
 
 def test_hand_back_needs_hold_time_and_valid_streak() -> None:
     sup = Supervisor()
     drive(sup, 0, 5)
     drive(sup, 5, 8, reply=None)  # three missed deadlines
-    after = drive(sup, 8, 30)
+    after = drive(sup, 8, 40)
     first_model = next(i for i, d in enumerate(after, start=8) if d.source == "model")
-    # hazard clear from t=0.8 s; hold 1.0 s -> t=1.8 s (tick 18), streak 11 >= 5
-    assert first_model == 18
+    assert first_model == _first_model_tick(8, CFG)
     assert all(d.reason == "hand-back pending" for d in after[: first_model - 8])
     handed = after[first_model - 8]
     assert handed.reason is None and handed.parts["fallback_s"] == 0.0 and not handed.activation
-    assert after[first_model - 9].parts["fallback_s"] == pytest.approx(1.2)
+    assert after[first_model - 9].parts["fallback_s"] == pytest.approx((first_model - 1 - 5) * DT)
     assert after[0].watchdog is None and not after[0].activation
 
 
 @pytest.mark.parametrize(("hold_s", "valid_ticks", "expected_tick"), [
     (0.0, 1, 8), (0.0, 3, 10), (0.5, 1, 13), (0.5, 8, 15), (1.0, 5, 18), (1.0, 15, 22), (2.0, 1, 28),
+    # around the defaults: one tick of hold or one valid tick either side moves the hand-back
+    *((h, v, _first_model_tick(8, SupervisorConfig(handback_hold_s=h, handback_valid_ticks=v)))
+      for h in (CFG.handback_hold_s - DT, CFG.handback_hold_s, CFG.handback_hold_s + DT)
+      for v in (CFG.handback_valid_ticks - 1, CFG.handback_valid_ticks, CFG.handback_valid_ticks + 1)),
 ])
 def test_hand_back_sweep(hold_s: float, valid_ticks: int, expected_tick: int) -> None:
     sup = Supervisor(SupervisorConfig(handback_hold_s=hold_s, handback_valid_ticks=valid_ticks))
     drive(sup, 0, 5)
     drive(sup, 5, 8, reply=None)
-    after = drive(sup, 8, 40)
+    after = drive(sup, 8, 60)
     assert next(i for i, d in enumerate(after, start=8) if d.source == "model") == expected_tick
 
 
@@ -168,17 +184,17 @@ def test_aeb_takes_over_from_a_valid_model_and_hands_back_when_clear() -> None:
     d = sup.step(tick(5, track=lead))
     assert d.aeb and d.fcw and d.activation and d.source == "fallback" and d.watchdog is None
     assert d.reason == "aeb full: ttc=1.33 s, required decel 8.82 m/s^2"
-    assert d.accel_mps2 == pytest.approx(1.5 - 5.0)  # emergency jerk towards full braking
-    assert sup.step(tick(6, track=lead)).accel_mps2 == pytest.approx(-8.0)
+    assert d.accel_mps2 == pytest.approx(max(1.5 - FALL, -FULL))  # emergency jerk towards full braking
+    assert sup.step(tick(6, track=lead)).accel_mps2 == pytest.approx(-FULL)
     for key in ("ttc_s", "rss_safe_gap_m", "required_decel_mps2", "lead_decel_mps2", "gap_m"):
         assert key in d.parts
-    assert d.parts["aeb_decel_mps2"] == pytest.approx(8.0)
+    assert d.parts["aeb_decel_mps2"] == pytest.approx(FULL)
     assert d.parts["ttc_s"] == pytest.approx(20.0 / 15.0) and d.parts["gap_m"] == 20.0
     assert d.parts["rss_safe_gap_m"] == pytest.approx(10.0 + 0.25 + 21.0**2 / 8.0 - 25.0 / 16.0)
     assert d.parts["required_decel_mps2"] == pytest.approx(225.0 / (2.0 * (18.0 - 5.25)))
     assert d.parts["lead_decel_mps2"] == 0.0
-    after = drive(sup, 7, 30)  # the lead turned off: no track
-    assert next(i for i, x in enumerate(after, start=7) if x.source == "model") == 17
+    after = drive(sup, 7, 40)  # the lead turned off: no track
+    assert next(i for i, x in enumerate(after, start=7) if x.source == "model") == _first_model_tick(7, CFG)
 
 
 def test_fcw_alone_warns_but_leaves_the_model_in_command() -> None:
@@ -344,7 +360,7 @@ def test_partial_stage_reason_and_exact_fault_reason() -> None:
     sup = Supervisor()
     d = sup.step(tick(0, track=TrackData(60.0, 20.0, 0.0)))  # required 400 / (2 * 51) = 3.92 m/s^2
     assert d.reason == "aeb partial: ttc=3.00 s, required decel 3.92 m/s^2"
-    assert d.parts["aeb_decel_mps2"] == pytest.approx(1.5 * 400.0 / 102.0)
+    assert d.parts["aeb_decel_mps2"] == pytest.approx(CFG.aeb.brake_gain * 400.0 / 102.0)
     nan = sup.step(tick(1, reply=ModelReply(np.array([np.nan, 0.0], np.float32), CONF, 0.1)))
     assert nan.reason == "watchdog nan: non-finite model output"
 
@@ -357,7 +373,7 @@ def test_public_api_is_lazy_and_complete() -> None:
     homes = {"SupervisorConfig": config, "AebConfig": config, "WatchdogConfig": config, "LimitsConfig": config,
              "FallbackConfig": config, "LaneConfig": config, "Supervisor": supervisor, "SupervisorState": supervisor, "step": supervisor,
              "SupervisorInputs": types, "ModelReply": types, "Decision": types, "Track": types, "TrackData": types,
-             "FAULT_KINDS": types}
+             "SideTrack": types, "FAULT_KINDS": types}
     assert sorted(homes) == api.__all__
     for name, home in homes.items():
         assert api.__getattr__(name) is getattr(home, name)  # the lazy loader itself, not a cached global
@@ -401,7 +417,8 @@ def test_aeb_hysteresis_holds_in_the_supervisor() -> None:
     assert first.aeb
     # required 400 / (2 * (93 - 2 - 7)) = 2.38 m/s^2: below the trigger, above release; TTC 4.65 s
     held = sup.step(tick(1, track=TrackData(60.0 + 33.0, 20.0, 0.0)))
-    assert held.aeb and held.parts["aeb_decel_mps2"] == pytest.approx(1.5 * 400.0 / 168.0)
+    assert held.aeb and held.parts["aeb_decel_mps2"] == pytest.approx(
+        max(CFG.aeb.partial_decel_mps2, CFG.aeb.brake_gain * 400.0 / 168.0))
     fresh = Supervisor().step(tick(0, track=TrackData(93.0, 20.0, 0.0)))
     assert not fresh.aeb
 

@@ -1,4 +1,7 @@
-"""Watchdog: every fault kind as a named case, every threshold swept from below to above."""
+"""Watchdog: every fault kind as a named case, every threshold swept from below to above.
+
+The sweep points come from the config's constants, so a changed threshold moves its sweep.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 
 from driveloop.safety import ModelReply, WatchdogConfig
-from driveloop.safety.watchdog import check_reply
+from driveloop.safety.watchdog import CLOCK_TOLERANCE_S, check_reply
 
 CFG = WatchdogConfig()
 PERIOD_S = 0.1
@@ -79,16 +82,25 @@ def test_fault_table(name: str, r: ModelReply | None, sensor_stamp: float, fault
         assert verdict.detail  # every fault says why
 
 
-@pytest.mark.parametrize(("age", "fault"), [(0.0, None), (0.05, None), (0.1, None), (0.1000001, "deadline"),
-                                             (0.2, "deadline"), (-1e-7, None), (-1e-5, "deadline")])
+TOL = CLOCK_TOLERANCE_S
+
+
+@pytest.mark.parametrize(("age", "fault"), [
+    (0.0, None), (CFG.deadline_s / 2, None), (CFG.deadline_s, None), (CFG.deadline_s + 1e-7, "deadline"),
+    (2 * CFG.deadline_s, "deadline"), (-TOL / 10, None), (-10 * TOL, "deadline"),
+])
 def test_deadline_sweep(age: float, fault: str | None) -> None:
     assert check_reply(reply(received=NOW - age), NOW, NOW, PERIOD_S, CFG).fault == fault
 
 
-@pytest.mark.parametrize(("age", "fault"), [(0.0, None), (0.2, None), (0.3, None), (0.3000005, None),
-                                             (0.302, "stale"), (0.4, "stale"), (-1e-7, None), (-1e-5, "stale")])
+STALE_S = CFG.stale_ticks * PERIOD_S  # frames up to this old are fresh (plus the clock tolerance)
+
+
+@pytest.mark.parametrize(("age", "fault"), [
+    (0.0, None), (STALE_S - PERIOD_S, None), (STALE_S, None), (STALE_S + TOL / 2, None),
+    (STALE_S + 2e-3, "stale"), (STALE_S + PERIOD_S, "stale"), (-TOL / 10, None), (-10 * TOL, "stale"),
+])
 def test_stale_sweep(age: float, fault: str | None) -> None:
-    # stale_ticks 3 at 0.1 s: frames up to 0.3 s old are fresh (1 us clock tolerance)
     assert check_reply(reply(), NOW, NOW - age, PERIOD_S, CFG).fault == fault
 
 
@@ -99,15 +111,21 @@ def test_stale_ticks_and_period_are_used() -> None:
     assert check_reply(reply(), NOW, NOW - 0.15, 0.2, cfg).fault is None
 
 
-@pytest.mark.parametrize(("accel", "fault"), [(-12.5, "range"), (-12.0, None), (-11.9, None), (5.9, None),
-                                               (6.0, None), (6.1, "range")])
+@pytest.mark.parametrize(("accel", "fault"), [
+    (CFG.plausible_accel_min_mps2 - 0.5, "range"), (CFG.plausible_accel_min_mps2, None),
+    (CFG.plausible_accel_min_mps2 + 0.1, None), (CFG.plausible_accel_max_mps2 - 0.1, None),
+    (CFG.plausible_accel_max_mps2, None), (CFG.plausible_accel_max_mps2 + 0.1, "range"),
+])
 def test_accel_range_sweep(accel: float, fault: str | None) -> None:
     r = reply(np.array([accel, 0.0]))
     assert check_reply(r, NOW, NOW, PERIOD_S, CFG).fault == fault
 
 
-@pytest.mark.parametrize(("steer", "fault"), [(-1.1, "range"), (-1.0, None), (0.99, None), (1.0, None),
-                                               (1.01, "range")])
+@pytest.mark.parametrize(("steer", "fault"), [
+    (-CFG.plausible_steer_abs_rad - 0.1, "range"), (-CFG.plausible_steer_abs_rad, None),
+    (CFG.plausible_steer_abs_rad - 0.01, None), (CFG.plausible_steer_abs_rad, None),
+    (CFG.plausible_steer_abs_rad + 0.01, "range"),
+])
 def test_steer_range_sweep(steer: float, fault: str | None) -> None:
     r = reply(np.array([0.0, steer]))
     assert check_reply(r, NOW, NOW, PERIOD_S, CFG).fault == fault

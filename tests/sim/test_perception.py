@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from driveloop.sim import world
 from driveloop.contracts.observation import KIN_DIM, Observation, empty_batch
-from driveloop.sim.perception import CORRIDOR_HALF_WIDTH_M, Track, forward_track
+from driveloop.sim.perception import CORRIDOR_HALF_WIDTH_M, Track, forward_track, side_tracks
+from driveloop.sim.truth import cutting_in
 from driveloop.sim.scenarios import parse_scenario
 from driveloop.sim.sensors import SensorConfig, SensorSuite
 from driveloop.sim.simulator import Simulator
@@ -18,10 +19,11 @@ from hypothesis import strategies as st
 from driveloop.core.exceptions import SafetyError
 
 
-def kin(*neighbours: tuple[float, float, float, float], ego_speed: float = 20.0, present: float = 1.0) -> np.ndarray:
+def kin(*neighbours: tuple[float, float, float, float], ego_speed: float = 20.0, present: float = 1.0,
+        heading: float = 0.0, offset: float = 0.0) -> np.ndarray:
     """Kinematics vector with rows (dx, dy, dvx, dvy)."""
     k = np.zeros(KIN_DIM, dtype=np.float32)
-    k[0] = ego_speed
+    k[0], k[2], k[3] = ego_speed, heading, offset
     for i, (dx, dy, dvx, dvy) in enumerate(neighbours):
         k[6 + 5 * i: 11 + 5 * i] = (present, dx, dy, dvx, dvy)
     return k
@@ -151,3 +153,52 @@ def test_matches_the_whole_array_rule_on_random_rows() -> None:
         assert (None if track is None else (track.gap_m, track.closing_speed_mps, track.lead_speed_mps)) == expected
         tracks += track is not None
     assert 1000 < tracks < 2900
+
+
+# Side tracks: everything ahead outside the corridor, placed across the ego's lane for the cut-in rule.
+def test_side_tracks_are_the_rows_outside_the_corridor_nearest_first() -> None:
+    rows = kin((30.0, 4.0, -2.0, -0.5), (10.0, -3.5, -5.0, 1.0), (20.0, 0.5, -1.0, 0.0), (-5.0, 4.0, 3.0, 0.0))
+    got = side_tracks(rows)
+    assert [t.gap_m for t in got] == pytest.approx([5.0, 25.0])  # the in-corridor and the rear rows are not
+    assert got[0] == pytest.approx((5.0, 5.0, 15.0, -3.5, 1.0))
+    for dy in (CORRIDOR_HALF_WIDTH_M - 0.01, CORRIDOR_HALF_WIDTH_M + 0.01):  # exactly one of the two sees it
+        row = kin((30.0, dy, 0.0, 0.0))
+        assert (len(side_tracks(row)), forward_track(row) is not None) == ((0, True) if dy < 1.8 else (1, False))
+    assert side_tracks(kin((30.0, 4.0, 0.0, 0.0), present=0.0)) == ()
+
+
+def test_side_tracks_are_placed_across_the_lane_not_the_heading() -> None:
+    """The ego 0.3 m left of centre, yawed 0.03 rad left: a car 25 m ahead reads 0.75 m further right in the
+    ego frame than it is, and the ego's own yaw reads as sideways motion: both turned back to the lane."""
+    heading, offset, dx, dy, dvx, dvy = 0.03, 0.3, 25.0, -3.5, -5.0, 0.4
+    track, = side_tracks(kin((dx, dy, dvx, dvy), heading=heading, offset=offset))
+    assert track.lane_offset_m == pytest.approx(offset + dx * math.sin(heading) + dy * math.cos(heading), abs=1e-5)
+    assert track.lane_offset_m == pytest.approx(-2.45, abs=0.01)
+    assert track.lateral_speed_mps == pytest.approx((20.0 + dvx) * math.sin(heading) + dvy * math.cos(heading), abs=1e-5)
+
+
+def test_side_tracks_skip_bad_rows_and_a_bad_ego_block() -> None:
+    assert [t.gap_m for t in side_tracks(kin((math.nan, 4.0, 0.0, 0.0), (30.0, 4.0, 0.0, 0.0)))] == [25.0]
+    assert side_tracks(kin((30.0, 4.0, 0.0, 0.0), heading=math.nan)) == ()
+    for bad in (np.zeros(KIN_DIM - 1), np.zeros((1, KIN_DIM))):
+        with pytest.raises(SafetyError):
+            side_tracks(bad)
+
+
+def test_side_track_of_a_cut_in_matches_ground_truth_in_the_simulator() -> None:
+    """The parametric cut-in: the sensed offset and lateral speed are the true ones, tick by tick."""
+    sim = Simulator(parse_scenario("cutin-15-20-1"), 0)
+    snap = sim.reset()
+    sensors = SensorSuite(SensorConfig(), seed=0)
+    seen = 0
+    for _ in range(30):
+        cutter = snap.others[0]
+        sides = side_tracks(sensors.observe(snap).observation)
+        if sides:
+            lane_centre = snap.ego.y_m - snap.lane_offset_m
+            assert sides[0].lane_offset_m == pytest.approx(cutter.y_m - lane_centre, abs=1e-3)
+            assert sides[0].lateral_speed_mps == pytest.approx(cutter.vy_mps, abs=1e-3)
+            seen += cutting_in(snap, cutter)
+        snap = sim.step(0.0, 0.0)
+    assert seen > 0
+    sim.close()

@@ -156,7 +156,7 @@ def test_seed_and_name_validation() -> None:
     with pytest.raises(ConfigError):
         Simulator(parse_scenario("highway"), -1)
     with pytest.raises(ScenarioError):
-        Simulator("ccrs-12", 0)
+        Simulator("ccrs-4", 0)
     by_name = Simulator("ccrs-20", 0)
     assert by_name.spec == parse_scenario("ccrs-20") and by_name.reset() == _drive("ccrs-20", 0, 0)[0]
     by_name.close()
