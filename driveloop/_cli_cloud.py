@@ -146,20 +146,35 @@ def _ingest_service() -> Any:
 @cloud_app.command("serve")
 def cloud_serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8750, help="TCP port."),
-    admin_token: str = typer.Option(None, envvar="DRIVELOOP_CLOUD_ADMIN_TOKEN",
-                                    help="Enables the admin campaign API for this bearer token."),
+    port: int = typer.Option(8750, help="TCP port.", min=1, max=65535),
+    admin_token: str = typer.Option(None, envvar="DRIVELOOP_CLOUD_ADMIN_TOKEN", show_envvar=False,
+                                    help="Enables the admin campaign API for this bearer token (named 'admin', "
+                                         ">= 16 characters). More, named: DRIVELOOP_CLOUD_ADMIN_TOKENS=name:TOKEN,…"),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
 ) -> None:
     """Run the ingest server (resumable uploads, campaigns) over this data directory's cloud."""
-    from driveloop.core.tokens import hash_token
+    import os
+
+    from sqlalchemy.engine import make_url
+
     from driveloop.cloud.ingest import build_app, serve
+    from driveloop.core.tls import plaintext_warning, server_tls
+    from driveloop.core.tokens import DEFAULT_ADMIN_NAME, parse_named_tokens
     from driveloop.settings import load_settings
 
     s = load_settings()
-    app_ = build_app(s.resolved_store_url(), s.resolved_catalog_url(), s.cloud_dir / "uploads",
-                     admin_token_hash=hash_token(admin_token) if admin_token else None)
-    typer.echo(f"driveloop ingest on http://{host}:{port} (catalog {s.resolved_catalog_url()})")
-    serve(app_, host=host, port=port)
+    tls = server_tls(tls_cert, tls_key)  # checked before anything starts
+    admins = parse_named_tokens(os.environ.get("DRIVELOOP_CLOUD_ADMIN_TOKENS", ""))
+    if admin_token:
+        admins[DEFAULT_ADMIN_NAME] = admin_token
+    app_ = build_app(s.resolved_store_url(), s.resolved_catalog_url(), s.cloud_dir / "uploads", admin_tokens=admins)
+    warning = plaintext_warning(host, bool(tls))
+    if warning:
+        typer.secho(warning, err=True, fg="red", bold=True)
+    shown = make_url(s.resolved_catalog_url()).render_as_string(hide_password=True)  # never print a password
+    typer.echo(f"driveloop ingest on {'https' if tls else 'http'}://{host}:{port} (catalog {shown})")
+    serve(app_, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @vehicles_app.command("add")
@@ -168,10 +183,49 @@ def vehicles_add(vehicle_id: str = typer.Argument(..., help="Vehicle id, e.g. ve
     import time
 
     from driveloop.cloud.auth import register_vehicle
+    from driveloop.core.ids import check_vehicle_id
 
+    check_vehicle_id(vehicle_id)  # before anything is created under the data directory
     svc = _ingest_service()
     token = register_vehicle(svc.catalog, vehicle_id, time.time())
     typer.echo(dumps({"vehicle": vehicle_id, "token": token}) if as_json else token)
+
+
+def _set_vehicle(vehicle_id: str, action: str, as_json: bool) -> None:
+    """disable / enable / rotate in the catalog the server reads on every request: effective on the
+    vehicle's next request, no restart."""
+    from driveloop.cloud.auth import rotate_token
+    from driveloop.core.ids import check_vehicle_id
+
+    check_vehicle_id(vehicle_id)
+    catalog = _ingest_service().catalog
+    token = rotate_token(catalog, vehicle_id) if action == "rotate" else None
+    if action != "rotate":
+        catalog.update_vehicle(vehicle_id, enabled=action == "enable")
+    record = catalog.get_vehicle(vehicle_id)
+    out = {"vehicle": vehicle_id, "enabled": bool(record and record.enabled), "token": token}
+    if as_json:
+        typer.echo(dumps(out))
+    else:
+        typer.echo(token if token else f"{vehicle_id}: {'enabled' if out['enabled'] else 'disabled'}")
+
+
+@vehicles_app.command("disable")
+def vehicles_disable(vehicle_id: str = typer.Argument(..., help="Vehicle id."), as_json: bool = _JSON) -> None:
+    """Refuse the vehicle's uploads from its next request on (reversible with enable)."""
+    _set_vehicle(vehicle_id, "disable", as_json)
+
+
+@vehicles_app.command("enable")
+def vehicles_enable(vehicle_id: str = typer.Argument(..., help="Vehicle id."), as_json: bool = _JSON) -> None:
+    """Accept a disabled vehicle again (with its current token)."""
+    _set_vehicle(vehicle_id, "enable", as_json)
+
+
+@vehicles_app.command("rotate")
+def vehicles_rotate(vehicle_id: str = typer.Argument(..., help="Vehicle id."), as_json: bool = _JSON) -> None:
+    """Issue a new upload token (printed once); the old one stops working at once."""
+    _set_vehicle(vehicle_id, "rotate", as_json)
 
 
 @vehicles_app.command("list")

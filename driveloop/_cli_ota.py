@@ -1,8 +1,11 @@
 """``driveloop ota …``: staged OTA — rollouts, the fleet server, the fleet simulation, Grafana.
 
 The release engineer registers ``release`` and ``keys`` on :data:`ota_app` from their own module.
-``ota rollout …`` talks to the fleet server over HTTP when ``DRIVELOOP_OTA_URL`` is set (admin token
-from ``DRIVELOOP_OTA_ADMIN_TOKEN``), otherwise directly to the local store under ``<home>/ota``.
+``ota rollout …`` and ``ota vehicles …`` talk to the fleet server over HTTP(S) when ``DRIVELOOP_OTA_URL``
+is set (admin token from ``DRIVELOOP_OTA_ADMIN_TOKEN``; HTTPS verified against ``DRIVELOOP_CA_FILE``
+when set; plain HTTP only to loopback), otherwise directly to the local store under ``<home>/ota``, as
+``local:<user>`` in the audit. ``ota serve`` takes named admin tokens from ``DRIVELOOP_OTA_ADMIN_TOKENS``
+(``alice:TOKEN,ci:TOKEN``) besides the one named ``admin``.
 Heavy imports (fastapi, uvicorn, sqlalchemy, grafana) happen inside the commands.
 """
 
@@ -22,10 +25,13 @@ from driveloop.core.exceptions import ConfigError, OtaError
 
 ota_app = typer.Typer(help="Staged OTA: releases, rollouts, fleet server", no_args_is_help=True)
 rollout_app = typer.Typer(help="Start, watch and steer a staged rollout.", no_args_is_help=True)
+vehicles_app = typer.Typer(help="Enrolled vehicles: list, disable, enable, rotate tokens.", no_args_is_help=True)
 ota_app.add_typer(rollout_app, name="rollout")
+ota_app.add_typer(vehicles_app, name="vehicles")
 app.add_typer(ota_app, name="ota")
 
 ADMIN_TOKEN_ENV = "DRIVELOOP_OTA_ADMIN_TOKEN"
+ADMIN_TOKENS_ENV = "DRIVELOOP_OTA_ADMIN_TOKENS"
 
 
 def _admin_token(ota_dir: Path, create: bool) -> str:
@@ -57,13 +63,15 @@ def _request(method: str, path: str, body: dict[str, Any] | None = None) -> dict
     """Call the fleet server named by DRIVELOOP_OTA_URL with the admin token."""
     import httpx
 
+    from driveloop.core.tls import client_verify
+    from driveloop.core.tokens import check_token_url
     from driveloop.settings import load_settings
 
     s = load_settings()
-    url = (s.ota_url or "").rstrip("/")
+    url = check_token_url((s.ota_url or "").rstrip("/"))
     headers = {"Authorization": f"Bearer {_admin_token(s.ota_dir, create=False)}"}
     try:
-        r = httpx.request(method, url + path, json=body, headers=headers, timeout=30.0)
+        r = httpx.request(method, url + path, json=body, headers=headers, timeout=30.0, verify=client_verify(s.ca_file))
     except httpx.HTTPError as e:
         raise OtaError(f"cannot reach the fleet server at {url}: {e}") from e
     try:
@@ -85,6 +93,11 @@ def _local_service() -> Any:
     s = load_settings()
     return FleetService(FleetStore.at(s.ota_dir), time.time, 60.0,
                         released=lambda: released_versions(s.ota_dir / "repo"))
+
+
+def _local_actor() -> str:
+    """Who acts through the CLI on the local store (no token involved: whoever can write the file)."""
+    return f"local:{os.environ.get('USER') or 'cli'}"[:64]
 
 
 def _remote() -> bool:
@@ -127,8 +140,8 @@ def rollout_start(
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read plan {plan_file}: {e}") from e
     req = RolloutStart(version=version, previous_version=previous, plan=plan)
-    data = _request("POST", "/v1/rollouts", req.model_dump()) if _remote() else \
-        _local_service().start(req, "cli").model_dump()
+    data = _request("POST", "/v1/rollouts", req.model_dump(exclude_none=True)) if _remote() else \
+        _local_service().start(req, _local_actor()).model_dump()
     _emit(data, as_json)
 
 
@@ -147,9 +160,9 @@ def _operator(kind: str, rollout_id: int | None, reason: str, as_json: bool) -> 
     from driveloop.contracts.fleet import OperatorRequest
 
     rid = _latest_id(rollout_id)
-    req = OperatorRequest(actor=os.environ.get("USER", "cli") or "cli", reason=reason)
+    req = OperatorRequest(reason=reason)
     data = _request("POST", f"/v1/rollouts/{rid}/{kind}", req.model_dump()) if _remote() else \
-        _local_service().operate(rid, kind, req).model_dump()
+        _local_service().operate(rid, kind, req, _local_actor()).model_dump()
     _emit(data, as_json)
 
 
@@ -188,18 +201,84 @@ def serve(
     eval_interval_s: float = typer.Option(60.0, "--eval-interval-s", help="Seconds between health evaluations."),
     allow_unreleased: bool = typer.Option(False, "--allow-unreleased",
                                           help="Start rollouts of versions not in the TUF repository (tests)."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="The certificate's private key (PEM)."),
 ) -> None:
     """Run the fleet server: health, update offers, rollouts, TUF files, /metrics and the dashboard."""
     import uvicorn
 
+    from driveloop.core.tls import plaintext_warning, server_tls
+    from driveloop.core.tokens import parse_named_tokens
     from driveloop.ota.server import ServerConfig, create_app
     from driveloop.settings import load_settings
 
     s = load_settings()
+    tls = server_tls(tls_cert, tls_key)
+    named = parse_named_tokens(os.environ.get(ADMIN_TOKENS_ENV, ""))
     config = ServerConfig(s.ota_dir, _admin_token(s.ota_dir, create=True), eval_interval_s=eval_interval_s,
-                          prometheus_url=s.prometheus_url, require_release=not allow_unreleased)
-    typer.echo(f"fleet server on http://{host}:{port}/ (data in {s.ota_dir})", err=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+                          prometheus_url=s.prometheus_url, require_release=not allow_unreleased, admin_tokens=named)
+    warning = plaintext_warning(host, bool(tls))
+    if warning:
+        typer.secho(warning, err=True, fg="red", bold=True)
+    typer.echo(f"fleet server on {'https' if tls else 'http'}://{host}:{port}/ (data in {s.ota_dir})", err=True)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", **tls)  # type: ignore[arg-type]
+
+
+def _vehicle_action(vehicle_id: str, action: str, as_json: bool) -> None:
+    from driveloop.core.ids import check_vehicle_id
+
+    check_vehicle_id(vehicle_id)
+    if _remote():
+        data = _request("POST", f"/v1/vehicles/{vehicle_id}/{action}")
+    else:
+        import time
+
+        from driveloop.ota.store import FleetStore
+        from driveloop.settings import load_settings
+
+        store = FleetStore.at(load_settings().ota_dir)
+        token = store.vehicle_action(vehicle_id, action, time.time(), _local_actor())
+        enabled = next(v["enabled"] for v in store.vehicles() if v["vehicle_id"] == vehicle_id)
+        data = {"vehicle_id": vehicle_id, "enabled": enabled, "token": token}
+    if as_json:
+        _emit(data, True)
+    else:
+        typer.echo(data["token"] if data.get("token") else f"{vehicle_id}: {'enabled' if data['enabled'] else 'disabled'}")
+
+
+@vehicles_app.command("disable")
+def vehicles_disable(vehicle_id: str = typer.Argument(..., help="Vehicle id."),
+                     as_json: bool = typer.Option(False, "--json")) -> None:
+    """Refuse every request of this vehicle from its next one on (unenrol; reversible with enable)."""
+    _vehicle_action(vehicle_id, "disable", as_json)
+
+
+@vehicles_app.command("enable")
+def vehicles_enable(vehicle_id: str = typer.Argument(..., help="Vehicle id."),
+                    as_json: bool = typer.Option(False, "--json")) -> None:
+    """Accept a disabled vehicle again (with its current token)."""
+    _vehicle_action(vehicle_id, "enable", as_json)
+
+
+@vehicles_app.command("rotate")
+def vehicles_rotate(vehicle_id: str = typer.Argument(..., help="Vehicle id."),
+                    as_json: bool = typer.Option(False, "--json")) -> None:
+    """Issue a new token (printed once); the old one stops working at once."""
+    _vehicle_action(vehicle_id, "rotate", as_json)
+
+
+@vehicles_app.command("list")
+def vehicles_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Enrolled vehicles of the local store, with their state (tokens are never shown)."""
+    from driveloop.ota.store import FleetStore
+    from driveloop.settings import load_settings
+
+    rows = FleetStore.at(load_settings().ota_dir).vehicles()
+    if as_json:
+        _emit({"vehicles": rows}, True)
+        return
+    for r in rows:
+        typer.echo(f"{r['vehicle_id']:>24}  {'enabled' if r['enabled'] else 'DISABLED':>8}  {r['hardware_class']}")
 
 
 @ota_app.command("simulate")

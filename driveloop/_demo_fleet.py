@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from driveloop.core.atomic import write_atomic
 from driveloop.edge.health_window import HealthWindowResult
@@ -65,11 +64,14 @@ class DemoFleet:
         token = json.loads(cred_file.read_text())["token"]
         return SimVehicle(vid, OtaClient(vid, self.server_url, token, vdir, http=self.http), self.seed * 1000 + i)
 
-    def provision(self, trusted_root: bytes, factory_model: Path, manifest: dict[str, Any]) -> None:
-        """Factory setup of every vehicle not yet provisioned (idempotent: a resumed demo keeps slots)."""
+    def provision(self, trusted_root: bytes, factory_model: Path, manifest: dict[str, Any],
+                  director_root: bytes | None = None) -> None:
+        """Factory setup of every vehicle not yet provisioned (idempotent: a resumed demo keeps slots);
+        with ``director_root`` each installs only what the director signs for it (Uptane)."""
         for v in self.vehicles:
             if not (self.fleet_dir / v.vehicle_id / "boot.json").exists():
-                VehicleUpdater.provision(self.fleet_dir / v.vehicle_id, trusted_root, factory_model, manifest)
+                VehicleUpdater.provision(self.fleet_dir / v.vehicle_id, trusted_root, factory_model, manifest,
+                                         director_root=director_root, vehicle_id=v.vehicle_id)
 
     # -- one window --------------------------------------------------------------------------------------
     def _client(self, model: ActiveModel) -> InferenceClient:
@@ -121,7 +123,6 @@ class DemoFleet:
                 shadows.setdefault(key, self._client(shadow))
             plans.append(VehiclePlan(v.vehicle_id, scenario, v.route_seed + window_seed, key))
         report = run_fleet(plans, clients, duration_s, config, recorder_factory, shadows=shadows)
-        p99 = float(np.percentile(report.inference_ms, 99)) if report.inference_ms else 0.0
         for v, metrics in zip(self.vehicles, report.vehicles):
             active = self._active[v.vehicle_id]
             if active.trial:
@@ -129,12 +130,10 @@ class DemoFleet:
                     model_loaded=True, ticks=metrics.ticks, deadline_misses=metrics.watchdog.get("deadline", 0),
                     watchdog_trips=sum(n for k, n in metrics.watchdog.items() if k != "deadline"),
                     collisions=metrics.collisions))
-            if report_health:
-                key = plans[self.vehicles.index(v)].model
-                shadow = None
-                if key in report.shadow and v.client.shadow is not None:
-                    s = report.shadow[key]
-                    shadow = {"compared_ticks": metrics.ticks, "disagreements": int(round(
-                        s.disagreements * metrics.ticks / max(s.compared_ticks, 1))), "mean_abs_diff": s.mean_abs_diff}
-                v.client.report(active.version, t0_s, t0_s + duration_s, metrics, p99, shadow)
+            if report_health:  # what this vehicle measured itself: the gates compare canary with control
+                s = metrics.shadow
+                shadow = None if s is None or v.client.shadow is None else {
+                    "compared_ticks": s.compared_ticks, "disagreements": s.disagreements,
+                    "mean_abs_diff": s.mean_abs_diff}
+                v.client.report(active.version, t0_s, t0_s + duration_s, metrics, metrics.inference_p99_ms, shadow)
         return report

@@ -1,6 +1,14 @@
 """The ``driveloop`` command line. Each area registers its commands from its own ``_cli_*`` module;
 this module only assembles them and turns errors into one line and an exit code.
 
+| escapes a command | exit | why |
+|---|---|---|
+| ``DriveloopError`` | its ``exit_code`` | the error tree's own |
+| ``OSError`` (a data directory that is a file, read-only, full) | 5 (as ``StorageError``) | the disk, not the command, is wrong |
+| ``OverflowError`` (a number too large for a database or a C type) | 2 (as ``ConfigError``) | bad input |
+
+``--debug`` shows the traceback instead.
+
 Heavy imports (torch, ray, onnxruntime, flwr) happen inside commands, so ``--help`` stays fast.
 """
 
@@ -13,7 +21,7 @@ import sys
 import click
 import typer
 
-from driveloop.core.exceptions import DriveloopError
+from driveloop.core.exceptions import ConfigError, DriveloopError, StorageError
 
 app = typer.Typer(
     name="driveloop",
@@ -45,6 +53,17 @@ def _root(
         os.environ["DRIVELOOP_DEBUG"] = "1"
 
 
+def _one_line(e: OSError | OverflowError) -> str:
+    """``cannot write /x/y: Read-only file system`` rather than ``[Errno 30] …``; never a traceback."""
+    if isinstance(e, OverflowError):
+        return f"number out of range: {e}"
+    what = f" {e.filename}" if e.filename is not None else ""
+    text = f"cannot use{what}: {e.strerror or e}"
+    if e.filename2 is not None:
+        text += f" ({e.filename2})"
+    return text.replace("\n", " ")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI, prints errors as one line, returns the exit code."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -69,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"driveloop: error: {e}", file=sys.stderr)
         code = e.exit_code
+    except (OSError, OverflowError) as e:
+        if debug:
+            raise
+        print(f"driveloop: error: {_one_line(e)}", file=sys.stderr)
+        code = StorageError.exit_code if isinstance(e, OSError) else ConfigError.exit_code
     except KeyboardInterrupt:
         print("driveloop: interrupted", file=sys.stderr)
         code = 130

@@ -32,7 +32,10 @@ from driveloop.core.exceptions import ConfigError, OtaError
 logger = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-BRAKING_SCALE = 0.0  # the injected bad model never brakes: all braking is left to the AEB
+# The injected bad model's braking commands are scaled by this: -1 turns every one into as much acceleration (a
+# sign error). A model that merely never brakes (0) is hardly visible to the health gates: the AEB brakes for it
+# once per hazard, as for the late-braking v1, and in dense traffic seldom (8 cars x 15 s: 1 activation, v1 0).
+BRAKING_SCALE = -1.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ class Demo:
         from driveloop._demo_fleet import DemoFleet
         from driveloop.cloud.bootstrap import BootstrapConfig, bootstrap
         from driveloop.cloud.registry import Registry
+        from driveloop.ota.director_repo import DirectorRepo
         from driveloop.ota.release import ReleaseService
 
         cfg, s = self.config, self.settings
@@ -172,12 +176,15 @@ class Demo:
         registry = Registry(s.registry_dir)
         releases = ReleaseService(s.ota_dir / "repo", s.ota_dir / "keys", registry)
         v1 = releases.release(boot["version"], hardware_class="any")
+        director = DirectorRepo.at(s.ota_dir)
+        director.bootstrap()  # its root is signed in <home>/ota/offline-root/director, never read by the server
         with FleetServer(s.ota_dir, self._admin_token(), cfg.port) as server, httpx.Client(timeout=60) as http:
             self.say(f"fleet dashboard: {server.url}/  (metrics: {server.url}/metrics)")
             fleet = DemoFleet(s.fleet_dir, server.url, self._admin_token(), cfg.vehicles, cfg.seed, http)
             art = registry.get(boot["version"])
             fleet.provision(releases.trusted_root(), art.onnx_path,
-                            {**art.manifest.model_dump(mode="json"), "version": v1.model_version})
+                            {**art.manifest.model_dump(mode="json"), "version": v1.model_version},
+                            director_root=director.trusted_root())
             loop = _Loop(self, fleet, registry, releases, server.url, http)
             loop.abort_stale_rollout(server.app.state.service.store.latest())
             done = len(state["iterations"])
@@ -298,8 +305,9 @@ class _Loop:
 
     # -- deliberately bad model ----------------------------------------------------------------------
     def _bad_model(self, base: str) -> int:
-        """The current model made a late braker: its braking commands are dropped (it coasts instead). In cruise it
-        agrees with the current model (shadow passes); when it actuates, hazards force the fallback.
+        """The current model with its braking sign flipped (``BRAKING_SCALE``): where it should brake it accelerates.
+        In cruise it agrees with the current model (shadow passes); when it actuates, every slow-down of the
+        traffic ahead becomes an AEB activation (dense traffic, 8 cars x 12 s: 9 against the current model's 0).
         Registered as validated WITHOUT the closed-loop gate, on purpose, to exercise the rollout's own
         health gates. No torch weights are kept for it: nothing may ever be fine-tuned from it."""
         import tempfile
@@ -309,7 +317,7 @@ class _Loop:
         from driveloop.cloud.checkpoints import load_policy
         from driveloop.cloud.export import export_onnx
 
-        class LateBraker(torch.nn.Module):
+        class BrakeInverter(torch.nn.Module):
             def __init__(self, net: torch.nn.Module) -> None:
                 super().__init__()
                 self.net = net
@@ -321,14 +329,14 @@ class _Loop:
                 return torch.cat((accel, action[:, 1:2]), dim=1), confidence
 
         art = self.registry.get(int(base))
-        bad = LateBraker(load_policy(self.settings.registry_dir, art.manifest)).eval()
+        bad = BrakeInverter(load_policy(self.settings.registry_dir, art.manifest)).eval()
         with tempfile.TemporaryDirectory() as tmp:
             onnx = export_onnx(bad, Path(tmp) / "bad.onnx")
             m = self.registry.register(onnx, parent_version=art.manifest.version,
                                        training_run={"kind": "demo-injected-bad-model", "braking_scale": BRAKING_SCALE},
-                                       lineage={"note": "deliberately worse (late braker); gate bypassed by the demo"})
+                                       lineage={"note": "deliberately worse (braking sign flipped); gate bypassed by the demo"})
         self.registry.set_stage(m.version, "validated", "demo --inject-bad-model: gate bypassed on purpose")
-        self.say(f"injected deliberately bad model v{m.version} (never brakes: leaves all braking to the AEB)")
+        self.say(f"injected deliberately bad model v{m.version} (accelerates where it should brake: the AEB must step in)")
         return m.version
 
     # -- release and staged rollout ------------------------------------------------------------------
@@ -343,7 +351,7 @@ class _Loop:
         if latest is not None and latest.state.active:
             rid = latest.state.rollout_id
             self._admin("POST", f"/v1/rollouts/{rid}/abort",
-                        json={"actor": "demo", "reason": "demo restarted mid-rollout: revert, rerun the iteration"})
+                        json={"reason": "demo restarted mid-rollout: revert, rerun the iteration"})
             self.say(f"rollout {rid} was left running by an interrupted demo: aborted")
 
     def _rollout(self, version: str, previous: str) -> tuple[str, list[dict[str, Any]]]:

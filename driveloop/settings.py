@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     cloud_url: str | None = Field(default=None, description="Ingest server URL; default the embedded local cloud.")
     cloud_token: str | None = None
     ota_url: str | None = None
+    ca_file: Path | None = Field(default=None, description="CA certificate the cloud and fleet servers' HTTPS "
+                                 "certificates must chain to (default: the system's CAs).")
     prometheus_url: str | None = Field(default=None, validation_alias=AliasChoices("PROMETHEUS_URL", "DRIVELOOP_PROMETHEUS_URL"))
     num_cpus: int = Field(default=2, ge=1, description="CPUs Ray and torch may use on this machine.")
 

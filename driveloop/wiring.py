@@ -24,7 +24,7 @@ def transport_for(settings: Settings) -> Callable[[str], UploadTransport]:
 
     def make(vehicle_id: str) -> UploadTransport:
         return make_transport(vehicle_id, settings.cloud_dir, settings.cloud_url, settings.cloud_token,
-                              settings.catalog_url, settings.store_url)
+                              settings.catalog_url, settings.store_url, ca_file=settings.ca_file)
 
     return make
 

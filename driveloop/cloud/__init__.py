@@ -15,6 +15,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "ObjectStore": "store", "Catalog": "catalog", "SegmentRecord": "catalog", "SegmentQuery": "catalog",
     "Campaign": "campaigns", "CampaignSpec": "campaigns", "register_vehicle": "auth",
     "IngestConfig": "ingest_service", "IngestService": "ingest_service", "create_app": "ingest",
+    "QuotaConfig": "quotas",
     "LocalTransport": "local_transport", "make_transport": "local_transport",
     "MiningConfig": "mining", "SegmentFrames": "mining", "LabelerConfig": "labeling", "label_segment": "labeling",
     "DatasetManifest": "datasets", "DatasetStore": "datasets", "FinetuneConfig": "train", "finetune": "train",

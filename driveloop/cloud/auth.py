@@ -6,6 +6,8 @@ verification and header parsing are ``driveloop.core.tokens`` (shared with the O
 vehicle-id rule is ``driveloop.core.ids``. This module adds the cloud's token shape and the catalog.
 Failures: no/garbled/unknown/wrong credentials → AuthError 401; a known but disabled vehicle, or a
 vehicle touching another vehicle's upload, or a non-admin calling an admin endpoint → AuthError 403.
+A malformed token, an unknown vehicle and a wrong secret get the *same* 401 text (``BAD_CREDENTIALS``),
+so the answer does not tell which vehicle ids exist; only a caller holding a valid token learns more.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import logging
 from driveloop.cloud.catalog import Catalog, VehicleRecord
 from driveloop.core.exceptions import AuthError
 from driveloop.core.ids import check_vehicle_id, is_vehicle_id
-from driveloop.core.tokens import hash_token, new_token, parse_bearer, verify_token
+from driveloop.core.tokens import AdminTokens, hash_token, new_token, parse_bearer, verify_token
 
 logger = logging.getLogger(__name__)
 
 _SEP = "."  # secrets are URL-safe base64, never containing "."
+BAD_CREDENTIALS = "unknown vehicle or wrong token"
 
 def _new_token(vehicle_id: str) -> tuple[str, str]:
     secret = new_token()
@@ -30,7 +33,7 @@ def parse_token(token: str) -> tuple[str, str]:
     """Split a token into (vehicle id, secret); anything malformed is a 401."""
     vehicle_id, sep, secret = token.rpartition(_SEP)
     if not sep or not secret or not is_vehicle_id(vehicle_id):
-        raise AuthError("malformed token", status=401)
+        raise AuthError(BAD_CREDENTIALS, status=401)
     return vehicle_id, secret
 
 
@@ -67,15 +70,18 @@ def authenticate(catalog: Catalog, token: str) -> VehicleRecord:
     # verify_token compares against a dummy hash for unknown vehicles too, so both paths cost the same.
     ok = verify_token(secret, vehicle.token_hash if vehicle is not None else None)
     if vehicle is None or not ok:
-        raise AuthError("unknown vehicle or wrong token", status=401)
+        raise AuthError(BAD_CREDENTIALS, status=401)
     if not vehicle.enabled:
         raise AuthError(f"vehicle {vehicle_id} is disabled", status=403)
     return vehicle
 
 
-def check_admin(token: str, admin_token_hash: str | None) -> None:
-    """Admin endpoints need the admin token; a server started without one refuses them all (403)."""
-    if admin_token_hash is None:
+def check_admin(token: str, admins: AdminTokens) -> str:
+    """The name of the admin token ``token`` is (what logs record as the actor); a server started
+    without admin tokens refuses every admin endpoint (403)."""
+    if not admins:
         raise AuthError("admin API disabled on this server (no admin token configured)", status=403)
-    if not verify_token(token, admin_token_hash):
+    name = admins.identify(token)
+    if name is None:
         raise AuthError("not an admin token", status=403)
+    return name

@@ -149,7 +149,11 @@ def _engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        try:
+            engine = create_engine(url, connect_args={"timeout": 30})
+        except ArgumentError as e:
+            first = str(e).splitlines()[0]
+            raise StorageError(f"cannot open catalog {parsed.render_as_string(hide_password=True)}: {first}") from e
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -331,10 +335,12 @@ class Catalog:
             row = s.scalars(stmt).first()
             return None if row is None else _upload_record(row)
 
-    def uploads(self, state: str | None = None) -> list[UploadRecord]:
+    def uploads(self, state: str | None = None, vehicle: str | None = None) -> list[UploadRecord]:
         stmt = select(UploadRow).order_by(UploadRow.created_at_s, UploadRow.id)
         if state is not None:
             stmt = stmt.where(UploadRow.state == state)
+        if vehicle is not None:
+            stmt = stmt.where(UploadRow.vehicle == vehicle)
         with self._session() as s:
             return [_upload_record(r) for r in s.scalars(stmt)]
 

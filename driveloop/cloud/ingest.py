@@ -9,7 +9,9 @@ Endpoints (all JSON; vehicle endpoints need ``Authorization: Bearer <vehicle tok
 - admin (``Bearer <admin token>``): ``POST /v1/campaigns``, ``POST /v1/campaigns/{id}/approve``
 - ``GET /metrics`` (Prometheus text): bytes received, segments cataloged, uploads rejected
 Errors map from the error tree: AuthError → 401/403, UploadRejectedError → its status,
-SegmentError/ConfigError → 422, StorageError → 503 (retry later); the body is ``{"error": "…"}``.
+QuotaExceededError → 429 with ``Retry-After``, SegmentError/ConfigError → 422, StorageError → 503
+(retry later); the body is ``{"error": "…"}``. JSON bodies are bounded in size and nesting depth.
+HTTPS when ``serve`` is given a certificate and key (vehicles then verify it against their CA).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,28 +33,34 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.requests import ClientDisconnect
 
+from driveloop.cloud._ingest_openapi import CAMPAIGN_BODY, CHUNK_BODY, UPLOAD_BODY
 from driveloop.cloud.ingest_service import ChunkWriter, IngestConfig, IngestService
 from driveloop.cloud.catalog import Catalog
+from driveloop.cloud.quotas import QuotaConfig
 from driveloop.cloud.store import ObjectStore
 from driveloop.contracts.upload import OFFSET_HEADER, UploadStatus
 from driveloop.core.exceptions import (
     AuthError,
     ConfigError,
     DriveloopError,
+    QuotaExceededError,
     SegmentError,
     StorageError,
     UploadRejectedError,
 )
+from driveloop.core.tls import server_tls
+from driveloop.core.tokens import check_admin_token, hash_token
 
 logger = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 64 * 1024  # declarations and campaigns are tiny; refuse anything bigger unread
+MAX_JSON_DEPTH = 16  # they are flat objects; deep nesting is an attack on the parser's recursion
 
 __all__ = ["IngestConfig", "IngestService", "create_app", "serve", "serve_in_thread"]
 
 
 def _status_code(e: DriveloopError) -> int:
-    if isinstance(e, AuthError | UploadRejectedError):
+    if isinstance(e, AuthError | UploadRejectedError | QuotaExceededError):
         return e.status
     if isinstance(e, SegmentError | ConfigError):
         return 422
@@ -70,6 +78,9 @@ def _error_response(e: DriveloopError) -> JSONResponse:
         body["offset"] = e.offset
     if code == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(e, QuotaExceededError):
+        headers["Retry-After"] = str(e.retry_after_s)
+        body["retry_after_s"] = e.retry_after_s
     log = logger.error if code >= 500 else logger.info
     log("ingest request refused (%d): %s", code, e)
     return JSONResponse(body, status_code=code, headers=headers)
@@ -88,10 +99,34 @@ async def _json_body(request: Request) -> Any:
         raw += piece
         if len(raw) > MAX_JSON_BYTES:
             raise UploadRejectedError(f"JSON body larger than {MAX_JSON_BYTES} bytes", status=413)
+    if _nesting(raw) > MAX_JSON_DEPTH:
+        raise UploadRejectedError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", status=422)
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_no_constant)
     except ValueError as e:
         raise UploadRejectedError(f"body is not JSON: {e}", status=422) from e
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN/Infinity; the standard does not
+
+
+def _nesting(raw: bytes) -> int:
+    """The deepest ``[``/``{`` nesting of ``raw`` outside strings (checked before parsing, so a hostile
+    body never reaches the recursive parser)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for b in raw:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (b == 0x5C, b != 0x22)
+        elif b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
 
 
 def _int_header(request: Request, name: str, required: bool) -> int | None:
@@ -147,7 +182,7 @@ def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/uploads")
+    @app.post("/v1/uploads", openapi_extra=UPLOAD_BODY)
     async def begin_upload(request: Request) -> JSONResponse:
         who = await vehicle(request)
         body = await _json_body(request)
@@ -168,7 +203,7 @@ def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
         headers = {OFFSET_HEADER: str(status.offset), "Upload-Length": str(status.size), "Cache-Control": "no-store"}
         return Response(status_code=200, headers=headers)
 
-    @app.patch("/v1/uploads/{upload_id}")
+    @app.patch("/v1/uploads/{upload_id}", openapi_extra=CHUNK_BODY)
     async def patch_upload(upload_id: str, request: Request) -> Response:
         who = await vehicle(request)
         offset = _int_header(request, OFFSET_HEADER, required=True)
@@ -198,38 +233,46 @@ def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
         await vehicle(request)
         return {"campaigns": await run_in_threadpool(service.vehicle_campaigns)}
 
-    @app.post("/v1/campaigns", status_code=201)
+    @app.post("/v1/campaigns", status_code=201, openapi_extra=CAMPAIGN_BODY)
     async def create_campaign(request: Request) -> dict[str, Any]:
-        service.check_admin(request.headers.get("authorization"))
+        actor = service.check_admin(request.headers.get("authorization"))
         body = await _json_body(request)
-        return await run_in_threadpool(service.create_campaign, body)
+        return await run_in_threadpool(service.create_campaign, body, actor)
 
     @app.post("/v1/campaigns/{campaign_id}/approve")
     async def approve_campaign(campaign_id: str, request: Request) -> dict[str, Any]:
-        service.check_admin(request.headers.get("authorization"))
-        return await run_in_threadpool(service.approve_campaign, campaign_id)
+        actor = service.check_admin(request.headers.get("authorization"))
+        return await run_in_threadpool(service.approve_campaign, campaign_id, actor)
 
     return app
 
 
-def build_app(store_url: str, catalog_url: str, staging_dir: Path, admin_token_hash: str | None = None,
-              max_segment_bytes: int | None = None) -> FastAPI:
-    """The app from URLs (what ``driveloop cloud serve`` runs)."""
-    limits = {} if max_segment_bytes is None else {"max_segment_bytes": max_segment_bytes}
-    config = IngestConfig(staging_dir=staging_dir, admin_token_hash=admin_token_hash, **limits)
+def build_app(store_url: str, catalog_url: str, staging_dir: Path, admin_tokens: Mapping[str, str] | None = None,
+              max_segment_bytes: int | None = None, quotas: QuotaConfig | None = None) -> FastAPI:
+    """The app from URLs (what ``driveloop cloud serve`` runs). ``admin_tokens``: {name: plain token},
+    each at least 16 characters; only their hashes are kept."""
+    limits: dict[str, Any] = {} if max_segment_bytes is None else {"max_segment_bytes": max_segment_bytes}
+    if quotas is not None:
+        limits["quotas"] = quotas
+    hashes = {name: hash_token(check_admin_token(token)) for name, token in (admin_tokens or {}).items()}
+    config = IngestConfig(staging_dir=staging_dir, admin_tokens=hashes, **limits)
     return create_app(ObjectStore(store_url), Catalog(catalog_url), config)
 
 
-def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8750) -> None:
-    """Run the server in the foreground until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8750, tls_cert: Path | None = None,
+          tls_key: Path | None = None) -> None:
+    """Run the server in the foreground until interrupted (HTTPS with a certificate and key)."""
+    uvicorn.run(app, host=host, port=port, log_level="warning", **server_tls(tls_cert, tls_key))  # type: ignore[arg-type]
 
 
 @contextmanager
-def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Run the real uvicorn server on a background thread (tests, the demo); yields its base URL.
-    ``port=0`` picks a free port."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, tls_cert: Path | None = None,
+                    tls_key: Path | None = None) -> Iterator[str]:
+    """Run the real uvicorn server on a background thread (tests, the demo); yields its base URL
+    (``https://`` with a certificate and key). ``port=0`` picks a free port."""
+    tls = server_tls(tls_cert, tls_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                                           **tls))  # type: ignore[arg-type]
     thread = threading.Thread(target=server.run, name="ingest-server", daemon=True)
     thread.start()
     while not server.started:
@@ -238,7 +281,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Ite
         time.sleep(0.01)
     bound = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://{host}:{bound}"
+        yield f"{'https' if tls else 'http'}://{host}:{bound}"
     finally:
         server.should_exit = True
         thread.join()

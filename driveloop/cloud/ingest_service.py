@@ -8,6 +8,8 @@ first failure (partial deleted, upload marked failed, catalog and store untouche
 sha256 of the received bytes == declared → ``validate_segment_bytes`` (finalized MCAP, our schema) →
 segment's vehicle == uploader → store content-addressed → catalog (one transaction with the upload's
 ``done``). If cataloging fails after the store wrote a new object, the object is removed again.
+Per-vehicle quotas (open uploads, staged bytes, bytes per hour) and the automatic expiry of stale
+uploads are the rules of ``cloud.quotas``; this service feeds them the catalog's view and the clock.
 The checks run on the bytes read once from staging (python-tuf style: verify bytes, then do I/O);
 this service does the staging, store and catalog around them.
 """
@@ -20,7 +22,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,28 +30,32 @@ from typing import Any
 from driveloop.cloud import campaigns as campaign_rules
 from driveloop.cloud.auth import authenticate, bearer_token, check_admin
 from driveloop.cloud.catalog import UPLOAD_DONE, UPLOAD_FAILED, UPLOAD_OPEN, Catalog, SegmentRecord, UploadRecord
+from driveloop.cloud.quotas import ByteBudget, OpenUpload, QuotaConfig, check_new_upload
 from driveloop.cloud.store import ObjectStore, is_sha256
 from driveloop.contracts.segment import SegmentInfo, validate_segment_bytes
-from driveloop.contracts.upload import STATE_EXISTS, UploadStatus
+from driveloop.contracts.upload import STATE_EXISTS, UPLOAD_NAME_MAX_CHARS, UploadStatus, is_upload_name
 from driveloop.core.exceptions import AuthError, ConfigError, SegmentError, StorageError, UploadRejectedError
 from driveloop.core.ids import check_vehicle_id
-from driveloop.core.tokens import hash_token, new_token
+from driveloop.core.tokens import DEFAULT_ADMIN_NAME, AdminTokens, hash_token, new_token
 
 logger = logging.getLogger(__name__)
 
-MAX_NAME_CHARS = 255
+MAX_NAME_CHARS = UPLOAD_NAME_MAX_CHARS
 
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """Limits of the ingest service. ``admin_token_hash`` (sha256 of the admin token) enables the
-    admin campaign API; without it those endpoints answer 403."""
+    """Limits of the ingest service. ``admin_tokens`` ({name: sha256 of the token}) enable the admin
+    campaign API, and the name is what the log records; ``admin_token_hash`` is the token named
+    ``admin``. Without any, those endpoints answer 403. ``quotas``: per-vehicle limits."""
 
     staging_dir: Path
     max_segment_bytes: int = 64 * 2**20  # a 20 s segment is ~1 MB; far larger is not a segment
     max_chunk_bytes: int = 8 * 2**20
     admin_token_hash: str | None = None
     busy_wait_s: float = 2.0  # how long a request waits for another one on the same upload
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    admin_tokens: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "staging_dir", Path(self.staging_dir))
@@ -59,6 +65,13 @@ class IngestConfig:
             raise ConfigError(f"busy_wait_s must be in [0, 60], got {self.busy_wait_s}")
         if self.admin_token_hash is not None and not is_sha256(self.admin_token_hash):
             raise ConfigError("admin_token_hash must be a lowercase sha256 hex digest")
+        if not all(is_sha256(h) for h in self.admin_tokens.values()):
+            raise ConfigError("admin_tokens must map names to lowercase sha256 hex digests")
+
+    def admins(self) -> AdminTokens:
+        """Every admin token by name (``admin_token_hash`` under ``admin``)."""
+        legacy = {} if self.admin_token_hash is None else {DEFAULT_ADMIN_NAME: self.admin_token_hash}
+        return AdminTokens({**legacy, **self.admin_tokens})
 
 
 @dataclass
@@ -119,6 +132,7 @@ class ChunkWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             now = self._service.clock()
+            self._service.budget.charge(self._up.vehicle, self._written, now)
             self._service.catalog.set_upload_offset(self._up.id, self.offset, now)
             if self.offset == self._up.size:
                 return self._service._finalize(self._up, self._part)
@@ -140,6 +154,10 @@ class IngestService:
         self.stats = IngestStats()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._admins = config.admins()
+        self.budget = ByteBudget(config.quotas.max_bytes_per_hour)
+        self._declare_lock = threading.Lock()  # quota check + new upload row: one at a time
+        self._next_expiry_s = -float("inf")
         config.staging_dir.mkdir(parents=True, exist_ok=True)
 
     # -- identity ----------------------------------------------------------------------------
@@ -147,8 +165,9 @@ class IngestService:
         """The vehicle id behind an ``Authorization`` header (AuthError 401/403 otherwise)."""
         return authenticate(self.catalog, bearer_token(authorization)).id
 
-    def check_admin(self, authorization: str | None) -> None:
-        check_admin(bearer_token(authorization), self.config.admin_token_hash)
+    def check_admin(self, authorization: str | None) -> str:
+        """The name of the admin token in ``authorization`` (AuthError otherwise)."""
+        return check_admin(bearer_token(authorization), self._admins)
 
     def ensure_local_vehicle(self, vehicle_id: str) -> str:
         """Register a vehicle of the embedded local cloud (no token ever leaves the process)."""
@@ -185,18 +204,24 @@ class IngestService:
             raise UploadRejectedError(f"size must be a positive integer, got {size!r}", status=422)
         if size > self.config.max_segment_bytes:
             raise UploadRejectedError(f"segment of {size} bytes exceeds {self.config.max_segment_bytes}", status=413)
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS or "/" in name or "\\" in name:
-            raise UploadRejectedError(f"name must be a plain file name (<= {MAX_NAME_CHARS} chars)", status=422)
+        if not is_upload_name(name):
+            raise UploadRejectedError(f"name must be a plain file name (<= {MAX_NAME_CHARS} chars, no path "
+                                      "separator, control or bidi-override characters)", status=422)
         known = self.catalog.get_segment(sha256)
         if known is not None:
             if known.size != size:
                 raise UploadRejectedError(f"{sha256} is cataloged with size {known.size}, not {size}", status=422)
             return UploadStatus(None, sha256, size, size, STATE_EXISTS, cataloged=True)
+        self._expire_if_due()
         up = self.catalog.open_upload(vehicle, sha256)
         if up is not None and up.size == size:
             logger.info("vehicle %s resumes upload %s of %s", vehicle, up.id, name)
             return _status(up, self._received(up))
-        up = self.catalog.create_upload(uuid.uuid4().hex, vehicle, sha256, size, name, self.clock())
+        with self._declare_lock:
+            now = self.clock()
+            held = [OpenUpload(u.size, u.updated_at_s) for u in self.catalog.uploads(UPLOAD_OPEN, vehicle=vehicle)]
+            check_new_upload(self.config.quotas, held, size, now)
+            up = self.catalog.create_upload(uuid.uuid4().hex, vehicle, sha256, size, name, now)
         logger.info("vehicle %s opened upload %s of %s (%d bytes)", vehicle, up.id, name, size)
         return _status(up, 0)
 
@@ -226,6 +251,7 @@ class IngestService:
                 raise UploadRejectedError(f"chunk larger than {self.config.max_chunk_bytes} bytes", status=413)
             if offset + declared_length > up.size:
                 raise UploadRejectedError(f"chunk runs past the declared size {up.size}", status=413)
+        self.budget.admit(vehicle, declared_length or 1, self.clock())
         with self._locks_guard:
             lock = self._locks.setdefault(upload_id, threading.Lock())
         if not lock.acquire(timeout=self.config.busy_wait_s):
@@ -284,6 +310,15 @@ class IngestService:
             logger.info("expired %d stale uploads", len(expired))
         return expired
 
+    def _expire_if_due(self) -> None:
+        """The automatic sweep for stale uploads, run by declarations once per quota expiry period."""
+        stale_s = self.config.quotas.stale_upload_s
+        now = self.clock()
+        if stale_s is None or now < self._next_expiry_s:
+            return
+        self._next_expiry_s = now + self.config.quotas.expiry_period_s
+        self.expire_uploads(stale_s)
+
     def _forget_lock(self, upload_id: str) -> None:
         """A finished upload takes no more bytes (requests stop at its state), so drop its lock; the
         holder keeps its own reference and releases it as usual."""
@@ -337,17 +372,18 @@ class IngestService:
         now = self.clock()
         return [campaign_rules.to_wire(c) for c in campaign_rules.active_campaigns(self.catalog.campaigns(), now)]
 
-    def create_campaign(self, payload: object) -> dict[str, Any]:
+    def create_campaign(self, payload: object, actor: str = "local") -> dict[str, Any]:
+        """``actor``: the admin token's name (over HTTP) or ``local`` (the CLI on the catalog itself)."""
         campaign = campaign_rules.new_campaign(campaign_rules.spec_from_json(payload), self.clock())
         self.catalog.save_campaign(campaign)
-        logger.info("created campaign %s (%s)", campaign.id, campaign.spec.name)
+        logger.info("created campaign %s (%s) by %s", campaign.id, campaign.spec.name, actor)
         return campaign_rules.to_wire(campaign)
 
-    def approve_campaign(self, campaign_id: str) -> dict[str, Any]:
+    def approve_campaign(self, campaign_id: str, actor: str = "local") -> dict[str, Any]:
         campaign = self.catalog.get_campaign(campaign_id)
         if campaign is None:
             raise UploadRejectedError(f"unknown campaign {campaign_id!r}", status=404)
         approved = campaign_rules.approve(campaign, self.clock())
         self.catalog.save_campaign(approved)
-        logger.info("approved campaign %s (%s)", approved.id, approved.spec.name)
+        logger.info("approved campaign %s (%s) by %s", approved.id, approved.spec.name, actor)
         return campaign_rules.to_wire(approved)

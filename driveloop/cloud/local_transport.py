@@ -15,6 +15,7 @@ from typing import Any
 
 from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.ingest_service import IngestConfig, IngestService
+from driveloop.cloud.quotas import QuotaConfig
 from driveloop.cloud.store import ObjectStore
 from driveloop.contracts.upload import UploadStatus
 from driveloop.core.exceptions import (
@@ -44,10 +45,11 @@ def _as_client_errors() -> Iterator[None]:
 
 class LocalTransport:
     """The embedded local cloud: the same IngestService as the server, called in-process as
-    ``vehicle_id`` (registered on first use — the local cloud trusts its own vehicles)."""
+    ``vehicle_id`` (registered on first use — the local cloud trusts its own vehicles, so no quotas)."""
 
     def __init__(self, store: ObjectStore, catalog: Catalog, vehicle_id: str, staging_dir: str | Path) -> None:
-        self.service: IngestService = IngestService(store, catalog, IngestConfig(staging_dir=Path(staging_dir)))
+        config = IngestConfig(staging_dir=Path(staging_dir), quotas=QuotaConfig.unlimited())
+        self.service: IngestService = IngestService(store, catalog, config)
         self.vehicle_id = self.service.ensure_local_vehicle(vehicle_id)
 
     @classmethod
@@ -79,12 +81,14 @@ class LocalTransport:
 
 
 def make_transport(vehicle_id: str, cloud_dir: str | Path, cloud_url: str | None = None, token: str | None = None,
-                   catalog_url: str | None = None, store_url: str | None = None) -> UploadTransport:
+                   catalog_url: str | None = None, store_url: str | None = None,
+                   ca_file: str | Path | None = None) -> UploadTransport:
     """The transport settings ask for: the ingest server when ``cloud_url`` is set (needs the
-    vehicle's ``token``), else the embedded local cloud in ``cloud_dir`` (no server to start)."""
+    vehicle's ``token``; HTTPS verified against ``ca_file`` when given), else the embedded local cloud
+    in ``cloud_dir`` (no server to start)."""
     if cloud_url:
         if not token:
             raise ConfigError(f"cloud URL {cloud_url} is set but vehicle {vehicle_id} has no token "
                               "(driveloop cloud vehicles add ID prints one)")
-        return HttpTransport(cloud_url, token)
+        return HttpTransport(cloud_url, token, ca_file=ca_file)
     return LocalTransport.under(cloud_dir, vehicle_id, catalog_url=catalog_url, store_url=store_url)

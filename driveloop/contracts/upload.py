@@ -6,6 +6,7 @@ Shared by the vehicle's transports (``edge.transport``) and the cloud's ingest s
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,6 +20,21 @@ STATE_FAILED = "failed"
 UPLOAD_STATES = (STATE_OPEN, STATE_DONE, STATE_EXISTS, STATE_FAILED)
 OFFSET_HEADER = "Upload-Offset"
 CHUNK_CONTENT_TYPE = "application/offset+octet-stream"
+UPLOAD_NAME_MAX_CHARS = 255
+# Unicode categories a file name shown to people and written to logs must not hold: controls (NUL, ESC,
+# newlines), format characters (bidi overrides like U+202E that make "evil\u202egpj.exe" read as a
+# .jpg, zero-width joiners), line/paragraph separators, surrogates, private-use and unassigned points.
+_FORBIDDEN_NAME_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def is_upload_name(name: object) -> bool:
+    """True for a plain file name: 1..255 characters, no path separator, not ``.``/``..``, and none of
+    the invisible or control characters above (the name is cataloged, listed and logged)."""
+    if not isinstance(name, str) or not 0 < len(name) <= UPLOAD_NAME_MAX_CHARS or name in (".", ".."):
+        return False
+    if "/" in name or "\\" in name:
+        return False
+    return not any(unicodedata.category(ch) in _FORBIDDEN_NAME_CATEGORIES for ch in name)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@
     ├── SegmentError               MCAP segment corrupt, truncated, or of the wrong schema
     ├── StorageError               object store / catalog failures
     ├── UploadError                transport failures while uploading segments
+    │   ├── UploadRejectedError    the receiver refused for good (bad bytes, bad request)
+    │   └── QuotaExceededError     a per-vehicle quota is full: retry after ``retry_after_s`` (HTTP 429)
     ├── PipelineError              a cloud pipeline stage failed
     ├── FederatedError             federated run failed (no quorum in any round, bad update)
     └── OtaError                   OTA release, update or rollout failure
@@ -119,6 +121,17 @@ class UploadRejectedError(UploadError):
         super().__init__(message)
         self.status = status
         self.offset = offset
+
+
+class QuotaExceededError(UploadError):
+    """A per-vehicle quota (open uploads, staged bytes, bytes per hour) is full. Unlike a rejection
+    this passes: the same request succeeds after ``retry_after_s`` (HTTP 429 + ``Retry-After``)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
 
 
 class StaleReportError(OtaError):

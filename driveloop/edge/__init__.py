@@ -15,7 +15,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "IsolatedRuntime": "isolated", "FaultyRunner": "faults", "Reply": "isolated",
     "Recorder": "recorder", "Spool": "spool", "SpoolEntry": "spool",
     "TriggerSpec": "triggers", "TriggerEngine": "triggers", "compile_condition": "triggers",
-    "VehicleUpdater": "updater", "Offer": "updater", "ResumableFetcher": "fetcher",
+    "VehicleUpdater": "updater", "Offer": "updater", "ResumableFetcher": "fetcher", "DirectorClient": "director_client",
     "UploadTransport": "transport", "HttpTransport": "transport", "campaign_triggers": "transport",
     "Uploader": "uploader", "BackoffPolicy": "uploader", "sense_fleet": "agent",
 })

@@ -10,6 +10,10 @@ HTTP API around it (per-vehicle bearer token):
 A new active version is installed into the inactive slot and boots on the *next* start (the fleet
 runner restarts its vehicles between windows); a shadow version is installed without switching, so it
 can run beside the active model and become active later without a second download.
+
+The token goes only to ``https://`` (verified against ``ca_file``, the fleet's CA, when given; TUF
+downloads use the same client) or to plain ``http://`` on loopback; an injected ``http`` client is the
+caller's to configure.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from typing import Any
 
 import httpx
 
+from driveloop.core.tls import client_verify
+from driveloop.core.tokens import check_token_url
+from driveloop.edge.fetcher import ResumableFetcher
 from driveloop.edge.health_window import HealthWindowResult
 from driveloop.edge.updater import VehicleUpdater
 from driveloop.core.exceptions import OtaError
@@ -44,11 +51,18 @@ class OtaClient:
     """One vehicle's OTA session against the fleet server at ``server_url``."""
 
     def __init__(self, vehicle_id: str, server_url: str, token: str, vehicle_dir: Path,
-                 http: httpx.Client | None = None, hardware_class: str = "cpu") -> None:
+                 http: httpx.Client | None = None, hardware_class: str = "cpu", ca_file: Path | None = None) -> None:
         self.vehicle_id = vehicle_id
         self.server_url = server_url.rstrip("/")
-        self.updater = VehicleUpdater(vehicle_dir, f"{self.server_url}/tuf", hardware_class=hardware_class)
-        self._http = http or httpx.Client(timeout=30.0)
+        fetcher = None
+        if http is None:
+            check_token_url(self.server_url)
+            http = httpx.Client(timeout=30.0, verify=client_verify(ca_file))
+            fetcher = ResumableFetcher(Path(vehicle_dir) / "downloads", client=http)
+        self.updater = VehicleUpdater(vehicle_dir, f"{self.server_url}/tuf", fetcher=fetcher,
+                                      hardware_class=hardware_class,
+                                      director=f"{self.server_url}/director/{vehicle_id}")
+        self._http = http
         self._headers = {"Authorization": f"Bearer {token}"}
         self.shadow: ActiveModel | None = None
 
@@ -78,13 +92,16 @@ class OtaClient:
 
     def sync(self, active: ActiveModel) -> dict[str, Any]:
         """Ask the director and act on its answer; returns the offer (with what was done in ``action``)."""
-        offer = self.offer()
-        want, shadow = offer.get("version"), offer.get("shadow_version")
+        offer = self.offer()  # also has the director sign this vehicle's assignment (Uptane)
+        want, shadow = self.updater.assigned(offer.get("version"), offer.get("shadow_version"))
         action = "none"
         if want is not None and want != active.version:
             state = self.updater.state()
             other = state.slot(state.inactive)
-            switch_back = other.version == want and other.status == "ready" and not state.trial
+            # Only a release this vehicle has committed before (at or under the rollback floor) is a switch
+            # back; a shadow-installed slot holds a newer release that never drove: it boots as a trial.
+            switch_back = other.version == want and other.status == "ready" and not state.trial \
+                and other.release_seq <= state.committed_seq
             action = "pending" if self.updater.update(want) else "rejected-or-current"
             if switch_back and action == "pending":
                 # Back to a release this vehicle already ran and committed (an aborted rollout): no new
@@ -100,7 +117,7 @@ class OtaClient:
         return offer
 
     def _install_shadow(self, version: str) -> ActiveModel | None:
-        offer = self.updater.check(version)
+        offer = self.updater.check(version, role="shadow")
         if offer is None:
             return None
         slot = self.updater.download_and_install(offer)

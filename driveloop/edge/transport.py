@@ -10,14 +10,18 @@ Protocol (tus-like): ``start`` declares (sha256, size, name) and gets an upload 
 offset (an unfinished upload of the same bytes resumes; already-cataloged bytes answer ``exists``);
 ``send_chunk`` appends bytes at an offset and returns the new offset; the chunk that completes the
 file returns ``cataloged``. Errors: :class:`UploadError` = try again later (connection dropped,
-server down); :class:`UploadRejectedError` = the server refused for good (its ``offset`` is set on a
-409 offset conflict, so the caller can resync); :class:`AuthError` = credentials refused.
+server down; :class:`QuotaExceededError` on a 429, with the server's ``Retry-After``);
+:class:`UploadRejectedError` = the server refused for good (its ``offset`` is set on a 409 offset
+conflict, so the caller can resync); :class:`AuthError` = credentials refused.
+The token goes only to ``https://`` servers, verified against ``ca_file`` when given (a private CA),
+or to plain ``http://`` on loopback (``core.tokens.check_token_url``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
@@ -26,9 +30,12 @@ from driveloop.contracts.upload import CHUNK_CONTENT_TYPE, OFFSET_HEADER, Upload
 from driveloop.core.exceptions import (
     AuthError,
     ConfigError,
+    QuotaExceededError,
     UploadError,
     UploadRejectedError,
 )
+from driveloop.core.tls import client_verify
+from driveloop.core.tokens import check_token_url
 
 if TYPE_CHECKING:
     from driveloop.edge.triggers import TriggerSpec
@@ -75,15 +82,25 @@ def _error_text(response: httpx.Response) -> str:
     return str(body.get("error", body)) if isinstance(body, Mapping) else str(body)[:200]
 
 
-class HttpTransport:
-    """The ingest server over HTTP(S). ``client`` may be injected (e.g. with an httpx MockTransport)."""
+def _retry_after(response: httpx.Response) -> int:
+    value = response.headers.get("Retry-After", "")
+    return min(int(value), 3600) if value.isdigit() else 60
 
-    def __init__(self, base_url: str, token: str, timeout_s: float = 30.0, client: httpx.Client | None = None) -> None:
+
+class HttpTransport:
+    """The ingest server over HTTP(S). ``ca_file`` pins the CA the server's certificate must chain to.
+    ``client`` may be injected (an httpx MockTransport in tests); its transport is then the caller's."""
+
+    def __init__(self, base_url: str, token: str, timeout_s: float = 30.0, client: httpx.Client | None = None,
+                 ca_file: Path | str | None = None, allow_insecure: bool = False) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"cloud URL must be http(s)://…, got {base_url!r}")
         if not token:
             raise ConfigError("a cloud token is required for the HTTP transport")
-        self._client = client or httpx.Client(timeout=timeout_s)
+        if client is None:
+            check_token_url(base_url, allow_insecure)
+            client = httpx.Client(timeout=timeout_s, verify=client_verify(ca_file))
+        self._client = client
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
 
@@ -98,7 +115,9 @@ class HttpTransport:
         text = _error_text(response)
         if response.status_code in (401, 403):
             raise AuthError(f"{method} {path}: {text}", status=response.status_code)
-        if response.status_code >= 500 or response.status_code == 429:
+        if response.status_code == 429:
+            raise QuotaExceededError(f"{method} {path}: {text}", _retry_after(response))
+        if response.status_code >= 500:
             raise UploadError(f"{method} {path}: HTTP {response.status_code}: {text}")
         offset = response.headers.get(OFFSET_HEADER)
         raise UploadRejectedError(

@@ -8,26 +8,32 @@ only verifies, moves bytes and persists state.
 Rejected (the vehicle keeps running its verified model): anything python-tuf rejects (bad or revoked
 signatures, metadata or snapshot rollback, mix-and-match, expired/frozen metadata, hash or length
 mismatch, endless data), a target for another hardware class, and a release older than the committed one.
+
+A vehicle provisioned with a director root (Uptane; :mod:`driveloop.edge.director_client`) also refuses
+any release its director does not sign for it in that role, or signs with another sha256 or length than
+the image repository: each decision of :meth:`VehicleUpdater.check` — install, switch back, drop a trial
+— starts from the director's signed assignment. A vehicle provisioned without one (bench and factory
+tests) trusts the image repository alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Metadata, TargetFile
+from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
 from driveloop.core.atomic import file_sha256
+from driveloop.core.ids import check_vehicle_id
 from driveloop.edge import _slots
 from driveloop.core.atomic import FileOps
+from driveloop.edge._tuf_client import open_updater, repo_urls, tuf_errors
+from driveloop.edge.director_client import DIRECTOR_ANCHOR, Directed, DirectorClient, Role, check_agreement
 from driveloop.edge.health_window import HealthWindowPolicy, HealthWindowResult
 from driveloop.edge.fetcher import ResumableFetcher
 from driveloop.core.version import check_model_version_text
@@ -45,6 +51,9 @@ VEHICLE_HARDWARE = ("cpu", "cuda")
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 TRUST_ANCHOR = "trusted_root.json"  # the provisioned root; python-tuf's cache lives in tuf/
+IDENTITY = "vehicle.json"  # {"vehicle_id": …}: set at provisioning, checked against the director's metadata
+
+__all__ = ["Offer", "VehicleUpdater", "repo_urls", "sha256_file", "tuf_errors"]
 
 
 @dataclass(frozen=True)
@@ -64,36 +73,6 @@ class Offer:
 sha256_file = file_sha256  # raises FileNotFoundError for a missing slot file (boot() relies on it)
 
 
-@contextmanager
-def tuf_errors(what: str) -> Iterator[None]:
-    """Translate python-tuf errors into driveloop's OTA errors with a message that says what happened."""
-    try:
-        yield
-    except tuf_exc.UnsignedMetadataError as e:
-        raise SignatureError(f"{what}: metadata not signed by a trusted key ({e})") from e
-    except tuf_exc.BadVersionNumberError as e:
-        raise RollbackAttackError(f"{what}: metadata version rollback or mix-and-match ({e})") from e
-    except tuf_exc.ExpiredMetadataError as e:
-        raise OtaError(f"{what}: metadata expired — stale repository or freeze attack ({e})") from e
-    except tuf_exc.LengthOrHashMismatchError as e:
-        raise SignatureError(f"{what}: bytes do not match the signed length/hashes — tampered ({e})") from e
-    except tuf_exc.DownloadLengthMismatchError as e:
-        raise OtaError(f"{what}: server sent more data than signed (endless data attack) ({e})") from e
-    except tuf_exc.RepositoryError as e:
-        raise OtaError(f"{what}: repository metadata rejected ({type(e).__name__}: {e})") from e
-    except tuf_exc.DownloadError as e:
-        raise OtaError(f"{what}: download failed ({e})") from e
-
-
-def repo_urls(repo: str | Path) -> tuple[str, str]:
-    """Metadata and targets base URLs of a repository given as http(s) URL or a local directory."""
-    s = str(repo)
-    if not s.startswith(("http://", "https://", "file://")):
-        s = Path(s).resolve().as_uri()
-    s = s.rstrip("/")
-    return f"{s}/metadata/", f"{s}/targets/"
-
-
 class VehicleUpdater:
     """A/B updater of one vehicle; construct one per process start, call :meth:`boot` first."""
 
@@ -105,11 +84,14 @@ class VehicleUpdater:
         hardware_class: str = "cpu",
         file_ops: FileOps | None = None,
         health_policy: HealthWindowPolicy | None = None,
+        director: str | Path | None = None,
     ) -> None:
         if hardware_class not in VEHICLE_HARDWARE:
             raise ConfigError(f"vehicle hardware class must be one of {VEHICLE_HARDWARE}, got {hardware_class!r}")
         self.dir = Path(vehicle_dir)
+        self.repo = repo
         self.metadata_url, self.targets_url = repo_urls(repo)
+        self.director_url = director  # this vehicle's director repository (URL or directory)
         self.hardware_class = hardware_class
         self.files = file_ops or FileOps()
         self.health_policy = health_policy or HealthWindowPolicy()
@@ -126,13 +108,23 @@ class VehicleUpdater:
         manifest: dict[str, Any],
         release_seq: int = 0,
         max_boot_attempts: int = 3,
+        director_root: bytes | None = None,
+        vehicle_id: str | None = None,
     ) -> None:
-        """Factory setup: trusted TUF root, the factory model committed in slot a."""
+        """Factory setup: trusted TUF root(s), the factory model committed in slot a.
+
+        ``director_root`` (with the ``vehicle_id`` the director's metadata must name) makes every later
+        update need the director's signature as well as the image repository's.
+        """
         vdir = Path(vehicle_dir)
         files = FileOps()
         digest = sha256_file(factory_model)
         if manifest.get("sha256") != digest:
             raise IntegrityError(f"factory model sha256 {digest[:12]}… does not match its manifest")
+        if director_root is not None:
+            identity = {"vehicle_id": check_vehicle_id(vehicle_id)}
+            files.write_atomic(vdir / IDENTITY, json.dumps(identity).encode())
+            files.write_atomic(vdir / DIRECTOR_ANCHOR, director_root)
         files.write_atomic(vdir / TRUST_ANCHOR, trusted_root)
         files.copy_atomic(factory_model, vdir / "slots" / "a" / MODEL_FILE)
         files.write_atomic(vdir / "slots" / "a" / MANIFEST_FILE, json.dumps(manifest, sort_keys=True).encode())
@@ -198,42 +190,49 @@ class VehicleUpdater:
         return self._save(_slots.request_switch(self.state()))
 
     # -- check / download / install -----------------------------------------------------------
-    def _trusted_root(self) -> bytes:
-        """Newest root python-tuf cached that still parses, else the provisioned anchor.
-
-        python-tuf persists roots without fsync and re-creates its ``root.json`` link on every
-        refresh, so after a power cut the cache may be torn or the link missing; the roots it did
-        store were verified through the chain before they were written, so the newest intact one is
-        a safe bootstrap, and the factory anchor is the last resort.
-        """
-        history = self.dir / "tuf" / "root_history"
-        cached = sorted(history.glob("*.root.json"), key=lambda p: int(p.name.split(".")[0]), reverse=True) \
-            if history.is_dir() else []
-        for path in cached:
-            data = path.read_bytes()
-            try:
-                Metadata.from_bytes(data)
-                return data
-            except tuf_exc.RepositoryError:
-                logger.warning("cached root %s is unreadable; trying an older one", path.name)
-        try:
-            return (self.dir / TRUST_ANCHOR).read_bytes()
-        except FileNotFoundError as e:
-            raise OtaError(f"vehicle {self.dir} has no trusted root; provision it first") from e
-
     def _updater(self) -> Updater:
-        """A fresh python-tuf client (a refresh can happen once per Updater), cached per check."""
-        meta = self.dir / "tuf"
-        meta.mkdir(parents=True, exist_ok=True)
-        with tuf_errors("loading the trusted root"):
-            return Updater(str(meta), self.metadata_url, str(self.dir / "downloads"), self.targets_url,
-                           self.fetcher, bootstrap=self._trusted_root())
+        """A fresh python-tuf client of the image repository (a refresh can happen once per Updater)."""
+        return open_updater(self.dir / "tuf", self.dir / TRUST_ANCHOR, self.repo, self.fetcher, self.dir / "downloads")
 
-    def check(self, target_version: str | int | None) -> Offer | None:
-        """Verify what the director asks for; None if nothing to do, an Offer if it may be installed."""
+    # -- the director (Uptane) ------------------------------------------------------------------
+    def director(self) -> Directed | None:
+        """The director's signed assignment of this vehicle (refreshed now); None for a vehicle
+        provisioned without a director, which trusts the image repository alone."""
+        if not (self.dir / DIRECTOR_ANCHOR).exists():
+            return None
+        if self.director_url is None:
+            raise OtaError(f"vehicle {self.dir.name} trusts a director: give the updater its director URL")
+        try:
+            vehicle_id = str(json.loads((self.dir / IDENTITY).read_bytes())["vehicle_id"])
+        except (OSError, ValueError, KeyError) as e:
+            raise OtaError(f"vehicle {self.dir.name}: provisioned identity {IDENTITY} is unreadable ({e})") from e
+        return DirectorClient(self.dir, self.director_url, vehicle_id, self.fetcher).fetch()
+
+    def assigned(self, version: str | None, shadow_version: str | None) -> tuple[str | None, str | None]:
+        """What to run (active, shadow): the director's signed assignment when this vehicle has a
+        director, else the fleet server's (unsigned) offer as given."""
+        directed = self.director()
+        if directed is None:
+            return version, shadow_version
+        signed = directed.version("active"), directed.version("shadow")
+        if signed != (version, shadow_version):
+            logger.warning("vehicle %s: the offer says %s, the director signed %s; following the signature",
+                           self.dir.name, (version, shadow_version), signed)
+        return signed
+
+    def _directed(self, version: str, role: Role) -> TargetFile | None:
+        directed = self.director()
+        return None if directed is None else directed.require(version, role)
+
+    def check(self, target_version: str | int | None, role: Role = "active") -> Offer | None:
+        """Verify what the director asks for; None if nothing to do, an Offer if it may be installed.
+
+        ``role``: ``shadow`` for a model installed to run beside the active one (never switched to here).
+        """
         if target_version is None or target_version == "":
             return None
         target_version = str(target_version)  # the registry's int versions are published as "3"
+        directed = self._directed(target_version, role)  # raises unless the director signs exactly this
         state = self.state()
         if state.pending and state.slot(state.active).version == target_version:
             # The director wants the committed model (e.g. the rollout was aborted): drop the new one.
@@ -248,6 +247,9 @@ class VehicleUpdater:
             return None
         if other.version == target_version and other.status == "ready" and not state.trial:
             # The previous model is still in the other slot (e.g. a rollout was aborted): switch back.
+            if directed is not None and directed.hashes.get("sha256") != other.sha256:
+                raise SignatureError(f"release {target_version}: the director's signed sha256 differs from the "
+                                     f"verified model in slot {state.inactive}")
             return Offer(target_version, other.sha256 or "", 0, other.release_seq, "any", {}, None, None)
         # Checked here, where it becomes a TUF target path (slots above hold versions verified at install):
         try:  # only a canonical version, "3", never "v3", "03" or "../x"
@@ -261,6 +263,8 @@ class VehicleUpdater:
             manifest_t = self._tuf.get_targetinfo(f"models/{target_version}/manifest.json")
         if model_t is None or manifest_t is None:
             raise OtaError(f"release {target_version} is not in the signed repository")
+        if directed is not None:
+            check_agreement(target_version, directed, model_t)
         custom = dict(model_t.unrecognized_fields.get("custom", {}))
         hw = custom.get("hardware_class")
         if hw not in ("any", self.hardware_class):

@@ -11,6 +11,7 @@ from driveloop.core.lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "ReleaseService": "release", "TargetInfo": "release", "RepoPolicy": "release", "KeyStore": "keys",
+    "OfflineRoot": "offline_root", "DirectorRepo": "director_repo",
     "RolloutPlan": "controller", "StageSpec": "controller", "RolloutState": "controller", "Decision": "controller",
     "OperatorAction": "controller", "decide": "controller", "apply": "controller", "replay": "controller",
     "GateTolerances": "gates", "HealthWindow": "gates", "aggregate": "gates", "assign": "director",

@@ -5,10 +5,16 @@ timestamp.json}`` and ``targets/<sha256>.<name>``. The commit point of every cha
 rename: ``N.root.json`` for a key change, ``timestamp.json`` for everything else. Files written before
 a crash but never referenced by the committed timestamp are invisible to clients and are overwritten
 by the next publish, so a crash at any point leaves the previous consistent repository.
+
+Root is signed offline (:mod:`driveloop.ota.offline_root`): this module never holds a root key. It
+*imports* a signed root (:meth:`TufRepo.import_root`) after checking it continues the chain, adopts the
+pending online keys the new root lists and re-signs the other roles under it. A root-only repository
+(the director's shared root, which its per-vehicle repositories copy) imports without re-signing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,9 +33,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from driveloop.core.atomic import write_atomic
-from driveloop.core.exceptions import ConfigError, OtaError
+from driveloop.core.exceptions import ConfigError, OtaError, RollbackAttackError, SignatureError
 from driveloop.ota._tuf_io import remove_stale_temps
-from driveloop.ota.keys import ROLES, KeyStore
+from driveloop.ota.keys import ONLINE_ROLES, ROLES, KeyStore
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +46,17 @@ _SERIALIZER = JSONSerializer(compact=False)
 class RepoPolicy:
     """Thresholds and metadata lifetimes (seconds) of the repository."""
 
-    root_threshold: int = 1
+    root_threshold: int = 1  # root keys a new root gets (offline; see offline_root)
+    targets_threshold: int = 1  # targets keys (each signs every release) a new root gets
     root_expiry_s: float = 365 * 86400.0
     targets_expiry_s: float = 90 * 86400.0
     snapshot_expiry_s: float = 7 * 86400.0
     timestamp_expiry_s: float = 1 * 86400.0
 
     def __post_init__(self) -> None:
-        if self.root_threshold < 1:
-            raise ConfigError(f"root_threshold must be >= 1, got {self.root_threshold}")
+        for name in ("root_threshold", "targets_threshold"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("root_expiry_s", "targets_expiry_s", "snapshot_expiry_s", "timestamp_expiry_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -63,14 +71,30 @@ def _utc(now_s: float) -> datetime:
 
 
 class TufRepo:
-    """Signing-side view of one repository directory plus its key store."""
+    """Signing-side view of one repository directory plus its online key store.
 
-    def __init__(self, repo_dir: Path, keys: KeyStore, policy: RepoPolicy) -> None:
+    ``keys`` None: a read-only view (the director reads the image repository's committed targets).
+    ``root_only``: the repository holds root alone (the director's shared root).
+    """
+
+    def __init__(self, repo_dir: Path, keys: KeyStore | None, policy: RepoPolicy, root_only: bool = False) -> None:
         self.repo_dir = Path(repo_dir)
         self.metadata_dir = self.repo_dir / "metadata"
         self.targets_dir = self.repo_dir / "targets"
-        self.keys = keys
+        self._keys = keys
         self.policy = policy
+        self.root_only = root_only
+
+    @property
+    def keys(self) -> KeyStore:
+        if self._keys is None:
+            raise OtaError(f"{self.repo_dir} is opened read-only: no keys to sign with")
+        return self._keys
+
+    @property
+    def pending(self) -> KeyStore:
+        """Online keys generated for a root not imported yet."""
+        return KeyStore(self.keys.keys_dir / "pending")
 
     # -- reading the committed state -------------------------------------------------------
     def root_version(self) -> int:
@@ -109,8 +133,14 @@ class TufRepo:
 
     # -- writing ---------------------------------------------------------------------------
     def _sign(self, md: Metadata, role: str, root: Root) -> None:
+        """Sign with every key of ``role`` held here; fewer than its threshold is an error, not a
+        repository clients would reject."""
         md.signatures.clear()
-        for keyid in root.roles[role].keyids:
+        held = [k for k in root.roles[role].keyids if self.keys.has(role, k)]
+        if len(held) < root.roles[role].threshold:
+            raise OtaError(f"{role} needs {root.roles[role].threshold} signatures but only {len(held)} of its "
+                           f"keys are in {self.keys.keys_dir}")
+        for keyid in held:
             md.sign(self.keys.signer(role, keyid), append=True)
 
     def write_root(self, md: Metadata[Root]) -> None:
@@ -119,27 +149,71 @@ class TufRepo:
         write_atomic(self.metadata_dir / "root.json", data)  # convenience copy for bootstrapping
 
     def initialise(self, now_s: float) -> None:
-        """Create keys and version-1 metadata if the repository has no root yet (idempotent)."""
+        """Bring an imported root's repository to a consistent, published state (idempotent)."""
         remove_stale_temps(self.metadata_dir)
         if self.root_version() == 0:
-            self.keys.prune({})  # keys from an init that crashed before its root existed
-            root = Root(expires=self.policy.expiry("root", now_s), consistent_snapshot=True)
-            for role in ROLES:
-                n = self.policy.root_threshold if role == "root" else 1
-                for _ in range(n):
-                    root.add_key(self.keys.generate(role).public_key, role)
-            root.roles["root"].threshold = self.policy.root_threshold
-            md = Metadata(root)
-            self._sign(md, "root", root)
-            self.write_root(md)
-            logger.info("initialised TUF repository at %s", self.repo_dir)
+            raise OtaError(f"TUF repository {self.repo_dir} has no root: sign one offline and import it "
+                           "(driveloop ota keys export / sign-root / import-root)")
+        if self.root_only:
+            return
         if not (self.metadata_dir / "timestamp.json").exists():
             self.publish({}, 0, now_s)
         self.recover(now_s)
 
-    def publish(self, entries: dict[str, TargetFile], prev_version: int, now_s: float) -> int:
+    def import_root(self, data: bytes, now_s: float) -> int:
+        """Install root metadata signed offline; returns its version (idempotent for the current root).
+
+        Accepted only as the next link of the chain clients follow: version N+1, signed by the threshold
+        of root N and of itself, unexpired, and listing online keys this server holds (in ``pending/``
+        or already active). The root file is the commit point; the other roles are re-signed under it.
+        """
+        md = _parse_root(data)
+        new = md.signed
+        current = self.load_root() if self.root_version() else None
+        if current is not None and new.version <= current.signed.version:
+            if new.version == current.signed.version and md.signed_bytes == current.signed_bytes:
+                return new.version  # already imported
+            raise RollbackAttackError(f"root v{new.version} is not newer than the current root v{current.signed.version}")
+        expected = current.signed.version + 1 if current is not None else 1
+        if new.version != expected:
+            raise OtaError(f"root v{new.version} does not follow the current root: import v{expected} first")
+        for signer_root, who in ((current.signed if current else None, "the current root"), (new, "itself")):
+            if signer_root is None:
+                continue
+            try:
+                signer_root.verify_delegate("root", md.signed_bytes, md.signatures)
+            except tuf_exc.UnsignedMetadataError as e:
+                raise SignatureError(f"root v{new.version} is not signed by the threshold of {who}: {e}") from e
+        if new.is_expired(_utc(now_s)):
+            raise OtaError(f"root v{new.version} expired at {new.expires.isoformat()}")
+        if not new.consistent_snapshot:
+            raise OtaError("root must enable consistent snapshots (resumable, content-addressed targets)")
+        adopt: list[tuple[str, str]] = []
+        for role in ONLINE_ROLES:
+            held = [k for k in new.roles[role].keyids if self.keys.has(role, k) or self.pending.has(role, k)]
+            if len(held) < new.roles[role].threshold:
+                raise OtaError(f"root v{new.version} lists {role} keys whose private keys are not in "
+                               f"{self.keys.keys_dir}: export the online keys of this server first")
+            adopt += [(role, k) for k in held if not self.keys.has(role, k)]
+        for role, keyid in adopt:  # copies: a crash before the commit below loses no key
+            self.keys.adopt(self.pending, role, keyid)
+        self.write_root(md)  # commit point
+        if not self.root_only:
+            entries, prev = self._committed_targets()
+            self.publish(entries, prev, now_s)
+        for role, keyid in adopt:
+            self.pending.discard(role, keyid)
+        with contextlib.suppress(OSError):  # tidy: only while nothing else waits there
+            self.pending.keys_dir.rmdir()
+        self.keys.prune(self.active_keyids(new))
+        logger.info("imported root v%d into %s", new.version, self.repo_dir)
+        return new.version
+
+    def publish(self, entries: dict[str, TargetFile], prev_version: int, now_s: float,
+                custom: dict[str, object] | None = None) -> int:
         """Sign ``entries`` as targets version ``prev_version + 1``, then snapshot and timestamp.
 
+        ``custom`` goes into the signed targets (the director names the vehicle they are for).
         Returns the new targets version; the timestamp write is the commit point.
         """
         root = self.load_root().signed
@@ -147,7 +221,8 @@ class TufRepo:
         snap_version = old_ts.signed.snapshot_meta.version if old_ts else 0
         ts_version = old_ts.signed.version if old_ts else 0
 
-        targets = Targets(version=prev_version + 1, expires=self.policy.expiry("targets", now_s), targets=entries)
+        targets = Targets(version=prev_version + 1, expires=self.policy.expiry("targets", now_s), targets=entries,
+                          unrecognized_fields={"custom": dict(custom)} if custom else None)
         t_md = Metadata(targets)
         self._sign(t_md, "targets", root)
         write_atomic(self.metadata_dir / f"{targets.version}.targets.json", t_md.to_bytes(_SERIALIZER))
@@ -180,32 +255,6 @@ class TufRepo:
         self._write_timestamp(old.version + 1, old.snapshot_meta.version, expires, root)
         return old.version + 1
 
-    def rotate(self, role: str, now_s: float) -> list[str]:
-        """Replace every key of ``role``; the new root is signed by the old and (for root) new keys."""
-        old_root = self.load_root().signed
-        new_root = self.load_root().signed  # a separate copy: Root.to_dict/from_dict share lists
-        old_ids = list(old_root.roles[role].keyids)
-        new_signers = [self.keys.generate(role) for _ in old_ids]
-        for keyid in old_ids:
-            new_root.revoke_key(keyid, role)
-        for s in new_signers:
-            new_root.add_key(s.public_key, role)
-        new_root.version = old_root.version + 1
-        new_root.expires = self.policy.expiry("root", now_s)
-        md = Metadata(new_root)
-        # TUF root rotation: version N+1 must meet the threshold of root N *and* of itself.
-        for keyid in old_root.roles["root"].keyids:
-            md.sign(self.keys.signer("root", keyid), append=True)
-        for keyid in new_root.roles["root"].keyids:
-            if keyid not in md.signatures:
-                md.sign(self.keys.signer("root", keyid), append=True)
-        self.write_root(md)  # commit point of the key change
-        entries, prev = self._committed_targets()
-        self.publish(entries, prev, now_s)  # re-sign every role under the new root
-        self.keys.prune(self.active_keyids(new_root))
-        logger.info("rotated %s keys: revoked %s", role, [k[:12] for k in old_ids])
-        return [s.public_key.keyid for s in new_signers]
-
     def recover(self, now_s: float) -> bool:
         """Bring a repository back to a consistent state after a crash; True if it had to re-publish.
 
@@ -214,8 +263,7 @@ class TufRepo:
         Keys the latest root no longer lists (revoked, or orphaned by a crash) are destroyed.
         """
         remove_stale_temps(self.metadata_dir)
-        root_md = self.load_root()
-        root = root_md.signed
+        root = self.load_root().signed
         consistent = True
         try:
             for role, md in (
@@ -233,11 +281,25 @@ class TufRepo:
         self.keys.prune(self.active_keyids(root))
         return not consistent
 
+    def highest_targets_version(self) -> int:
+        """Committed or not: a new publish never reuses a version number a client may have seen."""
+        return max((int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.targets.json")), default=0)
+
     def _committed_targets(self) -> tuple[dict[str, TargetFile], int]:
         """Entries of the committed targets (its content is ours, only its signature may be stale)
         and the highest targets version on disk, so a re-publish never reuses a version number."""
-        highest = max((int(p.name.split(".")[0]) for p in self.metadata_dir.glob("*.targets.json")), default=0)
+        highest = self.highest_targets_version()
         try:
             return dict(self.load_targets().signed.targets), highest
         except OtaError:
             return {}, highest
+
+
+def _parse_root(data: bytes) -> Metadata[Root]:
+    try:
+        md = Metadata.from_bytes(data)
+    except Exception as e:  # tuf raises DeserializationError and friends
+        raise OtaError(f"root metadata to import is unreadable: {e}") from e
+    if not isinstance(md.signed, Root):
+        raise OtaError(f"metadata to import holds {md.signed.type}, expected root")
+    return md

@@ -8,7 +8,11 @@ Rules kept here:
 - ``release_seq`` increases with every new release, so vehicles detect an older model offered as new
   (rollback) regardless of how versions are spelled;
 - releasing the same version again is a no-op that returns the existing target (idempotent); a crash
-  anywhere leaves the previous consistent repository (see ``_tuf_repo``) and can simply be retried.
+  anywhere leaves the previous consistent repository (see ``_tuf_repo``) and can simply be retried;
+- the root key is never in the online keys folder: root is signed in an offline folder
+  (:mod:`driveloop.ota.offline_root`). A repository without a root gets one signed in
+  ``offline_root`` (default ``<keys>/../offline-root/image``: move it offline), and key rotations
+  need that folder at hand, or the offline workflow.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from driveloop.core.exceptions import ConfigError, IntegrityError, OtaError
 from driveloop.core.version import model_version_text
 from driveloop.ota._tuf_io import repo_lock
 from driveloop.ota._tuf_repo import RepoPolicy, TufRepo
-from driveloop.ota.keys import ROLES, KeyStore, check_role
+from driveloop.ota.keys import KeyStore, check_role
+from driveloop.ota.offline_root import OfflineRoot, default_offline_dir, keys_summary, resign_root, sync_from_offline
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +99,18 @@ class ReleaseService:
         registry: RegistryLike,
         policy: RepoPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        offline_root: Path | None = None,
     ) -> None:
         self.repo = TufRepo(Path(repo_dir), KeyStore(Path(keys_dir)), policy or RepoPolicy())
+        self.offline = OfflineRoot(offline_root or default_offline_dir(Path(keys_dir), "image"))
         self.registry = registry
         self.clock = clock
         self._lock_path = Path(repo_dir) / ".lock"
         with repo_lock(self._lock_path):
+            sync_from_offline(self.repo, self.offline, self.clock())  # finishes an interrupted rotation
+            if self.repo.root_version() == 0:
+                resign_root(self.repo, self.offline, "image", self.repo.policy, now_s=self.clock())
+                logger.warning("signed a new TUF root with keys in %s: move that folder offline", self.offline.folder)
             self.repo.initialise(self.clock())
 
     # -- queries ---------------------------------------------------------------------------
@@ -119,17 +130,7 @@ class ReleaseService:
 
     def keys_summary(self) -> list[dict[str, Any]]:
         """Role, threshold, version and key ids of the current root (for ``ota keys show``)."""
-        root = self.repo.load_root().signed
-        return [
-            {
-                "role": role,
-                "threshold": root.roles[role].threshold,
-                "keyids": list(root.roles[role].keyids),
-                "root_version": root.version,
-                "expires": root.expires.isoformat(),
-            }
-            for role in ROLES
-        ]
+        return keys_summary(self.repo)
 
     @staticmethod
     def _info(t: TargetFile, targets_version: int) -> TargetInfo:
@@ -225,10 +226,14 @@ class ReleaseService:
         write_atomic(dest, data)
 
     def rotate_key(self, role: str) -> list[str]:
-        """Replace the keys of ``role`` (old ones revoked and destroyed); returns the new keyids."""
+        """Replace the keys of ``role`` (old ones revoked and destroyed); returns the new keyids.
+
+        Needs the offline root folder at hand (it signs the new root); otherwise use the offline workflow.
+        """
         check_role(role)
         with repo_lock(self._lock_path):
-            return self.repo.rotate(role, self.clock())
+            root = resign_root(self.repo, self.offline, "image", self.repo.policy, [role], self.clock())
+        return list(root.roles[role].keyids)
 
     def refresh_timestamp(self, expires: datetime | None = None) -> int:
         """Re-sign the timestamp (next version) expiring at ``expires`` (default: policy lifetime)."""

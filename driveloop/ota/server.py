@@ -2,11 +2,16 @@
 
 - Vehicles authenticate with their own token (``Authorization: Bearer …``; only its sha256 is stored):
   ``POST /v1/health`` and ``GET /v1/update?vehicle=…``.
-- Operators use the admin token: ``POST /v1/vehicles`` (enrol → token), ``POST /v1/rollouts`` (start,
-  only for a version released in the TUF repository), ``POST /v1/rollouts/{id}/pause|resume|promote|
-  abort|evaluate``. Reads (``GET /v1/rollouts/{id}``, the dashboard) need no token.
+- Operators use a named admin token (the name is the audit's actor): ``POST /v1/vehicles`` (enrol →
+  token), ``POST /v1/vehicles/{id}/disable|enable|rotate`` (revocation, effective on the vehicle's next
+  request), ``POST /v1/rollouts`` (start, only for a version released in the TUF repository),
+  ``POST /v1/rollouts/{id}/pause|resume|promote|abort|evaluate``. Reads (``GET /v1/rollouts/{id}``, the
+  dashboard) need no token.
 - TUF metadata and targets are served as static files from ``<ota_dir>/repo`` (``/tuf/…``, with
   HTTP Range for resumable downloads); ``/metrics`` for Prometheus; the dashboard at ``/``.
+- The director (Uptane): ``GET /v1/update`` also signs the vehicle's assignment into its director
+  repository (``ota/director_repo.py``), served from ``<ota_dir>/director/vehicles`` at
+  ``/director/<vehicle_id>/metadata/…``; the offer itself is an unsigned hint.
 
 Each health report may trigger an evaluation (at most one per ``eval_interval_s`` of the injected
 clock); a background task evaluates on the same period so a silent fleet still gets decisions.
@@ -19,16 +24,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from driveloop.contracts.fleet import (
     HealthReport,
@@ -40,6 +46,7 @@ from driveloop.contracts.fleet import (
     UpdateOffer,
     VehicleCredential,
     VehicleEnrol,
+    VehicleState,
 )
 from driveloop.core.exceptions import (
     AuthError,
@@ -49,7 +56,7 @@ from driveloop.core.exceptions import (
     RolloutStateError,
     StaleReportError,
 )
-from driveloop.core.tokens import hash_token, parse_bearer, verify_token
+from driveloop.core.tokens import DEFAULT_ADMIN_NAME, AdminTokens, parse_bearer
 from driveloop.ota.controller import OPERATOR_ACTIONS, OperatorAction, RolloutEvent, RolloutPlan, apply, decide
 from driveloop.ota.director import assign, assign_fleet, fleet_share
 from driveloop.ota.gates import HealthWindow
@@ -94,12 +101,14 @@ class FleetService:
     serialises every read-decide-append, so concurrent requests cannot interleave decisions."""
 
     def __init__(self, store: FleetStore, clock: Callable[[], float], eval_interval_s: float,
-                 source: HealthSource | None = None, released: Callable[[], set[str]] | None = None) -> None:
+                 source: HealthSource | None = None, released: Callable[[], set[str]] | None = None,
+                 director: Any = None) -> None:
         self.store = store
         self.clock = clock
         self.eval_interval_s = eval_interval_s
         self.source = source
         self.released = released
+        self.director = director  # ota.director_repo.DirectorRepo: signs each vehicle's assignment
         self.metrics = FleetMetrics(self.snapshot)
 
     def _rollout(self, rollout_id: int) -> Rollout:
@@ -108,32 +117,44 @@ class FleetService:
             raise NotFound(f"no rollout {rollout_id}")
         return self.store.load(rollout_id)
 
-    def enrol(self, req: VehicleEnrol) -> VehicleCredential:
-        token = self.store.enrol(req.vehicle_id, req.hardware_class, self.clock())
-        logger.info("enrolled vehicle %s (%s)", req.vehicle_id, req.hardware_class)
+    def enrol(self, req: VehicleEnrol, actor: str = "local") -> VehicleCredential:
+        token = self.store.enrol(req.vehicle_id, req.hardware_class, self.clock(), actor)
+        logger.info("enrolled vehicle %s (%s) by %s", req.vehicle_id, req.hardware_class, actor)
         return VehicleCredential(vehicle_id=req.vehicle_id, token=token)
+
+    def vehicle_action(self, vehicle_id: str, action: str, actor: str) -> VehicleState:
+        """Disable, enable or rotate the token of an enrolled vehicle (see ``FleetStore.vehicle_action``)."""
+        if vehicle_id not in self.store.vehicle_ids():
+            raise NotFound(f"no vehicle {vehicle_id}")
+        token = self.store.vehicle_action(vehicle_id, action, self.clock(), actor)
+        enabled = next(v["enabled"] for v in self.store.vehicles() if v["vehicle_id"] == vehicle_id)
+        return VehicleState(vehicle_id=vehicle_id, enabled=enabled, token=token)
 
     def start(self, req: RolloutStart, actor: str) -> RolloutStatus:
         if self.released is not None and req.version not in self.released():
             raise OtaError(f"version {req.version} is not released (run `driveloop ota release {req.version}`)")
-        plan = RolloutPlan.from_dict(req.plan) if req.plan is not None else RolloutPlan.default()
+        try:
+            plan = RolloutPlan.from_dict(req.plan.to_plan_dict()) if req.plan is not None else RolloutPlan.default()
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # the plan's rules are the controller's
+            raise ConfigError(f"bad rollout plan: {e}") from e
         rid = self.store.create_rollout(req.version, req.previous_version, plan, self.clock(), actor)
         self.metrics.decisions.labels("start").inc()
         logger.info("rollout %d started: %s (previous %s)", rid, req.version, req.previous_version)
         return self.status(rid)
 
-    def operate(self, rollout_id: int, kind: str, req: OperatorRequest) -> RolloutStatus:
+    def operate(self, rollout_id: int, kind: str, req: OperatorRequest, actor: str) -> RolloutStatus:
+        """``actor``: the admin token's name (over HTTP) or ``local:<user>`` (the CLI on the store)."""
         with self.store.lock:
             r = self._rollout(rollout_id)
             at = max(self.clock(), r.state.last_event_s)
-            new = apply(r.state, r.plan, OperatorAction(kind, at, req.actor, req.reason))  # raises → unchanged
-            self.store.append_event(rollout_id, RolloutEvent("operator", at, {"kind": kind, "actor": req.actor,
+            new = apply(r.state, r.plan, OperatorAction(kind, at, actor, req.reason))  # raises → unchanged
+            self.store.append_event(rollout_id, RolloutEvent("operator", at, {"kind": kind, "actor": actor,
                                                                                "reason": req.reason}),
-                                    "operator", req.actor, {"action": kind, "reason": req.reason,
-                                                            "stage": new.stage(r.plan).name,
-                                                            "status": new.status.value})
+                                    "operator", actor, {"action": kind, "reason": req.reason,
+                                                        "stage": new.stage(r.plan).name,
+                                                        "status": new.status.value})
         self.metrics.decisions.labels(kind).inc()
-        logger.warning("rollout %d: %s by %s (%s)", rollout_id, kind, req.actor, req.reason or "no reason")
+        logger.warning("rollout %d: %s by %s (%s)", rollout_id, kind, actor, req.reason or "no reason")
         return self.status(rollout_id)
 
     def ingest(self, report: HealthReport) -> dict[str, Any]:
@@ -168,10 +189,18 @@ class FleetService:
     def offer(self, vehicle_id: str) -> UpdateOffer:
         r = self.store.latest()
         if r is None:
+            self._sign_assignment(vehicle_id, None, None)
             return UpdateOffer(vehicle_id=vehicle_id, version=None, reason="no rollout")
         a = assign(r.state, r.plan, vehicle_id)
+        self._sign_assignment(vehicle_id, a.version, a.shadow_version)
         return UpdateOffer(vehicle_id=vehicle_id, version=a.version, shadow_version=a.shadow_version,
                            rollout_id=r.state.rollout_id, stage=r.state.stage(r.plan).name, reason=a.reason)
+
+    def _sign_assignment(self, vehicle_id: str, version: str | None, shadow_version: str | None) -> None:
+        """Uptane: a vehicle installs what the director signs for it (and the image repository agrees
+        with), never the unsigned offer; its repository is served at ``/director/<vehicle_id>/``."""
+        if self.director is not None:
+            self.director.assign(vehicle_id, version, shadow_version)
 
     def status(self, rollout_id: int) -> RolloutStatus:
         r = self._rollout(rollout_id)
@@ -197,6 +226,9 @@ class FleetService:
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """``admin_token`` is the admin token named ``admin``; ``admin_tokens`` ({name: token}) adds named
+    ones. Every admin token is at least 16 characters; only their hashes are kept by the app."""
+
     ota_dir: Path
     admin_token: str
     eval_interval_s: float = 60.0
@@ -204,12 +236,15 @@ class ServerConfig:
     prometheus_url: str | None = None  # gates read per-cohort stats by PromQL when set
     require_release: bool = True  # start only versions present in the TUF repository
     background_eval: bool = True
+    admin_tokens: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.admin_token) < 16:
-            raise ConfigError("the admin token must be at least 16 characters")
+        self.admins()  # every token long enough, every name well-formed
         if not self.eval_interval_s > 0:
             raise ConfigError(f"eval_interval_s must be > 0, got {self.eval_interval_s}")
+
+    def admins(self) -> AdminTokens:
+        return AdminTokens.from_tokens({DEFAULT_ADMIN_NAME: self.admin_token, **self.admin_tokens})
 
     @property
     def repo_dir(self) -> Path:
@@ -229,14 +264,17 @@ def _status_of(e: DriveloopError) -> int:
 def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> FastAPI:
     """The fleet server app. ``clock`` (seconds) is injectable so tests drive time explicitly."""
     store = FleetStore(config.db_url) if config.db_url else FleetStore.at(config.ota_dir)
-    admin_token_hash = hash_token(config.admin_token)  # compared as digests: equal length, constant time
+    admins = config.admins()  # compared as digests: equal length, constant time
     source = None
     if config.prometheus_url:
         from driveloop.ota.promql import PromHealthSource
 
         source = PromHealthSource(config.prometheus_url)
     released = (lambda: released_versions(config.repo_dir)) if config.require_release else None
-    service = FleetService(store, clock, config.eval_interval_s, source, released)
+    from driveloop.ota.director_repo import DirectorRepo
+
+    director = DirectorRepo.at(config.ota_dir)  # its clock is the wall clock: vehicles check expiry on theirs
+    service = FleetService(store, clock, config.eval_interval_s, source, released, director)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -254,6 +292,8 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
     for sub in ("metadata", "targets"):
         (config.repo_dir / sub).mkdir(exist_ok=True)
         app.mount(f"/tuf/{sub}", StaticFiles(directory=config.repo_dir / sub, check_dir=False), name=f"tuf-{sub}")
+    director.vehicles_dir.mkdir(parents=True, exist_ok=True)
+    app.mount("/director", StaticFiles(directory=director.vehicles_dir, check_dir=False), name="director")
 
     @app.exception_handler(DriveloopError)
     async def _driveloop_error(_: Request, e: DriveloopError) -> JSONResponse:
@@ -262,6 +302,10 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
     @app.exception_handler(NotFound)
     async def _not_found(_: Request, e: NotFound) -> JSONResponse:
         return JSONResponse({"error": str(e)}, status_code=404)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # unknown path, unparsable body
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -284,16 +328,23 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
         return response
 
     def admin(authorization: str | None = Header(default=None)) -> str:
+        """The name of the admin token the request carries: the audit's actor."""
         token = parse_bearer(authorization)
         if token is None:
             raise AuthError("missing admin token (Authorization: Bearer …)", status=401)
-        if not verify_token(token, admin_token_hash):
+        name = admins.identify(token)
+        if name is None:
             raise AuthError("invalid admin token", status=403)
-        return "admin"
+        return name
 
     @app.post("/v1/vehicles", status_code=201)
-    def enrol(req: VehicleEnrol, _: str = Depends(admin)) -> VehicleCredential:
-        return service.enrol(req)
+    def enrol(req: VehicleEnrol, actor: str = Depends(admin)) -> VehicleCredential:
+        return service.enrol(req, actor)
+
+    @app.post("/v1/vehicles/{vehicle_id}/{action}")
+    def vehicle_action(vehicle_id: str, action: Literal["disable", "enable", "rotate"],
+                       actor: str = Depends(admin)) -> VehicleState:
+        return service.vehicle_action(vehicle_id, action, actor)
 
     @app.post("/v1/health")
     def post_health(report: HealthReport, authorization: str | None = Header(default=None)) -> dict[str, Any]:
@@ -320,13 +371,13 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
 
     @app.post("/v1/rollouts/{rollout_id}/{action}")
     def operate(rollout_id: int, action: str, req: OperatorRequest | None = None,
-                _: str = Depends(admin)) -> RolloutStatus:
+                actor: str = Depends(admin)) -> RolloutStatus:
         if action == "evaluate":
             service.evaluate(force=True)
             return service.status(rollout_id)
         if action not in OPERATOR_ACTIONS:
             raise ConfigError(f"unknown action {action!r} ({', '.join((*OPERATOR_ACTIONS, 'evaluate'))})")
-        return service.operate(rollout_id, action, req or OperatorRequest())
+        return service.operate(rollout_id, action, req or OperatorRequest(), actor)
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -1,9 +1,12 @@
 """Durable fleet state in SQLite (SQLAlchemy Core): rollouts, their event logs, health reports,
-latest health per vehicle, hashed vehicle credentials and the audit chain.
+latest health per vehicle, hashed vehicle credentials (and which are disabled) and the audit chain.
 
 Every mutation is one transaction, so a crash never leaves an event without its audit entry or a
 health report without its vehicle's new ``last_seq``. The controller state is never stored: it is
 rebuilt by replaying the event log (:func:`driveloop.ota.controller.replay`), cached per event count.
+Vehicle authentication answers an unknown vehicle and a wrong token with the same error after the same
+work (``BAD_CREDENTIALS``); a disabled vehicle with a right token is refused (403) on its next request.
+Enrolment, disabling, enabling and token rotation are audited with the admin's name.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -42,6 +46,9 @@ from driveloop.ota.controller import RolloutEvent, RolloutPlan, RolloutState, St
 from driveloop.ota.gates import CohortStats, HealthWindow, ShadowAggregate
 
 logger = logging.getLogger(__name__)
+
+BAD_CREDENTIALS = "unknown vehicle or wrong token"
+_VEHICLE_ACTIONS = ("disable", "enable", "rotate")
 
 _md = MetaData()
 vehicles = Table(
@@ -100,6 +107,11 @@ audit = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
 )
+disabled_vehicles = Table(  # its own table: databases from before revocation gain it by create_all
+    "disabled_vehicles", _md,
+    Column("vehicle_id", String(64), primary_key=True),
+    Column("disabled_at_s", Float, nullable=False),
+)
 update_outcomes = Table(
     "update_outcomes", _md,
     Column("outcome", String(16), primary_key=True),
@@ -137,25 +149,63 @@ class FleetStore:
         return cls(f"sqlite:///{(ota_dir / 'fleet.db').resolve()}")
 
     # ---- vehicles -------------------------------------------------------------------------------
-    def enrol(self, vehicle_id: str, hardware_class: str, now_s: float) -> str:
+    def enrol(self, vehicle_id: str, hardware_class: str, now_s: float, actor: str = "local") -> str:
         """Register a vehicle and return its token (shown once; only its sha256 is stored)."""
         token = new_token()
         try:
             with self.lock, self.engine.begin() as c:
                 c.execute(insert(vehicles).values(vehicle_id=vehicle_id, token_sha256=hash_token(token),
                                                   hardware_class=hardware_class, enrolled_at_s=now_s))
+                self._audit(c, now_s, "vehicle", actor, None, {"action": "enrol", "vehicle_id": vehicle_id})
         except SAIntegrityError as e:
             raise OtaError(f"vehicle {vehicle_id} is already enrolled") from e
         return token
 
     def authenticate(self, vehicle_id: str, token: str | None) -> None:
-        """Raise AuthError unless ``token`` is this vehicle's (constant-time comparison)."""
+        """Raise AuthError unless ``token`` is this enabled vehicle's (constant-time comparison; an
+        unknown vehicle costs the same and reads the same as a wrong token)."""
         with self.engine.connect() as c:
-            row = c.execute(select(vehicles.c.token_sha256).where(vehicles.c.vehicle_id == vehicle_id)).first()
-        if row is None:
-            raise AuthError(f"unknown vehicle {vehicle_id}", status=401)
-        if not verify_token(token, row[0]):
-            raise AuthError(f"invalid token for vehicle {vehicle_id}", status=401)
+            row = c.execute(select(vehicles.c.token_sha256, disabled_vehicles.c.vehicle_id)
+                            .select_from(vehicles.outerjoin(disabled_vehicles,
+                                                            disabled_vehicles.c.vehicle_id == vehicles.c.vehicle_id))
+                            .where(vehicles.c.vehicle_id == vehicle_id)).first()
+        ok = verify_token(token, row[0] if row is not None else None)
+        if row is None or not ok:
+            raise AuthError(BAD_CREDENTIALS, status=401)
+        if row[1] is not None:
+            raise AuthError(f"vehicle {vehicle_id} is disabled", status=403)
+
+    def vehicle_action(self, vehicle_id: str, action: str, now_s: float, actor: str) -> str | None:
+        """``disable`` (every request refused from the next one on), ``enable``, or ``rotate`` (a new
+        token; the old one stops working at once; returned, shown once). Audited. Raises OtaError for an
+        unknown vehicle or action."""
+        if action not in _VEHICLE_ACTIONS:
+            raise OtaError(f"unknown vehicle action {action!r} ({', '.join(_VEHICLE_ACTIONS)})")
+        token = new_token() if action == "rotate" else None
+        with self.lock, self.engine.begin() as c:
+            if c.execute(select(vehicles.c.vehicle_id).where(vehicles.c.vehicle_id == vehicle_id)).first() is None:
+                raise OtaError(f"unknown vehicle {vehicle_id}")
+            off = c.execute(select(disabled_vehicles.c.vehicle_id)
+                            .where(disabled_vehicles.c.vehicle_id == vehicle_id)).first() is not None
+            if action == "disable" and not off:
+                c.execute(insert(disabled_vehicles).values(vehicle_id=vehicle_id, disabled_at_s=now_s))
+            elif action == "enable":
+                c.execute(delete(disabled_vehicles).where(disabled_vehicles.c.vehicle_id == vehicle_id))
+            elif token is not None:
+                c.execute(update(vehicles).where(vehicles.c.vehicle_id == vehicle_id)
+                          .values(token_sha256=hash_token(token)))
+            self._audit(c, now_s, "vehicle", actor, None, {"action": action, "vehicle_id": vehicle_id})
+        logger.warning("vehicle %s: %s by %s", vehicle_id, action, actor)
+        return token
+
+    def vehicles(self) -> list[dict[str, Any]]:
+        """Enrolled vehicles with their class, state and last reported version (never tokens)."""
+        with self.engine.connect() as c:
+            off = {r[0] for r in c.execute(select(disabled_vehicles.c.vehicle_id))}
+            rows = c.execute(select(vehicles.c.vehicle_id, vehicles.c.hardware_class, vehicles.c.enrolled_at_s,
+                                    vehicles.c.last_version).order_by(vehicles.c.vehicle_id))
+            return [{"vehicle_id": v, "hardware_class": h, "enrolled_at_s": t, "last_version": lv,
+                     "enabled": v not in off} for v, h, t, lv in rows]
 
     def vehicle_ids(self) -> list[str]:
         with self.engine.connect() as c:
@@ -176,7 +226,7 @@ class FleetStore:
             row = c.execute(select(vehicles.c.last_seq, vehicles.c.last_version)
                             .where(vehicles.c.vehicle_id == report.vehicle_id)).first()
             if row is None:
-                raise AuthError(f"unknown vehicle {report.vehicle_id}", status=401)
+                raise AuthError(BAD_CREDENTIALS, status=401)
             last_seq, last_version = row
             if last_seq is not None and report.seq <= last_seq:
                 raise StaleReportError(f"health report seq {report.seq} from {report.vehicle_id} is not after "
@@ -251,9 +301,14 @@ class FleetStore:
                 payload: dict[str, Any]) -> None:
         c.execute(insert(events).values(rollout_id=rollout_id, kind=event.kind, at_s=event.at_s,
                                         data=json.dumps(event.data, sort_keys=True)))
+        self._audit(c, event.at_s, audit_kind, actor, rollout_id, payload)
+
+    @staticmethod
+    def _audit(c: Connection, at_s: float, kind: str, actor: str, rollout_id: int | None,
+               payload: dict[str, Any]) -> None:
         last = c.execute(select(audit).order_by(audit.c.seq.desc()).limit(1)).mappings().first()
         prev = _entry(last) if last else None
-        e = make_entry(prev, event.at_s, audit_kind, actor, rollout_id, payload)
+        e = make_entry(prev, at_s, kind, actor, rollout_id, payload)
         c.execute(insert(audit).values(seq=e.seq, at_s=e.at_s, kind=e.kind, actor=e.actor, rollout_id=e.rollout_id,
                                        payload=json.dumps(e.payload, sort_keys=True), prev_hash=e.prev_hash,
                                        hash=e.hash))

@@ -1,7 +1,8 @@
 """Power-cut fuzz (issue 7, acceptance 3): 1,000 random crash points across download, install, switch,
 boot, health window and commit. After each cut the vehicle re-boots until it settles: it must always
 start a model whose bytes match a signed release, and a pending model never boots more than
-``max_boot_attempts`` times (no boot loop). Plus property tests of the pure slot state machine."""
+``max_boot_attempts`` times (no boot loop). The vehicles trust a director (Uptane) as in the fleet, so
+its python-tuf cache is torn by the cuts too. Plus property tests of the pure slot state machine."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from driveloop.edge import _slots
 from driveloop.core.atomic import FileOps
 from driveloop.edge.updater import VehicleUpdater, sha256_file
+from driveloop.ota.director_repo import DirectorRepo
 from driveloop.ota.release import RepoPolicy
 from driveloop.ota.release import ReleaseService
 from hypothesis import given, settings
@@ -86,24 +88,32 @@ def _build(tmp: Path) -> dict:
     svc = ReleaseService(tmp / "repo", tmp / "keys", reg, RepoPolicy(), clock=lambda: NOW_S)
     svc.release("1")
     svc.release("2")
-    fresh = tmp / "fresh"  # factory model only -> updating to 1
-    VehicleUpdater.provision(fresh, svc.trusted_root(), factory.onnx_path, factory.manifest.model_dump(),
-                             max_boot_attempts=MAX_BOOT_ATTEMPTS)
-    on_one = tmp / "on_one"  # committed on 1, factory in the other slot -> updating to 2 overwrites it
-    shutil.copytree(fresh, on_one)
-    u = VehicleUpdater(on_one, svc.repo.repo_dir, file_ops=FileOps(durable=False))
+    director = DirectorRepo(tmp / "director", tmp / "director-keys", tmp / "repo", clock=lambda: NOW_S)
+    director.bootstrap()
+    templates, directors = {}, {}
+    for target, name in (("1", "fresh"), ("2", "on-one")):
+        templates[target] = tmp / name
+        directors[target] = director.vehicles_dir / name
+        VehicleUpdater.provision(tmp / name, svc.trusted_root(), factory.onnx_path, factory.manifest.model_dump(),
+                                 max_boot_attempts=MAX_BOOT_ATTEMPTS, director_root=director.trusted_root(),
+                                 vehicle_id=name)
+    on_one = templates["2"]  # committed on 1, factory in the other slot -> updating to 2 overwrites it
+    director.assign("on-one", "1")
+    u = VehicleUpdater(on_one, svc.repo.repo_dir, file_ops=FileOps(durable=False), director=directors["2"])
     u.boot()
     u.update("1")
     u = VehicleUpdater(on_one, svc.repo.repo_dir, file_ops=FileOps(durable=False))
     u.boot()
     u.commit()
+    director.assign("fresh", "1")  # factory model only -> updating to 1
+    director.assign("on-one", "2")
     shas = {reg.get(v).manifest.sha256: v for v in ("0", "1", "2")}
-    return {"tmp": tmp, "repo": svc.repo.repo_dir, "templates": {"1": fresh, "2": on_one}, "shas": shas}
+    return {"tmp": tmp, "repo": svc.repo.repo_dir, "templates": templates, "directors": directors, "shas": shas}
 
 
-def _flow(vdir: Path, repo: Path, target: str, ops: FileOps, health: str) -> None:
+def _flow(vdir: Path, repo: Path, target: str, ops: FileOps, health: str, director: Path) -> None:
     """One update as the vehicle does it, across two process starts."""
-    u = VehicleUpdater(vdir, repo, file_ops=ops)
+    u = VehicleUpdater(vdir, repo, file_ops=ops, director=director)
     u.boot()
     if u.update(target):
         u = VehicleUpdater(vdir, repo, file_ops=ops)
@@ -120,7 +130,7 @@ def _tear_unsynced(vdir: Path, rng: random.Random) -> None:
     any of them (the provisioned trust anchor and FileOps-written files are durable)."""
     if rng.random() < 0.5:
         return
-    files = [p for d in ("tuf", "downloads") for p in sorted((vdir / d).rglob("*"))
+    files = [p for d in ("tuf", "director", "downloads") for p in sorted((vdir / d).rglob("*"))
              if p.is_file() and not p.is_symlink()]
     if files:
         victim = rng.choice(files)
@@ -132,7 +142,7 @@ def _count_steps(setup: dict, target: str, health: str) -> int:
     work = setup["tmp"] / f"count{target}{health}"
     shutil.copytree(setup["templates"][target], work)
     hook = CutAt(-1, random.Random(0))
-    _flow(work, setup["repo"], target, FileOps(hook, durable=False), health)
+    _flow(work, setup["repo"], target, FileOps(hook, durable=False), health, setup["directors"][target])
     shutil.rmtree(work)
     return hook.count
 
@@ -150,7 +160,7 @@ def test_power_cut_fuzz(setup: dict) -> None:
         shutil.copytree(setup["templates"][target], work)
         cut = CutAt(rng.randrange(steps[target, health]), rng)
         try:
-            _flow(work, setup["repo"], target, FileOps(cut, durable=False), health)
+            _flow(work, setup["repo"], target, FileOps(cut, durable=False), health, setup["directors"][target])
         except PowerCut:
             _tear_unsynced(work, rng)
         else:
@@ -176,7 +186,7 @@ def test_power_cut_fuzz(setup: dict) -> None:
         if i % 4:
             continue
         # The interrupted update can always be finished afterwards (unless this vehicle rejected it).
-        _flow(work, setup["repo"], target, FileOps(durable=False), "ok")
+        _flow(work, setup["repo"], target, FileOps(durable=False), "ok", setup["directors"][target])
         u = VehicleUpdater(work, setup["repo"], file_ops=FileOps(durable=False))
         final = setup["shas"][sha256_file(u.boot())]
         failed = any(u.state().slot(s).status == "failed" and u.state().slot(s).version == target for s in "ab")

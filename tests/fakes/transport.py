@@ -8,11 +8,13 @@ known bytes) so uploader tests exercise the same decisions as against the server
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import numpy as np
@@ -174,7 +176,7 @@ class FlakyHttpTransport(HttpTransport):
         def body() -> Iterator[bytes]:
             if prefix:
                 yield prefix
-            raise InjectedDrop
+            self._drop()
 
         try:
             self._client.request("PATCH", f"{self._base}/v1/uploads/{upload_id}", content=body(),
@@ -183,3 +185,19 @@ class FlakyHttpTransport(HttpTransport):
             pass
         self.interruptions += 1
         raise UploadError(f"injected connection drop after {len(prefix)} bytes of a chunk")
+
+    def _drop(self) -> NoReturn:
+        """How the link goes down at a cut, once the prefix is on the socket."""
+        raise InjectedDrop
+
+
+class DyingHttpTransport(FlakyHttpTransport):
+    """The uploader's process is SIGKILLed mid-chunk, once ``kill_at`` bytes were handed to send_chunk
+    and the prefix of that chunk is on the socket: a crash at one exact byte, not whenever a poll lands."""
+
+    def __init__(self, base_url: str, token: str, kill_at: int) -> None:
+        super().__init__(base_url, token, [kill_at])
+
+    def _drop(self) -> NoReturn:
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable: SIGKILL is delivered before kill() returns")

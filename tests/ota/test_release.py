@@ -12,6 +12,7 @@ from pathlib import Path
 
 import driveloop.ota._tuf_repo as tuf_repo_mod
 import driveloop.ota.keys as keys_mod
+import driveloop.ota.offline_root as offline_root_mod
 import driveloop.ota.release as release_mod
 import pytest
 from driveloop.ota.release import RepoPolicy
@@ -52,8 +53,10 @@ def test_init_layout_keys_and_threshold(tmp_path: Path, registry: FakeRegistry) 
     assert root.roles["root"].threshold == 2 and len(root.roles["root"].keyids) == 2
     assert len(Metadata.from_bytes((meta / "1.root.json").read_bytes()).signatures) == 2
     keys = list((tmp_path / "keys").iterdir())
-    assert len(keys) == 5  # 2 root + targets + snapshot + timestamp
-    assert all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys)
+    assert sorted(k.name.split("-")[0] for k in keys) == ["snapshot", "targets", "timestamp"]  # online only
+    root_keys = list((tmp_path / "offline-root" / "image" / "keys").iterdir())
+    assert len(root_keys) == 2 and all(k.name.startswith("root-") for k in root_keys)  # the offline folder
+    assert all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys + root_keys)
     assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
     # A second service on the same directory keeps the repository (idempotent init).
     before = (meta / "timestamp.json").read_bytes()
@@ -131,8 +134,8 @@ def test_rotate_key_revokes_old_and_clients_follow_the_chain(tmp_path: Path, reg
     summary = {k["role"]: k for k in svc.keys_summary()}
     assert summary[role]["keyids"] == new_ids and not set(new_ids) & set(old_ids)
     assert summary["root"]["root_version"] == 2
-    stored = {p.name.split("-", 1)[1][:-5] for p in (tmp_path / "keys").iterdir()}
-    assert not set(old_ids) & stored, "revoked private keys must be destroyed"
+    stored = {p.name.split("-", 1)[1][:-5] for d in ("keys", "offline-root") for p in (tmp_path / d).rglob("*-*.json")}
+    assert set(new_ids) <= stored and not set(old_ids) & stored, "revoked private keys must be destroyed"
     # A vehicle that only trusts root v1 updates through the chain and still sees the release.
     client = _client_targets(svc, tmp_path / "client", old_root)
     assert client.get_targetinfo("models/1/model.onnx") is not None
@@ -159,7 +162,7 @@ def _crash_at(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
     """Make the nth repository write raise (0-based), as a power cut would."""
     real = tuf_repo_mod.write_atomic
     calls = [0]
-    modules = (tuf_repo_mod, release_mod, keys_mod)
+    modules = (tuf_repo_mod, release_mod, keys_mod, offline_root_mod)
 
     def flaky(path: Path, data: bytes, mode: int = 0o644) -> None:
         calls[0] += 1

@@ -120,7 +120,7 @@ async function act(action) {
   const token = document.getElementById("token").value;
   const resp = await fetch(`/v1/rollouts/${current.rollout.rollout_id}/${action}`, {
     method: "POST", headers: {"Authorization": `Bearer ${token}`, "Content-Type": "application/json"},
-    body: JSON.stringify({actor: "dashboard", reason: `${action} from the dashboard`}),
+    body: JSON.stringify({reason: `${action} from the dashboard`}),
   });
   const body = await resp.json();
   out.textContent = resp.ok ? `${action}: ok (${body.status}, ${body.stage})` : `${action} refused: ${body.error}`;
