@@ -63,6 +63,7 @@ def run(
     epochs: int = typer.Option(10, "--epochs", min=1, help="Fine-tune epochs."),
     max_segments: int = typer.Option(0, "--max-segments", min=0, help="Use at most this many new segments (0: all)."),
     suite_duration_s: float = typer.Option(30.0, "--suite-duration", min=1.0, help="Simulated seconds per held-out vehicle."),
+    suite_classes: str = typer.Option("", "--suite-classes", help="Comma-separated scenario classes of the gate (default: all)."),
     base: str = typer.Option("", "--base", help="Registry ref of the current model (default: newest released, else validated)."),
     min_reduction: float = typer.Option(0.0, "--min-reduction", min=0.0, max=0.99,
                                         help="Required fall of suite interventions/hour (0.3 = 30%)."),
@@ -71,7 +72,8 @@ def run(
     """Turn the catalog's new segments into a gated candidate model."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from driveloop.cloud.evaluation import EvalSuite, GateTolerances
+    from driveloop._cli_fl import _suite  # the one parser of --suite-classes (fl run has the same flag)
+    from driveloop.cloud.evaluation import GateTolerances
     from driveloop.cloud.pipeline import PipelineConfig, run_pipeline
     from driveloop.cloud.train import FinetuneConfig
     from driveloop.settings import load_settings
@@ -80,7 +82,7 @@ def run(
         load_settings(),
         base_ref=base or None,
         finetune=FinetuneConfig(epochs=epochs, seed=seed),
-        suite=EvalSuite(duration_s=suite_duration_s),
+        suite=_suite(suite_classes, suite_duration_s),
         tolerances=GateTolerances(min_suite_iph_reduction_frac=min_reduction),
         seed=seed,
         max_segments=max_segments or None,

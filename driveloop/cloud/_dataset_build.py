@@ -97,8 +97,8 @@ def _select(light: Any, mining: Any, labeler: Any, seed: int, order: list[str]) 
         raise PipelineError("the segments hold no frames")
     raw_scores = []
     groups = dict(tuple(light.groupby("segment", sort=False)))
-    for sha in (sha for sha in order if sha in groups):
-        g = groups[sha].sort_values("frame_index")
+    ordered = [(sha, groups[sha].sort_values("frame_index")) for sha in order if sha in groups]
+    for sha, g in ordered:
         parts = {k: g[f"part_{k}"].to_numpy(np.float64) for k in ("event", "ttc", "confidence", "disagreement")}
         raw_scores.append(FrameScores(str(sha), parts, g["bin_key"].astype(str).tolist(), g["is_event"].to_numpy(bool)))
     counts = bin_counts(raw_scores)
@@ -106,7 +106,9 @@ def _select(light: Any, mining: Any, labeler: Any, seed: int, order: list[str]) 
     selection = select_frames(finished, mining, seed)
     if selection.n_hard + selection.n_replay == 0:
         raise PipelineError("mining selected no frames")
-    accuracy = summarize_accuracy({k: light[k].to_numpy() for k in _ACC}, labeler)
+    # Summed in the same stable order: Ray hands the rows back grouped by file path (a content hash),
+    # and a float sum in that order differs in its last bits from run to run.
+    accuracy = summarize_accuracy({k: np.concatenate([g[k].to_numpy() for _, g in ordered]) for k in _ACC}, labeler)
     return selection, accuracy, finished
 
 

@@ -299,8 +299,10 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
         replies = [_unpack(m) for m in good]
         screen = screen_round(replies, arrays, known, settings.robust)
         accepted = []
-        for i, clipped in screen.accepted.items():
-            good[i].content["arrays"] = _to_record(clipped)
+        # In vehicle order, not arrival order: the strategy sums the replies in the order given, and a float
+        # sum in arrival order differs in its last bits from run to run (so would the candidate).
+        for i in sorted(screen.accepted, key=lambda i: screen.verdicts[i].vehicle_id):
+            good[i].content["arrays"] = _to_record(screen.accepted[i])
             accepted.append(good[i])
         enough = len(accepted) >= settings.needed(len(ids)) if ids else False
         new_arrays = None

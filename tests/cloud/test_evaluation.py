@@ -99,3 +99,37 @@ def test_metrics_validated() -> None:
         _c(hours=0.0)
     with pytest.raises(PipelineError):
         _c(collisions=-1)
+
+
+def test_held_out_metrics_do_not_depend_on_host_stalls(random_home, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite runs on simulated time: a host stall longer than the vehicle's inference deadline (which,
+    on a vehicle's wall clock, is a missed reply and a fallback intervention) leaves the metrics unchanged."""
+    import time
+
+    from driveloop.cloud.evaluation import EvalSuite, evaluate_model
+    from driveloop.cloud.registry import Registry
+    from driveloop.edge.agent import AgentConfig
+    from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
+    from driveloop.edge.runtime import ModelRuntime
+
+    with Registry(random_home / "registry") as reg:
+        art = reg.get("validated")
+    suite = EvalSuite(classes={"ccrs": ("ccrs-30",)}, vehicles_per_scenario=2, duration_s=3.0)
+    calm = evaluate_model(art.onnx_path, art.manifest, suite)
+
+    run, calls = ModelRuntime.run, [0]
+
+    def stalling(self: ModelRuntime, batch: dict) -> tuple:  # every 10th call stalls past the deadline
+        calls[0] += 1
+        if calls[0] % 10 == 0:
+            time.sleep(AgentConfig().deadline_s + 0.02)
+        return run(self, batch)
+
+    monkeypatch.setattr(ModelRuntime, "run", stalling)
+    # the stall is real: on the vehicle's wall clock it is a missed deadline
+    wall = run_fleet([VehiclePlan("v", "ccrs-30", 1)], {"default": InProcessInference(
+        ModelRuntime(art.onnx_path, art.manifest, device="cpu"))}, duration_s=3.0)
+    assert wall.deadline_misses >= 2
+    calls[0] = 0
+    assert evaluate_model(art.onnx_path, art.manifest, suite) == calm
+    assert calls[0] >= 20  # 30 ticks, one batched call each: the suite met (and ignored) 3 stalls

@@ -43,3 +43,52 @@ def test_missing_object_is_reported_then_a_pipeline_error(tmp_path: Path, monkey
     assert main(["cloud", "pipeline", "run"]) == 7
     err = capsys.readouterr().err
     assert "none of the 1 new segments is valid" in err
+
+
+# The fixture of the run below, built for one outcome: v1 (the reduced bootstrap: cloned on nominal traffic
+# only, it brakes late for a stationary target) drives these CCRs approaches, where the AEB has to step in,
+# and uploads them. The pipeline's hindsight labels brake earlier there, so the fine-tuned candidate must
+# need the fallback less often than v1 on the held-out CCRs suite (ccrs-30/50/70 at held-out seeds).
+CCRS_DRIVES = (("ccrs-30", 11), ("ccrs-45", 12), ("ccrs-60", 13), ("ccrs-75", 14))
+
+
+@pytest.mark.slow
+def test_pipeline_run_makes_a_candidate_better_than_its_base(trained_home: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    from driveloop.cloud.registry import Registry
+
+    home = tmp_path / "home"
+    shutil.copytree(trained_home, home)
+    monkeypatch.setenv("DRIVELOOP_HOME", str(home))
+    for scenario, seed in CCRS_DRIVES:
+        assert main(["drive", "--scenario", scenario, "--vehicles", "2", "--duration", "12", "--seed", str(seed),
+                     "--model", "1", "--json"]) == 0
+        drove = json.loads(capsys.readouterr().out)
+        assert drove["interventions"] > 0 and drove["upload"]["uploaded"] == drove["segments"]  # the premise
+
+    assert main(["cloud", "pipeline", "run", "--json", "--epochs", "8", "--suite-classes", "ccrs",
+                 "--suite-duration", "12"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["status"] == "ok" and r["base_version"] == 1 and r["segments_used"] == r["segments_new"] > 0
+    gate = r["gate"]
+    assert set(gate["classes"]) == {"ccrs"}
+    base, cand = gate["baseline"], gate["candidate"]
+    assert cand["episodes"] == base["episodes"] and cand["hours"] == base["hours"]  # the same held-out drives
+    assert base["interventions"] > 0 and cand["interventions"] < base["interventions"]
+    assert cand["collisions"] == 0
+    assert gate["passed"] and gate["reasons"] == [] and r["candidate_stage"] == "validated"
+    with Registry(home / "registry") as reg:
+        art = reg.get(r["candidate"])
+    assert art.stage == "validated" and art.manifest.parent_version == 1
+    assert art.manifest.metrics["gate"]["candidate"]["interventions"] == cand["interventions"]
+
+
+def test_unknown_suite_class_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path))
+    assert main(["cloud", "pipeline", "run", "--suite-classes", "ccrs,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown scenario classes ['nope']" in err and len(err.strip().splitlines()) == 1

@@ -1,8 +1,11 @@
 """The dashboard in a real headless Chromium, mid-rollout: the page's JS must have fetched the JSON and
-filled in the stage, cohort counts, health chart and timeline. Saves docs/dashboard.png."""
+filled in the stage, cohort counts, health chart and timeline. The screenshot goes to the test's temp
+folder; the documentation's picture (docs/dashboard.png) is made by ``scripts/dashboard_screenshot.py``
+from the same mid-rollout server (:func:`mid_rollout_server`)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -15,7 +18,6 @@ import pytest
 from tests.ota.test_server import ADMIN, FLEET, Fleet, Running, admin, start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 PLAN = {"stages": [
     {"name": "shadow", "fraction": 0.2, "shadow": True, "min_duration_s": 0.0, "min_evaluations": 1,
      "tolerances": {"min_vehicles": 2, "min_hours": 0.1, "min_control_hours": 0.1, "min_shadow_ticks": 100}},
@@ -40,10 +42,18 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None,
                                     reason="chromium is not installed (Debian: apt-get install chromium)")
 
 
-@pytest.fixture(scope="module")
-def mid_rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, int]]:
-    """A fleet server with a rollout held in its 50 % stage after healthy shadow and canary stages."""
-    with start_server(tmp_path_factory.mktemp("dash")) as srv:
+def screenshot(tmp: Path, url: str, out: Path) -> None:
+    """A PNG of the page at ``url`` (rendered by headless Chromium) at ``out``; asserts it is one."""
+    res = chromium(tmp, f"--screenshot={out}", url)
+    assert res.returncode == 0 and out.stat().st_size > 10_000, res.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@contextlib.contextmanager
+def mid_rollout_server(tmp: Path) -> Iterator[tuple[Running, int]]:
+    """A fleet server (state under ``tmp``) with a rollout held in its 50 % stage after healthy shadow and
+    canary stages: what the tests render, and what the documentation's picture shows."""
+    with start_server(tmp) as srv:
         tokens = {v: httpx.post(f"{srv.url}/v1/vehicles", json={"vehicle_id": v}, headers=admin()).json()["token"]
                   for v in FLEET}
         fleet = Fleet(srv, tokens)
@@ -57,6 +67,12 @@ def mid_rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Runn
                 break
         fleet.window()  # one healthy window inside 50 %: mid-rollout, still held
         yield srv, rid
+
+
+@pytest.fixture(scope="module")
+def mid_rollout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, int]]:
+    with mid_rollout_server(tmp_path_factory.mktemp("dash")) as running:
+        yield running
 
 
 @needs_chromium
@@ -81,12 +97,7 @@ def test_dashboard_renders_mid_rollout(mid_rollout: tuple[Running, int], tmp_pat
     assert 'data-metric="p99_ms"' in html
     assert "health gate passed in canary" in html and "audit chain verified" in html
 
-    DOCS.mkdir(exist_ok=True)
-    shot = tmp_path / "dashboard.png"
-    res = chromium(tmp_path, f"--screenshot={shot}", f"{srv.url}/")
-    assert res.returncode == 0 and shot.stat().st_size > 10_000, res.stderr[-2000:]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    shutil.copyfile(shot, DOCS / "dashboard.png")
+    screenshot(tmp_path, f"{srv.url}/", tmp_path / "dashboard.png")  # the test's own folder, never docs/
 
 
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
