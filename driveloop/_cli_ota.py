@@ -287,13 +287,14 @@ def simulate_cmd(
     bad_model: bool = typer.Option(False, "--bad-model", help="The new model is worse than the fleet's."),
     bad_kind: str = typer.Option("interventions", "--bad-kind", help="interventions | crash"),
     seed: int = typer.Option(0, "--seed"),
+    forgers: int = typer.Option(0, "--forgers", min=0, help="Extra vehicles that send forged health reports."),
     audit: Path | None = typer.Option(None, "--audit", help="Write the hash-chained audit log here (JSONL)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Drive a simulated fleet through a rollout with the real controller, director and audit log."""
     from driveloop.ota.simulate import SimConfig, simulate
 
-    cfg = SimConfig(vehicles=vehicles, bad_model=bad_model, bad_kind=bad_kind, seed=seed)
+    cfg = SimConfig(vehicles=vehicles, bad_model=bad_model, bad_kind=bad_kind, seed=seed, forgers=forgers)
     if as_json:
         result = simulate(cfg, audit)
         typer.echo(json.dumps(result.to_dict(), indent=2, sort_keys=True))

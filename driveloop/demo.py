@@ -119,9 +119,11 @@ def demo_plan() -> dict[str, Any]:
     from driveloop.ota.controller import RolloutPlan, StageSpec
     from driveloop.ota.gates import GateTolerances
 
-    # ~72 s of canary driving before any verdict: a 25% canary of 8 cars is 2-3 vehicles
+    # ~72 s of canary driving before any verdict: a 25% canary of 8 cars is 2-3 vehicles. The demo's cars
+    # share one host, whose stalls reach every model group's p99 alike but not in the same window: a p99
+    # within 10 ms of the control (a fifth of the 50 ms inference deadline) is no health risk here.
     tol = GateTolerances(min_vehicles=1, min_hours=0.02, min_control_hours=0.02, min_shadow_ticks=200,
-                         max_disagreement_rate=0.25, max_mean_abs_diff=1.0)
+                         max_disagreement_rate=0.25, max_mean_abs_diff=1.0, p99_abs_ms=10.0)
     stages = (StageSpec("shadow", 0.25, True, 0.0, 1, tol), StageSpec("canary", 0.25, False, 0.0, 2, tol),
               StageSpec("50%", 0.5, False, 0.0, 1, tol), StageSpec("100%", 1.0, False, 0.0, 1, tol))
     return RolloutPlan(stages).to_dict()

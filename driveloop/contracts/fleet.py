@@ -77,6 +77,14 @@ class HealthReport(_Wire):
         return self.window_end_s - self.window_start_s
 
 
+class InstallConfirmation(_Wire):
+    """The vehicle's updater installed and booted ``version`` (``POST /v1/installed``): health reports
+    count only for the version the director assigned and the vehicle confirmed this way."""
+
+    vehicle_id: str = Field(pattern=VEHICLE_ID_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
+
+
 class UpdateCheck(_Wire):
     vehicle_id: str = Field(pattern=VEHICLE_ID_PATTERN)
     current_version: str | None = Field(default=None, pattern=VERSION_PATTERN)

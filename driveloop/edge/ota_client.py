@@ -5,6 +5,9 @@ HTTP API around it (per-vehicle bearer token):
 
 - ``GET /v1/update?vehicle=…`` → :class:`~driveloop.contracts.fleet.UpdateOffer` (what to run, and what to
   run in shadow);
+- ``POST /v1/installed`` ← the version the updater installed and booted (its running slot), before the
+  first report of that version under each director answer: the server counts a report only for the
+  version the director assigned this vehicle and it confirmed installing;
 - ``POST /v1/health`` ← :class:`~driveloop.contracts.fleet.HealthReport` once per health window.
 
 A new active version is installed into the inactive slot and boots on the *next* start (the fleet
@@ -65,13 +68,17 @@ class OtaClient:
         self._http = http
         self._headers = {"Authorization": f"Bearer {token}"}
         self.shadow: ActiveModel | None = None
+        self._rollout: int | None = None  # the rollout of the director's last answer
+        self._confirmed: tuple[str, int | None] | None = None  # (version, rollout) last confirmed
+        self._booted: str | None = None
 
     # -- boot ----------------------------------------------------------------------------------------
     def start(self) -> ActiveModel:
         """Boot: the updater picks the slot (a pending one gets its trial) and verifies its bytes."""
         path = self.updater.boot()
         manifest = json.loads((path.parent / "manifest.json").read_text())
-        return ActiveModel(str(manifest["version"]), path, manifest, self.updater.state().trial)
+        self._booted = str(manifest["version"])  # what this start runs, verified: what its reports confirm
+        return ActiveModel(self._booted, path, manifest, self.updater.state().trial)
 
     def close_window(self, result: HealthWindowResult) -> None:
         """Judge a trial model's health window: commit it, revert it, or keep watching."""
@@ -93,6 +100,7 @@ class OtaClient:
     def sync(self, active: ActiveModel) -> dict[str, Any]:
         """Ask the director and act on its answer; returns the offer (with what was done in ``action``)."""
         offer = self.offer()  # also has the director sign this vehicle's assignment (Uptane)
+        self._rollout = offer.get("rollout_id")
         want, shadow = self.updater.assigned(offer.get("version"), offer.get("shadow_version"))
         action = "none"
         if want is not None and want != active.version:
@@ -128,7 +136,18 @@ class OtaClient:
     # -- health --------------------------------------------------------------------------------------
     def report(self, model_version: str, window_start_s: float, window_end_s: float, metrics: Any,
                inference_p99_ms: float, shadow: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Send one health window (DESIGN.md: Health) built from the vehicle's metrics for that window."""
+        """Send one health window (DESIGN.md: Health) built from the vehicle's metrics for that window,
+        confirming the running slot's version first where the server has not had it under this rollout."""
+        # The version this start booted (a trial judged at the window's end may already have been reverted:
+        # the window was still driven on it), else the running slot's.
+        running = self.updater.state()
+        installed = self._booted or str(running.slot(running.running).version)
+        if installed == model_version and self._confirmed != (installed, self._rollout):
+            try:
+                self._request("POST", "/v1/installed", json={"vehicle_id": self.vehicle_id, "version": installed})
+                self._confirmed = (installed, self._rollout)
+            except OtaError as e:  # not what the director assigned: the report is sent and rejected (counted)
+                logger.warning("install confirmation of %s refused: %s", installed, e)
         report = {
             "vehicle_id": self.vehicle_id, "model_version": model_version,
             "window_start_s": window_start_s, "window_end_s": window_end_s, "seq": time.time_ns() // 1_000,  # monotonic across restarts

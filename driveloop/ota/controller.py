@@ -59,13 +59,16 @@ def _baseline_after(window: HealthWindow, tol: GateTolerances, baseline: CohortS
 
 
 LEGACY_GATE_RULES = 1  # what a logged plan without ``gate_rules`` was decided by (every log before rules 2)
-CURRENT_GATE_RULES = 2
+CURRENT_GATE_RULES = 3
 # gate_rules of a plan -> its rules. 1: the control's observed rate taken as exact (frozen in
-# _gates_v1); 2: exact two-exposure tests, pooled references, bounded holds. Never change a published entry.
+# _gates_v1); 2: exact two-exposure tests, pooled references, bounded holds; 3: 2 + a minimum of distinct
+# control vehicles (windows aggregated per vehicle, weights bounded). Never change a published entry.
 GATE_RULES: Mapping[int, GateRules] = MappingProxyType({
     LEGACY_GATE_RULES: GateRules(_gates_v1.evaluate_active, _gates_v1.evaluate_shadow, _gates_v1.baseline_after,
                                  bounded_holds=False),
-    CURRENT_GATE_RULES: GateRules(gates.evaluate_active, gates.evaluate_shadow, _baseline_after, bounded_holds=True),
+    2: GateRules(gates.evaluate_active, gates.evaluate_shadow, _baseline_after, bounded_holds=True),
+    CURRENT_GATE_RULES: GateRules(gates.evaluate_active_v3, gates.evaluate_shadow, _baseline_after,
+                                  bounded_holds=True),
 })
 
 

@@ -23,6 +23,11 @@ which treats the control's rate as the estimate it is; (b) the canary's mean p99
 
 4. Otherwise PASS.
 
+Rules 3 (:func:`evaluate_active_v3`) add: the reference must also span ``min_vehicles`` distinct
+vehicles before a non-safety verdict; and every cohort statistic is now built per vehicle with each
+vehicle's weight bounded (:func:`aggregate` via :mod:`driveloop.ota.robust`), so k forging vehicles move
+a verdict only when k is a real share of the cohort. The exact tests themselves are unchanged.
+
 INCONCLUSIVE means "not enough evidence either way": the controller holds the stage for more windows
 (a bounded number, see :mod:`driveloop.ota.controller`). Every verdict carries its named parts
 (:class:`MetricCheck`), which adapters log and export.
@@ -49,6 +54,7 @@ __all__ = [
     "Verdict",
     "aggregate",
     "evaluate_active",
+    "evaluate_active_v3",
     "evaluate_shadow",
     "poisson_sf",
     "reference",
@@ -162,26 +168,30 @@ class _Acc:
 
 
 def aggregate(reports: Iterable[HealthReport], version: str, previous_version: str) -> HealthWindow:
-    """Split reports by the model that actuated: ``version`` → canary, ``previous_version`` → control.
+    """Split reports by the model that actuated: ``version`` → canary, ``previous_version`` → control,
+    summed per vehicle and combined with each vehicle's weight bounded (:mod:`driveloop.ota.robust`).
 
     Shadow comparisons ride on control reports (the vehicle actuated the previous model). Reports for
     any other version say nothing about this release and are ignored.
     """
-    canary, control = _Acc(), _Acc()
-    sv: set[str] = set()
-    s_ticks = s_dis = 0
-    s_diff = 0.0
+    from driveloop.ota.robust import robust_cohort, robust_shadow  # robust builds on this module's types
+
+    canary: dict[str, _Acc] = {}
+    control: dict[str, _Acc] = {}
+    shadow: dict[str, list[float]] = {}
     for r in reports:
         if r.model_version == version:
-            canary.add(r)
+            canary.setdefault(r.vehicle_id, _Acc()).add(r)
         elif r.model_version == previous_version:
-            control.add(r)
+            control.setdefault(r.vehicle_id, _Acc()).add(r)
             if r.shadow is not None:
-                sv.add(r.vehicle_id)
-                s_ticks += r.shadow.compared_ticks
-                s_dis += r.shadow.disagreements
-                s_diff += r.shadow.mean_abs_diff * r.shadow.compared_ticks
-    return HealthWindow(canary.stats(), control.stats(), ShadowAggregate(len(sv), s_ticks, s_dis, s_diff))
+                s = shadow.setdefault(r.vehicle_id, [0, 0, 0.0])
+                s[0] += r.shadow.compared_ticks
+                s[1] += r.shadow.disagreements
+                s[2] += r.shadow.mean_abs_diff * r.shadow.compared_ticks
+    return HealthWindow(robust_cohort([a.stats() for a in canary.values()]),
+                        robust_cohort([a.stats() for a in control.values()]),
+                        robust_shadow([ShadowAggregate(1, int(t), int(d), x) for t, d, x in shadow.values()]))
 
 
 @dataclass(frozen=True)
@@ -334,6 +344,23 @@ def evaluate_active(window: HealthWindow, tol: GateTolerances, baseline: CohortS
         _p99_check(c, ref, tol),
     ]
     return _result(safety + relative, "within tolerance of control")
+
+
+def evaluate_active_v3(window: HealthWindow, tol: GateTolerances,
+                       baseline: CohortStats | None = None) -> GateResult:
+    """Rules 3: rules 2, and the reference must span ``min_vehicles`` distinct vehicles too (a control of
+    one or two vehicles cannot carry a verdict either way); safety failures still need no minimum."""
+    r = evaluate_active(window, tol, baseline)
+    ref = reference(window, tol, baseline)
+    if r.verdict is Verdict.FAIL and any(c.name in _SAFETY for c in r.checks if c.verdict is Verdict.FAIL):
+        return r
+    if ref is not None and ref.vehicles < tol.min_vehicles:
+        return GateResult(Verdict.INCONCLUSIVE, f"too few control vehicles: {ref.vehicles} "
+                          f"(need {tol.min_vehicles})", tuple(c for c in r.checks if c.name in _SAFETY))
+    return r
+
+
+_SAFETY = ("collisions", "crashes_per_h")
 
 
 def evaluate_shadow(window: HealthWindow, tol: GateTolerances) -> GateResult:

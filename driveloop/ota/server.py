@@ -1,7 +1,11 @@
 """The fleet server (``driveloop ota serve``): health in, update offers out, rollouts steered by operators.
 
 - Vehicles authenticate with their own token (``Authorization: Bearer …``; only its sha256 is stored):
-  ``POST /v1/health`` and ``GET /v1/update?vehicle=…``.
+  ``POST /v1/health``, ``GET /v1/update?vehicle=…`` and ``POST /v1/installed`` (the version its updater
+  installed and booted; accepted only for what the director assigned it). A health report counts only
+  where :func:`driveloop.ota.admission.admit` accepts it (confirmed version, window checked against the
+  server's clock); a rejected one answers ``accepted: false`` with its reason and is counted
+  (``driveloop_fleet_health_rejected_total``), logged and audited.
 - Operators use a named admin token (the name is the audit's actor): ``POST /v1/vehicles`` (enrol →
   token), ``POST /v1/vehicles/{id}/disable|enable|rotate`` (revocation, effective on the vehicle's next
   request), ``POST /v1/rollouts`` (start, only for a version released in the TUF repository),
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from prometheus_client import Counter
 from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -38,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from driveloop.contracts.fleet import (
     HealthReport,
+    InstallConfirmation,
     OperatorRequest,
     RolloutStart,
     RolloutStatus,
@@ -58,9 +64,10 @@ from driveloop.core.exceptions import (
 )
 from driveloop.core.tokens import DEFAULT_ADMIN_NAME, AdminTokens, parse_bearer
 from driveloop.ota.controller import OPERATOR_ACTIONS, OperatorAction, RolloutEvent, RolloutPlan, apply, decide
+from driveloop.ota.admission import AdmissionPolicy
 from driveloop.ota.director import assign, assign_fleet, fleet_share
 from driveloop.ota.gates import HealthWindow
-from driveloop.ota.metrics import FleetMetrics, FleetSnapshot
+from driveloop.ota.metrics import PREFIX, FleetMetrics, FleetSnapshot
 from driveloop.ota.store import FleetStore, Rollout
 
 logger = logging.getLogger(__name__)
@@ -110,6 +117,8 @@ class FleetService:
         self.released = released
         self.director = director  # ota.director_repo.DirectorRepo: signs each vehicle's assignment
         self.metrics = FleetMetrics(self.snapshot)
+        self.rejected = Counter(f"{PREFIX}_health_rejected", "Health reports rejected, by reason.", ["reason"],
+                                registry=self.metrics.registry)
 
     def _rollout(self, rollout_id: int) -> Rollout:
         latest = self.store.latest_rollout_id()
@@ -157,8 +166,17 @@ class FleetService:
         logger.warning("rollout %d: %s by %s (%s)", rollout_id, kind, actor, req.reason or "no reason")
         return self.status(rollout_id)
 
+    def confirm(self, req: InstallConfirmation) -> dict[str, Any]:
+        r = self.store.latest()
+        self.store.confirm_install(req.vehicle_id, req.version, r.state.rollout_id if r else None, self.clock())
+        return {"confirmed": req.version}
+
     def ingest(self, report: HealthReport) -> dict[str, Any]:
-        outcome = self.store.record_health(report, self.store.latest(), self.clock())
+        rejected, outcome = self.store.record_health(report, self.store.latest(), self.clock())
+        if rejected is not None:
+            self.rejected.labels(rejected).inc()
+            logger.warning("health report %d from %s rejected: %s", report.seq, report.vehicle_id, rejected)
+            return {"accepted": False, "seq": report.seq, "reason": rejected}
         d = self.evaluate()
         return {"accepted": True, "seq": report.seq, "update_outcome": outcome,
                 "decision": d.to_dict() if d is not None else None}
@@ -192,6 +210,7 @@ class FleetService:
             self._sign_assignment(vehicle_id, None, None)
             return UpdateOffer(vehicle_id=vehicle_id, version=None, reason="no rollout")
         a = assign(r.state, r.plan, vehicle_id)
+        self.store.record_assignment(vehicle_id, r.state.rollout_id, a.version)
         self._sign_assignment(vehicle_id, a.version, a.shadow_version)
         return UpdateOffer(vehicle_id=vehicle_id, version=a.version, shadow_version=a.shadow_version,
                            rollout_id=r.state.rollout_id, stage=r.state.stage(r.plan).name, reason=a.reason)
@@ -237,6 +256,7 @@ class ServerConfig:
     require_release: bool = True  # start only versions present in the TUF repository
     background_eval: bool = True
     admin_tokens: Mapping[str, str] = field(default_factory=dict)
+    admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)  # health windows vs the server's clock
 
     def __post_init__(self) -> None:
         self.admins()  # every token long enough, every name well-formed
@@ -263,7 +283,8 @@ def _status_of(e: DriveloopError) -> int:
 
 def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> FastAPI:
     """The fleet server app. ``clock`` (seconds) is injectable so tests drive time explicitly."""
-    store = FleetStore(config.db_url) if config.db_url else FleetStore.at(config.ota_dir)
+    store = FleetStore(config.db_url, config.admission) if config.db_url \
+        else FleetStore.at(config.ota_dir, config.admission)
     admins = config.admins()  # compared as digests: equal length, constant time
     source = None
     if config.prometheus_url:
@@ -350,6 +371,11 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
     def post_health(report: HealthReport, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         store.authenticate(report.vehicle_id, parse_bearer(authorization))
         return service.ingest(report)
+
+    @app.post("/v1/installed")
+    def post_installed(req: InstallConfirmation, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        store.authenticate(req.vehicle_id, parse_bearer(authorization))
+        return service.confirm(req)
 
     @app.get("/v1/update")
     def get_update(vehicle: str, current: str | None = None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from driveloop.contracts.fleet import HealthReport, ShadowStats
 from driveloop.core.exceptions import ConfigError
+from driveloop.ota.admission import AdmissionPolicy, VehicleRecord, admit
 from driveloop.ota.audit import JsonlAuditLog
 from driveloop.ota.cohorts import in_cohort
 from driveloop.ota.controller import Action, RolloutEvent, RolloutPlan, Status, decide, replay, start
@@ -65,6 +66,7 @@ class SimConfig:
     bad_kind: str = "interventions"
     seed: int = 0
     max_windows: int = 40
+    forgers: int = 0  # extra vehicles that send forged reports (see _forgeries)
     fleet: FleetModel = field(default_factory=FleetModel)
     plan: RolloutPlan = field(default_factory=RolloutPlan.default)
 
@@ -73,6 +75,8 @@ class SimConfig:
             raise ConfigError(f"vehicles must be >= 1, got {self.vehicles}")
         if self.bad_kind not in BAD_KINDS:
             raise ConfigError(f"bad_kind must be one of {BAD_KINDS}, got {self.bad_kind!r}")
+        if self.forgers < 0:
+            raise ConfigError(f"forgers must be >= 0, got {self.forgers}")
         if self.max_windows < 1:
             raise ConfigError("max_windows must be >= 1")
 
@@ -92,6 +96,7 @@ class SimResult:
     decisions: list[dict[str, Any]]
     audit_ok: bool
     replay_ok: bool
+    reports_rejected: int = 0
 
     def to_dict(self, with_decisions: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -136,12 +141,36 @@ def _reports(cfg: SimConfig, rng: np.random.Generator, fleet: list[_Vehicle], t_
     return out
 
 
+_FORGERIES = ("other_version", "huge_window", "future_window", "zero_counts", "extreme_counts")
+
+
+def _forgeries(fleet: list[_Vehicle], t_s: float, window_s: float) -> list[HealthReport]:
+    """One forged report per forger and window, cycling through the issue's forgeries: claiming the
+    other cohort's version (with a collision), impossible windows, zero or extreme counts."""
+    out = []
+    for i, v in enumerate(fleet):
+        v.seq += 1
+        kind = _FORGERIES[(i + v.seq) % len(_FORGERIES)]
+        version = {OLD: NEW, NEW: OLD}[v.version] if kind == "other_version" else v.version
+        start_s, end_s = {"huge_window": (0.0, 1e12), "future_window": (t_s, t_s + 10 * window_s)}.get(
+            kind, (t_s - window_s, t_s))
+        n = {"extreme_counts": 10**6, "zero_counts": 0}.get(kind, 0)
+        out.append(HealthReport(vehicle_id=v.vid, model_version=version, window_start_s=start_s, window_end_s=end_s,
+                                seq=v.seq, ticks=10**7, fallback_interventions=n, collisions=int(kind == "other_version"),
+                                deadline_misses=n, inference_p99_ms=0.0, crashes=0))
+    return out
+
+
 def simulate(cfg: SimConfig, audit_path: Path | None = None,
              on_window: Callable[[int, str, str], None] | None = None) -> SimResult:
     """Run one rollout of NEW over a fleet on OLD. ``on_window(i, stage, action)`` reports progress."""
     rng = np.random.default_rng(cfg.seed)
     plan = cfg.plan
     fleet = [_Vehicle(f"sim-{i:06d}") for i in range(cfg.vehicles)]
+    forgers = [_Vehicle(f"forger-{i:04d}") for i in range(cfg.forgers)]
+    policy = AdmissionPolicy(report_interval_s=cfg.fleet.window_s)
+    records: dict[str, VehicleRecord] = {}
+    rejected = 0
     canary_fraction = next(s.fraction for s in plan.stages if not s.shadow)
     audit = JsonlAuditLog(audit_path) if audit_path is not None else None
     t = 0.0
@@ -158,9 +187,14 @@ def simulate(cfg: SimConfig, audit_path: Path | None = None,
     windows_to_abort: int | None = None
     windows = 0
     for windows in range(1, cfg.max_windows + 1):
-        for v in fleet:  # each vehicle checks for an update at the start of the window
+        for v in fleet + forgers:  # each vehicle checks for an update at the start of the window
             a = assign(state, plan, v.vid)
             v.version, v.shadow = a.version or v.version, a.shadow_version
+            # ... installs what it was assigned and confirms it (forgers too: they run the real updater)
+            records[v.vid] = replace(records.get(v.vid, VehicleRecord()), confirmed_rollout=1,
+                                     confirmed_version=v.version)
+            if v.vid.startswith("forger-"):
+                continue
             if NEW in (v.version, v.shadow):
                 exposed.add(v.vid)
                 if not in_cohort(v.vid, canary_fraction):
@@ -168,7 +202,13 @@ def simulate(cfg: SimConfig, audit_path: Path | None = None,
         if not state.active:
             break  # the fleet has applied the final assignment (revert or full release)
         t += cfg.fleet.window_s
-        stage_reports.extend(_reports(cfg, rng, fleet, t))
+        for r in _reports(cfg, rng, fleet, t) + _forgeries(forgers, t, cfg.fleet.window_s):
+            reason = admit(r, records[r.vehicle_id], 1, t, policy)
+            if reason is not None:
+                rejected += 1
+                continue
+            records[r.vehicle_id] = replace(records[r.vehicle_id], last_window_end_s=r.window_end_s)
+            stage_reports.append(r)
         window = aggregate(stage_reports, NEW, OLD)
         stage_before = state.stage(plan)
         state, d = decide(state, plan, window, t)
@@ -189,4 +229,4 @@ def simulate(cfg: SimConfig, audit_path: Path | None = None,
     outcome = {Status.COMPLETED: "completed", Status.ABORTED: "aborted"}.get(state.status, "stalled")
     return SimResult(outcome, state.stage(plan).name, len(decisions), windows_to_abort, len(exposed), len(outside),
                      reverted, still, sum(1 for v in fleet if in_cohort(v.vid, canary_fraction)), cfg.vehicles,
-                     decisions, audit.verify().ok if audit else True, replay(events) == state)
+                     decisions, audit.verify().ok if audit else True, replay(events) == state, rejected)

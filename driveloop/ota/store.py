@@ -41,9 +41,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from driveloop.contracts.fleet import HealthReport
 from driveloop.core.exceptions import AuthError, OtaError, StaleReportError, StorageError
 from driveloop.core.tokens import hash_token, new_token, verify_token
+from driveloop.ota import _trust_store as trust
+from driveloop.ota.admission import AdmissionPolicy, admit, confirmable
 from driveloop.ota.audit import AuditEntry, VerifyResult, make_entry, verify
 from driveloop.ota.controller import RolloutEvent, RolloutPlan, RolloutState, Status, plan_of, replay
 from driveloop.ota.gates import CohortStats, HealthWindow, ShadowAggregate
+from driveloop.ota.robust import robust_cohort, robust_shadow
 
 logger = logging.getLogger(__name__)
 
@@ -129,24 +132,26 @@ class Rollout:
 class FleetStore:
     """The fleet server's database. Thread-safe: one lock serialises writers (SQLite has one anyway)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, admission: AdmissionPolicy | None = None) -> None:
         self.url = url
+        self.admission = admission or AdmissionPolicy()
         try:
             self.engine = create_engine(url, connect_args={"check_same_thread": False} if url.startswith("sqlite")
                                         else {})
             if url.startswith("sqlite"):
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             _md.create_all(self.engine)
+            trust.trust_md.create_all(self.engine)
         except SQLAlchemyError as e:
             raise StorageError(f"cannot open the fleet store {url}: {e}") from e
         self.lock = threading.RLock()
         self._cache: dict[int, Rollout] = {}
 
     @classmethod
-    def at(cls, ota_dir: Path) -> FleetStore:
+    def at(cls, ota_dir: Path, admission: AdmissionPolicy | None = None) -> FleetStore:
         """The default SQLite file ``<home>/ota/fleet.db``."""
         ota_dir.mkdir(parents=True, exist_ok=True)
-        return cls(f"sqlite:///{(ota_dir / 'fleet.db').resolve()}")
+        return cls(f"sqlite:///{(ota_dir / 'fleet.db').resolve()}", admission)
 
     # ---- vehicles -------------------------------------------------------------------------------
     def enrol(self, vehicle_id: str, hardware_class: str, now_s: float, actor: str = "local") -> str:
@@ -218,9 +223,28 @@ class FleetStore:
             return {(v or "unknown"): n for v, n in rows}
 
     # ---- health ---------------------------------------------------------------------------------
-    def record_health(self, report: HealthReport, rollout: Rollout | None, now_s: float) -> str | None:
-        """Store a report (tagged with the rollout's current stage); return the update outcome it shows
-        ("success", "failure", "revert") when the vehicle changed model since its last report."""
+    def record_assignment(self, vehicle_id: str, rollout_id: int | None, version: str | None) -> None:
+        """What the director just assigned this vehicle (its update check): what it may confirm."""
+        with self.lock, self.engine.begin() as c:
+            trust.save_record(c, vehicle_id, assigned_rollout=rollout_id, assigned_version=version)
+
+    def confirm_install(self, vehicle_id: str, version: str, rollout_id: int | None, now_s: float) -> None:
+        """The vehicle's updater installed and booted ``version``; refused (OtaError) unless the director
+        assigned it that version under this rollout (:func:`~driveloop.ota.admission.confirmable`)."""
+        with self.lock, self.engine.begin() as c:
+            if not confirmable(trust.load_record(c, vehicle_id), version, rollout_id):
+                self._audit(c, now_s, "install_refused", vehicle_id, rollout_id, {"version": version})
+                raise OtaError(f"vehicle {vehicle_id} was not assigned version {version}")
+            trust.save_record(c, vehicle_id, confirmed_rollout=rollout_id, confirmed_version=version)
+
+    def rejected_reports(self) -> dict[str, int]:
+        with self.engine.connect() as c:
+            return trust.rejected_counts(c)
+
+    def record_health(self, report: HealthReport, rollout: Rollout | None, now_s: float) -> tuple[str | None, str | None]:
+        """Admit a report (:func:`~driveloop.ota.admission.admit`) and store it, tagged with the rollout's
+        current stage. Returns (the reason it was rejected, counted and audited; or None, and the update
+        outcome it shows — "success", "failure", "revert" — when the vehicle changed model)."""
         s = report.shadow
         with self.lock, self.engine.begin() as c:
             row = c.execute(select(vehicles.c.last_seq, vehicles.c.last_version)
@@ -231,8 +255,16 @@ class FleetStore:
             if last_seq is not None and report.seq <= last_seq:
                 raise StaleReportError(f"health report seq {report.seq} from {report.vehicle_id} is not after "
                                        f"the last accepted seq {last_seq}")
+            rid = rollout.state.rollout_id if rollout else None
+            reason = admit(report, trust.load_record(c, report.vehicle_id), rid, now_s, self.admission)
+            if reason is not None:
+                trust.count_rejected(c, reason)
+                self._audit(c, now_s, "health_rejected", report.vehicle_id, rid,
+                            {"reason": reason, "seq": report.seq, "model_version": report.model_version,
+                             "window_start_s": report.window_start_s, "window_end_s": report.window_end_s})
+                return reason, None
             c.execute(insert(health).values(
-                rollout_id=rollout.state.rollout_id if rollout else None,
+                rollout_id=rid,
                 stage=rollout.state.stage(rollout.plan).name if rollout else None,
                 vehicle_id=report.vehicle_id, model_version=report.model_version, seq=report.seq,
                 seconds=report.duration_s, ticks=report.ticks, interventions=report.fallback_interventions,
@@ -242,36 +274,35 @@ class FleetStore:
                 shadow_diff_sum=s.mean_abs_diff * s.compared_ticks if s else 0.0, received_at_s=now_s))
             c.execute(update(vehicles).where(vehicles.c.vehicle_id == report.vehicle_id).values(
                 last_seq=report.seq, last_version=report.model_version, last_report=report.model_dump_json()))
+            trust.save_record(c, report.vehicle_id, last_window_end_s=report.window_end_s)
             outcome = _update_outcome(last_version, report.model_version, rollout)
             if outcome:
                 _bump(c, outcome)
-        return outcome
+        return None, outcome
 
     def update_outcomes(self) -> dict[str, int]:
         with self.engine.connect() as c:
             return {o: n for o, n in c.execute(select(update_outcomes.c.outcome, update_outcomes.c.count))}
 
     def stage_window(self, rollout: Rollout) -> HealthWindow:
-        """Aggregate the reports received during the rollout's current stage, by cohort."""
+        """Aggregate the reports received during the rollout's current stage, per vehicle and by cohort,
+        each vehicle's weight bounded (:mod:`driveloop.ota.robust`)."""
         st = rollout.state
         h = health.c
-        cols = [func.count(func.distinct(h.vehicle_id)), func.count(), func.coalesce(func.sum(h.seconds), 0.0),
-                func.coalesce(func.sum(h.ticks), 0), func.coalesce(func.sum(h.interventions), 0),
-                func.coalesce(func.sum(h.collisions), 0), func.coalesce(func.sum(h.deadline_misses), 0),
-                func.coalesce(func.sum(h.crashes), 0), func.coalesce(func.sum(h.p99_tick_sum), 0.0)]
+        cols = [func.count(), func.sum(h.seconds), func.sum(h.ticks), func.sum(h.interventions),
+                func.sum(h.collisions), func.sum(h.deadline_misses), func.sum(h.crashes), func.sum(h.p99_tick_sum)]
         where = (h.rollout_id == st.rollout_id) & (h.stage == st.stage(rollout.plan).name)
         with self.engine.connect() as c:
             def cohort(version: str) -> CohortStats:
-                r = c.execute(select(*cols).where(where & (h.model_version == version))).one()
-                return CohortStats(int(r[0]), int(r[1]), float(r[2]) / 3600.0, *(int(x) for x in r[3:8]),
-                                   float(r[8]))
+                rows = c.execute(select(*cols).where(where & (h.model_version == version)).group_by(h.vehicle_id))
+                return robust_cohort([CohortStats(1, int(r[0]), float(r[1]) / 3600.0, *(int(x) for x in r[2:7]),
+                                                  float(r[7])) for r in rows])
 
-            sh = c.execute(select(func.count(func.distinct(h.vehicle_id)), func.coalesce(func.sum(h.shadow_ticks), 0),
-                                  func.coalesce(func.sum(h.shadow_disagreements), 0),
-                                  func.coalesce(func.sum(h.shadow_diff_sum), 0.0))
-                           .where(where & (h.model_version == st.previous_version) & (h.shadow_ticks > 0))).one()
+            sh = c.execute(select(func.sum(h.shadow_ticks), func.sum(h.shadow_disagreements), func.sum(h.shadow_diff_sum))
+                           .where(where & (h.model_version == st.previous_version) & (h.shadow_ticks > 0))
+                           .group_by(h.vehicle_id))
             return HealthWindow(cohort(st.version), cohort(st.previous_version),
-                                ShadowAggregate(int(sh[0]), int(sh[1]), int(sh[2]), float(sh[3])))
+                                robust_shadow([ShadowAggregate(1, int(t), int(d), float(x)) for t, d, x in sh]))
 
     # ---- rollouts and events --------------------------------------------------------------------
     def create_rollout(self, version: str, previous_version: str, plan: RolloutPlan, now_s: float,

@@ -425,7 +425,7 @@ def test_logs_written_before_gate_rules_replay_as_they_were_decided() -> None:
 
 def test_gate_rules_are_validated_and_round_trip() -> None:
     assert PLAN.gate_rules == CURRENT_GATE_RULES and PLAN.to_dict()["gate_rules"] == CURRENT_GATE_RULES
-    assert set(GATE_RULES) == {LEGACY_GATE_RULES, CURRENT_GATE_RULES}
+    assert set(GATE_RULES) == {LEGACY_GATE_RULES, 2, CURRENT_GATE_RULES}
     with pytest.raises(ConfigError, match="gate_rules"):
         RolloutPlan(PLAN.stages, gate_rules=9)
     for bad in ("2", True, 2.0, None):

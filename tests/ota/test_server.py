@@ -146,6 +146,8 @@ class Fleet:
                 offer = c.get("/v1/update", params={"vehicle": v}, headers=admin(tok)).json()
                 if offer["version"]:
                     self.running[v] = offer["version"]
+                r = c.post("/v1/installed", json={"vehicle_id": v, "version": self.running[v]}, headers=admin(tok))
+                assert r.status_code == 200, r.text  # the updater confirms what the director assigned
                 if self.running[v] == "2":
                     self.ever_v2.add(v)
                 self.seq[v] += 1
@@ -217,6 +219,8 @@ def test_bad_canary_is_aborted_and_reverted(srv: Running, tokens: dict[str, str]
             for v, tok in tokens.items():
                 offer = c.get("/v1/update", params={"vehicle": v}, headers=admin(tok)).json()
                 fleet.running[v] = offer["version"]
+                assert c.post("/v1/installed", json={"vehicle_id": v, "version": offer["version"]},
+                              headers=admin(tok)).status_code == 200
                 if offer["version"] == "3":
                     exposed.add(v)
                 fleet.seq[v] += 1
