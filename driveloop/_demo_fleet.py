@@ -81,7 +81,7 @@ class DemoFleet:
         if key not in self._runtimes:
             rt = ModelRuntime(model.path, _manifest(model.manifest), device="auto")
             rt.warmup()
-            self._runtimes[key] = InProcessInference(rt)
+            self._runtimes[key] = InProcessInference(rt, simulated_deadline=True)  # host stalls are not model faults
         return self._runtimes[key]
 
     def versions(self) -> dict[str, int]:

@@ -23,11 +23,9 @@ that runs the held-out suite in closed loop with a given ONNX model. Held-out se
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from driveloop.core.exceptions import ConfigError, PipelineError
 
@@ -255,43 +253,23 @@ class EvalSuite:
                 "duration_s": self.duration_s, "seed_base": self.seed_base}
 
 
-class _SimulatedTimeInference:
-    """The model as the held-out suite calls it (an ``edge.fleet.InferenceClient``): on simulated time,
-    every reply is in time.
-
-    The suite judges how a model drives, not how busy the evaluating host is. With the vehicle's
-    wall-clock deadline a host stall (a loaded CI machine, Ray workers beside it) becomes a missed reply,
-    the fallback intervenes, and the same model's metrics, and so the gate's verdict, change from run to
-    run. A model's latency on the vehicle is judged where it is measured: the rollout's p99 health gate.
-    """
-
-    def __init__(self, runtime: object) -> None:
-        from driveloop.edge.fleet import InProcessInference
-
-        self._inner = InProcessInference(runtime)
-
-    def infer(self, batch: dict[str, Any], deadline_s: float) -> Any:
-        return dataclasses.replace(self._inner.infer(batch, math.inf), latency_s=0.0)
-
-    def inject(self, kind: str, count: int | None = 1) -> None:
-        self._inner.inject(kind, count)
-
-
 def evaluate_model(onnx_path: object, manifest: object, suite: EvalSuite, on_class: object = None) -> dict[str, ClassMetrics]:
     """Drive ``suite`` in closed loop (full safety supervisor) with the given ONNX model; metrics per class.
 
-    Replies are judged on simulated time (:class:`_SimulatedTimeInference`), so the same model on the same
-    suite gives the same metrics on any host. ``on_class(name)`` (optional) is called after each class,
+    Replies are judged on simulated time (``InProcessInference(simulated_deadline=True)``): the suite
+    judges how a model drives, not how busy the evaluating host is, so the same model on the same suite
+    gives the same metrics on any host; a model's latency is judged where it is measured on vehicles,
+    by the rollout's p99 health gate. ``on_class(name)`` (optional) is called after each class,
     for progress displays.
     """
-    from driveloop.edge.fleet import VehiclePlan, run_fleet
+    from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
     from driveloop.edge.runtime import ModelRuntime
 
     runtime = ModelRuntime(onnx_path, manifest, device="cpu")  # type: ignore[arg-type]
     out: dict[str, ClassMetrics] = {}
     for cls in suite.classes:
         plans = [VehiclePlan(f"eval-{cls}-{i}", name, seed) for i, (name, seed) in enumerate(suite.seeds(cls))]
-        report = run_fleet(plans, {"default": _SimulatedTimeInference(runtime)}, duration_s=suite.duration_s)
+        report = run_fleet(plans, {"default": InProcessInference(runtime, simulated_deadline=True)}, duration_s=suite.duration_s)
         s = report.summary()
         out[cls] = ClassMetrics(
             episodes=max(1, sum(v.episodes for v in report.vehicles)),

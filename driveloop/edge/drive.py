@@ -39,8 +39,10 @@ def plan_fleet(scenario: str, vehicles: int, seed: int, prefix: str = "veh", mod
     return [VehiclePlan(f"{prefix}{i:03d}", scenario, seed * 1000 + i, model) for i in range(vehicles)]
 
 
-def open_client(artifact: Any, isolate: bool, fault: FaultSpec | None, device: str) -> tuple[InferenceClient, Any]:
-    """(client, closeable) for a registry artifact; the model's integrity and I/O are checked here."""
+def open_client(artifact: Any, isolate: bool, fault: FaultSpec | None, device: str,
+                simulated_deadline: bool = False) -> tuple[InferenceClient, Any]:
+    """(client, closeable) for a registry artifact; the model's integrity and I/O are checked here.
+    ``simulated_deadline``: see ``InProcessInference`` (for simulated vehicles sharing one host)."""
     from driveloop.edge.runtime import ModelRuntime
 
     if isolate:
@@ -56,7 +58,7 @@ def open_client(artifact: Any, isolate: bool, fault: FaultSpec | None, device: s
         from driveloop.edge.faults import FaultyRunner
 
         return InProcessInference(FaultyRunner(runtime)), None
-    return InProcessInference(runtime), None
+    return InProcessInference(runtime, simulated_deadline=simulated_deadline), None
 
 
 def recorder_factory(spool_dir: Path, quota_bytes: int, model_version: str | Callable[[str], str],

@@ -105,7 +105,8 @@ def ensure_spool(vehicle_dir: Path, vehicle_id: str, artifact: Any, config: Vehi
     from driveloop.edge.drive import open_client, recorder_factory
     from driveloop.edge.fleet import VehiclePlan, run_fleet
 
-    client, closeable = open_client(artifact, isolate=False, fault=None, device="cpu")
+    client, closeable = open_client(artifact, isolate=False, fault=None, device="cpu",
+                                    simulated_deadline=True)  # a simulated vehicle: host stalls are not its model's
     factory = recorder_factory(Path(vehicle_dir) / "spool", SPOOL_QUOTA_BYTES, str(artifact.manifest.version))
     try:
         for scenario, seed in vehicle_scenarios(vehicle_id, config):

@@ -231,3 +231,27 @@ def test_no_shadow_stats_for_a_vehicle_without_a_shadow() -> None:
     report = run_fleet(plans, clients, duration_s=1.0, shadows={"b": StubClient()})
     assert report.vehicles[0].shadow is None
     assert report.vehicles[1].shadow is not None and report.vehicles[1].shadow.compared_ticks == 10
+
+
+class _SlowRunner:
+    """A runner whose call takes ``call_s`` on the injected clock (a host stall, seen by the loop)."""
+
+    def __init__(self, clock: list[float], call_s: float) -> None:
+        self.clock, self.call_s = clock, call_s
+
+    def run(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        self.clock[0] += self.call_s
+        n = len(batch["kinematics"])
+        return np.zeros((n, 2), np.float32), np.ones(n, np.float32)
+
+
+@pytest.mark.parametrize(("simulated_deadline", "replied"), [(False, False), (True, True)],
+                         ids=["vehicle-deadline-drops-the-late-reply", "simulated-deadline-keeps-it"])
+def test_a_host_stall_is_a_miss_only_on_the_vehicles_clock(simulated_deadline: bool, replied: bool) -> None:
+    clock = [0.0]
+    deadline_s = AgentConfig().deadline_s
+    client = InProcessInference(_SlowRunner(clock, 2 * deadline_s), clock=lambda: clock[0],
+                                simulated_deadline=simulated_deadline)
+    result = client.infer({"kinematics": np.zeros((3, 1), np.float32)}, deadline_s)
+    assert (result.actions is not None) is replied
+    assert result.latency_s == pytest.approx(2 * deadline_s)  # measured and reported either way

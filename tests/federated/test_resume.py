@@ -23,6 +23,8 @@ from driveloop.federated.server import ServerSettings, load_checkpoint, save_che
 from tests.federated.conftest import VEHICLES, base_arrays, vehicle_settings
 
 _CHILD = """
+import os
+import signal
 import sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
@@ -47,14 +49,18 @@ def test_server_killed_mid_run_resumes_after_the_last_completed_round(fl_home: P
     run_dir = fl_home / "federated" / "killed"
     root = str(Path(__file__).resolve().parents[2])
     code = _CHILD.format(root=root, home=str(fl_home), run_dir=str(run_dir), n=VEHICLES)
-    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir.parent / "killed-child.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as err:
+        child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
         returncode = child.wait(600)
     finally:
         with contextlib.suppress(ProcessLookupError):  # anything of the child's group still alive
             os.killpg(child.pid, signal.SIGKILL)
-    assert returncode == -signal.SIGKILL, f"the federated run ended by itself (exit {returncode}), not by the cut"
+    assert returncode == -signal.SIGKILL, \
+        f"the federated run ended by itself (exit {returncode}), not by the cut: {log.read_text()[-2000:]}"
     state_before = load_checkpoint(run_dir).state
     killed_at = state_before["completed_round"]
     assert killed_at == 1 and not state_before.get("finished")
