@@ -96,8 +96,12 @@ def test_gate_reads_the_same_numbers_through_prometheus(stack: tuple[str, str, o
     rid = r.json()["rollout_id"]
     for i, (v, tok) in enumerate(tokens.items()):
         version = httpx.get(f"{url}/v1/update", params={"vehicle": v}, headers=admin(tok)).json()["version"]
-        body = report(v, version, 1, 2000.0, interventions=i % 3) | {"inference_p99_ms": 5.0 + i / 7}
-        assert httpx.post(f"{url}/v1/health", json=body, headers=admin(tok)).status_code == 200
+        confirmed = httpx.post(f"{url}/v1/installed", json={"vehicle_id": v, "version": version}, headers=admin(tok))
+        assert confirmed.status_code == 200, confirmed.text  # only a confirmed install's reports count
+        now_s = app.state.service.clock()  # type: ignore[attr-defined]  # windows end at server time, never after
+        body = report(v, version, 1, now_s, interventions=i % 3) | {"inference_p99_ms": 5.0 + i / 7}
+        r = httpx.post(f"{url}/v1/health", json=body, headers=admin(tok))
+        assert r.status_code == 200 and r.json().get("accepted", True), r.text
     service = app.state.service  # type: ignore[attr-defined]
     expected = service.store.stage_window(service.store.load(rid))
     assert expected.canary.vehicles > 0 and expected.control.vehicles > 0
