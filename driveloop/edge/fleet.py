@@ -51,6 +51,7 @@ class BatchResult:
     latency_s: float
     alive: bool
     error: str | None = None  # the model path raised ("Type: message"): no output, counted per vehicle
+    delay_s: float | None = None  # when the reply reaches the loop, on its clock (None: after latency_s)
 
 
 class _FailureLog:
@@ -106,7 +107,9 @@ class InProcessInference:
             return BatchResult(None, None, self._clock() - t0, alive=False, error=self._failures.failed(e))
         self._failures.answered()
         latency = self._clock() - t0
-        if latency > deadline_s and not self._simulated_deadline:
+        if self._simulated_deadline:  # measured for the health report; on simulated time it arrives at once
+            return BatchResult(actions, conf, latency, alive=True, delay_s=0.0)
+        if latency > deadline_s:
             return BatchResult(None, None, latency, alive=True)
         return BatchResult(actions, conf, latency, alive=True)
 
@@ -218,7 +221,7 @@ def _replies(result: BatchResult, n: int, now_s: float) -> list[ModelReply]:
     if result.actions is None:
         return [ModelReply(None, None, None, alive=result.alive)] * n
     actions, conf = np.asarray(result.actions), np.asarray(result.confidences)
-    at = now_s + result.latency_s
+    at = now_s + (result.latency_s if result.delay_s is None else result.delay_s)
     if actions.ndim == 0 or actions.shape[0] != n or conf.ndim == 0 or conf.shape[0] != n:
         return [ModelReply(actions, conf, at, alive=True)] * n  # wrong batch shape: the watchdog rejects it
     return [ModelReply(actions[i], conf[i], at, alive=True) for i in range(n)]
