@@ -23,18 +23,12 @@ from driveloop.cloud.store import ObjectStore
 from driveloop.core.exceptions import ConfigError, QuotaExceededError
 from driveloop.core.tokens import hash_token
 from driveloop.edge.transport import HttpTransport
+from tests.cloud.test_ingest import Clock
 
 ALICE = "alice-admin-token-0123"
+
 QUOTAS = QuotaConfig(max_open_uploads=2, max_staged_bytes=1500, max_bytes_per_hour=36_000, stale_upload_s=600.0,
                      max_retry_after_s=900)
-
-
-class Clock:
-    def __init__(self, t: float = 1_800_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass
