@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,7 +59,6 @@ def test_pipeline_run_makes_a_candidate_better_than_its_base(trained_home: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
-    from driveloop.cloud.registry import Registry
 
     home = tmp_path / "home"
     shutil.copytree(trained_home, home)
@@ -73,6 +73,24 @@ def test_pipeline_run_makes_a_candidate_better_than_its_base(trained_home: Path,
                  "--suite-duration", "12"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["status"] == "ok" and r["base_version"] == 1 and r["segments_used"] == r["segments_new"] > 0
+    art = check_candidate_beats_base(r, home)
+    cand = r["gate"]["candidate"]
+    assert art.manifest.metrics["gate"]["candidate"]["interventions"] == cand["interventions"]
+
+
+def test_unknown_suite_class_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path))
+    assert main(["cloud", "pipeline", "run", "--suite-classes", "ccrs,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown scenario classes ['nope']" in err and len(err.strip().splitlines()) == 1
+
+
+def check_candidate_beats_base(r: dict, home: Path) -> Any:
+    """A CLI report's candidate intervenes less than v1 on the same held-out CCRs drives, without a
+    collision, and is registered validated; returns its registry artifact."""
+    from driveloop.cloud.registry import Registry
+
     gate = r["gate"]
     assert set(gate["classes"]) == {"ccrs"}
     base, cand = gate["baseline"], gate["candidate"]
@@ -83,12 +101,4 @@ def test_pipeline_run_makes_a_candidate_better_than_its_base(trained_home: Path,
     with Registry(home / "registry") as reg:
         art = reg.get(r["candidate"])
     assert art.stage == "validated" and art.manifest.parent_version == 1
-    assert art.manifest.metrics["gate"]["candidate"]["interventions"] == cand["interventions"]
-
-
-def test_unknown_suite_class_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path))
-    assert main(["cloud", "pipeline", "run", "--suite-classes", "ccrs,nope"]) == 2
-    err = capsys.readouterr().err
-    assert "unknown scenario classes ['nope']" in err and len(err.strip().splitlines()) == 1
+    return art

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from driveloop.cli import main
+from tests.cloud.test_pipeline_cli import check_candidate_beats_base
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,6 @@ def _fill_spools(home: Path) -> int:
 
 def test_fl_run_makes_a_candidate_better_than_its_base(trained_home: Path, tmp_path: Path, monkeypatch,
                                                         capsys) -> None:
-    from driveloop.cloud.registry import Registry
 
     home = tmp_path / "home"
     shutil.copytree(trained_home, home)
@@ -62,14 +62,5 @@ def test_fl_run_makes_a_candidate_better_than_its_base(trained_home: Path, tmp_p
     assert code == 0, out
     r = json.loads(out)
     assert r["base_version"] == 1 and r["rounds_aggregated"] == r["rounds"]
-    gate = r["gate"]
-    assert set(gate["classes"]) == {"ccrs"}
-    base, cand = gate["baseline"], gate["candidate"]
-    assert cand["episodes"] == base["episodes"] and cand["hours"] == base["hours"]  # the same held-out drives
-    assert base["interventions"] > 0 and cand["interventions"] < base["interventions"]
-    assert cand["collisions"] == 0
-    assert gate["passed"] and gate["reasons"] == [] and r["candidate_stage"] == "validated"
-    with Registry(home / "registry") as reg:
-        art = reg.get(r["candidate"])
-    assert art.stage == "validated" and art.manifest.parent_version == 1
+    art = check_candidate_beats_base(r, home)
     assert art.manifest.lineage["kind"] == "federated"
