@@ -168,6 +168,9 @@ def cloud_serve(
     admins = parse_named_tokens(os.environ.get("DRIVELOOP_CLOUD_ADMIN_TOKENS", ""))
     if admin_token:
         admins[DEFAULT_ADMIN_NAME] = admin_token
+    from driveloop.core.logsetup import set_service_name
+
+    set_service_name("ingest")  # <home>/logs/ingest.jsonl
     app_ = build_app(s.resolved_store_url(), s.resolved_catalog_url(), s.cloud_dir / "uploads", admin_tokens=admins)
     warning = plaintext_warning(host, bool(tls))
     if warning:

@@ -69,6 +69,10 @@ def drive(
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda"),
     record: bool = typer.Option(True, "--record/--no-record", help="Record MCAP segments into the spool."),
     upload: bool = typer.Option(True, "--upload/--no-upload", help="Upload recorded segments afterwards."),
+    sim_deadline: bool = typer.Option(False, "--sim-deadline", help="Judge model replies on simulated time: a "
+                                      "loaded host's stalls are then no deadline misses (reproducible comparisons)."),
+    hazards: str = typer.Option("off", "--hazards", help="on: live stream to the cloud, road hazards pushed back "
+                                "as advisories (embedded broker + hazard service unless DRIVELOOP_NATS_URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
     """Drive N vehicles in the simulator with the ONNX policy behind the safety supervisor."""
@@ -83,6 +87,8 @@ def drive(
         parse_scenario(scenario)
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if hazards not in ("on", "off"):
+        raise ConfigError(f"--hazards must be on or off, got {hazards!r}")
     fault_spec = FaultSpec(fault, at_s=fault_at) if fault else None
     if video is not None:
         check_video_path(video)
@@ -92,20 +98,41 @@ def drive(
     from driveloop.edge.drive import DriveRequest, drive_fleet
 
     request = DriveRequest(scenario=scenario, vehicles=vehicles, duration_s=duration, seed=seed,
-                           isolate=isolate, fault=fault_spec, device=device, record=record, video=video)
+                           isolate=isolate, fault=fault_spec, device=device, record=record, video=video,
+                           simulated_deadline=sim_deadline)
     campaigns = []
     if record:
         from driveloop.wiring import fetch_campaigns
 
         campaigns = fetch_campaigns(settings, f"{request.vehicle_prefix}000")
-    report = drive_fleet(request, artifact, config, spool_dir=settings.spool_dir, quota_bytes=SPOOL_QUOTA_BYTES,
-                         show_progress=not as_json, campaigns=campaigns)
+    from driveloop._vehicle_logs import ship_vehicle_logs, vehicle_log_spools
+    from driveloop.core.logfmt import log_context
+
+    live: dict[str, Any] = {"hazards_received": 0, "hazard_latency_ms_p99": None}
+    with vehicle_log_spools(settings), log_context(model_version=artifact.manifest.version):
+        if hazards == "on":  # the live data plane: broker + hazard service for the drive, stopped after it
+            from driveloop._drive_hazards import hazard_data_plane
+            from driveloop.edge.drive import plan_fleet
+
+            ids = [p.vehicle_id for p in plan_fleet(scenario, vehicles, seed, request.vehicle_prefix)]
+            with hazard_data_plane(settings, ids, str(artifact.manifest.version),
+                                   config.supervisor.aeb.full_decel_mps2) as link:
+                report = drive_fleet(request, artifact, config, spool_dir=settings.spool_dir,
+                                     quota_bytes=SPOOL_QUOTA_BYTES, show_progress=not as_json, campaigns=campaigns,
+                                     data_plane=link.plane)
+                live = link.finish()
+        else:
+            report = drive_fleet(request, artifact, config, spool_dir=settings.spool_dir,
+                                 quota_bytes=SPOOL_QUOTA_BYTES, show_progress=not as_json, campaigns=campaigns)
     summary: dict[str, Any] = report.summary()
+    summary.update(hazards=hazards, **live)
     summary.update(model=artifact.manifest.version, scenario=scenario, seed=seed, campaigns=len(campaigns))
     if fault_spec is not None:
         summary["faults"] = report.faults
     if record and upload:
         summary["upload"] = _upload(settings)
+    if upload:  # the vehicles' log lines follow their segments to the cloud (or wait in their spools)
+        summary["logs"] = ship_vehicle_logs(settings)
     if as_json:
         typer.echo(dumps(summary))
     else:
@@ -131,6 +158,6 @@ def _print_table(report: Any, summary: dict[str, Any]) -> None:
                       str(v.interventions), f"{v.interventions_per_hour:.1f}", f"{v.min_gap_m:.1f}")
     console = Console(file=sys.stdout)
     console.print(table)
-    keys = ("ticks", "distance_km", "collisions", "interventions", "interventions_per_hour", "tick_ms_p50",
-            "tick_ms_p99", "segments")
+    keys = ("ticks", "distance_km", "collisions", "interventions", "interventions_per_hour", "aeb_activations",
+            "peak_decel_mps2", "tick_ms_p50", "tick_ms_p99", "segments", "hazards_received")
     console.print("  ".join(f"{k}={summary[k]}" for k in keys))

@@ -87,12 +87,19 @@ def _local_service() -> Any:
     import time
 
     from driveloop.ota.server import FleetService, released_versions
-    from driveloop.ota.store import FleetStore
     from driveloop.settings import load_settings
 
     s = load_settings()
-    return FleetService(FleetStore.at(s.ota_dir), time.time, 60.0,
+    return FleetService(_fleet_store(s), time.time, 60.0,
                         released=lambda: released_versions(s.ota_dir / "repo"))
+
+
+def _fleet_store(s: Any) -> Any:
+    """The fleet store the settings name: ``DRIVELOOP_FLEET_DB_URL`` (shared by server replicas), else
+    the SQLite file under the data directory."""
+    from driveloop.ota.store import FleetStore
+
+    return FleetStore(s.fleet_db_url) if s.fleet_db_url else FleetStore.at(s.ota_dir)
 
 
 def _local_actor() -> str:
@@ -207,6 +214,7 @@ def serve(
     """Run the fleet server: health, update offers, rollouts, TUF files, /metrics and the dashboard."""
     import uvicorn
 
+    from driveloop._vehicle_logs import log_search_for
     from driveloop.core.tls import plaintext_warning, server_tls
     from driveloop.core.tokens import parse_named_tokens
     from driveloop.ota.server import ServerConfig, create_app
@@ -216,12 +224,18 @@ def serve(
     tls = server_tls(tls_cert, tls_key)
     named = parse_named_tokens(os.environ.get(ADMIN_TOKENS_ENV, ""))
     config = ServerConfig(s.ota_dir, _admin_token(s.ota_dir, create=True), eval_interval_s=eval_interval_s,
-                          prometheus_url=s.prometheus_url, require_release=not allow_unreleased, admin_tokens=named)
+                          prometheus_url=s.prometheus_url, require_release=not allow_unreleased, admin_tokens=named,
+                          db_url=s.fleet_db_url,  # PostgreSQL: replicas of this server share the fleet state
+                          logs=log_search_for(s))  # the dashboard's logs panel reads the cloud's log index
     warning = plaintext_warning(host, bool(tls))
     if warning:
         typer.secho(warning, err=True, fg="red", bold=True)
     typer.echo(f"fleet server on {'https' if tls else 'http'}://{host}:{port}/ (data in {s.ota_dir})", err=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", **tls)  # type: ignore[arg-type]
+    from driveloop.core.logsetup import set_service_name
+
+    set_service_name("fleet")  # <home>/logs/fleet.jsonl; uvicorn's own lines in the same format (log_config=None)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", log_config=None,
+                **tls)  # type: ignore[arg-type]
 
 
 def _vehicle_action(vehicle_id: str, action: str, as_json: bool) -> None:
@@ -233,10 +247,9 @@ def _vehicle_action(vehicle_id: str, action: str, as_json: bool) -> None:
     else:
         import time
 
-        from driveloop.ota.store import FleetStore
         from driveloop.settings import load_settings
 
-        store = FleetStore.at(load_settings().ota_dir)
+        store = _fleet_store(load_settings())
         token = store.vehicle_action(vehicle_id, action, time.time(), _local_actor())
         enabled = next(v["enabled"] for v in store.vehicles() if v["vehicle_id"] == vehicle_id)
         data = {"vehicle_id": vehicle_id, "enabled": enabled, "token": token}
@@ -270,10 +283,9 @@ def vehicles_rotate(vehicle_id: str = typer.Argument(..., help="Vehicle id."),
 @vehicles_app.command("list")
 def vehicles_list(as_json: bool = typer.Option(False, "--json")) -> None:
     """Enrolled vehicles of the local store, with their state (tokens are never shown)."""
-    from driveloop.ota.store import FleetStore
     from driveloop.settings import load_settings
 
-    rows = FleetStore.at(load_settings().ota_dir).vehicles()
+    rows = _fleet_store(load_settings()).vehicles()
     if as_json:
         _emit({"vehicles": rows}, True)
         return

@@ -51,23 +51,36 @@ def release(
     root_threshold: int = typer.Option(0, "--root-threshold", help="Root key threshold when the repository is created (default 1)."),
     targets_threshold: int = typer.Option(0, "--targets-threshold", help="Targets key threshold when the repository is created (default 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print the published target as JSON."),
+    exact: bool = typer.Option(False, "--exact", help="Release exactly VERSION, not its fastest validated variant."),
 ) -> None:
     """Sign a validated model as a TUF target and mark it released.
 
+    By default the fastest form of VERSION that passed its gates ships: a validated compressed variant
+    (`models compress`) when one exists, else VERSION itself; `--exact` releases VERSION as named.
     A repository without a root gets one signed in <home>/ota/offline-root/image (move it offline), unless
     a root was imported first (keys export / sign-root / import-root).
     """
     svc = _service(root_threshold or None, targets_threshold or None)
-    info = svc.release(version, hardware_class=hardware_class)
+    choice = None
+    if exact:
+        info = svc.release(version, hardware_class=hardware_class)
+    else:
+        info, choice = svc.release_fastest(version, hardware_class=hardware_class)
+    variant = None if choice is None else choice.variant
     if as_json:
-        typer.echo(json.dumps({
+        out = {
             "model_version": info.model_version, "target": info.path, "manifest_target": info.manifest_path,
             "sha256": info.sha256, "length": info.length, "hardware_class": info.hardware_class,
-            "release_seq": info.release_seq, "targets_version": info.targets_version,
-        }, sort_keys=True))
+            "release_seq": info.release_seq, "targets_version": info.targets_version, "variant": variant,
+        }
+        if choice is not None:
+            out["variants_considered"] = choice.considered
+        typer.echo(json.dumps(out, sort_keys=True))
     else:
-        typer.echo(f"released model {info.model_version} as {info.path} ({info.length} bytes, sha256 {info.sha256[:12]}…, "
-                   f"hardware {info.hardware_class}, release #{info.release_seq}, targets v{info.targets_version})")
+        form = "" if variant is None else f" ({variant['method']} variant of model {variant['parent']})"
+        typer.echo(f"released model {info.model_version}{form} as {info.path} ({info.length} bytes, sha256 "
+                   f"{info.sha256[:12]}…, hardware {info.hardware_class}, release #{info.release_seq}, "
+                   f"targets v{info.targets_version})")
 
 
 @ota_app.command("refresh-timestamp")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -178,6 +179,47 @@ def check_request(noise: float, cases: Sequence[str], fallback_only: bool = Fals
     return specs
 
 
+@dataclass(frozen=True)
+class ClientSource:
+    """How a unit of the suite gets its inference clients: the caller's own (in-process), or built in the
+    worker from the model's bytes (Ray: clients do not travel, the model does; verified on load)."""
+
+    given: Mapping[str, Any] | None = None
+    payload: Any = None  # cloud.sim_exec.ModelPayload
+    device: str = "cpu"
+
+    def clients(self, never_brakes: bool = False) -> Mapping[str, Any]:
+        if self.given is not None:
+            clients = self.given
+        else:  # wall-clock deadlines, as the in-process suite's open_client
+            clients = {} if self.payload is None else {"default": self.payload.client(self.device,
+                                                                                      simulated_deadline=False)}
+        return {key: NeverBrakes(c) for key, c in clients.items()} if never_brakes else clients
+
+
+def case_unit(source: ClientSource, index: int, name: str, seed: int, config: Any, never_brakes: bool,
+              limits: BrakingLimits) -> dict[str, Any]:
+    """One case as its own one-vehicle drive, wherever it runs; its report row."""
+    from driveloop.edge.fleet import VehiclePlan, run_fleet
+    from driveloop.sim.scenarios import parse_scenario
+
+    spec = parse_scenario(name)
+    witness = CutInWitness()
+    report = run_fleet([VehiclePlan(f"case{index:03d}", spec.name, seed, "default")], source.clients(never_brakes),
+                       spec.duration_s, config, on_tick=witness)
+    truth = None if witness.frame is None else cut_in_truth(*witness.frame, limits)
+    return _case_row(spec.name, report.vehicles[0], truth, judged=spec.family == "cut-in")
+
+
+def nominal_unit(source: ClientSource, plans: list[Any], duration_s: float,
+                 config: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    """One batch of nominal vehicles driven together: their metrics and the activations they saw."""
+    from driveloop.edge.fleet import run_fleet
+
+    log = ActivationLog()
+    return run_fleet(plans, source.clients(), duration_s, config, on_tick=log).vehicles, log.rows
+
+
 def run_suite(
     clients: Mapping[str, Any],
     *,
@@ -189,38 +231,54 @@ def run_suite(
     seed: int = 0,
     on_step: Callable[[str], None] | None = None,
     never_brakes: bool = False,
+    executor: Any = None,
+    model: Any = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run the cases and nominal episodes; returns the report (plain data, JSON-ready)."""
+    """Run the cases and nominal episodes; returns the report (plain data, JSON-ready).
+
+    Each case, and each batch of nominal vehicles, is a unit of ``executor`` (``cloud.sim_exec``; default
+    in-process with ``clients``). On Ray the units run across the cluster with clients built on the
+    workers from ``model`` (a ``ModelPayload``; not needed with ``fallback_only``); every row names the
+    node it ran on, and ``execution`` says where the suite ran.
+    """
+    from driveloop.cloud.sim_exec import Execution, SimExecutor
     from driveloop.edge.agent import AgentConfig
-    from driveloop.edge.fleet import VehiclePlan, run_fleet
+    from driveloop.edge.fleet import VehiclePlan
     from driveloop.sim.scenarios import parse_scenario
     from driveloop.sim.sensors import SensorConfig
 
     specs = check_request(noise, cases, fallback_only, never_brakes)
+    executor = executor or SimExecutor()
+    if executor.use_ray and not fallback_only and model is None:
+        raise ConfigError("the suite on Ray needs the model itself (its bytes), not in-process clients")
+    source = ClientSource(payload=model, device=device) if executor.use_ray else ClientSource(given=clients)
     config = AgentConfig(sensors=SensorConfig.uniform(noise), model_enabled=not fallback_only)
-    case_clients = {key: NeverBrakes(c) for key, c in clients.items()} if never_brakes else clients
     limits = braking_limits(config)
 
-    rows = []
-    for i, spec in enumerate(specs):
-        witness = CutInWitness()
-        report = run_fleet([VehiclePlan(f"case{i:03d}", spec.name, seed, "default")], case_clients,
-                           spec.duration_s, config, on_tick=witness)
-        truth = None if witness.frame is None else cut_in_truth(*witness.frame, limits)
-        rows.append(_case_row(spec.name, report.vehicles[0], truth, judged=spec.family == "cut-in"))
-        if on_step is not None:
-            on_step(spec.name)
+    step = (lambda label: on_step(label)) if on_step is not None else (lambda label: None)
+    units = [(i, spec.name, seed, config, never_brakes, limits) for i, spec in enumerate(specs)]
+    cases_run = executor.map(case_unit, units, shared=(source,), on_result=lambda i: step(specs[i].name),
+                             what="safety-suite case")
+    rows = cases_run.results
+    for row, where in zip(rows, cases_run.placements):
+        row["node"] = where.node
+    placements = list(cases_run.placements)
 
     nominal_metrics: list[Any] = []
-    log = ActivationLog()
+    activations: list[dict[str, Any]] = []
     if not (fallback_only or never_brakes) and nominal > 0:
         duration = min(nominal_duration_s, parse_scenario(NOMINAL_SCENARIO).duration_s)
-        for start in range(0, nominal, NOMINAL_FLEET_SIZE):
-            plans = [VehiclePlan(f"nom{i:04d}", NOMINAL_SCENARIO, seed * 100_000 + i, "default")
-                     for i in range(start, min(start + NOMINAL_FLEET_SIZE, nominal))]
-            nominal_metrics.extend(run_fleet(plans, clients, duration, config, on_tick=log).vehicles)
-            if on_step is not None:
-                on_step(f"nominal {min(start + NOMINAL_FLEET_SIZE, nominal)}/{nominal}")
+        batches = [[VehiclePlan(f"nom{i:04d}", NOMINAL_SCENARIO, seed * 100_000 + i, "default")
+                    for i in range(start, min(start + NOMINAL_FLEET_SIZE, nominal))]
+                   for start in range(0, nominal, NOMINAL_FLEET_SIZE)]
+        nominal_run = executor.map(nominal_unit, [(plans, duration, config) for plans in batches], shared=(source,),
+                                   on_result=lambda i: step(f"nominal batch {i + 1}/{len(batches)}"),
+                                   what="nominal episodes")
+        for (metrics, rows_seen), where in zip(nominal_run.results, nominal_run.placements):
+            nominal_metrics.extend(metrics)
+            activations.extend({**row, "node": where.node} for row in rows_seen)
+        placements.extend(nominal_run.placements)
 
     mode = "fallback-only" if fallback_only else "model-never-brakes" if never_brakes else "model"
     return {
@@ -235,12 +293,13 @@ def run_suite(
         "avoidable_collisions": sum(r["collisions"] for r in rows if _required(r)),
         "min_gap_m": min((r["min_gap_m"] for r in rows), default=None),
         "nominal_episodes": len(nominal_metrics),
-        "false_activations": sum(not row["justified"] for row in log.rows),
-        "justified_activations": sum(bool(row["justified"]) for row in log.rows),
+        "false_activations": sum(not row["justified"] for row in activations),
+        "justified_activations": sum(bool(row["justified"]) for row in activations),
         "nominal_collisions": sum(int(m.collisions) for m in nominal_metrics),
-        "activations_by_kind": dict(Counter(row["kind"] for row in log.rows)),
-        "nominal_activations": log.rows,
+        "activations_by_kind": dict(Counter(row["kind"] for row in activations)),
+        "nominal_activations": activations,
         "rows": rows,
+        "execution": Execution.of(executor.backend, placements).to_dict(),
     }
 
 
@@ -268,24 +327,33 @@ def safety_suite(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """CCR and cut-in cases + nominal episodes through the real control loop; fails on any avoidable collision."""
+    from driveloop.cloud.sim_exec import ModelPayload, executor_from
+    from driveloop.settings import load_settings
+
     names = list(case) if case else family_cases(family)
     check_request(noise, names, fallback_only, never_brakes)
+    settings = load_settings()
+    executor = executor_from(settings)
     clients: dict[str, Any] = {}
     closeable = None
     version = None
+    payload = None
     if not fallback_only:
         from driveloop._cli_edge import resolve_model
         from driveloop.edge.drive import open_client
-        from driveloop.settings import load_settings
 
         if device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
-        artifact = resolve_model(load_settings().registry_dir, model)
+        artifact = resolve_model(settings.registry_dir, model)
         version = artifact.manifest.version
-        clients["default"], closeable = open_client(artifact, False, None, device)
+        if executor.use_ray:  # the workers load the model themselves, verified against its manifest
+            payload = ModelPayload.read(artifact.onnx_path, artifact.manifest)
+        else:
+            clients["default"], closeable = open_client(artifact, False, None, device)
     total = len(names) + (0 if fallback_only or never_brakes else -(-nominal // NOMINAL_FLEET_SIZE))
     kwargs: dict[str, Any] = dict(fallback_only=fallback_only, noise=noise, cases=names, nominal=nominal,
-                                  nominal_duration_s=nominal_duration, seed=seed, never_brakes=never_brakes)
+                                  nominal_duration_s=nominal_duration, seed=seed, never_brakes=never_brakes,
+                                  executor=executor, model=payload, device=device)
     try:
         if as_json:
             report = run_suite(clients, **kwargs)

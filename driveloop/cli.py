@@ -34,7 +34,7 @@ app = typer.Typer(
 
 def _register() -> None:
     """Import each area's CLI module; each adds its commands/sub-apps to ``app``."""
-    for name in ("_cli_edge", "_cli_safety", "_cli_cloud", "_cli_pipeline", "_cli_fl", "_cli_ota", "_cli_ota_release", "_cli_demo"):
+    for name in ("_cli_edge", "_cli_safety", "_cli_cloud", "_cli_pipeline", "_cli_fl", "_cli_ota", "_cli_ota_release", "_cli_compress", "_cli_demo", "_cli_fleet", "_cli_stream", "_cli_logs", "_cli_hazards"):
         try:
             __import__(f"driveloop.{name}")
         except ModuleNotFoundError as e:  # an area not built yet must not break the others
@@ -44,11 +44,16 @@ def _register() -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Info-level logs."),
 ) -> None:
+    from driveloop.core.logsetup import configure_logging
+
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # JSON lines into <home>/logs/<command>.jsonl; driveloop's own lines at `level` on the terminal.
+    configure_logging(ctx.invoked_subcommand or "driveloop", level, home=os.environ.get("DRIVELOOP_HOME", ".driveloop"),
+                      file_level=logging.DEBUG if debug else logging.INFO)
     if debug:
         os.environ["DRIVELOOP_DEBUG"] = "1"
 
@@ -96,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("driveloop: interrupted", file=sys.stderr)
         code = 130
+    finally:
+        from driveloop.core.logsetup import reset_logging
+
+        reset_logging()  # the next command in this process (tests) starts from the logging it found
     if argv is None:
         sys.exit(code)
     return code

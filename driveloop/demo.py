@@ -9,6 +9,13 @@ ships a deliberately worse model (gate bypassed on purpose) to show the rollout 
 
 Every iteration drives the *same* seeded routes, so the iterations compare models, not luck.
 
+``--shift ENV`` (the default: ``DEFAULT_SHIFT``): after ``shift_after`` iterations on the familiar mix the
+fleet's world gains an environment the bootstrap model never saw (``mix+ENV``). The shifted data drive is cut
+into ``shift_windows`` windows; after each, the shift detector (``cloud.shift``) compares per-class
+intervention rates with the baseline and opens one targeted campaign (auto-approved by the operator's
+policy ``auto_approve``); the gate then judges ENV's class beside every old one, and the time from the
+shift to detection, to a validated candidate and to 100 % of the fleet is measured (``_demo_shift``).
+
 Resumable: finished iterations are kept in ``<home>/demo/state.json`` (written atomically); an
 interrupted run restarts its current iteration. The registry, catalog, OTA store and A/B slots are each
 crash-safe on their own, so a restart finds them consistent.
@@ -26,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from driveloop._progress import Quiet
 from driveloop.core.atomic import write_atomic
 from driveloop.core.exceptions import ConfigError, OtaError
 
@@ -36,11 +44,14 @@ Say = Callable[[str], None]
 # sign error). A model that merely never brakes (0) is hardly visible to the health gates: the AEB brakes for it
 # once per hazard, as for the late-braking v1, and in dense traffic seldom (8 cars x 15 s: 1 activation, v1 0).
 BRAKING_SCALE = -1.0
+# What the default demo's world gains after iteration 1: aggressive cut-ins (shorter gaps, faster closing), the
+# clearest adaptation measured (docs/BENCHMARKS.md, bench/adaptation.py: 180 -> 36 interventions/h, 7 min).
+DEFAULT_SHIFT = "aggressive"
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    iterations: int = 3
+    iterations: int = 2  # the familiar mix, then the shifted world (``shift``)
     vehicles: int = 8
     drive_s: float = 240.0  # each iteration's data drive, per vehicle (simulated seconds): enough hazards to learn from
     window_s: float = 20.0  # one rollout health window, per vehicle
@@ -54,10 +65,22 @@ class DemoConfig:
     finetune_epochs: int = 10
     eval_classes: tuple[str, ...] | None = None  # None: every scenario class of the held-out suite
     bootstrap_epochs: int = 12
+    shift: str | None = DEFAULT_SHIFT  # an environment the world gains after ``shift_after`` iterations (None: never)
+    shift_after: int = 1  # iterations on the familiar mix first (0: the world is shifted from the start)
+    shift_windows: int = 4  # the shifted data drive in this many windows: the detector looks after each
+    auto_approve: str = "*"  # the operator's auto-approve policy for the loop's campaigns (cloud.shift.ApprovalPolicy)
 
     def __post_init__(self) -> None:
+        from driveloop.cloud.shift import ApprovalPolicy
+        from driveloop.sim.scenarios import ENVIRONMENTS
+
         if self.iterations < 1 or self.vehicles < 2:
             raise ConfigError("the demo needs >= 1 iteration and >= 2 vehicles")
+        if self.shift is not None and self.shift not in ENVIRONMENTS:
+            raise ConfigError(f"unknown shift environment {self.shift!r}; valid: {', '.join(ENVIRONMENTS)}")
+        if self.shift_after < 0 or self.shift_windows < 1:
+            raise ConfigError("shift_after must be >= 0 and shift_windows >= 1")
+        ApprovalPolicy.parse(self.auto_approve)
         if min(self.drive_s, self.window_s, self.eval_duration_s) <= 0 or self.max_windows < 1:
             raise ConfigError("demo durations and max_windows must be > 0")
         if not 0 <= self.port < 65536:
@@ -80,6 +103,8 @@ class IterationResult:
     rollout_timeline: list[dict[str, Any]] = field(default_factory=list)
     fleet_versions_after: dict[str, int] = field(default_factory=dict)
     kind: str = "loop"  # "loop" | "bad-model"
+    world: str = "mix"  # the scenario distribution the fleet drove ("mix+<env>" after a shift)
+    classes: dict[str, dict[str, float]] = field(default_factory=dict)  # per class: hours, interventions, per_hour
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -114,6 +139,17 @@ class FleetServer:
         self._thread.join(timeout=10)
 
 
+def _shift_tracker(demo: Demo, state: dict[str, Any]) -> Any:
+    """The demo's shift tracker over the local cloud's campaign path, resumed from ``state`` when present."""
+    from driveloop._demo_shift import ShiftTracker, local_ingest
+    from driveloop.cloud.shift import ApprovalPolicy
+
+    tracker = ShiftTracker(demo.config.shift, lambda: local_ingest(demo.settings),
+                           ApprovalPolicy.parse(demo.config.auto_approve), say=demo.say)
+    tracker.restore(state.get("shift_tracker"))
+    return tracker
+
+
 def demo_plan() -> dict[str, Any]:
     """Stages sized for a demo fleet of ~8 vehicles (a 1% canary of 8 cars is nobody)."""
     from driveloop.ota.controller import RolloutPlan, StageSpec
@@ -134,6 +170,7 @@ class Demo:
 
     def __init__(self, settings: Any, config: DemoConfig, say: Say) -> None:
         self.settings, self.config, self.say = settings, config, say
+        self.progress: Any = Quiet()  # the CLI sets a StageProgress: a bar for each long stage (driveloop/_progress.py)
         self.dir = Path(settings.home) / "demo"
         self.state_path = self.dir / "state.json"
 
@@ -187,7 +224,10 @@ class Demo:
             fleet.provision(releases.trusted_root(), art.onnx_path,
                             {**art.manifest.model_dump(mode="json"), "version": v1.model_version},
                             director_root=director.trusted_root())
-            loop = _Loop(self, fleet, registry, releases, server.url, http)
+            tracker = _shift_tracker(self, state)
+            loop = _Loop(self, fleet, registry, releases, server.url, http, tracker)
+            if "fleet_clock_s" in state:  # past whatever an interrupted iteration may have reported
+                loop.clock_s = float(state["fleet_clock_s"]) + cfg.drive_s + (cfg.max_windows + 1) * cfg.window_s
             loop.abort_stale_rollout(server.app.state.service.store.latest())
             done = len(state["iterations"])
             total = cfg.iterations + (1 if cfg.inject_bad_model else 0)
@@ -196,12 +236,18 @@ class Demo:
                 self.say(f"— iteration {k + 1}/{total} ({kind}) —")
                 result = loop.iteration(k, kind)
                 state["iterations"].append(asdict(result))
+                state["shift_tracker"] = tracker.to_state()
+                state["fleet_clock_s"] = loop.clock_s  # a resumed run's health windows must not overlap these
                 _write_json_atomic(self.state_path, state)
-            final = {"measure": loop.measure()}
+            final = {"measure": loop.measure(tracker.world(loop.shifted(total - 1)))}
         registry.close()
         report = {"iterations": state["iterations"], "final_drive": final["measure"],
-                  "dashboard": "served while the demo ran", "seconds": round(time.monotonic() - t_start, 1),
-                  "home": str(s.home)}
+                  "dashboard": server.url, "seconds": round(time.monotonic() - t_start, 1),
+                  "home": str(s.home), "timeline": tracker.windows}
+        if tracker.shifted:
+            from driveloop._demo_shift import shift_report
+
+            report["shift"] = shift_report(tracker, state["iterations"], final["measure"], cfg.shift_after)
         from driveloop._demo_report import write_report
 
         report["report_html"] = str(write_report(self.dir / "report", report))
@@ -212,37 +258,72 @@ class Demo:
 class _Loop:
     """The steps of one iteration, sharing the fleet, registry, release service and server."""
 
-    def __init__(self, demo: Demo, fleet: Any, registry: Any, releases: Any, server_url: str, http: Any) -> None:
+    def __init__(self, demo: Demo, fleet: Any, registry: Any, releases: Any, server_url: str, http: Any,
+                 tracker: Any) -> None:
         self.demo, self.fleet, self.registry, self.releases = demo, fleet, registry, releases
-        self.server_url, self.http = server_url, http
+        self.server_url, self.http, self.tracker = server_url, http, tracker
         self.cfg, self.settings, self.say = demo.config, demo.settings, demo.say
         self.clock_s = 0.0  # fleet time across windows (health report windows)
 
-    def _drive(self, seconds: float, window_seed: int, record: bool) -> Any:
+    def shifted(self, k: int) -> bool:
+        """Does iteration ``k`` (0-based) drive in the shifted world? The world shifts only when a loop iteration
+        follows ``shift_after`` (a ``--inject-bad-model`` iteration then stays in it, but never starts it)."""
+        cfg = self.cfg
+        return cfg.shift is not None and cfg.shift_after < cfg.iterations and k >= cfg.shift_after
+
+    def _drive(self, seconds: float, window_seed: int, record: bool, world: str = "mix", label: str = "") -> Any:
         from driveloop.edge.drive import recorder_factory
 
-        # Mid-rollout the fleet runs several models: each vehicle's segments name the one that drove.
-        factory = recorder_factory(self.settings.spool_dir, 2 * 2**30, self.fleet.active_version) if record else None
-        report = self.fleet.drive_window(self.clock_s, seconds, "mix", window_seed, recorder_factory=factory)
+        # Mid-rollout the fleet runs several models: each vehicle's segments name the one that drove. Approved
+        # campaigns (the shift's) run beside the recorder's own triggers.
+        factory = recorder_factory(self.settings.spool_dir, 2 * 2**30, self.fleet.active_version,
+                                   self._campaigns()) if record else None
+        with self.demo.progress.stage(f"{label or 'driving'}: {len(self.fleet.vehicles)} vehicles × {seconds:g} s"):
+            report = self.fleet.drive_window(self.clock_s, seconds, world, window_seed, recorder_factory=factory)
+        self.tracker.observe(report, self.clock_s, seconds, label or f"window {window_seed}")
         self.clock_s += seconds
         return report
 
-    def measure(self) -> dict[str, Any]:
-        """The fleet's seeded routes, on whatever each vehicle runs now (the number the demo reports)."""
-        report = self._drive(self.cfg.drive_s, 0, record=True)
-        s = report.summary()
-        return {"interventions_per_hour": s["interventions_per_hour"], "collisions": s["collisions"],
-                "progress": s["progress"], "distance_km": s["distance_km"], "segments": s["segments"],
-                "versions": self.fleet.versions()}
+    def _campaigns(self) -> list[Any]:
+        if self.tracker.campaign is None or not self.tracker.campaign.get("approved"):
+            return []
+        from driveloop.wiring import fetch_campaigns
+
+        return fetch_campaigns(self.settings, self.fleet.vehicles[0].vehicle_id)
+
+    def measure(self, world: str = "mix") -> dict[str, Any]:
+        """The fleet's seeded routes in ``world``, on whatever each vehicle runs now (the number the demo
+        reports). The familiar world is one drive; a shifted one ``shift_windows`` windows (same routes every
+        time), so the shift detector can look after each."""
+        from driveloop._demo_shift import class_rows, report_events
+
+        n = 1 if world == "mix" else self.cfg.shift_windows
+        reports = [self._drive(self.cfg.drive_s / n, w, record=True, world=world, label=f"data drive {w + 1}/{n}")
+                   for w in range(n)]
+        vehicles = [v for r in reports for v in r.vehicles]  # summed as one report's summary() sums them
+        driven_h = sum(v.driven_s for v in vehicles) / 3600.0
+        interventions = sum(v.interventions for v in vehicles)
+        set_m = sum(v.set_distance_m for v in vehicles)
+        distance_m = sum(v.distance_m for v in vehicles)
+        return {"interventions_per_hour": round(interventions / driven_h, 3) if driven_h > 0 else 0.0,
+                "collisions": sum(v.collisions for v in vehicles),
+                "progress": round(distance_m / set_m, 4) if set_m > 0 else 0.0,
+                "distance_km": round(distance_m / 1000.0, 4), "segments": sum(len(r.segments) for r in reports),
+                "versions": self.fleet.versions(), "world": world,
+                "classes": class_rows([e for r in reports for e in report_events(r, 0.0)])}
 
     def iteration(self, k: int, kind: str) -> IterationResult:
         self.fleet.sync()
         versions = self.fleet.versions()
-        m = self.measure()
+        shifted = self.shifted(k)
+        if shifted and not self.tracker.shifted:
+            self.tracker.start_shift(self.clock_s)
+        m = self.measure(self.tracker.world(shifted))
         self.say(f"fleet on {versions}: {m['interventions_per_hour']:.1f} interventions/h, "
                  f"{m['collisions']} collisions, progress {m['progress']:.2f}")
         result = IterationResult(k + 1, max(versions, key=versions.get), m["interventions_per_hour"],
-                                 m["collisions"], m["progress"], m["distance_km"], m["segments"], kind=kind)
+                                 m["collisions"], m["progress"], m["distance_km"], m["segments"], kind=kind,
+                                 world=m["world"], classes=m["classes"])
         from driveloop.wiring import upload_spool
 
         up = upload_spool(self.settings)
@@ -254,34 +335,45 @@ class _Loop:
         if candidate is None:
             result.rollout_outcome = "no-candidate"
         else:
+            if shifted and kind == "loop":
+                self.tracker.mark("validated")
             result.candidate = candidate
-            result.rollout_outcome, result.rollout_timeline = self._rollout(str(candidate), result.model)
+            result.rollout_outcome, result.rollout_timeline = self._rollout(str(candidate), result.model,
+                                                                            self.tracker.world(shifted))
+            if shifted and kind == "loop" and result.rollout_outcome == "completed":
+                self.tracker.mark("adapted")
         result.fleet_versions_after = self.fleet.versions()
         self.say(f"rollout of v{candidate}: {result.rollout_outcome}; fleet now {result.fleet_versions_after}")
         return result
 
     # -- learning: cloud pipeline and federated round ------------------------------------------------
     def _learn(self, result: IterationResult) -> int | None:
-        from driveloop.cloud.evaluation import EvalSuite
+        from driveloop.cloud.evaluation import EvalSuite, GateTolerances
         from driveloop.cloud.pipeline import PipelineConfig, run_pipeline
         from driveloop.cloud.train import FinetuneConfig
+        from driveloop.sim.scenarios import ENVIRONMENT_SUITE
 
         suite = EvalSuite(duration_s=self.cfg.eval_duration_s)
-        if self.cfg.eval_classes is not None:
-            suite = EvalSuite(classes={c: suite.classes[c] for c in self.cfg.eval_classes},
-                              duration_s=self.cfg.eval_duration_s)
-        pconf = PipelineConfig.from_settings(self.settings, base_ref=result.model, suite=suite,
+        classes = dict(suite.classes) if self.cfg.eval_classes is None else {c: suite.classes[c] for c in self.cfg.eval_classes}
+        tolerances = GateTolerances()
+        if result.world != "mix" and self.cfg.shift is not None:
+            # The new class must improve; every old one is judged beside it and may not get worse.
+            classes[self.cfg.shift] = ENVIRONMENT_SUITE[self.cfg.shift]
+            tolerances = GateTolerances(improve_classes=(self.cfg.shift,))
+        suite = EvalSuite(classes=classes, duration_s=self.cfg.eval_duration_s)
+        pconf = PipelineConfig.from_settings(self.settings, base_ref=result.model, suite=suite, tolerances=tolerances,
                                              finetune=FinetuneConfig(epochs=self.cfg.finetune_epochs),
                                              seed=self.cfg.seed + result.index)
         self.say("cloud pipeline: mine → label → dataset → fine-tune → gate")
-        rep = run_pipeline(pconf, on_stage=lambda name, *a: self.say(f"  pipeline: {name}"))
+        with self.demo.progress.stage("cloud pipeline") as step:
+            rep = run_pipeline(pconf, on_stage=lambda name, *a: (step(0, note=name), self.say(f"  pipeline: {name}")))
         result.pipeline = rep.to_dict()
         candidates: list[tuple[float, int]] = []
         if rep.candidate is not None and rep.candidate_stage == "validated":
             candidates.append((float(rep.gate.get("candidate", {}).get("interventions_per_hour", 1e9)), rep.candidate))
-        fl = self._federated(result, suite)
+        fl = self._federated(result, suite, tolerances)
         result.federated = {k: fl.get(k) for k in ("run", "strategy", "rounds", "participants_per_round",
-                                                   "candidate", "candidate_stage", "gate", "dp")}
+                                                   "candidate", "candidate_stage", "gate", "dp", "round_log")}
         if fl.get("candidate") is not None and fl.get("candidate_stage") == "validated":
             candidates.append((float(fl["gate"].get("candidate", {}).get("interventions_per_hour", 1e9)),
                                int(fl["candidate"])))
@@ -289,7 +381,7 @@ class _Loop:
             return None
         return min(candidates)[1]
 
-    def _federated(self, result: IterationResult, suite: Any) -> dict[str, Any]:
+    def _federated(self, result: IterationResult, suite: Any, tolerances: Any) -> dict[str, Any]:
         """One federated run (``fl_rounds`` rounds) over the vehicles' own spools, from the fleet's model."""
         from driveloop.federated.client import VehicleSettings
         from driveloop.federated.run import FlRunConfig, run_federated
@@ -300,10 +392,15 @@ class _Loop:
                                                    registry_dir=str(Path(self.settings.registry_dir)),
                                                    data_seed=self.cfg.seed + result.index),
                            server=ServerSettings(vehicles=self.cfg.vehicles, rounds=self.cfg.fl_rounds, strategy="fedavg"),
-                           base_ref=result.model, suite=suite, num_cpus=self.settings.num_cpus,
+                           base_ref=result.model, suite=suite, tolerances=tolerances, num_cpus=self.settings.num_cpus,
                            run_name=f"demo-{self.cfg.seed}-it{result.index}")
-        return run_federated(conf, on_round=lambda r: self.say(
-            f"  federated round {r['round']}: {r['accepted']}/{r['sampled']} updates accepted"))
+        with self.demo.progress.stage("federated rounds", total=self.cfg.fl_rounds) as step:
+            fl = run_federated(conf, on_round=lambda r: step(note=f"round {r['round']}: {r['accepted']}/{r['sampled']}"
+                                                                  " updates accepted"))
+        rounds = fl.get("round_log") or []
+        skipped = sum(1 for r in rounds if isinstance(r, dict) and r.get("skipped"))
+        self.say(f"  federated: {fl.get('rounds')} round(s) done, {skipped} skipped")
+        return fl
 
     # -- deliberately bad model ----------------------------------------------------------------------
     def _bad_model(self, base: str) -> int:
@@ -356,7 +453,8 @@ class _Loop:
                         json={"reason": "demo restarted mid-rollout: revert, rerun the iteration"})
             self.say(f"rollout {rid} was left running by an interrupted demo: aborted")
 
-    def _rollout(self, version: str, previous: str) -> tuple[str, list[dict[str, Any]]]:
+    def _rollout(self, version: str, previous: str, world: str = "mix") -> tuple[str, list[dict[str, Any]]]:
+        self.tracker.reference_from_s = self.clock_s  # the next shift's baseline: the fleet from this rollout on
         self.releases.release(int(version), hardware_class="any")
         status = self._admin("POST", "/v1/rollouts", json={"version": version, "previous_version": previous,
                                                              "plan": demo_plan()})
@@ -365,7 +463,7 @@ class _Loop:
         timeline: list[dict[str, Any]] = []
         for w in range(self.cfg.max_windows):
             actions = self.fleet.sync()
-            self._drive(self.cfg.window_s, 100 + w, record=False)
+            self._drive(self.cfg.window_s, 100 + w, record=False, world=world, label=f"rollout window {w + 1}")
             status = self._admin("POST", f"/v1/rollouts/{rid}/evaluate")
             timeline.append({"window": w + 1, "stage": status["stage"], "status": status["status"],
                              "decision": (status.get("last_decision") or {}).get("action"),
@@ -374,6 +472,6 @@ class _Loop:
             if status["status"] in ("completed", "aborted"):
                 break
         self.fleet.sync()  # everyone picks up the final assignment (new model, or the revert)
-        self._drive(self.cfg.window_s, 99, record=False)  # the first start on it: trial windows close
+        self._drive(self.cfg.window_s, 99, record=False, world=world, label="after rollout")  # trial windows close
         outcome = status["status"] if status["status"] in ("completed", "aborted") else "stalled"
         return outcome, timeline

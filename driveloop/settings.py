@@ -6,6 +6,7 @@ environment; the CLI passes them explicit paths and URLs from here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,6 +18,8 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".driveloop"), description="Data directory holding everything.")
     ray_address: str | None = Field(default=None, validation_alias=AliasChoices("RAY_ADDRESS", "DRIVELOOP_RAY_ADDRESS"))
     catalog_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite under home.")
+    fleet_db_url: str | None = Field(default=None, description="The fleet server's SQLAlchemy URL; default SQLite "
+                                     "under home. PostgreSQL lets several `ota serve` replicas share it.")
     store_url: str | None = Field(default=None, description="fsspec URL; default a directory under home.")
     cloud_url: str | None = Field(default=None, description="Ingest server URL; default the embedded local cloud.")
     cloud_token: str | None = None
@@ -25,6 +28,13 @@ class Settings(BaseSettings):
                                  "certificates must chain to (default: the system's CAs).")
     prometheus_url: str | None = Field(default=None, validation_alias=AliasChoices("PROMETHEUS_URL", "DRIVELOOP_PROMETHEUS_URL"))
     num_cpus: int = Field(default=2, ge=1, description="CPUs Ray and torch may use on this machine.")
+    campaign_auto_approve: str = Field(default="", description="Scenario classes whose shift campaigns the loop "
+                                       "may approve by itself ('*': any, '': none; cloud.shift.ApprovalPolicy).")
+    nats_url: str | None = Field(default=None, description="URL(s) of a NATS JetStream cluster (comma-separated); "
+                                 "default: an embedded nats-server under home/nats.")
+    sim_backend: Literal["auto", "ray", "local"] = Field(
+        default="auto", description="Where simulation and evaluation episodes run: auto (Ray when RAY_ADDRESS "
+        "is set), ray (also a local Ray runtime) or local (this process).")
 
     @property
     def registry_dir(self) -> Path:
@@ -37,6 +47,10 @@ class Settings(BaseSettings):
     @property
     def cloud_dir(self) -> Path:
         return self.home / "cloud"
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.home / "nats"
 
     @property
     def ota_dir(self) -> Path:
@@ -54,4 +68,14 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    return Settings()
+    """The settings from the environment; a bad value is one ConfigError naming the variable."""
+    from pydantic import ValidationError
+
+    from driveloop.core.exceptions import ConfigError
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = "DRIVELOOP_" + "_".join(str(x) for x in first.get("loc", ())).upper()
+        raise ConfigError(f"bad setting {name}: {first.get('msg', 'invalid')}") from e

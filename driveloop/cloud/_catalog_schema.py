@@ -89,6 +89,26 @@ class UploadRow(Base):
     updated_at_s: Mapped[float] = mapped_column(Float)
 
 
+class StreamEventRow(Base):
+    """A vehicle event from the live stream (``contracts.stream.VehicleEvent``), keyed on (vehicle, seq):
+    indexing a redelivered or replayed event again is a no-op, however late it comes."""
+
+    __tablename__ = "stream_events"
+    vehicle: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    t_s: Mapped[float] = mapped_column(Float, index=True)
+    wall_ts: Mapped[float] = mapped_column(Float, index=True)
+    road: Mapped[str] = mapped_column(String(32))
+    x_m: Mapped[float] = mapped_column(Float)
+    lane: Mapped[int] = mapped_column(Integer)
+    speed_mps: Mapped[float] = mapped_column(Float)
+    decel_mps2: Mapped[float] = mapped_column(Float)
+    scenario: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    trace_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
 class CampaignRow(Base):
     __tablename__ = "campaigns"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from driveloop.cloud.sim_exec import SimExecutor
 from driveloop.core.exceptions import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -173,16 +174,20 @@ def _load_learner(state: dict[str, object]) -> Callable[[dict[str, np.ndarray]],
 
 
 def collect(config: BootstrapConfig, learner_state: dict[str, object] | None = None,
-            dagger_round: int = 0) -> Demonstrations:
-    """Demonstration episodes (or a DAgger round's, given the learner), spread over ``workers`` processes.
+            dagger_round: int = 0, executor: SimExecutor | None = None) -> Demonstrations:
+    """Demonstration episodes (or a DAgger round's, given the learner), one episode per unit: as Ray tasks
+    with a Ray ``executor`` (``cloud.sim_exec``), else over ``workers`` processes here.
 
-    Deterministic for a seed; seeds start at TRAIN_SEED_BASE so that no evaluation seed is trained on.
+    Deterministic for a seed, and the same on either path; seeds start at TRAIN_SEED_BASE so that no
+    evaluation seed is trained on.
     """
     count = config.episodes if learner_state is None else config.dagger_episode_count
     base = TRAIN_SEED_BASE + config.seed * 100_003 + dagger_round * DAGGER_SEED_STRIDE
     jobs = [(DEMO_SCENARIOS[i % len(DEMO_SCENARIOS)], base + i, config.episode_s, config.accel_noise_mps2,
              config.steer_noise_rad, config.noise_corr_s, learner_state) for i in range(count)]
-    if config.workers == 1:
+    if executor is not None and executor.use_ray:
+        parts = executor.map(demonstrate, jobs, what="expert episodes").results
+    elif config.workers == 1:
         parts = [demonstrate(*j) for j in jobs]
     else:
         with ProcessPoolExecutor(config.workers) as pool:
@@ -255,11 +260,12 @@ def evaluate_offline(model: object, demos: Demonstrations, idx: np.ndarray) -> d
 
 
 def bootstrap(registry_root: Path, config: BootstrapConfig | None = None, force: bool = False,
-              progress: Callable[[str], None] | None = None) -> dict[str, object]:
+              progress: Callable[[str], None] | None = None, executor: SimExecutor | None = None) -> dict[str, object]:
     """Create model version 1 in the registry (or reuse it); returns a summary for the CLI.
 
     Steps: demonstrations → behaviour cloning → ONNX export → parity check (≤1e-4) → register →
-    closed-loop sanity drive on nominal scenes → stage ``validated``.
+    closed-loop sanity drive on nominal scenes → stage ``validated``. ``executor`` (``cloud.sim_exec``)
+    runs the expert episodes as Ray tasks when it is a Ray one.
     """
     import torch
 
@@ -278,12 +284,13 @@ def bootstrap(registry_root: Path, config: BootstrapConfig | None = None, force:
             return {"version": manifest.version, "stage": stage, "reused": True, "sha256": manifest.sha256}
     t0 = time.monotonic()
     say(f"collecting {config.episodes} expert episodes of {config.episode_s:.0f} s")
-    demos = collect(config)
+    demos = collect(config, executor=executor)
     t_demo = time.monotonic() - t0
     say(f"behaviour cloning on {len(demos)} ticks for {config.epochs} epochs")
     model, metrics = behaviour_clone(demos, config, on_epoch=lambda e, l: say(f"epoch {e + 1}: loss {l:.4f}"))
     for r in range(config.dagger_rounds):
-        learned = collect(config, learner_state=model.state_dict(), dagger_round=r + 1)  # type: ignore[attr-defined]
+        learned = collect(config, learner_state=model.state_dict(), dagger_round=r + 1,  # type: ignore[attr-defined]
+                          executor=executor)
         demos = Demonstrations.concat([demos, learned])
         say(f"DAgger round {r + 1}: the learner drove {len(learned)} ticks; training on {len(demos)} "
             f"for {config.dagger_epochs} epochs")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select, update
+from sqlalchemy import case, create_engine, event, exists, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +31,7 @@ from driveloop.cloud._catalog_schema import (
     CampaignRow,
     SegmentEventRow,
     SegmentRow,
+    StreamEventRow,
     UploadRow,
     VehicleRow,
     segment_meta,
@@ -111,10 +112,33 @@ class SegmentQuery:
     until_s: float | None = None
     unconsumed: bool | None = None
     limit: int | None = None
+    live_events_first: bool = False  # segments a live stream event falls in come first (stream_events)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class StreamEventRecord:
+    """One indexed live-stream event (``contracts.stream.VehicleEvent``'s columns); key (vehicle, seq)."""
+
+    vehicle: str
+    seq: int
+    kind: str
+    t_s: float
+    wall_ts: float
+    road: str
+    x_m: float
+    lane: int
+    speed_mps: float
+    decel_mps2: float
+    scenario: str
+    model_version: str | None = None
+    trace_id: str | None = None
+
+
+_STREAM_EVENT_FIELDS = tuple(StreamEventRecord.__dataclass_fields__)
 
 
 def _segment_record(row: SegmentRow) -> SegmentRecord:
@@ -248,15 +272,22 @@ class Catalog:
                     select(SegmentEventRow.sha256).where(SegmentEventRow.event == q.event, SegmentEventRow.count > 0)
                 )
             )
-        stmt = stmt.order_by(SegmentRow.start_s, SegmentRow.vehicle, SegmentRow.seed, SegmentRow.sha256)  # stable, not by hash
+        order: list[Any] = []
+        if q.live_events_first:  # a segment that holds a live event of its vehicle and scenario first
+            live = exists().where(StreamEventRow.vehicle == SegmentRow.vehicle,
+                                  StreamEventRow.scenario == SegmentRow.scenario,
+                                  StreamEventRow.t_s >= SegmentRow.start_s, StreamEventRow.t_s <= SegmentRow.end_s)
+            order.append(case((live, 0), else_=1))
+        stmt = stmt.order_by(*order, SegmentRow.start_s, SegmentRow.vehicle, SegmentRow.seed, SegmentRow.sha256)  # stable, not by hash
         if q.limit is not None:
             stmt = stmt.limit(q.limit)
         with self._session() as s:
             return [_segment_record(r) for r in s.scalars(stmt)]
 
     def new_segments(self, limit: int | None = None) -> list[SegmentRecord]:
-        """Segments no dataset version has consumed yet (the pipeline's input)."""
-        return self.segments(SegmentQuery(unconsumed=True, limit=limit))
+        """Segments no dataset version has consumed yet (the pipeline's input); those holding a live
+        stream event come first, so a limited pipeline run learns from them before routine data."""
+        return self.segments(SegmentQuery(unconsumed=True, limit=limit, live_events_first=True))
 
     def mark_consumed(self, sha256s: Iterable[str], dataset_version: str) -> int:
         """Record that ``dataset_version`` consumed these segments; returns how many were new to it.
@@ -277,6 +308,43 @@ class Catalog:
                 .values(consumed_by_dataset=dataset_version)
             )
             return int(getattr(result, "rowcount", 0) or 0)
+
+    # -- live stream events (cloud.stream_sinks) ---------------------------------------------
+    def add_stream_events(self, records: Iterable[StreamEventRecord]) -> int:
+        """Index events; one whose (vehicle, seq) is already indexed is skipped. Returns how many were new."""
+        by_key = {(r.vehicle, r.seq): r for r in records}
+        if not by_key:
+            return 0
+        with self._session() as s:
+            known: set[tuple[str, int]] = set()
+            for vehicle in {v for v, _ in by_key}:
+                seqs = [q for v, q in by_key if v == vehicle]
+                rows = s.execute(select(StreamEventRow.seq).where(StreamEventRow.vehicle == vehicle,
+                                                                   StreamEventRow.seq.in_(seqs)))
+                known.update((vehicle, q) for (q,) in rows)
+            new = [r for k, r in by_key.items() if k not in known]
+            s.add_all(StreamEventRow(**{f: getattr(r, f) for f in _STREAM_EVENT_FIELDS}) for r in new)
+            return len(new)
+
+    def stream_events(self, *, vehicle: str | None = None, kind: str | None = None, from_s: float | None = None,
+                      until_s: float | None = None, since_wall_ts: float | None = None,
+                      limit: int | None = None) -> list[StreamEventRecord]:
+        """Indexed events matching every given filter (times: the vehicle's ``t_s``), by vehicle then seq."""
+        stmt = select(StreamEventRow)
+        for column, value in ((StreamEventRow.vehicle, vehicle), (StreamEventRow.kind, kind)):
+            if value is not None:
+                stmt = stmt.where(column == value)
+        if from_s is not None:
+            stmt = stmt.where(StreamEventRow.t_s >= from_s)
+        if until_s is not None:
+            stmt = stmt.where(StreamEventRow.t_s <= until_s)
+        if since_wall_ts is not None:
+            stmt = stmt.where(StreamEventRow.wall_ts >= since_wall_ts)
+        stmt = stmt.order_by(StreamEventRow.vehicle, StreamEventRow.seq)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self._session() as s:
+            return [StreamEventRecord(**{f: getattr(r, f) for f in _STREAM_EVENT_FIELDS}) for r in s.scalars(stmt)]
 
     # -- vehicles ----------------------------------------------------------------------------
     def add_vehicle(self, vehicle_id: str, token_hash: str, now_s: float) -> VehicleRecord:

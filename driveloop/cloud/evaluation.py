@@ -16,8 +16,9 @@ verdict made of named checks:
   feel (comfort limits in the literature are ~0.9-2 m/s³), while braking classes are judged relatively.
 
 The suite also needs interventions per hour over all classes to fall by ``min_suite_iph_reduction_frac``.
-``gate`` is pure, so the decision can be tested exhaustively; ``evaluate_model`` (below) is the adapter
-that runs the held-out suite in closed loop with a given ONNX model. Held-out seeds start at
+``gate`` is pure, so the decision can be tested exhaustively; ``evaluate_models`` (below) is the adapter
+that runs the held-out suite in closed loop with given ONNX models, in-process or as Ray work
+(``cloud.sim_exec``: one unit per class and concrete scenario). Held-out seeds start at
 ``HELDOUT_SEED_BASE`` and never appear in training or in the fleet's drives.
 """
 
@@ -27,11 +28,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from driveloop.cloud.sim_exec import Execution, ModelPayload, SimExecutor
 from driveloop.core.exceptions import ConfigError, PipelineError
+from driveloop.sim.scenarios import scenario_classes
 
 logger = logging.getLogger(__name__)
 
-SCENARIO_CLASSES = ("highway", "dense", "cut-in", "merge", "ccrs", "ccrm", "ccrb")
+SCENARIO_CLASSES = scenario_classes()  # defined with the scenarios (sim.scenarios), environments included
 HELDOUT_SEED_BASE = 1_000_000
 CHECKS = ("collisions_zero", "interventions_fall", "progress_kept", "comfort_kept")
 
@@ -79,8 +82,15 @@ class GateTolerances:
     jerk_tolerance_abs_mps3: float = 0.1
     comfort_floor_mps3: float = 0.5  # mean |jerk| at or below this is comfortable, whatever the baseline
     min_suite_iph_reduction_frac: float = 0.0
+    # None: every class's interventions must fall. A tuple (an adaptation to a shift, cloud.shift): those classes
+    # must fall, every other only must not rise ("interventions_kept"): no regression, not a second target.
+    improve_classes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.improve_classes is not None and (not self.improve_classes or not all(
+                isinstance(c, str) and c in SCENARIO_CLASSES for c in self.improve_classes)):
+            raise ConfigError(f"gate improve_classes must name classes of {', '.join(SCENARIO_CLASSES)}, "
+                              f"got {self.improve_classes!r}")
         for name in ("progress_tolerance_frac", "suite_progress_tolerance_frac", "jerk_tolerance_frac",
                      "min_suite_iph_reduction_frac"):
             v = getattr(self, name)
@@ -153,11 +163,14 @@ class GateResult:
 
 
 def judge_class(scenario: str, base: ClassMetrics, cand: ClassMetrics, tol: GateTolerances) -> ClassVerdict:
-    """The four checks of one scenario class."""
+    """The four checks of one scenario class (``interventions_kept`` in place of ``interventions_fall`` for a class
+    outside ``tol.improve_classes``)."""
     b_iph, c_iph = base.interventions_per_hour, cand.interventions_per_hour
+    target = tol.improve_classes is None or scenario in tol.improve_classes
     checks = {
         "collisions_zero": cand.collisions == 0,
-        "interventions_fall": c_iph < b_iph if b_iph > 0 else c_iph == 0,
+        **({"interventions_fall": c_iph < b_iph if b_iph > 0 else c_iph == 0} if target else
+           {"interventions_kept": c_iph <= b_iph}),
         "progress_kept": cand.progress >= base.progress * (1.0 - tol.progress_tolerance_frac),
         "comfort_kept": cand.jerk_mps3 <= max(base.jerk_mps3 * (1.0 + tol.jerk_tolerance_frac) + tol.jerk_tolerance_abs_mps3,
                                               tol.comfort_floor_mps3),
@@ -253,33 +266,94 @@ class EvalSuite:
                 "duration_s": self.duration_s, "seed_base": self.seed_base}
 
 
-def evaluate_model(onnx_path: object, manifest: object, suite: EvalSuite, on_class: object = None) -> dict[str, ClassMetrics]:
-    """Drive ``suite`` in closed loop (full safety supervisor) with the given ONNX model; metrics per class.
+@dataclass(frozen=True)
+class SuiteRun:
+    """Closed-loop metrics of several models on one suite, and where its episodes ran."""
 
-    Replies are judged on simulated time (``InProcessInference(simulated_deadline=True)``): the suite
-    judges how a model drives, not how busy the evaluating host is, so the same model on the same suite
-    gives the same metrics on any host; a model's latency is judged where it is measured on vehicles,
-    by the rollout's p99 health gate. ``on_class(name)`` (optional) is called after each class,
-    for progress displays.
+    metrics: list[dict[str, ClassMetrics]]  # per model, in the order given
+    execution: Execution
+    placements: list[dict[str, object]]  # per unit: model index, class, scenario, vehicles, node
+
+
+def suite_units(suite: EvalSuite) -> list[tuple[str, list[object]]]:
+    """The suite cut into units of work: one per (class, concrete scenario), each a few vehicles.
+
+    Vehicle ids and seeds are those of the whole class (``eval-<class>-<i>``), so a unit drives exactly
+    the vehicles it would drive in one fleet of the whole class: each vehicle's result is its own.
     """
-    from driveloop.edge.fleet import InProcessInference, VehiclePlan, run_fleet
-    from driveloop.edge.runtime import ModelRuntime
+    from driveloop.edge.fleet import VehiclePlan
 
-    runtime = ModelRuntime(onnx_path, manifest, device="cpu")  # type: ignore[arg-type]
-    out: dict[str, ClassMetrics] = {}
+    units: list[tuple[str, list[object]]] = []
     for cls in suite.classes:
         plans = [VehiclePlan(f"eval-{cls}-{i}", name, seed) for i, (name, seed) in enumerate(suite.seeds(cls))]
-        report = run_fleet(plans, {"default": InProcessInference(runtime, simulated_deadline=True)}, duration_s=suite.duration_s)
-        s = report.summary()
-        out[cls] = ClassMetrics(
-            episodes=max(1, sum(v.episodes for v in report.vehicles)),
-            hours=float(s["driven_s"]) / 3600.0,  # type: ignore[arg-type]
-            collisions=int(s["collisions"]),  # type: ignore[call-overload]
-            interventions=int(s["interventions"]),  # type: ignore[call-overload]
-            progress=float(s["progress"]),  # type: ignore[arg-type]
-            jerk_mps3=float(s["mean_abs_jerk_mps3"]),  # type: ignore[arg-type]
-        )
-        logger.info("eval %s v%s: %s", cls, getattr(manifest, "version", "?"), out[cls].as_dict())
-        if callable(on_class):
+        for name in suite.classes[cls]:
+            units.append((cls, [p for p in plans if p.scenario == name]))
+    return units
+
+
+def _drive_unit(payloads: tuple[ModelPayload, ...], model: int, plans: list[object], duration_s: float) -> list[object]:
+    """One unit, wherever it runs: the vehicles' closed-loop metrics with model ``model``.
+
+    Replies are judged on simulated time (``InProcessInference(simulated_deadline=True)``): the suite
+    judges how a model drives, not how busy the evaluating host is.
+    """
+    from driveloop.edge.fleet import run_fleet
+
+    client = payloads[model].client("cpu", simulated_deadline=True)
+    return run_fleet(plans, {"default": client}, duration_s=duration_s).vehicles  # type: ignore[arg-type]
+
+
+def class_metrics(vehicles: list[object]) -> ClassMetrics:
+    """A class's metrics from its vehicles' (in plan order): the same sums as one fleet's summary."""
+    from driveloop.edge.fleet import FleetReport
+
+    s = FleetReport(vehicles=vehicles, tick_ms=[], sim_ms=[], segments=[], faults={}, shadow={}).summary()  # type: ignore[arg-type]
+    return ClassMetrics(
+        episodes=max(1, int(sum(v.episodes for v in vehicles))),  # type: ignore[attr-defined]
+        hours=float(s["driven_s"]) / 3600.0,  # type: ignore[arg-type]
+        collisions=int(s["collisions"]),  # type: ignore[call-overload]
+        interventions=int(s["interventions"]),  # type: ignore[call-overload]
+        progress=float(s["progress"]),  # type: ignore[arg-type]
+        jerk_mps3=float(s["mean_abs_jerk_mps3"]),  # type: ignore[arg-type]
+    )
+
+
+def evaluate_models(models: list[tuple[object, object]], suite: EvalSuite, executor: SimExecutor | None = None,
+                    on_class: object = None) -> SuiteRun:
+    """Drive ``suite`` in closed loop (full safety supervisor) with each (ONNX path, manifest); metrics per
+    model and class. The units of every model go out together, so on Ray a baseline and a candidate
+    share the cluster; in-process (no ``executor``, or the local backend) they run one after another.
+    The same model on the same suite gives the same metrics on either backend and on any host.
+    ``on_class(name)`` (optional) is called when a class is done for every model (progress displays).
+    """
+    executor = executor or SimExecutor()
+    payloads = tuple(ModelPayload.read(path, manifest) for path, manifest in models)  # type: ignore[arg-type]
+    units = suite_units(suite)
+    work = [(m, plans, suite.duration_s) for m in range(len(models)) for _, plans in units]
+    left = {cls: sum(1 for c, _ in units if c == cls) * len(models) for cls in suite.classes}
+
+    def done(i: int) -> None:
+        cls = units[i % len(units)][0]
+        left[cls] -= 1
+        if left[cls] == 0 and callable(on_class):
             on_class(cls)
-    return out
+
+    mapped = executor.map(_drive_unit, work, shared=(payloads,), on_result=done, what="evaluation episodes")
+    out: list[dict[str, ClassMetrics]] = []
+    for m in range(len(models)):
+        per_class: dict[str, list[object]] = {cls: [] for cls in suite.classes}
+        for (cls, _), vehicles in zip(units, mapped.results[m * len(units):(m + 1) * len(units)]):
+            per_class[cls].extend(vehicles)
+        out.append({cls: class_metrics(vs) for cls, vs in per_class.items()})
+        for cls, metrics in out[-1].items():
+            logger.info("eval %s v%s: %s", cls, getattr(models[m][1], "version", "?"), metrics.as_dict())
+    placements = [{"model": m, "class": units[k][0], "scenario": units[k][1][0].scenario,  # type: ignore[attr-defined]
+                   "vehicles": len(units[k][1]), "node": p.node}
+                  for i, p in enumerate(mapped.placements) for m, k in [divmod(i, len(units))]]
+    return SuiteRun(out, mapped.execution, placements)
+
+
+def evaluate_model(onnx_path: object, manifest: object, suite: EvalSuite, on_class: object = None,
+                   executor: SimExecutor | None = None) -> dict[str, ClassMetrics]:
+    """Drive ``suite`` in closed loop with one ONNX model; metrics per class (see :func:`evaluate_models`)."""
+    return evaluate_models([(onnx_path, manifest)], suite, executor, on_class).metrics[0]

@@ -7,7 +7,10 @@ Endpoints (all JSON; vehicle endpoints need ``Authorization: Bearer <vehicle tok
 - ``HEAD``/``GET /v1/uploads/{id}`` → the server's offset (header and body)
 - ``GET /v1/campaigns`` → approved, unexpired campaigns for vehicles
 - admin (``Bearer <admin token>``): ``POST /v1/campaigns``, ``POST /v1/campaigns/{id}/approve``
-- ``GET /metrics`` (Prometheus text): bytes received, segments cataloged, uploads rejected
+- logs (``cloud/log_ingest.py``): ``POST /v1/logs/batch`` (a vehicle's spooled lines), ``POST /v1/logs``
+  (OTLP/HTTP JSON; vehicle or admin token), ``GET /v1/logs/search`` (admin)
+- ``GET /metrics`` (Prometheus text): bytes received, segments cataloged, uploads rejected, requests by
+  status, log lines
 Errors map from the error tree: AuthError → 401/403, UploadRejectedError → its status,
 QuotaExceededError → 429 with ``Retry-After``, SegmentError/ConfigError → 422, StorageError → 503
 (retry later); the body is ``{"error": "…"}``. JSON bodies are bounded in size and nesting depth.
@@ -36,6 +39,8 @@ from starlette.requests import ClientDisconnect
 from driveloop.cloud._ingest_openapi import CAMPAIGN_BODY, CHUNK_BODY, UPLOAD_BODY
 from driveloop.cloud.ingest_service import ChunkWriter, IngestConfig, IngestService
 from driveloop.cloud.catalog import Catalog
+from driveloop.cloud.log_ingest import LogIngest, register_log_routes
+from driveloop.cloud.logindex import LogIndex
 from driveloop.cloud.quotas import QuotaConfig
 from driveloop.cloud.store import ObjectStore
 from driveloop.contracts.upload import OFFSET_HEADER, UploadStatus
@@ -143,11 +148,26 @@ def _int_header(request: Request, name: str, required: bool) -> int | None:
 class _StatsCollector:
     """Exports the service's counters; a registry per app, so tests can run several servers."""
 
-    def __init__(self, service: IngestService) -> None:
+    def __init__(self, service: IngestService, logs: LogIngest | None = None,
+                 responses: Mapping[str, int] | None = None) -> None:
         self._service = service
+        self._logs = logs
+        self._responses = responses if responses is not None else {}
 
     def collect(self) -> Iterator[Metric]:
         s = self._service.stats
+        requests = CounterMetricFamily("driveloop_ingest_requests", "Ingest API requests answered, by status class",
+                                       labels=["code"])
+        for code, n in sorted(dict(self._responses).items()):
+            requests.add_metric([code], n)
+        yield requests
+        if self._logs is not None:
+            lines = CounterMetricFamily("driveloop_ingest_log_lines", "Log lines received, by outcome",
+                                        labels=["outcome"])
+            ls = self._logs.stats
+            for outcome in ("accepted", "duplicates", "rejected"):
+                lines.add_metric([outcome], getattr(ls, outcome))
+            yield lines
         yield GaugeMetricFamily("driveloop_ingest_uploads_in_flight", "Requests appending to an upload now",
                                 value=self._service.uploads_in_flight())
         yield CounterMetricFamily("driveloop_ingest_received_bytes", "Upload body bytes received", value=s.bytes_received)
@@ -157,12 +177,49 @@ class _StatsCollector:
                                   value=s.uploads_rejected)
 
 
+class _CountResponses:
+    """Counts answers by status class (``2xx``, ``4xx``, ``5xx``) for the error-ratio alert. Plain ASGI
+    (it only watches ``send``), so streamed upload bodies and client disconnects pass through untouched;
+    a request that dies without an answer counts as ``5xx``."""
+
+    def __init__(self, app: Any, counts: dict[str, int]) -> None:
+        self.app, self.counts, self.lock = app, counts, threading.Lock()
+
+    def _add(self, key: str) -> None:
+        with self.lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        answered = False
+
+        async def watch(message: Any) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start" and not answered:
+                answered = True
+                self._add(f"{int(message['status']) // 100}xx")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            if not answered:
+                self._add("5xx")
+
+
 def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
-               clock: Callable[[], float] = time.time) -> FastAPI:
-    """The ingest API over ``store`` and ``catalog``; ``app.state.service`` is its IngestService."""
+               clock: Callable[[], float] = time.time, logs: LogIndex | None = None) -> FastAPI:
+    """The ingest API over ``store`` and ``catalog``; ``app.state.service`` is its IngestService.
+    With ``logs`` it also takes log lines into that index (``app.state.logs``: the LogIngest)."""
     service = IngestService(store, catalog, config, clock=clock)
     app = FastAPI(title="driveloop ingest", version="1")
     app.state.service = service
+    log_ingest = LogIngest(logs) if logs is not None else None
+    app.state.logs = log_ingest
+    responses: dict[str, int] = {}
+    app.add_middleware(_CountResponses, counts=responses)
 
     @app.exception_handler(DriveloopError)
     async def _driveloop_error(_request: Request, e: DriveloopError) -> JSONResponse:
@@ -172,7 +229,9 @@ def create_app(store: ObjectStore, catalog: Catalog, config: IngestConfig,
         return await run_in_threadpool(service.authenticate, request.headers.get("authorization"))
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(service))  # type: ignore[arg-type]
+    registry.register(_StatsCollector(service, log_ingest, responses))  # type: ignore[arg-type]
+    if log_ingest is not None:
+        register_log_routes(app, log_ingest, service.authenticate, service.check_admin, _nesting, MAX_JSON_DEPTH)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, bool]:
@@ -256,13 +315,14 @@ def build_app(store_url: str, catalog_url: str, staging_dir: Path, admin_tokens:
         limits["quotas"] = quotas
     hashes = {name: hash_token(check_admin_token(token)) for name, token in (admin_tokens or {}).items()}
     config = IngestConfig(staging_dir=staging_dir, admin_tokens=hashes, **limits)
-    return create_app(ObjectStore(store_url), Catalog(catalog_url), config)
+    return create_app(ObjectStore(store_url), Catalog(catalog_url), config, logs=LogIndex.beside(catalog_url))
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8750, tls_cert: Path | None = None,
           tls_key: Path | None = None) -> None:
     """Run the server in the foreground until interrupted (HTTPS with a certificate and key)."""
-    uvicorn.run(app, host=host, port=port, log_level="warning", **server_tls(tls_cert, tls_key))  # type: ignore[arg-type]
+    uvicorn.run(app, host=host, port=port, log_level="warning", log_config=None,  # its lines: our format
+                **server_tls(tls_cert, tls_key))  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -272,7 +332,7 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, tls_ce
     (``https://`` with a certificate and key). ``port=0`` picks a free port."""
     tls = server_tls(tls_cert, tls_key)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                           **tls))  # type: ignore[arg-type]
+                                           log_config=None, **tls))  # type: ignore[arg-type]
     thread = threading.Thread(target=server.run, name="ingest-server", daemon=True)
     thread.start()
     while not server.started:

@@ -12,10 +12,17 @@ Per-vehicle quotas (open uploads, staged bytes, bytes per hour) and the automati
 uploads are the rules of ``cloud.quotas``; this service feeds them the catalog's view and the clock.
 The checks run on the bytes read once from staging (python-tuf style: verify bytes, then do I/O);
 this service does the staging, store and catalog around them.
+
+Replicas: several ingest servers may serve one catalog (PostgreSQL), one object store and one staging
+directory (a shared filesystem). A request's hold on an upload is then a thread lock *and* an ``flock``
+on ``<upload id>.lock`` beside the partial file (:class:`UploadLock`), so two replicas never append to
+the same upload at once and a vehicle may resume on any replica; a new upload's quota check takes the
+staging directory's ``.declare.lock`` the same way. The per-vehicle byte budget stays per replica.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -96,11 +103,59 @@ def _status(up: UploadRecord, offset: int | None = None) -> UploadStatus:
     )  # fmt: skip
 
 
+class UploadLock:
+    """One upload held by one request, across threads (a lock) and processes sharing the staging directory
+    (``flock`` on ``path``: released by the kernel if the holder dies, so a killed replica frees it)."""
+
+    def __init__(self, path: Path) -> None:
+        self._thread = threading.Lock()
+        self._path = path
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        deadline = time.monotonic() + (timeout if timeout >= 0 else float("inf"))
+        if not (self._thread.acquire(True, timeout) if blocking else self._thread.acquire(False)):
+            return False
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        except BaseException:
+            self._thread.release()
+            raise
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
+                return True
+            except BlockingIOError:
+                if not blocking or time.monotonic() >= deadline:
+                    os.close(fd)
+                    self._thread.release()
+                    return False
+                time.sleep(0.01)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._thread.release()
+
+    def locked(self) -> bool:
+        return self._thread.locked()
+
+    def __enter__(self) -> UploadLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class ChunkWriter:
     """Appends one request body to an upload; ``close()`` makes it durable and finalizes a complete
     upload. Holds the upload's lock from creation to close, so two requests never interleave."""
 
-    def __init__(self, service: IngestService, up: UploadRecord, part: Path, lock: threading.Lock) -> None:
+    def __init__(self, service: IngestService, up: UploadRecord, part: Path, lock: UploadLock) -> None:
         self._service, self._up, self._part, self._lock = service, up, part, lock
         self._file = open(part, "ab")
         self._offset = self._file.tell()
@@ -152,11 +207,12 @@ class IngestService:
         self.store, self.catalog, self.config, self.clock = store, catalog, config, clock
         self._validate = validator
         self.stats = IngestStats()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, UploadLock] = {}
         self._locks_guard = threading.Lock()
         self._admins = config.admins()
         self.budget = ByteBudget(config.quotas.max_bytes_per_hour)
-        self._declare_lock = threading.Lock()  # quota check + new upload row: one at a time
+        # quota check + new upload row: one at a time, across replicas sharing the staging directory
+        self._declare_lock = UploadLock(config.staging_dir / ".declare.lock")
         self._next_expiry_s = -float("inf")
         config.staging_dir.mkdir(parents=True, exist_ok=True)
 
@@ -252,8 +308,7 @@ class IngestService:
             if offset + declared_length > up.size:
                 raise UploadRejectedError(f"chunk runs past the declared size {up.size}", status=413)
         self.budget.admit(vehicle, declared_length or 1, self.clock())
-        with self._locks_guard:
-            lock = self._locks.setdefault(upload_id, threading.Lock())
+        lock = self._lock_of(upload_id)
         if not lock.acquire(timeout=self.config.busy_wait_s):
             raise UploadRejectedError(f"upload {upload_id} is busy", status=409, offset=self._received(up))
         try:
@@ -296,8 +351,7 @@ class IngestService:
         for up in self.catalog.uploads(state=UPLOAD_OPEN):
             if now - up.updated_at_s < max_age_s:
                 continue
-            with self._locks_guard:
-                lock = self._locks.setdefault(up.id, threading.Lock())
+            lock = self._lock_of(up.id)
             if not lock.acquire(blocking=False):
                 continue
             try:
@@ -306,6 +360,7 @@ class IngestService:
                 expired.append(up.id)
             finally:
                 lock.release()
+                self._forget_lock(up.id)
         if expired:
             logger.info("expired %d stale uploads", len(expired))
         return expired
@@ -319,11 +374,16 @@ class IngestService:
         self._next_expiry_s = now + self.config.quotas.expiry_period_s
         self.expire_uploads(stale_s)
 
+    def _lock_of(self, upload_id: str) -> UploadLock:
+        with self._locks_guard:
+            return self._locks.setdefault(upload_id, UploadLock(self.config.staging_dir / f"{upload_id}.lock"))
+
     def _forget_lock(self, upload_id: str) -> None:
-        """A finished upload takes no more bytes (requests stop at its state), so drop its lock; the
-        holder keeps its own reference and releases it as usual."""
+        """A finished upload takes no more bytes (requests stop at its state, checked again once they
+        hold the lock), so drop its lock and lock file; the holder releases its own as usual."""
         with self._locks_guard:
             self._locks.pop(upload_id, None)
+        (self.config.staging_dir / f"{upload_id}.lock").unlink(missing_ok=True)
 
     def _reject(self, up: UploadRecord, part: Path, error: Exception) -> None:
         part.unlink(missing_ok=True)

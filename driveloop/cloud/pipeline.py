@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driveloop.cloud.evaluation import ClassMetrics, EvalSuite, GateTolerances, evaluate_model, gate
+from driveloop.cloud.evaluation import ClassMetrics, EvalSuite, GateTolerances, evaluate_models, gate
 from driveloop.cloud.labeling import LABEL_VERSION, LabelerConfig
 from driveloop.cloud.mining import MiningConfig
+from driveloop.cloud.sim_exec import Execution, SimExecutor
 from driveloop.cloud.train import FinetuneConfig
 from driveloop.core.exceptions import DriveloopError, NoModelError, PipelineError, SegmentError, StorageError
 
@@ -56,13 +57,14 @@ class PipelineConfig:
     tolerances: GateTolerances = field(default_factory=GateTolerances)
     seed: int = 0
     max_segments: int | None = None
+    sim_backend: str = "auto"  # the gate's episodes: auto (Ray when ray_address is set), ray or local
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> PipelineConfig:
         return cls(
             home=Path(settings.home), catalog_url=settings.resolved_catalog_url(), store_url=settings.resolved_store_url(),
             registry_dir=Path(settings.registry_dir), ray_address=settings.ray_address, num_cpus=settings.num_cpus,
-            **overrides,
+            **{"sim_backend": getattr(settings, "sim_backend", "auto"), **overrides},
         )
 
     @property
@@ -90,6 +92,7 @@ class PipelineReport:
     candidate_stage: str | None = None
     gate: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    execution: dict[str, Any] = field(default_factory=dict)  # where the gate's episodes ran (sim_exec.Execution)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,19 +148,33 @@ def _validate(records: list[Any], store: Any, workdir: Path, report: PipelineRep
     return [(path, sha, scenario) for _, path, sha, scenario in sorted(good, key=lambda g: g[0])]
 
 
-def _cached_eval(cache_dir: Path, onnx_path: Path, manifest: Any, suite: EvalSuite) -> dict[str, ClassMetrics]:
-    """Closed-loop metrics of one model file on the suite, cached by (model sha256, suite)."""
-    key = _digest({"model": manifest.sha256, "suite": suite.to_dict()})[:24]
-    path = cache_dir / f"{key}.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return {k: ClassMetrics(**v) for k, v in data.items()}
+def _cached_evals(cache_dir: Path, models: list[tuple[Path, Any]], suite: EvalSuite,
+                  executor: SimExecutor | None = None) -> tuple[list[dict[str, ClassMetrics]], Execution]:
+    """Closed-loop metrics of model files on the suite, cached by (model sha256, suite); the models not
+    cached yet are evaluated together (on Ray they share the cluster). Returns the metrics in the order
+    given and where the episodes ran (no units when every result came from the cache)."""
     from driveloop.core.atomic import write_atomic
 
-    metrics = evaluate_model(onnx_path, manifest, suite)
-    data = {k: {n: getattr(m, n) for n in ClassMetrics.__dataclass_fields__} for k, m in metrics.items()}
-    write_atomic(path, json.dumps(data).encode())
-    return metrics
+    executor = executor or SimExecutor()
+    paths = [cache_dir / f"{_digest({'model': m.sha256, 'suite': suite.to_dict()})[:24]}.json" for _, m in models]
+    out: list[dict[str, ClassMetrics] | None] = [
+        {k: ClassMetrics(**v) for k, v in json.loads(p.read_text()).items()} if p.is_file() else None for p in paths
+    ]
+    todo = [i for i, metrics in enumerate(out) if metrics is None]
+    execution = Execution(executor.backend, 0, 0)
+    if todo:
+        run = evaluate_models([models[i] for i in todo], suite, executor)
+        execution = run.execution
+        for i, metrics in zip(todo, run.metrics):
+            data = {k: {n: getattr(m, n) for n in ClassMetrics.__dataclass_fields__} for k, m in metrics.items()}
+            write_atomic(paths[i], json.dumps(data).encode())
+            out[i] = metrics
+    return [m for m in out if m is not None], execution
+
+
+def _cached_eval(cache_dir: Path, onnx_path: Path, manifest: Any, suite: EvalSuite) -> dict[str, ClassMetrics]:
+    """Closed-loop metrics of one model file on the suite, cached by (model sha256, suite)."""
+    return _cached_evals(cache_dir, [(onnx_path, manifest)], suite)[0][0]
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,7 @@ class ShippedCandidate:
     stage: str  # "validated" (gate passed) or "rejected"
     gate: Any  # GateResult
     parity_max_abs: float
+    execution: Execution | None = None  # where the gate's episodes ran
 
 
 def gate_and_register(
@@ -183,10 +201,12 @@ def gate_and_register(
     metrics: dict[str, Any],
     lineage: dict[str, Any],
     timer: Callable[[str], Any] | None = None,
+    executor: SimExecutor | None = None,
 ) -> ShippedCandidate:
     """Fine-tuned weights -> ONNX (parity <= 1e-4) -> closed-loop gate vs ``base`` on the held-out suite ->
     registered candidate with lineage + torch weights; ``validated`` only if the gate passed, else
-    ``rejected`` with the failed checks as the reason. Shared by the cloud pipeline and federated runs."""
+    ``rejected`` with the failed checks as the reason. Shared by the cloud pipeline and federated runs.
+    ``executor`` runs the gate's episodes (``cloud.sim_exec``; default in-process)."""
     from contextlib import nullcontext
 
     from driveloop.cloud.checkpoints import save_weights
@@ -201,9 +221,9 @@ def gate_and_register(
         onnx_path = export_onnx(model, Path(work_dir) / "candidate.onnx")
         parity = float(check_parity(model, onnx_path))
     with time_it("evaluate"):
-        baseline = _cached_eval(eval_cache_dir, base.onnx_path, base.manifest, suite)
         provisional = build_manifest(onnx_path, name=base.manifest.name, version=base.version)
-        candidate = _cached_eval(eval_cache_dir, onnx_path, provisional, suite)
+        (baseline, candidate), execution = _cached_evals(
+            eval_cache_dir, [(base.onnx_path, base.manifest), (onnx_path, provisional)], suite, executor)
         result = gate(baseline, candidate, tolerances)
     with time_it("register"):
         cand = registry.register(
@@ -216,7 +236,7 @@ def gate_and_register(
             registry.set_stage(cand.version, "validated", "closed-loop gate passed")
         else:
             registry.set_stage(cand.version, "rejected", "gate failed: " + "; ".join(result.reasons))
-    return ShippedCandidate(cand.version, "validated" if result.passed else "rejected", result, parity)
+    return ShippedCandidate(cand.version, "validated" if result.passed else "rejected", result, parity, execution)
 
 
 def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) -> PipelineReport:
@@ -304,8 +324,10 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
             lineage={"base_version": base.version, "dataset_digest": dataset.manifest.digest, "segments": len(segments),
                      "label_version": LABEL_VERSION, "code_version": dataset.manifest.code_version},
             timer=stage,
+            executor=SimExecutor.choose(config.sim_backend, config.ray_address, config.num_cpus),
         )
         report.parity_max_abs, report.gate = shipped.parity_max_abs, shipped.gate.as_dict()
+        report.execution = shipped.execution.to_dict() if shipped.execution else {}
         report.candidate, report.candidate_stage = shipped.version, shipped.stage
         with stage("register"):
             catalog.mark_consumed([sha for _, sha, _ in segments], dataset.version)

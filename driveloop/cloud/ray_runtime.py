@@ -90,14 +90,31 @@ def ensure_ray(address: str | None = None, num_cpus: int = 2) -> RayRuntime:
                     ray.init(address=address, **kwargs)
                     _started_here = False
                 else:
-                    # The runtime's workers import our code from this interpreter's environment.
-                    ray.init(num_cpus=num_cpus, **kwargs)
+                    # The runtime's workers import our code from this interpreter's environment. "local"
+                    # starts a runtime of our own: without it Ray joins any cluster already running on
+                    # the machine (another user's, a test's) and refuses our CPU limit.
+                    ray.init(address="local", num_cpus=num_cpus, **kwargs)
                     _started_here = True
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise PipelineError(f"cannot start Ray ({address or 'local'}): {e}") from e
             logger.info("Ray runtime %s (%s CPUs)", address or "local", ray.cluster_resources().get("CPU"))
+        _quiet_ray()
         cpus = float(ray.cluster_resources().get("CPU", 0.0))
     return RayRuntime(address=address, num_cpus=cpus, started_here=_started_here)
+
+
+def _quiet_ray() -> None:
+    """Ray's own lines go to our log file, not the user's terminal: Ray Data's progress bars off, and the
+    handlers Ray and Ray Data put on their loggers at import replaced by ours (``core.logsetup``). Runs on
+    every ``ensure_ray``, so a Ray module imported since is taken over too."""
+    import ray.data
+
+    from driveloop.core.logsetup import adopt_library_logs
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    adopt_library_logs("ray", "ray.data", "ray.train", "ray.tune")
 
 
 def shutdown_ray() -> None:

@@ -102,6 +102,10 @@ class _Base(DeclarativeBase):
     pass
 
 
+def _is_variant(row: _ModelRow) -> bool:
+    return parse_manifest(row.manifest_json, source=f"registry record v{row.version}").variant is not None
+
+
 class _ModelRow(_Base):
     __tablename__ = "models"
 
@@ -188,26 +192,36 @@ class Registry:
         training_run: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         lineage: dict[str, Any] | None = None,
+        variant: dict[str, Any] | None = None,
         now_s: float | None = None,
     ) -> ModelManifest:
-        """Store ``onnx_path`` as the next version (stage candidate) and return its manifest."""
+        """Store ``onnx_path`` as the next version (stage candidate) and return its manifest.
+
+        ``variant`` ({method, parent}) marks a compressed form of ``parent``; its parent is then also
+        ``parent_version`` (one lineage), and a variant of a variant is refused.
+        """
         src = Path(onnx_path)
         if not src.is_file():
             raise RegistryError(f"model file not found: {src}")
         check_onnx_io(src)
+        if variant is not None and variant.get("parent") != parent_version:
+            raise RegistryError(f"a variant's parent ({variant.get('parent')}) must be its parent_version ({parent_version})")
         sha = self._store_blob(src)
         at_s = time.time() if now_s is None else now_s
         for _attempt in range(_VERSION_RACE_RETRIES):
             with self._session() as s:
                 if self._engine.dialect.name == "postgresql":  # one version assigner at a time, per database
                     s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_REGISTER_LOCK})
-                if parent_version is not None and s.get(_ModelRow, parent_version) is None:
+                parent_row = None if parent_version is None else s.get(_ModelRow, parent_version)
+                if parent_version is not None and parent_row is None:
                     raise RegistryError(f"parent version {parent_version} is not in the registry")
+                if variant is not None and parent_row is not None and _is_variant(parent_row):
+                    raise RegistryError(f"v{parent_version} is itself a compressed variant: compress its parent instead")
                 version = (s.scalar(select(func.max(_ModelRow.version))) or 0) + 1
                 manifest = build_manifest(
                     self.blob_path(sha), name=name, version=version, sha256=sha,
                     parent_version=parent_version, dataset_version=dataset_version,
-                    training_run=training_run, metrics=metrics, lineage=lineage,
+                    training_run=training_run, metrics=metrics, lineage=lineage, variant=variant,
                 )
                 self._write_manifest_file(manifest)
                 try:
@@ -291,11 +305,27 @@ class Registry:
             raise NoModelError("the registry holds no released or validated model: run `driveloop bootstrap`")
         return self.get(version)
 
+    def learning_base(self, ref: int | str | None = None) -> ModelArtifact:
+        """The model to fine-tune from: :meth:`resolve`'s answer, or, when that is a compressed variant (a
+        released student or INT8 graph), its parent: the loop learns on from the full model, whose torch
+        weights it has; the variant is only the form the fleet runs."""
+        artifact = self.resolve(ref)
+        variant = artifact.manifest.variant
+        return artifact if variant is None else self.get(variant.parent)
+
     def list(self) -> builtins.list[tuple[ModelManifest, str]]:
         """Every version with its stage, oldest first."""
         with self._session() as s:
             rows = s.scalars(select(_ModelRow).order_by(_ModelRow.version)).all()
             return [(parse_manifest(r.manifest_json, source=f"registry record v{r.version}"), r.stage) for r in rows]
+
+    def variants(self, version: int) -> builtins.list[ModelArtifact]:
+        """The compressed variants of ``version`` (any stage), oldest first."""
+        with self._session() as s:
+            self._row(s, version)
+            rows = s.scalars(select(_ModelRow).where(_ModelRow.parent_version == version).order_by(_ModelRow.version)).all()
+            versions = [r.version for r in rows if _is_variant(r)]
+        return [self.get(v) for v in versions]
 
     def history(self, version: int) -> builtins.list[StageEvent]:
         """The stage moves of ``version``, oldest first."""

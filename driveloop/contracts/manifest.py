@@ -5,6 +5,11 @@ its I/O contract, where it came from (parent version, dataset version, training 
 the eval-gate metrics that let it through. It is validated at every trust boundary (registry, OTA,
 vehicle), so it is a frozen pydantic model that rejects unknown fields.
 
+A compressed model (a distilled student, an INT8 graph) carries ``variant`` {method, parent}: the vehicle
+and the release know it is a deployment form of model ``parent``, not a new policy. The field is written
+only when set, so every manifest without it is byte-for-byte what it was before the field existed (and
+vehicles that predate it still read those).
+
 Files are written atomically (``core.atomic``): a reader sees the old manifest or the new one, never
 half of one.
 """
@@ -17,7 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError
+from pydantic import field_validator, model_serializer
 
 from driveloop.contracts.observation import io_contract
 from driveloop.core.atomic import file_sha256, write_atomic
@@ -42,6 +48,25 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+VARIANT_METHODS = ("distill", "int8")
+
+
+class ModelVariant(BaseModel):
+    """How a compressed model was made from its parent (``method`` one of ``VARIANT_METHODS``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str
+    parent: int = Field(ge=MODEL_VERSION_MIN, le=MODEL_VERSION_MAX)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in VARIANT_METHODS:
+            raise ValueError(f"variant method must be one of {', '.join(VARIANT_METHODS)}")
+        return v
+
+
 class ModelManifest(BaseModel):
     """What a model is, where it came from and why it was allowed through (immutable)."""
 
@@ -59,6 +84,14 @@ class ModelManifest(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: str = Field(default_factory=utc_now_iso)
     lineage: dict[str, Any] = Field(default_factory=dict)
+    variant: ModelVariant | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_variant(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("variant", 0) is None:  # a plain model: the manifest stays as it always was
+            del data["variant"]
+        return data
 
     @field_validator("sha256")
     @classmethod
@@ -96,6 +129,7 @@ def build_manifest(
     lineage: dict[str, Any] | None = None,
     created_at: str | None = None,
     sha256: str | None = None,
+    variant: ModelVariant | dict[str, Any] | None = None,
 ) -> ModelManifest:
     """A manifest for ``onnx_path``: hashes the file and takes the I/O from ``contracts.observation``."""
     contract = io_contract()
@@ -113,6 +147,7 @@ def build_manifest(
             metrics=dict(metrics or {}),
             lineage=dict(lineage or {}),
             created_at=created_at or utc_now_iso(),
+            variant=variant,  # type: ignore[arg-type]
         )
     except ValidationError as e:
         raise ModelError(f"invalid manifest for {onnx_path}: {_first_error(e)}") from e

@@ -16,6 +16,8 @@
     │   └── QuotaExceededError     a per-vehicle quota is full: retry after ``retry_after_s`` (HTTP 429)
     ├── PipelineError              a cloud pipeline stage failed
     ├── FederatedError             federated run failed (no quorum in any round, bad update)
+    ├── StreamError                a live-stream message or the broker is unusable (malformed, oversized,
+    │                              wrong subject; the broker cannot start)
     └── OtaError                   OTA release, update or rollout failure
         ├── SignatureError         metadata or target not signed by a trusted key
         ├── RollbackAttackError    offered metadata/model older than the installed one
@@ -87,6 +89,13 @@ class FederatedError(DriveloopError):
 
 class OtaError(DriveloopError):
     exit_code = 9
+
+
+class StreamError(DriveloopError):
+    """A live-stream message that fails its contract (dropped and counted by whoever received it), or
+    a broker that cannot be started or reached by a command that needs it."""
+
+    exit_code = 11
 
 
 class SignatureError(OtaError):

@@ -22,16 +22,19 @@ import numpy as np
 
 from driveloop.contracts.observation import Observation, stack
 from driveloop.sim.perception import forward_track, side_tracks
-from driveloop.sim.scenarios import parse_scenario
+from driveloop.sim.scenarios import is_mix, parse_scenario
 from driveloop.contracts.segment import TickRecord
 from driveloop.sim.sensors import SensorConfig, SensorFrame, SensorSuite, observe_suites
 from driveloop.sim.simulator import SimConfig, Simulator
 from driveloop.sim.world import WorldSnapshot, gap_m
 from driveloop.core.exceptions import ConfigError
+from driveloop.core.logfmt import bind, log_event, new_span_id, new_trace_id, unbind
 from driveloop.edge.faults import Fault, lookup
-from driveloop.safety import Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs
+from driveloop.safety import Advisory, Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs
 
 logger = logging.getLogger(__name__)
+
+AEB_AT_SPEED_MPS = 10.0  # an AEB onset at this speed or more is an emergency at speed, not a creep in a queue
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,14 @@ class VehicleMetrics:
     fallback_ticks: int = 0
     fcw: int = 0
     aeb_ticks: int = 0
+    aeb_activations: int = 0  # AEB onsets: a braking tick after one without
+    aeb_activations_at_speed: int = 0  # ... of them at AEB_AT_SPEED_MPS or faster (not creeping in a queue)
+    peak_decel_mps2: float = 0.0  # the hardest deceleration the body felt
     watchdog: dict[str, int] = field(default_factory=dict)
     episodes: int = 0
     episodes_by_kind: dict[str, int] = field(default_factory=dict)
     interventions_by_kind: dict[str, int] = field(default_factory=dict)
+    driven_s_by_kind: dict[str, float] = field(default_factory=dict)  # exposure per class: rates per hour
     collisions_by_kind: dict[str, int] = field(default_factory=dict)
     min_gap_m: float = math.inf
     abs_jerk_sum: float = 0.0
@@ -170,6 +177,8 @@ class VehicleAgent:
         self._obs: Observation | None = None
         self._sensor_stamp_s = 0.0
         self._last_accel = 0.0
+        self.trace_id = new_trace_id()  # this vehicle's drive: its log lines and safety events share it
+        self.model_version: str | None = None  # for its log lines when no recorder names the model
         self.new_episode()
 
     # -- episodes -----------------------------------------------------------------------------------
@@ -180,10 +189,10 @@ class VehicleAgent:
         """Close the current episode (and its segments) and start the next (scenario, seed)."""
         self.end_episode()
         self._episode += 1
-        if self.scenario_request == "mix":
+        if is_mix(self.scenario_request):
             from driveloop.sim.scenarios import draw_mix
 
-            name = draw_mix(self._mix_rng)
+            name = draw_mix(self._mix_rng, self.scenario_request)
         else:
             name = self.scenario_request
         self.spec = parse_scenario(name)
@@ -192,15 +201,17 @@ class VehicleAgent:
             self._sim.close()
         self._sim = Simulator(self.spec, self.seed, self.config.sim)
         self._snap = self._sim.reset()
-        self.sensors = SensorSuite(self.config.sensors, seed=self.seed)
+        self.sensors = SensorSuite(self.config.sensors.in_scenario(self.spec), seed=self.seed)  # fog degrades them
         self.supervisor.reset()
         self._sensor_stamp_s = self.t_s
         self._last_accel = self._snap.accel_mps2
+        self._aeb_before = False
         self.metrics.episodes += 1
         kind = self.spec.kind
         self.metrics.episodes_by_kind[kind] = self.metrics.episodes_by_kind.get(kind, 0) + 1
         if self.recorder_factory is not None:
             self._recorder = self.recorder_factory(self.vehicle_id, self.spec.name, self.seed)
+        self.span_id = new_span_id()  # one span per episode of the trace
         logger.debug("%s: episode %d %s seed=%d", self.vehicle_id, self._episode, self.spec.name, self.seed)
 
     def end_episode(self) -> None:
@@ -252,12 +263,46 @@ class VehicleAgent:
         self.advance()
         return decision
 
-    def decide(self, reply: ModelReply | None, latency_ms: float = 0.0) -> Decision:
+    def decide(self, reply: ModelReply | None, latency_ms: float = 0.0, advisory: Advisory | None = None) -> Decision:
         """Supervise the model's reply and record the tick; :meth:`advance` then actuates it.
 
         The fleet decides for every vehicle before it advances any: between two vehicles' safety code
         there is then no ~1 ms simulator step evicting the caches, which halves its cost per vehicle.
+        Everything logged meanwhile carries this vehicle's log context (:attr:`log_fields`).
         """
+        token = bind(**self.log_fields)
+        try:
+            return self._decide(reply, latency_ms, advisory)
+        finally:
+            unbind(token)
+
+    @property
+    def log_fields(self) -> dict[str, str]:
+        """This vehicle's log context: id, trace, episode span, and the model that drives it."""
+        version = getattr(self._recorder, "model_version", None) or self.model_version
+        fields = {"vehicle_id": self.vehicle_id, "trace_id": self.trace_id, "span_id": self.span_id}
+        return fields if version is None else {**fields, "model_version": str(version)}
+
+    def _log_safety(self, before: Decision | None, d: Decision) -> None:
+        """One searchable line per safety activation, at its onset (not every tick it lasts)."""
+        onsets = (("aeb", d.aeb and not (before is not None and before.aeb)),
+                  ("fcw", d.fcw and not (before is not None and before.fcw)),
+                  ("watchdog", d.watchdog is not None and (before is None or before.watchdog != d.watchdog)))
+        actions = [a for a, new in onsets if new]
+        if d.activation and not actions:
+            actions.append("fallback")  # another rule took over (lane guard, limits)
+        ttc = d.parts.get("ttc_s")
+        for action in actions:
+            labels: dict[str, str | float] = {"t_s": round(self.t_s, 3), "scenario": self.spec.name,
+                                              "source": d.source}
+            if ttc is not None and math.isfinite(ttc):
+                labels["ttc_s"] = round(float(ttc), 3)
+            if action == "watchdog":
+                labels["watchdog"] = str(d.watchdog)
+            log_event(logger, logging.INFO, action, "%s activation at t=%.1f s: %s", action, self.t_s,
+                      d.reason or d.watchdog or "no reason given", labels=labels)
+
+    def _decide(self, reply: ModelReply | None, latency_ms: float, advisory: Advisory | None = None) -> Decision:
         snap, obs = self.snapshot, self._obs
         assert obs is not None, "sense() must be called before decide()"
         t0 = time.perf_counter()
@@ -275,9 +320,12 @@ class VehicleAgent:
                 reply=reply,
                 model_enabled=self.config.model_enabled,
                 neighbours=side_tracks(obs),  # the AEB brakes for one that cuts in
+                road_friction=self.spec.friction_mu,  # the vehicle's friction estimate (slippery roads)
+                advisory=advisory,  # a road hazard ahead (edge/hazards.py): may only make the command more careful
             )
         )
         self.metrics.supervise_s += time.perf_counter() - t0
+        self._log_safety(self.last_decision, decision)
         self.last_decision = decision
         self._pending = decision
         self._track_fault(decision)
@@ -286,6 +334,13 @@ class VehicleAgent:
 
     def advance(self) -> None:
         """Apply the decided command: step the simulator one period (a new episode after a crash or its end)."""
+        token = bind(**self.log_fields)
+        try:
+            self._advance()
+        finally:
+            unbind(token)
+
+    def _advance(self) -> None:
         decision, snap = self._pending, self.snapshot
         assert decision is not None, "decide() must be called before advance()"
         self._pending = None
@@ -356,6 +411,7 @@ class VehicleAgent:
         m, dt, kind = self.metrics, self.config.sim.dt_s, self.spec.kind
         m.ticks += 1
         m.driven_s += dt
+        m.driven_s_by_kind[kind] = m.driven_s_by_kind.get(kind, 0.0) + dt
         m.distance_m += max(0.0, after.ego.x_m - before.ego.x_m)
         m.set_distance_m += before.set_speed_mps * dt
         if d.activation:
@@ -367,13 +423,17 @@ class VehicleAgent:
             m.fcw += 1
         if d.aeb:
             m.aeb_ticks += 1
+        m.aeb_activations += d.aeb and not self._aeb_before
+        m.aeb_activations_at_speed += d.aeb and not self._aeb_before and before.speed_mps >= AEB_AT_SPEED_MPS
+        self._aeb_before = d.aeb
+        m.peak_decel_mps2 = max(m.peak_decel_mps2, -after.accel_mps2)
         if d.watchdog:
             m.watchdog[d.watchdog] = m.watchdog.get(d.watchdog, 0) + 1
         if after.crashed and not before.crashed:
             m.collisions += 1
             m.collisions_by_kind[kind] = m.collisions_by_kind.get(kind, 0) + 1
-            logger.warning("%s: collision in %s seed=%d at t=%.1f s", self.vehicle_id, self.spec.name, self.seed,
-                           after.t_s)
+            log_event(logger, logging.WARNING, "collision", "%s: collision in %s seed=%d at t=%.1f s", self.vehicle_id,
+                      self.spec.name, self.seed, after.t_s)
         m.min_gap_m = min(m.min_gap_m, gap_m(after))
         m.abs_jerk_sum += abs(after.accel_mps2 - self._last_accel) / dt
         self._last_accel = after.accel_mps2

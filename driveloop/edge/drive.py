@@ -15,7 +15,15 @@ from typing import Any
 
 from driveloop.edge.agent import AgentConfig, FaultSpec, VehicleAgent
 from driveloop.edge.transport import UploadTransport
-from driveloop.edge.fleet import FleetReport, InferenceClient, InProcessInference, IsolatedInference, VehiclePlan, run_fleet
+from driveloop.edge.fleet import (
+    DataPlane,
+    FleetReport,
+    InferenceClient,
+    InProcessInference,
+    IsolatedInference,
+    VehiclePlan,
+    run_fleet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +40,16 @@ class DriveRequest:
     record: bool = True
     video: Path | None = None
     vehicle_prefix: str = "veh"
+    simulated_deadline: bool = False  # judge replies on simulated time (see InProcessInference)
 
 
 def plan_fleet(scenario: str, vehicles: int, seed: int, prefix: str = "veh", model: str = "default") -> list[VehiclePlan]:
-    """Vehicle i gets seed ``seed * 1000 + i``: distinct per vehicle, stable across runs."""
-    return [VehiclePlan(f"{prefix}{i:03d}", scenario, seed * 1000 + i, model) for i in range(vehicles)]
+    """Vehicle i gets seed ``seed * 1000 + i``: distinct per vehicle, stable across runs. On a shared road
+    (``jam-tail``) vehicle i starts further back (``sim.scenarios.jam_tail_name``): it meets the jam later."""
+    from driveloop.sim.scenarios import jam_tail_name
+
+    return [VehiclePlan(f"{prefix}{i:03d}", jam_tail_name(scenario, i), seed * 1000 + i, model)
+            for i in range(vehicles)]
 
 
 def open_client(artifact: Any, isolate: bool, fault: FaultSpec | None, device: str,
@@ -94,9 +107,11 @@ def fetch_campaigns(transport: UploadTransport) -> list[Any]:
 
 def drive_fleet(request: DriveRequest, artifact: Any, config: AgentConfig, spool_dir: Path, quota_bytes: int,
                 show_progress: bool = False, plans: Sequence[VehiclePlan] | None = None,
-                campaigns: Sequence[Any] = ()) -> FleetReport:
-    """Run the request; records into ``spool_dir`` when asked. Returns the fleet report."""
-    client, closeable = open_client(artifact, request.isolate, request.fault, request.device)
+                campaigns: Sequence[Any] = (), data_plane: DataPlane | None = None) -> FleetReport:
+    """Run the request; records into ``spool_dir`` when asked; ``data_plane``: the live stream (road hazards in,
+    telemetry and events out). Returns the fleet report."""
+    client, closeable = open_client(artifact, request.isolate, request.fault, request.device,
+                                    simulated_deadline=request.simulated_deadline)
     plans = list(plans) if plans is not None else plan_fleet(request.scenario, request.vehicles, request.seed,
                                                               request.vehicle_prefix)
     factory = (recorder_factory(spool_dir, quota_bytes, str(artifact.manifest.version), campaigns)
@@ -116,7 +131,7 @@ def drive_fleet(request: DriveRequest, artifact: Any, config: AgentConfig, spool
                     video.add(a.render(), d.source, d.fcw, d.reason, a.t_s, a.snapshot.speed_mps)
 
             report = run_fleet(plans, {"default": client}, request.duration_s, config, factory, request.fault,
-                               on_tick=on_tick)
+                               on_tick=on_tick, data_plane=data_plane)
     finally:
         if closeable is not None:
             closeable.close()

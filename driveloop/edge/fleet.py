@@ -13,6 +13,11 @@ comparison (``VehicleMetrics.shadow``): what a vehicle reports is what it measur
 A model call that raises anything (ONNX Runtime's untyped ``Fail``, a shape error, MemoryError…) is
 "no model output" for that group's vehicles: the fallback brakes, ``model_errors`` counts it, one warning
 per run of failures is logged, the loop goes on. KeyboardInterrupt and SystemExit are not caught.
+
+Data plane (optional, :class:`DataPlane`): each tick, before deciding, the fleet asks it for each vehicle's
+road-hazard advisory (from the hazards received so far) and passes it to the supervisor; after every vehicle
+has decided, it hands it the tick to publish (telemetry, safety events). A data plane must never block or
+raise: a broker that is down never stops a vehicle from driving (``edge.dataplane``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from driveloop.edge.agent import (
     sense_fleet,
 )
 from driveloop.core.exceptions import ConfigError
-from driveloop.safety import ModelReply
+from driveloop.safety import Advisory, ModelReply
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +78,14 @@ class _FailureLog:
         if self.failures:
             logger.info("%s: model answers again after %d failed calls", self.what, self.failures)
             self.failures = 0
+
+
+class DataPlane(Protocol):
+    """The fleet's live link to the cloud: advisories in, telemetry and events out (``edge.dataplane``)."""
+
+    def advisories(self, agents: Sequence[VehicleAgent]) -> Sequence[Advisory | None]: ...
+
+    def publish(self, agents: Sequence[VehicleAgent]) -> None: ...
 
 
 class InferenceClient(Protocol):
@@ -208,6 +221,9 @@ class FleetReport:
             "progress": round(self._sum("distance_m") / set_m, 4) if set_m > 0 else 0.0,
             "mean_abs_jerk_mps3": round(self._sum("abs_jerk_sum") / ticks, 4) if ticks else 0.0,
             "min_gap_m": round(min((v.min_gap_m for v in self.vehicles), default=math.inf), 3),
+            "aeb_activations": int(self._sum("aeb_activations")),
+            "aeb_activations_at_speed": int(self._sum("aeb_activations_at_speed")),
+            "peak_decel_mps2": round(max((v.peak_decel_mps2 for v in self.vehicles), default=0.0), 3),
             "tick_ms_p50": round(self._pct(self.tick_ms, 50), 4),
             "tick_ms_p99": round(self._pct(self.tick_ms, 99), 4),
             "inference_ms_p99": round(self._pct(self.inference_ms, 99), 4),
@@ -265,11 +281,13 @@ def run_fleet(
     fault: FaultSpec | None = None,
     shadows: Mapping[str, InferenceClient] | None = None,
     on_tick: Callable[[int, int, Sequence[VehicleAgent]], None] | None = None,
+    data_plane: DataPlane | None = None,
 ) -> FleetReport:
     """Drive every planned vehicle for ``duration_s`` of simulated time; returns the fleet's report.
 
     ``shadows`` maps a model key to a client run beside it on the same batch (compared, not actuated).
     ``on_tick(tick, total, agents)`` is called after each tick (progress bars, video frames).
+    ``data_plane``: advisories from road hazards in, telemetry and events out (see the module docstring).
     """
     config = config or AgentConfig()
     if not plans:
@@ -305,6 +323,7 @@ def run_fleet(
             sense_before = [a.metrics.sense_s + a.metrics.supervise_s for a in agents]
             sim_before = sum(a.metrics.sim_s for a in agents)
             sensed = sense_fleet(agents)  # one vectorised sensor pass: the fleet's batch comes out stacked
+            advised = data_plane.advisories(agents) if data_plane is not None else None
             infer_s = 0.0
             for key, idx in groups.items():
                 latency_ms = 0.0
@@ -326,7 +345,9 @@ def run_fleet(
                         agents[i].metrics.inference_ms.append(latency_ms)
                         agents[i].metrics.model_errors += result.error is not None
                 for i, reply in zip(idx, replies):
-                    agents[i].decide(reply, latency_ms=latency_ms)
+                    agents[i].decide(reply, latency_ms=latency_ms, advisory=advised[i] if advised else None)
+            if data_plane is not None:
+                data_plane.publish(agents)
             for agent in agents:  # every vehicle decided first: the safety code runs back to back, caches warm
                 agent.advance()
             loop_s = sum(a.metrics.sense_s + a.metrics.supervise_s for a in agents) - sum(sense_before)

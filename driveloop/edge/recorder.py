@@ -44,6 +44,7 @@ from driveloop.edge.triggers import FiredEvent, TriggerEngine, TriggerSpec, buil
 from driveloop.core.exceptions import ConfigError, SegmentError, StorageError
 from driveloop.core.version import model_version_text
 from driveloop.core.ids import check_vehicle_id
+from driveloop.sim.scenarios import environment_signals
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Recorder:
         self.spool = spool
         self.vehicle_id = check_vehicle_id(vehicle_id)
         self.scenario = scenario
+        self._env_signals = environment_signals(scenario)  # which environment this drive is in (campaigns)
         self.seed = int(seed)
         # Checked here, before any segment exists: metadata carries the canonical text ("3"), never "v3" or "0".
         self.model_version = model_version_text(model_version)
@@ -134,7 +136,7 @@ class Recorder:
             seg = None
         if seg is None:
             seg = self._seg = self._open(tick.t_s)
-        events = self.triggers.evaluate(tick.signals(), tick.t_s)
+        events = self.triggers.evaluate({**tick.signals(), **self._env_signals}, tick.t_s)
         log_ns = max(0, round(tick.t_s * 1e9))
         seq = int(tick.tick) & 0xFFFFFFFF  # MCAP sequence is uint32
         try:

@@ -22,14 +22,18 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 from driveloop.core.exceptions import ConfigError
+from driveloop.sim.scenarios import ENVIRONMENT_SIGNALS
 
 logger = logging.getLogger(__name__)
 
 # Signals the vehicle provides each tick (contracts.segment.TickRecord.signals()); recorder conditions
 # must only use these, so a typo in a campaign is rejected when it is loaded, not silently false.
+# The ``env_*`` signals (``sim.scenarios.ENVIRONMENT_SIGNALS``) say which environment the vehicle drives in (the
+# recorder sets them from its scenario), so a campaign can collect in one environment only.
 SIGNAL_NAMES = frozenset({
     "t", "speed", "accel", "steering", "confidence", "latency_ms", "ttc",
     "fallback", "activation", "fcw", "aeb", "watchdog", "model_valid", "collision",
+    *ENVIRONMENT_SIGNALS,
 })
 MAX_CONDITION_CHARS = 500
 MAX_CONDITION_NODES = 100  # a bound on evaluation cost per tick

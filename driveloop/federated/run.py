@@ -163,12 +163,16 @@ def simulate(server: ServerSettings, vehicle: VehicleSettings, initial: dict[str
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from flwr.simulation import run_simulation
 
+    from driveloop.core.logsetup import adopt_library_logs
     from driveloop.federated.client import make_client_app
     from driveloop.federated.server import make_server_app
 
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": logging.WARNING,
-                             "log_to_driver": False}}
+               # address "local": a Ray cluster left on this box (its /tmp/ray/ray_current_cluster) is never
+               # joined by accident; scale-out federated runs use flower-superlink (deploy.py), not this runtime
+               "init_args": {"address": "local", "num_cpus": num_cpus, "include_dashboard": False,
+                             "logging_level": logging.WARNING, "log_to_driver": False}}
+    adopt_library_logs("flwr")  # Flower's console handler goes: its lines (and its notices) go to our log file
     with _ray_guard():
         run_simulation(server_app=make_server_app(server, initial, on_round, on_reply), client_app=make_client_app(vehicle),
                        num_supernodes=server.vehicles, backend_config=backend)  # type: ignore[arg-type]

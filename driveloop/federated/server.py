@@ -36,7 +36,9 @@ import numpy as np
 
 from driveloop.core.atomic import write_atomic
 from driveloop.core.exceptions import ConfigError, FederatedError
+from driveloop.core.logfmt import bind, log_event, unbind
 from driveloop.federated import dp as _dp
+from driveloop.federated.fl_metrics import write_round_metrics
 from driveloop.federated._server_opt import ServerOptConfig, ServerOptState, server_step
 from driveloop.federated.quorum import OPEN, SKIPPED, QuorumPolicy, round_state
 from driveloop.federated.robust import RobustConfig, check_reply, screen_round
@@ -284,6 +286,7 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
         arrays, state, opt = dict(initial), {"completed_round": 0, "rounds": [], "settings": asdict(settings)}, ServerOptState()
     known = settings.known_vehicles()
     for rnd in range(state["completed_round"] + 1, settings.rounds + 1):
+        round_context = bind(fl_round=rnd)  # every line of this round carries fl.round
         started = clock.now_s()
         messages = list(strategy.configure_train(rnd, _to_record(arrays), ConfigRecord({"server-round": rnd}), grid))
         ids = [i for i in grid.push_messages(messages) if i]
@@ -327,13 +330,16 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
             "median_client_s": float(np.median(times)) if times else None,
         }
         if new_arrays is None:
-            logger.warning("round %d skipped: %d accepted of %d sampled (%s)", rnd, len(accepted), len(ids), closed)
+            log_event(logger, logging.WARNING, "fl.round.skipped", "round %d skipped: %d accepted of %d sampled (%s)",
+                      rnd, len(accepted), len(ids), closed)
         else:
             arrays, opt = server_step(arrays, new_arrays, opt, settings.optimizer)
         state["rounds"].append(record)
         state["completed_round"] = rnd
         save_checkpoint(run_dir, arrays, state, opt)
+        write_round_metrics(run_dir, state, time.time())
         logger.info("round %d: %s", rnd, {k: v for k, v in record.items() if k != "participants"})
+        unbind(round_context)
         if on_round is not None:
             on_round(record)
     state["dp"] = settings.dp_parameters(sum(1 for r in state["rounds"] if not r["skipped"]))

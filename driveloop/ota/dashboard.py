@@ -10,19 +10,21 @@ Operator buttons call the admin endpoints with the token typed into the page.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from driveloop.core.ids import VEHICLE_ID_PATTERN
 from driveloop.ota.gates import CohortStats, HealthWindow
 
 if TYPE_CHECKING:
-    from driveloop.ota.server import FleetService
+    from driveloop.ota.server import FleetService, LogSearch
 
 STATIC_DIR = Path(__file__).with_name("static")
 TIMELINE_MAX = 60
+LOGS_PANEL_LINES = 50
 
 __all__ = ["register_dashboard", "dashboard_view", "STATIC_DIR"]
 
@@ -63,8 +65,22 @@ def dashboard_view(service: FleetService) -> dict[str, Any]:
     return view
 
 
-def register_dashboard(app: FastAPI, service: FleetService) -> None:
+def register_dashboard(app: FastAPI, service: FleetService, logs: LogSearch | None = None) -> None:
+    """The page, its JSON view, and ``GET /v1/logs`` for its logs panel (``q``, ``vehicle``, ``rollout``,
+    ``level``, ``limit``; 404 when the server was started without a log index). Like the rest of the
+    dashboard it is a read: the lines in the index carry no secrets (``core/logfmt.py`` redacts them)."""
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/v1/logs")
+    def log_lines(q: str = Query("", max_length=1024), vehicle: str | None = Query(None, pattern=VEHICLE_ID_PATTERN),
+                  rollout: int | None = Query(None, ge=1, le=2**31 - 1),
+                  level: Literal["debug", "info", "warning", "error", "critical"] | None = None,
+                  limit: int = Query(LOGS_PANEL_LINES, ge=1, le=1000)) -> dict[str, Any]:
+        if logs is None:
+            from driveloop.ota.server import NotFound
+
+            raise NotFound("this fleet server has no log index (start it with `driveloop ota serve`)")
+        return {"lines": logs(q, vehicle or None, level, rollout, limit)}
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

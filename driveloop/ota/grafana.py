@@ -3,7 +3,8 @@
 Idempotent: both are addressed by fixed uids — an existing data source is updated in place, the
 dashboard is saved with ``overwrite`` — so provisioning twice leaves one of each. The dashboard is
 built with grafana-foundation-sdk's typed builders (panels, queries, units), never hand-written JSON;
-it charts the metrics :mod:`driveloop.ota.metrics` exports.
+it charts the metrics :mod:`driveloop.ota.metrics` exports, then an *Alerts* row (what the alert rules in
+``deploy/prometheus/alerts.yml`` watch) and a *Logs* row (log throughput and safety events).
 """
 
 from __future__ import annotations
@@ -36,6 +37,29 @@ PANELS: tuple[tuple[str, str, str, str, int], ...] = (
     ("Server latency p99", "histogram_quantile(0.99, sum by (le, route) "
      "(rate(driveloop_ota_request_seconds_bucket[5m])))", "{{route}}", "s", 12),
 )
+# The rows below the rollout panels: what the alert rules (deploy/prometheus/alerts.yml) watch, and the
+# log path's throughput and the safety events it carries (the lines themselves: the fleet dashboard's
+# logs panel and `driveloop logs search`).
+ROWS: tuple[tuple[str, tuple[tuple[str, str, str, str, int], ...]], ...] = (
+    ("Alerts", (
+        ("Alerts firing", 'ALERTS{alertstate="firing", alertname=~"Driveloop.*"}', "{{alertname}}", "none", 24),
+        ("Ingest 5xx ratio", 'sum(rate(driveloop_ingest_requests_total{code="5xx"}[5m])) / '
+         "clamp_min(sum(rate(driveloop_ingest_requests_total[5m])), 1e-9)", "5xx share", "percentunit", 8),
+        ("Stream consumer lag", "driveloop_stream_consumer_lag", "{{consumer}}", "none", 8),
+        ("Watchdog activations per vehicle-hour", 'sum(rate(driveloop_stream_events_total{kind="watchdog"}[15m])) / '
+         'clamp_min(sum(rate(driveloop_stream_consumed_total{stream="TELEMETRY"}[15m])), 1e-9) * 36000',
+         "watchdog / vehicle-h", "none", 8),
+        ("FL rounds skipped (30 min)", 'increase(driveloop_fl_rounds_total{outcome="skipped"}[30m])', "{{run}}",
+         "none", 12),
+        ("Inference p99 vs the 40 ms alert", "max by (cohort) (driveloop_ota_cohort_p99_ms)", "{{cohort}}", "ms", 12),
+    )),
+    ("Logs", (
+        ("Log lines ingested per second", "sum by (outcome) (rate(driveloop_ingest_log_lines_total[5m]))",
+         "{{outcome}}", "none", 12),
+        ("Safety events per minute", "sum by (kind) (rate(driveloop_stream_events_total[5m])) * 60", "{{kind}}",
+         "none", 12),
+    )),
+)
 
 
 def build_dashboard(datasource_uid: str = DATASOURCE_UID) -> dict[str, Any]:
@@ -53,6 +77,11 @@ def build_dashboard(datasource_uid: str = DATASOURCE_UID) -> dict[str, Any]:
         panel = (panel.title(title).datasource(ds).unit(unit).span(width).height(6)
                  .with_target(prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(chr(65 + i))))
         b = b.with_panel(panel)
+    for row_title, panels in ROWS:
+        b = b.with_row(dash.Row(row_title))
+        for title, expr, legend, unit, width in panels:
+            b = b.with_panel(timeseries.Panel().title(title).datasource(ds).unit(unit).span(width).height(6)
+                             .with_target(prometheus.Dataquery().expr(expr).legend_format(legend).ref_id("A")))
     return json.loads(json.dumps(b.build(), cls=JSONEncoder))
 
 

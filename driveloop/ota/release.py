@@ -7,6 +7,9 @@ Rules kept here:
   input contract, hardware_class, release_seq) and ``models/<version>/manifest.json``;
 - ``release_seq`` increases with every new release, so vehicles detect an older model offered as new
   (rollback) regardless of how versions are spelled;
+- ``release_fastest`` ships, of a model and its compressed variants (distilled, INT8: manifests with
+  ``variant`` {method, parent}), the fastest one that passed its gates (``choose_variant``, pure); the
+  manifest target then names the variant, so a vehicle knows which form of the model it runs;
 - releasing the same version again is a no-op that returns the existing target (idempotent); a crash
   anywhere leaves the previous consistent repository (see ``_tuf_repo``) and can simply be retried;
 - the root key is never in the online keys folder: root is signed in an offline folder
@@ -55,6 +58,59 @@ class RegistryLike(Protocol):
     def get(self, version: Any) -> _Artifact: ...
 
     def set_stage(self, version: Any, stage: str, reason: str) -> Any: ...
+
+
+class VariantRegistryLike(RegistryLike, Protocol):
+    """A registry that also lists a model's compressed variants (``release_fastest`` needs it)."""
+
+    def variants(self, version: int) -> list[_Artifact]: ...
+
+
+@dataclass(frozen=True)
+class VariantChoice:
+    """Which form of a model ships: the parent itself or one of its variants, and why."""
+
+    version: str
+    parent: str
+    variant: dict[str, Any] | None  # the shipped manifest's {method, parent}; None for the parent itself
+    latency_ratio_b1: float
+    latency_ratio_fleet: float
+    considered: list[dict[str, Any]] = field(default_factory=list)  # every variant with its verdict
+
+
+def _variant_row(version: str, stage: str, manifest: dict[str, Any], parent: str) -> dict[str, Any]:
+    """One variant's eligibility: releasable stage, really a variant of ``parent``, latency gate passed."""
+    metrics = manifest.get("metrics") or {}
+    variant = manifest.get("variant") or {}
+    ratios = (metrics.get("latency_ratio_b1"), metrics.get("latency_ratio_fleet"))
+    finite = all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < float("inf") for r in ratios)
+    declared = variant.get("parent")
+    checks = {
+        f"stage {stage}": stage not in RELEASABLE_STAGES,
+        f"not a variant of {parent}": declared is None or model_version_text(declared) != parent,
+        "latency gate not passed": (metrics.get("latency") or {}).get("passed") is not True,
+        "no measured latency ratios": not finite,
+    }
+    reasons = [text for text, bad in checks.items() if bad]
+    return {"version": version, "method": variant.get("method"), "stage": stage,
+            "latency_ratio_b1": ratios[0] if finite else None, "latency_ratio_fleet": ratios[1] if finite else None,
+            "eligible": not reasons, "reasons": reasons}
+
+
+def choose_variant(parent: str, variants: list[tuple[str, str, dict[str, Any]]]) -> VariantChoice:
+    """The fastest eligible form of ``parent`` (its variants as (version, stage, manifest) rows).
+
+    Fastest: the lowest batch-1 p50 ratio to the parent (a vehicle runs batch 1), then the fleet ratio,
+    then the lower version. The parent itself (ratio 1.0) ships when no variant is eligible.
+    """
+    rows = [_variant_row(v, stage, m, parent) for v, stage, m in variants]
+    eligible = [r for r in rows if r["eligible"] and r["latency_ratio_b1"] < 1.0]
+    if not eligible:
+        return VariantChoice(parent, parent, None, 1.0, 1.0, rows)
+    best = min(eligible, key=lambda r: (r["latency_ratio_b1"], r["latency_ratio_fleet"], int(r["version"])))
+    manifest = next(m for v, _, m in variants if v == best["version"])
+    return VariantChoice(best["version"], parent, dict(manifest["variant"]), best["latency_ratio_b1"],
+                         best["latency_ratio_fleet"], rows)
 
 
 @dataclass(frozen=True)
@@ -170,6 +226,28 @@ class ReleaseService:
             self.registry.set_stage(manifest["version"], "released", f"signed TUF release, targets v{info.targets_version}")
         return info
 
+    def release_fastest(self, version: str | int, hardware_class: str = "any") -> tuple[TargetInfo, VariantChoice]:
+        """Release the fastest form of ``version`` that passed its gates (``choose_variant``): a validated
+        compressed variant when one exists, else the model itself. The parent must be releasable too: a
+        variant never ships a model whose own gate verdict was withdrawn."""
+        if not hasattr(self.registry, "variants"):
+            raise OtaError("this registry cannot list compressed variants; release an exact version instead")
+        registry: VariantRegistryLike = self.registry  # type: ignore[assignment]
+        artifact = registry.get(version)
+        manifest = manifest_dict(artifact.manifest)
+        parent = model_version_text(manifest.get("version"))
+        if manifest.get("variant"):
+            raise OtaError(f"model {parent} is a variant of {model_version_text(manifest['variant'].get('parent'))}; "
+                           "release its parent (the fastest form is chosen) or this exact version")
+        if artifact.stage not in RELEASABLE_STAGES:
+            raise OtaError(f"model {parent} is {artifact.stage!r}; only a validated model (or a variant of one) is released")
+        rows = [(model_version_text(manifest_dict(v.manifest).get("version")), v.stage, manifest_dict(v.manifest))
+                for v in registry.variants(int(parent))]
+        choice = choose_variant(parent, rows)
+        logger.info("releasing %s for model %s (%s)", choice.version, parent,
+                    "itself" if choice.variant is None else f"{choice.variant['method']} variant, b1 x{choice.latency_ratio_b1:.2f}")
+        return self.release(choice.version, hardware_class=hardware_class), choice
+
     def _publish_model(self, version: str, hardware_class: str, onnx_path: Path, manifest: dict[str, Any]) -> TargetInfo:
         now_s = self.clock()
         targets = self.repo.load_targets().signed
@@ -204,6 +282,8 @@ class ReleaseService:
             "contract": {"inputs": manifest.get("inputs"), "outputs": manifest.get("outputs")},
             "created_at": manifest.get("created_at"),
         }
+        if manifest.get("variant"):  # only then: a plain model's target stays as it always was
+            custom["variant"] = dict(manifest["variant"])
         model_t = TargetFile.from_data(path, model_bytes, ["sha256"])
         model_t.unrecognized_fields["custom"] = custom
         man_t = TargetFile.from_data(manifest_target_path(version), manifest_bytes, ["sha256"])

@@ -62,6 +62,7 @@ from driveloop.core.exceptions import (
     RolloutStateError,
     StaleReportError,
 )
+from driveloop.core.logfmt import log_event
 from driveloop.core.tokens import DEFAULT_ADMIN_NAME, AdminTokens, parse_bearer
 from driveloop.ota.controller import OPERATOR_ACTIONS, OperatorAction, RolloutEvent, RolloutPlan, apply, decide
 from driveloop.ota.admission import AdmissionPolicy
@@ -85,6 +86,14 @@ class HealthSource(Protocol):
     def window(self, rollout: Rollout) -> HealthWindow: ...
 
 
+class LogSearch(Protocol):
+    """The cloud's log index as the fleet server reads it (``ota`` never imports ``cloud``: the top layer
+    hands in an adapter): newest first, ECS objects."""
+
+    def __call__(self, text: str, vehicle: str | None, level: str | None, rollout_id: int | None,
+                 limit: int) -> list[dict[str, Any]]: ...
+
+
 def released_versions(repo_dir: Path) -> set[str]:
     """Model versions published as TUF targets (custom ``model_version`` of ``…/model.onnx`` targets) in
     the newest targets metadata of the repository. The server is the trusted side: no signature check."""
@@ -104,7 +113,8 @@ def released_versions(repo_dir: Path) -> set[str]:
 
 
 class FleetService:
-    """Glue between the HTTP layer, the store and the pure controller/director. One lock (the store's)
+    """Glue between the HTTP layer, the store and the pure controller/director. The store's write lock
+    (its thread lock, and on PostgreSQL an advisory lock shared by every replica of this server)
     serialises every read-decide-append, so concurrent requests cannot interleave decisions."""
 
     def __init__(self, store: FleetStore, clock: Callable[[], float], eval_interval_s: float,
@@ -148,22 +158,24 @@ class FleetService:
             raise ConfigError(f"bad rollout plan: {e}") from e
         rid = self.store.create_rollout(req.version, req.previous_version, plan, self.clock(), actor)
         self.metrics.decisions.labels("start").inc()
-        logger.info("rollout %d started: %s (previous %s)", rid, req.version, req.previous_version)
+        log_event(logger, logging.INFO, "rollout.start", "rollout %d started: %s (previous %s)", rid, req.version,
+                  req.previous_version, rollout_id=rid, model_version=req.version)
         return self.status(rid)
 
     def operate(self, rollout_id: int, kind: str, req: OperatorRequest, actor: str) -> RolloutStatus:
         """``actor``: the admin token's name (over HTTP) or ``local:<user>`` (the CLI on the store)."""
-        with self.store.lock:
-            r = self._rollout(rollout_id)
+        self._rollout(rollout_id)  # 404 for an unknown one
+        with self.store.writing() as c:  # read, apply, append: one transaction, one replica at a time
+            r = self.store.load_in(c, rollout_id)
             at = max(self.clock(), r.state.last_event_s)
             new = apply(r.state, r.plan, OperatorAction(kind, at, actor, req.reason))  # raises → unchanged
-            self.store.append_event(rollout_id, RolloutEvent("operator", at, {"kind": kind, "actor": actor,
+            self.store.append_in(c, rollout_id, RolloutEvent("operator", at, {"kind": kind, "actor": actor,
                                                                                "reason": req.reason}),
-                                    "operator", actor, {"action": kind, "reason": req.reason,
-                                                        "stage": new.stage(r.plan).name,
-                                                        "status": new.status.value})
+                                 "operator", actor, {"action": kind, "reason": req.reason,
+                                                     "stage": new.stage(r.plan).name, "status": new.status.value})
         self.metrics.decisions.labels(kind).inc()
-        logger.warning("rollout %d: %s by %s (%s)", rollout_id, kind, actor, req.reason or "no reason")
+        log_event(logger, logging.WARNING, f"rollout.{kind}", "rollout %d: %s by %s (%s)", rollout_id, kind, actor,
+                  req.reason or "no reason", rollout_id=rollout_id)
         return self.status(rollout_id)
 
     def confirm(self, req: InstallConfirmation) -> dict[str, Any]:
@@ -185,9 +197,14 @@ class FleetService:
         return self.source.window(r) if self.source is not None else self.store.stage_window(r)
 
     def evaluate(self, force: bool = False) -> Any:
-        """Run the controller on the current stage if an evaluation is due (or ``force``)."""
-        with self.store.lock:
-            r = self.store.latest()
+        """Run the controller on the current stage if an evaluation is due (or ``force``).
+
+        Read, decide and append are one transaction under the store's write lock, which every replica
+        of the server shares (PostgreSQL): a replica that waited for another's decision sees it and finds
+        the next evaluation not yet due, so each evaluation is decided once; a replica that dies before
+        its commit leaves nothing, and the next due evaluation (any replica's) decides instead."""
+        with self.store.writing() as c:
+            r = self.store.latest_in(c)
             if r is None or not r.state.active:
                 return None
             now = self.clock()
@@ -196,12 +213,13 @@ class FleetService:
             now = max(now, r.state.last_event_s)
             window = self.window(r)
             _, d = decide(r.state, r.plan, window, now)
-            self.store.append_event(r.state.rollout_id, RolloutEvent("evaluate", now, {"window": window.to_dict(),
-                                                                             "stage": d.stage}),
-                                    "decision", "controller", d.to_dict())
+            self.store.append_in(c, r.state.rollout_id, RolloutEvent("evaluate", now, {"window": window.to_dict(),
+                                                                                "stage": d.stage}),
+                                 "decision", "controller", d.to_dict())
         self.metrics.decisions.labels(d.action.value).inc()
-        log = logger.warning if d.action.value == "abort" else logger.info
-        log("rollout %d %s: %s %s", r.state.rollout_id, d.stage, d.action.value, d.reason)
+        log_event(logger, logging.WARNING if d.action.value == "abort" else logging.INFO, f"rollout.{d.action.value}",
+                  "rollout %d %s: %s %s", r.state.rollout_id, d.stage, d.action.value, d.reason,
+                  rollout_id=r.state.rollout_id, model_version=r.state.version)
         return d
 
     def offer(self, vehicle_id: str) -> UpdateOffer:
@@ -257,6 +275,7 @@ class ServerConfig:
     background_eval: bool = True
     admin_tokens: Mapping[str, str] = field(default_factory=dict)
     admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)  # health windows vs the server's clock
+    logs: LogSearch | None = None  # the cloud's log index, for the dashboard's logs panel (composed above ota)
 
     def __post_init__(self) -> None:
         self.admins()  # every token long enough, every name well-formed
@@ -411,7 +430,7 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
 
     from driveloop.ota.dashboard import register_dashboard
 
-    register_dashboard(app, service)
+    register_dashboard(app, service, config.logs)
     return app
 
 

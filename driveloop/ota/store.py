@@ -7,13 +7,22 @@ rebuilt by replaying the event log (:func:`driveloop.ota.controller.replay`), ca
 Vehicle authentication answers an unknown vehicle and a wrong token with the same error after the same
 work (``BAD_CREDENTIALS``); a disabled vehicle with a right token is refused (403) on its next request.
 Enrolment, disabling, enabling and token rotation are audited with the admin's name.
+
+Replicas: several fleet servers may share one PostgreSQL database. Every write transaction first takes
+one transaction-scoped advisory lock (``pg_advisory_xact_lock``), so writes from all replicas are
+serialised as one process's are by ``lock``: the audit chain stays a chain, a vehicle's ``last_seq``
+check holds, and a rollout decision (read state, decide, append — :meth:`FleetStore.writing`) is made
+by one replica at a time and is never repeated by another that was waiting. A replica killed mid-write
+loses its open transaction (PostgreSQL rolls it back and frees the lock), never a committed one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection
@@ -129,8 +139,12 @@ class Rollout:
     events: int
 
 
+FLEET_WRITE_LOCK = 0x6472_6976_6c6f_6f70 & 0x7FFF_FFFF_FFFF_FFFF  # "drivloop": the advisory lock's key
+
+
 class FleetStore:
-    """The fleet server's database. Thread-safe: one lock serialises writers (SQLite has one anyway)."""
+    """The fleet server's database. Thread-safe: one lock serialises writers (SQLite has one anyway);
+    across replicas on PostgreSQL, an advisory lock does the same."""
 
     def __init__(self, url: str, admission: AdmissionPolicy | None = None) -> None:
         self.url = url
@@ -146,6 +160,16 @@ class FleetStore:
             raise StorageError(f"cannot open the fleet store {url}: {e}") from e
         self.lock = threading.RLock()
         self._cache: dict[int, Rollout] = {}
+        self._shared = self.engine.dialect.name == "postgresql"  # replicas may share it
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """One write transaction, exclusive among this process's threads and every replica's (PostgreSQL
+        advisory lock, released at commit or rollback — also when the process dies)."""
+        with self.lock, self.engine.begin() as c:
+            if self._shared:
+                c.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": FLEET_WRITE_LOCK})
+            yield c
 
     @classmethod
     def at(cls, ota_dir: Path, admission: AdmissionPolicy | None = None) -> FleetStore:
@@ -158,7 +182,7 @@ class FleetStore:
         """Register a vehicle and return its token (shown once; only its sha256 is stored)."""
         token = new_token()
         try:
-            with self.lock, self.engine.begin() as c:
+            with self.writing() as c:
                 c.execute(insert(vehicles).values(vehicle_id=vehicle_id, token_sha256=hash_token(token),
                                                   hardware_class=hardware_class, enrolled_at_s=now_s))
                 self._audit(c, now_s, "vehicle", actor, None, {"action": "enrol", "vehicle_id": vehicle_id})
@@ -187,7 +211,7 @@ class FleetStore:
         if action not in _VEHICLE_ACTIONS:
             raise OtaError(f"unknown vehicle action {action!r} ({', '.join(_VEHICLE_ACTIONS)})")
         token = new_token() if action == "rotate" else None
-        with self.lock, self.engine.begin() as c:
+        with self.writing() as c:
             if c.execute(select(vehicles.c.vehicle_id).where(vehicles.c.vehicle_id == vehicle_id)).first() is None:
                 raise OtaError(f"unknown vehicle {vehicle_id}")
             off = c.execute(select(disabled_vehicles.c.vehicle_id)
@@ -225,13 +249,13 @@ class FleetStore:
     # ---- health ---------------------------------------------------------------------------------
     def record_assignment(self, vehicle_id: str, rollout_id: int | None, version: str | None) -> None:
         """What the director just assigned this vehicle (its update check): what it may confirm."""
-        with self.lock, self.engine.begin() as c:
+        with self.writing() as c:
             trust.save_record(c, vehicle_id, assigned_rollout=rollout_id, assigned_version=version)
 
     def confirm_install(self, vehicle_id: str, version: str, rollout_id: int | None, now_s: float) -> None:
         """The vehicle's updater installed and booted ``version``; refused (OtaError) unless the director
         assigned it that version under this rollout (:func:`~driveloop.ota.admission.confirmable`)."""
-        with self.lock, self.engine.begin() as c:
+        with self.writing() as c:
             if not confirmable(trust.load_record(c, vehicle_id), version, rollout_id):
                 self._audit(c, now_s, "install_refused", vehicle_id, rollout_id, {"version": version})
                 raise OtaError(f"vehicle {vehicle_id} was not assigned version {version}")
@@ -246,7 +270,7 @@ class FleetStore:
         current stage. Returns (the reason it was rejected, counted and audited; or None, and the update
         outcome it shows — "success", "failure", "revert" — when the vehicle changed model)."""
         s = report.shadow
-        with self.lock, self.engine.begin() as c:
+        with self.writing() as c:
             row = c.execute(select(vehicles.c.last_seq, vehicles.c.last_version)
                             .where(vehicles.c.vehicle_id == report.vehicle_id)).first()
             if row is None:
@@ -307,7 +331,7 @@ class FleetStore:
     # ---- rollouts and events --------------------------------------------------------------------
     def create_rollout(self, version: str, previous_version: str, plan: RolloutPlan, now_s: float,
                        actor: str) -> int:
-        with self.lock, self.engine.begin() as c:
+        with self.writing() as c:
             latest = self._latest_id(c)
             if latest is not None and self._load(c, latest).state.active:
                 raise OtaError(f"rollout {latest} is still active; finish or abort it first")
@@ -325,7 +349,7 @@ class FleetStore:
     def append_event(self, rollout_id: int, event: RolloutEvent, audit_kind: str, actor: str,
                      audit_payload: dict[str, Any]) -> None:
         """Write an event and its audit entry in one transaction."""
-        with self.lock, self.engine.begin() as c:
+        with self.writing() as c:
             self._append(c, rollout_id, event, audit_kind, actor, audit_payload)
 
     def _append(self, c: Connection, rollout_id: int, event: RolloutEvent, audit_kind: str, actor: str,
@@ -381,6 +405,20 @@ class FleetStore:
     def latest(self) -> Rollout | None:
         rid = self.latest_rollout_id()
         return None if rid is None else self.load(rid)
+
+    def latest_in(self, c: Connection) -> Rollout | None:
+        """The latest rollout as ``c`` sees it (inside :meth:`writing`: what no other replica can change
+        before ``c`` commits)."""
+        rid = self._latest_id(c)
+        return None if rid is None else self._load(c, rid)
+
+    def load_in(self, c: Connection, rollout_id: int) -> Rollout:
+        return self._load(c, rollout_id)
+
+    def append_in(self, c: Connection, rollout_id: int, event: RolloutEvent, audit_kind: str, actor: str,
+                  audit_payload: dict[str, Any]) -> None:
+        """Append an event and its audit entry inside the caller's :meth:`writing` transaction."""
+        self._append(c, rollout_id, event, audit_kind, actor, audit_payload)
 
     # ---- audit ----------------------------------------------------------------------------------
     def audit_entries(self, rollout_id: int | None = None) -> list[AuditEntry]:

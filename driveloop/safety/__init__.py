@@ -10,7 +10,7 @@ from driveloop.core.lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "SupervisorConfig": "config", "AebConfig": "config", "WatchdogConfig": "config", "LimitsConfig": "config",
-    "FallbackConfig": "config", "LaneConfig": "config",
+    "FallbackConfig": "config", "LaneConfig": "config", "AdvisoryConfig": "config", "Advisory": "types",
     "Supervisor": "supervisor", "SupervisorState": "supervisor", "step": "supervisor",
     "SupervisorInputs": "types", "ModelReply": "types", "Decision": "types", "Track": "types", "TrackData": "types",
     "SideTrack": "types", "FAULT_KINDS": "types",

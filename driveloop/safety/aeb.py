@@ -17,6 +17,11 @@ Rules (all pure functions of one tick's numbers):
   lane's marking (centre within ``cut_in_offset_m`` of our lane's centre) while it moves further in at
   ``cut_in_lateral_speed_mps`` or more; perception puts it in the corridor only once its centre is there,
   which for a slow cut-in is seconds later. It has no speed history yet, so no lead deceleration.
+- Road friction: the thresholds above are for a dry road, where the car brakes at ``full_decel_mps2``. On a
+  road of friction coefficient mu it brakes at most mu x g, so every deceleration the rules assume (RSS
+  braking of ego and lead, the partial and full triggers) shrinks by ``friction_scale`` (mu x g over
+  ``full_decel_mps2``, at most 1): the same share of the braking that is left triggers the same stage, and
+  braking starts earlier. The vehicle's friction estimate is an input (1.0: dry, today's behaviour exactly).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import NamedTuple
 
 from .config import AebConfig
 
+GRAVITY_MPS2 = 9.81
 TTC_MAX_S = 99.0  # reported when nothing closes in; keeps parts finite and JSON-safe
 REQ_DECEL_MAX_MPS2 = 99.0  # reported when no deceleration can avoid the lead any more
 STOPPED_LEAD_MPS = 0.1  # below this the lead is standing and cannot brake further
@@ -56,8 +62,14 @@ def time_to_collision_s(gap_m: float, closing_speed_mps: float) -> float:
     return min(gap_m / closing_speed_mps, TTC_MAX_S)
 
 
-def rss_safe_gap_m(ego_speed_mps: float, lead_speed_mps: float, config: AebConfig) -> float:
-    """RSS minimal safe longitudinal distance for the ego (rear) behind the lead (front), >= 0."""
+def friction_scale(friction_mu: float, config: AebConfig) -> float:
+    """Share of the dry-road braking (``full_decel_mps2``) a road of friction ``friction_mu`` allows, in (0, 1]."""
+    return min(1.0, friction_mu * GRAVITY_MPS2 / config.full_decel_mps2)
+
+
+def rss_safe_gap_m(ego_speed_mps: float, lead_speed_mps: float, config: AebConfig, scale: float = 1.0) -> float:
+    """RSS minimal safe longitudinal distance for the ego (rear) behind the lead (front), >= 0; both brake at
+    ``scale`` x their dry-road rates (``friction_scale``)."""
     rho = config.response_time_s
     v_r = max(ego_speed_mps, 0.0)
     v_f = max(lead_speed_mps, 0.0)
@@ -65,8 +77,8 @@ def rss_safe_gap_m(ego_speed_mps: float, lead_speed_mps: float, config: AebConfi
     gap = (
         v_r * rho
         + 0.5 * config.max_accel_response_mps2 * rho * rho
-        + v_after * v_after / (2.0 * config.min_brake_mps2)
-        - v_f * v_f / (2.0 * config.max_brake_lead_mps2)
+        + v_after * v_after / (2.0 * config.min_brake_mps2 * scale)
+        - v_f * v_f / (2.0 * config.max_brake_lead_mps2 * scale)
     )
     return max(gap, 0.0)
 
@@ -142,31 +154,34 @@ def predict(gap_m: float, lead_speed_mps: float, closing_speed_mps: float, lead_
 
 def brake_level(
     gap_m: float, ego_speed_mps: float, lead_speed_mps: float, closing_speed_mps: float,
-    lead_decel: float, config: AebConfig,
+    lead_decel: float, config: AebConfig, scale: float = 1.0,
 ) -> tuple[int, float, float, float]:
-    """Brake stage for one state: (level, ttc_s, rss_safe_gap_m, required_decel_mps2)."""
+    """Brake stage for one state: (level, ttc_s, rss_safe_gap_m, required_decel_mps2); ``scale`` is the
+    road's ``friction_scale`` (the deceleration triggers and RSS braking shrink with it)."""
     ttc = time_to_collision_s(gap_m, closing_speed_mps)
-    rss = rss_safe_gap_m(ego_speed_mps, lead_speed_mps, config)
+    rss = rss_safe_gap_m(ego_speed_mps, lead_speed_mps, config, scale)
     need = required_decel_mps2(gap_m, ego_speed_mps, lead_speed_mps, closing_speed_mps, lead_decel, config)
-    if ttc <= config.full_ttc_s or need >= config.full_decel_trigger_mps2:
+    if ttc <= config.full_ttc_s or need >= config.full_decel_trigger_mps2 * scale:
         return FULL, ttc, rss, need
-    if (ttc <= config.partial_ttc_s and gap_m < rss) or need >= config.partial_decel_trigger_mps2:
+    if (ttc <= config.partial_ttc_s and gap_m < rss) or need >= config.partial_decel_trigger_mps2 * scale:
         return PARTIAL, ttc, rss, need
     return NONE, ttc, rss, need
 
 
 def assess(
     gap_m: float, ego_speed_mps: float, lead_speed_mps: float, closing_speed_mps: float,
-    history: tuple[tuple[float, float], ...], was_braking: bool, config: AebConfig,
+    history: tuple[tuple[float, float], ...], was_braking: bool, config: AebConfig, friction_mu: float = 1.0,
 ) -> AebAssessment:
-    """AEB verdict for this tick, given the lead's speed history and whether AEB braked last tick."""
+    """AEB verdict for this tick, given the lead's speed history, whether AEB braked last tick and the
+    vehicle's estimate of the road's friction coefficient (1.0: dry)."""
     a_l = lead_decel_mps2(history, config)
+    scale = friction_scale(friction_mu, config)
     closing = min(closing_speed_mps, max(ego_speed_mps, 0.0))  # a lead cannot close faster than we move
-    level, ttc, rss, need = brake_level(gap_m, ego_speed_mps, lead_speed_mps, closing, a_l, config)
+    level, ttc, rss, need = brake_level(gap_m, ego_speed_mps, lead_speed_mps, closing, a_l, config, scale)
     if level == NONE and was_braking and (need >= config.release_decel_mps2 or ttc <= config.release_ttc_s):
         level = PARTIAL  # hysteresis: keep braking until the hazard has clearly gone
     ahead = predict(gap_m, lead_speed_mps, closing, a_l, config.fcw_lead_time_s)
-    level_ahead = brake_level(ahead[0], ego_speed_mps, ahead[1], ahead[2], a_l, config)[0]
+    level_ahead = brake_level(ahead[0], ego_speed_mps, ahead[1], ahead[2], a_l, config, scale)[0]
     if level == FULL:
         decel = config.full_decel_mps2
     elif level == PARTIAL:

@@ -177,6 +177,34 @@ class LaneConfig:
 
 
 @dataclass(frozen=True)
+class AdvisoryConfig:
+    """How a road-hazard advisory (``safety/advisory.py``) caps the command: gently, never past comfort.
+
+    Speed: the allowed speed ``d`` metres before the hazard is ``sqrt(v_adv^2 + 2 plan_decel d)`` (a constant
+    ``plan_decel_mps2`` slow-down that reaches the advised speed at the hazard); the cap is
+    ``speed_gain_per_s`` x (allowed - ego speed). Time gap: a constant-time-gap law towards
+    ``standstill_gap_m + time_gap x ego speed``, ``gap_gain_per_s2`` on the gap error and ``gap_speed_gain_per_s``
+    on the speed difference (typical ACC gains). Neither cap brakes harder than ``max_decel_mps2``: an advisory
+    slows the vehicle as a driver would; emergencies stay the AEB's.
+    """
+
+    plan_decel_mps2: float = 1.5
+    speed_gain_per_s: float = 1.0
+    gap_gain_per_s2: float = 0.2
+    gap_speed_gain_per_s: float = 0.6
+    standstill_gap_m: float = 5.0
+    max_decel_mps2: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("plan_decel_mps2", "speed_gain_per_s", "gap_gain_per_s2", "gap_speed_gain_per_s",
+                     "max_decel_mps2"):
+            _positive(name, getattr(self, name))
+        _non_negative("standstill_gap_m", self.standstill_gap_m)
+        _require(self.plan_decel_mps2 <= self.max_decel_mps2, "plan_decel_mps2", self.plan_decel_mps2,
+                 "<= max_decel_mps2")
+
+
+@dataclass(frozen=True)
 class SupervisorConfig:
     """Everything the supervisor needs, plus the arbitration (hand-back) rules."""
 
@@ -185,6 +213,7 @@ class SupervisorConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     lane: LaneConfig = field(default_factory=LaneConfig)
+    advisory: AdvisoryConfig = field(default_factory=AdvisoryConfig)
     control_period_s: float = 0.1
     handback_hold_s: float = 1.0  # hazard must have been clear this long ...
     handback_valid_ticks: int = 5  # ... and the model valid this many ticks in a row
@@ -199,6 +228,10 @@ class SupervisorConfig:
         _require(
             self.fallback.comfort_decel_mps2 <= self.limits.max_decel_mps2,
             "fallback.comfort_decel_mps2", self.fallback.comfort_decel_mps2, "<= limits.max_decel_mps2",
+        )
+        _require(
+            self.advisory.max_decel_mps2 <= self.limits.max_decel_mps2,
+            "advisory.max_decel_mps2", self.advisory.max_decel_mps2, "<= limits.max_decel_mps2",
         )
         _require(
             self.aeb.full_decel_mps2 <= self.limits.max_decel_mps2,

@@ -15,6 +15,8 @@ Arbitration rules:
 - Hand-back to the model needs the hazard clear for ``handback_hold_s`` and the model valid for
   ``handback_valid_ticks`` consecutive ticks (hysteresis); the jerk limit then ramps the command.
 - Every command passes the actuator limits; braking for a hazard may use the emergency jerk.
+- A road-hazard advisory (``inputs.advisory``) caps the request, model or fallback, before the limits: it
+  can only lower a command (``safety/advisory.py``), never touch the AEB, watchdog or hand-back.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import NamedTuple, cast
 from driveloop.core.exceptions import SafetyError
 
 from . import aeb, lane
+from .advisory import accel_cap_mps2
 from .config import SupervisorConfig
 from .fallback import fallback_command
 from .limits import limit_command
@@ -73,7 +76,7 @@ def _cut_in(inputs: SupervisorInputs, was_braking: bool,
     for side in inputs.neighbours:
         if aeb.cutting_in(float(side.lane_offset_m), float(side.lateral_speed_mps), config.aeb):
             got = aeb.assess(float(side.gap_m), inputs.ego_speed_mps, float(side.lead_speed_mps),
-                             float(side.closing_speed_mps), (), was_braking, config.aeb)
+                             float(side.closing_speed_mps), (), was_braking, config.aeb, inputs.road_friction)
             if worst is None or (got.level, got.decel_mps2) > (worst[0].level, worst[0].decel_mps2):
                 worst = (got, float(side.gap_m))
     return worst
@@ -110,7 +113,8 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
     track = inputs.track
     if track is not None:
         assessment = aeb.assess(float(track.gap_m), inputs.ego_speed_mps, float(track.lead_speed_mps),
-                                float(track.closing_speed_mps), history, state.aeb_braking, config.aeb)
+                                float(track.closing_speed_mps), history, state.aeb_braking, config.aeb,
+                                inputs.road_friction)
         track_parts = {
             "gap_m": float(track.gap_m),
             "ttc_s": assessment.ttc_s,
@@ -166,6 +170,10 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
                                    aeb_decel, config.fallback)
         if braking_for_cut_in and aeb_braking:
             request = (request[0], 0.0)
+    if inputs.advisory is not None:  # a road hazard ahead: only ever lowers the request (safety/advisory.py)
+        track_parts["advisory_cap_mps2"] = cap = accel_cap_mps2(inputs.advisory, inputs.ego_speed_mps, track,
+                                                                config.advisory)
+        request = (min(request[0], cap), request[1])
     prev_accel = state.prev_accel_mps2 if state.prev_accel_mps2 is not None else inputs.ego_accel_mps2
     emergency = mode == "fallback" and (aeb_braking or verdict.fault is not None or activation)
     accel, steer = limit_command(request[0], request[1], prev_accel, state.prev_steering_rad, dt, emergency,

@@ -30,8 +30,9 @@ from driveloop.sim._vehicles import (
     ScriptedCutIn,
     ScriptedTarget,
     TrafficVehicle,
+    ZipperMerger,
 )
-from driveloop.sim.scenarios import LANE_WIDTH_M, ScenarioSpec, cut_in_plan
+from driveloop.sim.scenarios import JAM_TAIL_X_M, LANE_WIDTH_M, ScenarioSpec, cut_in_plan
 
 SPEED_LIMIT_MPS = 40.0
 STRAIGHT_ROAD_M = 30_000.0  # 12.5 min at the 40 m/s top speed; traffic is recycled around the ego
@@ -159,8 +160,9 @@ def _cut_in_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.ran
     speed = spec.ego_speed_mps + float(rng.uniform(-2.0, 2.0))
     ego = _ego(road, ("0", "1", ego_lane), EGO_START_X_M, speed, spec, lag_s, max_speed_mps)
     from_lane = int(rng.choice([0, 2]))
-    dv = float(rng.uniform(2.0, 5.0))
-    final_gap = float(rng.uniform(12.0, 25.0))
+    (dv_lo, dv_hi), (gap_lo, gap_hi) = _cut_in_bounds(spec)
+    dv = float(rng.uniform(dv_lo, dv_hi))
+    final_gap = float(rng.uniform(gap_lo, gap_hi))
     trigger_s = float(rng.uniform(1.0, 2.5))
     x = float(ego.position[0]) + ego.LENGTH + final_gap + dv * trigger_s
     lane = road.network.get_lane(("0", "1", from_lane))
@@ -171,6 +173,114 @@ def _cut_in_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.ran
     _place_traffic(road, ego, rng, spec.traffic_vehicles, other_lanes, spec.target_speed_mps, 2.0, (-90.0, 160.0))
     return Scene(road=road, ego=ego, subject=cutter,
                  meta={"dv_mps": dv, "final_gap_m": final_gap, "trigger_s": trigger_s, "from_lane": from_lane})
+
+
+# An aggressive cut-in's relative speed and gap are its spec's, each jittered by this fraction (seeded).
+AGGRESSIVE_JITTER = 0.15
+
+
+def _cut_in_bounds(spec: ScenarioSpec) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(relative speed m/s, final gap m) ranges the cutter draws from: ``cut-in``'s fixed ones, or around an
+    ``aggressive`` spec's own."""
+    if spec.kind != "aggressive":
+        return (2.0, 5.0), (12.0, 25.0)
+    dv, gap = spec.ego_speed_mps - spec.target_speed_mps, spec.headway_m
+    lo, hi = 1.0 - AGGRESSIVE_JITTER, 1.0 + AGGRESSIVE_JITTER
+    return (dv * lo, dv * hi), (gap * lo, gap * hi)
+
+
+# Construction: where the closed lane's traffic starts ahead of the ego, how much slower each next one is
+# (a queue slowing into the work zone), and where the row of stopped vehicles closing the lane begins.
+CONSTRUCTION_MERGERS_AHEAD_M = (35.0, 95.0, 155.0)
+CONSTRUCTION_SLOWER_EACH = 0.5  # merger k drives dv x (1 + k x this) slower than the ego's start speed
+CONSTRUCTION_CLOSURE_AHEAD_M = 420.0
+CONSTRUCTION_CLOSURE_VEHICLES = 5
+CONSTRUCTION_CLOSURE_SPACING_M = 9.0
+CONSTRUCTION_MIN_SPEED_MPS = 5.0
+
+
+def _construction_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState,
+                        lag_s: float, max_speed_mps: float) -> Scene:
+    """Two lanes, the ego in lane 1; lane 0 is closed ahead by stopped vehicles and its traffic merges into the
+    ego's lane ``headway_m`` (jittered) ahead of the ego as it comes up behind each car (zipper)."""
+    road = Road(network=_straight_network(spec.lanes), np_random=road_rng)
+    ego_lane, closed_lane = 1, 0
+    speed = spec.ego_speed_mps + float(rng.uniform(-1.0, 1.0))
+    ego = _ego(road, ("0", "1", ego_lane), EGO_START_X_M, speed, spec, lag_s, max_speed_mps)
+    lane = road.network.get_lane(("0", "1", closed_lane))
+    dv = spec.ego_speed_mps - spec.target_speed_mps
+    mergers: list[float] = []
+    for k, ahead in enumerate(CONSTRUCTION_MERGERS_AHEAD_M):
+        x = float(ego.position[0]) + ahead + float(rng.uniform(-5.0, 5.0))
+        v = max(spec.ego_speed_mps - dv * (1.0 + CONSTRUCTION_SLOWER_EACH * k), CONSTRUCTION_MIN_SPEED_MPS)
+        gap = spec.headway_m * float(rng.uniform(0.85, 1.15))
+        merger = ZipperMerger(road, lane.position(x, 0.0), 0.0, v, into_lane_id=ego_lane, watch=ego, gap_m=gap)
+        merger.target_speed = v
+        road.vehicles.append(merger)
+        mergers.append(gap)
+    start = float(ego.position[0]) + CONSTRUCTION_CLOSURE_AHEAD_M
+    for i in range(CONSTRUCTION_CLOSURE_VEHICLES):
+        road.vehicles.append(ScriptedTarget(road, lane.position(start + i * CONSTRUCTION_CLOSURE_SPACING_M, 0.0),
+                                            0.0, 0.0))
+    return Scene(road=road, ego=ego, meta={"dv_mps": dv, "merge_gaps_m": float(np.mean(mergers)),
+                                           "closure_x_m": start})
+
+
+def _fog_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState, lag_s: float,
+               max_speed_mps: float) -> Scene:
+    """Nominal traffic, slower than the ego wants to go: it keeps coming up behind cars it sees only within
+    the fog's visibility (the sensors apply it: ``scenarios.fog_sensor_degradation``)."""
+    road = Road(network=_straight_network(spec.lanes), np_random=road_rng)
+    lane_id = int(rng.integers(spec.lanes))
+    speed = spec.ego_speed_mps + float(rng.uniform(-1.0, 1.0))
+    ego = _ego(road, ("0", "1", lane_id), EGO_START_X_M, speed, spec, lag_s, max_speed_mps)
+    _place_traffic(road, ego, rng, spec.traffic_vehicles, list(range(spec.lanes)), spec.target_speed_mps, 2.0,
+                   (60.0, 240.0))
+    return Scene(road=road, ego=ego, recycle=True)
+
+
+def _slippery_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState, lag_s: float,
+                    max_speed_mps: float) -> Scene:
+    """A lead ``headway_m`` ahead brakes to a stop at ``target_decel_mps2`` (within the road's friction) after
+    1.5-3.5 s, traffic in the other lanes; everybody's braking is limited to friction x g."""
+    road = Road(network=_straight_network(spec.lanes), np_random=road_rng)
+    ego = _ego(road, ("0", "1", 1), EGO_START_X_M, spec.ego_speed_mps, spec, lag_s, max_speed_mps)
+    lane = road.network.get_lane(("0", "1", 1))
+    gap = spec.headway_m * float(rng.uniform(0.9, 1.1))
+    brake_at_s = float(rng.uniform(1.5, 3.5))
+    x = float(ego.position[0]) + Vehicle.LENGTH + gap
+    lead = ScriptedTarget(road, lane.position(x, 0.0), 0.0, spec.target_speed_mps, decel_mps2=spec.target_decel_mps2,
+                          brake_at_s=brake_at_s)
+    road.vehicles.append(lead)
+    _place_traffic(road, ego, rng, spec.traffic_vehicles, [0, 2], spec.target_speed_mps, 2.0, (-60.0, 120.0))
+    for v in road.vehicles:
+        if isinstance(v, TrafficVehicle):
+            v.ACC_MAX = min(v.ACC_MAX, spec.max_decel_mps2)  # the road limits everybody's braking
+    return Scene(road=road, ego=ego, subject=lead, meta={"gap_m": gap, "brake_at_s": brake_at_s})
+
+
+# The jam: this many stopped cars per lane, centre to centre (a queue at standstill), from the tail on.
+JAM_CARS_PER_LANE = 2
+JAM_SPACING_M = 8.0
+JAM_ROAD_M = JAM_TAIL_X_M + 1000.0
+
+
+def _jam_tail_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState, lag_s: float,
+                    max_speed_mps: float) -> Scene:
+    """Stopped traffic in every lane whose tail stands at ``JAM_TAIL_X_M`` (road coordinates shared by the fleet);
+    the ego comes at its speed from ``headway_m`` before it in the middle lane, nothing else on the road. The
+    seed only jitters the queue a little (the tail stays exact in the ego's lane)."""
+    road = Road(network=_straight_network(spec.lanes, length_m=JAM_ROAD_M), np_random=road_rng)
+    ego_lane = spec.lanes // 2
+    ego = _ego(road, ("0", "1", ego_lane), JAM_TAIL_X_M - spec.headway_m - Vehicle.LENGTH / 2, spec.ego_speed_mps,
+               spec, lag_s, max_speed_mps)
+    for lane_id in range(spec.lanes):
+        lane = road.network.get_lane(("0", "1", lane_id))
+        x = JAM_TAIL_X_M + Vehicle.LENGTH / 2 + (0.0 if lane_id == ego_lane else float(rng.uniform(0.0, 6.0)))
+        for _ in range(JAM_CARS_PER_LANE):
+            road.vehicles.append(ScriptedTarget(road, lane.position(x, 0.0), 0.0, spec.target_speed_mps))
+            x += JAM_SPACING_M + float(rng.uniform(0.0, 2.0))
+    return Scene(road=road, ego=ego, meta={"tail_x_m": JAM_TAIL_X_M, "start_gap_m": spec.headway_m})
 
 
 def _merge_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState, lag_s: float,
@@ -232,6 +342,8 @@ _SceneBuilder = Callable[[ScenarioSpec, np.random.Generator, np.random.RandomSta
 _BUILDERS: dict[str, _SceneBuilder] = {
     "highway": _nominal_scene, "dense": _nominal_scene, "cut-in": _cut_in_scene, "merge": _merge_scene,
     "ccrs": _ccr_scene, "ccrm": _ccr_scene, "ccrb": _ccr_scene, "cutin": _parametric_cut_in_scene,
+    "construction": _construction_scene, "fog": _fog_scene, "slippery": _slippery_scene, "aggressive": _cut_in_scene,
+    "jam-tail": _jam_tail_scene,
 }
 
 

@@ -276,3 +276,21 @@ class EgoVehicle(IDMVehicle):
         accel = float(np.clip(accel, *accel_range_mps2))
         steer = float(np.clip(self.steering_control(lane), -max_steer_rad, max_steer_rad))
         return accel, steer
+
+
+class ZipperMerger(LaneChanger):
+    """Traffic in a closing lane (construction): it moves into ``into_lane_id`` once the vehicle it watches
+    (the ego, coming up from behind) is ``gap_m`` or less behind it, bumper to bumper."""
+
+    def __init__(self, road: Road, position: np.ndarray, heading: float, speed: float, *, into_lane_id: int,
+                 watch: Vehicle, gap_m: float) -> None:
+        super().__init__(road, position, heading, speed, into_lane_id=into_lane_id, at_time_s=math.inf)
+        self.watch = watch
+        self.gap_m = float(gap_m)
+
+    def act(self, action: dict | str | None = None) -> None:
+        if not self.started:
+            gap = float(self.position[0] - self.watch.position[0]) - (self.LENGTH + self.watch.LENGTH) / 2
+            if 0.0 <= gap <= self.gap_m:
+                self.at_time_s = self.elapsed_s  # due now: LaneChanger turns in
+        super().act()

@@ -21,20 +21,40 @@ Names (``scenario_names()`` lists every concrete one):
   at ``lat_mps`` into the ego's lane and its body crosses the lane marking ``gap_m`` (bumper to bumper)
   ahead of the ego (see :func:`cut_in_plan`; ``sim.truth.cut_in_truth`` judges whether it was avoidable).
 - ``mix`` is not a scenario but a distribution (:func:`draw_mix`): each vehicle draws its own.
+- Environments the bootstrap model never saw (``ENVIRONMENTS``; each its own class in the gate), parametric
+  and seeded, the bare name being the default parameters (``ENVIRONMENT_DEFAULTS``):
+  ``construction-<gap_m>-<dv_kmh>`` the next lane closes (a row of stopped vehicles); its traffic merges into
+  the ego's lane ``gap_m`` ahead, ``dv_kmh`` slower, one car after the other;
+  ``fog-<visibility_m>`` slower traffic ahead, seen only within ``visibility_m`` (20..200 m), with sensor noise
+  and dropout (:func:`fog_sensor_degradation`);
+  ``slippery-<friction>`` a lead that brakes on a road of friction coefficient 0.2..1 (braking limited to
+  friction x g for everybody);
+  ``aggressive-<gap_m>-<dv_kmh>`` cut-ins at shorter gaps and higher relative speeds than ``cut-in``.
+- Road hazards for a fleet (``SHARED_ROAD_KINDS``: every vehicle of a fleet drives the same road coordinates):
+  ``jam-tail[-<back_m>]`` stopped traffic across all lanes ``JAM_TAIL_X_M`` down the road, far beyond sensor
+  range, approached at 108 km/h from ``JAM_APPROACH_M`` + ``back_m`` (0..5000 m) before it, so the fleet's
+  vehicle i (``jam_tail_name``) starts further back and meets the jam after the ones ahead of it;
+  ``jam-tail-fog[-<back_m>]`` the same at 80 km/h in fog (sensors see ``JAM_FOG_VISIBILITY_M``).
+- ``mix+<environment>`` is the fleet mix with that environment added (:func:`mix_weights`): the world after a
+  shift.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from driveloop.core.exceptions import ScenarioError
+from driveloop.safety.aeb import GRAVITY_MPS2
 
 KMH = 1 / 3.6  # km/h → m/s
 
-KINDS = ("highway", "dense", "cut-in", "merge", "ccrs", "ccrm", "ccrb", "cutin")
+ENVIRONMENTS = ("construction", "fog", "slippery", "aggressive")
+SHARED_ROAD_KINDS = ("jam-tail",)  # scenes laid out on one road for the whole fleet (road hazards)
+KINDS = ("highway", "dense", "cut-in", "merge", "ccrs", "ccrm", "ccrb", "cutin", *ENVIRONMENTS, *SHARED_ROAD_KINDS)
 NOMINAL_KINDS = ("highway", "dense")
 MIX = "mix"
 # The safety suite's case families: which scenario kinds belong to each (``--family``).
@@ -72,11 +92,30 @@ CUTIN_GAPS_M = (3, 6, 10, 15, 20)
 CUTIN_DVS_KMH = (10, 20, 30, 40, 50)
 CUTIN_LATERALS_MPS = (0.5, 1, 2)
 
+# The environments: parameter ranges a name may ask for, and the defaults a bare name stands for.
+CONSTRUCTION_GAP_RANGE_M = (5.0, 40.0)
+CONSTRUCTION_DV_RANGE_KMH = (0.0, 60.0)
+FOG_VISIBILITY_RANGE_M = (20.0, 200.0)
+FRICTION_RANGE = (0.2, 1.0)
+AGGRESSIVE_GAP_RANGE_M = (5.0, 40.0)
+AGGRESSIVE_DV_RANGE_KMH = (0.0, 60.0)
+ENVIRONMENT_DEFAULTS: dict[str, str] = {
+    "construction": "construction-12-20", "fog": "fog-40", "slippery": "slippery-0.4", "aggressive": "aggressive-9-25",
+}
+# Fog's sensor degradation besides the range cut: noise (x the units of sim.sensors) and frame dropout. Dropout
+# stays small: three lost frames in a row is stale input, which the watchdog must answer with the fallback.
+FOG_NOISE_SIGMA = 0.3
+FOG_DROPOUT_P = 0.02
+
 _NUM = r"(\d+(?:\.\d+)?)"
 _CCRS_RE = re.compile(rf"^ccrs-{_NUM}$")
 _CCRM_RE = re.compile(rf"^ccrm-{_NUM}$")
 _CCRB_RE = re.compile(rf"^ccrb-{_NUM}-{_NUM}$")
 _CUTIN_RE = re.compile(rf"^cutin-{_NUM}-{_NUM}-{_NUM}$")
+_CONSTRUCTION_RE = re.compile(rf"^construction-{_NUM}-{_NUM}$")
+_FOG_RE = re.compile(rf"^fog-{_NUM}$")
+_SLIPPERY_RE = re.compile(rf"^slippery-{_NUM}$")
+_AGGRESSIVE_RE = re.compile(rf"^aggressive-{_NUM}-{_NUM}$")
 
 
 @dataclass(frozen=True)
@@ -100,6 +139,8 @@ class ScenarioSpec:
     duration_s: float
     hazard: bool
     lateral_speed_mps: float = 0.0  # the cut-in subject's sideways speed (parametric cut-in only)
+    friction_mu: float = 1.0  # road friction coefficient: braking is limited to friction_mu x g (slippery)
+    visibility_m: float = math.inf  # how far the sensors see (fog)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -114,6 +155,15 @@ class ScenarioSpec:
             raise ScenarioError(f"{self.name}: bad traffic count or lane count")
         if self.duration_s <= 0:
             raise ScenarioError(f"{self.name}: duration must be > 0")
+        if not FRICTION_RANGE[0] <= self.friction_mu <= FRICTION_RANGE[1]:
+            raise ScenarioError(f"{self.name}: friction {self.friction_mu} outside {_range(FRICTION_RANGE, '')}")
+        if not self.visibility_m > 0:
+            raise ScenarioError(f"{self.name}: visibility must be > 0 m")
+
+    @property
+    def max_decel_mps2(self) -> float:
+        """The deceleration the road allows (friction x g)."""
+        return self.friction_mu * GRAVITY_MPS2
 
     @property
     def is_ccr(self) -> bool:
@@ -157,7 +207,7 @@ def scenario_names() -> tuple[str, ...]:
 
 
 def _range(bounds: tuple[float, float], unit: str) -> str:
-    return f"{_num(bounds[0])}..{_num(bounds[1])} {unit}"
+    return f"{_num(bounds[0])}..{_num(bounds[1])}" + (f" {unit}" if unit else "")
 
 
 def _unknown(name: str) -> ScenarioError:
@@ -166,14 +216,19 @@ def _unknown(name: str) -> ScenarioError:
         f"ccrs-<{_range(CCR_EGO_KMH, 'km/h')}>, ccrm-<{_range(CCR_EGO_KMH, 'km/h')}>, "
         f"ccrb-<{_range(CCRB_HEADWAY_RANGE_M, 'm')}>-<{_range(CCRB_DECEL_RANGE_MPS2, 'm/s2')}>, "
         f"cutin-<{_range(CUTIN_GAP_RANGE_M, 'm')}>-<{_range(CUTIN_DV_RANGE_KMH, 'km/h')}>-"
-        f"<{_range(CUTIN_LATERAL_RANGE_MPS, 'm/s')}>"
+        f"<{_range(CUTIN_LATERAL_RANGE_MPS, 'm/s')}>, "
+        f"construction[-<{_range(CONSTRUCTION_GAP_RANGE_M, 'm')}>-<{_range(CONSTRUCTION_DV_RANGE_KMH, 'km/h')}>], "
+        f"fog[-<{_range(FOG_VISIBILITY_RANGE_M, 'm')}>], slippery[-<friction {_range(FRICTION_RANGE, '')}>], "
+        f"aggressive[-<{_range(AGGRESSIVE_GAP_RANGE_M, 'm')}>-<{_range(AGGRESSIVE_DV_RANGE_KMH, 'km/h')}>], "
+        f"jam-tail[-fog][-<{_range(JAM_BACK_RANGE_M, 'm')}>], mix+<{'|'.join(ENVIRONMENTS)}>"
     )
 
 
 def _within(name: str, what: str, value: float, bounds: tuple[float, float], unit: str) -> float:
     """``value`` when inside ``bounds`` (inclusive); else a one-line ScenarioError naming the range."""
     if not bounds[0] <= value <= bounds[1]:
-        raise ScenarioError(f"scenario {name!r}: {what} {_num(value)} {unit} is outside {_range(bounds, unit)}")
+        shown = f"{_num(value)} {unit}" if unit else _num(value)
+        raise ScenarioError(f"scenario {name!r}: {what} {shown} is outside {_range(bounds, unit)}")
     return value
 
 
@@ -298,8 +353,97 @@ def _parse_cutin(key: str, m: re.Match[str]) -> ScenarioSpec:
     return _cut_in(key, float(m.group(1)), float(m.group(2)), float(m.group(3)))
 
 
+# -- the environments -----------------------------------------------------------------------------------
+def _parse_construction(key: str, m: re.Match[str]) -> ScenarioSpec:
+    """A work zone at 80 km/h: the next lane is closed by stopped vehicles; the three cars in it merge into
+    the ego's lane ``gap_m`` ahead of it, ``dv_kmh`` slower (seeded jitter), one after the other."""
+    gap = _within(key, "merge gap", float(m.group(1)), CONSTRUCTION_GAP_RANGE_M, "m")
+    dv = _within(key, "relative speed", float(m.group(2)), CONSTRUCTION_DV_RANGE_KMH, "km/h")
+    ego = 80 * KMH
+    return ScenarioSpec(name=key, kind="construction", ego_speed_mps=ego, set_speed_mps=ego,
+                        target_speed_mps=max(ego - dv * KMH, 0.0), headway_m=gap, target_decel_mps2=0.0,
+                        traffic_vehicles=3, lanes=2, duration_s=30.0, hazard=True)
+
+
+def _parse_fog(key: str, m: re.Match[str]) -> ScenarioSpec:
+    """Dense, slower traffic (the ego's set speed 90 km/h, traffic ~55 km/h) seen only within ``visibility_m``."""
+    visibility = _within(key, "visibility", float(m.group(1)), FOG_VISIBILITY_RANGE_M, "m")
+    return ScenarioSpec(name=key, kind="fog", ego_speed_mps=22.0, set_speed_mps=25.0, target_speed_mps=15.0,
+                        headway_m=0.0, target_decel_mps2=0.0, traffic_vehicles=10, lanes=3, duration_s=40.0,
+                        hazard=True, visibility_m=visibility)
+
+
+def _parse_slippery(key: str, m: re.Match[str]) -> ScenarioSpec:
+    """A lead 1.5 s ahead at 72 km/h brakes to a stop at 80 % of what the road allows (friction x g)."""
+    mu = _within(key, "friction", float(m.group(1)), FRICTION_RANGE, "")
+    speed = 20.0
+    return ScenarioSpec(name=key, kind="slippery", ego_speed_mps=speed, set_speed_mps=speed, target_speed_mps=speed,
+                        headway_m=1.5 * speed, target_decel_mps2=round(0.8 * mu * GRAVITY_MPS2, 3),
+                        traffic_vehicles=4, lanes=3, duration_s=20.0, hazard=True, friction_mu=mu)
+
+
+def _parse_aggressive(key: str, m: re.Match[str]) -> ScenarioSpec:
+    """The ``cut-in`` scene with a closer, faster-closing cutter: ``gap_m`` ahead, ``dv_kmh`` slower (jittered)."""
+    gap = _within(key, "gap", float(m.group(1)), AGGRESSIVE_GAP_RANGE_M, "m")
+    dv = _within(key, "relative speed", float(m.group(2)), AGGRESSIVE_DV_RANGE_KMH, "km/h")
+    ego = 25.0
+    return ScenarioSpec(name=key, kind="aggressive", ego_speed_mps=ego, set_speed_mps=ego,
+                        target_speed_mps=max(ego - dv * KMH, 0.0), headway_m=gap, target_decel_mps2=0.0,
+                        traffic_vehicles=4, lanes=3, duration_s=20.0, hazard=True)
+
+
+def fog_sensor_degradation(spec: ScenarioSpec) -> tuple[float, float, float]:
+    """(visibility_m, noise sigma, dropout probability) the scenario imposes on every sensor; a clear scene
+    imposes nothing (inf, 0, 0)."""
+    if math.isinf(spec.visibility_m):
+        return math.inf, 0.0, 0.0
+    return spec.visibility_m, FOG_NOISE_SIGMA, FOG_DROPOUT_P
+
+
+# -- the jam tail (road hazards for a fleet) ----------------------------------------------------------
+JAM_TAIL_X_M = 6000.0  # where the jam's last cars stand (rear bumper), the same in every vehicle's world
+JAM_APPROACH_M = 800.0  # ``jam-tail``'s ego starts this far before it (bumper gap): 8x the sensors' range
+JAM_BACK_RANGE_M = (0.0, 5000.0)  # how much further back ``jam-tail-<back_m>`` starts
+JAM_EGO_KMH = 108.0
+JAM_FOG_EGO_KMH = 80.0  # in fog traffic is slower already; the AEB alone still stops within the visibility
+JAM_FOG_VISIBILITY_M = 70.0  # below the sensors' 100 m: comfortable braking from 80 km/h needs more
+JAM_SETTLE_S = 60.0  # beyond reaching the tail at its speed: time to slow down (advised), stop and stand
+JAM_FLEET_SPACING_M = 400.0  # vehicle i of a fleet starts i x this further back (``jam_tail_name``)
+_JAM_RE = re.compile(rf"^jam-tail(-fog)?(?:-{_NUM})?$")
+
+
+def _parse_jam(key: str) -> ScenarioSpec | None:
+    """The jam-tail spec a name asks for, or None when it is no jam-tail name (``headway_m``: the bumper gap
+    from the ego's start to the jam's tail)."""
+    m = _JAM_RE.match(key)
+    if m is None:
+        return None
+    fog = m.group(1) is not None
+    back = _within(key, "start further back", float(m.group(2) or 0.0), JAM_BACK_RANGE_M, "m")
+    ego = (JAM_FOG_EGO_KMH if fog else JAM_EGO_KMH) * KMH
+    gap = JAM_APPROACH_M + back
+    name = "jam-tail" + ("-fog" if fog else "") + (f"-{_num(back)}" if back else "")
+    return ScenarioSpec(name=name, kind="jam-tail", ego_speed_mps=ego, set_speed_mps=ego, target_speed_mps=0.0,
+                        headway_m=gap, target_decel_mps2=0.0, traffic_vehicles=0, lanes=3,
+                        duration_s=round(gap / ego + JAM_SETTLE_S, 1), hazard=True,
+                        visibility_m=JAM_FOG_VISIBILITY_M if fog else math.inf)
+
+
+def jam_tail_name(name: str, index: int) -> str:
+    """Vehicle ``index``'s scenario in a fleet driving jam-tail ``name``: ``JAM_FLEET_SPACING_M`` further back
+    per index, so vehicle 0 meets the jam first and the ones behind can be told; other names unchanged."""
+    spec = _parse_jam(name.strip().lower()) if isinstance(name, str) else None
+    if spec is None or index == 0:
+        return name
+    fog = "-fog" if math.isfinite(spec.visibility_m) else ""
+    back = spec.headway_m - JAM_APPROACH_M + index * JAM_FLEET_SPACING_M
+    return f"jam-tail{fog}-{_num(back)}"
+
+
 # Parametric names: pattern -> builder, tried in order (a table, not a chain).
-_PARAMETRIC = ((_CCRS_RE, _parse_ccrs), (_CCRM_RE, _parse_ccrm), (_CCRB_RE, _parse_ccrb), (_CUTIN_RE, _parse_cutin))
+_PARAMETRIC = ((_CCRS_RE, _parse_ccrs), (_CCRM_RE, _parse_ccrm), (_CCRB_RE, _parse_ccrb), (_CUTIN_RE, _parse_cutin),
+               (_CONSTRUCTION_RE, _parse_construction), (_FOG_RE, _parse_fog), (_SLIPPERY_RE, _parse_slippery),
+               (_AGGRESSIVE_RE, _parse_aggressive))
 
 
 def _canonical(key: str) -> str:
@@ -316,8 +460,12 @@ def parse_scenario(name: str) -> ScenarioSpec:
     key = name.strip().lower()
     if key in BASE_NAMES:
         return _nominal(key)
-    if key == MIX:
-        raise ScenarioError("'mix' is a distribution, not a scenario: draw one per vehicle with draw_mix()")
+    if is_mix(key):
+        raise ScenarioError(f"{key!r} is a distribution, not a scenario: draw one per vehicle with draw_mix()")
+    jam = _parse_jam(key)
+    if jam is not None:
+        return jam
+    key = ENVIRONMENT_DEFAULTS.get(key, key)
     for pattern, build in _PARAMETRIC:
         if pattern.match(key):
             canonical = _canonical(key)
@@ -328,7 +476,8 @@ def parse_scenario(name: str) -> ScenarioSpec:
 def validate_scenario_name(name: str) -> str:
     """Normalised name if it is a concrete scenario or ``mix`` (for CLI flags); ScenarioError otherwise."""
     key = name.strip().lower() if isinstance(name, str) else ""
-    if key == MIX:
+    if is_mix(key):
+        mix_weights(key)  # a shifted mix must name a known environment
         return key
     return parse_scenario(name).name
 
@@ -337,20 +486,80 @@ def validate_scenario_name(name: str) -> str:
 MIX_WEIGHTS: dict[str, float] = {"highway": 0.40, "dense": 0.25, "cut-in": 0.10, "merge": 0.10, "ccr": 0.15}
 
 
-def draw_mix(rng: np.random.Generator) -> str:
-    """One scenario name drawn from the weighted fleet mix (CCR cases uniform within their share)."""
-    keys = list(MIX_WEIGHTS)
-    weights = np.array([MIX_WEIGHTS[k] for k in keys])
+# The evaluation gate's scenario classes, each its own unit test: the familiar ones, then the environments
+# (appended: a class's held-out seeds follow from its position here).
+SCENARIO_CLASSES = ("highway", "dense", "cut-in", "merge", "ccrs", "ccrm", "ccrb", *ENVIRONMENTS)
+# The held-out scenarios of each environment class (its default parameters).
+ENVIRONMENT_SUITE: dict[str, tuple[str, ...]] = {env: (ENVIRONMENT_DEFAULTS[env],) for env in ENVIRONMENTS}
+
+
+def scenario_classes() -> tuple[str, ...]:
+    """Every class the evaluation gate knows."""
+    return SCENARIO_CLASSES
+
+
+def scenario_class(name: str) -> str:
+    """The class a concrete scenario name belongs to (its kind), for per-class rates; ScenarioError if unknown."""
+    return parse_scenario(name).kind
+
+
+def environment_signal(environment: str) -> str:
+    """The recorder signal that is true while a vehicle drives in ``environment`` (``env_fog``, ...)."""
+    if environment not in ENVIRONMENTS:
+        raise ScenarioError(f"unknown environment {environment!r}; valid: {', '.join(ENVIRONMENTS)}")
+    return f"env_{environment}"
+
+
+ENVIRONMENT_SIGNALS: tuple[str, ...] = tuple(environment_signal(e) for e in ENVIRONMENTS)
+
+
+def environment_signals(name: str) -> dict[str, bool]:
+    """The ``env_*`` signals of a drive in scenario ``name`` (all false for a familiar or unknown name): a
+    campaign can then collect in one environment only."""
+    try:
+        kind = parse_scenario(name).kind
+    except ScenarioError:
+        kind = ""
+    return {environment_signal(e): kind == e for e in ENVIRONMENTS}
+
+
+# After a shift (``mix+<environment>``) this share of the fleet's drives is in the new environment.
+SHIFT_SHARE = 0.3
+
+
+def is_mix(name: str) -> bool:
+    """``mix`` or a shifted mix ``mix+<environment>`` (a distribution, not a scenario)."""
+    return name == MIX or name.startswith(MIX + "+")
+
+
+def mix_weights(name: str = MIX) -> dict[str, float]:
+    """The weights of a mix: ``MIX_WEIGHTS``, or for ``mix+<env>`` those scaled by 1 - ``SHIFT_SHARE`` plus
+    ``<env>`` at ``SHIFT_SHARE``."""
+    if name == MIX:
+        return dict(MIX_WEIGHTS)
+    env = name[len(MIX) + 1:] if name.startswith(MIX + "+") else ""
+    if env not in ENVIRONMENTS:
+        raise ScenarioError(f"unknown mix {name!r}; valid: mix, " + ", ".join(f"mix+{e}" for e in ENVIRONMENTS))
+    total = sum(MIX_WEIGHTS.values())
+    return {**{k: w / total * (1.0 - SHIFT_SHARE) for k, w in MIX_WEIGHTS.items()}, env: SHIFT_SHARE}
+
+
+def draw_mix(rng: np.random.Generator, name: str = MIX) -> str:
+    """One scenario name drawn from the weighted mix ``name`` (CCR cases uniform within their share; an
+    environment at its default parameters). The plain mix draws exactly as before shifts existed."""
+    weights_by_key = mix_weights(name)
+    keys = list(weights_by_key)
+    weights = np.array([weights_by_key[k] for k in keys])
     pick = keys[int(rng.choice(len(keys), p=weights / weights.sum()))]
     if pick == "ccr":
         return CCR_CASES[int(rng.integers(len(CCR_CASES)))]
-    return pick
+    return ENVIRONMENT_DEFAULTS.get(pick, pick)
 
 
 def resolve_scenarios(name: str, count: int, rng: np.random.Generator) -> list[ScenarioSpec]:
-    """Specs for ``count`` vehicles: the named scenario for all, or one draw each for ``mix``."""
+    """Specs for ``count`` vehicles: the named scenario for all, or one draw each for a mix."""
     key = validate_scenario_name(name)
-    if key == MIX:
-        return [parse_scenario(draw_mix(rng)) for _ in range(count)]
+    if is_mix(key):
+        return [parse_scenario(draw_mix(rng, key)) for _ in range(count)]
     spec = parse_scenario(key)
     return [spec] * count

@@ -22,6 +22,10 @@ Lidar cells without a return and absent neighbour rows stay noise-free (no phant
 
 Dropout: with probability ``*_dropout_p`` a sensor's frame is lost; the previous frame of that sensor
 is repeated, marked ``stale`` and keeps its old ``stamp_s``, so the watchdog can detect stale input.
+
+Visibility (fog): nothing farther than ``visibility_m`` is seen: lidar cells beyond it read no return, grid
+cells whose centre is farther ahead or behind are empty, neighbours farther (centre distance) are absent.
+:meth:`SensorConfig.in_scenario` applies a scenario's degradation (``scenarios.fog_sensor_degradation``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from driveloop.contracts.observation import INPUT_NAMES, Observation
+from driveloop.contracts.observation import (
+    GRID_CELL_X_M,
+    GRID_W,
+    GRID_X_MIN_M,
+    INPUT_NAMES,
+    LIDAR_RANGE_M,
+    Observation,
+)
 from driveloop.core.exceptions import ConfigError
 from driveloop.sim._sensor_geometry import LIDAR_CELL_RAD, backend, geometry  # noqa: F401 (cell width re-exported)
 from driveloop.sim._sensor_noise import (  # noqa: F401 (units re-exported: documented here)
@@ -43,7 +54,11 @@ from driveloop.sim._sensor_noise import (  # noqa: F401 (units re-exported: docu
     NEIGHBOUR_NOISE_UNITS,
     add_noise,
 )
+from driveloop.sim.scenarios import ScenarioSpec, fog_sensor_degradation
 from driveloop.sim.world import WorldSnapshot
+
+# Longitudinal centre of each grid column in the ego frame [m] (visibility cuts whole columns).
+_GRID_COLUMN_X_M = GRID_X_MIN_M + GRID_CELL_X_M * (np.arange(GRID_W) + 0.5)
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class SensorConfig:
     lidar_dropout_p: float = 0.0
     grid_dropout_p: float = 0.0
     neighbour_range_m: float = 100.0
+    visibility_m: float = math.inf  # fog: nothing farther is seen
 
     def __post_init__(self) -> None:
         for name in INPUT_NAMES:
@@ -67,6 +83,22 @@ class SensorConfig:
                 raise ConfigError(f"{name}_dropout_p must be in [0, 1), got {p!r}")
         if not (math.isfinite(self.neighbour_range_m) and self.neighbour_range_m > 0):
             raise ConfigError("neighbour_range_m must be > 0")
+        if not self.visibility_m > 0:  # inf is clear weather
+            raise ConfigError(f"visibility_m must be > 0, got {self.visibility_m!r}")
+
+    def in_scenario(self, spec: ScenarioSpec) -> SensorConfig:
+        """These sensors as ``spec``'s weather leaves them: the shorter visibility, the more noise and dropout
+        of either (itself when the scenario degrades nothing, so a clear fleet keeps one shared config)."""
+        visibility, sigma, dropout_p = fog_sensor_degradation(spec)
+        if math.isinf(visibility):
+            return self
+        return SensorConfig(*(max(v, sigma) for v in self.sigma), *(max(p, dropout_p) for p in self.dropout_p),
+                            neighbour_range_m=self.neighbour_range_m, visibility_m=min(self.visibility_m, visibility))
+
+    @property
+    def seen_range_m(self) -> float:
+        """How far a neighbour may be (centre distance) and still be reported: the range, cut by visibility."""
+        return min(self.neighbour_range_m, self.visibility_m)
 
     @classmethod
     def uniform(cls, sigma: float = 0.0, dropout_p: float = 0.0) -> SensorConfig:
@@ -140,13 +172,15 @@ def observe_batch(
     # A fleet shares one config object: one identity count decides it (and the per-pair range gather goes).
     uniform = not cfgs or cfgs.count(cfgs[0]) == n
     if uniform:
-        range_m: float | np.ndarray = float(cfgs[0].neighbour_range_m if cfgs else _DEFAULT.neighbour_range_m)
+        range_m: float | np.ndarray = float(cfgs[0].seen_range_m if cfgs else _DEFAULT.neighbour_range_m)
         noisy, drops = bool(cfgs) and cfgs[0].has_noise, bool(cfgs) and cfgs[0].has_dropout
     else:
-        range_m = np.array([c.neighbour_range_m for c in cfgs])
+        range_m = np.array([c.seen_range_m for c in cfgs])
         noisy, drops = any(c.has_noise for c in cfgs), any(c.has_dropout for c in cfgs)
     kin, lidar, grid = geometry(snapshots, range_m)
     arrays = {"kinematics": kin, "lidar": lidar, "grid": grid}
+    if any(not math.isinf(c.visibility_m) for c in cfgs):
+        _cut_visibility(arrays, np.array([c.visibility_m for c in cfgs]))
     all_live = [True] * n
     if noisy or drops:
         # Drawn whenever the vehicle's sensors use their stream (noise does not depend on dropouts); a
@@ -178,6 +212,16 @@ def observe_batch(
                 stale[name], stamps[name] = True, prev.stamp_s[name]
         frames.append(SensorFrame(Observation(k_row, l_row, g_row), stale, stamps))
     return SensorBatch(arrays=arrays, frames=tuple(frames))
+
+
+def _cut_visibility(arrays: dict[str, np.ndarray], visibility_m: np.ndarray) -> None:
+    """In place: lidar returns beyond each vehicle's visibility become no return, grid columns beyond it empty."""
+    lidar = arrays["lidar"]
+    hidden = lidar[:, 0] > visibility_m[:, None]
+    lidar[:, 0][hidden] = LIDAR_RANGE_M
+    lidar[:, 1][hidden] = 0.0
+    far = np.abs(_GRID_COLUMN_X_M)[None, :] > visibility_m[:, None]  # (B, W)
+    arrays["grid"][np.broadcast_to(far[:, None, None, :], arrays["grid"].shape)] = 0.0
 
 
 def observe(

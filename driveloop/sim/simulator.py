@@ -5,7 +5,8 @@ it returns is a :class:`~driveloop.sim.world.WorldSnapshot` in the road frame (y
 
 Rules it keeps:
 - continuous commands (acceleration m/s², steering rad, + left) are clipped to the actuator ranges of
-  :class:`SimConfig`; non-finite commands are refused (the safety supervisor must never send them);
+  :class:`SimConfig` and braking to what the road's friction allows (``ScenarioSpec.max_decel_mps2``);
+  non-finite commands are refused (the safety supervisor must never send them);
 - braking goes through a first-order lag (``brake_lag_s``, exact exponential update per sub-step);
 - ego speed stays in [0, ``max_speed_mps``]: no reversing;
 - the ego never changes lane by itself: ``expert_action()`` is IDM on its own lane plus lane keeping,
@@ -186,7 +187,8 @@ class Simulator:
         if not (math.isfinite(accel) and math.isfinite(steer)):
             raise SafetyError(f"non-finite actuator command ({accel_cmd_mps2!r}, {steering_cmd_rad!r})")
         cfg = self.config
-        accel = min(max(accel, cfg.accel_min_mps2), cfg.accel_max_mps2)
+        # The road's friction limits braking (slippery: friction x g); on a dry road the actuator's range decides.
+        accel = min(max(accel, cfg.accel_min_mps2, -self.spec.max_decel_mps2), cfg.accel_max_mps2)
         steer = min(max(steer, -cfg.max_steer_rad), cfg.max_steer_rad)
         scene.ego.command(accel, -steer)  # highway-env steers + to the right (y down)
         h = 1.0 / cfg.sim_frequency_hz

@@ -231,3 +231,64 @@ def test_sigkilled_demo_restarts_cleanly(demo_home, kill_after_lines) -> None:
     assert catalog.segments()
     catalog.close()
     assert FleetStore.at(demo_home / "ota").verify_audit().ok
+
+
+# The reduced shift (issue 18): the world is shifted from the start (``shift_after=0``: one iteration, to keep the
+# suite lean), slippery roads join the mix. Its routes (seed 1309) put three of the four vehicles on a slippery
+# road in the first data window (``test_shift_fixture_routes``), where the bootstrap model (cloned on dry nominal
+# traffic) brakes too late for a braking lead and the AEB, told the road's friction, must step in: the detector
+# sees the class far above the fleet's baseline after the first window and opens one campaign, auto-approved.
+SHIFT: dict[str, Any] = {**LOOP, "shift": "slippery", "shift_after": 0, "drive_s": 60.0, "shift_windows": 2}
+
+
+def test_shift_fixture_routes() -> None:
+    cfg = _config(**SHIFT)
+    routes = [cfg.seed * 1000 + i for i in range(cfg.vehicles)]
+    first_window = [_first_scenario_in(r, "mix+slippery").kind for r in routes]
+    assert first_window.count("slippery") >= 3, first_window
+
+
+def _first_scenario_in(route_seed: int, world: str) -> Any:
+    from driveloop.edge.agent import VehicleAgent
+
+    agent = VehicleAgent("premise", world, route_seed)
+    try:
+        return agent.spec
+    finally:
+        agent.close()
+
+
+def test_reduced_shift_is_detected_learned_and_rolled_out(trained_home, tmp_path) -> None:
+    from driveloop.cloud.catalog import Catalog
+
+    home = tmp_path / "home"
+    shutil.copytree(trained_home, home)
+    report = _run(_config(**SHIFT), home)
+    (it,) = report["iterations"]
+    assert it["world"] == "mix+slippery" and it["classes"]["slippery"]["interventions"] > 0
+    shift = report["shift"]
+    assert shift["environment"] == "slippery" and shift["campaign_approved"]
+    # one campaign, through the campaign path, auto-approved, and the segments it collected uploaded first
+    catalog = Catalog(f"sqlite:///{home / 'cloud' / 'catalog.db'}")
+    (campaign,) = catalog.campaigns()
+    collected = [r for r in catalog.segments() if "campaign.shift-slippery" in r.meta.events]
+    catalog.close()
+    assert campaign.id == shift["campaign_id"] and campaign.state == "approved"
+    assert collected and all(r.meta.scenario.startswith("slippery") for r in collected)
+    # the gate judged the new class beside the old ones; the adapted candidate shipped to the whole fleet
+    gate = next(side["gate"] for side in (it["pipeline"], it["federated"]) if side.get("candidate") == it["candidate"])
+    assert set(gate["classes"]) == {*LOOP["eval_classes"], "slippery"} and gate["passed"]
+    assert "interventions_fall" in gate["classes"]["slippery"]["checks"]
+    assert all("interventions_kept" in v["checks"] for c, v in gate["classes"].items() if c != "slippery")
+    assert it["rollout_outcome"] == "completed" and shift["old_classes_ok"]
+    assert report["final_drive"]["versions"] == {str(it["candidate"]): LOOP["vehicles"]}
+    # timed end to end, in order; the new class intervenes less (held-out gate, and the fleet's same routes: the
+    # full-size halving is bench/adaptation.py's to measure), with no collision anywhere
+    assert 0 < shift["detected_after_s"] <= shift["validated_after_s"] <= shift["adapted_after_s"]
+    slippery = gate["classes"]["slippery"]
+    assert slippery["candidate"]["interventions_per_hour"] < slippery["baseline"]["interventions_per_hour"]
+    assert shift["before_per_hour"] > 0 and shift["after_per_hour"] <= shift["before_per_hour"]
+    assert it["collisions"] == 0 and report["final_drive"]["collisions"] == 0
+    labels = [w["label"] for w in report["timeline"]]
+    assert labels[:2] == ["data drive 1/2", "data drive 2/2"] and labels[-2:] == ["data drive 1/2", "data drive 2/2"]
+    assert (home / "demo" / "report" / "adaptation_timeline.png").exists()

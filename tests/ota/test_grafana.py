@@ -12,7 +12,7 @@ from fastapi import FastAPI, HTTPException, Request
 
 from driveloop.cli import main
 from driveloop.core.exceptions import ConfigError, OtaError
-from driveloop.ota.grafana import DASHBOARD_UID, DATASOURCE_UID, PANELS, build_dashboard, provision
+from driveloop.ota.grafana import DASHBOARD_UID, DATASOURCE_UID, PANELS, ROWS, build_dashboard, provision
 from tests.ota.test_server import serve_in_thread
 
 TOKEN = "glsa_test_token"
@@ -114,10 +114,15 @@ def test_provision_twice_is_idempotent(grafana: tuple[str, dict[str, Any]]) -> N
 
 def test_dashboard_is_built_by_the_typed_builder() -> None:
     d = build_dashboard()
-    assert d["uid"] == DASHBOARD_UID and len(d["panels"]) == len(PANELS)
-    exprs = [p["targets"][0]["expr"] for p in d["panels"]]
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    charts = [p for p in d["panels"] if p["type"] != "row"]
+    assert rows == [title for title, _ in ROWS] == ["Alerts", "Logs"]
+    assert d["uid"] == DASHBOARD_UID and len(charts) == len(PANELS) + sum(len(panels) for _, panels in ROWS)
+    exprs = [p["targets"][0]["expr"] for p in charts]
     assert "driveloop_ota_cohort_interventions_per_h" in exprs
-    assert all(p["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID} for p in d["panels"])
+    assert 'ALERTS{alertstate="firing", alertname=~"Driveloop.*"}' in exprs
+    assert "sum by (outcome) (rate(driveloop_ingest_log_lines_total[5m]))" in exprs
+    assert all(p["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID} for p in charts)
     assert [p["gridPos"]["w"] for p in d["panels"]][:3] == [8, 8, 8]
     assert d["panels"][5]["fieldConfig"]["defaults"]["unit"] == "ms"
 

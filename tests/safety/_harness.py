@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from driveloop.safety import Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs, TrackData
+from driveloop.safety import Advisory, Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs, TrackData
 
 # mutmut sets MUTANT_UNDER_TEST in every phase; the slowest sweeps then run a subset (docs/BENCHMARKS.md (Safety layer))
 UNDER_MUTMUT = "MUTANT_UNDER_TEST" in os.environ
@@ -92,8 +92,12 @@ class Result:
 
 def run(case: Case, model: Model, *, noise_sigma: float = 0.0, seed: int = 0,
         config: SupervisorConfig | None = None, lead_accel: Callable[[float], float] | None = None,
-        track_visible: bool = True, keep: bool = False) -> Result:
-    """Drive one case to the end (or to a collision) and report what the safety layer did."""
+        track_visible: bool = True, keep: bool = False, sensor_range_m: float = math.inf,
+        advisory: Callable[[float], Advisory | None] | None = None) -> Result:
+    """Drive one case to the end (or to a collision) and report what the safety layer did.
+
+    ``sensor_range_m``: the lead is seen only within this gap (fog, a jam beyond sensor range);
+    ``advisory(ego_x_m)``: the road-hazard advisory at the ego's position (the lead starts at x = gap)."""
     rng = np.random.default_rng(seed)
     supervisor = Supervisor(config)
     x_e, v_e, a_e = 0.0, case.ego_speed_mps, 0.0
@@ -111,11 +115,12 @@ def run(case: Case, model: Model, *, noise_sigma: float = 0.0, seed: int = 0,
             return Result(True, gap, activations, first_fcw, first_brake, decisions, inputs_log)
         noise = rng.normal(0.0, noise_sigma, 3) if noise_sigma > 0 else np.zeros(3)
         track = None
-        if track_visible:
+        if track_visible and gap <= sensor_range_m:
             track = TrackData(gap + noise[0], (v_e - v_l) + noise[1], max(v_l + noise[2], 0.0))
         reply = model(now, v_e, track.gap_m if track else None, track.lead_speed_mps if track else None)
         inputs = SupervisorInputs(now_s=now, ego_speed_mps=v_e, ego_accel_mps2=a_e, lane_offset_m=0.0,
-                                  heading_rel_rad=0.0, track=track, sensor_stamp_s=now, reply=reply)
+                                  heading_rel_rad=0.0, track=track, sensor_stamp_s=now, reply=reply,
+                                  advisory=advisory(x_e) if advisory is not None else None)
         decision = supervisor.step(inputs)
         activations += decision.activation
         if decision.fcw and first_fcw is None:

@@ -7,7 +7,15 @@ import dataclasses
 import pytest
 
 from driveloop.core.exceptions import ConfigError
-from driveloop.safety import AebConfig, FallbackConfig, LaneConfig, LimitsConfig, SupervisorConfig, WatchdogConfig
+from driveloop.safety import (
+    AdvisoryConfig,
+    AebConfig,
+    FallbackConfig,
+    LaneConfig,
+    LimitsConfig,
+    SupervisorConfig,
+    WatchdogConfig,
+)
 
 POS, NONNEG = "finite and > 0", "finite and >= 0"
 BAD = [
@@ -66,6 +74,16 @@ BAD = [
     ("lane offset nan", LaneConfig, {"max_offset_m": float("nan")}, POS),
     ("lane lookahead negative", LaneConfig, {"lookahead_s": -0.1}, NONNEG),
     ("lane lookahead inf", LaneConfig, {"lookahead_s": float("inf")}, NONNEG),
+    ("advisory plan decel zero", AdvisoryConfig, {"plan_decel_mps2": 0.0}, POS),
+    ("advisory plan decel nan", AdvisoryConfig, {"plan_decel_mps2": float("nan")}, POS),
+    ("advisory plan decel above max", AdvisoryConfig, {"plan_decel_mps2": 3.5}, "<= max_decel_mps2"),
+    ("advisory speed gain zero", AdvisoryConfig, {"speed_gain_per_s": 0.0}, POS),
+    ("advisory gap gain zero", AdvisoryConfig, {"gap_gain_per_s2": 0.0}, POS),
+    ("advisory gap speed gain negative", AdvisoryConfig, {"gap_speed_gain_per_s": -0.6}, POS),
+    ("advisory max decel inf", AdvisoryConfig, {"max_decel_mps2": float("inf")}, POS),
+    ("advisory max decel zero", AdvisoryConfig, {"max_decel_mps2": 0.0}, POS),
+    ("advisory standstill negative", AdvisoryConfig, {"standstill_gap_m": -0.1}, NONNEG),
+    ("advisory standstill str", AdvisoryConfig, {"standstill_gap_m": "5"}, NONNEG),
     ("supervisor period zero", SupervisorConfig, {"control_period_s": 0.0}, POS),
     ("supervisor hold negative", SupervisorConfig, {"handback_hold_s": -1.0}, NONNEG),
     ("supervisor valid ticks zero", SupervisorConfig, {"handback_valid_ticks": 0}, "an int >= 1"),
@@ -77,6 +95,9 @@ NESTED = [  # derived from the defaults: just beyond the limit, whatever the lim
      f"safety config: fallback.comfort_decel_mps2={_LIMIT + 1.0!r} must be <= limits.max_decel_mps2"),
     ("supervisor aeb beyond limits", {"limits": LimitsConfig(max_decel_mps2=AebConfig().full_decel_mps2 - 1.0)},
      f"safety config: aeb.full_decel_mps2={AebConfig().full_decel_mps2!r} must be <= limits.max_decel_mps2"),
+    ("supervisor advisory beyond limits",
+     {"advisory": AdvisoryConfig(max_decel_mps2=_LIMIT + 1.0)},
+     f"safety config: advisory.max_decel_mps2={_LIMIT + 1.0!r} must be <= limits.max_decel_mps2"),
 ]
 
 
@@ -117,6 +138,10 @@ def test_defaults_are_the_documented_ones() -> None:
         },
         "fallback": {"comfort_decel_mps2": 3.0, "lane_gain_radpm": 0.02, "heading_gain": 0.3},
         "lane": {"max_offset_m": 1.4, "lookahead_s": 0.5},
+        "advisory": {
+            "plan_decel_mps2": 1.5, "speed_gain_per_s": 1.0, "gap_gain_per_s2": 0.2, "gap_speed_gain_per_s": 0.6,
+            "standstill_gap_m": 5.0, "max_decel_mps2": 3.0,
+        },
         "control_period_s": 0.1, "handback_hold_s": 1.0, "handback_valid_ticks": 5,
     }
 
@@ -138,6 +163,9 @@ GOOD = [
     ("fallback zero gains", FallbackConfig, {"lane_gain_radpm": 0.0, "heading_gain": 0.0}),
     ("lane defaults", LaneConfig, {}),
     ("lane no lookahead", LaneConfig, {"lookahead_s": 0.0}),
+    ("advisory defaults", AdvisoryConfig, {}),
+    ("advisory plan decel equals max", AdvisoryConfig, {"plan_decel_mps2": 3.0}),
+    ("advisory no standstill gap", AdvisoryConfig, {"standstill_gap_m": 0.0}),
     ("supervisor defaults", SupervisorConfig, {}),
     ("supervisor zero hold", SupervisorConfig, {"handback_hold_s": 0.0}),
     ("supervisor comfort equals limit", SupervisorConfig, {"fallback": FallbackConfig(comfort_decel_mps2=_LIMIT)}),

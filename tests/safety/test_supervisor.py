@@ -373,7 +373,7 @@ def test_public_api_is_lazy_and_complete() -> None:
     homes = {"SupervisorConfig": config, "AebConfig": config, "WatchdogConfig": config, "LimitsConfig": config,
              "FallbackConfig": config, "LaneConfig": config, "Supervisor": supervisor, "SupervisorState": supervisor, "step": supervisor,
              "SupervisorInputs": types, "ModelReply": types, "Decision": types, "Track": types, "TrackData": types,
-             "SideTrack": types, "FAULT_KINDS": types}
+             "SideTrack": types, "FAULT_KINDS": types, "AdvisoryConfig": config, "Advisory": types}
     assert sorted(homes) == api.__all__
     for name, home in homes.items():
         assert api.__getattr__(name) is getattr(home, name)  # the lazy loader itself, not a cached global

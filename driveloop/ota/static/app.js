@@ -103,12 +103,43 @@ function renderTimeline(d) {
   document.getElementById("summary").textContent = `${d.vehicles} vehicles · ${versions} model versions`;
 }
 
+// The logs panel: the newest lines of the cloud's log index, filtered by search words, vehicle, rollout and
+// level (the filters start from the page's URL: /?vehicle=veh003&level=warning&q=aeb).
+const LOG_FILTERS = {q: "log-q", vehicle: "log-vehicle", rollout: "log-rollout", level: "log-level"};
+
+function logParams() {
+  const params = new URLSearchParams();
+  for (const [name, id] of Object.entries(LOG_FILTERS)) {
+    const v = document.getElementById(id).value.trim();
+    if (v) params.set(name, v);
+  }
+  return params;
+}
+
+async function refreshLogs() {
+  const count = document.getElementById("logs-count");
+  const resp = await fetch(`/v1/logs?${logParams()}`, {cache: "no-store"});
+  if (resp.status === 404) { document.getElementById("logs-card").hidden = true; return; }
+  const body = await resp.json();
+  if (!resp.ok) { count.textContent = `filter refused: ${body.error}`; return; }
+  document.getElementById("logs-card").hidden = false;
+  count.textContent = `${body.lines.length} newest`;
+  const rows = body.lines.map(l => {
+    const tr = el("tr", {class: `level-${l["log.level"]}`, "data-vehicle": l["vehicle.id"] || ""});
+    [l["@timestamp"], l["log.level"], l["vehicle.id"] || "", l["model.version"] || "", l["event.action"] || "",
+     l.message].forEach(c => tr.appendChild(el("td", {}, String(c))));
+    return tr;
+  });
+  document.querySelector("#logs tbody").replaceChildren(...rows);
+}
+
 async function refresh() {
   try {
     const resp = await fetch("/v1/dashboard", {cache: "no-store"});
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     current = await resp.json();
     renderRollout(current); renderShare(current); renderHealth(current); renderTimeline(current);
+    await refreshLogs();
   } catch (err) {
     document.getElementById("summary").textContent = `cannot reach the fleet server: ${err.message}`;
   }
@@ -127,6 +158,12 @@ async function act(action) {
   refresh();
 }
 
+const pageParams = new URLSearchParams(window.location.search);
+for (const [name, id] of Object.entries(LOG_FILTERS)) {
+  const input = document.getElementById(id);
+  if (pageParams.has(name)) input.value = pageParams.get(name);
+  input.addEventListener("change", refreshLogs);
+}
 document.querySelectorAll("button[data-action]").forEach(b => b.addEventListener("click", () => act(b.dataset.action)));
 refresh();
 setInterval(refresh, REFRESH_MS);

@@ -1,0 +1,97 @@
+"""Composition for ``driveloop drive --hazards on``: broker, hazard service and one stream per vehicle.
+
+Without ``DRIVELOOP_NATS_URL`` the drive starts the embedded nats-server under ``<home>/nats`` (each vehicle
+gets its own credentials, the hazard service a service user) and stops it at the end, by its pid; with it,
+vehicles and the service connect to that cluster as ``DRIVELOOP_NATS_USER``/``DRIVELOOP_NATS_PASSWORD``. The
+hazard service (signing key under ``<home>/cloud/hazards``) runs for the drive's duration either way, and the
+vehicles trust its public key. Everything started here is stopped here, in reverse order, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from driveloop.core.exceptions import ConfigError
+
+logger = logging.getLogger(__name__)
+
+FLUSH_S = 5.0  # at the end, how long vehicles may take to get their last messages acked (then they spool)
+SERVICE_USER = "hazards"
+
+
+def _embedded_running(nats_dir: Any) -> bool:
+    """Is ``driveloop stream serve`` running on this home (its server.json names a live process)?"""
+    try:
+        pid = int(json.loads((nats_dir / "server.json").read_text())["pid"])
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+@dataclass
+class HazardLink:
+    """What a drive with hazards holds: the fleet's data plane and the hazard service behind it."""
+
+    plane: Any  # edge.dataplane.StreamDataPlane
+    service: Any  # cloud.hazard_service.HazardService
+    streams: dict[str, Any]
+
+    def finish(self) -> dict[str, Any]:
+        """Flush every vehicle's stream, then report: the plane's summary plus the service's counts."""
+        for stream in self.streams.values():
+            if not stream.flush(FLUSH_S):
+                logger.info("%s: %s messages not acked at the end, kept in its spool", stream.vehicle_id,
+                            stream.stats().get("pending"))
+        return {**self.plane.summary(), "hazard_service": self.service.stats()}
+
+
+@contextmanager
+def hazard_data_plane(settings: Any, vehicle_ids: Sequence[str], model_version: str | None,
+                      full_decel_mps2: float) -> Iterator[HazardLink]:
+    """A :class:`HazardLink` (data plane, service, streams) for these vehicles, live until the block ends."""
+    from driveloop.cloud.broker import Credentials, EmbeddedBroker
+    from driveloop.cloud.hazard_service import HazardService, hazard_dir
+    from driveloop.contracts.hazard import HazardVerifier
+    from driveloop.edge.dataplane import StreamDataPlane
+    from driveloop.edge.stream_client import StreamLoop, VehicleStream
+
+    with ExitStack() as stack:
+        if settings.nats_url:
+            url = settings.nats_url
+            user, password = os.environ.get("DRIVELOOP_NATS_USER"), os.environ.get("DRIVELOOP_NATS_PASSWORD")
+            service_user, service_password = user, password
+            vehicle_creds = {vid: (user, password) for vid in vehicle_ids}
+        else:
+            nats_dir = settings.nats_dir
+            if _embedded_running(nats_dir):
+                raise ConfigError(f"an embedded broker already serves {nats_dir} (driveloop stream serve): "
+                                  "set DRIVELOOP_NATS_URL to its URL")
+            nats_dir.mkdir(parents=True, exist_ok=True)
+            creds = Credentials(nats_dir)
+            passwords = creds.issue_vehicles(vehicle_ids)
+            service_password = creds.issue_service(SERVICE_USER)
+            creds.save()
+            broker = stack.enter_context(EmbeddedBroker.embedded(nats_dir, creds.users))
+            url, service_user = broker.url, f"svc-{SERVICE_USER}"
+            vehicle_creds = {vid: (vid, pw) for vid, pw in passwords.items()}
+            logger.info("embedded broker %s (pid %s) for the drive", url, broker.pid)
+        service = stack.enter_context(HazardService(url, hazard_dir(settings.cloud_dir), service_user,
+                                                    service_password))
+        verifier = HazardVerifier([service.signer.public_bytes()])
+        loop = StreamLoop("drive-stream")
+        stack.callback(loop.close)
+        streams = {}
+        for vid in vehicle_ids:
+            vuser, vpassword = vehicle_creds[vid]
+            stream = VehicleStream(vid, url, settings.home / "stream", user=vuser, password=vpassword, loop=loop)
+            streams[vid] = stream
+            stack.callback(stream.close)
+        plane = StreamDataPlane(streams, verifier, model_version, full_decel_mps2=full_decel_mps2)
+        yield HazardLink(plane, service, streams)

@@ -1,0 +1,196 @@
+"""The vehicle's stream client against a real nats-server: round trip, broker outages, kill -9, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import nats
+
+from driveloop.cloud.broker import EmbeddedBroker
+from driveloop.cloud.catalog import Catalog
+from driveloop.cloud.stream_sinks import EventIndex, SinkRunner, StreamMetrics, replay_vehicle, standard_consumers
+from driveloop.contracts.stream import decode_telemetry
+from driveloop.edge.stream_client import VehicleStream
+from tests.stream.conftest import ensure, evt, tel
+
+
+def _replay(url: str, vid: str) -> list[int]:
+    async def run() -> list[int]:
+        nc = await nats.connect(url)
+        try:
+            return [m.seq for m in await replay_vehicle(nc.jetstream(), vid, 0.0)]
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def _wait(cond, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def test_publish_round_trip(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    vs = VehicleStream("v.1", broker.url, tmp_path / "spool")
+    try:
+        assert _wait(vs.connected, 30)  # before the connection is up, messages would go to the spool
+        seqs = [vs.next_seq() for _ in range(50)]
+        for s in seqs:
+            vs.publish(tel("v.1", s, x_m=float(s)))
+        assert vs.flush(30)
+        stats = vs.stats()
+        assert stats["acked"] == 50 and stats["spooled"] == 0 and stats["pending"] == 0
+    finally:
+        vs.close()
+    assert _replay(broker.url, "v.1") == seqs
+
+    async def first() -> bytes:
+        nc = await nats.connect(broker.url)
+        msg = await nc.jetstream().get_msg("TELEMETRY", subject="tel.v~1", direct=True, next=True, seq=1)
+        await nc.close()
+        return msg.data
+
+    assert decode_telemetry(asyncio.run(first()), "tel.v~1").seq == 0
+
+
+def test_seq_survives_restart(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    a = VehicleStream("v1", broker.url, tmp_path / "spool")
+    used = [a.next_seq() for _ in range(5)]
+    a.close()
+    b = VehicleStream("v1", broker.url, tmp_path / "spool")
+    try:
+        assert b.next_seq() > max(used)
+    finally:
+        b.close()
+
+
+def test_offline_ten_minutes_loses_nothing_and_keeps_order(tmp_path: Path) -> None:
+    """6,000 messages (10 minutes at 10 Hz) generated while the broker is down, then it comes up."""
+    broker = EmbeddedBroker.embedded(tmp_path / "nats")  # not started: the vehicle is offline
+    vs = VehicleStream("v1", broker.url, tmp_path / "spool")
+    try:
+        for _ in range(6000):
+            vs.publish(tel("v1", vs.next_seq()))
+        assert _wait(lambda: vs.stats()["spooled"] == 6000, 30)
+        assert vs.stats()["acked"] == 0
+        broker.start()
+        ensure(broker.url)
+        assert vs.flush(120)
+        stats = vs.stats()
+        assert stats["acked"] == 6000 and stats["replayed"] == 6000 and stats["dropped"] == 0
+        assert _replay(broker.url, "v1") == list(range(6000))
+    finally:
+        vs.close()
+        broker.stop()
+
+
+def test_spool_survives_a_vehicle_restart(tmp_path: Path) -> None:
+    broker = EmbeddedBroker.embedded(tmp_path / "nats")
+    first = VehicleStream("v1", broker.url, tmp_path / "spool")
+    for _ in range(300):
+        first.publish(tel("v1", first.next_seq()))
+    first.close()  # the vehicle powers off with 300 unsent messages
+    second = VehicleStream("v1", broker.url, tmp_path / "spool")
+    try:
+        later = second.next_seq()
+        second.publish(tel("v1", later))
+        broker.start()
+        ensure(broker.url)
+        assert second.flush(60)
+        assert _replay(broker.url, "v1") == [*range(300), later]
+    finally:
+        second.close()
+        broker.stop()
+
+
+def test_kill_9_mid_stream_loses_nothing_acked_and_sink_has_no_duplicate(tmp_path: Path) -> None:
+    broker = EmbeddedBroker.embedded(tmp_path / "nats")
+    broker.start()
+    ensure(broker.url)
+    catalog = Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    metrics = StreamMetrics()
+    sinks = SinkRunner(broker.url, standard_consumers(EventIndex(catalog), metrics), metrics).start()
+    vs = VehicleStream("v1", broker.url, tmp_path / "spool", ack_timeout_s=2.0)
+    total = 1500
+    try:
+        for i in range(total):
+            vs.publish(evt("v1", vs.next_seq()))
+            if i == 600:
+                acked_before = vs.stats()["acked"]
+                broker.kill()  # kill -9 with acks in flight
+            if i == 900:
+                broker.start()
+            if i % 50 == 0:
+                time.sleep(0.02)
+        assert vs.flush(120), vs.stats()
+        assert acked_before > 0
+        stats = vs.stats()
+        assert stats["acked"] >= total and stats["spooled"] > 0 and stats["reconnects"] >= 1
+        assert _replay_events(broker.url) == list(range(total))  # stored once each, in order
+        assert _wait(lambda: len(catalog.stream_events(vehicle="v1")) == total, 60)
+        assert [e.seq for e in catalog.stream_events(vehicle="v1")] == list(range(total))
+    finally:
+        vs.close()
+        sinks.stop()
+        catalog.close()
+        broker.stop()
+
+
+def _replay_events(url: str) -> list[int]:
+    async def run() -> list[int]:
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        psub = await js.pull_subscribe("evt.v1.>", stream="EVENTS", config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+        out: list[int] = []
+        while True:
+            try:
+                msgs = await psub.fetch(1000, timeout=1)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                break
+            out += [int(m.headers["Nats-Msg-Id"].split(":")[1]) for m in msgs]
+            if msgs[-1].metadata.num_pending == 0:
+                break
+        await nc.close()
+        return out
+
+    return asyncio.run(run())
+
+
+def test_watch_cells_live_and_late_join(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """Stored hazards of newly watched cells arrive once (late join); live ones only for watched cells."""
+
+    async def publish(*pairs: tuple[str, bytes]) -> None:
+        nc = await nats.connect(broker.url)
+        js = nc.jetstream()
+        for subject, data in pairs:
+            await js.publish(subject, data)
+        await nc.close()
+
+    asyncio.run(publish(("haz.hw1.2", b"stored-2"), ("haz.hw1.9", b"stored-9"), ("haz.hw2.2", b"other-road")))
+    vs = VehicleStream("v1", broker.url, tmp_path / "spool")
+    try:
+        assert _wait(vs.connected, 30)
+        vs.watch_cells("hw1", [1, 2, 3])
+        got: list[tuple[str, bytes]] = []
+        assert _wait(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 1, 30)
+        asyncio.run(publish(("haz.hw1.3", b"live-3"), ("haz.hw1.4", b"live-4")))
+        assert _wait(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 2, 30)
+        time.sleep(0.3)
+        got.extend((s, d) for s, d, _ in vs.received())
+        assert got == [("haz.hw1.2", b"stored-2"), ("haz.hw1.3", b"live-3")]
+        vs.watch_cells("hw1", [4, 9])  # moved on: 1-3 dropped, 4 and 9 read from the stream
+        assert _wait(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 4, 30)
+        assert sorted(got[2:]) == [("haz.hw1.4", b"live-4"), ("haz.hw1.9", b"stored-9")]
+        asyncio.run(publish(("haz.hw1.2", b"after-unwatch")))
+        time.sleep(0.3)
+        assert vs.received() == []
+    finally:
+        vs.close()

@@ -1,0 +1,77 @@
+"""Stream wire contracts: what crosses in is validated, subjects are exact."""
+
+from __future__ import annotations
+
+import pytest
+
+from driveloop.contracts.stream import (
+    CELL_M,
+    MAX_MESSAGE_BYTES,
+    cell_of,
+    cells_ahead,
+    decode_event,
+    decode_telemetry,
+    encode,
+    event_subject,
+    hazard_subject,
+    msg_id,
+    telemetry_subject,
+    vehicle_of_subject,
+)
+from driveloop.core.exceptions import StreamError
+from tests.stream.conftest import evt, tel
+
+
+def test_round_trip_and_subjects() -> None:
+    t = tel("v.1", 7, x_m=12.5)
+    assert decode_telemetry(encode(t), "tel.v~1") == t
+    e = evt("v.1", 8)
+    assert decode_event(encode(e), "evt.v~1.aeb") == e
+    assert telemetry_subject("v.1") == "tel.v~1" and event_subject("v.1", "fcw") == "evt.v~1.fcw"
+    assert vehicle_of_subject("evt.v~1.aeb") == "v.1" and vehicle_of_subject("tel.a") == "a"
+    assert msg_id("v.1", 8) == "v.1:8"
+    assert hazard_subject("hw1", -2) == "haz.hw1.-2"
+
+
+BAD = [
+    ("not json", b"{nope", "malformed"),
+    ("unknown field", encode(tel("v1", 1))[:-1] + b',"x":1}', "Extra inputs"),
+    ("negative seq", encode(tel("v1", 1)).replace(b'"seq":1', b'"seq":-1'), "seq"),
+    ("nan speed", encode(tel("v1", 1)).replace(b'"speed_mps":30.0', b'"speed_mps":NaN'), "malformed"),
+    ("bad vehicle id", encode(tel("v1", 1)).replace(b'"v1"', b'"../x"'), "vehicle_id"),
+    ("oversized", b" " * (MAX_MESSAGE_BYTES + 1), "exceeds"),
+]
+
+
+@pytest.mark.parametrize("name,data,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_telemetry_is_a_stream_error(name: str, data: bytes, needle: str) -> None:
+    with pytest.raises(StreamError, match=needle):
+        decode_telemetry(data)
+
+
+def test_subject_must_name_the_body_vehicle() -> None:
+    with pytest.raises(StreamError, match="does not match"):
+        decode_telemetry(encode(tel("v1", 1)), "tel.v2")
+    with pytest.raises(StreamError, match="does not match"):
+        decode_event(encode(evt("v1", 1, "aeb")), "evt.v1.fcw")
+
+
+def test_dotted_vehicle_ids_cannot_alias_another_vehicle() -> None:
+    # vehicle "a" may publish evt.a.>; vehicle "a.b"'s events live under evt.a~b.*, never under evt.a.
+    assert event_subject("a.b", "aeb") == "evt.a~b.aeb"
+    with pytest.raises(StreamError):
+        vehicle_of_subject("evt.a.b.aeb")
+
+
+def test_cells() -> None:
+    assert cell_of(0.0) == 0 and cell_of(CELL_M - 0.01) == 0 and cell_of(CELL_M) == 1 and cell_of(-1.0) == -1
+    assert cells_ahead(CELL_M * 2 - 1, CELL_M * 2) == [1, 2, 3]
+    with pytest.raises(StreamError):
+        cells_ahead(0.0, 1e9)
+
+
+def test_event_detail_is_bounded() -> None:
+    with pytest.raises(ValueError):
+        evt("v1", 1).model_validate({**evt("v1", 1).model_dump(), "detail": {f"k{i}": i for i in range(17)}})
+    big = evt("v1", 1).model_copy(update={"detail": {f"k{i}": "x" * 128 for i in range(16)}})
+    assert len(encode(big)) < MAX_MESSAGE_BYTES
