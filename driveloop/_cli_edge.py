@@ -36,7 +36,10 @@ def bootstrap(
     cfg = BootstrapConfig(episodes=episodes, episode_s=episode_s, epochs=epochs, seed=seed,
                           workers=min(2, settings.num_cpus))
     say = (lambda m: logger.info(m)) if as_json else (lambda m: typer.echo(m, err=True))
-    result = run_bootstrap(settings.registry_dir, cfg, force=force, progress=say)
+    from driveloop.cloud.sim_exec import executor_from
+
+    # expert episodes as Ray tasks when RAY_ADDRESS (or DRIVELOOP_SIM_BACKEND=ray) asks for it
+    result = run_bootstrap(settings.registry_dir, cfg, force=force, progress=say, executor=executor_from(settings))
     if as_json:
         typer.echo(dumps(result))
     else:
@@ -109,18 +112,22 @@ def drive(
     from driveloop.core.logfmt import log_context
 
     live: dict[str, Any] = {"hazards_received": 0, "hazard_latency_ms_p99": None}
-    with vehicle_log_spools(settings), log_context(model_version=artifact.manifest.version):
-        if hazards == "on":  # the live data plane: broker + hazard service for the drive, stopped after it
-            from driveloop._drive_hazards import hazard_data_plane
+    with vehicle_log_spools(settings) as log_spools, log_context(model_version=artifact.manifest.version):
+        # the live data plane (broker + hazard service for the drive, stopped after it) with --hazards on; the
+        # logs ride the vehicles' streams when there is one (--hazards on, or DRIVELOOP_NATS_URL) and --upload
+        if hazards == "on" or (upload and settings.nats_url):
+            from driveloop._drive_hazards import drive_data_plane
             from driveloop.edge.drive import plan_fleet
 
             ids = [p.vehicle_id for p in plan_fleet(scenario, vehicles, seed, request.vehicle_prefix)]
-            with hazard_data_plane(settings, ids, str(artifact.manifest.version),
-                                   config.supervisor.aeb.full_decel_mps2) as link:
+            with drive_data_plane(settings, ids, str(artifact.manifest.version),
+                                  config.supervisor.aeb.full_decel_mps2, hazards == "on",
+                                  log_spools if upload else None) as link:
+                assert link is not None
                 report = drive_fleet(request, artifact, config, spool_dir=settings.spool_dir,
                                      quota_bytes=SPOOL_QUOTA_BYTES, show_progress=not as_json, campaigns=campaigns,
                                      data_plane=link.plane)
-                live = link.finish()
+                live.update(link.finish())
         else:
             report = drive_fleet(request, artifact, config, spool_dir=settings.spool_dir,
                                  quota_bytes=SPOOL_QUOTA_BYTES, show_progress=not as_json, campaigns=campaigns)

@@ -1,4 +1,4 @@
-"""Log and trace commands: ``driveloop logs search|prune|ship`` and ``driveloop trace segment``.
+"""Log and trace commands: ``driveloop logs search|prune|ship|consume`` and ``driveloop trace segment``.
 
 ``logs search QUERY`` reads the cloud's log index beside the catalog (SQLite FTS5 file, or the
 catalog's PostgreSQL database): ``aeb OR fcw OR watchdog``, ``"model call" NOT hang``; ``--vehicle``,
@@ -19,7 +19,7 @@ import typer
 
 from driveloop._jsonout import dumps
 from driveloop.cli import app
-from driveloop.core.exceptions import ConfigError
+from driveloop.core.exceptions import ConfigError, StreamError
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,47 @@ def ship(as_json: bool = _JSON) -> None:
                f"refused; {totals['pending']} waiting, {totals['evicted']} evicted in {totals['vehicles']} spool(s)")
     for vehicle, err in totals["errors"].items():
         typer.echo(f"  {vehicle}: {err}", err=True)
+
+
+@logs_app.command("consume")
+def consume(
+    once: bool = typer.Option(False, "--once", help="Index what the LOGS stream holds now, then exit."),
+    as_json: bool = _JSON,
+) -> None:
+    """Run the LOGS stream consumer: vehicles' log batches from the broker into the index (Ctrl-C/SIGTERM stops).
+
+    The broker is DRIVELOOP_NATS_URL (as DRIVELOOP_NATS_USER) or the embedded one `driveloop stream serve` runs.
+    """
+    import signal
+    import threading
+
+    from driveloop._cli_stream import _broker
+    from driveloop._vehicle_logs import open_log_index
+    from driveloop.cloud.log_stream import LogStreamService
+    from driveloop.settings import load_settings
+
+    settings = load_settings()
+    stop = threading.Event()
+    if not once:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with _broker(settings) as (url, user, password), open_log_index(settings) as index, \
+            LogStreamService(url, index, user, password) as service:
+        if once:
+            if not service.drain(60.0):
+                raise StreamError("the LOGS consumer did not catch up within 60 s (see `driveloop stream status`)")
+        else:
+            logger.info("consuming LOGS from %s", url)
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+        stats = service.stats()
+    if as_json:
+        typer.echo(dumps(stats))
+    else:
+        typer.echo(f"{stats['indexed']} line(s) indexed, {stats['duplicates']} already there, "
+                   f"{stats['rejected_lines']} refused; {sum(stats['dropped_batches'].values())} batch(es) dropped")
 
 
 @trace_app.command("segment")

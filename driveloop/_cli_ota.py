@@ -226,7 +226,8 @@ def serve(
     config = ServerConfig(s.ota_dir, _admin_token(s.ota_dir, create=True), eval_interval_s=eval_interval_s,
                           prometheus_url=s.prometheus_url, require_release=not allow_unreleased, admin_tokens=named,
                           db_url=s.fleet_db_url,  # PostgreSQL: replicas of this server share the fleet state
-                          logs=log_search_for(s))  # the dashboard's logs panel reads the cloud's log index
+                          logs=log_search_for(s),  # the dashboard's logs panel reads the cloud's log index
+                          live=live_source(s))  # its live panel reads the broker, when one is configured
     warning = plaintext_warning(host, bool(tls))
     if warning:
         typer.secho(warning, err=True, fg="red", bold=True)
@@ -236,6 +237,24 @@ def serve(
     set_service_name("fleet")  # <home>/logs/fleet.jsonl; uvicorn's own lines in the same format (log_config=None)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", log_config=None,
                 **tls)  # type: ignore[arg-type]
+
+
+def live_source(s: Any) -> Any:
+    """The dashboard's live panel source: ``DRIVELOOP_NATS_URL`` as the service user ``DRIVELOOP_NATS_USER`` /
+    ``DRIVELOOP_NATS_PASSWORD``, trusting the hazard service's public key under ``<home>/cloud/hazards``
+    (without one, hazards are shown as unverifiable and dropped). None without a URL: no live panel."""
+    if not s.nats_url:
+        return None
+    from driveloop.cloud.hazard_service import hazard_dir, public_key
+    from driveloop.ota.live_feed import LiveSource
+
+    try:
+        keys: tuple[bytes, ...] = (public_key(hazard_dir(s.cloud_dir)),)
+    except ConfigError as e:
+        typer.secho(f"live panel: {e}; hazards will not be shown", err=True, fg="yellow")
+        keys = ()
+    return LiveSource(s.nats_url, os.environ.get("DRIVELOOP_NATS_USER"), os.environ.get("DRIVELOOP_NATS_PASSWORD"),
+                      hazard_keys=keys)
 
 
 def _vehicle_action(vehicle_id: str, action: str, as_json: bool) -> None:

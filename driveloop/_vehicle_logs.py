@@ -7,14 +7,19 @@ directory, shipped to the cloud the settings name, and the cloud's log index.
   set (a vehicle token speaks only for its own vehicle: other vehicles' spools wait for their own
   token), else into the embedded local cloud's index, through the same ``LogIngest`` the server runs;
 - the index (:func:`open_log_index`): beside the catalog (``<home>/cloud/logs.db``, or the catalog's
-  PostgreSQL database).
+  PostgreSQL database);
+- while a drive has a data plane (``--hazards on``, or ``DRIVELOOP_NATS_URL``), the spools ship through the
+  vehicles' streams as the drive runs (:func:`stream_log_shipping`), and the LOGS consumer feeds the index;
+  whatever is left at the end (the broker away) follows over HTTPS / into the local cloud afterwards.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,9 @@ from driveloop.core.ids import is_vehicle_id
 from driveloop.settings import Settings
 
 __all__ = ["spool_root", "vehicle_log_spools", "ship_vehicle_logs", "open_log_index", "log_sink_for",
-           "log_search_for"]
+           "log_search_for", "stream_log_shipping", "StreamLogLink"]
+
+LOG_FLUSH_S = 10.0  # at a drive's end: time for the last batches to be acked, then for the consumer to index them
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +132,62 @@ def ship_vehicle_logs(settings: Settings) -> dict[str, Any]:
         if index is not None:
             index.close()
     return totals
+
+
+@dataclass
+class StreamLogLink:
+    """A drive's log path over the stream: each vehicle's shipper (pumped while it drives) and the LOGS
+    consumer feeding the index."""
+
+    shippers: Mapping[str, Any]  # vehicle -> edge.logstream.StreamLogShipper
+    pump: Any  # edge.logstream.StreamLogPump
+    service: Any  # cloud.log_stream.LogStreamService
+
+    def finish(self, timeout_s: float = LOG_FLUSH_S) -> dict[str, Any]:
+        """Ship what the spools still hold, wait for the consumer to index it; the summary of both ends."""
+        self.pump.stop()
+        totals = self.pump.totals
+        deadline = time.monotonic() + timeout_s
+        waiting = dict(self.shippers)
+        errors: dict[str, str] = {}
+        while waiting:
+            for vid, shipper in list(waiting.items()):
+                step = shipper.pump()
+                for key in ("batches", "sent", "accepted", "duplicates", "rejected"):
+                    setattr(totals, key, getattr(totals, key) + getattr(step, key))
+                if step.error and step.rejected:
+                    errors[vid] = step.error
+                if not shipper.in_flight() and not shipper.spool.pending(1):
+                    del waiting[vid]
+            if waiting and time.monotonic() >= deadline:
+                for vid, shipper in waiting.items():
+                    errors[vid] = (f"{shipper.spool.stats().lines} line(s) not acknowledged by the broker within "
+                                   f"{timeout_s:g} s: kept in the spool")
+                break
+            time.sleep(0.01)
+        indexed = self.service.drain(max(1.0, deadline - time.monotonic()))
+        shipped = totals.to_dict()
+        shipped.pop("error")
+        return {"shipped": shipped, "errors": errors, "all_indexed": indexed, "consumer": self.service.stats()}
+
+
+@contextmanager
+def stream_log_shipping(settings: Settings, handler: Any, streams: Mapping[str, Any], url: str, user: str | None,
+                        password: str | None) -> Iterator[StreamLogLink]:
+    """Ship ``handler``'s spools (``vehicle_log_spools``) through ``streams`` (vehicle -> VehicleStream) while
+    the block runs, with the LOGS consumer (as ``user``) indexing them beside the catalog."""
+    from driveloop.cloud.log_stream import LogStreamService
+    from driveloop.edge.logstream import StreamLogPump, StreamLogShipper
+
+    with ExitStack() as stack:
+        index = open_log_index(settings)
+        stack.callback(index.close)
+        service = stack.enter_context(LogStreamService(url, index, user, password))
+        shippers = {}
+        for vid, stream in streams.items():
+            with handler.lock:  # the handler opens spools lazily from logging's threads, under this lock
+                spool = handler.spool(vid)
+            shippers[vid] = StreamLogShipper(vid, spool, stream)
+        pump = StreamLogPump(list(shippers.values())).start()
+        stack.callback(pump.stop)
+        yield StreamLogLink(shippers, pump, service)

@@ -271,7 +271,7 @@ def run_pipeline(config: PipelineConfig, on_stage: StageCallback | None = None) 
         if not segments:
             raise PipelineError(f"none of the {len(records)} new segments is valid (see the rejected list)")
         try:
-            base = registry.resolve(config.base_ref)  # the ref, else newest released, else newest validated
+            base = registry.learning_base(config.base_ref)  # resolve(), a variant → its parent
         except NoModelError as e:
             raise PipelineError("no released or validated model to fine-tune from "
                                 "(run `driveloop bootstrap` first)") from e

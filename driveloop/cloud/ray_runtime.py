@@ -12,6 +12,7 @@ Rules kept here (so no caller has to remember them):
   was. Without the guard the next pipeline stage still works, because it re-inits on demand.
 - **Data and Train never starve each other.** ``cpu_split`` reserves CPUs for the trainer workers and
   gives Ray Data what is left (at least one), and the pipeline materializes its dataset before training.
+  No fractional reservation strands a node's last CPU (``_whole_cpus_for_data``: nodes of 1 CPU each).
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def ensure_ray(address: str | None = None, num_cpus: int = 2) -> RayRuntime:
                 raise PipelineError(f"cannot start Ray ({address or 'local'}): {e}") from e
             logger.info("Ray runtime %s (%s CPUs)", address or "local", ray.cluster_resources().get("CPU"))
         _quiet_ray()
+        _whole_cpus_for_data()
         cpus = float(ray.cluster_resources().get("CPU", 0.0))
     return RayRuntime(address=address, num_cpus=cpus, started_here=_started_here)
 
@@ -115,6 +117,18 @@ def _quiet_ray() -> None:
     ctx.enable_progress_bars = False
     ctx.enable_operator_progress_bars = False
     adopt_library_logs("ray", "ray.data", "ray.train", "ray.tune")
+
+
+def _whole_cpus_for_data() -> None:
+    """Ray Data's hash-shuffle aggregators (``groupby``) reserve 0.01 CPU each, spread over the nodes; on
+    nodes of one CPU each (the 2 × 1-CPU cluster) no node then has the whole CPU a shuffle task asks for,
+    and the dataset waits forever. The aggregators are light until their final step (which runs alone),
+    so they reserve none."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.hash_shuffle_operator_actor_num_cpus_override = 0.0
+    ctx.hash_aggregate_operator_actor_num_cpus_override = 0.0
 
 
 def shutdown_ray() -> None:

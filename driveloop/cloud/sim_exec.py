@@ -15,8 +15,8 @@ units run one after another in this process. Rules kept here:
   the cluster has CPUs and a Ray Data or Ray Train stage holding CPUs makes units wait, never oversubscribe
   (``ray_runtime.cpu_split`` keeps Data and Train apart; the pipeline evaluates after training returned).
   Units are spread over the nodes (``SPREAD``): simulation is CPU-bound and needs no locality.
-- **Nothing lost.** A unit whose worker process or node dies is run again (``max_retries``); a shard actor
-  is restarted and its call retried (``max_restarts`` / ``max_task_retries``). An exception raised by the
+- **Nothing lost.** A unit whose worker process or node dies is run again (``max_retries``); a fleet
+  shard whose actor dies is driven again by a new actor (as many times). An exception raised by the
   unit itself is a result, not a crash: it is not retried and reaches the caller as the DriveloopError it
   was (or a PipelineError naming it).
 - **The model crosses the boundary as bytes.** :class:`ModelPayload` carries the ONNX bytes and the
@@ -188,7 +188,8 @@ def _rss_bytes() -> int:
 class ShardDriver:
     """A shard of the fleet: its own model session, one batched inference call per tick for its vehicles.
 
-    On Ray it is an actor (restarted, and its call retried, if its process dies); in-process, a plain object.
+    On Ray it is an actor (replaced, and its shard driven again, if its process dies); in-process, a plain
+    object.
     """
 
     def __init__(self, payload: ModelPayload | None, device: str = "cpu") -> None:
@@ -219,18 +220,16 @@ class ShardDriver:
 # ---------------------------------------------------------------------------------------- the executor
 
 _remote_unit: Any = None
-_remote_shard: Any = None
 
 
-def _remote_fns() -> tuple[Any, Any]:
-    """The Ray task and actor class, created once per process (Ray exports a function once)."""
-    global _remote_unit, _remote_shard
+def _remote_task() -> Any:
+    """The Ray task, created once per process (Ray exports a function once)."""
+    global _remote_unit
     import ray
 
     if _remote_unit is None:
         _remote_unit = ray.remote(_run_unit)
-        _remote_shard = ray.remote(ShardDriver)
-    return _remote_unit, _remote_shard
+    return _remote_unit
 
 
 def _unwrap(e: Exception, what: str, retries: int) -> DriveloopError:
@@ -242,7 +241,8 @@ def _unwrap(e: Exception, what: str, retries: int) -> DriveloopError:
         if isinstance(cause, DriveloopError):
             return cause  # the unit's own error (its message, without Ray's traceback text)
         return PipelineError(f"{what} failed: {type(cause).__name__ if cause else 'error'}: {cause or e}")
-    if isinstance(e, (rx.WorkerCrashedError, rx.NodeDiedError, rx.ActorDiedError, rx.ObjectLostError)):
+    if isinstance(e, (rx.WorkerCrashedError, rx.NodeDiedError, rx.ActorDiedError, rx.ActorUnavailableError,
+                      rx.ObjectLostError)):
         return PipelineError(f"{what} lost its worker {retries + 1} times: {type(e).__name__}")
     return PipelineError(f"{what} failed on Ray: {type(e).__name__}: {e}")
 
@@ -297,7 +297,7 @@ class SimExecutor:
                     on_result(i)
             return Mapped(results, [_local_placement()] * len(results), "local")
         ray = self._ray()
-        task, _ = _remote_fns()
+        task = _remote_task()
         task = task.options(num_cpus=self.cpus_per_unit, max_retries=self.max_retries, retry_exceptions=False,
                             scheduling_strategy="SPREAD")
         refs_shared = [ray.put(s) for s in shared]
@@ -321,36 +321,65 @@ class SimExecutor:
         return Mapped([r for r, _ in out], [p for _, p in out], "ray")
 
     def drive_shards(self, payload: ModelPayload | None, plans: Sequence[Any], duration_s: float,
-                     shards: int, config: Any = None, device: str = "cpu") -> Mapped:
+                     shards: int, config: Any = None, device: str = "cpu",
+                     driver: type[ShardDriver] = ShardDriver) -> Mapped:
         """A fleet cut into ``shards`` contiguous shards, each driven by a Ray actor (its own model session,
         batched inference per shard; at most one live actor per CPU, an actor takes the next shard when
-        it is done); in-process the fleet is one shard. :class:`ShardResult` per shard, in plan order."""
+        it is done); in-process the fleet is one shard. :class:`ShardResult` per shard, in plan order.
+
+        A shard whose actor dies (its process or node) is driven again from the start by a new actor, up
+        to ``max_retries`` times: shards are seeded, so the repeat is the same drive."""
         if shards < 1:
             raise ConfigError(f"shards must be >= 1, got {shards}")
         if not plans:
             raise ConfigError("a fleet needs at least one vehicle")
         if not self.use_ray:
-            result = replace(ShardDriver(payload, device).drive(plans, duration_s, config),
-                             placement=_local_placement())
+            result = replace(driver(payload, device).drive(plans, duration_s, config), placement=_local_placement())
             return Mapped([result], [result.placement], "local")
         parts = split_even(list(plans), shards)
         ray = self._ray()
-        from ray.util import ActorPool
+        import ray.exceptions as rx
 
         # An actor holds its CPU while it lives: more live actors than CPUs would wait for each other
         # forever. So at most one actor per CPU slot, each driving shard after shard as it frees up.
         slots = max(1, int(float(ray.cluster_resources().get("CPU", 1.0)) // self.cpus_per_unit))
-        _, actor_cls = _remote_fns()
-        actor_cls = actor_cls.options(num_cpus=self.cpus_per_unit, max_restarts=self.max_retries,
-                                      max_task_retries=self.max_retries, scheduling_strategy="SPREAD")
+        actor_cls = ray.remote(driver).options(num_cpus=self.cpus_per_unit, max_restarts=0,
+                                               scheduling_strategy="SPREAD")
         payload_ref = ray.put(payload)
-        actors = [actor_cls.remote(payload_ref, device) for _ in range(min(slots, len(parts)))]
+        started: list[Any] = []
+
+        def new_actor() -> Any:
+            started.append(actor_cls.remote(payload_ref, device))
+            return started[-1]
+
+        free = [new_actor() for _ in range(min(slots, len(parts)))]
+        todo, attempts = list(range(len(parts))), [0] * len(parts)
+        results: list[Any] = [None] * len(parts)
+        running: dict[Any, tuple[int, Any]] = {}
+        lost = (rx.ActorDiedError, rx.ActorUnavailableError, rx.WorkerCrashedError, rx.NodeDiedError)
         try:
-            results = list(ActorPool(actors).map(lambda a, part: a.drive.remote(part, duration_s, config), parts))
+            while todo or running:
+                while todo and free:
+                    i, actor = todo.pop(0), free.pop()
+                    running[actor.drive.remote(parts[i], duration_s, config)] = (i, actor)
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                i, actor = running.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                    free.append(actor)
+                except lost as e:
+                    attempts[i] += 1
+                    if attempts[i] > self.max_retries:
+                        raise _unwrap(e, f"fleet shard {i}", self.max_retries) from e
+                    logger.warning("fleet shard %d lost its actor (%s); driving it again", i, type(e).__name__)
+                    todo.insert(0, i)
+                    free.append(new_actor())
         except Exception as e:  # noqa: BLE001 - every Ray failure becomes one driveloop error
+            if isinstance(e, DriveloopError) and not isinstance(e, rx.RayError):
+                raise  # ours, raised here (a shard out of retries)
             raise _unwrap(e, "fleet shard", self.max_retries) from e
         finally:
-            for a in actors:  # ours alone: started by this call
+            for a in started:  # ours alone: started by this call
                 ray.kill(a)
         return Mapped(results, [r.placement for r in results], "ray")
 

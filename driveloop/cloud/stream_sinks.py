@@ -147,6 +147,9 @@ class ConsumerSpec:
     handler: Handler
     workers: int = 4
     batch: int = 256
+    # another stream's checks (``cloud.log_stream`` for LOGS): subject, payload -> something with a
+    # ``vehicle_id`` (handed to ``handler``) or a Rejected; default: parse_message for telemetry and events
+    parse: Callable[[str, bytes], Any] | None = None
 
 
 @dataclass
@@ -200,7 +203,8 @@ async def run_consumer(js: Any, spec: ConsumerSpec, metrics: StreamMetrics, stop
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                got = parse_message(msg.subject, msg.data, known)
+                got = (spec.parse(msg.subject, msg.data) if spec.parse is not None
+                       else parse_message(msg.subject, msg.data, known))
                 if isinstance(got, Rejected):
                     metrics.dropped.labels(spec.stream, got.reason).inc()
                     logger.warning("consumer %s dropped a message (%s): %s", spec.durable, got.reason, got.detail)

@@ -36,6 +36,7 @@ __all__ = [
     "CELL_M", "MAX_MESSAGE_BYTES", "MAX_LOG_BATCH_BYTES", "EVENT_KINDS", "EventKind", "Telemetry", "VehicleEvent",
     "ROAD_PATTERN", "SCENARIO_PATTERN", "STREAMS", "StreamSpec", "telemetry_subject", "event_subject",
     "hazard_subject", "log_subject", "subject_token", "vehicle_of_subject", "cell_of", "cells_ahead", "msg_id",
+    "log_batch_msg_id",
     "encode", "decode_telemetry", "decode_event",
 ]
 
@@ -184,6 +185,11 @@ def cells_ahead(x_m: float, horizon_m: float) -> list[int]:
 def msg_id(vehicle_id: str, seq: int) -> str:
     """The JetStream ``Nats-Msg-Id`` of a vehicle message: the server drops a repeat inside its window."""
     return f"{vehicle_id}:{seq}"
+
+
+def log_batch_msg_id(vehicle_id: str, first_seq: int, last_seq: int) -> str:
+    """The ``Nats-Msg-Id`` of a log batch: its vehicle and line range, so a re-sent batch is stored once."""
+    return f"{vehicle_id}:log:{first_seq}-{last_seq}"
 
 
 def encode(message: Telemetry | VehicleEvent) -> bytes:

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from driveloop.contracts.hazard import Direction, Hazard, HazardVerifier, decode_hazard
-from driveloop.contracts.stream import cells_ahead
+from driveloop.contracts.stream import HAZARD_MAX_VALIDITY_S, cells_ahead
 from driveloop.core.exceptions import StreamError
 from driveloop.safety import Advisory, AdvisoryConfig
 from driveloop.safety.advisory import allowed_speed_mps
@@ -46,7 +46,7 @@ class HazardFilter:
     """One vehicle's hazard state (see the module docstring); ``counts`` holds every verdict."""
 
     verifier: HazardVerifier
-    direction: Direction = "increasing"
+    direction: Direction | None = "increasing"  # None: every direction (the fleet dashboard's whole-road view)
     horizon_m: float = HORIZON_M
     margin_m: float = MARGIN_M
     advisory_config: AdvisoryConfig = field(default_factory=AdvisoryConfig)
@@ -95,7 +95,7 @@ class HazardFilter:
             return "terminated"
         if now >= hazard.expires_at():
             return "expired"
-        if hazard.direction != self.direction:
+        if self.direction is not None and hazard.direction != self.direction:
             return "other_direction"
         if known is None:
             since = self._watch_since.get(subject)
@@ -110,6 +110,17 @@ class HazardFilter:
             if action.hazard is not None and not action.hazard.live(now_wall_s):
                 self._actions[key] = _Action(action.reference_time, None)
         return [a.hazard for a in self._actions.values() if a.hazard is not None]
+
+    def prune(self, now_wall_s: float) -> int:
+        """Forget terminated and expired actions no copy of which can still be live (every version of an action
+        expires by its last reference time + ``HAZARD_MAX_VALIDITY_S``), so a long-running holder stays bounded;
+        returns how many were forgotten."""
+        self.active(now_wall_s)
+        horizon = now_wall_s - HAZARD_MAX_VALIDITY_S - MAX_CLOCK_SKEW_S
+        old = [k for k, a in self._actions.items() if a.hazard is None and a.reference_time < horizon]
+        for key in old:
+            del self._actions[key]
+        return len(old)
 
     def advisory(self, x_m: float, now_wall_s: float) -> Advisory | None:
         """The advisory for a vehicle at ``x_m`` from the live hazards ahead of it, or None when none is."""

@@ -160,11 +160,12 @@ class LogSpool:
                 self._add(f"evicted.{_level_name(level)}", len(take))
 
     # -- shipping ----------------------------------------------------------------------------------------
-    def pending(self, limit: int = 1000) -> list[tuple[int, str]]:
-        """The oldest ``limit`` unacknowledged lines: (sequence, JSON line)."""
+    def pending(self, limit: int = 1000, after: int = -1) -> list[tuple[int, str]]:
+        """The oldest ``limit`` unacknowledged lines numbered above ``after``: (sequence, JSON line)."""
         with self._lock:
             try:
-                return self._db.execute("SELECT seq, line FROM lines ORDER BY seq LIMIT ?", (limit,)).fetchall()
+                return self._db.execute("SELECT seq, line FROM lines WHERE seq > ? ORDER BY seq LIMIT ?",
+                                        (after, limit)).fetchall()
             except sqlite3.Error as e:
                 raise StorageError(f"log spool {self.path}: {e}") from e
 

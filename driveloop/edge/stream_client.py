@@ -163,6 +163,8 @@ class VehicleStream:
         self._inflight: OrderedDict[str, _Pending] = OrderedDict()
         self._received: deque[tuple[str, bytes, float]] = deque()
         self._latencies: deque[float] = deque(maxlen=200_000)
+        # (msg id, "stored"|"duplicate"|"refused") of log batches; bounded: an answer not collected is resent later
+        self._raw_settled: deque[tuple[str, str]] = deque(maxlen=100_000)
         self._counts = dict.fromkeys(("published", "acked", "spooled", "replayed", "dropped", "reconnects",
                                       "duplicates", "errors"), 0)
         self._token_n = 0
@@ -255,6 +257,14 @@ class VehicleStream:
         out = []
         while self._latencies:
             out.append(self._latencies.popleft() * 1e3)
+        return out
+
+    def settled_raw(self) -> list[tuple[str, str]]:
+        """(message id, "stored" | "duplicate" | "refused") of ``publish_raw`` messages the broker answered for
+        since the last call: the log shipper drops its lines only then."""
+        out = []
+        while self._raw_settled:
+            out.append(self._raw_settled.popleft())
         return out
 
     def stats(self) -> dict[str, int]:
@@ -410,6 +420,8 @@ class VehicleStream:
                 return
             logger.warning("vehicle %s: broker refused %s for good: %s", self.vehicle_id, p.msg_id, err)
             self._counts["dropped"] += 1
+            if p.subject.startswith("log."):
+                self._raw_settled.append((p.msg_id, "refused"))
             if p.spool_index is not None:
                 self._spool.ack(p.spool_index)
             del self._inflight[token]
@@ -420,6 +432,8 @@ class VehicleStream:
         self._counts["acked"] += 1
         if resp.get("duplicate"):
             self._counts["duplicates"] += 1
+        if p.subject.startswith("log."):
+            self._raw_settled.append((p.msg_id, "duplicate" if resp.get("duplicate") else "stored"))
         if p.spool_index is not None:
             self._counts["replayed"] += 1
             self._spool.ack(p.spool_index)

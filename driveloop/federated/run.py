@@ -209,7 +209,7 @@ def _start(cfg: FlRunConfig) -> tuple[Any, dict[str, np.ndarray], Path, ServerSe
 
     with Registry(cfg.registry_dir) as registry:
         try:
-            base = registry.resolve(cfg.base_ref)  # the ref, else newest released, else newest validated
+            base = registry.learning_base(cfg.base_ref)  # resolve(), a variant → its parent
         except NoModelError as e:
             raise FederatedError("no released or validated model to fine-tune from "
                                  "(run `driveloop bootstrap` first)") from e
@@ -284,5 +284,6 @@ def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSetting
                           "lr": cfg.vehicle.lr, "batch_size": cfg.vehicle.batch_size},
             lineage=lineage)
     report.update({"candidate": shipped.version, "candidate_stage": shipped.stage, "gate": shipped.gate.as_dict(),
-                   "parity_max_abs": shipped.parity_max_abs})
+                   "parity_max_abs": shipped.parity_max_abs,
+                   "execution": shipped.execution.to_dict() if shipped.execution else {}})  # the gate's episodes
     return report

@@ -13,6 +13,8 @@
   dashboard) need no token.
 - TUF metadata and targets are served as static files from ``<ota_dir>/repo`` (``/tuf/…``, with
   HTTP Range for resumable downloads); ``/metrics`` for Prometheus; the dashboard at ``/``.
+- With ``ServerConfig.live`` (a broker), the dashboard's live panel: ``GET /v1/live`` and the server-sent
+  events of ``GET /v1/live/events`` (``ota/live_feed.py``; the view's rules in ``ota/live.py``).
 - The director (Uptane): ``GET /v1/update`` also signs the vehicle's assignment into its director
   repository (``ota/director_repo.py``), served from ``<ota_dir>/director/vehicles`` at
   ``/director/<vehicle_id>/metadata/…``; the offer itself is an unsigned hint.
@@ -68,6 +70,7 @@ from driveloop.ota.controller import OPERATOR_ACTIONS, OperatorAction, RolloutEv
 from driveloop.ota.admission import AdmissionPolicy
 from driveloop.ota.director import assign, assign_fleet, fleet_share
 from driveloop.ota.gates import HealthWindow
+from driveloop.ota.live_feed import LiveSource
 from driveloop.ota.metrics import PREFIX, FleetMetrics, FleetSnapshot
 from driveloop.ota.store import FleetStore, Rollout
 
@@ -276,6 +279,7 @@ class ServerConfig:
     admin_tokens: Mapping[str, str] = field(default_factory=dict)
     admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)  # health windows vs the server's clock
     logs: LogSearch | None = None  # the cloud's log index, for the dashboard's logs panel (composed above ota)
+    live: LiveSource | None = None  # the broker the dashboard's live panel reads (``DRIVELOOP_NATS_URL``)
 
     def __post_init__(self) -> None:
         self.admins()  # every token long enough, every name well-formed
@@ -315,12 +319,21 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
 
     director = DirectorRepo.at(config.ota_dir)  # its clock is the wall clock: vehicles check expiry on theirs
     service = FleetService(store, clock, config.eval_interval_s, source, released, director)
+    from driveloop.ota.live_feed import LiveFeed, register_live
+
+    live = LiveFeed(config.live) if config.live is not None else None  # wall clock: hazards' validity is Unix time
+    closing = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_evaluate_forever(service, config.eval_interval_s)) \
             if config.background_eval else None
+        if live is not None:
+            live.start()  # connects in the background: a broker that is down does not hold up the server
         yield
+        closing.set()
+        if live is not None:
+            await asyncio.to_thread(live.stop)
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -431,6 +444,7 @@ def create_app(config: ServerConfig, clock: Callable[[], float] = time.time) -> 
     from driveloop.ota.dashboard import register_dashboard
 
     register_dashboard(app, service, config.logs)
+    register_live(app, live, closing)
     return app
 
 

@@ -176,6 +176,30 @@ def test_fleet_shards_on_ray_equal_the_in_process_fleet(random_home: Path, ray_l
 
 
 @pytest.mark.slow
+def test_a_shard_whose_actor_dies_is_driven_again(tmp_path: Path, ray_local: SimExecutor) -> None:
+    """The second shard's first actor dies mid-drive; a new actor drives it again and the fleet is whole."""
+    from driveloop.cloud.sim_exec import ShardDriver
+    from driveloop.edge.drive import plan_fleet
+
+    marker = tmp_path / "shard-died"
+
+    class DiesOnce(ShardDriver):
+        def drive(self, plans, duration_s, config=None):  # type: ignore[no-untyped-def]
+            if plans[0].vehicle_id.endswith("002") and not marker.exists():
+                marker.touch()
+                os._exit(1)  # the actor's process dies with its shard half done
+            return super().drive(plans, duration_s, config)
+
+    plans = plan_fleet("highway", 4, seed=1)
+    whole = SimExecutor().drive_shards(None, plans, 2.0, shards=2)
+    mapped = ray_local.drive_shards(None, plans, 2.0, shards=2, driver=DiesOnce)
+    assert marker.exists()
+    assert [v.vehicle_id for s in mapped.results for v in s.vehicles] == [p.vehicle_id for p in plans]
+    assert [v.distance_m for s in mapped.results for v in s.vehicles] == \
+        [v.distance_m for v in whole.results[0].vehicles]
+
+
+@pytest.mark.slow
 def test_expert_episodes_on_ray_equal_in_process(ray_local: SimExecutor) -> None:
     import numpy as np
 

@@ -158,6 +158,95 @@ async function act(action) {
   refresh();
 }
 
+// The live panel: each road as a strip, vehicles as marks at their x (fallback in red), hazards as their
+// relevance area and event mark with cause and remaining validity; fed by the server-sent events of
+// /v1/live/events (a snapshot each ~0.5 s while anything changes). 404 on /v1/live: no data plane configured.
+const LIVE_W = 1000, LIVE_H = 96, ROAD_Y = 34, ROAD_H = 36;
+const MODE_COLOR = {model: "#2f6fde", fallback: "#d64545"};
+let liveSource = null;
+
+function roadSvg(road, vehicles, hazards) {
+  const xs = [...vehicles.map(v => v.x_m), ...hazards.flatMap(h => [h.from_x_m, h.to_x_m])];
+  let lo = Math.min(...xs), hi = Math.max(...xs);
+  if (hi - lo < 100) { const mid = (lo + hi) / 2; lo = mid - 50; hi = mid + 50; }
+  const pad = (hi - lo) * 0.04; lo -= pad; hi += pad;
+  const X = x => (40 + (LIVE_W - 80) * (x - lo) / (hi - lo)).toFixed(1);
+  const parts = [
+    el("svg:rect", {x: 40, y: ROAD_Y, width: LIVE_W - 80, height: ROAD_H, fill: "#4a505c", class: "live-road"}),
+    el("svg:text", {x: 0, y: ROAD_Y + 22, "font-size": 12, "font-weight": 600}, road),
+    el("svg:text", {x: 40, y: LIVE_H - 2, "font-size": 10, fill: "#6b7385"}, `${lo.toFixed(0)} m`),
+    el("svg:text", {x: LIVE_W - 40, y: LIVE_H - 2, "font-size": 10, fill: "#6b7385", "text-anchor": "end"}, `${hi.toFixed(0)} m`),
+  ];
+  for (const h of hazards) {
+    const g = el("svg:g", {class: "live-hazard", "data-action": h.action, "data-x": h.x_m});
+    g.appendChild(el("svg:rect", {x: X(h.from_x_m), y: ROAD_Y, width: Math.max(1, X(h.to_x_m) - X(h.from_x_m)),
+      height: ROAD_H, fill: "#d9822b", "fill-opacity": 0.35, class: "live-hazard-area"}));
+    g.appendChild(el("svg:path", {d: `M${X(h.x_m)},${ROAD_Y - 2} l-6,-10 h12 z`, fill: "#d9822b", class: "live-hazard-event"}));
+    g.appendChild(el("svg:text", {x: X(h.x_m), y: 12, "font-size": 11, "text-anchor": "middle", class: "live-hazard-label"},
+      `${h.cause_name} · ${Math.round(h.remaining_s)} s`));
+    parts.push(g);
+  }
+  vehicles.forEach((v, i) => {
+    const y = ROAD_Y + 8 + 20 * (Math.max(0, v.lane) % 2);
+    const g = el("svg:g", {class: `live-vehicle mode-${v.mode}`, "data-vehicle": v.vehicle_id, "data-x": v.x_m,
+      "data-mode": v.mode});
+    g.appendChild(el("svg:circle", {cx: X(v.x_m), cy: y, r: 6, fill: MODE_COLOR[v.mode] || "#6b7385", stroke: "#fff"}));
+    g.appendChild(el("svg:text", {x: X(v.x_m), y: i % 2 ? ROAD_Y + ROAD_H + 12 : ROAD_Y - 4, "font-size": 10,
+      "text-anchor": "middle"}, `${v.vehicle_id} ${(v.speed_mps * 3.6).toFixed(0)} km/h`));
+    parts.push(g);
+  });
+  const svg = el("svg:svg", {width: "100%", height: LIVE_H, viewBox: `0 0 ${LIVE_W} ${LIVE_H}`, role: "img",
+    "data-road": road});
+  svg.replaceChildren(...parts);
+  return svg;
+}
+
+function renderLive(snap) {
+  const notes = [`${snap.vehicles.length} vehicles · ${snap.hazards.length} active hazards`];
+  if (!snap.connected) notes.push("broker not connected");
+  if (!snap.hazard_verification) notes.push("no hazard key: hazards cannot be verified");
+  document.getElementById("live-status").textContent = notes.join(" · ");
+  document.getElementById("live-roads").replaceChildren(...snap.roads.map(road =>
+    roadSvg(road, snap.vehicles.filter(v => v.road === road), snap.hazards.filter(h => h.road === road))));
+  const vrows = snap.vehicles.map(v => {
+    const tr = el("tr", {class: `mode-${v.mode}`, "data-vehicle": v.vehicle_id});
+    [v.vehicle_id, v.road, v.x_m.toFixed(1), v.lane, (v.speed_mps * 3.6).toFixed(0), v.mode, v.model_version || "",
+     v.age_s.toFixed(1)].forEach(c => tr.appendChild(el("td", {}, String(c))));
+    return tr;
+  });
+  document.querySelector("#live-vehicles tbody").replaceChildren(...vrows);
+  const hrows = snap.hazards.map(h => {
+    const tr = el("tr", {"data-action": h.action});
+    const advisory = [h.advisory_speed_mps != null ? `≤ ${(h.advisory_speed_mps * 3.6).toFixed(0)} km/h` : "",
+                      h.advisory_time_gap_s != null ? `gap ≥ ${h.advisory_time_gap_s} s` : ""].filter(Boolean).join(", ");
+    [h.action, h.cause_name, h.road, h.x_m.toFixed(0), `${h.from_x_m.toFixed(0)}–${h.to_x_m.toFixed(0)}`, advisory,
+     Math.round(h.remaining_s)].forEach(c => tr.appendChild(el("td", {}, String(c))));
+    return tr;
+  });
+  document.querySelector("#live-hazards tbody").replaceChildren(...hrows);
+}
+
+async function startLive() {
+  const status = document.getElementById("live-status");
+  let resp;
+  try { resp = await fetch("/v1/live", {cache: "no-store"}); } catch (err) { setTimeout(startLive, 5000); return; }
+  if (resp.status === 404) {
+    status.textContent = "no live data plane configured";
+    document.getElementById("live-card").classList.add("off");
+    return;
+  }
+  if (resp.ok) renderLive(await resp.json());
+  liveSource = new EventSource("/v1/live/events");
+  liveSource.addEventListener("snapshot", e => renderLive(JSON.parse(e.data)));
+  liveSource.onerror = () => {
+    if (liveSource.readyState === EventSource.CLOSED) {  // refused (429) or gone: try again later
+      status.textContent = "live stream refused or lost; retrying…";
+      liveSource = null;
+      setTimeout(startLive, 5000);
+    }
+  };
+}
+
 const pageParams = new URLSearchParams(window.location.search);
 for (const [name, id] of Object.entries(LOG_FILTERS)) {
   const input = document.getElementById(id);
@@ -167,3 +256,4 @@ for (const [name, id] of Object.entries(LOG_FILTERS)) {
 document.querySelectorAll("button[data-action]").forEach(b => b.addEventListener("click", () => act(b.dataset.action)));
 refresh();
 setInterval(refresh, REFRESH_MS);
+startLive();
