@@ -173,12 +173,14 @@ def gate_suite(models: list[tuple[Path, Any]], quick: bool) -> dict[str, Any]:
     from driveloop.cloud.sim_exec import SimExecutor
 
     suite = EvalSuite(duration_s=6.0) if quick else EvalSuite()
+    warm = EvalSuite(duration_s=1.0)  # every scenario once: imports, compiled kernels, both models loaded
+    evaluate_models(models, warm)
     t0 = time.perf_counter()
     local = evaluate_models(models, suite)
     local_wall = time.perf_counter() - t0
     ensure_ray(None, 2)
     ex = SimExecutor("ray", num_cpus=2)
-    evaluate_models(models[:1], EvalSuite(classes={"highway": ("highway",)}, duration_s=1.0), ex)  # start workers
+    evaluate_models(models, warm, ex)  # the same warm-up on both workers
     t0 = time.perf_counter()
     remote = evaluate_models(models, suite, ex)
     ray_wall = time.perf_counter() - t0

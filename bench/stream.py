@@ -89,20 +89,22 @@ def main() -> None:
     ap.add_argument("--ceiling", type=int, nargs="*", default=[1500, 2000, 3000])
     ap.add_argument("--ceiling-seconds", type=float, default=20.0)
     ap.add_argument("--hazards", type=int, default=20)
+    ap.add_argument("--processes", type=int, default=2, help="client processes the simulated fleet is sharded over")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     out: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cpus",
                            "load_before": os.getloadavg(), "runs": [], "ceiling": []}
     for sync in args.sync:
-        r = run_bench(args.vehicles, args.seconds, sync_interval=sync, hazards=args.hazards)
+        r = run_bench(args.vehicles, args.seconds, sync_interval=sync, hazards=args.hazards, processes=args.processes)
         out["runs"].append(r)
         if not args.json:
-            print(json.dumps({k: r[k] for k in ("sync_interval", "vehicles", "acked_per_s", "offered_per_s",
+            print(json.dumps({k: r[k] for k in ("sync_interval", "vehicles", "processes", "acked_per_s", "offered_per_s",
                                                 "p99_ack_ms", "lost", "duplicates", "hazard_p99_ms",
                                                 "baseline_js_publish_per_s", "ratio_vs_baseline")}))
     for n in args.ceiling:
-        r = run_bench(n, args.ceiling_seconds, sync_interval=args.sync[-1], hazards=0, baseline_s=0)
+        r = run_bench(n, args.ceiling_seconds, sync_interval=args.sync[-1], hazards=0, baseline_s=0,
+                      processes=args.processes)
         row = {k: r[k] for k in ("vehicles", "sync_interval", "acked_per_s", "offered_per_s", "p99_ack_ms", "lost")}
         out["ceiling"].append(row)
         if not args.json:

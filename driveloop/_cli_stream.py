@@ -246,6 +246,8 @@ def bench(vehicles: int = typer.Option(100, "--vehicles", min=1, max=5000),
           rate_hz: float = typer.Option(10.0, "--rate-hz", min=0.1, max=100),
           sync: str = typer.Option("always", "--sync", help="JetStream sync_interval: 'always' or a duration (1s)."),
           hazards: int = typer.Option(20, "--hazards", min=0, max=1000),
+          processes: int = typer.Option(1, "--processes", min=1, max=64,
+                                        help="Client processes the simulated fleet is sharded over."),
           as_json: bool = _JSON) -> None:
     """Simulated fleet against an embedded broker (or DRIVELOOP_NATS_URL): acked rate, ack p99, loss, hazard p99."""
     from driveloop._stream_bench import run_bench
@@ -254,7 +256,7 @@ def bench(vehicles: int = typer.Option(100, "--vehicles", min=1, max=5000),
     if sync != "always" and not (sync[:-1].replace(".", "", 1).isdigit() and sync[-1] in "sm"):
         raise ConfigError(f"--sync must be 'always' or a duration like 1s, got {sync!r}")
     result = run_bench(vehicles, seconds, url=load_settings().nats_url, rate_hz=rate_hz, sync_interval=sync,
-                       hazards=hazards)
+                       hazards=hazards, processes=processes)
     if as_json:
         print(dumps(result))
         return

@@ -16,6 +16,7 @@ import logging
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +108,14 @@ async def _publish_hazards(url: str, count: int, road: str, max_x: float, seed: 
 
 def run_bench(vehicles: int, seconds: float, *, url: str | None = None, rate_hz: float = 10.0,
               sync_interval: str = "always", hazards: int = 20, baseline_s: float = 3.0,
-              workdir: Path | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run both phases (see the module docstring); an embedded broker unless ``url`` is given."""
+              workdir: Path | None = None, seed: int = 0, processes: int = 1) -> dict[str, Any]:
+    """Run both phases (see the module docstring); an embedded broker unless ``url`` is given. ``processes``
+    shards the simulated fleet over that many client processes (one Python thread cannot publish for a
+    thousand vehicles at 10 Hz; a real fleet has one client per vehicle)."""
     if vehicles < 1 or seconds <= 0 or rate_hz <= 0:
         raise ConfigError("vehicles, seconds and rate must be positive")
+    if not 1 <= processes <= vehicles:
+        raise ConfigError(f"processes must be between 1 and the number of vehicles, got {processes}")
     tmp = tempfile.TemporaryDirectory(prefix="stream-bench-", dir=workdir)
     root = Path(tmp.name)
     broker = None
@@ -130,7 +135,7 @@ def run_bench(vehicles: int, seconds: float, *, url: str | None = None, rate_hz:
 
         asyncio.run(setup())
         baseline = asyncio.run(_baseline(url, baseline_s)) if baseline_s > 0 else None
-        result = _run_fleet(url, vehicles, seconds, rate_hz, hazards, root / "spool", seed)
+        result = _run_fleet(url, vehicles, seconds, rate_hz, hazards, root / "spool", seed, processes)
         result.update({"vehicles": vehicles, "seconds": seconds, "rate_hz": rate_hz, "sync_interval": sync_interval,
                        "baseline_js_publish_per_s": baseline,
                        "ratio_vs_baseline": (result["acked_per_s"] / baseline) if baseline else None})
@@ -141,20 +146,26 @@ def run_bench(vehicles: int, seconds: float, *, url: str | None = None, rate_hz:
         tmp.cleanup()
 
 
-def _run_fleet(url: str, n: int, seconds: float, rate_hz: float, hazards: int, spool: Path, seed: int) -> dict[str, Any]:
-    loop = StreamLoop("stream-bench")
-    ids = [f"bench-{i:05d}" for i in range(n)]
+def _shard(url: str, first: int, n: int, seconds: float, rate_hz: float, spool: Path, hazards: bool,
+           sync: Callable[[str], None]) -> dict[str, Any]:
+    """Vehicles ``first … first+n-1`` on one StreamLoop: the telemetry phase, then (``hazards``) watch the cells
+    ahead and collect what arrives. ``sync(point)`` is where shards meet the coordinator ("start", "watching",
+    "published"); in one process it only publishes the hazards at "watching"."""
+    loop = StreamLoop(f"stream-bench-{first}")
+    ids = [f"bench-{i:05d}" for i in range(first, first + n)]
     streams: list[VehicleStream] = []
     try:
         streams = [VehicleStream(v, url, spool, loop=loop) for v in ids]
         deadline = time.monotonic() + 60
         while not all(s.connected() for s in streams) and time.monotonic() < deadline:
             time.sleep(0.05)
-        base = [Telemetry(vehicle_id=v, seq=0, t_s=0.0, wall_ts=time.time(), x_m=i * SPACING_M, y_m=0.0, lane=i % 3,
-                          speed_mps=30.0, accel_mps2=0.0, mode="model") for i, v in enumerate(ids)]
+        base = [Telemetry(vehicle_id=v, seq=0, t_s=0.0, wall_ts=time.time(), x_m=(first + i) * SPACING_M, y_m=0.0,
+                          lane=(first + i) % 3, speed_mps=30.0, accel_mps2=0.0, mode="model")
+                for i, v in enumerate(ids)]
         period = 1.0 / rate_hz
         published = [0] * n
         behind_s = 0.0
+        sync("start")
         t0 = time.monotonic()
         tick = 0
         while time.monotonic() - t0 < seconds:
@@ -169,22 +180,31 @@ def _run_fleet(url: str, n: int, seconds: float, rate_hz: float, hazards: int, s
             else:
                 behind_s = max(behind_s, -spare)
         elapsed = time.monotonic() - t0
-        # every message acked (or the deadline) before counting what the broker stored
+        # every message acked (or the deadline) before the broker's counts are read
         flush_deadline = time.monotonic() + max(120.0, 10 * seconds)
         flushed = all(s.flush(max(0.0, flush_deadline - time.monotonic())) for s in streams)
-        drain_s = time.monotonic() - t0 - elapsed
-        latencies = [x for s in streams for x in s.ack_latencies_ms()]
-        acked = sum(s.stats()["acked"] for s in streams)
-        stored = asyncio.run(_stored_per_subject(url))
-        lost = sum(max(0, published[i] - stored.get(telemetry_subject(v), 0)) for i, v in enumerate(ids))
-        dups = sum(max(0, stored.get(telemetry_subject(v), 0) - published[i]) for i, v in enumerate(ids))
         out: dict[str, Any] = {
-            "published": sum(published), "acked": acked, "acked_per_s": acked / (elapsed + drain_s),
-            "offered_per_s": n * rate_hz, "p50_ack_ms": _pct(latencies, 50), "p99_ack_ms": _pct(latencies, 99),
-            "max_behind_s": behind_s, "drain_s": drain_s, "flushed": flushed, "lost": lost, "duplicates": dups,
-            "reconnects": sum(s.stats()["reconnects"] for s in streams),
+            "ids": ids, "published": published, "elapsed": elapsed, "drain_s": time.monotonic() - t0 - elapsed,
+            "behind_s": behind_s, "flushed": flushed, "latencies": [x for s in streams for x in s.ack_latencies_ms()],
+            "acked": sum(s.stats()["acked"] for s in streams),
+            "reconnects": sum(s.stats()["reconnects"] for s in streams), "watched": {}, "firsts": {},
         }  # fmt: skip
-        out.update(_hazard_phase(url, ids, streams, hazards, seed))
+        if hazards:
+            for i, s in enumerate(streams):
+                cells = cells_ahead((first + i) * SPACING_M, HORIZON_M)
+                s.watch_cells("hw1", cells)
+                out["watched"][first + i] = set(cells)
+            time.sleep(1.0 + n / 500)  # subscriptions in place
+            for s in streams:
+                s.received()
+        sync("watching")
+        if hazards:
+            sync("published")
+            time.sleep(1.0)
+            for i, s in enumerate(streams):
+                for subject, data, at in s.received():
+                    key = (first + i, _hazard_seq(data, subject))
+                    out["firsts"][key] = min(at, out["firsts"].get(key, at))
         return out
     finally:
         for s in streams:
@@ -192,31 +212,92 @@ def _run_fleet(url: str, n: int, seconds: float, rate_hz: float, hazards: int, s
         loop.close()
 
 
-def _hazard_phase(url: str, ids: list[str], streams: list[VehicleStream], hazards: int, seed: int) -> dict[str, Any]:
+def _hazard_seq(data: bytes, subject: str) -> int:
     from driveloop.contracts.hazard import decode_hazard
 
-    if hazards <= 0:
-        return {"hazard_p99_ms": None}
-    watched = []
-    for i, s in enumerate(streams):
-        cells = cells_ahead(i * SPACING_M, HORIZON_M)
-        s.watch_cells("hw1", cells)
-        watched.append(set(cells))
-    time.sleep(1.0 + len(streams) / 500)  # subscriptions in place
-    for s in streams:
-        s.received()
-    sent = asyncio.run(_publish_hazards(url, hazards, "hw1", len(streams) * SPACING_M, seed))
-    time.sleep(1.0)
-    first: dict[tuple[int, int], float] = {}
-    for i, s in enumerate(streams):
-        for subject, data, at in s.received():
-            seq = decode_hazard(data, subject).action_id.sequence_number
-            first[(i, seq)] = min(at, first.get((i, seq), at))
+    return decode_hazard(data, subject).action_id.sequence_number
+
+
+def _shard_process(args: tuple[Any, ...], barrier: Any, results: Any) -> None:
+    """A shard in a process of its own (picklable entry point); its result goes back through ``results``."""
+    def sync(point: str) -> None:
+        if point != "published" or args[6]:
+            barrier.wait(timeout=600)
+
+    try:
+        results.put(_shard(*args, sync=sync))
+    except BaseException as e:  # noqa: BLE001 - the coordinator reports it; a shard must not hang the others
+        barrier.abort()
+        results.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _run_fleet(url: str, n: int, seconds: float, rate_hz: float, hazards: int, spool: Path, seed: int,
+               processes: int = 1) -> dict[str, Any]:
+    """The fleet as ``processes`` shards (one StreamLoop thread each), then the aggregate report."""
+    sent: list[tuple[int, float, tuple[int, ...]]] = []
+
+    def publish() -> None:
+        sent.extend(asyncio.run(_publish_hazards(url, hazards, "hw1", n * SPACING_M, seed)))
+
+    bounds = [(k * n // processes, (k + 1) * n // processes - k * n // processes) for k in range(processes)]
+    if processes == 1:
+        shards = [_shard(url, 0, n, seconds, rate_hz, spool, hazards > 0,
+                         sync=lambda point: publish() if point == "published" else None)]
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # no fork of a process that holds client threads
+        barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
+        procs = [ctx.Process(target=_shard_process, args=((url, first, size, seconds, rate_hz, spool / str(k),
+                                                           hazards > 0), barrier, results), daemon=True)
+                 for k, (first, size) in enumerate(bounds)]
+        for proc in procs:
+            proc.start()
+        try:
+            barrier.wait(timeout=600)  # every shard connected: the telemetry phase starts together
+            barrier.wait(timeout=600 + 10 * seconds)  # every shard flushed and (with hazards) watching
+            if hazards > 0:
+                publish()
+                barrier.wait(timeout=60)
+            shards = [results.get(timeout=600) for _ in procs]
+        except Exception as e:  # noqa: BLE001 - a broken barrier: a shard failed, its error is in the queue
+            errors = [r["error"] for r in (results.get(timeout=5) for _ in procs) if "error" in r]
+            raise ConfigError(f"stream bench shard failed: {errors or e}") from e
+        finally:
+            for proc in procs:
+                proc.join(timeout=30)
+        if any("error" in r for r in shards):
+            raise ConfigError(f"stream bench shard failed: {[r['error'] for r in shards if 'error' in r]}")
+    return _aggregate(url, shards, n, rate_hz, sent)
+
+
+def _aggregate(url: str, shards: list[dict[str, Any]], n: int, rate_hz: float,
+               sent: list[tuple[int, float, tuple[int, ...]]]) -> dict[str, Any]:
+    stored = asyncio.run(_stored_per_subject(url))
+    published = {v: p for r in shards for v, p in zip(r["ids"], r["published"])}
+    lost = sum(max(0, p - stored.get(telemetry_subject(v), 0)) for v, p in published.items())
+    dups = sum(max(0, stored.get(telemetry_subject(v), 0) - p) for v, p in published.items())
+    wall = max(r["elapsed"] + r["drain_s"] for r in shards)
+    latencies = [x for r in shards for x in r["latencies"]]
+    acked = sum(r["acked"] for r in shards)
+    out: dict[str, Any] = {
+        "processes": len(shards), "published": sum(published.values()), "acked": acked, "acked_per_s": acked / wall,
+        "offered_per_s": n * rate_hz, "p50_ack_ms": _pct(latencies, 50), "p99_ack_ms": _pct(latencies, 99),
+        "max_behind_s": max(r["behind_s"] for r in shards), "drain_s": max(r["drain_s"] for r in shards),
+        "flushed": all(r["flushed"] for r in shards), "lost": lost, "duplicates": dups,
+        "reconnects": sum(r["reconnects"] for r in shards),
+    }  # fmt: skip
+    if not sent:
+        out["hazard_p99_ms"] = None
+        return out
+    watched = {i: cells for r in shards for i, cells in r["watched"].items()}
+    first = {key: at for r in shards for key, at in r["firsts"].items()}
     sent_at = {k: t for k, t, _ in sent}
-    expected = {(i, k) for k, _, cells in sent for i in range(len(streams)) if watched[i] & set(cells)}
-    latencies = [(at - sent_at[k]) * 1e3 for (i, k), at in first.items() if (i, k) in expected]
-    return {
+    expected = {(i, k) for k, _, cells in sent for i, w in watched.items() if w & set(cells)}
+    hazard_ms = [(at - sent_at[k]) * 1e3 for (i, k), at in first.items() if (i, k) in expected]
+    out.update({
         "hazards": len(sent), "hazard_expected": len(expected), "hazard_received": len(set(first) & expected),
-        "hazard_outside": len(set(first) - expected), "hazard_p50_ms": _pct(latencies, 50),
-        "hazard_p99_ms": _pct(latencies, 99),
-    }
+        "hazard_outside": len(set(first) - expected), "hazard_p50_ms": _pct(hazard_ms, 50),
+        "hazard_p99_ms": _pct(hazard_ms, 99),
+    })  # fmt: skip
+    return out

@@ -10,7 +10,8 @@ The decisions are :class:`~driveloop.cloud.hazards.HazardBook`'s; this module on
 - every version :meth:`HazardBook.due` returns is signed and published on each cell of its relevance area,
   into the HAZARDS stream (late joiners read it there);
 - after each change the active hazards go to ``hazards/active.json`` (atomic).
-It runs in one background thread with its own asyncio loop; ``stop()`` ends it and closes the connection.
+It runs in one background thread with its own asyncio loop (``core.loop_thread``); ``stop()`` ends it and
+closes the connection.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from driveloop.contracts.hazard import Hazard, HazardSigner, encode_hazard
 from driveloop.contracts.stream import decode_event, decode_telemetry, hazard_subject
 from driveloop.core.atomic import write_atomic
 from driveloop.core.exceptions import ConfigError, StreamError
+from driveloop.core.loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +110,7 @@ class HazardService:
         self.signer = load_signer(self.directory)
         self.book = HazardBook(policy or HazardPolicy())
         self.counts: Counter[str] = Counter()
-        self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
+        self._thread: LoopThread | None = None
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -117,25 +118,17 @@ class HazardService:
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self, timeout_s: float = 30.0) -> HazardService:
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),),
-                                        name="hazard-service", daemon=True)
-        self._thread.start()
+        self._thread = LoopThread("hazard-service")
+        self._thread.start(self._main(self._thread.stopping))
         if not self._ready.wait(timeout_s) or self._error is not None:
             self.stop()
             raise StreamError(f"hazard service could not start on {self.url}: {self._error or 'timeout'}")
         return self
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        if self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
-        if self._thread.is_alive():  # pragma: no cover - a wedged client library; the daemon thread dies with us
-            logger.warning("hazard service did not stop within 30 s")
-        else:
-            self._loop.close()
-        self._thread = None
+        if self._thread is not None:
+            self._thread.stop(timeout_s=30)
+            self._thread = None
 
     def __enter__(self) -> HazardService:
         return self.start()
@@ -144,11 +137,11 @@ class HazardService:
         self.stop()
 
     # -- the loop -------------------------------------------------------------------------------------------
-    async def _main(self) -> None:
+    async def _main(self, stopping: asyncio.Event) -> None:
         import nats
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-        self._stop = asyncio.Event()
+        self._stop = stopping
         try:
             self._nc = await nats.connect(self.url, user=self._user, password=self._password, name="hazard-service",
                                           allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.25,

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from driveloop.cloud.logindex import LogIndex, LogQuery
-from driveloop.contracts.logline import MAX_BATCH_LINES, LogAck, LogBatch, LogLine
+from driveloop.contracts.logline import MAX_BATCH_LINES, LogAck, LogBatch, LogLine, batch_items, validate_lines
 from driveloop.contracts.otlp_logs import otlp_to_lines
 from driveloop.core.exceptions import AuthError, ConfigError, UploadRejectedError
 
@@ -99,20 +99,10 @@ class LogIngest:
             body = json.loads(raw)
         except ValueError as e:
             raise UploadRejectedError(f"body is not JSON: {e}", status=422) from e
-        items = body.get("lines") if isinstance(body, dict) and set(body) == {"lines"} else None
-        if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH_LINES:
+        items = batch_items(body)
+        if items is None:
             raise UploadRejectedError(f"expected {{\"lines\": [1..{MAX_BATCH_LINES} log lines]}}", status=422)
-        good: list[LogLine] = []
-        rejected, error = 0, None
-        for i, item in enumerate(items):
-            try:
-                good.append(LogLine.model_validate(item))
-            except ValidationError as e:
-                rejected += 1
-                if error is None:
-                    err = e.errors()[0]
-                    error = f"line {i}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-        return self.accept(sender, good, rejected, error)
+        return self.accept(sender, *validate_lines(items))
 
     def accept_otlp(self, sender: str | None, body: Any) -> dict[str, Any]:
         """An OTLP ExportLogsServiceRequest; the OTLP answer (``partialSuccess`` when some were refused)."""

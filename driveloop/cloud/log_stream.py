@@ -34,9 +34,9 @@ from pydantic import ValidationError
 from driveloop.cloud.broker import ensure_streams
 from driveloop.cloud.log_ingest import LogIngest
 from driveloop.cloud.logindex import LogIndex
-from driveloop.cloud.stream_sinks import ConsumerSpec, KnownVehicle, Rejected, SinkRunner, StreamMetrics
-from driveloop.contracts.logline import MAX_BATCH_LINES, LogBatch, LogLine
-from driveloop.contracts.stream import MAX_LOG_BATCH_BYTES, vehicle_of_subject
+from driveloop.cloud.stream_sinks import ConsumerSpec, KnownVehicle, Rejected, SinkRunner, StreamMetrics, sender_of
+from driveloop.contracts.logline import MAX_BATCH_LINES, LogBatch, LogLine, batch_items, validate_lines
+from driveloop.contracts.stream import MAX_LOG_BATCH_BYTES
 from driveloop.core.exceptions import StreamError
 from driveloop.edge.stream_client import nats_servers
 
@@ -65,16 +65,9 @@ def _names_vehicle(item: Any, vehicle: str) -> bool:
 
 def parse_log_batch(subject: str, data: bytes, known: KnownVehicle | None = None) -> StreamedBatch | Rejected:
     """One LOGS message checked against its subject (see the module docstring); a Rejected instead of raising."""
-    if len(data) > MAX_LOG_BATCH_BYTES:
-        return Rejected("oversized", f"{len(data)} bytes on {subject[:100]}")
-    if not subject.startswith("log."):
-        return Rejected("bad_subject", f"not a log subject: {subject[:100]!r}")
-    try:
-        vehicle = vehicle_of_subject(subject)
-    except StreamError as e:
-        return Rejected("bad_subject", str(e))
-    if known is not None and not known(vehicle):
-        return Rejected("unknown_vehicle", f"vehicle {vehicle!r} is not enrolled")
+    vehicle = sender_of(subject, data, MAX_LOG_BATCH_BYTES, known, prefix="log.")
+    if isinstance(vehicle, Rejected):
+        return vehicle
     try:  # the fast path: the whole batch valid, as a vehicle's own shipper writes it
         lines = LogBatch.model_validate_json(data).lines
     except ValidationError:
@@ -92,24 +85,14 @@ def _parse_slowly(vehicle: str, data: bytes) -> StreamedBatch | Rejected:
         body = json.loads(data)
     except ValueError as e:
         return Rejected("malformed", f"log batch of {vehicle!r} is not JSON: {e}"[:300])
-    items = body.get("lines") if isinstance(body, dict) and set(body) == {"lines"} else None
-    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH_LINES:
+    items = batch_items(body)
+    if items is None:
         return Rejected("malformed", f"log batch of {vehicle!r} is not {{\"lines\": [1..{MAX_BATCH_LINES} lines]}}")
     for item in items:
         if not _names_vehicle(item, vehicle):
             shown = item.get("vehicle.id") if isinstance(item, dict) else type(item).__name__
             return Rejected("subject_mismatch", f"a line of {shown!r:.80} in a batch of {vehicle!r}")
-    good: list[LogLine] = []
-    rejected, error = 0, None
-    for i, item in enumerate(items):
-        try:
-            good.append(LogLine.model_validate(item))
-        except ValidationError as e:
-            rejected += 1
-            if error is None:
-                err = e.errors()[0]
-                error = f"line {i}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-    return StreamedBatch(vehicle, good, rejected, error)
+    return StreamedBatch(vehicle, *validate_lines(items))
 
 
 class _Indexer:

@@ -36,6 +36,7 @@ from driveloop.contracts.stream import (
     vehicle_of_subject,
 )
 from driveloop.core.exceptions import StorageError, StreamError
+from driveloop.core.loop_thread import LoopThread
 from driveloop.edge.stream_client import nats_servers
 
 logger = logging.getLogger(__name__)
@@ -53,16 +54,29 @@ class Rejected:
     detail: str
 
 
-def parse_message(subject: str, data: bytes, known: KnownVehicle | None = None) -> Parsed | Rejected:
-    """A vehicle message checked against its subject; a :class:`Rejected` instead of raising."""
-    if len(data) > MAX_MESSAGE_BYTES:
+def sender_of(subject: str, data: bytes, max_bytes: int, known: KnownVehicle | None = None,
+              prefix: str | None = None) -> str | Rejected:
+    """The vehicle a message came from: its subject's (the broker lets a vehicle publish only on its own
+    subjects), or why it is dropped: over ``max_bytes``, a subject not starting with ``prefix`` or naming no
+    vehicle, a vehicle ``known`` does not know. Every stream's checks begin here, in this order."""
+    if len(data) > max_bytes:
         return Rejected("oversized", f"{len(data)} bytes on {subject[:100]}")
+    if prefix is not None and not subject.startswith(prefix):
+        return Rejected("bad_subject", f"not a {prefix[:-1]} subject: {subject[:100]!r}")
     try:
         vehicle = vehicle_of_subject(subject)
     except StreamError as e:
         return Rejected("bad_subject", str(e))
     if known is not None and not known(vehicle):
         return Rejected("unknown_vehicle", f"vehicle {vehicle!r} is not enrolled")
+    return vehicle
+
+
+def parse_message(subject: str, data: bytes, known: KnownVehicle | None = None) -> Parsed | Rejected:
+    """A vehicle message checked against its subject; a :class:`Rejected` instead of raising."""
+    sender = sender_of(subject, data, MAX_MESSAGE_BYTES, known)
+    if isinstance(sender, Rejected):
+        return sender
     try:
         return decode_telemetry(data, subject) if subject.startswith("tel.") else decode_event(data, subject)
     except StreamError as e:
@@ -227,33 +241,27 @@ async def run_consumer(js: Any, spec: ConsumerSpec, metrics: StreamMetrics, stop
 
 
 class SinkRunner:
-    """The consumers of the cloud services in one background thread with its own connection."""
+    """The consumers of the cloud services in one background thread (``core.loop_thread``) with its own
+    connection."""
 
     def __init__(self, url: str, specs: Sequence[ConsumerSpec], metrics: StreamMetrics, user: str | None = None,
                  password: str | None = None, known: KnownVehicle | None = None) -> None:
         self.url, self.specs, self.metrics = url, list(specs), metrics
         self._user, self._password, self._known = user, password, known
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
+        self._thread = LoopThread("stream-sinks")
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="stream-sinks", daemon=True)
 
     def start(self, timeout_s: float = 30.0) -> SinkRunner:
-        self._thread.start()
+        self._thread.start(self._main(self._thread.stopping))
         if not self._ready.wait(timeout_s) or self._error is not None:
             self.stop()
             raise StreamError(f"stream sinks could not start on {self.url}: {self._error}")
         return self
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._main())
-
-    async def _main(self) -> None:
+    async def _main(self, stop: asyncio.Event) -> None:
         import nats
 
-        self._stop = asyncio.Event()
         try:
             nc = await nats.connect(nats_servers(self.url), user=self._user, password=self._password, name="driveloop-sinks",
                                     max_reconnect_attempts=-1, reconnect_time_wait=0.25)
@@ -262,24 +270,21 @@ class SinkRunner:
             self._ready.set()
             return
         js = nc.jetstream()
-        tasks = [asyncio.create_task(run_consumer(js, s, self.metrics, self._stop, self._known)) for s in self.specs]
+        tasks = [asyncio.create_task(run_consumer(js, s, self.metrics, stop, self._known)) for s in self.specs]
         self._ready.set()
         try:
-            done, _ = await asyncio.wait([*tasks, asyncio.create_task(self._stop.wait())],
+            done, _ = await asyncio.wait([*tasks, asyncio.create_task(stop.wait())],
                                          return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 if t in tasks and t.exception() is not None:
                     logger.error("stream consumer failed: %r", t.exception())
-            self._stop.set()
+            stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await nc.close()
 
     def stop(self) -> None:
-        if self._stop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        self._thread.stop(timeout_s=30)
 
 
 def standard_consumers(index: EventIndex, metrics: StreamMetrics, workers: int = 4) -> list[ConsumerSpec]:

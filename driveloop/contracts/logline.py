@@ -14,6 +14,7 @@ every line of a drive and of both servers against.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,7 @@ from driveloop.core.ids import VEHICLE_ID_PATTERN
 from driveloop.core.version import MODEL_VERSION_PATTERN
 
 __all__ = ["LogLine", "LogBatch", "LogAck", "MAX_BATCH_LINES", "MAX_LINE_BYTES", "log_line_schema", "parse_line",
-           "Level", "LEVEL_RANK"]
+           "batch_items", "validate_lines", "Level", "LEVEL_RANK"]
 
 Level = Literal["debug", "info", "warning", "error", "critical"]
 LEVEL_RANK: dict[str, int] = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -113,6 +114,29 @@ def parse_line(text: str | bytes) -> LogLine:
         return LogLine.model_validate(json.loads(text))
     except ValueError as e:  # json's and pydantic's (ValidationError is a ValueError)
         raise ConfigError(f"invalid log line: {_first_error(e)}") from e
+
+
+def batch_items(body: Any) -> list[Any] | None:
+    """The items of a parsed ``{"lines": [...]}`` batch body of 1..``MAX_BATCH_LINES`` lines, or None when the
+    body is not one (each item still unchecked: see :func:`validate_lines`)."""
+    items = body.get("lines") if isinstance(body, dict) and set(body) == {"lines"} else None
+    return items if isinstance(items, list) and 1 <= len(items) <= MAX_BATCH_LINES else None
+
+
+def validate_lines(items: Sequence[Any]) -> tuple[list[LogLine], int, str | None]:
+    """Each item judged on its own, so one bad line does not hold back its neighbours: (the valid lines, how
+    many were refused, the first refusal as ``line <i>: <field>: <why>``)."""
+    good: list[LogLine] = []
+    rejected, error = 0, None
+    for i, item in enumerate(items):
+        try:
+            good.append(LogLine.model_validate(item))
+        except ValidationError as e:
+            rejected += 1
+            if error is None:
+                err = e.errors()[0]
+                error = f"line {i}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    return good, rejected, error
 
 
 def _first_error(e: ValueError) -> str:

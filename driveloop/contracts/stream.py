@@ -33,7 +33,8 @@ from driveloop.core.ids import VEHICLE_ID_PATTERN, is_vehicle_id
 from driveloop.core.version import MODEL_VERSION_PATTERN
 
 __all__ = [
-    "CELL_M", "MAX_MESSAGE_BYTES", "MAX_LOG_BATCH_BYTES", "EVENT_KINDS", "EventKind", "Telemetry", "VehicleEvent",
+    "CELL_M", "MAX_MESSAGE_BYTES", "MAX_LOG_BATCH_BYTES", "HEADER_ROOM_BYTES", "MAX_LOG_PAYLOAD_BYTES",
+    "EVENT_KINDS", "EventKind", "Telemetry", "VehicleEvent",
     "ROAD_PATTERN", "SCENARIO_PATTERN", "STREAMS", "StreamSpec", "telemetry_subject", "event_subject",
     "hazard_subject", "log_subject", "subject_token", "vehicle_of_subject", "cell_of", "cells_ahead", "msg_id",
     "log_batch_msg_id",
@@ -43,6 +44,10 @@ __all__ = [
 CELL_M = 250.0  # road cell length, metres: hazards are addressed to cells, vehicles watch the cells ahead
 MAX_MESSAGE_BYTES = 4096  # telemetry, events and hazards; the streams refuse anything larger
 MAX_LOG_BATCH_BYTES = 65536  # one vehicle log batch (the LOGS stream's limit)
+# JetStream holds a message's headers against the stream's max_msg_size too: the Nats-Msg-Id header (a vehicle
+# id of up to 64 characters and a line range) must fit beside the body, or the broker refuses it for good
+HEADER_ROOM_BYTES = 512
+MAX_LOG_PAYLOAD_BYTES = MAX_LOG_BATCH_BYTES - HEADER_ROOM_BYTES  # the most a log batch's body may be
 MAX_SEQ = 2**63 - 1  # what a database integer holds
 MAX_TIME_S = 1e12  # simulated or Unix seconds
 MAX_POS_M = 1e7  # metres along/across a road

@@ -12,6 +12,8 @@ Rules it keeps:
   coordinates never touch another's hazards, and it watches no cells.
 - A hazard received before a tick's decision becomes an advisory at that decision (the next tick after it
   arrived); a vehicle watches the cells ``HazardFilter.horizon_m`` ahead and re-subscribes when that changes.
+- Every ``PRUNE_EVERY_S`` a vehicle's filter forgets the actions that can no longer be live
+  (``HazardFilter.prune``), so a long drive's filter stays bounded.
 - Nothing here may stop a vehicle: any failure of the stream client is counted and logged once, and the
   vehicle drives on (its client spools while the broker is away).
 """
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 SHARED_ROAD = "hw1"
 STANDING_MPS = 1.0  # the ego and its lead at most this fast: standing in a queue
 QUEUE_GAP_M = 40.0
+PRUNE_EVERY_S = 60.0  # wall seconds between prunes of a vehicle's hazard filter
 
 
 class StreamLike(Protocol):
@@ -70,6 +73,7 @@ class _Vehicle:
     watchdog: str | None = None
     standing: bool = False
     degraded_episode: int = -1
+    pruned_at: float | None = None  # wall time of the filter's last prune
 
 
 class StreamDataPlane:
@@ -102,6 +106,9 @@ class StreamDataPlane:
                 v.filter.offer(subject, payload, received_at)
         except Exception as e:  # noqa: BLE001 - a broken client must not stop the vehicle
             self._failed(agent.vehicle_id, "receive", e)
+        if v.pruned_at is None or now - v.pruned_at >= PRUNE_EVERY_S:
+            v.filter.prune(now)
+            v.pruned_at = now
         if agent.spec.kind not in SHARED_ROAD_KINDS:
             return None
         x = agent.snapshot.ego.x_m

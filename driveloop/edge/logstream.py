@@ -5,9 +5,10 @@ keys and the same :class:`~driveloop.edge.logship.ShipResult` as :class:`~drivel
 what differs is the transport and so the moment a line may leave the spool.
 
 Rules it keeps:
-- A batch is one message of at most ``MAX_LOG_BATCH_BYTES`` (headers included) on ``log.<vehicle>`` whose message id is derived
-  from (vehicle, first seq, last seq) (``contracts.stream.log_batch_msg_id``): a re-sent batch is stored once
-  by the broker inside its de-dup window, and the index keys lines on (vehicle, seq) beyond it.
+- A batch is one message of at most ``MAX_LOG_BATCH_BYTES`` (headers included: its body at most
+  ``MAX_LOG_PAYLOAD_BYTES``) on ``log.<vehicle>`` whose message id is derived from (vehicle, first seq, last
+  seq) (``contracts.stream.log_batch_msg_id``): a re-sent batch is stored once by the broker inside its de-dup
+  window, and the index keys lines on (vehicle, seq) beyond it.
 - Lines leave the log spool only once the broker acked their batch (stored, or a duplicate of a stored one).
   Not when the VehicleStream's own disk spool took it: that spool is a byte-capped FIFO evicting its oldest
   segment, blind to levels, so handing lines over would move them out of the log spool's cap (DEBUG evicted
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from driveloop.contracts.stream import MAX_LOG_BATCH_BYTES, log_batch_msg_id, log_subject
+from driveloop.contracts.stream import MAX_LOG_PAYLOAD_BYTES, log_batch_msg_id, log_subject
 from driveloop.core.exceptions import ConfigError, DriveloopError
 from driveloop.edge.logship import DEFAULT_BATCH_LINES, ShipResult, batch_body
 from driveloop.edge.logspool import LogSpool
@@ -39,9 +40,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 4  # batches awaiting their ack per vehicle (4 x 64 KiB in the stream's spool at most)
 RESEND_AFTER_S = 60.0  # connected seconds without an answer before a batch goes again (< the de-dup window)
-# JetStream holds a message's headers against the stream's max_msg_size too: the Nats-Msg-Id header (a vehicle
-# id of up to 64 characters and a line range) must fit beside the body, or the broker refuses it for good
-HEADER_ROOM_BYTES = 512
 _EMPTY_BODY = len(batch_body([]))
 
 
@@ -91,11 +89,11 @@ class StreamLogShipper:
 
     def __init__(self, vehicle_id: str, spool: LogSpool, stream: RawPublisher, batch_lines: int = DEFAULT_BATCH_LINES,
                  window: int = DEFAULT_WINDOW, resend_after_s: float = RESEND_AFTER_S,
-                 max_batch_bytes: int = MAX_LOG_BATCH_BYTES - HEADER_ROOM_BYTES, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_batch_bytes: int = MAX_LOG_PAYLOAD_BYTES, clock: Callable[[], float] = time.monotonic) -> None:
         if batch_lines < 1 or window < 1:
             raise ConfigError(f"batch_lines and window must be >= 1, got {batch_lines} and {window}")
-        if not _EMPTY_BODY < max_batch_bytes <= MAX_LOG_BATCH_BYTES:
-            raise ConfigError(f"max_batch_bytes must be in ({_EMPTY_BODY}, {MAX_LOG_BATCH_BYTES}]")
+        if not _EMPTY_BODY < max_batch_bytes <= MAX_LOG_PAYLOAD_BYTES:
+            raise ConfigError(f"max_batch_bytes must be in ({_EMPTY_BODY}, {MAX_LOG_PAYLOAD_BYTES}]")
         self.vehicle_id, self.spool, self.stream = vehicle_id, spool, stream
         self.batch_lines, self.window, self.resend_after_s = batch_lines, window, resend_after_s
         self.max_batch_bytes = max_batch_bytes

@@ -29,13 +29,12 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from driveloop.contracts.stream import (
-    MAX_LOG_BATCH_BYTES,
+    MAX_LOG_PAYLOAD_BYTES,
     Telemetry,
     VehicleEvent,
     encode,
@@ -48,6 +47,7 @@ from driveloop.contracts.stream import (
 )
 from driveloop.core.atomic import write_atomic
 from driveloop.core.exceptions import StreamError
+from driveloop.core.loop_thread import LoopThread
 from driveloop.edge._stream_spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -69,20 +69,15 @@ def nats_servers(url: str) -> list[str]:
 
 
 class StreamLoop:
-    """One asyncio loop in one daemon thread, shared by many vehicles' connections."""
+    """One asyncio loop in one daemon thread (``core.loop_thread``), shared by many vehicles' connections."""
 
     def __init__(self, name: str = "driveloop-stream") -> None:
-        self.loop = asyncio.new_event_loop()
+        self._thread = LoopThread(name).start()
+        self.loop = self._thread.loop
         self._streams: set[VehicleStream] = set()
         self._kicks: deque[VehicleStream] = deque()
         self._kick_scheduled = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
         self.call(lambda: self.loop.create_task(self._ticker()))
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
 
     async def _ticker(self) -> None:
         while True:
@@ -95,7 +90,7 @@ class StreamLoop:
                     logger.exception("stream tick failed for %s", s.vehicle_id)
 
     def call(self, fn: Any) -> None:
-        self.loop.call_soon_threadsafe(fn)
+        self._thread.call(fn)
 
     def kick(self, stream: VehicleStream) -> None:
         """Wake ``stream``'s sender from any thread; one wake-up of the loop serves every vehicle that
@@ -111,26 +106,11 @@ class StreamLoop:
             self._kicks.popleft()._kick()
 
     def run(self, coro: Any, timeout_s: float | None = None) -> Any:
-        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result(timeout_s)
+        return self._thread.run(coro, timeout_s)
 
     def close(self) -> None:
-        if not self.loop.is_running():
-            return
-
-        async def _cancel_all() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        try:
-            self.run(_cancel_all(), timeout_s=10)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
-            if not self._thread.is_alive():
-                self.loop.close()
+        """Cancel every task left on the loop, stop it and join its thread."""
+        self._thread.stop(timeout_s=10)
 
 
 @dataclass
@@ -224,8 +204,8 @@ class VehicleStream:
         """Queue an opaque payload on this vehicle's ``log.<vehicle>`` subject (log batches)."""
         if subject != log_subject(self.vehicle_id):
             raise StreamError(f"vehicle {self.vehicle_id!r} may publish raw only on {log_subject(self.vehicle_id)!r}")
-        if len(payload) > MAX_LOG_BATCH_BYTES:
-            raise StreamError(f"log batch of {len(payload)} bytes exceeds {MAX_LOG_BATCH_BYTES}")
+        if len(payload) > MAX_LOG_PAYLOAD_BYTES:  # the Nats-Msg-Id header counts against the stream's limit too
+            raise StreamError(f"log batch of {len(payload)} bytes exceeds {MAX_LOG_PAYLOAD_BYTES}")
         self._enqueue(subject, message_id or msg_id(self.vehicle_id, self.next_seq()), bytes(payload))
 
     def _enqueue(self, subject: str, mid: str, data: bytes) -> None:

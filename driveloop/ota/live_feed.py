@@ -1,9 +1,9 @@
 """The live view's I/O: a NATS subscriber that feeds :class:`~driveloop.ota.live.LiveView`, and the fleet
 server's ``GET /v1/live`` (a JSON snapshot) and ``GET /v1/live/events`` (server-sent events).
 
-- :class:`LiveFeed` runs one asyncio loop in one daemon thread (like the hazard service): it connects as the
-  configured service user, retrying in the background (a broker that is down never stops the fleet server),
-  subscribes ``tel.>`` (live only: the newest message per vehicle is all the view keeps) and reads ``haz.>``
+- :class:`LiveFeed` runs one asyncio loop in one daemon thread (``core.loop_thread``, like the hazard
+  service): it connects as the configured service user, retrying in the background (a broker that is down
+  never stops the fleet server), subscribes ``tel.>`` (live only: the newest message per vehicle is all the view keeps) and reads ``haz.>``
   through an ordered consumer of the HAZARDS stream from its start, so hazards issued before the server
   started are shown too (the stream's max age is the longest validity); without that stream, live only.
 - Reads, like the rest of the dashboard, need no token: the view holds positions and speeds, no secrets.
@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from driveloop.core.exceptions import ConfigError
+from driveloop.core.loop_thread import LoopThread
 from driveloop.ota.live import LivePolicy, LiveView
 
 logger = logging.getLogger(__name__)
@@ -69,30 +70,19 @@ class LiveFeed:
         self.clock = clock
         self.view = LiveView(source.policy, source.hazard_keys)
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
-        self._stop = asyncio.Event()  # set from stop() through the loop, even before _main has run
+        self._thread = LoopThread("live-feed")
+        self._stop = self._thread.stopping  # set from stop() through the loop, even before _main has run
         self._nc: Any = None
         self.connected = False
         if not source.hazard_keys:
             logger.warning("live view: no hazard public key configured: hazards cannot be verified and are dropped")
 
     def start(self) -> LiveFeed:
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._main(),),
-                                        name="live-feed", daemon=True)
-        self._thread.start()
+        self._thread.start(self._main())
         return self
 
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=15)
-        if self._thread.is_alive():  # pragma: no cover - a wedged client library; the daemon thread dies with us
-            logger.warning("live feed did not stop within 15 s")
-        else:
-            self._loop.close()
-        self._thread = None
+        self._thread.stop(timeout_s=15)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -135,12 +125,8 @@ class LiveFeed:
                 await self._nc.close()
             except Exception as e:  # noqa: BLE001 - closing a broken connection: nothing left to save
                 logger.info("live view: close: %s", e)
-            # the ordered consumer's heartbeat and flow-control tasks outlive the connection: end them here,
-            # not with the loop
-            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in rest:
-                task.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
+            # the ordered consumer's heartbeat and flow-control tasks outlive the connection: LoopThread
+            # cancels them once this returns, before the loop closes
 
     async def _subscribe_hazards(self) -> None:
         from nats.js.api import DeliverPolicy

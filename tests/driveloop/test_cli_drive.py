@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from driveloop.cli import main
-
-
-@pytest.fixture()
-def home(random_home, tmp_path, monkeypatch):
-    """A private copy of the random-model home (tests that tamper must not touch the shared one)."""
-    dst = tmp_path / "home"
-    shutil.copytree(random_home, dst)
-    monkeypatch.setenv("DRIVELOOP_HOME", str(dst))
-    return dst
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:

@@ -18,15 +18,6 @@ from driveloop.contracts.logline import log_line_schema
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture()
-def home(random_home, tmp_path, monkeypatch):
-    dst = tmp_path / "home"
-    shutil.copytree(random_home, dst)
-    monkeypatch.setenv("DRIVELOOP_HOME", str(dst))
-    monkeypatch.delenv("DRIVELOOP_CLOUD_URL", raising=False)
-    return dst
-
-
 def _run(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()

@@ -4,7 +4,6 @@ indexes them before the command returns, and `driveloop logs search` finds the d
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,6 @@ import pytest
 from driveloop.cli import main
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture()
-def home(random_home, tmp_path, monkeypatch):
-    dst = tmp_path / "home"
-    shutil.copytree(random_home, dst)
-    monkeypatch.setenv("DRIVELOOP_HOME", str(dst))
-    for name in ("DRIVELOOP_CLOUD_URL", "DRIVELOOP_NATS_URL"):
-        monkeypatch.delenv(name, raising=False)
-    return dst
 
 
 def test_drive_ships_its_logs_over_the_stream(home: Path, capsys) -> None:

@@ -32,19 +32,11 @@ from driveloop.edge.dataplane import SHARED_ROAD, StreamDataPlane, road_of
 from driveloop.edge.fleet import BatchResult, VehiclePlan, run_fleet
 from driveloop.edge.hazards import HazardFilter
 from driveloop.edge.stream_client import StreamLoop, VehicleStream
+from tests.fakes.wait import wait_until
 from tests.stream.conftest import ensure
 
 VEHICLES = ("in-near", "in-far", "out-behind", "out-past", "reporter")
 POSITIONS = {"in-near": 4500.0, "in-far": 3000.0, "out-behind": 0.0, "out-past": 6500.0}
-
-
-def _wait(cond: Any, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
 
 
 @pytest.fixture
@@ -77,7 +69,7 @@ def test_a_hazard_reaches_the_vehicles_whose_road_ahead_is_in_its_area_and_no_ot
     loop = StreamLoop("test")
     streams = _streams(broker, passwords, tmp_path, loop)
     try:
-        assert _wait(lambda: all(s.connected() for s in streams.values()))
+        assert wait_until(lambda: all(s.connected() for s in streams.values()))
         verifier = HazardVerifier([service.signer.public_bytes()])
         filters = {vid: HazardFilter(verifier) for vid in POSITIONS}
         for vid, x in POSITIONS.items():
@@ -96,7 +88,7 @@ def test_a_hazard_reaches_the_vehicles_whose_road_ahead_is_in_its_area_and_no_ot
                 got[vid] += [f.offer(s, p, t) for s, p, t in streams[vid].received()]
             return "accepted" in got["in-near"] and "accepted" in got["in-far"]
 
-        assert _wait(pump, 30)
+        assert wait_until(pump, 30)
         time.sleep(service.book.policy.repetition_s * 2.5)  # repetitions went out meanwhile, on every cell
         pump()
     finally:
@@ -147,7 +139,7 @@ def test_vehicles_cannot_publish_hazards_and_forged_ones_are_dropped(cloud, tmp_
         return int(stored)
 
     try:
-        assert _wait(victim.connected)
+        assert wait_until(victim.connected)
         victim.watch_cells(SHARED_ROAD, [20])
         time.sleep(0.5)
         stored_before = asyncio.run(attack())
@@ -158,7 +150,7 @@ def test_vehicles_cannot_publish_hazards_and_forged_ones_are_dropped(cloud, tmp_
                 f.offer(*r)
             return sum(f.counts.values()) >= 2
 
-        assert _wait(judged, 30)
+        assert wait_until(judged, 30)
     finally:
         victim.close()
         loop.close()
@@ -246,3 +238,48 @@ def test_the_fleet_publishes_telemetry_every_tick_and_events_at_their_onset() ->
     assert {m.road for m in highway.published} == {road_of("veh001", "highway")} != {SHARED_ROAD}
     assert highway.watched == [] and jam.watched and jam.watched[0][0] == SHARED_ROAD
     assert all(b[1][0] >= a[1][0] for a, b in zip(jam.watched, jam.watched[1:]))  # the window moves ahead
+
+
+class Delivering(FakeStream):
+    """A fake stream that hands the data plane the hazard messages queued on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inbox: list[tuple[str, bytes, float]] = []
+
+    def received(self) -> list[tuple[str, bytes, float]]:
+        out, self.inbox = self.inbox, []
+        return out
+
+
+def test_a_long_drive_prunes_its_hazard_filter() -> None:
+    """A terminated action is remembered while a copy could still be live, then forgotten at the next prune."""
+    from types import SimpleNamespace
+
+    from driveloop.contracts.stream import HAZARD_MAX_VALIDITY_S
+    from driveloop.edge.dataplane import PRUNE_EVERY_S
+    from driveloop.edge.hazards import MAX_CLOCK_SKEW_S
+
+    signer = HazardSigner(Ed25519PrivateKey.generate())
+    t0 = 1_900_000_000.0
+    now = [t0]
+    stream = Delivering()
+    plane = StreamDataPlane({"veh000": stream}, HazardVerifier([signer.public_bytes()]), clock=lambda: now[0])
+    agent = SimpleNamespace(vehicle_id="veh000", spec=SimpleNamespace(kind="highway"))  # a road of its own
+    ended = Hazard(action_id=ActionId(station_id="driveloop-cloud", sequence_number=1), detection_time=t0 - 1.0,
+                   reference_time=t0, validity_s=60.0, termination="cancellation", cause=27, road=SHARED_ROAD,
+                   x_m=5000.0, relevance=relevance_area(SHARED_ROAD, 5000.0, "increasing", 2000.0, 100.0),
+                   advisory=HazardAdvisory(speed_mps=10.0))
+    stream.inbox.append((hazard_subject(SHARED_ROAD, ended.relevance.cells[0]), encode_hazard(signer.sign(ended)), t0))
+    filt = plane._vehicles["veh000"].filter
+    assert plane.advisories([agent]) == [None] and filt.counts["terminated"] == 1
+    forget_at = t0 + HAZARD_MAX_VALIDITY_S + MAX_CLOCK_SKEW_S + 1.0
+    now[0] = forget_at - PRUNE_EVERY_S / 2  # pruned, but a copy could still be live: remembered
+    plane.advisories([agent])
+    assert len(filt._actions) == 1
+    now[0] = forget_at + 1.0  # less than PRUNE_EVERY_S after that prune: not pruned yet
+    plane.advisories([agent])
+    assert len(filt._actions) == 1
+    now[0] = forget_at - PRUNE_EVERY_S / 2 + PRUNE_EVERY_S
+    plane.advisories([agent])
+    assert filt._actions == {}

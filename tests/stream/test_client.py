@@ -13,6 +13,7 @@ from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.stream_sinks import EventIndex, SinkRunner, StreamMetrics, replay_vehicle, standard_consumers
 from driveloop.contracts.stream import decode_telemetry
 from driveloop.edge.stream_client import VehicleStream
+from tests.fakes.wait import wait_until
 from tests.stream.conftest import ensure, evt, tel
 
 
@@ -27,19 +28,10 @@ def _replay(url: str, vid: str) -> list[int]:
     return asyncio.run(run())
 
 
-def _wait(cond, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
-
 def test_publish_round_trip(broker: EmbeddedBroker, tmp_path: Path) -> None:
     vs = VehicleStream("v.1", broker.url, tmp_path / "spool")
     try:
-        assert _wait(vs.connected, 30)  # before the connection is up, messages would go to the spool
+        assert wait_until(vs.connected, 30)  # before the connection is up, messages would go to the spool
         seqs = [vs.next_seq() for _ in range(50)]
         for s in seqs:
             vs.publish(tel("v.1", s, x_m=float(s)))
@@ -77,7 +69,7 @@ def test_offline_ten_minutes_loses_nothing_and_keeps_order(tmp_path: Path) -> No
     try:
         for _ in range(6000):
             vs.publish(tel("v1", vs.next_seq()))
-        assert _wait(lambda: vs.stats()["spooled"] == 6000, 30)
+        assert wait_until(lambda: vs.stats()["spooled"] == 6000, 30)
         assert vs.stats()["acked"] == 0
         broker.start()
         ensure(broker.url)
@@ -133,7 +125,7 @@ def test_kill_9_mid_stream_loses_nothing_acked_and_sink_has_no_duplicate(tmp_pat
         stats = vs.stats()
         assert stats["acked"] >= total and stats["spooled"] > 0 and stats["reconnects"] >= 1
         assert _replay_events(broker.url) == list(range(total))  # stored once each, in order
-        assert _wait(lambda: len(catalog.stream_events(vehicle="v1")) == total, 60)
+        assert wait_until(lambda: len(catalog.stream_events(vehicle="v1")) == total, 60)
         assert [e.seq for e in catalog.stream_events(vehicle="v1")] == list(range(total))
     finally:
         vs.close()
@@ -177,17 +169,17 @@ def test_watch_cells_live_and_late_join(broker: EmbeddedBroker, tmp_path: Path) 
     asyncio.run(publish(("haz.hw1.2", b"stored-2"), ("haz.hw1.9", b"stored-9"), ("haz.hw2.2", b"other-road")))
     vs = VehicleStream("v1", broker.url, tmp_path / "spool")
     try:
-        assert _wait(vs.connected, 30)
+        assert wait_until(vs.connected, 30)
         vs.watch_cells("hw1", [1, 2, 3])
         got: list[tuple[str, bytes]] = []
-        assert _wait(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 1, 30)
+        assert wait_until(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 1, 30)
         asyncio.run(publish(("haz.hw1.3", b"live-3"), ("haz.hw1.4", b"live-4")))
-        assert _wait(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 2, 30)
+        assert wait_until(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 2, 30)
         time.sleep(0.3)
         got.extend((s, d) for s, d, _ in vs.received())
         assert got == [("haz.hw1.2", b"stored-2"), ("haz.hw1.3", b"live-3")]
         vs.watch_cells("hw1", [4, 9])  # moved on: 1-3 dropped, 4 and 9 read from the stream
-        assert _wait(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 4, 30)
+        assert wait_until(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 4, 30)
         assert sorted(got[2:]) == [("haz.hw1.4", b"live-4"), ("haz.hw1.9", b"stored-9")]
         asyncio.run(publish(("haz.hw1.2", b"after-unwatch")))
         time.sleep(0.3)

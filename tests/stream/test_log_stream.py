@@ -19,13 +19,14 @@ from driveloop.cloud.broker import EmbeddedBroker
 from driveloop.cloud.log_stream import LogStreamService, StreamedBatch, parse_log_batch
 from driveloop.cloud.logindex import LogIndex, LogQuery
 from driveloop.cloud.stream_sinks import Rejected
-from driveloop.contracts.stream import MAX_LOG_BATCH_BYTES, log_batch_msg_id, log_subject
+from driveloop.contracts.stream import MAX_LOG_BATCH_BYTES, MAX_LOG_PAYLOAD_BYTES, log_batch_msg_id, log_subject
 from driveloop.core.exceptions import StreamError
 from driveloop.core.logfmt import render_json
 from driveloop.edge.logship import batch_body
 from driveloop.edge.logspool import LogSpool
 from driveloop.edge.logstream import StreamLogShipper, body_bytes, cut_batch
 from driveloop.edge.stream_client import VehicleStream
+from tests.fakes.wait import wait_until
 
 
 def _fields(vid: str, i: int, level: str = "info", message: str | None = None) -> dict[str, object]:
@@ -35,15 +36,6 @@ def _fields(vid: str, i: int, level: str = "info", message: str | None = None) -
 
 def _line(vid: str, seq: int, **kw: object) -> str:
     return render_json({**_fields(vid, seq), "event.sequence": seq, **kw})
-
-
-def _wait(cond, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 # -- pure: cutting batches, checking them ---------------------------------------------------------------------
@@ -154,7 +146,7 @@ def test_a_broker_outage_within_the_cap_loses_nothing(broker: EmbeddedBroker, in
         spool.append_many([_fields("v1", i) for i in range(300)])
         assert shipper.ship(timeout_s=60).error is None
         broker.kill()  # kill -9: no goodbye to anyone
-        assert _wait(lambda: not stream.connected(), 30)
+        assert wait_until(lambda: not stream.connected(), 30)
         for i in range(300, 3300, 100):  # the vehicle keeps logging through the outage
             spool.append_many([_fields("v1", j) for j in range(i, i + 100)])
             shipper.pump()
@@ -191,7 +183,7 @@ async def _publish_as(url: str, user: str, password: str, subject: str, payload:
     return errors
 
 
-async def _log_messages(url: str, user: str, password: str) -> int:
+async def _log_messages(url: str, user: str | None, password: str | None) -> int:
     nc = await nats.connect(url, user=user, password=password)
     try:
         return int((await nc.jetstream().stream_info("LOGS")).state.messages)
@@ -218,7 +210,7 @@ def test_a_vehicle_cannot_ship_lines_as_another(secured, index: LogIndex, tmp_pa
         errors = asyncio.run(_publish_as(broker.url, "v1", passwords["v1"], log_subject("v1"),
                                          batch_body([_line("v1", 0), _line("v.2", 1)])))
         assert errors == []
-        assert _wait(lambda: service.stats()["dropped_batches"].get("subject_mismatch") == 1)
+        assert wait_until(lambda: service.stats()["dropped_batches"].get("subject_mismatch") == 1)
         assert service.drain(30)  # acked: nothing redelivers
         assert _vehicle_lines(index, "v.2") == [] and _vehicle_lines(index, "v1") == []
         assert service.stats()["indexed"] == 0
@@ -230,7 +222,7 @@ def test_a_malformed_batch_is_dropped_and_counted(secured, index: LogIndex) -> N
         for payload in (b"{nope", json.dumps({"lines": []}).encode(),
                         batch_body([_line("v1", 0), _line("v1", 1, **{"log.level": "loud"}), _line("v1", 2)])):
             assert asyncio.run(_publish_as(broker.url, "v1", passwords["v1"], log_subject("v1"), payload)) == []
-        assert _wait(lambda: service.stats()["batches"] == 1 and
+        assert wait_until(lambda: service.stats()["batches"] == 1 and
                      service.stats()["dropped_batches"].get("malformed") == 2)
         assert service.drain(30)
         stats = service.stats()
@@ -269,3 +261,21 @@ def test_logs_consume_once_indexes_the_stream_for_logs_search(broker: EmbeddedBr
     found = json.loads(capsys.readouterr()[0])
     assert found["count"] == 1 and found["lines"][0]["vehicle.id"] == "v1"
     assert found["lines"][0]["log.level"] == "error"
+
+
+def test_a_batch_at_the_payload_limit_is_stored_with_its_header(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """JetStream counts the Nats-Msg-Id header against LOGS' max message size: the largest payload publish_raw
+    takes, under the longest message id a vehicle makes, is stored, not refused for good."""
+    vid = "v" * 64
+    stream = VehicleStream(vid, broker.url, tmp_path / "stream")
+    try:
+        with pytest.raises(StreamError, match="exceeds"):
+            stream.publish_raw(log_subject(vid), b" " * (MAX_LOG_PAYLOAD_BYTES + 1))
+        mid = log_batch_msg_id(vid, 2**62, 2**63 - 1)
+        stream.publish_raw(log_subject(vid), b" " * MAX_LOG_PAYLOAD_BYTES, mid)
+        settled: list[tuple[str, str]] = []
+        assert wait_until(lambda: settled.extend(stream.settled_raw()) or settled, 30)
+        assert settled == [(mid, "stored")] and stream.stats()["dropped"] == 0
+    finally:
+        stream.close()
+    assert asyncio.run(_log_messages(broker.url, None, None)) == 1

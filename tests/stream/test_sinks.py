@@ -28,17 +28,8 @@ from driveloop.cloud.stream_sinks import (
 )
 from driveloop.contracts.segment import SegmentMeta
 from driveloop.contracts.stream import MAX_MESSAGE_BYTES, VehicleEvent, encode
+from tests.fakes.wait import wait_until
 from tests.stream.conftest import ensure, evt, tel
-
-
-def _wait(cond, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
 
 PARSE_CASES = [
     ("ok telemetry", "tel.v1", encode(tel("v1", 1)), None),
@@ -78,7 +69,7 @@ def test_bad_messages_are_dropped_counted_and_acked(broker: EmbeddedBroker, tmp_
 
     try:
         asyncio.run(publish())
-        assert _wait(lambda: metrics.lag.labels("event-index")._value.get() == 0
+        assert wait_until(lambda: metrics.lag.labels("event-index")._value.get() == 0
                      and len(catalog.stream_events()) == 1)
         assert [e.seq for e in catalog.stream_events()] == [3]
         text = generate_latest(metrics.registry).decode()
@@ -161,7 +152,7 @@ def test_event_index_is_idempotent_beyond_the_dedup_window(tmp_path: Path) -> No
 
         try:
             assert asyncio.run(publish_twice()) == 2
-            assert _wait(lambda: metrics.consumed.labels("EVENTS")._value.get() >= 4)  # index + metrics, twice
+            assert wait_until(lambda: metrics.consumed.labels("EVENTS")._value.get() >= 4)  # index + metrics, twice
             assert [(e.vehicle, e.seq) for e in catalog.stream_events()] == [("v1", 42)]
         finally:
             sinks.stop()
