@@ -127,17 +127,16 @@ class ModelPayload:
                     write_atomic(path, self.onnx)
                 while len(_runtimes) >= _MAX_RUNTIMES:
                     del _runtimes[next(iter(_runtimes))]
-                _runtimes[key] = ModelRuntime(path, self.manifest, device=device)  # IntegrityError on bad bytes
+                runtime = ModelRuntime(path, self.manifest, device=device)  # IntegrityError on bad bytes
+                runtime.warmup()  # first-call allocations are not a missed deadline
+                _runtimes[key] = runtime
             return _runtimes[key]
 
     def client(self, device: str = "cpu", simulated_deadline: bool = True) -> Any:
-        """An in-process inference client on this process's runtime (warmed up: the first call's
-        allocations are not a missed deadline)."""
+        """An in-process inference client on this process's (warmed-up) runtime."""
         from driveloop.edge.fleet import InProcessInference
 
-        runtime = self.runtime(device)
-        runtime.warmup()
-        return InProcessInference(runtime, simulated_deadline=simulated_deadline)
+        return InProcessInference(self.runtime(device), simulated_deadline=simulated_deadline)
 
 
 # ---------------------------------------------------------------------------------------- units
