@@ -140,7 +140,7 @@ def test_reduced_loop_validates_a_candidate_and_completes_its_rollout(loop_run) 
 
 
 # Parts of a row that differ between two runs by design, not by chance:
-# - wall-clock durations (``timings_s``);
+# - wall-clock durations (``timings_s``, and each federated round's ``wall_s`` and ``median_client_s``);
 # - content addresses of recordings: a segment's bytes carry the wall-clock time it was recorded
 #   (SegmentMeta.recorded_at_unix_s), so its sha256, and the dataset version and training run named after
 #   the segments' hashes, are new on every run (the dataset's rows themselves are the same).
@@ -150,6 +150,9 @@ def _replayable(row: dict[str, Any]) -> dict[str, Any]:
     for key in ("timings_s", "dataset_version"):
         pipe.pop(key)
     pipe["training"].pop("run_id")
+    for rnd in out["federated"].get("round_log") or ():
+        for key in ("wall_s", "median_client_s"):
+            rnd.pop(key, None)
     for seg in pipe["mining"]["top_segments"]:
         seg.pop("sha256")
     return out
