@@ -14,7 +14,7 @@ was lost) is stored once: the cloud keys lines by (vehicle, ``event.sequence``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,9 +30,8 @@ from driveloop.core.exceptions import (
     UploadError,
     UploadRejectedError,
 )
-from driveloop.core.tls import client_verify
-from driveloop.core.tokens import check_token_url
 from driveloop.edge.logspool import LogSpool
+from driveloop.edge.transport import HttpTransport
 
 __all__ = ["LogSink", "HttpLogSink", "LogShipper", "ShipResult", "BATCH_PATH", "batch_body"]
 
@@ -56,53 +55,25 @@ def batch_body(lines: Sequence[str]) -> bytes:
     return b'{"lines":[' + ",".join(lines).encode("utf-8") + b"]}"
 
 
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200] or response.reason_phrase
-    return str(body.get("error", body))[:200] if isinstance(body, Mapping) else str(body)[:200]
-
-
 class HttpLogSink:
-    """The ingest server's ``POST /v1/logs/batch`` with the vehicle's bearer token (HTTPS verified
-    against ``ca_file``, or plain HTTP on loopback only). ``client`` may be injected (tests)."""
+    """The ingest server's ``POST /v1/logs/batch`` with the vehicle's bearer token, over the vehicle's
+    :class:`~driveloop.edge.transport.HttpTransport` (its TLS, token-URL check and status → error mapping).
+    ``client`` may be injected (tests)."""
 
     def __init__(self, base_url: str, token: str, timeout_s: float = 30.0, ca_file: Path | str | None = None,
                  client: httpx.Client | None = None) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"cloud URL must be http(s)://…, got {base_url!r}")
-        if not token:
-            raise ConfigError("a cloud token is required to ship logs over HTTP")
-        if client is None:
-            check_token_url(base_url, False)
-            client = httpx.Client(timeout=timeout_s, verify=client_verify(ca_file))
-        self._client = client
-        self._url = base_url.rstrip("/") + BATCH_PATH
-        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._http = HttpTransport(base_url, token, timeout_s, client=client, ca_file=ca_file)
 
     def send(self, vehicle_id: str, lines: Sequence[str]) -> LogAck:
-        try:
-            r = self._client.post(self._url, content=batch_body(lines), headers=self._headers)
-        except httpx.TransportError as e:
-            raise UploadError(f"POST {BATCH_PATH}: {type(e).__name__}: {e}") from e
-        if r.status_code in (401, 403):
-            raise AuthError(f"POST {BATCH_PATH}: {_error_text(r)}", status=r.status_code)
-        if r.status_code == 429:
-            after = r.headers.get("Retry-After", "")
-            raise QuotaExceededError(f"POST {BATCH_PATH}: {_error_text(r)}", int(after) if after.isdigit() else 60)
-        if r.status_code >= 500:
-            raise UploadError(f"POST {BATCH_PATH}: HTTP {r.status_code}: {_error_text(r)}")
-        if r.status_code >= 400:
-            raise UploadRejectedError(f"POST {BATCH_PATH}: HTTP {r.status_code}: {_error_text(r)}",
-                                      status=r.status_code)
+        r = self._http.request("POST", BATCH_PATH, content=batch_body(lines),
+                               headers={"Content-Type": "application/json"})
         try:
             return LogAck.model_validate(r.json())
         except ValueError as e:
             raise UploadError(f"POST {BATCH_PATH}: malformed answer {r.text[:200]!r}") from e
 
     def close(self) -> None:
-        self._client.close()
+        self._http.close()
 
 
 @dataclass

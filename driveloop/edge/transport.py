@@ -104,7 +104,8 @@ class HttpTransport:
         self._base = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """One authenticated request; a 2xx/3xx response, else the error tree's answer for its status."""
         headers = {**self._headers, **kwargs.pop("headers", {})}
         try:
             response = self._client.request(method, f"{self._base}{path}", headers=headers, **kwargs)
@@ -133,17 +134,17 @@ class HttpTransport:
             raise UploadError(f"server sent non-JSON reply: {response.text[:200]!r}") from e
 
     def start(self, sha256: str, size: int, name: str) -> UploadStatus:
-        return self._status(self._request("POST", "/v1/uploads", json={"sha256": sha256, "size": size, "name": name}))
+        return self._status(self.request("POST", "/v1/uploads", json={"sha256": sha256, "size": size, "name": name}))
 
     def offset(self, upload_id: str) -> UploadStatus:
-        return self._status(self._request("GET", f"/v1/uploads/{upload_id}"))
+        return self._status(self.request("GET", f"/v1/uploads/{upload_id}"))
 
     def send_chunk(self, upload_id: str, offset: int, data: bytes) -> UploadStatus:
         headers = {OFFSET_HEADER: str(offset), "Content-Type": CHUNK_CONTENT_TYPE}
-        return self._status(self._request("PATCH", f"/v1/uploads/{upload_id}", content=data, headers=headers))
+        return self._status(self.request("PATCH", f"/v1/uploads/{upload_id}", content=data, headers=headers))
 
     def campaigns(self) -> list[dict[str, Any]]:
-        body = self._request("GET", "/v1/campaigns").json()
+        body = self.request("GET", "/v1/campaigns").json()
         if not isinstance(body, Mapping) or not isinstance(body.get("campaigns"), list):
             raise UploadError(f"malformed campaigns reply: {body!r}")
         return list(body["campaigns"])
