@@ -132,8 +132,7 @@ class ShiftTracker:
         events (per window and class) the detector and baseline are computed from."""
         return {**{k: getattr(self, k) for k in self._STATE},
                 "events": [[e.t_s, e.scenario_class, e.kind, e.value] for e in self.events],
-                "baseline": None if self.baseline is None else {"per_class": dict(self.baseline.per_class_per_hour),
-                                                                 "fleet": self.baseline.fleet_per_hour}}
+                "baseline": None if self.baseline is None else self.baseline.as_dict()}
 
     def restore(self, state: dict[str, Any] | None) -> None:
         """Resume from :meth:`to_state` (wall-clock stamps of an interrupted run are kept as they were)."""
@@ -143,7 +142,7 @@ class ShiftTracker:
             setattr(self, k, state[k])
         self.events = [ClassEvent(float(t), str(c), str(k), float(v)) for t, c, k, v in state["events"]]
         if state["baseline"] is not None:
-            self.baseline = Baseline(state["baseline"]["per_class"], float(state["baseline"]["fleet"]))
+            self.baseline = Baseline.from_dict(state["baseline"])
         if self.shift_fleet_s is not None:
             self.shift_wall = self.clock() - max(self.stamps.values(), default=0.0)
 

@@ -34,7 +34,7 @@ app = typer.Typer(
 
 def _register() -> None:
     """Import each area's CLI module; each adds its commands/sub-apps to ``app``."""
-    for name in ("_cli_edge", "_cli_safety", "_cli_cloud", "_cli_pipeline", "_cli_fl", "_cli_ota", "_cli_ota_release", "_cli_compress", "_cli_demo", "_cli_fleet", "_cli_stream", "_cli_logs", "_cli_hazards"):
+    for name in ("_cli_edge", "_cli_safety", "_cli_cloud", "_cli_pipeline", "_cli_fl", "_cli_ota", "_cli_ota_release", "_cli_compress", "_cli_demo", "_cli_fleet", "_cli_stream", "_cli_logs", "_cli_hazards", "_cli_shift"):
         try:
             __import__(f"driveloop.{name}")
         except ModuleNotFoundError as e:  # an area not built yet must not break the others

@@ -24,10 +24,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from driveloop.cloud.campaigns import PRIORITY_RANGE, CampaignSpec
+from driveloop.contracts.stream import TELEMETRY_PERIOD_S, Telemetry, VehicleEvent
 from driveloop.core.exceptions import ConfigError
 from driveloop.sim.scenarios import ENVIRONMENTS, environment_signal
 
@@ -100,6 +101,22 @@ class Baseline:
         """The class's own baseline, or the fleet's for a class the reference period never drove."""
         return self.per_class_per_hour.get(scenario_class, self.fleet_per_hour)
 
+    def as_dict(self) -> dict[str, Any]:
+        """The stored form (the live detector's baseline file, the demo's state file)."""
+        return {"per_class": dict(self.per_class_per_hour), "fleet": self.fleet_per_hour}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Baseline:
+        """From :meth:`as_dict`'s form, checked (it is read back from a file); ConfigError when it is not one."""
+        try:
+            per_class = {str(c): float(v) for c, v in data["per_class"].items()}
+            fleet = float(data["fleet"])
+        except (TypeError, KeyError, ValueError, AttributeError) as e:
+            raise ConfigError(f"not a shift baseline ({type(e).__name__}: {e})"[:200]) from None
+        if not all(math.isfinite(v) and v >= 0 for v in (*per_class.values(), fleet)):
+            raise ConfigError("a shift baseline's rates must be finite and >= 0")
+        return cls(per_class, fleet)
+
 
 @dataclass(frozen=True)
 class ShiftPolicy:
@@ -158,6 +175,96 @@ def detect_shifts(rates: Mapping[str, ClassRate], baseline: Baseline, policy: Sh
         if r.per_hour > limit:
             alerts.append(ShiftAlert(cls, r.per_hour, base, limit, r.exposure_h, r.interventions))
     return alerts
+
+
+def stream_class_events(messages: Iterable[Telemetry | VehicleEvent]) -> list[ClassEvent]:
+    """The live stream as the detector's events, at each message's ``wall_ts``: a telemetry message is
+    ``TELEMETRY_PERIOD_S`` of driving in its ``scenario`` (vehicles send one every control tick), an
+    ``intervention`` or ``collision`` event one of those there (the vehicle publishes them from the same
+    activation flag and crash count its fleet report sums); every other kind counts for nothing here."""
+    out = []
+    for m in messages:
+        if isinstance(m, Telemetry):
+            out.append(ClassEvent(m.wall_ts, m.scenario, "exposure", TELEMETRY_PERIOD_S))
+        elif isinstance(m, VehicleEvent) and m.kind in ("intervention", "collision"):
+            out.append(ClassEvent(m.wall_ts, m.scenario, m.kind))
+    return out
+
+
+@dataclass
+class LiveShift:
+    """The live detector's memory: a reference period that becomes the baseline, then a sliding window.
+
+    Rules it keeps (times are the messages' Unix seconds; ``now_s`` is the cloud's clock):
+    - an event older than ``now_s - window_s`` is stale and dropped (a replay of old data, or a forged time);
+      one from a vehicle whose clock runs ahead counts at ``now_s``;
+    - without a stored ``baseline``, the first ``reference_s`` of the stream (from its first fresh event) is
+      the reference period, and its per-class rates become the baseline once an event past its end arrives
+      (:meth:`freeze`) — the demo's rule: the baseline is what the fleet drove before. A straggler of the period
+      (another vehicle's consumer shard behind) still goes to the reference, and the baseline is taken again;
+    - events after it go into ``bucket_s`` buckets, and the rates are those of the last ``window_s``; memory is
+      per class and bucket, not per message.
+    """
+
+    window_s: float = 900.0
+    reference_s: float = 600.0
+    bucket_s: float = 10.0
+    baseline: Baseline | None = None
+    stale: int = 0
+    latest_s: float = -math.inf
+    reference_from_s: float | None = None
+    _reference: dict[tuple[str, str], float] = field(default_factory=dict)
+    _reference_changed: bool = False
+    _buckets: dict[int, dict[tuple[str, str], float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (self.window_s > 0 and self.reference_s > 0 and 0 < self.bucket_s <= self.window_s):
+            raise ConfigError("live shift: window_s > 0, reference_s > 0 and 0 < bucket_s <= window_s are required")
+
+    @property
+    def reference_until_s(self) -> float | None:
+        return None if self.reference_from_s is None else self.reference_from_s + self.reference_s
+
+    def add(self, events: Iterable[ClassEvent], now_s: float) -> None:
+        for e in events:
+            t = min(e.t_s, now_s)
+            if t < now_s - self.window_s:
+                self.stale += 1
+                continue
+            self.latest_s = max(self.latest_s, t)
+            if self.baseline is None and self.reference_from_s is None:
+                self.reference_from_s = t
+            if self.reference_from_s is not None and t < self.reference_from_s + self.reference_s:
+                key = (e.scenario_class, e.kind)
+                self._reference[key] = self._reference.get(key, 0.0) + e.value
+                self._reference_changed = True
+                continue
+            row = self._buckets.setdefault(math.floor(t / self.bucket_s), {})
+            row[(e.scenario_class, e.kind)] = row.get((e.scenario_class, e.kind), 0.0) + e.value
+        horizon = math.floor((self.latest_s - self.window_s) / self.bucket_s) if math.isfinite(self.latest_s) else 0
+        for b in [b for b in self._buckets if b < horizon]:
+            del self._buckets[b]
+
+    def freeze(self) -> Baseline | None:
+        """The baseline newly taken (or taken again) from the reference period; None when there is no new one."""
+        until = self.reference_until_s
+        if not self._reference_changed or until is None or self.latest_s < until:
+            return None
+        events = [ClassEvent(0.0, cls, kind, v) for (cls, kind), v in sorted(self._reference.items())]
+        self.baseline = Baseline.from_rates(class_rates(events))
+        self._reference_changed = False
+        return self.baseline
+
+    def rates(self) -> dict[str, ClassRate]:
+        """Per class over the window ending at the newest event."""
+        events = [ClassEvent(b * self.bucket_s, cls, kind, v) for b, row in self._buckets.items()
+                  for (cls, kind), v in row.items()]
+        return class_rates(events, since_s=math.floor((self.latest_s - self.window_s) / self.bucket_s) * self.bucket_s
+                           if math.isfinite(self.latest_s) else -math.inf)
+
+    def alerts(self, policy: ShiftPolicy, open_classes: Iterable[str] = ()) -> list[ShiftAlert]:
+        """:func:`detect_shifts` over the window against the baseline (none before there is one)."""
+        return [] if self.baseline is None else detect_shifts(self.rates(), self.baseline, policy, open_classes)
 
 
 def campaign_for(alert: ShiftAlert, policy: ShiftPolicy, now_s: float) -> CampaignSpec:

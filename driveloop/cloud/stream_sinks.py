@@ -15,17 +15,30 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from driveloop.cloud.catalog import Catalog, StreamEventRecord
+from driveloop.cloud.shift import (
+    ApprovalPolicy,
+    Baseline,
+    LiveShift,
+    ShiftAlert,
+    ShiftPolicy,
+    open_campaign,
+    stream_class_events,
+    threshold_per_hour,
+)
 from driveloop.contracts.stream import (
     MAX_MESSAGE_BYTES,
     Telemetry,
@@ -35,7 +48,8 @@ from driveloop.contracts.stream import (
     telemetry_subject,
     vehicle_of_subject,
 )
-from driveloop.core.exceptions import StorageError, StreamError
+from driveloop.core.atomic import write_atomic
+from driveloop.core.exceptions import ConfigError, StorageError, StreamError
 from driveloop.core.loop_thread import LoopThread
 from driveloop.edge.stream_client import nats_servers
 
@@ -285,6 +299,122 @@ class SinkRunner:
 
     def stop(self) -> None:
         self._thread.stop(timeout_s=30)
+
+
+# -- the shift detector ---------------------------------------------------------------------------------------
+
+
+class ShiftDetector:
+    """The shift-detector service (``cloud.shift``): per scenario class rates from the live stream, compared
+    with the baseline; a class that rose gets one targeted campaign through the existing campaign path, approved
+    when the operator's policy says so.
+
+    Rules it keeps:
+    - Its handler (:meth:`observe`) is fed by two durable consumers (TELEMETRY: exposure, EVENTS: interventions
+      and collisions, see :func:`~driveloop.cloud.shift.stream_class_events`); a message is counted once: per
+      stream and vehicle only a higher ``seq`` than the last counted one is added, so a redelivery or a spool
+      replay outside the broker's de-dup window adds nothing.
+    - The baseline is ``<dir>/baseline.json`` when there is one (the operator's, or one taken before); without
+      it, the reference period's rates (``LiveShift``) are taken and written there, atomically.
+    - Opening a campaign never fails the handler (that would redeliver counted messages): a failure is logged
+      and the alert is tried again on the next batch.
+    - ``<dir>/status.json`` (atomic, at most every ``status_every_s`` and at each campaign) is what
+      ``driveloop cloud shift status`` shows: per class live rates, the baseline and the campaigns opened.
+    """
+
+    def __init__(self, state_dir: Path, ingest: Callable[[], Any], approval: ApprovalPolicy,
+                 policy: ShiftPolicy | None = None, live: LiveShift | None = None,
+                 clock: Callable[[], float] = time.time, status_every_s: float = 1.0) -> None:
+        self.dir, self.ingest, self.approval = Path(state_dir), ingest, approval
+        self.policy, self.live, self.clock = policy or ShiftPolicy(), live or LiveShift(), clock
+        self.status_every_s = status_every_s
+        self.campaigns: dict[str, dict[str, Any]] = {}
+        self.campaign_errors = 0
+        self._last_seq: dict[tuple[str, str], int] = {}
+        self._duplicates = 0
+        self._written_at = -math.inf
+        self._lock = threading.Lock()
+        self.baseline_source = "reference period"
+        stored = self.dir / "baseline.json"
+        if stored.is_file():
+            try:
+                self.live.baseline = Baseline.from_dict(json.loads(stored.read_text()))
+            except (ValueError, ConfigError) as e:
+                raise ConfigError(f"shift baseline {stored}: {e}; fix or delete it") from None
+            self.baseline_source = str(stored)
+
+    def consumers(self, workers: int = 4) -> list[ConsumerSpec]:
+        return [ConsumerSpec("shift-telemetry", "TELEMETRY", "tel.>", self.observe, workers=workers),
+                ConsumerSpec("shift-events", "EVENTS", "evt.>", self.observe, workers=workers)]
+
+    def observe(self, messages: Sequence[Parsed]) -> None:
+        """The service's handler (called from several worker threads)."""
+        with self._lock:
+            fresh = []
+            for m in messages:
+                key = ("tel" if isinstance(m, Telemetry) else "evt", m.vehicle_id)
+                if m.seq <= self._last_seq.get(key, -1):
+                    self._duplicates += 1
+                    continue
+                self._last_seq[key] = m.seq
+                fresh.append(m)
+            now = self.clock()
+            self.live.add(stream_class_events(fresh), now)
+            taken = self.live.freeze()
+            if taken is not None:
+                write_atomic(self.dir / "baseline.json", json.dumps(taken.as_dict(), sort_keys=True).encode())
+                logger.info("shift baseline taken from the reference period: %.1f interventions/h fleet-wide",
+                            taken.fleet_per_hour)
+            opened = False
+            for alert in self.live.alerts(self.policy, self.campaigns):
+                opened |= self._open(alert)
+            if opened or now - self._written_at >= self.status_every_s:
+                self._write_status(now)
+
+    def _open(self, alert: ShiftAlert) -> bool:
+        try:
+            service = self.ingest()
+            try:
+                campaign = open_campaign(service, alert, self.policy, self.approval)
+            finally:
+                service.catalog.close()
+        except Exception as e:  # noqa: BLE001 - the catalog is down: try again on the next batch
+            self.campaign_errors += 1
+            logger.warning("shift in %s: campaign not opened (%s: %s); retrying", alert.scenario_class,
+                           type(e).__name__, e)
+            return False
+        self.campaigns[alert.scenario_class] = {**campaign, "alert": alert.as_dict()}
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """Per class: live rate, baseline and threshold; the baseline; the campaigns this service opened."""
+        with self._lock:
+            return self._status(self.clock())
+
+    def _status(self, now: float) -> dict[str, Any]:
+        base = self.live.baseline
+        classes = {}
+        for cls, r in self.live.rates().items():
+            b = base.for_class(cls) if base is not None else None
+            classes[cls] = {"exposure_h": round(r.exposure_h, 5), "interventions": int(r.interventions),
+                            "collisions": int(r.collisions), "per_hour": round(r.per_hour, 3),
+                            "baseline_per_hour": None if b is None else round(b, 3),
+                            "threshold_per_hour": None if b is None else round(threshold_per_hour(b, self.policy), 3)}
+        return {"updated_at": now, "window_s": self.live.window_s, "latest_event_s": self.live.latest_s
+                if math.isfinite(self.live.latest_s) else None,
+                "baseline": None if base is None else {**base.as_dict(), "source": self.baseline_source},
+                "reference_until_s": self.live.reference_until_s, "classes": classes,
+                "campaigns": dict(sorted(self.campaigns.items())), "stale": self.live.stale,
+                "duplicates": self._duplicates, "campaign_errors": self.campaign_errors}
+
+    def _write_status(self, now: float) -> None:
+        write_atomic(self.dir / "status.json", json.dumps(self._status(now), sort_keys=True).encode())
+        self._written_at = now
+
+    def flush(self) -> None:
+        """Write the status now (when the service stops)."""
+        with self._lock:
+            self._write_status(self.clock())
 
 
 def standard_consumers(index: EventIndex, metrics: StreamMetrics, workers: int = 4) -> list[ConsumerSpec]:

@@ -28,12 +28,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from driveloop.contracts.observation import CONTROL_PERIOD_S
 from driveloop.core.exceptions import StreamError
 from driveloop.core.ids import VEHICLE_ID_PATTERN, is_vehicle_id
 from driveloop.core.version import MODEL_VERSION_PATTERN
 
 __all__ = [
-    "CELL_M", "MAX_MESSAGE_BYTES", "MAX_LOG_BATCH_BYTES", "HEADER_ROOM_BYTES", "MAX_LOG_PAYLOAD_BYTES",
+    "CELL_M", "TELEMETRY_PERIOD_S", "MAX_MESSAGE_BYTES", "MAX_LOG_BATCH_BYTES", "HEADER_ROOM_BYTES", "MAX_LOG_PAYLOAD_BYTES",
     "EVENT_KINDS", "EventKind", "Telemetry", "VehicleEvent",
     "ROAD_PATTERN", "SCENARIO_PATTERN", "STREAMS", "StreamSpec", "telemetry_subject", "event_subject",
     "hazard_subject", "log_subject", "subject_token", "vehicle_of_subject", "cell_of", "cells_ahead", "msg_id",
@@ -41,6 +42,7 @@ __all__ = [
     "encode", "decode_telemetry", "decode_event",
 ]
 
+TELEMETRY_PERIOD_S = CONTROL_PERIOD_S  # a vehicle sends telemetry every control tick: each one is this much driving
 CELL_M = 250.0  # road cell length, metres: hazards are addressed to cells, vehicles watch the cells ahead
 MAX_MESSAGE_BYTES = 4096  # telemetry, events and hazards; the streams refuse anything larger
 MAX_LOG_BATCH_BYTES = 65536  # one vehicle log batch (the LOGS stream's limit)
@@ -57,8 +59,10 @@ SCENARIO_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # scenario names as sim.scena
 _DETAIL_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 _ROAD_RE = re.compile(ROAD_PATTERN[1:-1])
 
+# ``intervention``: the supervisor's fallback activation (``Decision.activation``, what a fleet report counts);
+# ``collision``: a crash as the vehicle's own accounting counts it. Both carry the scenario class they happened in.
 EventKind = Literal["aeb", "aeb_full", "fcw", "watchdog", "lane", "fault", "trigger", "slow_traffic",
-                    "sensor_degraded"]
+                    "sensor_degraded", "intervention", "collision"]
 EVENT_KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
 Mode = Literal["model", "fallback"]
 

@@ -7,6 +7,10 @@ Rules it keeps:
   brakes; an escalation from partial to full is a new event), a watchdog fault, the vehicle standing behind a
   standing lead (``slow_traffic``), and once per episode a sensor degradation (fog: ``sensor_degraded``). An
   event carries what the hazard service needs: the gap and the lead's speed as the vehicle's sensors saw them.
+- The cloud's shift detector counts what a fleet report counts, per scenario class (the ``scenario`` field):
+  an ``intervention`` event for each fallback activation (``Decision.activation``, on the tick it happens) and
+  a ``collision`` event for each crash the agent's own accounting counted (``collisions_by_kind``, published on
+  the tick after); telemetry every tick is the exposure.
 - Only scenarios laid out on the fleet's shared road (``sim.scenarios.SHARED_ROAD_KINDS``) are on road
   ``SHARED_ROAD``; any other vehicle drives a world of its own, published under a road of its own, so its
   coordinates never touch another's hazards, and it watches no cells.
@@ -74,6 +78,7 @@ class _Vehicle:
     standing: bool = False
     degraded_episode: int = -1
     pruned_at: float | None = None  # wall time of the filter's last prune
+    collisions: dict[str, int] | None = None  # the agent's collisions_by_kind when last published
 
 
 class StreamDataPlane:
@@ -139,8 +144,11 @@ class StreamDataPlane:
                 "scenario": agent.spec.kind}
 
     def _event(self, agent: VehicleAgent, v: _Vehicle, now: float, kind: EventKind, decel: float = 0.0,
-               **detail: float | str) -> None:
-        v.stream.publish(VehicleEvent(**self._base(agent, v, now), kind=kind, decel_mps2=max(decel, 0.0),
+               scenario: str | None = None, **detail: float | str) -> None:
+        base = self._base(agent, v, now)
+        if scenario is not None:  # the class the counted thing happened in (a crash is published a tick later)
+            base["scenario"] = scenario
+        v.stream.publish(VehicleEvent(**base, kind=kind, decel_mps2=max(decel, 0.0),
                                       detail={k: x for k, x in detail.items()
                                               if not isinstance(x, float) or math.isfinite(x)}))
 
@@ -150,6 +158,13 @@ class StreamDataPlane:
         if d is None:
             return
         v.stream.publish(Telemetry(**self._base(agent, v, now), accel_mps2=snap.accel_mps2, mode=d.source))
+        if d.activation:
+            self._event(agent, v, now, "intervention", cause=(d.reason or "")[:128])
+        crashes = agent.metrics.collisions_by_kind
+        for kind, n in sorted(crashes.items()):
+            for _ in range(n - (v.collisions or {}).get(kind, 0)):
+                self._event(agent, v, now, "collision", scenario=kind)
+        v.collisions = dict(crashes)
         track = forward_track(agent.observation) if agent.observation is not None else None
         seen = {"gap_m": float(track.gap_m), "lead_speed_mps": float(track.lead_speed_mps)} if track else {}
         aeb_decel = float(d.parts.get("aeb_decel_mps2", 0.0))

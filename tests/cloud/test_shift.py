@@ -169,3 +169,65 @@ def test_a_second_alert_for_the_same_shift_reuses_its_campaign(ingest) -> None:
     again = open_campaign(ingest, alert, POLICY, ApprovalPolicy.parse("slippery"))
     assert again["id"] == first["id"] and again["approved"] and not first["approved"]
     assert len(ingest.catalog.campaigns()) == 1
+
+
+# -- the live path: stream messages -> events -> a reference period, then a sliding window -------------------
+
+
+def _tel(scenario: str, wall: float, vid: str = "v1", seq: int = 0):
+    from driveloop.contracts.stream import Telemetry
+
+    return Telemetry(vehicle_id=vid, seq=seq, t_s=0.0, wall_ts=wall, x_m=0.0, y_m=0.0, lane=1, speed_mps=20.0,
+                     accel_mps2=0.0, mode="model", scenario=scenario)
+
+
+def _evt(kind: str, scenario: str, wall: float):
+    from driveloop.contracts.stream import VehicleEvent
+
+    return VehicleEvent(vehicle_id="v1", seq=0, t_s=0.0, wall_ts=wall, x_m=0.0, y_m=0.0, lane=1, speed_mps=20.0,
+                        kind=kind, scenario=scenario)
+
+
+def test_stream_messages_become_the_detectors_events() -> None:
+    from driveloop.cloud.shift import stream_class_events
+    from driveloop.contracts.stream import TELEMETRY_PERIOD_S
+
+    got = stream_class_events([_tel("fog", 5.0), _evt("intervention", "fog", 6.0), _evt("collision", "dense", 7.0),
+                               _evt("aeb", "fog", 8.0), _evt("sensor_degraded", "fog", 9.0)])
+    assert got == [ClassEvent(5.0, "fog", "exposure", TELEMETRY_PERIOD_S), ClassEvent(6.0, "fog", "intervention"),
+                   ClassEvent(7.0, "dense", "collision")]  # other kinds are not interventions: the report's rule
+
+
+def test_live_shift_takes_its_baseline_from_the_reference_period_then_slides() -> None:
+    from driveloop.cloud.shift import LiveShift
+
+    live = LiveShift(window_s=600.0, reference_s=100.0, bucket_s=10.0)
+    now = 10_000.0
+    live.add([ClassEvent(now - 500, "dense", "exposure", 90.0), ClassEvent(now - 450, "dense", "intervention")], now)
+    assert live.freeze() is None and live.alerts(POLICY) == []  # the reference period has not ended
+    live.add([ClassEvent(now - 300, "fog", "exposure", 36.0),
+              *(ClassEvent(now - 300, "fog", "intervention") for _ in range(4))], now)
+    base = live.freeze()
+    assert base is not None and base.for_class("dense") == pytest.approx(40.0) and base.for_class("fog") == 40.0
+    assert live.freeze() is None  # taken once
+    live.add([ClassEvent(now - 460, "dense", "exposure", 90.0)], now)  # a straggler of the reference period
+    again = live.freeze()
+    assert again is not None and again.for_class("dense") == pytest.approx(20.0)
+    assert set(live.rates()) == {"fog"} and live.rates()["fog"].per_hour == pytest.approx(400.0)
+    assert [a.scenario_class for a in live.alerts(POLICY)] == []  # 36 s of fog: under min_exposure_h (72 s)
+    live.add([ClassEvent(now - 200, "fog", "exposure", 36.0)], now)
+    assert [a.scenario_class for a in live.alerts(POLICY)] == ["fog"]  # 200/h > max(2 x 20, 20 + 20)
+    assert live.alerts(POLICY, open_classes={"fog"}) == []
+    live.add([ClassEvent(now + 5_000, "dense", "exposure", 36.0), ClassEvent(now - 601, "fog", "intervention")],
+             now + 450)  # a clock ahead counts at now; an event older than the window is stale
+    assert live.stale == 1 and live.latest_s == now + 450
+    assert set(live.rates()) == {"dense"}  # fog's minutes slid out of the window
+
+
+def test_a_stored_baseline_is_checked_when_read_back() -> None:
+    base = Baseline({"dense": 4.0}, 3.0)
+    assert Baseline.from_dict(base.as_dict()) == base
+    for bad in (None, {"per_class": {}}, {"per_class": [1], "fleet": 1.0}, {"per_class": {"a": "x"}, "fleet": 1},
+                {"per_class": {"a": float("nan")}, "fleet": 1.0}, {"per_class": {}, "fleet": -1.0}):
+        with pytest.raises(ConfigError):
+            Baseline.from_dict(bad)

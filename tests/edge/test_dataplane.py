@@ -227,9 +227,14 @@ def test_the_fleet_publishes_telemetry_every_tick_and_events_at_their_onset() ->
     assert len(tel) == 450 and [m.seq for m in jam.published] == list(range(len(jam.published)))
     assert {m.road for m in jam.published} == {SHARED_ROAD} and tel[0].scenario == "jam-tail"
     assert tel[0].model_version == "3" and tel[0].x_m < tel[-1].x_m
-    kinds = [e.kind for e in events]
+    # every fallback activation the report counts is an intervention event of its class, on its tick
+    took_over = [e for e in events if e.kind == "intervention"]
+    assert len(took_over) == report.vehicles[0].interventions >= 1
+    assert {e.scenario for e in took_over} == set(report.vehicles[0].interventions_by_kind) == {"jam-tail"}
+    assert not [e for e in events if e.kind == "collision"]
+    kinds = [e.kind for e in events if e.kind != "intervention"]
     assert kinds[0] == "aeb_full" and "slow_traffic" in kinds  # braked hard, then stood in the queue
-    first = events[0]
+    first = next(e for e in events if e.kind != "intervention")
     assert first.decel_mps2 == 9.0 and first.detail["lead_speed_mps"] == pytest.approx(0.0, abs=0.5)
     assert 0.0 < float(first.detail["gap_m"]) <= 100.0
     assert report.vehicles[0].aeb_activations == kinds.count("aeb") + kinds.count("aeb_full") - \
@@ -283,3 +288,32 @@ def test_a_long_drive_prunes_its_hazard_filter() -> None:
     now[0] = forget_at - PRUNE_EVERY_S / 2 + PRUNE_EVERY_S
     plane.advisories([agent])
     assert filt._actions == {}
+
+
+def test_interventions_and_crashes_are_published_once_in_the_class_they_happened_in() -> None:
+    """What the cloud's shift detector counts: an intervention event on an activation's tick, a collision event for
+    each crash the agent counted (in the class it was counted in), never twice."""
+    import math
+    from types import SimpleNamespace
+
+    stream = FakeStream()
+    plane = StreamDataPlane({"veh000": stream}, None, "3", clock=lambda: 1_900_000_000.0)
+    ego = SimpleNamespace(x_m=10.0, y_m=0.0, lane_index=1)
+    agent = SimpleNamespace(vehicle_id="veh000", t_s=1.0, observation=None, spec=SimpleNamespace(kind="fog", visibility_m=math.inf),
+                            snapshot=SimpleNamespace(ego=ego, speed_mps=20.0, accel_mps2=0.0),
+                            metrics=SimpleNamespace(collisions_by_kind={}, episodes=0))
+
+    def tick(activation: bool, crashes: dict[str, int]) -> list[tuple[str, str]]:
+        agent.last_decision = SimpleNamespace(source="fallback" if activation else "model", activation=activation,
+                                              reason="aeb" if activation else None, parts={}, aeb=False, watchdog=None)
+        agent.metrics.collisions_by_kind = dict(crashes)
+        before = len(stream.published)
+        plane.publish([agent])
+        return [(m.kind, m.scenario) for m in stream.published[before:] if isinstance(m, VehicleEvent)]
+
+    assert tick(False, {}) == []
+    assert tick(True, {}) == [("intervention", "fog")]
+    assert tick(False, {"dense": 1}) == [("collision", "dense")]  # counted in the episode before, in dense
+    assert tick(False, {"dense": 1}) == []
+    assert tick(True, {"dense": 1, "fog": 2}) == [("intervention", "fog"), ("collision", "fog"), ("collision", "fog")]
+    assert plane.errors == {}

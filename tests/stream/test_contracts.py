@@ -75,3 +75,15 @@ def test_event_detail_is_bounded() -> None:
         evt("v1", 1).model_validate({**evt("v1", 1).model_dump(), "detail": {f"k{i}": i for i in range(17)}})
     big = evt("v1", 1).model_copy(update={"detail": {f"k{i}": "x" * 128 for i in range(16)}})
     assert len(encode(big)) < MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize("kind", ["intervention", "collision"])
+def test_the_shift_detectors_events_round_trip_with_their_class(kind: str) -> None:
+    """What a vehicle publishes for the cloud's shift detector: its kind's own subject, the class it happened in."""
+    e = evt("v.1", 7, kind).model_copy(update={"scenario": "fog"})
+    subject = event_subject("v.1", kind)
+    assert subject == f"evt.v~1.{kind}" and vehicle_of_subject(subject) == "v.1"
+    back = decode_event(encode(e), subject)
+    assert back == e and back.scenario == "fog"
+    with pytest.raises(StreamError, match="does not match"):
+        decode_event(encode(e), event_subject("v.1", "aeb"))
