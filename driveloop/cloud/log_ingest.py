@@ -89,12 +89,17 @@ class LogIngest:
             logger.info("log batch from %s: %d line(s) refused: %s", sender or "a collector", rejected, error)
         return ack
 
-    def accept_json(self, sender: str | None, raw: bytes) -> LogAck:
-        """A ``{"lines": [...]}`` body: validated whole when it is all good (fast), else line by line."""
+    def accept_json(self, sender: str | None, raw: bytes, guard: Callable[[bytes], object] | None = None) -> LogAck:
+        """A ``{"lines": [...]}`` body: validated whole when it is all good (fast), else line by line.
+        ``guard`` (e.g. a nesting-depth check) runs only before that slow path's recursive ``json.loads``:
+        the fast path's parser bounds its own recursion, and a body it accepts is flat by the schema, so a
+        byte-by-byte scan of every good batch (which cost the server a fifth of its time) is not needed."""
         try:
             return self.accept(sender, LogBatch.model_validate_json(raw).lines)
         except ValidationError:
             pass
+        if guard is not None:
+            guard(raw)
         try:
             body = json.loads(raw)
         except ValueError as e:
@@ -160,8 +165,7 @@ def register_log_routes(app: FastAPI, ingest: LogIngest, vehicle: Callable[[str 
     @app.post("/v1/logs/batch")
     async def log_batch(request: Request) -> JSONResponse:
         who = await run_in_threadpool(vehicle, request.headers.get("authorization"))
-        raw = _shallow(await _body(request))
-        ack = await run_in_threadpool(ingest.accept_json, who, raw)
+        ack = await run_in_threadpool(ingest.accept_json, who, await _body(request), _shallow)
         return JSONResponse(ack.model_dump())
 
     @app.post("/v1/logs")

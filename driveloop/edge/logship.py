@@ -4,7 +4,8 @@ The vehicle owns the Protocol (:class:`LogSink`) and the HTTPS implementation (:
 ``POST /v1/logs/batch`` on the ingest server with the vehicle's token); the embedded local cloud and
 the fleet's event stream implement the same Protocol one layer up, and the composition picks one.
 
-:class:`LogShipper` sends the spool's oldest lines and drops them only once the sink answered for
+:class:`LogShipper` sends the spool's oldest lines (WARNING and above ahead of the rest, so a safety
+event is not queued behind a backlog) and drops them only once the sink answered for
 them (stored, already stored, or refused for good). A failure to reach the cloud (connection refused,
 timeout, 5xx, 429) leaves every line in the spool for the next attempt, so a disconnect costs nothing
 but time, as long as the spool's cap holds what the vehicle logs meanwhile. A resent batch (the answer
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_PATH = "/v1/logs/batch"
 DEFAULT_BATCH_LINES = 500
+URGENT_LEVEL = "warning"  # lines at this level or above ship ahead of older, lower ones
 
 
 class LogSink(Protocol):
@@ -105,7 +107,10 @@ class LogShipper:
         """Send until the spool is empty, ``max_batches`` went out, or the sink fails."""
         result = ShipResult()
         while max_batches is None or result.batches < max_batches:
-            pending = self.spool.pending(self.batch_lines)
+            # WARNING and above first: an AEB event must not wait behind a backlog of chatter (the cloud keys
+            # lines by sequence number, so their order of arrival does not matter).
+            pending = (self.spool.pending(self.batch_lines, min_level=URGENT_LEVEL)
+                       or self.spool.pending(self.batch_lines))
             if not pending:
                 break
             try:

@@ -34,6 +34,7 @@ __all__ = ["LogSpool", "SpoolStats", "VehicleLogHandler", "DEFAULT_CAP_BYTES", "
 DEFAULT_CAP_BYTES = 16 * 2**20  # ~50,000 lines: hours of a vehicle's normal logging
 LEVEL_NUMBERS: Mapping[str, int] = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _EVICT_CHUNK = 512
+_ACK_CHUNK = 500  # sequence numbers per statement, under SQLite's bound-parameter limit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS lines (seq INTEGER PRIMARY KEY, level INTEGER NOT NULL, nbytes INTEGER NOT NULL,
@@ -160,10 +161,14 @@ class LogSpool:
                 self._add(f"evicted.{_level_name(level)}", len(take))
 
     # -- shipping ----------------------------------------------------------------------------------------
-    def pending(self, limit: int = 1000, after: int = -1) -> list[tuple[int, str]]:
-        """The oldest ``limit`` unacknowledged lines numbered above ``after``: (sequence, JSON line)."""
+    def pending(self, limit: int = 1000, after: int = -1, min_level: str | None = None) -> list[tuple[int, str]]:
+        """The oldest ``limit`` unacknowledged lines numbered above ``after`` (only those at ``min_level`` or
+        above, when given): (sequence, JSON line)."""
         with self._lock:
             try:
+                if min_level is not None:
+                    return self._db.execute("SELECT seq, line FROM lines WHERE level >= ? AND seq > ? ORDER BY seq "
+                                            "LIMIT ?", (LEVEL_NUMBERS[min_level], after, limit)).fetchall()
                 return self._db.execute("SELECT seq, line FROM lines WHERE seq > ? ORDER BY seq LIMIT ?",
                                         (after, limit)).fetchall()
             except sqlite3.Error as e:
@@ -175,14 +180,20 @@ class LogSpool:
             return 0
         with self._lock:
             try:
+                seqs = sorted({int(s) for s in sequences})
                 self._db.execute("BEGIN IMMEDIATE")
                 gone = 0
-                for seq in sequences:
-                    row = self._db.execute("DELETE FROM lines WHERE seq = ? RETURNING nbytes", (int(seq),)).fetchone()
-                    if row is not None:
-                        gone += 1
-                        self._bytes -= int(row[0])
-                top = max(int(s) for s in sequences)
+                # One statement per chunk, not per line: a shipped batch is thousands of lines, and a DELETE
+                # each made acknowledging cost as much as logging them.
+                for k in range(0, len(seqs), _ACK_CHUNK):
+                    chunk = seqs[k:k + _ACK_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    n, nbytes = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM lines "
+                                                 f"WHERE seq IN ({marks})", chunk).fetchone()
+                    self._db.execute(f"DELETE FROM lines WHERE seq IN ({marks})", chunk)
+                    gone += int(n)
+                    self._bytes -= int(nbytes)
+                top = seqs[-1]
                 if top + 1 > self._counter("acked_through_plus_one"):
                     self._db.execute("INSERT INTO counters (name, value) VALUES ('acked_through_plus_one', ?) "
                                      "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (top + 1,))

@@ -142,6 +142,17 @@ def test_bad_batch_bodies_are_4xx(cloud: Cloud, body: bytes, status: int) -> Non
     assert cloud.index.count() == 0
 
 
+@pytest.mark.parametrize("depth", [40, 100_000])  # under and over the fast parser's own recursion limit
+def test_a_deep_batch_is_refused_by_the_depth_guard_before_the_slow_parser(cloud: Cloud, depth: int) -> None:
+    # The fast path parses only; a body it refuses reaches json.loads only after the nesting check.
+    deep = b'{"lines":[' + json.dumps(_line(0)).encode()[:-1] + b',"labels":' + b'{"a":' * depth + b'1' + b'}' * depth
+    with serve_in_thread(cloud.app) as url:
+        r = httpx.post(f"{url}/v1/logs/batch", content=deep + b'}]}',
+                       headers={"Authorization": f"Bearer {cloud.tokens['veh001']}"})
+    assert r.status_code == 422 and "nested deeper than" in r.json()["error"]
+    assert cloud.index.count() == 0
+
+
 def _otlp(records: list[dict[str, object]], resource: dict[str, str] | None = None) -> dict[str, object]:
     attrs = [{"key": k, "value": {"stringValue": v}} for k, v in (resource or {"service.name": "collector"}).items()]
     return {"resourceLogs": [{"resource": {"attributes": attrs},

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from driveloop.contracts.logline import parse_line
+from driveloop.contracts.logline import LogAck, parse_line
 from driveloop.core.exceptions import ConfigError
 from driveloop.core.logfmt import log_context, render_json
+from driveloop.edge.logship import LogShipper
 from driveloop.edge.logspool import LogSpool, VehicleLogHandler
 
 
@@ -116,3 +117,57 @@ def test_handler_routes_by_bound_vehicle(tmp_path: Path) -> None:
     assert [x["message"] for x in a] == ["a says hello"] and a[0]["model.version"] == "3"
     assert [x["message"] for x in b] == ["b warns"] and b[0]["log.level"] == "warning"
     assert sorted(p.name for p in (tmp_path / "spools").glob("*.db")) == ["veh-a.db", "veh-b.db"]
+
+
+def test_acking_a_large_scattered_set_keeps_the_byte_count_exact(tmp_path: Path) -> None:
+    # More sequence numbers than one ack statement takes, some already gone, some never stored.
+    sp = LogSpool(tmp_path / "veh001.db", cap_bytes=10**8)
+    sp.append_many([_fields("info", i % 10_000) for i in range(1500)])
+    assert sp.ack(list(range(0, 1500, 3))) == 500
+    kept = [s for s, _ in sp.pending(2000)]
+    assert kept == [s for s in range(1500) if s % 3]
+    assert sp.ack([*range(1, 1200), 5000, 5001]) == len([s for s in range(1, 1200) if s % 3])
+    expected = sum(_size("info", s % 10_000, s) for s in range(1200, 1500) if s % 3)
+    st = sp.stats()
+    assert (st.lines, st.bytes) == (200, expected)
+    sp.close()
+    again = LogSpool(tmp_path / "veh001.db", cap_bytes=10**8)  # the counted bytes match what SQLite holds
+    assert again.stats().bytes == expected
+    again.close()
+
+
+def test_pending_at_a_minimum_level(tmp_path: Path) -> None:
+    sp = LogSpool(tmp_path / "veh001.db", cap_bytes=10**6)
+    sp.append_many([_fields(lvl, i) for i, lvl in enumerate(["info", "warning", "debug", "error", "info"])])
+    assert [s for s, _ in sp.pending(10, min_level="warning")] == [1, 3]
+    assert [s for s, _ in sp.pending(1, min_level="warning")] == [1]
+    assert [s for s, _ in sp.pending(10, min_level="error")] == [3]
+    assert [s for s, _ in sp.pending(10)] == [0, 1, 2, 3, 4]
+    sp.close()
+
+
+class _RecordingSink:
+    """A sink that stores every batch it is sent, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def send(self, vehicle_id: str, lines: list[str]) -> LogAck:
+        self.batches.append([json.loads(t)["event.sequence"] for t in lines])
+        return LogAck(accepted=len(lines), duplicates=0, rejected=0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_warnings_ship_ahead_of_an_older_backlog(tmp_path: Path) -> None:
+    sp = LogSpool(tmp_path / "veh001.db", cap_bytes=10**7)
+    sp.append_many([_fields("info", i) for i in range(25)])  # a backlog: 25 lines, 3 batches of 10
+    sp.append(_fields("warning", 25))  # the AEB event, logged last
+    sp.append_many([_fields("info", i) for i in range(26, 30)])
+    sink = _RecordingSink()
+    result = LogShipper("veh001", sp, sink, batch_lines=10).ship()
+    assert sink.batches[0] == [25]  # first out, ahead of the 25 older lines
+    assert sink.batches[1:] == [list(range(0, 10)), list(range(10, 20)), [*range(20, 25), 26, 27, 28, 29]]
+    assert (result.sent, result.accepted, sp.stats().lines) == (30, 30, 0)
+    sp.close()
