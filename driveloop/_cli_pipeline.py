@@ -12,13 +12,8 @@ from typing import Any
 import typer
 
 from driveloop._jsonout import dumps
-from driveloop.cli import app
 
-try:
-    from driveloop._cli_cloud import cloud_app  # type: ignore[attr-defined]
-except ImportError:  # the ingest CLI has not created the `cloud` group (yet): create it here
-    cloud_app = typer.Typer(help="Cloud: ingest server, data pipeline.", no_args_is_help=True)
-    app.add_typer(cloud_app, name="cloud")
+from driveloop._cli_cloud import cloud_app
 
 logger = logging.getLogger(__name__)
 

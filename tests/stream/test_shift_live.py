@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import nats
@@ -25,25 +25,12 @@ from driveloop.cloud.shift import ApprovalPolicy, LiveShift, ShiftPolicy
 from driveloop.cloud.stream_sinks import ShiftDetector, SinkRunner, StreamMetrics
 from driveloop.contracts.stream import MAX_MESSAGE_BYTES, Telemetry, VehicleEvent, encode, event_subject, telemetry_subject
 from tests.fakes.wait import wait_until
-from tests.stream.conftest import ensure
 
 HZ = 10  # telemetry per second of driving (contracts.stream.TELEMETRY_PERIOD_S)
 
 
 def hours(seconds: float) -> float:
     return round(seconds / 3600, 5)  # as the detector's status writes them
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    b = EmbeddedBroker.embedded(tmp_path / "nats")
-    try:
-        b.start()
-        ensure(b.url)
-        yield b
-    finally:
-        b.stop()
-    assert not b.running()
 
 
 class Vehicle:
