@@ -12,7 +12,9 @@ and the ratio torch_eager / ort_runtime at p50. Engines are measured in alternat
 load from other processes on the machine hits them alike. Optional extras:
 - ``isolated``: submit + poll round trip through :class:`IsolatedRuntime` (model in a child process);
 - ``agent``: the control loop's own cost per tick (sensors + inference + supervisor) next to the bare
-  simulator step (``env.step``) for one vehicle, from :func:`driveloop.edge.fleet.run_fleet`.
+  simulator step (``env.step``) for one vehicle, from :func:`driveloop.edge.fleet.run_fleet`, with a floor
+  breakdown per fleet (inference call split into the ONNX Runtime call, the same call on warm caches and the
+  runtime's wrapper; sensing; safety layer; recorder; bookkeeping): where the overhead that remains goes.
 
 Targets (issue 3, acceptance 4): ORT ≥ 4× faster than torch eager at batch 1, ORT p50 ≤ 50 µs.
 Benchmarks print ratios against a baseline measured in the same run; they are not timed tests.
@@ -174,7 +176,12 @@ class _Timed:
         return getattr(self._inner, name)
 
 
-STAGES = ("sense_reference", "sense", "inference", "track", "supervisor", "bookkeeping", "sim_step", "record")
+STAGES = ("sense_reference", "sense", "inference", "track", "supervisor", "bookkeeping", "sim_step", "record",
+          "ort_call", "ort_call_warm")
+# Parts of other stages, or not part of the loop at all: shown in the floor breakdown, never summed into an overhead.
+# ``ort_call`` is the ONNX Runtime kernel call inside ``inference``; ``ort_call_warm`` the same call repeated at
+# once, with the caches it just filled (what the model costs when the ~1 ms simulator step has not evicted it).
+FLOOR_ONLY = ("ort_call", "ort_call_warm")
 OVERHEAD = ("inference", "track", "supervisor")  # + a sensing path; "full" adds the bookkeeping
 ORDERS = ("grouped", "interleaved")
 
@@ -209,6 +216,13 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
 
     agents = [VehicleAgent(f"bench{i:03d}", scenario, seed + i, recorder_factory=factory) for i in range(n)]
     dt = agents[0].config.sim.dt_s
+    # The runtime's IO bindings are built on first use, on this (timed) session; a tree from before the
+    # bindings (the bench also runs on older trees, alternating before/after runs) gets no ORT split.
+    split = hasattr(runtime, "_cpu_bound")
+    session = runtime._cpu
+    if split:
+        runtime._cpu = _Timed(session, "run_with_iobinding", st["ort_call"])
+        runtime._cpu_bound.clear()
     clock = time.thread_time, time.perf_counter
     untimed_track = agent_mod.forward_track
     agent_mod.forward_track = _Timed(agent_mod, "forward_track", st["track"]).forward_track  # as the agent calls it
@@ -230,6 +244,11 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
             t2 = [c() for c in clock]
             actions, conf = runtime.run(batch)
             t3 = [c() for c in clock]
+            w = w1 = [c() for c in clock]
+            if split:  # the same call again at once: warm caches, same inputs
+                session.run_with_iobinding(runtime._cpu_bound[n].binding)
+                w1 = [c() for c in clock]
+                st["ort_call_warm"].add(w1[0] - w[0], w1[1] - w[1])
             now = tick * dt
             replies = [ModelReply(actions[i], conf[i], now + (t3[1] - t2[1]), alive=True) for i in range(n)]
             if tick % 2 == 0:
@@ -242,7 +261,7 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
                     a.act(reply)
             t4 = [c() for c in clock]
             for name, (u, v) in zip(("sense_reference", "sense", "inference", "bookkeeping"),
-                                    ((t, t1), (t1, t2), (t2, t3), (t3, t4))):
+                                    ((t, t1), (t1, t2), (t2, t3), (w1, t4))):
                 st[name].add(v[0] - u[0], v[1] - u[1])
             book = st["bookkeeping"]  # what decide + advance cost beyond their timed parts
             for part in ("track", "supervisor", "sim_step", "record"):
@@ -254,6 +273,9 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
                     raise RuntimeError(f"batched sensors differ from the reference on {name} at tick {tick}")
     finally:
         agent_mod.forward_track = untimed_track
+        if split:
+            runtime._cpu = session
+            runtime._cpu_bound.clear()
         for a in agents:
             a.close()
     out: dict[str, Any] = {"vehicles": n, "ticks": ticks}
@@ -269,10 +291,34 @@ def _fleet_overhead(n: int, seconds: float, scenario: str, seed: int, runtime: A
                 full = overhead + per["bookkeeping"][metric]
                 res[f"overhead_full_{path}_{metric}"] = full
                 res[f"ratio_full_{path}_{metric}"] = full / per["sim_step"][metric]
+        if split:
+            res["floor_cpu_us_p50"] = _floor(per)
         res["sensing_speedup_cpu_p50"] = per["sense_reference"]["cpu_us_p50"] / per["sense"]["cpu_us_p50"]
         res["overhead_speedup_cpu_p50"] = res["overhead_old_cpu_us_p50"] / res["overhead_new_cpu_us_p50"]
         out[order] = res
     return out
+
+
+def _floor(per: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Where the agent's overhead goes, per vehicle per tick (CPU p50, µs), and what the step leaves as its floor.
+
+    ``inference`` splits into the ONNX Runtime call (``ort_call``) and the runtime's own wrapper (batch
+    contract check, copies in and out, latency log); ``ort_call_warm`` is the same call on warm caches, so
+    ``cache_penalty`` is what the simulator step's eviction of the model's weights and arena costs the call.
+    """
+    cpu = {name: row["cpu_us_p50"] for name, row in per.items()}
+    step = cpu["sim_step"]
+    parts = {"inference_call": cpu["inference"], "ort_call": cpu["ort_call"],
+             "runtime_wrapper": max(0.0, cpu["inference"] - cpu["ort_call"]), "ort_call_warm": cpu["ort_call_warm"],
+             "cache_penalty": max(0.0, cpu["ort_call"] - cpu["ort_call_warm"]), "sensing": cpu["sense"],
+             "safety_layer": cpu["track"] + cpu["supervisor"], "recorder": cpu["record"],
+             "bookkeeping": cpu["bookkeeping"], "sim_step": step}
+    overhead = parts["inference_call"] + parts["sensing"] + parts["safety_layer"]
+    parts["overhead"] = overhead
+    parts["overhead_pct"] = 100 * overhead / step
+    parts["ort_call_pct"] = 100 * parts["ort_call"] / step  # the model alone, cold, as the loop calls it
+    parts["overhead_if_warm_pct"] = 100 * (overhead - parts["cache_penalty"]) / step
+    return parts
 
 
 def bench_agent_overhead(seconds: float = 30.0, scenario: str = "highway", seed: int = 0,
@@ -328,7 +374,7 @@ def _print_agent(ag: dict[str, Any]) -> None:
             print(f"  {f['vehicles']} vehicle(s), {f['ticks']} ticks, {order} order (half the ticks)")
             print(f"    {'stage':<16} {'cpu p50':>9} {'cpu mean':>9} {'wall p50':>9}")
             for name, row in r["stages_per_vehicle_us"].items():
-                if name == "record" and not ag["record"]:
+                if name in FLOOR_ONLY or (name == "record" and not ag["record"]):
                     continue
                 print(f"    {name:<16} {row['cpu_us_p50']:9.1f} {row['cpu_us_mean']:9.1f} {row['wall_us_p50']:9.1f}")
             for path in ("old", "new"):
@@ -336,6 +382,15 @@ def _print_agent(ag: dict[str, Any]) -> None:
                       f"{r[f'overhead_{path}_cpu_us_p50']:.1f} µs = {100 * r[f'ratio_{path}_cpu_us_p50']:.1f}% of "
                       f"the env step (wall p50 {100 * r[f'ratio_{path}_wall_us_p50']:.1f}%); with bookkeeping "
                       f"{r[f'overhead_full_{path}_cpu_us_p50']:.1f} µs = {100 * r[f'ratio_full_{path}_cpu_us_p50']:.1f}%")
+            fl = r.get("floor_cpu_us_p50")  # absent on a tree without the runtime's IO bindings
+            if fl is not None:
+                print(f"    floor (cpu p50 µs): inference call {fl['inference_call']:.1f} (ORT kernel call "
+                      f"{fl['ort_call']:.1f}, same call on warm caches {fl['ort_call_warm']:.1f}, runtime wrapper "
+                      f"{fl['runtime_wrapper']:.1f}), sensing {fl['sensing']:.1f}, safety layer "
+                      f"{fl['safety_layer']:.1f}, recorder {fl['recorder']:.1f}, bookkeeping {fl['bookkeeping']:.1f}; "
+                      f"env step {fl['sim_step']:.1f}")
+                print(f"    floor: the ORT call alone is {fl['ort_call_pct']:.1f}% of the env step; overhead "
+                      f"{fl['overhead_pct']:.1f}%, {fl['overhead_if_warm_pct']:.1f}% if the model call found warm caches")
             print(f"    old/new: sensing {r['sensing_speedup_cpu_p50']:.2f}x, overhead "
                   f"{r['overhead_speedup_cpu_p50']:.2f}x (cpu p50)")
 

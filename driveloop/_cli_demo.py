@@ -54,16 +54,24 @@ def demo(
         typer.echo(f"iteration {it['index']} ({it['kind']}): model v{it['model']}  "
                    f"{it['interventions_per_hour']:.1f} interventions/h  {it['collisions']} collisions  "
                    f"progress {it['progress']:.2f}  rollout {it['rollout_outcome']}")
+        if it.get("timings_s"):  # rows of a run resumed from an older state file have none
+            typer.echo(f"  time: {_stages(it['timings_s'])}")
     f = report["final_drive"]
     fleet = ", ".join(f"{n} on v{v}" for v, n in sorted(f["versions"].items()))
     typer.echo(f"final drive: {f['interventions_per_hour']:.1f} interventions/h, {f['collisions']} collisions, "
                f"fleet: {fleet}")
+    typer.echo(f"whole demo: {report['seconds']:.0f} s ({_stages(report.get('timings_s') or {})})")
     sh = report.get("shift")
     if sh:
         typer.echo(f"shift to {sh['environment']}: detected after {_secs(sh['detected_after_s'])}, candidate "
                    f"validated after {_secs(sh['validated_after_s'])}, whole fleet on it after "
                    f"{_secs(sh['adapted_after_s'])}; {sh['environment']} interventions/h {_rate(sh['before_per_hour'])}"
                    f" -> {_rate(sh['after_per_hour'])}; old classes {'ok' if sh['old_classes_ok'] else 'NOT ok'}")
+
+
+def _stages(timings_s: dict[str, float]) -> str:
+    """``pipeline 140 s, federated 61 s, …``: the stages of a demo row, as they are named in its JSON."""
+    return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings_s.items()) or "no stage times"
 
 
 def _secs(value: float | None) -> str:

@@ -28,7 +28,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,28 @@ class IterationResult:
     kind: str = "loop"  # "loop" | "bad-model"
     world: str = "mix"  # the scenario distribution the fleet drove ("mix+<env>" after a shift)
     classes: dict[str, dict[str, float]] = field(default_factory=dict)  # per class: hours, interventions, per_hour
+    timings_s: dict[str, float] = field(default_factory=dict)  # wall seconds per stage (StageClock); not replayable
+
+
+class StageClock:
+    """Wall seconds per named stage, summed over repeats (a rollout is many window drives).
+
+    Where the demo's time goes, measured in every run rather than guessed: which stages wait on each
+    other and which leave a core idle. A dotted name (``rollout.drive``) is a part of its parent stage.
+    Wall-clock times differ between runs, so they are no part of a reproducible demo row.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + self._clock() - t0, 3)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -207,11 +230,13 @@ class Demo:
 
         cfg, s = self.config, self.settings
         t_start = time.monotonic()
+        clock = StageClock()
         state = self._load_state()
         self.say("bootstrapping model v1 (reused when present)")
-        boot = bootstrap(s.registry_dir, BootstrapConfig(episodes=cfg.bootstrap_episodes, epochs=cfg.bootstrap_epochs,
-                                                         seed=cfg.seed),
-                         progress=self.say)
+        with clock("bootstrap"):
+            boot = bootstrap(s.registry_dir, BootstrapConfig(episodes=cfg.bootstrap_episodes, epochs=cfg.bootstrap_epochs,
+                                                             seed=cfg.seed),
+                             progress=self.say)
         registry = Registry(s.registry_dir)
         releases = ReleaseService(s.ota_dir / "repo", s.ota_dir / "keys", registry)
         v1 = releases.release(boot["version"], hardware_class="any")
@@ -234,16 +259,18 @@ class Demo:
             for k in range(done, total):
                 kind = "bad-model" if k == cfg.iterations else "loop"
                 self.say(f"— iteration {k + 1}/{total} ({kind}) —")
-                result = loop.iteration(k, kind)
+                with clock("iterations"):
+                    result = loop.iteration(k, kind)
                 state["iterations"].append(asdict(result))
                 state["shift_tracker"] = tracker.to_state()
                 state["fleet_clock_s"] = loop.clock_s  # a resumed run's health windows must not overlap these
                 _write_json_atomic(self.state_path, state)
-            final = {"measure": loop.measure(tracker.world(loop.shifted(total - 1)))}
+            with clock("final_drive"):
+                final = {"measure": loop.measure(tracker.world(loop.shifted(total - 1)))}
         registry.close()
         report = {"iterations": state["iterations"], "final_drive": final["measure"],
                   "dashboard": server.url, "seconds": round(time.monotonic() - t_start, 1),
-                  "home": str(s.home), "timeline": tracker.windows}
+                  "home": str(s.home), "timeline": tracker.windows, "timings_s": clock.seconds}
         if tracker.shifted:
             from driveloop._demo_shift import shift_report
 
@@ -264,6 +291,7 @@ class _Loop:
         self.server_url, self.http, self.tracker = server_url, http, tracker
         self.cfg, self.settings, self.say = demo.config, demo.settings, demo.say
         self.clock_s = 0.0  # fleet time across windows (health report windows)
+        self.timer = StageClock()  # the current iteration's stages (a new one per iteration)
 
     def shifted(self, k: int) -> bool:
         """Does iteration ``k`` (0-based) drive in the shifted world? The world shifts only when a loop iteration
@@ -271,14 +299,16 @@ class _Loop:
         cfg = self.cfg
         return cfg.shift is not None and cfg.shift_after < cfg.iterations and k >= cfg.shift_after
 
-    def _drive(self, seconds: float, window_seed: int, record: bool, world: str = "mix", label: str = "") -> Any:
+    def _drive(self, seconds: float, window_seed: int, record: bool, world: str = "mix", label: str = "",
+               stage: str = "drive") -> Any:
         from driveloop.edge.drive import recorder_factory
 
         # Mid-rollout the fleet runs several models: each vehicle's segments name the one that drove. Approved
         # campaigns (the shift's) run beside the recorder's own triggers.
         factory = recorder_factory(self.settings.spool_dir, 2 * 2**30, self.fleet.active_version,
                                    self._campaigns()) if record else None
-        with self.demo.progress.stage(f"{label or 'driving'}: {len(self.fleet.vehicles)} vehicles × {seconds:g} s"):
+        with self.timer(stage), \
+                self.demo.progress.stage(f"{label or 'driving'}: {len(self.fleet.vehicles)} vehicles × {seconds:g} s"):
             report = self.fleet.drive_window(self.clock_s, seconds, world, window_seed, recorder_factory=factory)
         self.tracker.observe(report, self.clock_s, seconds, label or f"window {window_seed}")
         self.clock_s += seconds
@@ -313,6 +343,15 @@ class _Loop:
                 "classes": class_rows([e for r in reports for e in report_events(r, 0.0)])}
 
     def iteration(self, k: int, kind: str) -> IterationResult:
+        self.timer = timer = StageClock()
+        try:
+            result = self._iteration(k, kind)
+        finally:
+            self.timer = StageClock()  # drives after the iteration (the final one) are not its stages
+        result.timings_s = timer.seconds
+        return result
+
+    def _iteration(self, k: int, kind: str) -> IterationResult:
         self.fleet.sync()
         versions = self.fleet.versions()
         shifted = self.shifted(k)
@@ -326,10 +365,12 @@ class _Loop:
                                  world=m["world"], classes=m["classes"])
         from driveloop.wiring import upload_spool
 
-        up = upload_spool(self.settings)
+        with self.timer("upload"):
+            up = upload_spool(self.settings)
         self.say(f"uploaded {up['uploaded']} segments")
         if kind == "bad-model":
-            candidate = self._bad_model(result.model)
+            with self.timer("bad_model"):
+                candidate = self._bad_model(result.model)
         else:
             candidate = self._learn(result)
         if candidate is None:
@@ -338,8 +379,9 @@ class _Loop:
             if shifted and kind == "loop":
                 self.tracker.mark("validated")
             result.candidate = candidate
-            result.rollout_outcome, result.rollout_timeline = self._rollout(str(candidate), result.model,
-                                                                            self.tracker.world(shifted))
+            with self.timer("rollout"):
+                result.rollout_outcome, result.rollout_timeline = self._rollout(str(candidate), result.model,
+                                                                                self.tracker.world(shifted))
             if shifted and kind == "loop" and result.rollout_outcome == "completed":
                 self.tracker.mark("adapted")
         result.fleet_versions_after = self.fleet.versions()
@@ -365,13 +407,14 @@ class _Loop:
                                              finetune=FinetuneConfig(epochs=self.cfg.finetune_epochs),
                                              seed=self.cfg.seed + result.index)
         self.say("cloud pipeline: mine → label → dataset → fine-tune → gate")
-        with self.demo.progress.stage("cloud pipeline") as step:
+        with self.timer("pipeline"), self.demo.progress.stage("cloud pipeline") as step:
             rep = run_pipeline(pconf, on_stage=lambda name, *a: (step(0, note=name), self.say(f"  pipeline: {name}")))
         result.pipeline = rep.to_dict()
         candidates: list[tuple[float, int]] = []
         if rep.candidate is not None and rep.candidate_stage == "validated":
             candidates.append((float(rep.gate.get("candidate", {}).get("interventions_per_hour", 1e9)), rep.candidate))
-        fl = self._federated(result, suite, tolerances)
+        with self.timer("federated"):
+            fl = self._federated(result, suite, tolerances)
         result.federated = {k: fl.get(k) for k in ("run", "strategy", "rounds", "participants_per_round",
                                                    "candidate", "candidate_stage", "gate", "dp", "round_log")}
         if fl.get("candidate") is not None and fl.get("candidate_stage") == "validated":
@@ -463,7 +506,8 @@ class _Loop:
         timeline: list[dict[str, Any]] = []
         for w in range(self.cfg.max_windows):
             actions = self.fleet.sync()
-            self._drive(self.cfg.window_s, 100 + w, record=False, world=world, label=f"rollout window {w + 1}")
+            self._drive(self.cfg.window_s, 100 + w, record=False, world=world, label=f"rollout window {w + 1}",
+                        stage="rollout.drive")
             status = self._admin("POST", f"/v1/rollouts/{rid}/evaluate")
             timeline.append({"window": w + 1, "stage": status["stage"], "status": status["status"],
                              "decision": (status.get("last_decision") or {}).get("action"),
@@ -472,6 +516,7 @@ class _Loop:
             if status["status"] in ("completed", "aborted"):
                 break
         self.fleet.sync()  # everyone picks up the final assignment (new model, or the revert)
-        self._drive(self.cfg.window_s, 99, record=False, world=world, label="after rollout")  # trial windows close
+        self._drive(self.cfg.window_s, 99, record=False, world=world, label="after rollout",  # trial windows close
+                    stage="rollout.drive")
         outcome = status["status"] if status["status"] in ("completed", "aborted") else "stalled"
         return outcome, timeline

@@ -133,6 +133,14 @@ def test_reduced_loop_validates_a_candidate_and_completes_its_rollout(loop_run) 
     assert stages == sorted(stages, key=order.index) and {"canary", "50%", "100%"} <= set(stages)
     assert it["fleet_versions_after"] == {str(it["candidate"]): LOOP["vehicles"]}
     assert report["final_drive"]["versions"] == {str(it["candidate"]): LOOP["vehicles"]}
+    # where the iteration's time went: every stage it ran, the rollout's window drives inside the rollout,
+    # and the stages inside the iteration's share of the whole run
+    times = it["timings_s"]
+    assert set(times) == {"drive", "upload", "pipeline", "federated", "rollout", "rollout.drive"}
+    assert all(t > 0 for t in times.values()) and times["rollout.drive"] < times["rollout"]
+    whole = report["timings_s"]
+    assert set(whole) == {"bootstrap", "iterations", "final_drive"}
+    assert sum(t for name, t in times.items() if "." not in name) <= whole["iterations"] <= report["seconds"]
     with Registry(home / "registry") as reg:
         assert reg.get(it["candidate"]).stage == "released"
     assert (home / "demo" / "report" / "index.html").exists()
@@ -140,12 +148,14 @@ def test_reduced_loop_validates_a_candidate_and_completes_its_rollout(loop_run) 
 
 
 # Parts of a row that differ between two runs by design, not by chance:
-# - wall-clock durations (``timings_s``, and each federated round's ``wall_s`` and ``median_client_s``);
+# - wall-clock durations (the row's and its pipeline's ``timings_s``, and each federated round's ``wall_s`` and
+#   ``median_client_s``);
 # - content addresses of recordings: a segment's bytes carry the wall-clock time it was recorded
 #   (SegmentMeta.recorded_at_unix_s), so its sha256, and the dataset version and training run named after
 #   the segments' hashes, are new on every run (the dataset's rows themselves are the same).
 def _replayable(row: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(row))
+    out.pop("timings_s")
     pipe = out["pipeline"]
     for key in ("timings_s", "dataset_version"):
         pipe.pop(key)
