@@ -16,7 +16,9 @@ Rules it keeps:
   client reconnects in the background and the spool holds the backlog (size-capped, eviction counted).
 - Hazards: ``watch_cells`` subscribes exactly the given ``haz.<road>.<cell>`` subjects; for a cell newly
   watched (and after every reconnect) it also reads the live hazards already in the HAZARDS stream (direct
-  get), so late joiners see them. ``received`` hands out raw payloads: verifying them is the caller's job.
+  get), so late joiners see them. ``received`` hands out raw payloads, each once while any cell it came on
+  stays watched (a hazard is published on every cell of its area, and a vehicle watching five of them would
+  otherwise decode and verify its signature five times); verifying them is the caller's job.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +163,7 @@ class VehicleStream:
         self._closing = False
         self._cells: dict[str, Any] = {}  # watched hazard subject -> subscription (None until subscribed)
         self._seen: dict[str, set[bytes]] = {}  # per watched subject: digests of hazards already handed out
+        self._seen_on: Counter[bytes] = Counter()  # digest -> how many watched subjects' ``_seen`` hold it
         self._watch_lock: asyncio.Lock | None = None
         self._kick_event: asyncio.Event | None = None
         self._started = threading.Event()
@@ -420,8 +423,8 @@ class VehicleStream:
         else:
             self._latencies.append(time.monotonic() - p.queued_at)
         del self._inflight[token]
-        if self._kick_event is not None:
-            self._kick_event.set()
+        if self._kick_event is not None and (self._outbox or len(self._spool)):  # room for what waits, if any:
+            self._kick_event.set()  # an idle sender woken per ack costs a task step per message
 
     def _fail(self, reason: str) -> None:
         """Give up on every ack in flight: live messages go to the spool (before anything queued after
@@ -458,7 +461,10 @@ class VehicleStream:
         async with self._watch_lock:
             for subject in [s for s in self._cells if s not in wanted]:
                 sub = self._cells.pop(subject)
-                self._seen.pop(subject, None)
+                for digest in self._seen.pop(subject, ()):
+                    self._seen_on[digest] -= 1
+                    if self._seen_on[digest] <= 0:  # no watched cell holds it: a later copy is news again
+                        del self._seen_on[digest]
                 if sub is not None and self.connected():
                     await sub.unsubscribe()
             new = [s for s in sorted(wanted) if s not in self._cells]
@@ -495,7 +501,9 @@ class VehicleStream:
         if digest in seen:
             return
         seen.add(digest)
-        self._received.append((subject, data, time.time()))
+        self._seen_on[digest] += 1
+        if self._seen_on[digest] == 1:  # a copy on another watched cell (a hazard goes to every cell of its
+            self._received.append((subject, data, time.time()))  # area) is the same bytes: handed out once
 
     async def _on_hazard(self, msg: Any) -> None:
         self._deliver(msg.subject, msg.data)
