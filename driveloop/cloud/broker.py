@@ -395,3 +395,31 @@ async def ensure_streams(js: Any, replicas: int = 1, specs: Mapping[str, StreamS
             raise StreamError(f"cannot update stream {spec.name}: {e.description}") from e
         names.append(spec.name)
     return names
+
+
+PROBE_S = 0.002  # how long fetch_prompt's second pull may wait for what is already on its way
+
+
+async def fetch_prompt(psub: Any, batch: int, timeout_s: float) -> list[Any]:
+    """Up to ``batch`` messages of a pull consumer, handed back as soon as one is there (``[]`` after
+    ``timeout_s`` of nothing).
+
+    Why not ``psub.fetch(batch, timeout)``: when nothing is waiting, nats-py's fetch of more than one message
+    makes a lingering pull and, once a first message arrives, keeps waiting for the rest until the pull
+    expires: a lone message (an AEB event on its way to the hazard service) sat there for up to the whole
+    timeout (156 ms measured in bench/hazards.py). So: wait for one with a fetch of 1, which returns on it,
+    then take what else is already there with a pull of ``PROBE_S``.
+    """
+    from nats.errors import TimeoutError as NatsTimeout
+
+    try:
+        msgs = list(await psub.fetch(1, timeout=timeout_s))
+    except (NatsTimeout, TimeoutError):
+        return []
+    if batch > 1:
+        try:
+            msgs += await psub.fetch(batch - 1, timeout=PROBE_S)
+        except (NatsTimeout, TimeoutError):
+            pass
+    return msgs
+

@@ -29,7 +29,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from driveloop.cloud.broker import ensure_streams
+from driveloop.cloud.broker import ensure_streams, fetch_prompt
 from driveloop.cloud.hazards import HazardBook, HazardPolicy
 from driveloop.contracts.hazard import Hazard, HazardSigner, encode_hazard
 from driveloop.contracts.stream import decode_event, decode_telemetry, hazard_subject
@@ -174,9 +174,7 @@ class HazardService:
         assert self._stop is not None
         while not self._stop.is_set():
             try:
-                msgs = await sub.fetch(batch, timeout=FETCH_TIMEOUT_S)
-            except TimeoutError:
-                continue
+                msgs = await fetch_prompt(sub, batch, FETCH_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - a broker outage: the connection reconnects, so do we

@@ -28,6 +28,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from driveloop.cloud.broker import fetch_prompt
 from driveloop.cloud.catalog import Catalog, StreamEventRecord
 from driveloop.cloud.shift import (
     ApprovalPolicy,
@@ -189,7 +190,6 @@ async def run_consumer(js: Any, spec: ConsumerSpec, metrics: StreamMetrics, stop
                        known: KnownVehicle | None = None,
                        on_handled: Callable[[int, list[Parsed]], Awaitable[None] | None] | None = None) -> None:
     """Fetch from ``spec``'s durable consumer until ``stop``; bad messages dropped, the rest handled per shard."""
-    from nats.errors import TimeoutError as NatsTimeout
     from nats.js.api import AckPolicy, ConsumerConfig
 
     config = ConsumerConfig(durable_name=spec.durable, ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0,
@@ -223,9 +223,7 @@ async def run_consumer(js: Any, spec: ConsumerSpec, metrics: StreamMetrics, stop
     try:
         while not stop.is_set():
             try:
-                msgs = await psub.fetch(spec.batch, timeout=0.5)
-            except (NatsTimeout, asyncio.TimeoutError):
-                msgs = []
+                msgs = await fetch_prompt(psub, spec.batch, 0.5)
             except Exception as e:  # the connection is down or the stream moves: retry, do not die
                 logger.warning("consumer %s: fetch failed (%s); retrying", spec.durable, e)
                 await asyncio.sleep(0.5)
