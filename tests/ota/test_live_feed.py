@@ -34,6 +34,7 @@ from driveloop.contracts.hazard import (
 from driveloop.contracts.stream import Telemetry, encode, hazard_subject, telemetry_subject
 from driveloop.ota.live_feed import LiveSource
 from driveloop.ota.server import ServerConfig, create_app
+from tests.fakes.serve import ota_serve
 from tests.ota.test_server import ADMIN, Running, serve_in_thread, start_server
 
 VEHICLES = {"veh-001": (300.0, "model"), "veh-002": (650.0, "fallback"), "veh-003": (1000.0, "model")}
@@ -256,39 +257,15 @@ def test_without_a_data_plane_live_is_404(tmp_path: Path) -> None:
 def test_ota_serve_reads_the_broker_from_settings(tmp_path: Path) -> None:
     """``driveloop ota serve`` with ``DRIVELOOP_NATS_URL`` (+ service user) and the hazard service's key under
     its home: the live panel's view is connected, shows a driving vehicle and the signed hazard."""
-    import os
-    import shutil
-    import socket
-    import subprocess
-    import sys
-
     from tests.ota.test_server import write_release
 
     with live_plane(tmp_path) as plane:  # the signer's public key lands in <home>/cloud/hazards
         plane.hazard(jam(7), plane.signer)
         write_release(tmp_path / "ota", ["1"])
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = os.environ | {"DRIVELOOP_HOME": str(tmp_path), "DRIVELOOP_OTA_ADMIN_TOKEN": ADMIN,
-                            "DRIVELOOP_NATS_URL": plane.broker.url, "DRIVELOOP_NATS_USER": f"svc-{SERVICE}",
-                            "DRIVELOOP_NATS_PASSWORD": plane.service_password}
-        exe = shutil.which("driveloop")
-        cmd = [exe] if exe else [sys.executable, "-c", "from driveloop.cli import main; main()"]
-        proc = subprocess.Popen([*cmd, "ota", "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/v1/live", timeout=1.0).json().get("connected"):
-                        break
-                except httpx.HTTPError:
-                    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                time.sleep(0.1)
+        env = {"DRIVELOOP_OTA_ADMIN_TOKEN": ADMIN, "DRIVELOOP_NATS_URL": plane.broker.url,
+               "DRIVELOOP_NATS_USER": f"svc-{SERVICE}", "DRIVELOOP_NATS_PASSWORD": plane.service_password}
+        with ota_serve(tmp_path, lambda url: httpx.get(f"{url}/v1/live", timeout=1.0).json().get("connected"),
+                       env) as url:
             plane.drive("veh-001", 420.0)
             view = wait_for(url, lambda v: len(v["vehicles"]) == 1 and len(v["hazards"]) == 1, "vehicle and hazard")
             assert view["vehicles"][0]["x_m"] == 420.0 and view["hazards"][0]["action"] == "cloud/7"
-        finally:
-            proc.terminate()
-            proc.wait()

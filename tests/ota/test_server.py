@@ -21,6 +21,7 @@ from driveloop.ota.cohorts import in_cohort
 from driveloop.ota.controller import replay
 from driveloop.ota.server import ServerConfig, create_app
 from driveloop.ota.store import BAD_CREDENTIALS, FleetStore
+from tests.fakes.serve import ota_serve
 
 ADMIN = "admin-token-0123456789"
 ALICE = "alice-token-0123456789"  # a second, named admin token
@@ -396,29 +397,9 @@ def test_cli_rollout_against_the_local_store(tmp_path: Path, monkeypatch: pytest
 
 def test_cli_serve_and_remote_rollout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     write_release(tmp_path / "ota", ["1", "2"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"DRIVELOOP_HOME": str(tmp_path), "DRIVELOOP_OTA_ADMIN_TOKEN": ADMIN}
-    exe = shutil.which("driveloop")
-    cmd = [exe] if exe else [sys.executable, "-c", "from driveloop.cli import main; main()"]
-    proc = subprocess.Popen([*cmd, "ota", "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/v1/dashboard", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                time.sleep(0.2)
+    with ota_serve(tmp_path, lambda url: httpx.get(f"{url}/v1/dashboard", timeout=1.0).status_code == 200,
+                   {"DRIVELOOP_OTA_ADMIN_TOKEN": ADMIN}) as url:
         monkeypatch.setenv("DRIVELOOP_HOME", str(tmp_path / "elsewhere"))  # remote mode needs no local store
         monkeypatch.setenv("DRIVELOOP_OTA_URL", url)
         monkeypatch.setenv("DRIVELOOP_OTA_ADMIN_TOKEN", ADMIN)
@@ -432,9 +413,6 @@ def test_cli_serve_and_remote_rollout(tmp_path: Path, monkeypatch: pytest.Monkey
         code, err = _cli(capsys, "ota", "rollout", "abort", "1")
         assert code == 9 and "403" in str(err)
         assert httpx.get(f"{url}/v1/rollouts/1").json()["status"] == "paused"
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def test_background_evaluation_decides_without_reports(tmp_path: Path) -> None:
