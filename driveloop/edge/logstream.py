@@ -13,6 +13,9 @@ Rules it keeps:
   Not when the VehicleStream's own disk spool took it: that spool is a byte-capped FIFO evicting its oldest
   segment, blind to levels, so handing lines over would move them out of the log spool's cap (DEBUG evicted
   first, every eviction counted) into one that can lose an AEB line. The stream's spool holds only copies.
+- WARNING and above go first, as over HTTPS (``logship.URGENT_LEVEL``): after an outage an AEB line does not
+  wait behind the backlog of chatter. Urgent batches hold only urgent lines; a line already in a batch in
+  flight is never put in a second one (the index keys lines on (vehicle, seq), so order of arrival is free).
 - At most ``window`` batches await their ack: during an outage the log spool grows within its cap, the
   stream keeps the window's copies and replays them after reconnecting, and shipping carries on from there.
 - A batch still unanswered after ``resend_after_s`` of *connected* time (its copy was lost) is published
@@ -31,7 +34,7 @@ from typing import Protocol
 
 from driveloop.contracts.stream import MAX_LOG_PAYLOAD_BYTES, log_batch_msg_id, log_subject
 from driveloop.core.exceptions import ConfigError, DriveloopError
-from driveloop.edge.logship import DEFAULT_BATCH_LINES, ShipResult, batch_body
+from driveloop.edge.logship import DEFAULT_BATCH_LINES, URGENT_LEVEL, ShipResult, batch_body
 from driveloop.edge.logspool import LogSpool
 
 __all__ = ["RawPublisher", "StreamLogShipper", "StreamLogPump", "cut_batch", "body_bytes"]
@@ -80,6 +83,7 @@ class _Batch:
     msg_id: str
     seqs: list[int]
     payload: bytes
+    urgent: bool = False  # cut from the WARNING-and-above lines only
     waited_s: float = 0.0  # connected time since it was (last) published
 
 
@@ -173,9 +177,16 @@ class StreamLogShipper:
                 self.stream.publish_raw(self.subject, batch.payload, batch.msg_id)
 
     def _publish(self, result: ShipResult) -> None:
-        after = max((b.seqs[-1] for b in self._inflight.values()), default=-1)
+        taken = {s for b in self._inflight.values() for s in b.seqs}
+        # One cursor per kind of batch: urgent batches run ahead of the others through the spool.
+        after = {kind: max((b.seqs[-1] for b in self._inflight.values() if b.urgent is kind), default=-1)
+                 for kind in (True, False)}
         while len(self._inflight) < self.window:
-            pending = self.spool.pending(self.batch_lines, after=after)
+            urgent = True
+            pending = self._untaken(after[True], taken, URGENT_LEVEL)
+            if not pending:
+                urgent = False
+                pending = self._untaken(after[False], taken, None)
             if not pending:
                 return
             lines, too_big = cut_batch(pending, self.max_batch_bytes, self.batch_lines)
@@ -185,15 +196,22 @@ class StreamLogShipper:
                 result.rejected += 1
                 logger.warning("vehicle %s: log line %d is too large for one stream message, dropped",
                                self.vehicle_id, seq)
-                after = seq
+                after[urgent] = seq
                 continue
             seqs = [s for s, _ in lines]
             batch = _Batch(log_batch_msg_id(self.vehicle_id, seqs[0], seqs[-1]), seqs,
-                           batch_body([line for _, line in lines]))
+                           batch_body([line for _, line in lines]), urgent)
             self.stream.publish_raw(self.subject, batch.payload, batch.msg_id)
             self._inflight[batch.msg_id] = batch
+            taken.update(seqs)
             result.sent += len(seqs)
-            after = seqs[-1]
+            after[urgent] = seqs[-1]
+
+    def _untaken(self, after: int, taken: set[int], min_level: str | None) -> list[tuple[int, str]]:
+        """The oldest ``batch_lines`` spooled lines above ``after`` not already in a batch in flight."""
+        skip = sum(1 for s in taken if s > after)  # those the query can return (mostly the other kind's)
+        rows = self.spool.pending(self.batch_lines + skip, after=after, min_level=min_level)
+        return [row for row in rows if row[0] not in taken][:self.batch_lines]
 
 
 class StreamLogPump:

@@ -169,6 +169,32 @@ def test_a_broker_outage_within_the_cap_loses_nothing(broker: EmbeddedBroker, in
         spool.close()
 
 
+def test_a_warning_ships_ahead_of_a_backlog(broker: EmbeddedBroker, index: LogIndex, tmp_path: Path) -> None:
+    """3,000 lines of chatter wait (as after an outage), then an AEB line: the first batch answered carries the AEB
+    line, and the chatter still arrives whole afterwards, each line once."""
+    spool = LogSpool(tmp_path / "spool" / "v1.db", cap_bytes=4 << 20)
+    stream = VehicleStream("v1", broker.url, tmp_path / "stream", ack_timeout_s=1.0)
+    service = LogStreamService(broker.url, index).start()
+    try:
+        shipper = StreamLogShipper("v1", spool, stream, batch_lines=100, window=1)
+        spool.append_many([_fields("v1", i) for i in range(3000)])
+        aeb = spool.append(_fields("v1", 3000, level="error", message="aeb full braking at 21.0 m/s"))
+        first = shipper.pump()
+        assert first.sent == 1  # the window's one batch: the AEB line alone, not the oldest 100 lines
+        assert wait_until(lambda: shipper.pump().batches == 1, 30)
+        assert spool.stats().lines == 3000  # the chatter still waits
+        assert service.drain(30)
+        hits = index.search(LogQuery(text="aeb", vehicle="v1"))
+        assert [h["event.sequence"] for h in hits] == [aeb]
+        assert shipper.ship(timeout_s=120).error is None
+        assert service.drain(120)
+        assert sorted(line["event.sequence"] for line in _vehicle_lines(index, "v1")) == list(range(3001))
+    finally:
+        service.stop()
+        stream.close()
+        spool.close()
+
+
 async def _publish_as(url: str, user: str, password: str, subject: str, payload: bytes) -> list[Exception]:
     errors: list[Exception] = []
 
