@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.fakes.serve import driveloop_command
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def _driveloop(args: list[str], home: Path, address: str | None = None, timeout_
     """Run the CLI as its own process (a Ray driver of its own when ``address`` is given); its JSON."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "DRIVELOOP_SIM_BACKEND")}
     env.update(DRIVELOOP_HOME=str(home), RAY_USAGE_STATS_ENABLED="0", **({"RAY_ADDRESS": address} if address else {}))
-    done = subprocess.run([sys.executable, "-c", "from driveloop.cli import main; main()", *args], env=env, capture_output=True, text=True,
+    done = subprocess.run([*driveloop_command(), *args], env=env, capture_output=True, text=True,
                           timeout=timeout_s, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)

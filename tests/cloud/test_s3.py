@@ -16,7 +16,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -25,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from driveloop.cloud.store import S3_MIN_PART_BYTES, ObjectStore
 from driveloop.cli import main
+from driveloop.cloud.store import S3_MIN_PART_BYTES, ObjectStore
 from driveloop.core.exceptions import StorageError
+from tests.fakes.serve import driveloop_command
 
 pytestmark = pytest.mark.slow
 BUCKET = "driveloop-fleet"
@@ -111,7 +111,7 @@ def test_ingest_pipeline_registry_on_s3(s3_env: str, random_home: Path, tmp_path
     assert not (home / "cloud" / "store").exists()
 
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    done = subprocess.run([sys.executable, "-c", "from driveloop.cli import main; main()", "cloud", "pipeline", "run",
+    done = subprocess.run([*driveloop_command(), "cloud", "pipeline", "run",
                            "--json", "--epochs", "1", "--suite-classes", "ccrs", "--suite-duration", "4"],
                           env=env, capture_output=True, text=True, timeout=1800, check=False)
     assert done.returncode == 0, done.stderr[-3000:]

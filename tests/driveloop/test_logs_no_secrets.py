@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,13 +21,9 @@ import pytest
 
 from driveloop.contracts.logline import log_line_schema
 from tests.driveloop.test_tls import Pki, _free_port, pki  # noqa: F401  (the CA fixture)
+from tests.fakes.serve import driveloop_command
 
 pytestmark = pytest.mark.slow
-
-
-def _cmd() -> list[str]:
-    exe = shutil.which("driveloop")
-    return [exe] if exe else [sys.executable, "-c", "from driveloop.cli import main; main()"]
 
 
 def _wait(url: str, ca: Path, proc: subprocess.Popen[bytes], probe: str) -> None:
@@ -49,16 +44,16 @@ def test_no_secret_in_any_log_line(random_home: Path, tmp_path: Path, pki: Pki) 
     ingest_admin, fleet_admin = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("DRIVELOOP_")}
     env = base_env | {"DRIVELOOP_HOME": str(home), "DRIVELOOP_CA_FILE": str(pki.ca)}
-    run = lambda *a, extra=None: subprocess.run([*_cmd(), *a], env=env | (extra or {}), capture_output=True,  # noqa: E731
+    run = lambda *a, extra=None: subprocess.run([*driveloop_command(), *a], env=env | (extra or {}), capture_output=True,  # noqa: E731
                                                  timeout=600)
     p_in, p_fl = _free_port(), _free_port()
     tls = ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
     logs_out = tmp_path / "server-output"
     logs_out.mkdir()
-    ingest = subprocess.Popen([*_cmd(), "cloud", "serve", "--port", str(p_in), *tls],
+    ingest = subprocess.Popen([*driveloop_command(), "cloud", "serve", "--port", str(p_in), *tls],
                               env=env | {"DRIVELOOP_CLOUD_ADMIN_TOKEN": ingest_admin},
                               stdout=open(logs_out / "ingest.out", "wb"), stderr=open(logs_out / "ingest.err", "wb"))
-    fleet = subprocess.Popen([*_cmd(), "ota", "serve", "--port", str(p_fl), "--allow-unreleased", *tls],
+    fleet = subprocess.Popen([*driveloop_command(), "ota", "serve", "--port", str(p_fl), "--allow-unreleased", *tls],
                              env=env | {"DRIVELOOP_OTA_ADMIN_TOKEN": fleet_admin},
                              stdout=open(logs_out / "fleet.out", "wb"), stderr=open(logs_out / "fleet.err", "wb"))
     cloud_url, fleet_url = f"https://127.0.0.1:{p_in}", f"https://127.0.0.1:{p_fl}"

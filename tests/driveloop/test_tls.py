@@ -7,10 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -39,6 +37,7 @@ from driveloop.edge.ota_client import OtaClient
 from driveloop.edge.transport import HttpTransport
 from driveloop.ota.server import ServerConfig
 from driveloop.ota.server import create_app as fleet_app
+from tests.fakes.serve import driveloop_command
 
 ADMIN = "admin-token-0123456789"
 
@@ -214,8 +213,7 @@ def test_serve_commands_speak_https_with_tls_flags(area: str, probe: str, tmp_pa
     """The real ``driveloop cloud serve`` / ``driveloop ota serve`` processes, on a loopback port."""
     port = _free_port()
     env = os.environ | {"DRIVELOOP_HOME": str(tmp_path), "DRIVELOOP_OTA_ADMIN_TOKEN": ADMIN}
-    exe = shutil.which("driveloop")
-    cmd = [exe] if exe else [sys.executable, "-c", "from driveloop.cli import main; main()"]
+    cmd = driveloop_command()
     proc = subprocess.Popen([*cmd, area, "serve", "--port", str(port), "--tls-cert", str(pki.cert), "--tls-key",
                              str(pki.key)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

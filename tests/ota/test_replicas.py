@@ -28,11 +28,12 @@ import httpx
 import pytest
 
 from tests.cloud.test_postgres import _free_port, _fresh_database, server  # noqa: F401  (the PostgreSQL fixture)
+from tests.fakes.serve import driveloop_command
 from tests.ota.test_server import PLAN, FakeClock, report, write_release
 
 pytestmark = pytest.mark.slow
 ADMIN = "replica-admin-token-0123456789"
-CLI = [sys.executable, "-c", "from driveloop.cli import main; main()"]
+CLI = driveloop_command()
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
