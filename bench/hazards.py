@@ -6,17 +6,23 @@ relevance area, none outside, with N subscribed vehicles; against a baseline in 
 Setup: the embedded nats-server with per-vehicle credentials, the hazard service (signing key, durable consumers),
 ``--vehicles`` VehicleStream connections sharded over ``--processes`` client processes (``driveloop._stream_bench``'s
 shards, one StreamLoop thread each: one Python thread cannot serve a thousand vehicles' subscriptions, and a real
-fleet has one client per vehicle), vehicle i at x = i x spacing on road hw1, each watching the cells
-``edge.hazards.HORIZON_M`` ahead (as a vehicle does). Then ``--events`` times, a reporting vehicle publishes a
+fleet has one client per vehicle), vehicle i at x = i x spacing on road hw1, each subscribed to the cell it is in
+(as a driving vehicle: the service publishes each hazard on its relevance cells and the ``edge.hazards.HORIZON_M``
+before them, ``contracts.stream.hazard_cells``). Then ``--events`` times, a reporting vehicle publishes a
 full-AEB event (a standing lead 80 m ahead) at a random x; end to end = the event's wall time → the moment each
 vehicle's client hands the signed hazard over (stamped by the client's loop in the vehicle's process). After the
 clock stops, every receipt goes through its vehicle's own HazardFilter (signature, validity, replay: ``verdicts``).
-``expected`` = the vehicles watching at least one cell of the hazard's relevance area; ``outside`` counts receipts
-by any other vehicle (must be 0).
-Baseline: the last hazard re-signed under new action numbers, published straight on the same cells by a service
+``expected`` = the vehicles whose road ahead (their cell through ``HORIZON_M`` further) meets the hazard's
+relevance cells, worked out apart from the publication rule; ``outside`` counts receipts by any other vehicle
+(must be 0). ``server_msgs_out_per_hazard``: messages the nats-server sent out per measured hazard (its ``varz``
+``out_msgs``; every copy on the wire, what the clients then parse), against ``expected_per_hazard``.
+Baseline: the last hazard re-signed under new action numbers, published straight on the service's cells by a service
 connection (no event, no service in the path): publish → receive at the same vehicles. ``ratio`` = end-to-end p99
 / baseline p99. ``--warmup`` events (1) go first and are reported apart (``warmup_*``): the first hazard after
-the service and the vehicles' clients started pays one-time costs; ``e2e_*`` is the steady state.
+the service and the vehicles' clients started pays one-time costs; ``e2e_*`` is the steady state. Every process
+freezes its start-up heap once it serves (``core.heap``), as ``driveloop drive --hazards on`` does: a full garbage
+collection walking 500 connections' objects stopped a client process 100-415 ms, on the first events.
+Run from the repository root with ``PYTHONPATH=.``.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ from driveloop._stream_bench import hazard_delivery, run_fleet, shard_plans, veh
 from driveloop.cloud.broker import Credentials, EmbeddedBroker, ensure_streams
 from driveloop.cloud.hazard_service import HazardService, hazard_dir
 from driveloop.contracts.hazard import ActionId, Hazard, encode_hazard
-from driveloop.contracts.stream import VehicleEvent, hazard_subject
-from driveloop.edge.hazards import HORIZON_M
+from driveloop.contracts.stream import VehicleEvent, hazard_cells, hazard_subject
+from driveloop.core.heap import freeze_long_lived
 from driveloop.edge.stream_client import VehicleStream
 
 SPACING_M = 20.0  # 1,000 vehicles over 20 km of road (more when the events need it)
@@ -51,7 +57,7 @@ BASELINE_SEQ = 1_000_000  # baseline hazards' action numbers: apart from the ser
 ROAD = "hw1"
 PREFIX = "b"
 
-Sent = list[tuple[int, float, tuple[int, ...]]]  # (action sequence number, start wall time, cells)
+Sent = list[tuple[int, float, tuple[int, ...]]]  # (action sequence number, start wall time, relevance cells)
 
 
 def _wait(cond: Any, timeout_s: float) -> bool:
@@ -97,15 +103,19 @@ def run(vehicles: int, events: int, seed: int, processes: int = 2, warmup: int =
                 assert _wait(reporter.connected, 60), "the reporting vehicle did not connect"
                 plans = [replace(p, passwords={v: passwords[v] for v in p.ids()})
                          for p in shard_plans(broker.url, vehicles, processes, root / "spool", hazards=True,
-                                              prefix=PREFIX, spacing_m=spacing, horizon_m=HORIZON_M, road=ROAD,
+                                              prefix=PREFIX, spacing_m=spacing, road=ROAD,
                                               trusted_keys=(service.signer.public_bytes(),))]
                 e2e: Sent = []
                 base: Sent = []
 
                 warm: Sent = []
+                wire: list[int] = []  # the server's out_msgs before and after the measured events
 
                 def publish() -> None:  # every shard's vehicles watch their cells now
-                    sent = _events(rng, events, reporter, service, warmup)
+                    freeze_long_lived()  # the service's process, started, as `drive --hazards on` does (core.heap)
+                    sent = _events(rng, events, reporter, service, warmup,
+                                   mark=lambda: wire.append(broker.monitor("varz")["out_msgs"]))
+                    wire.append(broker.monitor("varz")["out_msgs"])
                     warm.extend(sent[:warmup])
                     e2e.extend(sent[warmup:])
                     base.extend(_baseline(broker.url, svc, service, e2e[-1][0]))
@@ -124,23 +134,28 @@ def run(vehicles: int, events: int, seed: int, processes: int = 2, warmup: int =
     per_event = [(round(hazard_delivery(shards, [ev])["max_ms"] or 0.0, 1), k) for k, ev in enumerate(e2e)]
     out["e2e_slowest_events"] = [{"event": k, "max_ms": ms} for ms, k in sorted(per_event, reverse=True)[:5]]
     out["verdicts"] = verdicts
+    if len(wire) == 2 and e2e:
+        out["server_msgs_out_per_hazard"] = round((wire[1] - wire[0]) / len(e2e), 1)
+        out["expected_per_hazard"] = round(out["e2e_expected"] / len(e2e), 1)
     out["ratio_p99_vs_baseline"] = (round(out["e2e_p99_ms"] / out["baseline_p99_ms"], 2)
                                     if out.get("e2e_p99_ms") and out.get("baseline_p99_ms") else None)
     return out
 
 
-def _events(rng: random.Random, events: int, reporter: VehicleStream, service: HazardService, warmup: int = 0
-            ) -> Sent:
+def _events(rng: random.Random, events: int, reporter: VehicleStream, service: HazardService, warmup: int = 0,
+            mark: Any = None) -> Sent:
     """``warmup`` + ``events`` full-AEB events from the reporting vehicle, one at a time: (the hazard's action
     number, the event's wall time, its relevance cells) each, once the service has published it. The first
     ``warmup`` go first, on the road beyond the others: the first hazard after the service and the vehicles
     started pays one-time costs (first signature, first decode and dispatch on each connection), which the
-    caller reports apart from the steady state."""
+    caller reports apart from the steady state. ``mark()`` is called once the warm-up events are out."""
     sent: Sent = []
     xs = [3000.0 + EVENT_STEP_M * k for k in range(events + warmup)]
     warm, xs = xs[events:], xs[:events]
     rng.shuffle(xs)
     for k, x in enumerate(warm + xs):
+        if k == len(warm) and mark is not None:
+            mark()
         wall = time.time()
         reporter.publish(VehicleEvent(vehicle_id="reporter", seq=reporter.next_seq(), t_s=float(k), wall_ts=wall,
                                       road=ROAD, x_m=x, y_m=0.0, lane=1, speed_mps=28.0, kind="aeb_full",
@@ -168,7 +183,8 @@ def _baseline(url: str, svc: str, service: HazardService, seq: int, count: int =
         hz = template.model_copy(update={"action_id": action, "reference_time": time.time()})
         data = encode_hazard(service.signer.sign(hz))
         cells = tuple(template.relevance.cells)
-        sent.append((BASELINE_SEQ + k, asyncio.run(_raw_publish(url, "svc-hazards", svc, data, cells)), cells))
+        on = hazard_cells(cells, template.direction)  # where the service publishes it
+        sent.append((BASELINE_SEQ + k, asyncio.run(_raw_publish(url, "svc-hazards", svc, data, on)), cells))
         time.sleep(EVENT_GAP_S)
     return sent
 

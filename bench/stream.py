@@ -30,7 +30,7 @@ from typing import Any
 
 import nats
 
-from driveloop._stream_bench import run_bench
+from driveloop._stream_bench import default_processes, run_bench
 from driveloop.cloud.broker import EmbeddedBroker, ServerSpec, ensure_streams, free_port
 from driveloop.cloud.stream_sinks import ConsumerSpec, StreamMetrics, replay_vehicle, run_consumer, shard_of
 from driveloop.contracts.stream import Telemetry, encode, telemetry_subject
@@ -92,9 +92,11 @@ def main() -> None:
     ap.add_argument("--ceiling-seconds", type=float, default=20.0)
     ap.add_argument("--target-p99-ms", type=float, default=50.0, help="the p99 publish-to-ack a ceiling row must keep")
     ap.add_argument("--hazards", type=int, default=20)
-    ap.add_argument("--processes", type=int, default=2, help="client processes the simulated fleet is sharded over")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="client processes the simulated fleet is sharded over (default: one per CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    args.processes = args.processes or default_processes(args.vehicles)
 
     out: dict[str, Any] = {"machine": f"{platform.node()} {os.cpu_count()} cpus",
                            "load_before": os.getloadavg(), "runs": [], "ceiling": []}

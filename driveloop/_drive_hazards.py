@@ -87,6 +87,7 @@ def drive_data_plane(settings: Any, vehicle_ids: Sequence[str], model_version: s
     from driveloop.cloud.hazard_service import HazardService, hazard_dir
     from driveloop.contracts.hazard import HazardVerifier
     from driveloop.edge.dataplane import StreamDataPlane
+    from driveloop.core.heap import frozen_heap
     from driveloop.edge.stream_client import StreamLoop, VehicleStream
 
     with ExitStack() as stack:
@@ -127,4 +128,6 @@ def drive_data_plane(settings: Any, vehicle_ids: Sequence[str], model_version: s
         if ship_logs:
             logs = stack.enter_context(stream_log_shipping(settings, log_spools, streams, url,
                                                            *services[LOG_SERVICE_USER]))
+        if plane is not None:  # the fleet's connections and the service live as long as the drive: a full
+            stack.enter_context(frozen_heap())  # collection walking them would stall hazard delivery (core.heap)
         yield HazardLink(plane, service, streams, logs)

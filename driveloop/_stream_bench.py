@@ -5,10 +5,13 @@ Phase 1, telemetry: ``vehicles`` connections each publish 10 Hz telemetry for ``
 :class:`edge.stream_client.VehicleStream` (async publish, bounded pending acks, msg ids), their ticks spread over
 the period as a real fleet's unsynchronised clocks are (:func:`_schedule`); it reports the acked rate,
 publish-to-ack latency (from each vehicle's ``publish`` call to its ack), and ``lost``/``duplicates`` from the
-broker's per-subject counts against what each vehicle published. Phase 2, hazards: every vehicle watches the
-cells 1 km ahead of it; signed hazards (``contracts.hazard``) are published on their relevance cells and timed
-publish → receive at each vehicle; ``hazard_outside`` counts receipts by vehicles that watch none of the
-hazard's cells (must be 0).
+broker's per-subject counts against what each vehicle published. Phase 2, hazards: every vehicle subscribes to
+the cell it is in, as a driving vehicle does (``edge.hazards.HazardFilter.cells``); signed hazards
+(``contracts.hazard``) are published on their ``contracts.stream.hazard_cells`` and timed publish → receive at each
+vehicle. ``expected`` = the vehicles whose road ahead (``HazardFilter.road_ahead``) meets the hazard's relevance
+cells, worked out apart from the publication rule; ``hazard_outside`` counts receipts by any other vehicle (must
+be 0). Each shard freezes its start-up heap (``core.heap``) while it serves, as a long-running vehicle
+process does.
 The baseline, measured in the same run: one connection publishing with ``js.publish``, awaiting each ack.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import tempfile
 import time
@@ -28,21 +32,31 @@ from typing import Any
 import numpy as np
 
 from driveloop.cloud.broker import EmbeddedBroker, ServerSpec, ensure_streams, free_port
-from driveloop.contracts.stream import Telemetry, cells_ahead, telemetry_subject
+from driveloop.contracts.stream import WATCH_HORIZON_M, Telemetry, cells_ahead, telemetry_subject
 from driveloop.core.exceptions import ConfigError
+from driveloop.core.heap import frozen_heap
 from driveloop.core.shards import run_shards, split
 from driveloop.edge.stream_client import StreamLoop, VehicleStream, nats_servers
 
 logger = logging.getLogger(__name__)
 
 SPACING_M = 40.0  # vehicles spread along the road
-HORIZON_M = 1000.0  # cells each vehicle watches ahead
+HORIZON_M = WATCH_HORIZON_M  # how far ahead each vehicle hears of hazards (the protocol's)
 
 
 # a vehicle due within this is published now rather than after a sleep of its own: the fleet's ticks go out in
 # groups of ~25 per shard every 5 ms (a 5 % jitter on a 100 ms tick), which costs the client ~20 % less CPU per
 # message than 1 ms slots (one pass of its event loop serves a group) and times each from its own publish call
 SLOT_S = 0.005
+
+
+MAX_PROCESSES = 64
+
+
+def default_processes(vehicles: int) -> int:
+    """Client processes by default: one per CPU (one Python thread cannot publish for a thousand vehicles, and the
+    broker's own threads share the CPUs anyway), never more than the vehicles."""
+    return max(1, min(os.cpu_count() or 1, vehicles, MAX_PROCESSES))
 
 
 def ticks(seconds: float, rate_hz: float) -> int:
@@ -93,7 +107,8 @@ async def _stored_per_subject(url: str) -> dict[str, int]:
 
 
 async def _publish_hazards(url: str, count: int, road: str, max_x: float, seed: int) -> list[tuple[int, float, tuple[int, ...]]]:
-    """Publish ``count`` signed hazards on their relevance cells; (sequence, publish wall time, cells) each."""
+    """Publish ``count`` signed hazards on their ``hazard_cells``; (sequence, publish wall time, relevance cells)
+    each."""
     import nats
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -105,7 +120,7 @@ async def _publish_hazards(url: str, count: int, road: str, max_x: float, seed: 
         encode_hazard,
         relevance_area,
     )
-    from driveloop.contracts.stream import hazard_subject
+    from driveloop.contracts.stream import hazard_cells, hazard_subject
 
     signer = HazardSigner(Ed25519PrivateKey.generate())
     rng = random.Random(seed)
@@ -123,7 +138,7 @@ async def _publish_hazards(url: str, count: int, road: str, max_x: float, seed: 
             ))  # fmt: skip
             data = encode_hazard(hazard)
             sent = time.time()
-            for cell in area.cells:
+            for cell in hazard_cells(area.cells, "increasing"):
                 await nc.publish(hazard_subject(road, cell), data)
             await nc.flush()
             out.append((k, sent, area.cells))
@@ -185,10 +200,9 @@ class ShardPlan:
     spool: Path
     seconds: float = 0.0  # the telemetry phase (0: none)
     rate_hz: float = 10.0
-    hazards: bool = False  # watch the cells ``horizon_m`` ahead, then collect what arrives
+    hazards: bool = False  # subscribe to the vehicle's cell (its road ahead: ``HORIZON_M``), collect what arrives
     prefix: str = "bench-"
     spacing_m: float = SPACING_M
-    horizon_m: float = HORIZON_M
     road: str = "hw1"
     passwords: dict[str, str] | None = None  # per-vehicle broker credentials (vehicle id -> password)
     trusted_keys: tuple[bytes, ...] = ()  # each vehicle's HazardFilter judges what it got, after the clock stops
@@ -251,21 +265,27 @@ def _shard(plan: ShardPlan, sync: Callable[[str], None]) -> dict[str, Any]:
             "reconnects": sum(s.stats()["reconnects"] for s in streams), "watched": {}, "firsts": {}, "verdicts": {},
         }  # fmt: skip
         if plan.hazards:
+            from driveloop.edge.hazards import HazardFilter
+
             for i, s in enumerate(streams):
-                cells = cells_ahead((first + i) * plan.spacing_m, plan.horizon_m)
-                s.watch_cells(plan.road, cells)
-                out["watched"][first + i] = set(cells)
-            time.sleep(1.0 + n / 500)  # subscriptions in place
+                x = (first + i) * plan.spacing_m
+                s.watch_cells(plan.road, HazardFilter.cells(x))  # as a driving vehicle does
+                out["watched"][first + i] = set(cells_ahead(x, HORIZON_M))  # its road ahead: what it must get
+            deadline = time.monotonic() + 60 + n / 20
+            while not all(s.watch_settled() for s in streams) and time.monotonic() < deadline:
+                time.sleep(0.05)  # every subscription in place and its stored hazards read
             for s in streams:
                 s.received()
-        sync("watching")
+        with frozen_heap():  # serving from here on, as a long-running vehicle process (core.heap)
+            sync("watching")
+            if plan.hazards:
+                sync("published")
+                time.sleep(plan.settle_s)
+                got = [s.received() for s in streams]
         if plan.hazards:
-            sync("published")
-            time.sleep(plan.settle_s)
-            got = [s.received() for s in streams]
             for i, items in enumerate(got):  # the clock has stopped: decoding and verifying are not timed
                 for subject, data, at in items:
-                    key = (first + i, _hazard_seq(data, subject))
+                    key = (first + i, _hazard_seq(data))
                     out["firsts"][key] = min(at, out["firsts"].get(key, at))
             if plan.trusted_keys:
                 out["verdicts"] = _verdicts(plan, got)
@@ -284,16 +304,17 @@ def _verdicts(plan: ShardPlan, got: list[list[tuple[str, bytes, float]]]) -> dic
     verifier = HazardVerifier(list(plan.trusted_keys))
     counts: Counter[str] = Counter()
     for items in got:
-        hazard_filter = HazardFilter(verifier, horizon_m=plan.horizon_m)
+        hazard_filter = HazardFilter(verifier)
         for subject, data, at in items:
             counts[hazard_filter.offer(subject, data, at)] += 1
     return dict(counts)
 
 
-def _hazard_seq(data: bytes, subject: str) -> int:
+def _hazard_seq(data: bytes) -> int:
     from driveloop.contracts.hazard import decode_hazard
 
-    return decode_hazard(data, subject).action_id.sequence_number
+    # which hazard it is; whether it was addressed to the cell it came on is the vehicles' filters' verdict
+    return decode_hazard(data).action_id.sequence_number
 
 
 def run_fleet(plans: list[ShardPlan], publish: Callable[[], None]) -> list[dict[str, Any]]:
@@ -346,10 +367,10 @@ def _aggregate(url: str, shards: list[dict[str, Any]], n: int, rate_hz: float,
 
 
 def hazard_delivery(shards: list[dict[str, Any]], sent: list[tuple[int, float, tuple[int, ...]]]) -> dict[str, Any]:
-    """``sent`` hazards (sequence, start wall time, cells) against what the shards' vehicles got: ``expected``
-    = (vehicle, hazard) pairs whose watched cells meet the hazard's, ``received`` of those, ``outside`` =
-    receipts by a vehicle that watches none of its cells; start → first receipt p50/p99 (ms). Receipts of
-    hazards not in ``sent`` are not counted."""
+    """``sent`` hazards (sequence, start wall time, relevance cells) against what the shards' vehicles got:
+    ``expected`` = (vehicle, hazard) pairs whose road ahead (``watched``) meets the hazard's relevance cells,
+    ``received`` of those, ``outside`` = receipts by any other vehicle; start → first receipt p50/p99 (ms).
+    Receipts of hazards not in ``sent`` are not counted."""
     watched = {i: cells for r in shards for i, cells in r["watched"].items()}
     sent_at = {k: t for k, t, _ in sent}
     first = {key: at for r in shards for key, at in r["firsts"].items() if key[1] in sent_at}

@@ -11,11 +11,14 @@ Rules (:class:`HazardBook`):
   direction updates that action (its position moves upstream to the event's when the queue grows; otherwise
   only its validity is refreshed, at most every ``refresh_s``) instead of making a new one.
 - Each action is published on every cell of its relevance area (``upstream_m`` before the event in the
-  traffic direction, ``downstream_m`` after), again every ``repetition_s`` (for vehicles that just arrived),
+  traffic direction, ``downstream_m`` after) and the ``WATCH_CELLS`` before it, where vehicles that will reach
+  the area within the watch horizon are (``contracts.stream.hazard_cells``: each vehicle subscribes to its own
+  cell and gets one copy), again every ``repetition_s`` (for vehicles that just arrived),
   until it ends: when its validity runs out, or — for a queue, a standing vehicle or a collision risk
   (``CLEARED_BY_TRAFFIC``) — when a vehicle passes the spot at ``clear_speed_mps`` or more (the cloud then
   publishes a *cancellation* once).
-- Rate limit per cell: a token bucket of ``cell_burst`` messages refilled at ``cell_rate_per_s``; new, updated
+- Rate limit per cell (each cell a version is published on): a token bucket of ``cell_burst`` messages refilled
+  at ``cell_rate_per_s``, so a vehicle in any cell gets at most that many; new, updated
   and cancelled versions go before repetitions, and what does not fit waits for the next round.
 """
 
@@ -33,7 +36,7 @@ from driveloop.contracts.hazard import (
     HazardAdvisory,
     relevance_area,
 )
-from driveloop.contracts.stream import Telemetry, VehicleEvent
+from driveloop.contracts.stream import Telemetry, VehicleEvent, hazard_cells
 from driveloop.core.exceptions import ConfigError
 
 KMH = 1 / 3.6
@@ -221,7 +224,7 @@ class HazardBook:
         return True
 
     def due(self, now_s: float) -> list[Hazard]:
-        """The versions to publish now (each on every cell of its area): new/updated/cancelled first, then
+        """The versions to publish now (each on its ``hazard_cells``): new/updated/cancelled first, then
         repetitions; what the per-cell rate limit does not allow waits. Ended actions are forgotten once their
         last version went out (or at once when they expired)."""
         out: list[Hazard] = []
@@ -235,7 +238,7 @@ class HazardBook:
             repeat = h.termination is None and now_s - entry.last_sent_s >= self.policy.repetition_s
             if not (entry.dirty or repeat):
                 continue
-            if not self._take_tokens(h.road, h.relevance.cells, now_s):
+            if not self._take_tokens(h.road, hazard_cells(h.relevance.cells, h.direction), now_s):
                 continue
             out.append(h)
             entry.dirty, entry.last_sent_s = False, now_s

@@ -42,6 +42,7 @@ from driveloop.contracts.stream import (
     MAX_TIME_S,
     ROAD_PATTERN,
     cell_of,
+    hazard_cells,
     hazard_subject,
 )
 from driveloop.core.exceptions import StreamError
@@ -256,7 +257,8 @@ def encode_hazard(hazard: Hazard) -> bytes:
 
 
 def decode_hazard(data: bytes, subject: str | None = None) -> Hazard:
-    """Parse and validate a hazard; with ``subject`` (``haz.<road>.<cell>``) it must be addressed there."""
+    """Parse and validate a hazard; with ``subject`` (``haz.<road>.<cell>``) it must be addressed there: one
+    of the cells it is published on (``hazard_cells``: its area and the watch horizon before it)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise StreamError("hazard payload must be bytes")
     if len(data) > MAX_MESSAGE_BYTES:
@@ -267,6 +269,7 @@ def decode_hazard(data: bytes, subject: str | None = None) -> Hazard:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise StreamError(f"malformed hazard: {where}: {first.get('msg', 'invalid')}"[:300]) from None
-    if subject is not None and subject not in {hazard_subject(hazard.road, c) for c in hazard.relevance.cells}:
+    if subject is not None and subject not in {hazard_subject(hazard.road, c)
+                                               for c in hazard_cells(hazard.relevance.cells, hazard.direction)}:
         raise StreamError(f"hazard on {subject!r:.100} is not addressed to that cell")
     return hazard

@@ -7,7 +7,7 @@ Subjects (one stream each; a vehicle may publish only under its own token, see `
 |---|---|---|
 | ``tel.<vehicle>`` | TELEMETRY (``tel.>``) | 10 Hz kinematics and safety state (:class:`Telemetry`) |
 | ``evt.<vehicle>.<kind>`` | EVENTS (``evt.>``, longer retention) | safety activations, triggers, faults (:class:`VehicleEvent`) |
-| ``haz.<road>.<cell>`` | HAZARDS (``haz.>``, max age = the longest hazard validity) | hazards pushed to vehicles (``contracts.hazard``) |
+| ``haz.<road>.<cell>`` | HAZARDS (``haz.>``, max age = the longest hazard validity) | hazards pushed to vehicles (``contracts.hazard``), each on the cells :func:`hazard_cells` names; a vehicle subscribes to its own cell |
 | ``log.<vehicle>`` | LOGS (``log.>``) | vehicle log batches (opaque here) |
 
 Rules it keeps:
@@ -38,6 +38,7 @@ __all__ = [
     "EVENT_KINDS", "EventKind", "Telemetry", "VehicleEvent",
     "ROAD_PATTERN", "SCENARIO_PATTERN", "STREAMS", "StreamSpec", "telemetry_subject", "event_subject",
     "hazard_subject", "log_subject", "subject_token", "vehicle_of_subject", "cell_of", "cells_ahead", "msg_id",
+    "WATCH_HORIZON_M", "WATCH_CELLS", "hazard_cells",
     "log_batch_msg_id",
     "encode", "decode_telemetry", "decode_event",
 ]
@@ -54,6 +55,11 @@ MAX_SEQ = 2**63 - 1  # what a database integer holds
 MAX_TIME_S = 1e12  # simulated or Unix seconds
 MAX_POS_M = 1e7  # metres along/across a road
 MAX_CELLS = 400  # cells one vehicle may watch at once (100 km at CELL_M)
+# How far ahead a vehicle must hear of a hazard: 67 s at 108 km/h, enough to slow down comfortably. A protocol
+# constant, a whole number of cells: the cloud publishes each hazard this far upstream of its relevance area
+# (``hazard_cells``), so a vehicle needs to subscribe to its own cell only.
+WATCH_CELLS = 8
+WATCH_HORIZON_M = WATCH_CELLS * CELL_M
 ROAD_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"  # no '.': a road is one subject token
 SCENARIO_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # scenario names as sim.scenarios writes them
 _DETAIL_KEY_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
@@ -189,6 +195,24 @@ def cells_ahead(x_m: float, horizon_m: float) -> list[int]:
     if last - first + 1 > MAX_CELLS:
         raise StreamError(f"horizon {horizon_m} m spans more than {MAX_CELLS} cells")
     return list(range(first, last + 1))
+
+
+def hazard_cells(area_cells: tuple[int, ...] | list[int], direction: str) -> tuple[int, ...]:
+    """The cells a hazard whose relevance area covers ``area_cells`` is published on: the area's cells and the
+    ``WATCH_CELLS`` before it in the traffic ``direction`` ("increasing" or "decreasing" x).
+
+    A vehicle subscribes to the one cell it is in, and must hear of every hazard whose area meets its road
+    ahead (its own cell through ``WATCH_CELLS`` further); such an area starts at most ``WATCH_CELLS`` cells
+    ahead of it, so the vehicle's cell is one of these. The converse holds too (a vehicle in one of them has
+    the area within its road ahead), so each vehicle inside gets exactly one copy and none outside gets any."""
+    if not area_cells:
+        raise StreamError("a hazard's relevance area has at least one cell")
+    first, last = min(area_cells), max(area_cells)
+    if direction == "increasing":
+        return tuple(range(first - WATCH_CELLS, last + 1))
+    if direction == "decreasing":
+        return tuple(range(first, last + WATCH_CELLS + 1))
+    raise StreamError(f"unknown traffic direction {direction!r:.40}")
 
 
 def msg_id(vehicle_id: str, seq: int) -> str:

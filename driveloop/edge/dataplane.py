@@ -15,7 +15,8 @@ Rules it keeps:
   ``SHARED_ROAD``; any other vehicle drives a world of its own, published under a road of its own, so its
   coordinates never touch another's hazards, and it watches no cells.
 - A hazard received before a tick's decision becomes an advisory at that decision (the next tick after it
-  arrived); a vehicle watches the cells ``HazardFilter.horizon_m`` ahead and re-subscribes when that changes.
+  arrived); a vehicle subscribes to the cell it is in (``HazardFilter.cells``: the cloud publishes each hazard
+  on the cells up to ``HazardFilter.road_ahead``'s horizon before its area) and re-subscribes when it moves on.
 - Every ``PRUNE_EVERY_S`` a vehicle's filter forgets the actions that can no longer be live
   (``HazardFilter.prune``), so a long drive's filter stays bounded.
 - Nothing here may stop a vehicle: any failure of the stream client is counted and logged once, and the

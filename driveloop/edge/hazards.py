@@ -1,12 +1,15 @@
 """The vehicle's hazard filter: which pushed hazards to believe, which cells to watch, and the advisory they make.
 
 Everything a vehicle receives on ``haz.<road>.<cell>`` is untrusted. :meth:`HazardFilter.offer` keeps a hazard
-only when it is well formed and addressed to the cell it came on, signed by a key the vehicle trusts, still
-valid, newer than what the vehicle already holds for that action (a repetition, a copy on another cell or a
-replay is not), and not terminated — a termination removes the action for good. Each verdict is counted.
+only when it is well formed and addressed to the cell it came on (one of ``contracts.stream.hazard_cells``),
+signed by a key the vehicle trusts, still valid, newer than what the vehicle already holds for that action (a
+repetition, a copy read again from the stream after a move to the next cell, or a replay is not), and not
+terminated — a termination removes the action for good. Each verdict is counted.
 
-:meth:`HazardFilter.cells` are the cells to watch: the ones from the vehicle's position ``horizon_m`` ahead in
-its direction. :meth:`HazardFilter.advisory` turns the live hazards whose event still lies ahead (the vehicle
+:meth:`HazardFilter.cells` is the cell to watch: the one the vehicle is in. The cloud publishes each hazard on its
+relevance area's cells and the ``WATCH_HORIZON_M`` before them (``contracts.stream.hazard_cells``), so that one
+subscription brings every hazard whose area meets the vehicle's road ahead (:meth:`HazardFilter.road_ahead`),
+one copy each. :meth:`HazardFilter.advisory` turns the live hazards whose event still lies ahead (the vehicle
 inside their relevance area) into one :class:`~driveloop.safety.Advisory`: the speed advisory whose envelope is
 the tightest where the vehicle is now, reached ``margin_m`` before the event, and the longest time gap of any.
 
@@ -21,14 +24,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from driveloop.contracts.hazard import Direction, Hazard, HazardVerifier, decode_hazard
-from driveloop.contracts.stream import HAZARD_MAX_VALIDITY_S, cells_ahead
+from driveloop.contracts.stream import (
+    HAZARD_MAX_VALIDITY_S,
+    WATCH_HORIZON_M,
+    cell_of,
+    cells_ahead,
+)
 from driveloop.core.exceptions import StreamError
 from driveloop.safety import Advisory, AdvisoryConfig
 from driveloop.safety.advisory import allowed_speed_mps
 
 logger = logging.getLogger(__name__)
 
-HORIZON_M = 2000.0  # watch the cells this far ahead: 67 s at 108 km/h, enough to slow down comfortably
+HORIZON_M = WATCH_HORIZON_M  # a vehicle hears of a hazard this far ahead (the protocol's, set by the cloud)
 MARGIN_M = 150.0  # be at the advised speed this far before the event (a queue's tail grows upstream)
 MAX_CLOCK_SKEW_S = 30.0  # a hazard issued further in the future than this is refused
 VERDICTS = ("accepted", "terminated", "malformed", "unsigned", "bad_signature", "expired", "future", "replayed",
@@ -47,7 +55,6 @@ class HazardFilter:
 
     verifier: HazardVerifier
     direction: Direction | None = "increasing"  # None: every direction (the fleet dashboard's whole-road view)
-    horizon_m: float = HORIZON_M
     margin_m: float = MARGIN_M
     advisory_config: AdvisoryConfig = field(default_factory=AdvisoryConfig)
     counts: Counter[str] = field(default_factory=Counter)
@@ -55,11 +62,17 @@ class HazardFilter:
     _actions: dict[tuple[str, int], _Action] = field(default_factory=dict)
     _watch_since: dict[str, float] = field(default_factory=dict)  # subject -> wall time its watch began
 
-    def cells(self, x_m: float) -> list[int]:
-        """The cells to watch from ``x_m``: the current one through ``horizon_m`` ahead."""
-        if self.direction == "increasing":
-            return cells_ahead(x_m, self.horizon_m)
-        return cells_ahead(x_m - self.horizon_m, self.horizon_m)[::-1]
+    @staticmethod
+    def cells(x_m: float) -> list[int]:
+        """The cells to subscribe to at ``x_m``: the one holding it (a hazard ahead is published there too)."""
+        return [cell_of(x_m)]
+
+    def road_ahead(self, x_m: float) -> list[int]:
+        """The cells whose hazards a vehicle at ``x_m`` hears of: its own through ``HORIZON_M`` ahead, in driving
+        order (what :meth:`cells`' one subscription brings, by ``hazard_cells``)."""
+        if self.direction == "decreasing":
+            return cells_ahead(x_m - HORIZON_M, HORIZON_M)[::-1]
+        return cells_ahead(x_m, HORIZON_M)
 
     def watching(self, subjects: set[str], now_wall_s: float) -> None:
         """Record which hazard subjects are watched from when (latency counts only for hazards issued after)."""
@@ -75,7 +88,7 @@ class HazardFilter:
 
     def _judge(self, subject: str, payload: bytes, now: float) -> str:
         try:
-            hazard = decode_hazard(payload, subject)
+            hazard = decode_hazard(payload, subject)  # also: addressed to the cell it came on
         except StreamError:
             return "malformed"
         if not hazard.signature or not hazard.key_id:

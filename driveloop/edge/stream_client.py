@@ -14,11 +14,13 @@ Rules it keeps:
   in order after reconnecting; new messages queue behind it, so a vehicle's messages keep their order.
 - A broker that is down, restarts or refuses the credentials never blocks or crashes the caller: the
   client reconnects in the background and the spool holds the backlog (size-capped, eviction counted).
-- Hazards: ``watch_cells`` subscribes exactly the given ``haz.<road>.<cell>`` subjects; for a cell newly
-  watched (and after every reconnect) it also reads the live hazards already in the HAZARDS stream (direct
-  get), so late joiners see them. ``received`` hands out raw payloads, each once while any cell it came on
-  stays watched (a hazard is published on every cell of its area, and a vehicle watching five of them would
-  otherwise decode and verify its signature five times); verifying them is the caller's job.
+- Hazards: ``watch_cells`` subscribes exactly the given ``haz.<road>.<cell>`` subjects (a driving vehicle: the
+  one cell it is in, ``edge.hazards``); for a cell newly watched (and after every reconnect) it also reads the
+  live hazards already in the HAZARDS stream (direct get), so late joiners see them; ``watch_settled`` says
+  when the last ``watch_cells`` has been applied. ``received`` hands out raw payloads of watched cells, each
+  payload once for as long as it could still be live (``HANDED_OUT_FOR_S``): a repetition, and the stored copy
+  the vehicle reads again on each cell it moves into, are the same bytes, and each would cost its filter a
+  decode and a signature check only to be found a replay; verifying them is the caller's job.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from driveloop.contracts.stream import (
+    HAZARD_MAX_VALIDITY_S,
     MAX_LOG_PAYLOAD_BYTES,
     Telemetry,
     VehicleEvent,
@@ -60,6 +63,10 @@ SEQ_BLOCK = 1000  # next_seq reserves seqs on disk in blocks (one write per bloc
 OUTBOX_LIMIT = 20_000  # queued in memory beyond the acks in flight before the client spills to the spool
 DIRECT_GET_BATCH = 256
 PERMANENT_ERRORS = {10054, 10060}  # message too large, wrong expected stream: resending cannot help
+# a hazard handed out this long ago has expired, whatever its reference time (validity <= the maximum, clocks within
+# a minute): its bytes are forgotten after it, and only then would a copy be handed out again
+HANDED_OUT_FOR_S = HAZARD_MAX_VALIDITY_S + 60.0
+MAX_HANDED_OUT = 100_000  # digests remembered at most (the per-cell rate limit keeps a vehicle far below it)
 
 
 def nats_servers(url: str) -> list[str]:
@@ -162,9 +169,10 @@ class VehicleStream:
         self._kick_scheduled = False
         self._closing = False
         self._cells: dict[str, Any] = {}  # watched hazard subject -> subscription (None until subscribed)
-        self._seen: dict[str, set[bytes]] = {}  # per watched subject: digests of hazards already handed out
-        self._seen_on: Counter[bytes] = Counter()  # digest -> how many watched subjects' ``_seen`` hold it
+        self._handed: OrderedDict[bytes, float] = OrderedDict()  # digest of each hazard handed out -> monotonic time
         self._watch_lock: asyncio.Lock | None = None
+        self._watch_asked = 0  # watch_cells calls so far (caller's thread) ...
+        self._watch_done = 0  # ... and how many of them the loop has applied (subscribed, stored hazards read)
         self._kick_event: asyncio.Event | None = None
         self._started = threading.Event()
         self._loop._streams.add(self)
@@ -226,7 +234,14 @@ class VehicleStream:
     def watch_cells(self, road: str, cells: Iterable[int]) -> None:
         """Receive hazards for exactly these cells of ``road`` (and the live ones already published there)."""
         wanted = {hazard_subject(road, int(c)) for c in cells}
-        self._loop.call(lambda: self._loop.loop.create_task(self._watch(wanted)))
+        self._watch_asked += 1
+        asked = self._watch_asked
+        self._loop.call(lambda: self._loop.loop.create_task(self._watch(wanted, asked)))
+
+    def watch_settled(self) -> bool:
+        """True once the last ``watch_cells`` is applied: its cells subscribed and their stored hazards read (or,
+        while disconnected, recorded for the reconnect to do)."""
+        return self._watch_done >= self._watch_asked
 
     def received(self) -> list[tuple[str, bytes, float]]:
         """(subject, raw payload, wall receive time) of hazards received since the last call."""
@@ -454,23 +469,27 @@ class VehicleStream:
         self._spool.persist_cursor()
         if len(self._spool) or self._outbox:
             self._kick()
+        while self._handed and now - next(iter(self._handed.values())) > HANDED_OUT_FOR_S:
+            self._handed.popitem(last=False)
 
     # -- hazards ------------------------------------------------------------------------------------------
-    async def _watch(self, wanted: set[str]) -> None:
+    async def _watch(self, wanted: set[str], asked: int) -> None:
+        assert self._watch_lock is not None
+        try:
+            await self._apply_watch(wanted)
+        finally:
+            self._watch_done = max(self._watch_done, asked)
+
+    async def _apply_watch(self, wanted: set[str]) -> None:
         assert self._watch_lock is not None
         async with self._watch_lock:
             for subject in [s for s in self._cells if s not in wanted]:
                 sub = self._cells.pop(subject)
-                for digest in self._seen.pop(subject, ()):
-                    self._seen_on[digest] -= 1
-                    if self._seen_on[digest] <= 0:  # no watched cell holds it: a later copy is news again
-                        del self._seen_on[digest]
                 if sub is not None and self.connected():
                     await sub.unsubscribe()
             new = [s for s in sorted(wanted) if s not in self._cells]
             for subject in new:
                 self._cells[subject] = None
-                self._seen[subject] = set()
             if self.connected():
                 await self._subscribe_and_fetch(new)
 
@@ -488,29 +507,31 @@ class VehicleStream:
                 self._cells[subject] = await self._nc.subscribe(subject, cb=self._on_hazard)
         roads = sorted({s.split(".")[1] for s in subjects})
         for road in roads:  # one read per road, not per cell: a fleet of 1,000 joins with 1,000 requests
+            on_road = {s for s in subjects if s.split(".")[1] == road}
+            # one cell (a driving vehicle's): read only its subject, not every stored copy on the road
+            pattern = next(iter(on_road)) if len(on_road) == 1 else f"haz.{road}.*"
             try:
-                await self._fetch_stored(road, set(subjects))
+                await self._fetch_stored(pattern, set(subjects))
             except Exception as e:  # late-join reads are best effort; live delivery continues
                 logger.info("vehicle %s: reading stored hazards of road %s failed: %r", self.vehicle_id, road, e)
 
     def _deliver(self, subject: str, data: bytes) -> None:
-        seen = self._seen.get(subject)
-        if seen is None:  # a message for a cell no longer watched
+        if subject not in self._cells:  # a message for a cell no longer watched
             return
         digest = hashlib.blake2b(data, digest_size=16).digest()
-        if digest in seen:
+        if digest in self._handed:  # the same bytes as one handed out (see the module docstring)
             return
-        seen.add(digest)
-        self._seen_on[digest] += 1
-        if self._seen_on[digest] == 1:  # a copy on another watched cell (a hazard goes to every cell of its
-            self._received.append((subject, data, time.time()))  # area) is the same bytes: handed out once
+        self._handed[digest] = time.monotonic()
+        if len(self._handed) > MAX_HANDED_OUT:
+            self._handed.popitem(last=False)
+        self._received.append((subject, data, time.time()))
 
     async def _on_hazard(self, msg: Any) -> None:
         self._deliver(msg.subject, msg.data)
 
-    async def _fetch_stored(self, road: str, wanted: set[str]) -> None:
+    async def _fetch_stored(self, pattern: str, wanted: set[str]) -> None:
         """Every message of ``wanted`` still in the HAZARDS stream (max age = the longest validity), read
-        with batched direct gets over the road's subjects; other cells' hazards are not handed out."""
+        with batched direct gets over the subjects ``pattern`` matches; other cells' hazards are not handed out."""
         inbox = f"_INBOX.{self._token}.dg.{self._token_n}"
         self._token_n += 1
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -518,7 +539,7 @@ class VehicleStream:
         try:
             seq = 0
             while True:
-                body = json.dumps({"batch": DIRECT_GET_BATCH, "next_by_subj": f"haz.{road}.*", "seq": seq + 1})
+                body = json.dumps({"batch": DIRECT_GET_BATCH, "next_by_subj": pattern, "seq": seq + 1})
                 await self._nc.publish("$JS.API.DIRECT.GET.HAZARDS", body.encode(), reply=inbox)
                 more = False
                 while True:

@@ -16,7 +16,7 @@ from driveloop.cloud.hazards import (
     visibility_speed_mps,
 )
 from driveloop.contracts.hazard import CAUSES, HazardVerifier
-from driveloop.contracts.stream import Telemetry, VehicleEvent, cell_of
+from driveloop.contracts.stream import WATCH_CELLS, Telemetry, VehicleEvent, cell_of, hazard_cells
 from driveloop.core.exceptions import ConfigError
 
 NOW = 1_800_000_000.0
@@ -156,6 +156,21 @@ def test_the_per_cell_rate_limit_holds_repetitions_back_new_versions_first() -> 
     assert [h.action_id.sequence_number for h in book.due(NOW + 2.0)] == [0]
     sent = sum(len(book.due(NOW + 2.0 + 0.1 * k)) for k in range(1, 101))  # 10 s more at 1 msg/s per cell
     assert sent == 10
+
+
+def test_the_rate_limit_counts_every_cell_a_version_goes_to_the_watch_horizon_included() -> None:
+    book = HazardBook(HazardPolicy(cell_burst=1, cell_rate_per_s=0.001, merge_m=1.0))
+    book.on_event(event(x=8000.0), NOW)  # no gap reported: the hazard is at the event's x
+    (a,) = book.due(NOW)
+    # a second action 2,500 m upstream: its area ends 2 cells before the first one's starts, inside its watch horizon
+    book.on_event(event(x=5500.0), NOW)
+    (b,) = [h for h in book.active(NOW) if h.action_id.sequence_number == 1]
+    assert not set(b.relevance.cells) & set(a.relevance.cells)
+    assert set(b.relevance.cells) & set(hazard_cells(a.relevance.cells, a.direction))
+    assert hazard_cells(a.relevance.cells, a.direction)[0] == a.relevance.cells[0] - WATCH_CELLS
+    assert book.due(NOW + 1.0) == []  # its cells' one token went to the first action's copies there
+    book.on_event(event(x=500.0), NOW)  # far from both: its own cells, its own tokens
+    assert [h.action_id.sequence_number for h in book.due(NOW + 1.0)] == [2]
 
 
 def test_policy_is_validated() -> None:

@@ -21,7 +21,7 @@ from driveloop.contracts.hazard import (
     key_id_of,
     relevance_area,
 )
-from driveloop.contracts.stream import CELL_M, MAX_MESSAGE_BYTES, cell_of
+from driveloop.contracts.stream import CELL_M, MAX_MESSAGE_BYTES, WATCH_CELLS, cell_of
 from driveloop.core.exceptions import StreamError
 
 NOW = 1_800_000_000.0
@@ -133,6 +133,11 @@ def test_wire_round_trip_and_the_subject_must_be_one_of_its_cells() -> None:
     assert decode_hazard(data, "haz.hw1.16") == signed == decode_hazard(data)
     with pytest.raises(StreamError, match="not addressed to that cell"):
         decode_hazard(data, "haz.hw1.30")
+    # Published on the area and the watch horizon before it (the traffic comes from lower x): no further.
+    first = min(signed.relevance.cells)
+    assert decode_hazard(data, f"haz.hw1.{first - WATCH_CELLS}") == signed
+    with pytest.raises(StreamError, match="not addressed to that cell"):
+        decode_hazard(data, f"haz.hw1.{first - WATCH_CELLS - 1}")
     with pytest.raises(StreamError, match="not addressed to that cell"):
         decode_hazard(data, "haz.hw2.20")
     with pytest.raises(StreamError, match="malformed hazard"):

@@ -147,12 +147,34 @@ def test_of_several_hazards_the_tightest_envelope_and_the_longest_gap_win() -> N
     assert only is not None and (only.speed_mps, only.time_gap_s) == (None, 2.5)
 
 
-def test_cells_to_watch_run_from_here_to_the_horizon() -> None:
+def test_a_vehicle_subscribes_to_its_own_cell_and_hears_of_its_road_ahead() -> None:
     f = fresh()
-    assert f.cells(1000.0) == list(range(cell_of(1000.0), cell_of(1000.0 + HORIZON_M) + 1))
-    assert f.cells(1000.0)[0] == int(1000.0 // CELL_M)
+    assert f.cells(1000.0) == [int(1000.0 // CELL_M)] and f.cells(CELL_M) == [1] and f.cells(CELL_M - 0.01) == [0]
+    assert f.road_ahead(1000.0) == list(range(cell_of(1000.0), cell_of(1000.0 + HORIZON_M) + 1))
     back = HazardFilter(HazardVerifier([CLOUD.public_bytes()]), direction="decreasing")
-    assert back.cells(5000.0)[0] == cell_of(5000.0) and back.cells(5000.0)[-1] == cell_of(5000.0 - HORIZON_M)
+    assert back.cells(5000.0) == [cell_of(5000.0)]
+    assert back.road_ahead(5000.0)[0] == cell_of(5000.0) and back.road_ahead(5000.0)[-1] == cell_of(5000.0 - HORIZON_M)
+
+
+# (name, cell offset from the area's first cell in the traffic direction, verdict): the hazard is addressed to its
+# area's cells and the HORIZON_M before them, nowhere else
+ADDRESSES = [("the horizon's first cell", -int(HORIZON_M // CELL_M), "accepted"),
+             ("one cell before the horizon", -int(HORIZON_M // CELL_M) - 1, "malformed"),
+             ("the area's first cell", 0, "accepted"), ("the area's last cell", -1, "accepted"),
+             ("one cell past the area", -2, "malformed")]  # -1, -2: len(cells) - 1 and len(cells)
+
+
+@pytest.mark.parametrize("direction", ["increasing", "decreasing"])
+@pytest.mark.parametrize(("name", "offset", "verdict"), ADDRESSES, ids=[a[0] for a in ADDRESSES])
+def test_a_hazard_is_taken_on_exactly_the_cells_it_is_published_on(name: str, offset: int, verdict: str,
+                                                                   direction: str) -> None:
+    h = hazard(direction=direction, relevance=relevance_area("hw1", 6000.0, direction, 2000.0, 100.0))
+    n = len(h.relevance.cells)
+    offset = {-1: n - 1, -2: n}.get(offset, offset)
+    first = h.relevance.cells[0] if direction == "increasing" else h.relevance.cells[-1]
+    cell = first + offset if direction == "increasing" else first - offset
+    f = HazardFilter(HazardVerifier([CLOUD.public_bytes()]), direction=direction)  # type: ignore[arg-type]
+    assert offer(f, h, subject=hazard_subject("hw1", cell)) == verdict
 
 
 def test_latency_counts_only_for_hazards_issued_while_the_vehicle_watched() -> None:

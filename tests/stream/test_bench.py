@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from driveloop._stream_bench import ShardPlan, _schedule, _shard, hazard_delivery, run_bench, ticks
+from driveloop._stream_bench import ShardPlan, _schedule, _shard, default_processes, hazard_delivery, run_bench, ticks
 from driveloop.cloud.broker import EmbeddedBroker
 from driveloop.contracts.stream import Telemetry
 from driveloop.core.exceptions import ConfigError
@@ -30,6 +30,17 @@ def test_a_fleet_sharded_over_two_processes_is_counted_whole() -> None:
 def test_processes_must_fit_the_fleet(processes: int) -> None:
     with pytest.raises(ConfigError, match="processes"):
         run_bench(12, 1.0, processes=processes)
+
+
+# (CPUs the machine reports, vehicles, processes by default)
+DEFAULT_PROCESSES = [(2, 1000, 2), (2, 1, 1), (None, 1000, 1), (128, 5000, 64), (16, 3, 3)]
+
+
+@pytest.mark.parametrize(("cpus", "vehicles", "expected"), DEFAULT_PROCESSES)
+def test_the_default_is_one_client_process_per_cpu(monkeypatch: pytest.MonkeyPatch, cpus: int | None, vehicles: int,
+                                                   expected: int) -> None:
+    monkeypatch.setattr("driveloop._stream_bench.os.cpu_count", lambda: cpus)
+    assert default_processes(vehicles) == expected
 
 
 def test_each_tick_is_spread_over_the_period_in_vehicle_order() -> None:

@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 import nats
+import pytest
 
 from driveloop.cloud.broker import EmbeddedBroker
 from driveloop.cloud.catalog import Catalog
 from driveloop.cloud.stream_sinks import EventIndex, SinkRunner, StreamMetrics, replay_vehicle, standard_consumers
 from driveloop.contracts.stream import decode_telemetry
+from driveloop.edge import stream_client
 from driveloop.edge.stream_client import VehicleStream
 from tests.fakes.wait import wait_until
 from tests.stream.conftest import ensure, evt, tel
@@ -113,7 +115,8 @@ def test_kill_9_mid_stream_loses_nothing_acked_and_sink_has_no_duplicate(tmp_pat
     try:
         for i in range(total):
             vs.publish(evt("v1", vs.next_seq()))
-            if i == 600:
+            if i == 600:  # once the broker has acked some (a loaded machine may not have connected yet)
+                assert wait_until(lambda: vs.stats()["acked"] > 0, 60)
                 acked_before = vs.stats()["acked"]
                 broker.kill()  # kill -9 with acks in flight
             if i == 900:
@@ -188,10 +191,38 @@ def test_watch_cells_live_and_late_join(broker: EmbeddedBroker, tmp_path: Path) 
         vs.close()
 
 
-def test_a_hazard_on_several_watched_cells_is_handed_out_once(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    """A hazard goes to every cell of its area: a vehicle watching several of them gets it once, not once per
-    cell (each copy would cost its filter a decode and a signature check); once none of those cells is watched,
-    the same bytes are news again."""
+def test_one_watched_cell_reads_only_its_stored_hazards_and_says_when_settled(broker: EmbeddedBroker,
+                                                                               tmp_path: Path) -> None:
+    """A driving vehicle watches its own cell: the late-join read takes that subject's stored hazards (not the
+    road's), and ``watch_settled`` turns true only once they are read, so a caller can wait for it."""
+
+    async def publish(*pairs: tuple[str, bytes]) -> None:
+        nc = await nats.connect(broker.url)
+        js = nc.jetstream()
+        for subject, data in pairs:
+            await js.publish(subject, data)
+        await nc.close()
+
+    asyncio.run(publish(("haz.hw1.8", b"before-8"), ("haz.hw1.9", b"a-9"), ("haz.hw1.10", b"after-10"),
+                        ("haz.hw1.9", b"b-9")))
+    vs = VehicleStream("v1", broker.url, tmp_path / "spool")
+    try:
+        assert wait_until(vs.connected, 30)
+        vs.watch_cells("hw1", [9])
+        assert wait_until(vs.watch_settled, 30)
+        assert [(s, d) for s, d, _ in vs.received()] == [("haz.hw1.9", b"a-9"), ("haz.hw1.9", b"b-9")]
+        vs.watch_cells("hw1", [10])  # moved on
+        assert wait_until(vs.watch_settled, 30)
+        assert [(s, d) for s, d, _ in vs.received()] == [("haz.hw1.10", b"after-10")]
+    finally:
+        vs.close()
+
+
+def test_a_hazard_on_several_watched_cells_is_handed_out_once(broker: EmbeddedBroker, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bytes are handed out once — on several watched cells, and on the next cell a vehicle moves into
+    (each copy would cost its filter a decode and a signature check, only to be found a replay) — until they can
+    no longer be live (``HANDED_OUT_FOR_S``)."""
 
     async def publish(*pairs: tuple[str, bytes]) -> None:
         nc = await nats.connect(broker.url)
@@ -219,16 +250,17 @@ def test_a_hazard_on_several_watched_cells_is_handed_out_once(broker: EmbeddedBr
         got.clear()
         assert wait_until(lambda: until(got, b"k"), 30)
         assert got == [("haz.hw1.4", b"k")]
-        vs.watch_cells("hw1", [5])  # no watched cell holds "h" any more
+        vs.watch_cells("hw1", [5])  # moved on: no watched cell holds "h", but its bytes were handed out
+        assert wait_until(vs.watch_settled, 30)
+        asyncio.run(publish(("haz.hw1.5", b"h"), ("haz.hw1.5", b"z")))
         got.clear()
-
-        def sent_until_got() -> bool:  # until cell 5's subscription is in place, its live copy may pass it by
-            if until(got, b"h"):
-                return True
-            asyncio.run(publish(("haz.hw1.5", b"h")))
-            return False
-
-        assert wait_until(sent_until_got, 30)
+        assert wait_until(lambda: until(got, b"z"), 30)
+        assert got == [("haz.hw1.5", b"z")]  # the copy on the next cell (read again on each move) is no news
+        monkeypatch.setattr(stream_client, "HANDED_OUT_FOR_S", 0.2)  # once it can no longer be live, it would be
+        time.sleep(0.2 + 3 * stream_client.TICK_S)
+        asyncio.run(publish(("haz.hw1.5", b"h")))
+        got.clear()
+        assert wait_until(lambda: until(got, b"h"), 30)
         assert got == [("haz.hw1.5", b"h")]
     finally:
         vs.close()

@@ -7,12 +7,15 @@ import pytest
 from driveloop.contracts.stream import (
     CELL_M,
     MAX_MESSAGE_BYTES,
+    WATCH_CELLS,
+    WATCH_HORIZON_M,
     cell_of,
     cells_ahead,
     decode_event,
     decode_telemetry,
     encode,
     event_subject,
+    hazard_cells,
     hazard_subject,
     msg_id,
     telemetry_subject,
@@ -68,6 +71,38 @@ def test_cells() -> None:
     assert cells_ahead(CELL_M * 2 - 1, CELL_M * 2) == [1, 2, 3]
     with pytest.raises(StreamError):
         cells_ahead(0.0, 1e9)
+
+
+# (name, the event's x, upstream m, downstream m): relevance areas that start and end inside, on and off cell edges
+AREAS = [("mid-cell", 6010.0, 2000.0, 100.0), ("on edges", 6000.0, 2000.0, 250.0), ("short", 700.0, 120.0, 10.0),
+         ("below zero", 900.0, 2000.0, 100.0)]
+
+
+@pytest.mark.parametrize("direction", ["increasing", "decreasing"])
+@pytest.mark.parametrize(("name", "x", "up", "down"), AREAS, ids=[a[0] for a in AREAS])
+def test_one_subscription_reaches_exactly_the_vehicles_whose_road_ahead_meets_the_area(
+        name: str, x: float, up: float, down: float, direction: str) -> None:
+    from driveloop.contracts.hazard import relevance_area
+
+    area = relevance_area("hw1", x, direction, up, down)  # type: ignore[arg-type]
+    published = set(hazard_cells(area.cells, direction))
+    reached = 0
+    for k in range(-4000, 4000):  # a vehicle every 3 m from 12 km before to 12 km after, cell edges included
+        at = x + 3.0 * k
+        ahead = cells_ahead(at, WATCH_HORIZON_M) if direction == "increasing" else cells_ahead(at - WATCH_HORIZON_M,
+                                                                                                 WATCH_HORIZON_M)
+        must = bool(set(ahead) & set(area.cells))  # what the vehicle must hear of, from the road alone
+        assert (cell_of(at) in published) == must, (at, must)
+        reached += must
+    assert reached > 0 and len(published) == len(area.cells) + WATCH_CELLS
+    assert WATCH_HORIZON_M == WATCH_CELLS * CELL_M  # the equivalence needs a whole number of cells
+
+
+def test_hazard_cells_refuse_what_is_not_an_area() -> None:
+    with pytest.raises(StreamError, match="direction"):
+        hazard_cells((3, 4), "sideways")
+    with pytest.raises(StreamError, match="at least one cell"):
+        hazard_cells((), "increasing")
 
 
 def test_event_detail_is_bounded() -> None:
