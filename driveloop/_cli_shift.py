@@ -4,7 +4,8 @@
 ``DRIVELOOP_NATS_URL`` or the embedded one ``driveloop stream serve`` runs (``cli._broker``); campaigns go through
 the local cloud's ingest service, approved by ``DRIVELOOP_CAMPAIGN_AUTO_APPROVE`` (or ``--auto-approve``).
 ``status`` reads what the service last wrote (``<home>/cloud/shift/status.json``) and the shift campaigns' current
-state from the catalog (a person may have approved one since).
+state from the catalog (a person may have approved one since). ``driveloop stream serve`` runs the same detector
+(:func:`live_detector`) beside its broker, unless told ``--no-shift``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ CAMPAIGN_PREFIX = "shift-"  # cloud.shift.campaign_for names a shift's campaign 
 def shift_dir(settings: Any) -> Path:
     """Where the shift detector keeps its baseline and status."""
     return Path(settings.cloud_dir) / "shift"
+
+
+# The live detector's defaults (``watch``'s options, and ``stream serve``'s detector).
+WINDOW_S = 900.0
+REFERENCE_S = 600.0
+
+
+def live_detector(settings: Any, auto_approve: str | None = None, window_s: float = WINDOW_S,
+                  reference_s: float = REFERENCE_S) -> Any:
+    """The shift-detector service over ``settings``' home: its baseline and status in :func:`shift_dir`, campaigns
+    through the local cloud's ingest service, approved by ``auto_approve`` or else the operator's
+    ``DRIVELOOP_CAMPAIGN_AUTO_APPROVE`` (one definition for ``shift watch`` and ``stream serve``)."""
+    from driveloop._demo_shift import local_ingest
+    from driveloop.cloud.shift import ApprovalPolicy, LiveShift
+    from driveloop.cloud.stream_sinks import ShiftDetector
+
+    approval = ApprovalPolicy.parse(settings.campaign_auto_approve if auto_approve is None else auto_approve)
+    return ShiftDetector(shift_dir(settings), lambda: local_ingest(settings), approval,
+                         live=LiveShift(window_s=window_s, reference_s=reference_s))
 
 
 def _read_status(path: Path) -> dict[str, Any] | None:
@@ -104,28 +124,25 @@ def watch(
     auto_approve: str | None = typer.Option(None, "--auto-approve",
                                             help="Classes whose campaigns are approved ('*', 'fog,aggressive', '': "
                                                  "none); default DRIVELOOP_CAMPAIGN_AUTO_APPROVE."),
-    window_s: float = typer.Option(900.0, "--window-s", min=10.0, max=7 * 24 * 3600.0),
-    reference_s: float = typer.Option(600.0, "--reference-s", min=10.0, max=7 * 24 * 3600.0,
+    window_s: float = typer.Option(WINDOW_S, "--window-s", min=10.0, max=7 * 24 * 3600.0),
+    reference_s: float = typer.Option(REFERENCE_S, "--reference-s", min=10.0, max=7 * 24 * 3600.0,
                                       help="Without a stored baseline: how much of the stream is the reference."),
     as_json: bool = _JSON,
 ) -> None:
     """Run the shift detector on the live stream; a class whose intervention rate rises gets a campaign."""
     from driveloop._cli_stream import _broker
-    from driveloop._demo_shift import local_ingest
-    from driveloop.cloud.shift import ApprovalPolicy, LiveShift
-    from driveloop.cloud.stream_sinks import ShiftDetector, SinkRunner, StreamMetrics
+    from driveloop.cloud.stream_sinks import SinkRunner, StreamMetrics
     from driveloop.settings import load_settings
 
     settings = load_settings()
-    approval = ApprovalPolicy.parse(settings.campaign_auto_approve if auto_approve is None else auto_approve)
-    detector = ShiftDetector(shift_dir(settings), lambda: local_ingest(settings), approval,
-                             live=LiveShift(window_s=window_s, reference_s=reference_s))
+    detector = live_detector(settings, auto_approve, window_s, reference_s)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     metrics = StreamMetrics()
     with _broker(settings) as (url, user, password):
         runner = SinkRunner(url, detector.consumers(), metrics, user, password).start()
-        logger.info("shift detector on %s (auto-approve: %s)", url, ",".join(sorted(approval.classes)) or "none")
+        logger.info("shift detector on %s (auto-approve: %s)", url,
+                    ",".join(sorted(detector.approval.classes)) or "none")
         deadline = time.monotonic() + seconds if seconds > 0 else None
         try:
             while not stop.wait(0.5) and (deadline is None or time.monotonic() < deadline):

@@ -106,11 +106,26 @@ async def _connect(url: str, user: str | None, password: str | None) -> Any:
         raise StreamError(f"cannot connect to the broker at {url}: {type(e).__name__}: {e}") from e
 
 
+def _serve_consumers(settings: Any, shift: bool) -> list[Any]:
+    """The cloud services ``serve`` runs on its broker's stream, each built before the broker starts (a bad
+    config is a one-line error, not a half-started server): the live shift detector (``cloud shift watch``'s,
+    its approval policy ``DRIVELOOP_CAMPAIGN_AUTO_APPROVE``) unless ``--no-shift``."""
+    if not shift:
+        return []
+    from driveloop._cli_shift import live_detector
+
+    return [live_detector(settings)]
+
+
 @stream_app.command("serve")
 def serve(port: int = typer.Option(4222, "--port", min=0, max=65535, help="Client port on 127.0.0.1 (0: any)."),
-          replicas: int = typer.Option(1, "--replicas", help="Stream replicas (1 here; 3 in a cluster).")) -> None:
-    """Run the embedded broker in the foreground (streams created); Ctrl-C stops it."""
+          replicas: int = typer.Option(1, "--replicas", help="Stream replicas (1 here; 3 in a cluster)."),
+          shift: bool = typer.Option(True, "--shift/--no-shift",
+                                     help="Run the live shift detector (as `driveloop cloud shift watch`) on the "
+                                          "stream; its campaigns approved by DRIVELOOP_CAMPAIGN_AUTO_APPROVE.")) -> None:
+    """Run the embedded broker in the foreground (streams created) with the live shift detector; Ctrl-C stops it."""
     from driveloop.cloud.broker import EmbeddedBroker
+    from driveloop.cloud.stream_sinks import SinkRunner, StreamMetrics
     from driveloop.settings import load_settings
 
     settings = load_settings()
@@ -121,10 +136,15 @@ def serve(port: int = typer.Option(4222, "--port", min=0, max=65535, help="Clien
     if _running_server(nats_dir):
         raise StreamError(f"an embedded broker already runs for {nats_dir} (see server.json)")
     creds, password = _service_password(nats_dir)
+    services = _serve_consumers(settings, shift)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with EmbeddedBroker.embedded(nats_dir, creds.users, port=port or None) as broker:
         asyncio.run(_ensure(broker.url, f"svc-{SERVICE}", password, replicas))
+        runner = None
+        if services:
+            specs = [spec for service in services for spec in service.consumers()]
+            runner = SinkRunner(broker.url, specs, StreamMetrics(), f"svc-{SERVICE}", password).start()
         info = nats_dir / "server.json"
         write_atomic(info, dumps({"url": broker.url, "pid": os.getpid(), "server_pid": broker.pid}).encode())
         print(broker.url, flush=True)
@@ -135,6 +155,10 @@ def serve(port: int = typer.Option(4222, "--port", min=0, max=65535, help="Clien
             pass
         finally:
             info.unlink(missing_ok=True)
+            if runner is not None:
+                runner.stop()
+            for service in services:
+                service.flush()
 
 
 async def _status(url: str, user: str | None, password: str | None) -> dict[str, Any]:
@@ -246,17 +270,18 @@ def bench(vehicles: int = typer.Option(100, "--vehicles", min=1, max=5000),
           rate_hz: float = typer.Option(10.0, "--rate-hz", min=0.1, max=100),
           sync: str = typer.Option("always", "--sync", help="JetStream sync_interval: 'always' or a duration (1s)."),
           hazards: int = typer.Option(20, "--hazards", min=0, max=1000),
-          processes: int = typer.Option(1, "--processes", min=1, max=64,
-                                        help="Client processes the simulated fleet is sharded over."),
+          processes: int | None = typer.Option(None, "--processes", min=1, max=64, show_default=False,
+                                               help="Client processes the simulated fleet is sharded over "
+                                                    "(default: one per CPU, at most one per vehicle)."),
           as_json: bool = _JSON) -> None:
     """Simulated fleet against an embedded broker (or DRIVELOOP_NATS_URL): acked rate, ack p99, loss, hazard p99."""
-    from driveloop._stream_bench import run_bench
+    from driveloop._stream_bench import default_processes, run_bench
     from driveloop.settings import load_settings
 
     if sync != "always" and not (sync[:-1].replace(".", "", 1).isdigit() and sync[-1] in "sm"):
         raise ConfigError(f"--sync must be 'always' or a duration like 1s, got {sync!r}")
     result = run_bench(vehicles, seconds, url=load_settings().nats_url, rate_hz=rate_hz, sync_interval=sync,
-                       hazards=hazards, processes=processes)
+                       hazards=hazards, processes=processes or default_processes(vehicles))
     if as_json:
         print(dumps(result))
         return

@@ -133,13 +133,97 @@ def test_hindsight_sees_a_cut_in_before_it_happens() -> None:
     speed = frames.lead_speed_mps.copy()
     speed[60:] = 20.0
     cut = dataclasses.replace(frames, lead_gap_m=gap, lead_speed_mps=speed)
-    c = LabelerConfig(horizon_s=2.0)
+    c = LabelerConfig(horizon_s=2.0, new_lead_anticipation_s=2.0)  # anticipated as far as it looks ahead
     labels = label_segment(cut, c)
     assert labels.target_action[50, 0] < -1.0  # 1 s before the cut-in it already brakes
     assert labels.target_action[0, 0] == pytest.approx(cut.model_action[0, 0])  # but not 6 s before
     assert labels.hazard[50] and 0.9 <= labels.time_to_hazard_s[50] <= 1.1
     # early, not harsh: the plan ahead of the cut-in never asks for more than the comfort deceleration
     assert np.all(labels.target_action[:58, 0] >= -c.comfort_decel_mps2 - 1e-5)
+
+
+def _merge_at(step: int, gap_m: float = 8.0, speed_mps: float = 20.0, n: int = 100) -> object:
+    """25 m/s behind a far lead (300 m); a slower car comes into the lane ``gap_m`` ahead at ``step``."""
+    frames = make_frames(np.full(n, 25.0), gap0_m=300.0)
+    gap, speed = frames.lead_gap_m.copy(), frames.lead_speed_mps.copy()
+    gap[step:], speed[step:] = gap_m, speed_mps
+    return dataclasses.replace(frames, lead_gap_m=gap, lead_speed_mps=speed)
+
+
+def test_lead_runs_break_where_another_vehicle_becomes_the_lead() -> None:
+    from driveloop.cloud.labeling import lead_since
+
+    c = LabelerConfig()
+    since, limit = lead_since(_merge_at(60), c)
+    assert since.tolist() == [0] * 60 + [60] * 40  # the far lead, then the merger
+    assert (limit == c.new_lead_anticipation_s).all()
+    frames = make_frames(braking_lead(), gap0_m=45.0)  # one lead all along, braking hard: one run
+    assert lead_since(frames, c)[0].tolist() == [0] * len(frames)
+    gone = dataclasses.replace(frames, lead_gap_m=np.where(np.arange(len(frames)) >= 30, np.nan, frames.lead_gap_m))
+    assert lead_since(gone, c)[0][29] == 0 and lead_since(gone, c)[0][30] == 30  # the lead left: a run of none
+
+
+@pytest.mark.parametrize("anticipation_s", [0.5, 1.0, 2.0])
+def test_a_car_coming_into_the_lane_is_anticipated_only_so_long_before(anticipation_s: float) -> None:
+    """Up to ``new_lead_anticipation_s`` before a car comes into the lane the label is the model's own command."""
+    cut, merge_step = _merge_at(60), 60
+    c = LabelerConfig(new_lead_anticipation_s=anticipation_s)
+    labels = label_segment(cut, c)
+    # before the anticipation and before the jerk limit's ramp into the hardest braking
+    ramp_s = c.max_decel_mps2 / c.label_jerk_mps3
+    untouched = slice(0, merge_step - round((anticipation_s + ramp_s) / DT))
+    assert np.allclose(labels.target_action[untouched, 0], cut.model_action[untouched, 0], atol=1e-5)
+    assert labels.target_action[merge_step - 1, 0] < -1.0  # and it does brake just before the merge
+    earlier = label_segment(cut, LabelerConfig(new_lead_anticipation_s=4.0))  # the whole horizon (4 s)
+    assert _first(earlier.target_action[:, 0] < -0.5) < _first(labels.target_action[:, 0] < -0.5)
+    # a lead that is ahead all along is anticipated over the whole horizon, whatever the limit
+    stay = make_frames(braking_lead(), gap0_m=45.0)
+    assert np.array_equal(label_segment(stay, c).target_action, label_segment(stay, LabelerConfig()).target_action)
+
+
+def test_a_work_zone_merger_is_anticipated_only_once_it_moves_over() -> None:
+    """In a work zone the closing lane's cars merge when the ego comes close (zipper): the teacher anticipates
+    them only ``reactive_merge_anticipation_s`` ahead; a cut-in elsewhere over the whole horizon."""
+    from driveloop.cloud.labeling import lead_since
+    from driveloop.cloud.mining import scenario_kind
+
+    c = LabelerConfig()
+    assert scenario_kind("construction-12-20") == "construction" and scenario_kind("odd") == "odd"
+    zipper = dataclasses.replace(_merge_at(60), scenario="construction-12-20")
+    cut_in = dataclasses.replace(_merge_at(60), scenario="aggressive-9-25")
+    assert (lead_since(zipper, c)[1] == c.reactive_merge_anticipation_s).all()
+    assert (lead_since(cut_in, c)[1] == c.new_lead_anticipation_s).all()
+    as_if = LabelerConfig(new_lead_anticipation_s=c.reactive_merge_anticipation_s)
+    assert np.array_equal(label_segment(zipper, c).target_action, label_segment(cut_in, as_if).target_action)
+    assert _first(label_segment(cut_in, c).target_action[:, 0] < -0.5) < _first(
+        label_segment(zipper, c).target_action[:, 0] < -0.5)
+    with pytest.raises(ConfigError, match="reactive_merge_classes"):
+        LabelerConfig(reactive_merge_classes=(3,))  # type: ignore[arg-type]
+
+
+def test_in_fog_a_car_is_anticipated_only_from_when_the_sensors_could_see_it() -> None:
+    """The teacher sees the logged ground truth; the vehicle in fog-25 saw nothing beyond 25 m. Braking for a car
+    still hidden in the fog would teach braking for the fog itself (the model can tell fog from its sensors)."""
+    from driveloop.cloud.labeling import lead_seen, lead_since, sensor_visibility_m
+    from driveloop.sim.scenarios import parse_scenario
+
+    visibility = parse_scenario("fog-25").visibility_m
+    assert sensor_visibility_m("fog-25") == visibility and math.isinf(sensor_visibility_m("dense"))
+    assert math.isinf(sensor_visibility_m("not-a-scenario"))  # an unknown name: nothing known to cut
+    # 25 m/s behind a 15 m/s car 80 m ahead: the same drive in fog and in the clear
+    fog, clear = (make_frames(np.full(80, 15.0), gap0_m=80.0, scenario=name) for name in ("fog-25", "dense"))
+    seen_from = _first(lead_seen(fog))
+    assert fog.lead_gap_m[seen_from] <= visibility < fog.lead_gap_m[seen_from - 1]
+    assert lead_seen(clear).all()
+    c = LabelerConfig()
+    since, limit = lead_since(fog, c)
+    assert since[seen_from] == seen_from and limit[seen_from] == c.revealed_lead_anticipation_s
+    in_fog, in_clear = label_segment(fog, c), label_segment(clear, c)
+    ramp_s = c.max_decel_mps2 / c.label_jerk_mps3
+    hidden = slice(0, seen_from - round((c.revealed_lead_anticipation_s + ramp_s) / DT))
+    assert np.allclose(in_fog.target_action[hidden, 0], fog.model_action[hidden, 0], atol=1e-5)
+    assert in_clear.target_action[hidden, 0].min() < -0.5  # in the clear the teacher brakes for it long before
+    assert in_fog.target_action[seen_from, 0] <= -c.comfort_decel_mps2 + 1e-5  # once seen it brakes firmly
 
 
 def test_lane_keeping_steers_back_to_the_centre() -> None:

@@ -91,6 +91,33 @@ def test_selection_keeps_events_with_window_topk_and_seeded_replay() -> None:
     assert sorted(scores[0].total[capped.hard["brake"]], reverse=True) == pytest.approx(best)
 
 
+def test_replay_keeps_a_braking_class_beside_its_own_nominal_frames() -> None:
+    """A class whose hard frames are all braking (fog) gets ``replay_class_share`` of the replay from its own
+    nominal frames, in proportion to its hard frames; the rest stays uniform over every nominal frame."""
+    from driveloop.cloud.mining import scenario_class_of
+
+    segs = [make_frames(braking_lead(), segment_id="fog", scenario="fog-25")]
+    segs += [make_frames(np.full(150, 25.0), gap0_m=200.0, segment_id=f"calm{i}", scenario="highway") for i in range(4)]
+
+    def replay_in_fog(share: float) -> tuple[int, int, int]:
+        cfg = MiningConfig(window_s=1.0, replay_ratio=0.5, replay_class_share=share)
+        raw = [score_frames(f, cfg) for f in segs]
+        scores = [finish_scores(x, bin_counts(raw), cfg) for x in raw]
+        assert [scenario_class_of(x) for x in scores] == ["fog"] + ["highway"] * 4
+        sel = select_frames(scores, cfg, seed=5)
+        assert set(sel.hard) == {"fog"} and sel.n_replay == round(0.5 * sel.n_hard)
+        pool = len(segs[0]) - sel.n_hard  # fog's nominal frames
+        return len(sel.replay.get("fog", [])), sel.n_replay, pool
+
+    all_own, n_replay, pool = replay_in_fog(1.0)
+    assert all_own == min(pool, n_replay)  # every hard frame is fog's: the whole replay is fog's when it can be
+    half, _, _ = replay_in_fog(0.5)
+    uniform, _, _ = replay_in_fog(0.0)
+    assert uniform < half <= all_own and half >= round(0.5 * n_replay)
+    with pytest.raises(ConfigError, match="replay_class_share"):
+        MiningConfig(replay_class_share=1.5)
+
+
 def test_segments_rank_by_mean_score() -> None:
     from driveloop.cloud.mining import rank_segments
 
