@@ -1,6 +1,7 @@
 """``driveloop fl …``: federated fine-tuning with Flower.
 
-- ``fl run``: a whole federated fine-tune on Flower's simulation runtime (Ray backend), then the cloud
+- ``fl run``: a whole federated fine-tune on Flower's simulation runtime (a local simulation-mode SuperLink
+  and its ``flwr-simulation`` process, Ray backend; their logs in ``<run dir>/logs``), then the cloud
   pipeline's closed-loop gate and registry; live per-round progress on stderr, ``--json`` on stdout.
 - ``fl serve``: the aggregation server for a real deployment (``flower-superlink``, insecure, 127.0.0.1).
 - ``fl vehicle --id N``: one vehicle (``flower-supernode`` with node config ``vehicle-id``) against it.

@@ -1,4 +1,5 @@
-"""Ray runtime helpers shared by the cloud pipeline, its fine-tune step and the federated runs.
+"""Ray runtime helpers shared by the cloud pipeline and its fine-tune step. (A federated run's simulation
+has a Ray runtime of its own, in Flower's ``flwr-simulation`` process: ``federated/deploy.py``.)
 
 Rules kept here (so no caller has to remember them):
 
@@ -6,10 +7,11 @@ Rules kept here (so no caller has to remember them):
   given (a Ray cluster), else starts a local runtime held to this machine's CPUs (2 here), without the
   dashboard and with quiet logs. It is idempotent: every Ray stage calls it, so a runtime that someone
   else shut down in between is simply started again ("re-init on demand"). ``local_mode`` is never used.
-- **Flower may not kill a shared runtime.** Flower's simulation backend calls ``ray.shutdown()`` when it
-  terminates. A caller that shares the process's runtime with Flower wraps the Flower run in
+- **Flower may not kill a shared runtime.** Flower's in-process simulation backend calls ``ray.shutdown()``
+  when it terminates. Code that runs it in a process whose runtime is shared wraps the Flower run in
   ``shared_runtime()``: while inside, ``ray.shutdown`` is a logged no-op, and the runtime is left as it
-  was. Without the guard the next pipeline stage still works, because it re-inits on demand.
+  was. Without the guard the next pipeline stage still works, because it re-inits on demand. (driveloop's
+  own federated runs no longer run Flower in-process.)
 - **Data and Train never starve each other.** ``cpu_split`` reserves CPUs for the trainer workers and
   gives Ray Data what is left (at least one), and the pipeline materializes its dataset before training.
   No fractional reservation strands a node's last CPU (``_whole_cpus_for_data``: nodes of 1 CPU each).

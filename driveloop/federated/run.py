@@ -5,20 +5,23 @@
     -> closed-loop gate on the held-out suite, current vs candidate (the cloud pipeline's gate)
     -> registered as a candidate with lineage; validated only if the gate passed (else rejected).
 
-**Ray rule.** Flower's Ray backend starts Ray only when none is running and calls ``ray.shutdown()``
-when the simulation ends. When this process already runs a Ray runtime (one the cloud pipeline shares),
-the simulation runs inside ``cloud._ray.shared_runtime()``: Flower joins that runtime and its shutdown is
-a logged no-op, so the pipeline's runtime survives. Otherwise Flower starts a private runtime held to
-``num_cpus`` and shuts it down itself. Clients ask for 1 CPU each and train with one torch thread.
+**The simulation runs in Flower's own processes** (the supported path since ``run_simulation`` was
+deprecated): a SuperLink in simulation mode on a free loopback port, its SuperExec, and the run's
+``flwr-simulation`` process, started by ``deploy.start_simulation`` and submitted with ``flwr run`` like a
+deployed run. The driver follows the run through its checkpoint (``deploy.wait_finished``: each round as
+it lands, a dead process as an error with its log's tail) and stops every process it started. Their logs
+go to ``<run_dir>/logs/``, never to the terminal.
+
+**Ray rule.** The simulation's Ray runtime belongs to its process: held to ``num_cpus``, never joining
+another (``RAY_ADDRESS=local``), gone with the process. A Ray runtime this process runs (the cloud
+pipeline's) is neither joined nor shut down. Clients ask for 1 CPU each and train with one torch thread.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -30,12 +33,7 @@ import numpy as np
 from driveloop.cloud.evaluation import EvalSuite, GateTolerances
 from driveloop.core.exceptions import ConfigError, FederatedError, NoModelError
 from driveloop.federated.client import VehicleSettings, format_faults, vehicle_id_for
-from driveloop.federated.server import (
-    ReplyCallback,
-    RoundCallback,
-    ServerSettings,
-    load_checkpoint,
-)
+from driveloop.federated.server import RoundCallback, ServerSettings, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -142,45 +140,45 @@ def settings_for(cfg: FlRunConfig, base_version: int, run_dir: Path) -> tuple[Se
     return server, vehicle
 
 
-@contextlib.contextmanager
-def _ray_guard() -> Any:
-    """Keep a Ray runtime this process already runs alive across Flower's ray.shutdown() (module doc)."""
-    import ray
-
-    if ray.is_initialized():
-        from driveloop.cloud.ray_runtime import shared_runtime
-
-        with shared_runtime():
-            yield
-    else:
-        yield
+# How long the simulation's processes get to start, and a finished run's simulation process to shut its
+# Ray runtime down by itself, before they are stopped.
+_START_TIMEOUT_S = 120.0
+_EXIT_GRACE_S = 10.0
 
 
 def simulate(server: ServerSettings, vehicle: VehicleSettings, initial: dict[str, np.ndarray], num_cpus: int = 2,
-             on_round: RoundCallback | None = None, on_reply: ReplyCallback | None = None) -> dict[str, Any]:
-    """Run the ServerApp and K ClientApps on Flower's Ray simulation backend; returns the run state."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from flwr.simulation import run_simulation
+             on_round: RoundCallback | None = None) -> dict[str, Any]:
+    """Run the ServerApp and K ClientApps on Flower's simulation runtime (module doc); returns the run state.
+    Resumes the run in ``server.run_dir`` after its last checkpointed round; ``on_round`` sees each round
+    completed here as it lands."""
+    from driveloop.federated.deploy import log_dir_of, start_simulation, submit, wait_finished
 
-    from driveloop.core.logsetup import adopt_library_logs
-    from driveloop.federated.client import make_client_app
-    from driveloop.federated.server import make_server_app
-
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               # address "local": a Ray cluster left on this box (its /tmp/ray/ray_current_cluster) is never
-               # joined by accident; scale-out federated runs use flower-superlink (deploy.py), not this runtime
-               "init_args": {"address": "local", "num_cpus": num_cpus, "include_dashboard": False,
-                             "logging_level": logging.WARNING, "log_to_driver": False}}
-    adopt_library_logs("flwr")  # Flower's console handler goes: its lines (and its notices) go to our log file
-    with _ray_guard():
-        run_simulation(server_app=make_server_app(server, initial, on_round, on_reply), client_app=make_client_app(vehicle),
-                       num_supernodes=server.vehicles, backend_config=backend)  # type: ignore[arg-type]
-    done = load_checkpoint(Path(server.run_dir))
-    if done is None or done.state["completed_round"] < server.rounds:
-        got = 0 if done is None else done.state["completed_round"]
-        raise FederatedError(f"the federated run stopped after {got} of {server.rounds} rounds (see the log)")
-    return done.state
+    run_dir = Path(server.run_dir)
+    done = load_checkpoint(run_dir)
+    after = 0 if done is None else int(done.state["completed_round"])
+    if done is not None and done.state.get("finished") and after >= server.rounds:
+        return done.state  # nothing left to run
+    # The simulation's settings: one SuperNode per vehicle, each ClientApp on 1 CPU, Ray held to num_cpus
+    # with its own logs in its session folder (log_to_driver off), WARNING and above.
+    federation = {"num-supernodes": server.vehicles, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0,
+                  "init-args-num-cpus": num_cpus, "init-args-num-gpus": 0, "init-args-logging-level": "WARNING",
+                  "init-args-log-to-driver": False}
+    sim = start_simulation(run_dir, timeout_s=_START_TIMEOUT_S)
+    try:
+        run_id = submit(run_dir, sim.port, {**server.to_run_config(), **vehicle.to_run_config()}, initial,
+                        timeout_s=_START_TIMEOUT_S, federation_config=federation)
+        sim.follow(run_id)
+        logger.info("federated run %s: Flower run %s on the simulation SuperLink at port %d (logs in %s)",
+                    run_dir.name, run_id, sim.port, log_dir_of(run_dir))
+        budget_s = _START_TIMEOUT_S + (server.rounds - after) * (server.round_deadline_s + 60.0)
+        state = wait_finished(run_dir, budget_s, poll_s=0.2, on_round=on_round, after_round=after, check=sim.check,
+                              rounds=server.rounds)
+        if not sim.wait_simulation_exit(_EXIT_GRACE_S):
+            logger.warning("the simulation process of run %s did not exit within %g s: stopping it",
+                           run_dir.name, _EXIT_GRACE_S)
+    finally:
+        sim.stop()
+    return state
 
 
 def prepare_vehicles(vehicle: VehicleSettings, count: int, on_vehicle: Any = None) -> dict[str, int]:
@@ -220,12 +218,34 @@ def _start(cfg: FlRunConfig) -> tuple[Any, dict[str, np.ndarray], Path, ServerSe
     return base, initial, run_dir, server, vehicle
 
 
-def run_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_vehicle: Any = None) -> dict[str, Any]:
-    """The whole ``fl run`` on the simulation runtime: simulate, export, gate, register (see ``--json``)."""
+@dataclass(frozen=True)
+class FlTrained:
+    """A federated run's rounds done, not yet gated: what ``finish`` needs. Apart from ``finish`` so that a
+    caller can train beside other work and gate/register the candidates in an order of its own."""
+
+    base: Any  # the registry artifact the run fine-tuned from
+    run_dir: Path
+    server: ServerSettings
+    state: dict[str, Any]  # the final run state (rounds, dp, finished)
+    extra: dict[str, Any]  # report fields of this runtime (samples per vehicle, Flower run id)
+
+
+def train_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_vehicle: Any = None) -> FlTrained:
+    """The rounds of an ``fl run`` on the simulation runtime: prepare the vehicles, then simulate."""
     base, initial, run_dir, server, vehicle = _start(cfg)
     samples = prepare_vehicles(vehicle, server.vehicles, on_vehicle)
     state = simulate(server, vehicle, initial, cfg.num_cpus, on_round)
-    return finish_run(cfg, base, run_dir, server, state, {"samples_per_vehicle": samples})
+    return FlTrained(base, run_dir, server, state, {"samples_per_vehicle": samples})
+
+
+def finish(cfg: FlRunConfig, trained: FlTrained) -> dict[str, Any]:
+    """Export, gate and register a trained run (``finish_run``); the ``fl run`` report."""
+    return finish_run(cfg, trained.base, trained.run_dir, trained.server, trained.state, trained.extra)
+
+
+def run_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_vehicle: Any = None) -> dict[str, Any]:
+    """The whole ``fl run`` on the simulation runtime: simulate, export, gate, register (see ``--json``)."""
+    return finish(cfg, train_federated(cfg, on_round, on_vehicle))
 
 
 def run_deployed(cfg: FlRunConfig, superlink_port: int, timeout_s: float = 3600.0) -> dict[str, Any]:
@@ -235,7 +255,7 @@ def run_deployed(cfg: FlRunConfig, superlink_port: int, timeout_s: float = 3600.
 
     base, initial, run_dir, server, vehicle = _start(cfg)
     run_id = submit(run_dir, superlink_port, {**server.to_run_config(), **vehicle.to_run_config()}, initial)
-    state = wait_finished(run_dir, timeout_s)
+    state = wait_finished(run_dir, timeout_s, rounds=server.rounds)
     return finish_run(cfg, base, run_dir, server, state, {"flower_run_id": run_id})
 
 

@@ -17,7 +17,11 @@ Each round the server:
    moments and the round history in one file, temp + fsync + rename). A restarted server with the same
    ``run_dir`` resumes after the last completed round, on the same optimiser trajectory.
 
-Settings come from the factory (simulation) or from the Flower run config (deployment, ``server.*``).
+Every reply that reached the server is described in ``<run_dir>/replies.jsonl`` (``describe_reply``: its
+records, keys, shapes and numbers, never a tensor's values): the audit of what left each vehicle.
+
+Settings come from the Flower run config (``server.*``), in the simulation as in a deployment: the driver
+(``run.simulate``, ``run.run_deployed``) follows a run through its checkpoint, not through callbacks.
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ CHECKPOINT = "checkpoint.npz"
 _STATE_KEY = "__state_json__"
 _OPT_PREFIX = "__server_opt__/"
 _POLL_S = 0.05
+REPLY_LOG = "replies.jsonl"
+_REASON_CHARS = 300  # of an error reply's reason in the audit: its end names the error (Ray prefixes a traceback)
 RoundCallback = Callable[[dict[str, Any]], None]
-ReplyCallback = Callable[[Any], None]  # sees every reply Message as it arrives (audits, tests)
+ReplyCallback = Callable[[int, Any], None]  # (round, reply Message): sees every reply as it arrives (the audit)
 
 
 class Clock(NamedTuple):
@@ -237,7 +243,7 @@ def _unpack(m: Any) -> tuple[str, dict[str, np.ndarray], float]:
 
 
 def _collect(grid: Any, message_ids: list[str], policy: QuorumPolicy, started_s: float,
-             usable: Callable[[Any], bool], on_reply: ReplyCallback | None,
+             usable: Callable[[Any], bool], on_reply: Callable[[Any], None] | None,
              clock: Clock) -> tuple[list[Any], list[Any], str]:
     """Pull replies until the round closes; (replies with content, error replies, how it closed).
 
@@ -281,6 +287,7 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
     resumed = load_checkpoint(run_dir)
     if resumed is not None:
         arrays, state, opt = resumed
+        state.pop("finished", None)  # set again when the rounds asked for now are done
         logger.info("resuming federated run %s after round %d", run_dir.name, state["completed_round"])
     else:
         arrays, state, opt = dict(initial), {"completed_round": 0, "rounds": [], "settings": asdict(settings)}, ServerOptState()
@@ -298,7 +305,8 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
             seen.add(vid)
             return ok
 
-        good, errors, closed = _collect(grid, ids, settings.quorum, started, usable, on_reply, clock)
+        seen_reply = None if on_reply is None else (lambda m, rnd=rnd: on_reply(rnd, m))
+        good, errors, closed = _collect(grid, ids, settings.quorum, started, usable, seen_reply, clock)
         replies = [_unpack(m) for m in good]
         screen = screen_round(replies, arrays, known, settings.robust)
         accepted = []
@@ -348,21 +356,46 @@ def run_rounds(grid: Any, settings: ServerSettings, initial: dict[str, np.ndarra
     return state
 
 
-def make_server_app(settings: ServerSettings | None = None, initial: dict[str, np.ndarray] | None = None,
-                    on_round: RoundCallback | None = None, on_reply: ReplyCallback | None = None) -> Any:
-    """The ServerApp. Without ``initial`` the start weights are read from the run's ``initial.npz``
-    (written by the driver or ``driveloop fl serve``); without ``settings`` from the run config."""
+def describe_reply(m: Any) -> dict[str, Any]:
+    """What a reply carried, without a tensor's values: each record's keys, the arrays' shapes and dtypes,
+    the metrics' and config's values; an error reply, its code and reason."""
+    if m.has_error():
+        return {"error": {"code": int(m.error.code), "reason": (m.error.reason or "")[-_REASON_CHARS:]}}
+    c = m.content
+    return {
+        "arrays": {name: {k: {"shape": list(a.shape), "dtype": str(a.dtype)} for k, a in rec.items()}
+                   for name, rec in c.array_records.items()},
+        "metrics": {name: dict(rec) for name, rec in c.metric_records.items()},
+        "config": {name: dict(rec) for name, rec in c.config_records.items()},
+    }
+
+
+def read_reply_log(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The run's reply audit (``REPLY_LOG``), one ``{"round", "reply"}`` per reply in arrival order."""
+    path = Path(run_dir) / REPLY_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def make_server_app() -> Any:
+    """The ServerApp: settings from the run config, start weights from the run's ``initial.npz`` (both
+    written by the driver or ``driveloop fl start``); every reply is described in ``REPLY_LOG``."""
     from flwr.serverapp import ServerApp
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        s = settings if settings is not None else ServerSettings.from_run_config(dict(context.run_config))
-        start = initial
-        if start is None:
-            with np.load(Path(s.run_dir) / "initial.npz", allow_pickle=False) as z:
-                start = {k: z[k] for k in z.files}
-        run_rounds(grid, s, start, on_round, on_reply)
+        s = ServerSettings.from_run_config(dict(context.run_config))
+        with np.load(Path(s.run_dir) / "initial.npz", allow_pickle=False) as z:
+            start = {k: z[k] for k in z.files}
+        with open(Path(s.run_dir) / REPLY_LOG, "a", encoding="utf-8") as audit:
+
+            def on_reply(rnd: int, m: Any) -> None:
+                audit.write(json.dumps({"round": rnd, "reply": describe_reply(m)}, default=str) + "\n")
+                audit.flush()
+
+            run_rounds(grid, s, start, on_reply=on_reply)
 
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,16 +13,25 @@ from driveloop.federated.dp import epsilon
 from tests.federated.conftest import EPISODE_S, VEHICLES
 
 
-def test_fl_run_json_registers_a_gated_candidate_with_lineage(fl_home: Path, monkeypatch, capsys) -> None:
+def test_fl_run_json_registers_a_gated_candidate_with_lineage(fl_home: Path, monkeypatch, capfd) -> None:
     monkeypatch.setenv("DRIVELOOP_HOME", str(fl_home))
     code = main(["fl", "run", "--rounds", "1", "--vehicles", str(VEHICLES), "--strategy", "fedavg", "--dp",
                  "--dp-noise", "0.05", "--dp-clip", "5.0", "--dp-delta", "1e-4", "--clip-factor", "0", "--quorum", "0.5",
                  "--episodes", "2", "--episode-s", str(EPISODE_S),
                  "--local-epochs", "1", "--suite-classes", "ccrs", "--suite-duration", "4", "--json"])
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()  # at the file descriptors: what Flower's and Ray's processes print too
     assert code == 0, out
     r = json.loads(out)
     assert r["strategy"] == "fedavg" and r["rounds"] == 1 and r["participants_per_round"] == [VEHICLES]
+    # Flower's processes logged into the run's folder, nothing reached the terminal but ours, and no
+    # deprecated Flower feature was used (Flower names one "deprecated" in its notice)
+    run_logs = fl_home / "federated" / r["run"] / "logs"
+    assert {p.name for p in run_logs.iterdir()} == {"superlink.log", "superexec.log", "simulation.log"}
+    assert "Starting Flower Simulation" in (run_logs / "simulation.log").read_text()
+    assert not re.search(r"flwr|flower|ray::|raylet|worker\.py", err, re.IGNORECASE), err
+    for path in [*run_logs.iterdir(), *(fl_home / "logs").glob("*")]:
+        assert "deprecated" not in path.read_text(errors="replace").lower(), path
+    assert "deprecated" not in (out + err).lower()
     assert r["round_log"][0]["rejected"] == []
     dp = r["dp"]  # every round released a noised aggregate of all vehicles: one round's budget
     assert {k: dp[k] for k in ("delta", "noise_multiplier", "clip_norm", "rounds", "sample_rate")} == {

@@ -1,5 +1,6 @@
-"""Flower simulation runtime (Ray backend) end to end: real ClientApps training on their own spools,
-the real ServerApp loop with screening, quorum and checkpoints."""
+"""Flower simulation runtime (a SuperLink in simulation mode, its ``flwr-simulation`` process, the Ray
+backend) end to end: real ClientApps training on their own spools, the real ServerApp loop with
+screening, quorum and checkpoints, followed by the driver through the checkpoint and the reply audit."""
 
 from __future__ import annotations
 
@@ -11,23 +12,22 @@ import pytest
 
 from driveloop.federated._server_opt import ServerOptState, server_step
 from driveloop.federated.run import simulate
-from driveloop.federated.server import ServerSettings, load_checkpoint
+from driveloop.federated.server import ServerSettings, load_checkpoint, read_reply_log
 from tests.federated.conftest import VEHICLES, base_arrays, vehicle_settings
-
-
-def _strings(record) -> list[str]:
-    return [str(v) for v in record.values()]
 
 
 def test_bad_updates_are_rejected_the_round_goes_on_and_no_raw_data_leaves(fl_home: Path) -> None:
     """fl000 sends NaN, fl001 a wrong shape, fl003 claims an unknown id; fl002 (which has hard frames)
     is honest. The round aggregates fl002 alone; replies carry only model tensors, numbers and the id."""
+    import torch
+
+    from driveloop.federated.client import train_locally
+
     base = base_arrays(fl_home)
-    replies: list = []
     server = ServerSettings(run_dir=str(fl_home / "federated" / "bad"), vehicles=VEHICLES, rounds=1,
                             strategy="fedavg", quorum_frac=0.25)
     vehicle = vehicle_settings(fl_home, faults="fl000:nan,fl001:shape,fl003:impostor")
-    state = simulate(server, vehicle, base, on_reply=replies.append)
+    state = simulate(server, vehicle, base)
 
     (rec,) = state["rounds"]
     assert rec["replied"] == VEHICLES and rec["failed"] == 0
@@ -39,22 +39,29 @@ def test_bad_updates_are_rejected_the_round_goes_on_and_no_raw_data_leaves(fl_ho
     assert all(np.all(np.isfinite(v)) for v in arrays.values())
     assert any(not np.array_equal(arrays[k], base[k]) for k in base)  # fl002's update was applied
 
-    # privacy: what reached the server is model-shaped tensors, numbers and an id - nothing else
-    assert len(replies) == VEHICLES
-    for msg in replies:
-        content = msg.content
-        assert set(content.array_records) == {"arrays"}
-        assert set(content.metric_records) == {"metrics"}
-        assert set(content.config_records) == {"meta"}
-        assert set(content["arrays"].keys()) == set(base)
-        assert set(content["meta"].keys()) == {"vehicle-id"}
-        assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
-        for text in _strings(content["meta"]):
-            assert "/" not in text and "mcap" not in text.lower()
-        total = sum(int(np.prod(a.shape)) for a in content["arrays"].values())
+    # privacy: what reached the server (the ServerApp's audit of every reply) is model-shaped tensors,
+    # numbers and an id - nothing else
+    replies = [entry["reply"] for entry in read_reply_log(server.run_dir)]
+    assert len(replies) == VEHICLES and {e["round"] for e in read_reply_log(server.run_dir)} == {1}
+    claimed = []
+    for reply in replies:
+        assert set(reply) == {"arrays", "metrics", "config"}  # no error reply, and only these record kinds
+        assert set(reply["arrays"]) == {"arrays"} and set(reply["metrics"]) == {"metrics"}
+        assert set(reply["config"]) == {"meta"}
+        assert set(reply["arrays"]["arrays"]) == set(base)
+        assert set(reply["config"]["meta"]) == {"vehicle-id"}
+        assert all(isinstance(v, (int, float)) for v in reply["metrics"]["metrics"].values())
+        text = str(reply["config"]["meta"]["vehicle-id"])
+        assert "/" not in text and "mcap" not in text.lower()
+        claimed.append(text)
+        total = sum(int(np.prod(a["shape"])) for a in reply["arrays"]["arrays"].values())
         assert total <= 2 * sum(v.size for v in base.values())  # the shape fault doubles one tensor at most
-    honest = next(m for m in replies if m.content["meta"]["vehicle-id"] == "fl002")
-    update = {k: np.asarray(a.numpy()) for k, a in honest.content["arrays"].items()}
+    assert sorted(claimed) == ["fl000", "fl001", "fl002", "impostor-fl003"]
+    honest = next(r for r in replies if r["config"]["meta"]["vehicle-id"] == "fl002")
+    assert all(honest["arrays"]["arrays"][k]["shape"] == list(v.shape) for k, v in base.items())
+    # fl002's update, trained again here on its own spool (seeded, one torch thread: the same numbers)
+    trained, _ = train_locally(vehicle, "fl002", {k: torch.from_numpy(v.copy()) for k, v in base.items()}, 0.0)
+    update = {k: v.detach().cpu().numpy() for k, v in trained.items()}
     # FedAvg over one accepted update is that update (no key mix-up, no clipping); the server's Adam then
     # takes its first step from the base toward it, tensor by tensor
     expected, opt = server_step(base, update, ServerOptState(), server.optimizer)
