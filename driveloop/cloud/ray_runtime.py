@@ -7,11 +7,6 @@ Rules kept here (so no caller has to remember them):
   given (a Ray cluster), else starts a local runtime held to this machine's CPUs (2 here), without the
   dashboard and with quiet logs. It is idempotent: every Ray stage calls it, so a runtime that someone
   else shut down in between is simply started again ("re-init on demand"). ``local_mode`` is never used.
-- **Flower may not kill a shared runtime.** Flower's in-process simulation backend calls ``ray.shutdown()``
-  when it terminates. Code that runs it in a process whose runtime is shared wraps the Flower run in
-  ``shared_runtime()``: while inside, ``ray.shutdown`` is a logged no-op, and the runtime is left as it
-  was. Without the guard the next pipeline stage still works, because it re-inits on demand. (driveloop's
-  own federated runs no longer run Flower in-process.)
 - **Data and Train never starve each other.** ``cpu_split`` reserves CPUs for the trainer workers and
   gives Ray Data what is left (at least one), and the pipeline materializes its dataset before training.
   No fractional reservation strands a node's last CPU (``_whole_cpus_for_data``: nodes of 1 CPU each).
@@ -19,11 +14,9 @@ Rules kept here (so no caller has to remember them):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,23 +135,3 @@ def shutdown_ray() -> None:
         if ray.is_initialized() and _started_here:
             ray.shutdown()
         _started_here = False
-
-
-@contextlib.contextmanager
-def shared_runtime() -> Iterator[None]:
-    """Keep the process's Ray runtime alive across code that calls ``ray.shutdown()`` (Flower's backend).
-
-    Inside the block ``ray.shutdown`` only logs; it is restored on exit, even on error.
-    """
-    import ray
-
-    original = ray.shutdown
-
-    def _guarded_shutdown(*args: object, **kwargs: object) -> None:
-        logger.info("ray.shutdown() ignored: the Ray runtime is shared with the cloud pipeline")
-
-    ray.shutdown = _guarded_shutdown  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        ray.shutdown = original  # type: ignore[assignment]

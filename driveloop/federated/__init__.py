@@ -10,6 +10,7 @@ from driveloop.core.lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "FlRunConfig": "run", "run_federated": "run", "run_deployed": "run", "simulate": "run", "prepare_vehicles": "run",
+    "train_federated": "run", "FlTrained": "run",
     "ServerSettings": "server", "make_server_app": "server", "run_rounds": "server", "build_strategy": "server",
     "load_checkpoint": "server", "STRATEGIES": "server",
     "VehicleSettings": "client", "make_client_app": "client", "vehicle_id_for": "client",

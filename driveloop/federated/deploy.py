@@ -33,7 +33,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import numpy as np
 
 from driveloop.core.exceptions import FederatedError
 from driveloop.core.ids import check_vehicle_id
+from driveloop.core.procs import die_with_parent_hook
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +136,11 @@ class Managed:
 
 def _spawn(name: str, argv: list[str], log_dir: Path, env: dict[str, str], die_with_parent: bool = False) -> Managed:
     """Start ``argv`` in a session of its own, its output in ``<log_dir>/<name>.log``. ``die_with_parent``:
-    the kernel stops it when this process dies, even by ``kill -9`` (Linux; see ``broker._die_with_parent``)."""
-    from driveloop.cloud.broker import _die_with_parent
-
+    the kernel stops it when this process dies, even by ``kill -9`` (Linux; ``core.procs.die_with_parent``)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
-    preexec = _die_with_parent if die_with_parent and sys.platform == "linux" else None
+    preexec = die_with_parent_hook() if die_with_parent else None
     try:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=preexec)

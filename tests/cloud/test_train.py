@@ -119,20 +119,15 @@ def test_cpu_split_refuses_a_trainer_that_takes_every_cpu(cpus: int, workers: in
 
 
 @pytest.mark.slow
-def test_shared_runtime_survives_flowers_shutdown_and_reinit_on_demand() -> None:
+def test_a_runtime_shut_down_by_someone_else_is_started_again_on_demand() -> None:
     import ray
 
-    from driveloop.cloud.ray_runtime import ensure_ray, shared_runtime
+    from driveloop.cloud.ray_runtime import ensure_ray
 
-    rt = ensure_ray(None, num_cpus=2)
-    assert rt.num_cpus == 2
-    with shared_runtime():
-        ray.shutdown()  # what Flower's simulation backend does when it ends
-        assert ray.is_initialized()
-    assert ray.shutdown is not None and ray.is_initialized()
-    ray.shutdown()  # without the guard the runtime goes away...
+    assert ensure_ray(None, num_cpus=2).num_cpus == 2
+    ray.shutdown()  # another library's doing
     assert not ray.is_initialized()
-    assert ensure_ray(None, num_cpus=2).num_cpus == 2  # ...and the next stage simply starts it again
+    assert ensure_ray(None, num_cpus=2).num_cpus == 2  # the next stage simply starts it again
 
 
 def test_replay_distills_the_base_model_so_nominal_behaviour_is_kept() -> None:
