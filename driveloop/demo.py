@@ -2,7 +2,8 @@
 
 Per iteration: the fleet drives its seeded routes (mixed scenarios, hazards included) with the safety
 supervisor on, records and uploads; the cloud pipeline mines, auto-labels, fine-tunes and gates a
-candidate; a federated round fine-tunes on the vehicles' own data; the better *validated* candidate is
+candidate while, beside it, a federated run fine-tunes on the vehicles' own data (each on about one core;
+the fleet's own drives use every core: ``cloud.fleet_shards``); the better *validated* candidate is
 signed and rolled out (shadow → canary → 50% → 100%) by the fleet server, whose health gates decide;
 the next iteration drives on what the fleet was given. ``--inject-bad-model`` adds an iteration that
 ships a deliberately worse model (gate bypassed on purpose) to show the rollout aborting by itself.
@@ -194,6 +195,8 @@ class Demo:
     def __init__(self, settings: Any, config: DemoConfig, say: Say) -> None:
         self.settings, self.config, self.say = settings, config, say
         self.progress: Any = Quiet()  # the CLI sets a StageProgress: a bar for each long stage (driveloop/_progress.py)
+        # The fleet's drives over this many cores (None: ``settings.num_cpus``); the rows do not depend on it.
+        self.fleet_shards: int | None = None
         self.dir = Path(settings.home) / "demo"
         self.state_path = self.dir / "state.json"
 
@@ -220,6 +223,15 @@ class Demo:
 
     # -- the loop ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        from driveloop.cloud.fleet_shards import FleetShardPool
+
+        # The fleet's shards (one per core, a vehicle each at most): their worker processes start now, so their
+        # imports and compiled kernels are ready while the model and the fleet server come up.
+        shards = max(1, min(self.fleet_shards or self.settings.num_cpus, self.config.vehicles))
+        with FleetShardPool(shards, device="auto") as pool:
+            return self._run(pool)
+
+    def _run(self, pool: Any) -> dict[str, Any]:
         import httpx
 
         from driveloop._demo_fleet import DemoFleet
@@ -244,7 +256,7 @@ class Demo:
         director.bootstrap()  # its root is signed in <home>/ota/offline-root/director, never read by the server
         with FleetServer(s.ota_dir, self._admin_token(), cfg.port) as server, httpx.Client(timeout=60) as http:
             self.say(f"fleet dashboard: {server.url}/  (metrics: {server.url}/metrics)")
-            fleet = DemoFleet(s.fleet_dir, server.url, self._admin_token(), cfg.vehicles, cfg.seed, http)
+            fleet = DemoFleet(s.fleet_dir, server.url, self._admin_token(), cfg.vehicles, cfg.seed, http, pool)
             art = registry.get(boot["version"])
             fleet.provision(releases.trusted_root(), art.onnx_path,
                             {**art.manifest.model_dump(mode="json"), "version": v1.model_version},
@@ -301,15 +313,12 @@ class _Loop:
 
     def _drive(self, seconds: float, window_seed: int, record: bool, world: str = "mix", label: str = "",
                stage: str = "drive") -> Any:
-        from driveloop.edge.drive import recorder_factory
-
         # Mid-rollout the fleet runs several models: each vehicle's segments name the one that drove. Approved
         # campaigns (the shift's) run beside the recorder's own triggers.
-        factory = recorder_factory(self.settings.spool_dir, 2 * 2**30, self.fleet.active_version,
-                                   self._campaigns()) if record else None
+        recording = self.fleet.recording(self.settings.spool_dir, 2 * 2**30, self._campaigns()) if record else None
         with self.timer(stage), \
                 self.demo.progress.stage(f"{label or 'driving'}: {len(self.fleet.vehicles)} vehicles × {seconds:g} s"):
-            report = self.fleet.drive_window(self.clock_s, seconds, world, window_seed, recorder_factory=factory)
+            report = self.fleet.drive_window(self.clock_s, seconds, world, window_seed, recording=recording)
         self.tracker.observe(report, self.clock_s, seconds, label or f"window {window_seed}")
         self.clock_s += seconds
         return report
@@ -390,9 +399,18 @@ class _Loop:
 
     # -- learning: cloud pipeline and federated round ------------------------------------------------
     def _learn(self, result: IterationResult) -> int | None:
+        """The cloud pipeline and the federated run, side by side: both start from the fleet's model and
+        neither reads what the other writes (the pipeline the uploaded segments, FL each vehicle's own
+        spool), and each holds about one core (Ray Data or a single trainer worker; FL's clients in Flower's
+        own process and Ray runtime). The federated candidate is gated and registered after the pipeline's,
+        so candidate versions keep their order. Stages: ``learn`` (its wall time), ``learn.pipeline`` and
+        ``learn.federated`` (overlapping), ``learn.federated_gate``."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from driveloop.cloud.evaluation import EvalSuite, GateTolerances
         from driveloop.cloud.pipeline import PipelineConfig, run_pipeline
         from driveloop.cloud.train import FinetuneConfig
+        from driveloop.federated.run import finish
         from driveloop.sim.scenarios import ENVIRONMENT_SUITE
 
         suite = EvalSuite(duration_s=self.cfg.eval_duration_s)
@@ -406,15 +424,30 @@ class _Loop:
         pconf = PipelineConfig.from_settings(self.settings, base_ref=result.model, suite=suite, tolerances=tolerances,
                                              finetune=FinetuneConfig(epochs=self.cfg.finetune_epochs),
                                              seed=self.cfg.seed + result.index)
-        self.say("cloud pipeline: mine → label → dataset → fine-tune → gate")
-        with self.timer("pipeline"), self.demo.progress.stage("cloud pipeline") as step:
-            rep = run_pipeline(pconf, on_stage=lambda name, *a: (step(0, note=name), self.say(f"  pipeline: {name}")))
+        fl_conf = self._fl_config(result, suite, tolerances)
+        with self.timer("learn"):
+            with ThreadPoolExecutor(1, thread_name_prefix="federated") as beside:
+                trained = beside.submit(self._train_federated, fl_conf)
+                self.say("cloud pipeline: mine → label → dataset → fine-tune → gate")
+                try:
+                    with self.timer("learn.pipeline"), self.demo.progress.stage("cloud pipeline") as step:
+                        rep = run_pipeline(pconf, on_stage=lambda name, *a: (step(0, note=name),
+                                                                              self.say(f"  pipeline: {name}")))
+                except BaseException:
+                    if trained.exception() is not None:  # waits for it: no run is left behind, no error unsaid
+                        logger.error("the federated run beside the failed pipeline failed too",
+                                     exc_info=trained.exception())
+                    raise
+                done = trained.result()  # its own error, as the demo met it before the two ran side by side
+            with self.timer("learn.federated_gate"):
+                fl = finish(fl_conf, done)
+        rounds = fl.get("round_log") or []
+        skipped = sum(1 for r in rounds if isinstance(r, dict) and r.get("skipped"))
+        self.say(f"  federated: {fl.get('rounds')} round(s) done, {skipped} skipped")
         result.pipeline = rep.to_dict()
         candidates: list[tuple[float, int]] = []
         if rep.candidate is not None and rep.candidate_stage == "validated":
             candidates.append((float(rep.gate.get("candidate", {}).get("interventions_per_hour", 1e9)), rep.candidate))
-        with self.timer("federated"):
-            fl = self._federated(result, suite, tolerances)
         result.federated = {k: fl.get(k) for k in ("run", "strategy", "rounds", "participants_per_round",
                                                    "candidate", "candidate_stage", "gate", "dp", "round_log")}
         if fl.get("candidate") is not None and fl.get("candidate_stage") == "validated":
@@ -424,26 +457,34 @@ class _Loop:
             return None
         return min(candidates)[1]
 
-    def _federated(self, result: IterationResult, suite: Any, tolerances: Any) -> dict[str, Any]:
-        """One federated run (``fl_rounds`` rounds) over the vehicles' own spools, from the fleet's model."""
+    def _fl_config(self, result: IterationResult, suite: Any, tolerances: Any) -> Any:
+        """One federated run (``fl_rounds`` rounds) over the vehicles' own spools, from the fleet's model. Its
+        Ray runtime gets the CPUs the pipeline leaves (the pipeline's stages hold about one at a time: Ray Data,
+        then one trainer worker, then the gate's episodes), so the two together ask for ``num_cpus``."""
         from driveloop.federated.client import VehicleSettings
-        from driveloop.federated.run import FlRunConfig, run_federated
+        from driveloop.federated.run import FlRunConfig
         from driveloop.federated.server import ServerSettings
 
-        self.say(f"federated: {self.cfg.fl_rounds} round(s) over {self.cfg.vehicles} vehicles' own data")
-        conf = FlRunConfig(vehicle=VehicleSettings(home=str(Path(self.settings.home)),
+        return FlRunConfig(vehicle=VehicleSettings(home=str(Path(self.settings.home)),
                                                    registry_dir=str(Path(self.settings.registry_dir)),
                                                    data_seed=self.cfg.seed + result.index),
                            server=ServerSettings(vehicles=self.cfg.vehicles, rounds=self.cfg.fl_rounds, strategy="fedavg"),
-                           base_ref=result.model, suite=suite, tolerances=tolerances, num_cpus=self.settings.num_cpus,
-                           run_name=f"demo-{self.cfg.seed}-it{result.index}")
-        with self.demo.progress.stage("federated rounds", total=self.cfg.fl_rounds) as step:
-            fl = run_federated(conf, on_round=lambda r: step(note=f"round {r['round']}: {r['accepted']}/{r['sampled']}"
-                                                                  " updates accepted"))
-        rounds = fl.get("round_log") or []
-        skipped = sum(1 for r in rounds if isinstance(r, dict) and r.get("skipped"))
-        self.say(f"  federated: {fl.get('rounds')} round(s) done, {skipped} skipped")
-        return fl
+                           base_ref=result.model, suite=suite, tolerances=tolerances,
+                           num_cpus=max(1, self.settings.num_cpus - 1), run_name=f"demo-{self.cfg.seed}-it{result.index}")
+
+    def _train_federated(self, conf: Any) -> Any:
+        """The federated rounds (in a thread beside the pipeline: no bar of its own, a line every tenth)."""
+        from driveloop.federated.run import train_federated
+
+        rounds = self.cfg.fl_rounds
+        self.say(f"federated: {rounds} round(s) over {self.cfg.vehicles} vehicles' own data, beside the pipeline")
+
+        def on_round(r: dict[str, Any]) -> None:
+            if r["round"] == rounds or r["round"] % max(1, rounds // 10) == 0:
+                self.say(f"  federated round {r['round']}/{rounds}: {r['accepted']}/{r['sampled']} updates accepted")
+
+        with self.timer("learn.federated"):
+            return train_federated(conf, on_round=on_round)
 
     # -- deliberately bad model ----------------------------------------------------------------------
     def _bad_model(self, base: str) -> int:

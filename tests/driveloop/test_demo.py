@@ -36,13 +36,16 @@ def _config(**kw: Any) -> Any:
     return DemoConfig(**{**LOOP, **kw})
 
 
-def _run(config: Any, home: Path | None = None) -> dict[str, Any]:
-    """One demo run; over ``home`` when given, else over the DRIVELOOP_HOME of the environment."""
+def _run(config: Any, home: Path | None = None, fleet_shards: int | None = None) -> dict[str, Any]:
+    """One demo run; over ``home`` when given, else over the DRIVELOOP_HOME of the environment; the fleet over
+    ``fleet_shards`` cores (None: the settings' ``num_cpus``, 2 by default)."""
     from driveloop.demo import Demo
     from driveloop.settings import Settings, load_settings
 
     settings = Settings(home=home) if home is not None else load_settings()
-    return Demo(settings, config, say=lambda m: None).run()
+    demo = Demo(settings, config, say=lambda m: None)
+    demo.fleet_shards = fleet_shards
+    return demo.run()
 
 
 @pytest.fixture()
@@ -55,10 +58,10 @@ def demo_home(trained_home, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def loop_run(trained_home, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
-    """The ``LOOP`` demo over a fresh copy of the trained home: (home, report)."""
+    """The ``LOOP`` demo over a fresh copy of the trained home, its fleet in 2 shards: (home, report)."""
     home = tmp_path_factory.mktemp("loop") / "home"
     shutil.copytree(trained_home, home)
-    return home, _run(_config(), home)
+    return home, _run(_config(), home, fleet_shards=2)
 
 
 # Where the demo's routes come from (driveloop/_demo_fleet.py, driveloop/demo.py): vehicle i drives route seed
@@ -133,11 +136,14 @@ def test_reduced_loop_validates_a_candidate_and_completes_its_rollout(loop_run) 
     assert stages == sorted(stages, key=order.index) and {"canary", "50%", "100%"} <= set(stages)
     assert it["fleet_versions_after"] == {str(it["candidate"]): LOOP["vehicles"]}
     assert report["final_drive"]["versions"] == {str(it["candidate"]): LOOP["vehicles"]}
-    # where the iteration's time went: every stage it ran, the rollout's window drives inside the rollout,
-    # and the stages inside the iteration's share of the whole run
+    # where the iteration's time went: every stage it ran, the rollout's window drives inside the rollout, the
+    # pipeline and the federated rounds side by side inside ``learn``, and the stages inside the iteration's share
+    # of the whole run
     times = it["timings_s"]
-    assert set(times) == {"drive", "upload", "pipeline", "federated", "rollout", "rollout.drive"}
+    assert set(times) == {"drive", "upload", "learn", "learn.pipeline", "learn.federated", "learn.federated_gate",
+                          "rollout", "rollout.drive"}
     assert all(t > 0 for t in times.values()) and times["rollout.drive"] < times["rollout"]
+    assert max(times["learn.pipeline"], times["learn.federated"]) + times["learn.federated_gate"] <= times["learn"]
     whole = report["timings_s"]
     assert set(whole) == {"bootstrap", "iterations", "final_drive"}
     assert sum(t for name, t in times.items() if "." not in name) <= whole["iterations"] <= report["seconds"]
@@ -179,10 +185,11 @@ def _differences(a: Any, b: Any, path: str = "row") -> list[str]:
 
 def test_reduced_loop_is_reproducible(loop_run, trained_home, tmp_path) -> None:
     """The same seeds from an identical home give the same rows: drives, dataset, training, gates,
-    federated round, release and rollout (run twice: the ``loop_run`` fixture and this one)."""
+    federated round, release and rollout (run twice: the ``loop_run`` fixture, its fleet in 2 shards, one on
+    each core, and this one with the whole fleet in one thread: sharding changes no vehicle's drive)."""
     home = tmp_path / "home"
     shutil.copytree(trained_home, home)
-    again = _run(_config(), home)
+    again = _run(_config(), home, fleet_shards=1)
     first = loop_run[1]
     assert len(again["iterations"]) == len(first["iterations"]) == 1
     for a, b in zip(first["iterations"], again["iterations"]):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from driveloop._demo_fleet import DemoFleet, SimVehicle
+from driveloop.cloud.fleet_shards import FleetShardPool
 from driveloop.contracts.fleet import HealthReport
 from driveloop.edge.health_window import HealthWindowResult
 from driveloop.edge.ota_client import ActiveModel
@@ -47,7 +48,7 @@ def test_each_vehicle_reports_its_own_latency_and_shadow_comparisons() -> None:
     otas = [_FakeOta("car000", "1"), _FakeOta("car001", "2", shadow="3"), _FakeOta("car002", "2", shadow="3")]
     fleet = object.__new__(DemoFleet)  # no fleet server: the vehicles' OTA sessions are fakes
     fleet.vehicles = [SimVehicle(o.vehicle_id, o, route_seed=i) for i, o in enumerate(otas)]  # type: ignore[arg-type]
-    fleet._runtimes, fleet._active = {}, {}
+    fleet._runtimes, fleet._active, fleet.pool = {}, {}, FleetShardPool(1)  # one shard: these stubs, in this thread
     fleet._client = lambda model: clients[model.version]  # type: ignore[method-assign]
     fleet.drive_window(0.0, 1.0, "highway", window_seed=0)
     reports = [o.reports[0] for o in otas]
