@@ -159,24 +159,26 @@ def _replay_events(url: str) -> list[int]:
     return asyncio.run(run())
 
 
+async def _js_publish(url: str, *pairs: tuple[str, bytes]) -> None:
+    """Store ``(subject, payload)`` pairs in their stream, as the cloud's hazard service does."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    for subject, data in pairs:
+        await js.publish(subject, data)
+    await nc.close()
+
+
 def test_watch_cells_live_and_late_join(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """Stored hazards of newly watched cells arrive once (late join); live ones only for watched cells."""
 
-    async def publish(*pairs: tuple[str, bytes]) -> None:
-        nc = await nats.connect(broker.url)
-        js = nc.jetstream()
-        for subject, data in pairs:
-            await js.publish(subject, data)
-        await nc.close()
-
-    asyncio.run(publish(("haz.hw1.2", b"stored-2"), ("haz.hw1.9", b"stored-9"), ("haz.hw2.2", b"other-road")))
+    asyncio.run(_js_publish(broker.url, ("haz.hw1.2", b"stored-2"), ("haz.hw1.9", b"stored-9"), ("haz.hw2.2", b"other-road")))
     vs = VehicleStream("v1", broker.url, tmp_path / "spool")
     try:
         assert wait_until(vs.connected, 30)
         vs.watch_cells("hw1", [1, 2, 3])
         got: list[tuple[str, bytes]] = []
         assert wait_until(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 1, 30)
-        asyncio.run(publish(("haz.hw1.3", b"live-3"), ("haz.hw1.4", b"live-4")))
+        asyncio.run(_js_publish(broker.url, ("haz.hw1.3", b"live-3"), ("haz.hw1.4", b"live-4")))
         assert wait_until(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 2, 30)
         time.sleep(0.3)
         got.extend((s, d) for s, d, _ in vs.received())
@@ -184,7 +186,7 @@ def test_watch_cells_live_and_late_join(broker: EmbeddedBroker, tmp_path: Path) 
         vs.watch_cells("hw1", [4, 9])  # moved on: 1-3 dropped, 4 and 9 read from the stream
         assert wait_until(lambda: got.extend((s, d) for s, d, _ in vs.received()) or len(got) >= 4, 30)
         assert sorted(got[2:]) == [("haz.hw1.4", b"live-4"), ("haz.hw1.9", b"stored-9")]
-        asyncio.run(publish(("haz.hw1.2", b"after-unwatch")))
+        asyncio.run(_js_publish(broker.url, ("haz.hw1.2", b"after-unwatch")))
         time.sleep(0.3)
         assert vs.received() == []
     finally:
@@ -196,14 +198,7 @@ def test_one_watched_cell_reads_only_its_stored_hazards_and_says_when_settled(br
     """A driving vehicle watches its own cell: the late-join read takes that subject's stored hazards (not the
     road's), and ``watch_settled`` turns true only once they are read, so a caller can wait for it."""
 
-    async def publish(*pairs: tuple[str, bytes]) -> None:
-        nc = await nats.connect(broker.url)
-        js = nc.jetstream()
-        for subject, data in pairs:
-            await js.publish(subject, data)
-        await nc.close()
-
-    asyncio.run(publish(("haz.hw1.8", b"before-8"), ("haz.hw1.9", b"a-9"), ("haz.hw1.10", b"after-10"),
+    asyncio.run(_js_publish(broker.url, ("haz.hw1.8", b"before-8"), ("haz.hw1.9", b"a-9"), ("haz.hw1.10", b"after-10"),
                         ("haz.hw1.9", b"b-9")))
     vs = VehicleStream("v1", broker.url, tmp_path / "spool")
     try:
