@@ -148,9 +148,15 @@ def test_configure_logging_file_and_quiet_terminal(tmp_path: Path, capsys: pytes
         configure_logging("svc", logging.WARNING, home=tmp_path)  # again: replaces, never doubles
         assert path == (tmp_path / "logs" / "svc.jsonl").absolute()
         ray = logging.getLogger("ray.data")
+        kept = logging.FileHandler(tmp_path / "ray-session.log")  # Ray's own session file stays
+        for h in list(ray.handlers):  # an earlier test's import of Ray Data may have left its handler
+            ray.removeHandler(h)
         ray.addHandler(logging.StreamHandler(sys.stderr))  # what Ray does on import
+        ray.addHandler(kept)
         ray.propagate = False
-        assert adopt_library_logs("ray.data") == 1 and ray.propagate
+        assert adopt_library_logs("ray.data") == 1 and ray.propagate and ray.handlers == [kept]
+        ray.removeHandler(kept)
+        kept.close()
         logging.getLogger("driveloop.x").info("info for the file only")
         logging.getLogger("driveloop.x").warning("a warning for both")
         ray.warning("Ray internals: the file only")
