@@ -137,6 +137,20 @@ def reset_logging() -> None:
     logging.captureWarnings(False)
 
 
+def _terminal_or_dead(h: logging.Handler) -> bool:
+    """A library's handler that writes to the terminal, or to a stream already closed (one bound on import to
+    a stderr that has since been replaced and closed, as a test's captured stderr is): not a file it keeps."""
+    if isinstance(h, logging.FileHandler):
+        return False
+    stream = getattr(h, "stream", None)
+    if stream is None or stream in (sys.stderr, sys.stdout) or stream is sys.__stderr__ or stream is sys.__stdout__:
+        return True
+    try:
+        return bool(getattr(stream, "isatty", lambda: False)())
+    except ValueError:  # "I/O operation on closed file"
+        return True
+
+
 def adopt_library_logs(*names: str) -> int:
     """Take over loggers a library configured for itself on import (Ray's ``ray``/``ray.data``, Flower's
     ``flwr``): drop their handlers that write to the terminal and let their records reach the root
@@ -146,10 +160,7 @@ def adopt_library_logs(*names: str) -> int:
     for name in names:
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
-            stream = getattr(h, "stream", None)
-            if not isinstance(h, logging.FileHandler) and (stream is None or stream in (sys.stderr, sys.stdout)
-                                                           or getattr(stream, "isatty", lambda: False)()
-                                                           or stream is sys.__stderr__ or stream is sys.__stdout__):
+            if _terminal_or_dead(h):
                 lg.removeHandler(h)
                 removed += 1
         lg.propagate = True

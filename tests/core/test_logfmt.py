@@ -137,6 +137,23 @@ def test_console_rendering_is_readable() -> None:
     assert not line.startswith("{")
 
 
+def test_a_library_handler_on_a_closed_stream_is_dropped_not_an_error() -> None:
+    """Ray binds a handler to the stderr of the moment it is imported; if that stream is closed since (a test's
+    captured stderr), taking the logger over drops the handler instead of failing on the closed file."""
+    lg = logging.getLogger("driveloop-test.closed-stream")
+    dead = io.StringIO()
+    lg.addHandler(logging.StreamHandler(dead))
+    alive = io.StringIO()  # an open, non-terminal stream: the library's own business, kept
+    lg.addHandler(logging.StreamHandler(alive))
+    dead.close()
+    try:
+        assert adopt_library_logs("driveloop-test.closed-stream") == 1
+        assert [h.stream for h in lg.handlers] == [alive]  # type: ignore[attr-defined]
+    finally:
+        for h in list(lg.handlers):
+            lg.removeHandler(h)
+
+
 def test_configure_logging_file_and_quiet_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRIVELOOP_LOG_FORMAT", "json")
