@@ -238,11 +238,6 @@ def train_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_
     return FlTrained(base, run_dir, server, state, {"samples_per_vehicle": samples})
 
 
-def finish(cfg: FlRunConfig, trained: FlTrained) -> dict[str, Any]:
-    """Export, gate and register a trained run (``finish_run``); the ``fl run`` report."""
-    return finish_run(cfg, trained.base, trained.run_dir, trained.server, trained.state, trained.extra)
-
-
 def run_federated(cfg: FlRunConfig, on_round: RoundCallback | None = None, on_vehicle: Any = None) -> dict[str, Any]:
     """The whole ``fl run`` on the simulation runtime: simulate, export, gate, register (see ``--json``)."""
     return finish(cfg, train_federated(cfg, on_round, on_vehicle))
@@ -256,13 +251,14 @@ def run_deployed(cfg: FlRunConfig, superlink_port: int, timeout_s: float = 3600.
     base, initial, run_dir, server, vehicle = _start(cfg)
     run_id = submit(run_dir, superlink_port, {**server.to_run_config(), **vehicle.to_run_config()}, initial)
     state = wait_finished(run_dir, timeout_s, rounds=server.rounds)
-    return finish_run(cfg, base, run_dir, server, state, {"flower_run_id": run_id})
+    return finish(cfg, FlTrained(base, run_dir, server, state, {"flower_run_id": run_id}))
 
 
-def finish_run(cfg: FlRunConfig, base: Any, run_dir: Path, server: ServerSettings, state: dict[str, Any],
-               extra: dict[str, Any]) -> dict[str, Any]:
-    """Export the aggregated model, gate it against the base, register it with lineage: the cloud
-    pipeline's own ``gate_and_register`` (same parity check, same cached gate, same stage rules)."""
+def finish(cfg: FlRunConfig, trained: FlTrained) -> dict[str, Any]:
+    """Export a trained run's aggregated model, gate it against the base, register it with lineage (the
+    ``fl run`` report): the cloud pipeline's own ``gate_and_register`` (same parity check, same cached
+    gate, same stage rules)."""
+    base, run_dir, server, state, extra = trained.base, trained.run_dir, trained.server, trained.state, trained.extra
     import torch
 
     arrays = load_checkpoint(run_dir).arrays  # type: ignore[union-attr]
