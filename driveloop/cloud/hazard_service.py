@@ -9,7 +9,8 @@ The decisions are :class:`~driveloop.cloud.hazards.HazardBook`'s; this module on
   redelivered forever), counted and logged;
 - every version :meth:`HazardBook.due` returns is signed and published on each of its cells
   (``contracts.stream.hazard_cells``: its relevance area and the watch horizon before it, where vehicles
-  subscribe to the cell they are in), into the HAZARDS stream (late joiners read it there);
+  subscribe to the cell they are in), into the HAZARDS stream (late joiners read it there), each copy with its
+  ``hazard_msg_id``: a repetition reaches the live subscribers and is stored once;
 - after each change the active hazards go to ``hazards/active.json`` (atomic).
 It runs in one background thread with its own asyncio loop (``core.loop_thread``); ``stop()`` ends it and
 closes the connection.
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from driveloop.cloud.broker import ensure_streams, fetch_prompt
 from driveloop.cloud.hazards import HazardBook, HazardPolicy
 from driveloop.contracts.hazard import Hazard, HazardSigner, encode_hazard
-from driveloop.contracts.stream import decode_event, decode_telemetry, hazard_cells, hazard_subject
+from driveloop.contracts.stream import decode_event, decode_telemetry, hazard_cells, hazard_msg_id, hazard_subject
 from driveloop.core.atomic import write_atomic
 from driveloop.core.exceptions import ConfigError, StreamError
 from driveloop.core.loop_thread import LoopThread
@@ -215,7 +216,8 @@ class HazardService:
         for hazard in due:
             data = encode_hazard(self.signer.sign(hazard))
             for cell in hazard_cells(hazard.relevance.cells, hazard.direction):
-                await self._nc.publish(hazard_subject(hazard.road, cell), data)
+                await self._nc.publish(hazard_subject(hazard.road, cell), data,
+                                       headers={"Nats-Msg-Id": hazard_msg_id(data, cell)})
             self.counts["published"] += 1
         if due:
             try:

@@ -7,7 +7,7 @@ Subjects (one stream each; a vehicle may publish only under its own token, see `
 |---|---|---|
 | ``tel.<vehicle>`` | TELEMETRY (``tel.>``) | 10 Hz kinematics and safety state (:class:`Telemetry`) |
 | ``evt.<vehicle>.<kind>`` | EVENTS (``evt.>``, longer retention) | safety activations, triggers, faults (:class:`VehicleEvent`) |
-| ``haz.<road>.<cell>`` | HAZARDS (``haz.>``, max age = the longest hazard validity) | hazards pushed to vehicles (``contracts.hazard``), each on the cells :func:`hazard_cells` names; a vehicle subscribes to its own cell |
+| ``haz.<road>.<cell>`` | HAZARDS (``haz.>``, max age and de-dup window = the longest hazard validity) | hazards pushed to vehicles (``contracts.hazard``), each on the cells :func:`hazard_cells` names; a vehicle subscribes to its own cell |
 | ``log.<vehicle>`` | LOGS (``log.>``) | vehicle log batches (opaque here) |
 
 Rules it keeps:
@@ -22,6 +22,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Annotated, Literal
@@ -128,8 +129,11 @@ HAZARD_MAX_VALIDITY_S = 900.0  # the longest hazard validity (15 min): HAZARDS k
 STREAMS: dict[str, StreamSpec] = {
     "TELEMETRY": StreamSpec(name="TELEMETRY", subjects=("tel.>",), max_age_s=24 * 3600.0, max_msg_size=MAX_MESSAGE_BYTES),
     "EVENTS": StreamSpec(name="EVENTS", subjects=("evt.>",), max_age_s=30 * 24 * 3600.0, max_msg_size=MAX_MESSAGE_BYTES),
+    # de-duplicated for as long as it keeps anything: a repetition (the same signed bytes on the same cell,
+    # ``hazard_msg_id``) still reaches every live subscriber, but is stored once, so a late joiner's read of its
+    # cell gets each live version once instead of every repetition since it was issued
     "HAZARDS": StreamSpec(name="HAZARDS", subjects=("haz.>",), max_age_s=HAZARD_MAX_VALIDITY_S,
-                          max_msg_size=MAX_MESSAGE_BYTES),
+                          max_msg_size=MAX_MESSAGE_BYTES, duplicate_window_s=HAZARD_MAX_VALIDITY_S),
     "LOGS": StreamSpec(name="LOGS", subjects=("log.>",), max_age_s=7 * 24 * 3600.0, max_msg_size=MAX_LOG_BATCH_BYTES),
 }
 
@@ -218,6 +222,12 @@ def hazard_cells(area_cells: tuple[int, ...] | list[int], direction: str) -> tup
 def msg_id(vehicle_id: str, seq: int) -> str:
     """The JetStream ``Nats-Msg-Id`` of a vehicle message: the server drops a repeat inside its window."""
     return f"{vehicle_id}:{seq}"
+
+
+def hazard_msg_id(data: bytes, cell: int) -> str:
+    """The ``Nats-Msg-Id`` of a signed hazard published on ``cell``: the same bytes on the same cell are one
+    message to the HAZARDS stream (a repetition), another version or cell is another."""
+    return f"{hashlib.blake2b(data, digest_size=16).hexdigest()}:{int(cell)}"
 
 
 def log_batch_msg_id(vehicle_id: str, first_seq: int, last_seq: int) -> str:

@@ -26,7 +26,7 @@ from driveloop.contracts.hazard import (
     encode_hazard,
     relevance_area,
 )
-from driveloop.contracts.stream import Telemetry, VehicleEvent, hazard_subject
+from driveloop.contracts.stream import Telemetry, VehicleEvent, encode, event_subject, hazard_subject
 from driveloop.edge.agent import AgentConfig
 from driveloop.edge.dataplane import SHARED_ROAD, StreamDataPlane, road_of
 from driveloop.edge.fleet import BatchResult, VehiclePlan, run_fleet
@@ -105,6 +105,43 @@ def test_a_hazard_reaches_the_vehicles_whose_road_ahead_is_in_its_area_and_no_ot
     (listed,) = read_active(service.directory)
     assert (listed["cause"], listed["x_m"], listed["relevance"]["cells"][0]) == (27, 6000.0, 16)
     assert service.stats()["events"] == 1
+
+
+def test_a_repetition_reaches_live_subscribers_and_is_stored_once_per_cell(cloud) -> None:
+    """Repetitions are for a copy lost on the way (every live subscriber gets each), the stream is for late
+    joiners: it keeps one copy of a version per cell, however often it was repeated."""
+    broker, passwords, service_password, service = cloud
+    cell_subject = hazard_subject(SHARED_ROAD, 16)  # the first cell of the area of an event at x = 5,900 m
+    live: list[bytes] = []
+
+    async def run() -> dict[str, int]:
+        async def on_copy(msg: Any) -> None:
+            live.append(msg.data)
+
+        svc = await nats.connect(broker.url, user="svc-hazards", password=service_password)
+        try:
+            await svc.subscribe(cell_subject, cb=on_copy)
+            await svc.flush()
+            reporter = await nats.connect(broker.url, user="reporter", password=passwords["reporter"],
+                                          inbox_prefix=vehicle_inbox("reporter"))
+            event = VehicleEvent(vehicle_id="reporter", seq=1, t_s=30.0, wall_ts=time.time(), road=SHARED_ROAD,
+                                 x_m=5900.0, y_m=0.0, lane=1, speed_mps=29.0, kind="aeb_full", decel_mps2=9.0,
+                                 detail={"gap_m": 100.0, "lead_speed_mps": 0.0})
+            await reporter.jetstream().publish(event_subject("reporter", "aeb_full"), encode(event))
+            await reporter.close()
+            deadline = time.monotonic() + 30
+            while len(live) < 4 and time.monotonic() < deadline:  # the first copy and three repetitions (0.5 s)
+                await asyncio.sleep(0.05)
+            info = await svc.jetstream().stream_info("HAZARDS", subjects_filter="haz.>")
+            return dict(info.state.subjects or {})
+        finally:
+            await svc.close()
+
+    stored = asyncio.run(run())
+    assert len(live) >= 4 and len(set(live)) == 1  # the same signed version, live each time
+    assert service.stats()["published"] >= 4
+    assert stored[cell_subject] == 1
+    assert set(stored.values()) == {1} and len(stored) > 1  # one copy on every cell it went to
 
 
 def test_vehicles_cannot_publish_hazards_and_forged_ones_are_dropped(cloud, tmp_path: Path) -> None:
