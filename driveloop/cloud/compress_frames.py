@@ -154,7 +154,8 @@ def dataset_frames(datasets_dir: Path, versions: Sequence[str]) -> tuple[Frames,
 
 def select_calibration(frames: Frames, n: int, event_share: float, seed: int) -> np.ndarray:
     """Row indices of the INT8 calibration set (sorted): event frames first, up to ``ceil(n * event_share)``,
-    the rest drawn from the other frames; all frames when there are fewer than ``n``.
+    the rest drawn from the frames without an event (from the unpicked events too only when those run short), so
+    the share is what the caller asked for; all frames when there are fewer than ``n``.
 
     PipelineError when ``frames`` holds no safety-event frame (see module docstring).
     """
@@ -169,6 +170,8 @@ def select_calibration(frames: Frames, n: int, event_share: float, seed: int) ->
     rng = np.random.default_rng(seed)
     k = min(len(events), math.ceil(n * event_share))
     picked = rng.choice(events, size=k, replace=False)
-    rest = np.setdiff1d(np.arange(len(frames)), picked)
+    rest = np.flatnonzero(~np.asarray(frames.event, dtype=bool))
+    if len(rest) < n - k:
+        rest = np.setdiff1d(np.arange(len(frames)), picked)
     picked = np.concatenate([picked, rng.choice(rest, size=n - k, replace=False)])
     return np.sort(picked)

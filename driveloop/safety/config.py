@@ -205,6 +205,28 @@ class AdvisoryConfig:
 
 
 @dataclass(frozen=True)
+class HeadwayConfig:
+    """The headway floor (``safety/headway.py``): while the model drives closer than ``time_gap_s`` x ego speed +
+    ``standstill_gap_m`` behind its lead, its acceleration request is capped at ``-gain_mps2`` x shortfall / floor.
+
+    Why: the AEB's partial stage waits for TTC <= ``AebConfig.partial_ttc_s``, so a model that tailgates at
+    0.5 s with a small closing speed goes unchallenged until the lead stops abruptly (a wreck), and then even
+    full braking is too late. 1.0 s is half the usual 2 s rule and below what any competent follower keeps
+    (the IDM expert keeps 1.5 s); the cap brakes at most ``gain_mps2`` (comfort), emergencies stay the AEB's.
+    Both distances 0 disable the floor.
+    """
+
+    time_gap_s: float = 1.0
+    standstill_gap_m: float = 2.0
+    gain_mps2: float = 3.0
+
+    def __post_init__(self) -> None:
+        _non_negative("time_gap_s", self.time_gap_s)
+        _non_negative("standstill_gap_m", self.standstill_gap_m)
+        _positive("gain_mps2", self.gain_mps2)
+
+
+@dataclass(frozen=True)
 class SupervisorConfig:
     """Everything the supervisor needs, plus the arbitration (hand-back) rules."""
 
@@ -214,6 +236,7 @@ class SupervisorConfig:
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     lane: LaneConfig = field(default_factory=LaneConfig)
     advisory: AdvisoryConfig = field(default_factory=AdvisoryConfig)
+    headway: HeadwayConfig = field(default_factory=HeadwayConfig)
     control_period_s: float = 0.1
     handback_hold_s: float = 1.0  # hazard must have been clear this long ...
     handback_valid_ticks: int = 5  # ... and the model valid this many ticks in a row
@@ -232,6 +255,10 @@ class SupervisorConfig:
         _require(
             self.advisory.max_decel_mps2 <= self.limits.max_decel_mps2,
             "advisory.max_decel_mps2", self.advisory.max_decel_mps2, "<= limits.max_decel_mps2",
+        )
+        _require(
+            self.headway.gain_mps2 <= self.limits.max_decel_mps2,
+            "headway.gain_mps2", self.headway.gain_mps2, "<= limits.max_decel_mps2",
         )
         _require(
             self.aeb.full_decel_mps2 <= self.limits.max_decel_mps2,

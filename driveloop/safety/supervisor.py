@@ -17,6 +17,10 @@ Arbitration rules:
 - Every command passes the actuator limits; braking for a hazard may use the emergency jerk.
 - A road-hazard advisory (``inputs.advisory``) caps the request, model or fallback, before the limits: it
   can only lower a command (``safety/advisory.py``), never touch the AEB, watchdog or hand-back.
+- The headway floor (``safety/headway.py``) caps the *model's* request while it follows its lead closer than
+  ``headway.time_gap_s`` x speed + standstill gap: a limitation like the advisory, so it only lowers the
+  request, before the limits (comfort jerk), never activates the fallback and is no intervention; it is
+  reported in ``parts`` (``headway_cap_mps2``, ``headway_floor_m``) and as the reason when no other applies.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from . import aeb, lane
 from .advisory import accel_cap_mps2
 from .config import SupervisorConfig
 from .fallback import fallback_command
+from .headway import NO_CAP_MPS2, floor_gap_m, headway_cap_mps2
 from .limits import limit_command
 from .types import Decision, SupervisorInputs
 from .watchdog import Verdict, check_reply
@@ -170,6 +175,14 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
                                    aeb_decel, config.fallback)
         if braking_for_cut_in and aeb_braking:
             request = (request[0], 0.0)
+    headway_binds = False
+    if mode == "model":  # the fallback and the AEB brake by their own rules; the floor holds a tailgating model back
+        headway_cap = headway_cap_mps2(inputs.ego_speed_mps, track, config.headway)
+        if headway_cap != NO_CAP_MPS2:
+            track_parts["headway_cap_mps2"] = headway_cap
+            track_parts["headway_floor_m"] = floor_gap_m(inputs.ego_speed_mps, config.headway)
+            headway_binds = headway_cap < request[0]
+            request = (min(request[0], headway_cap), request[1])
     if inputs.advisory is not None:  # a road hazard ahead: only ever lowers the request (safety/advisory.py)
         track_parts["advisory_cap_mps2"] = cap = accel_cap_mps2(inputs.advisory, inputs.ego_speed_mps, track,
                                                                 config.advisory)
@@ -182,6 +195,9 @@ def step(state: SupervisorState, inputs: SupervisorInputs, config: SupervisorCon
     fcw = assessment is not None and assessment.fcw
     if reason is None and fcw:
         reason = "fcw"
+    if reason is None and headway_binds:
+        reason = (f"headway floor: gap {track_parts['gap_m']:.2f} m < {track_parts['headway_floor_m']:.2f} m, "
+                  f"accel capped at {track_parts['headway_cap_mps2']:.2f} m/s^2")
     parts = {
         "dt_s": dt,
         "valid_streak": float(valid_streak),

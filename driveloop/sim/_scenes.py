@@ -193,6 +193,10 @@ def _cut_in_bounds(spec: ScenarioSpec) -> tuple[tuple[float, float], tuple[float
 # (a queue slowing into the work zone), and where the row of stopped vehicles closing the lane begins.
 CONSTRUCTION_MERGERS_AHEAD_M = (35.0, 95.0, 155.0)
 CONSTRUCTION_SLOWER_EACH = 0.5  # merger k drives dv x (1 + k x this) slower than the ego's start speed
+# A merger turns in only while the ego closes on it at most as fast as it would on the queue's slowest car
+# (dv x (1 + 2 x 0.5) = 2 dv) + this (the ego's start-speed jitter): a car that stopped at the closure lets
+# the ego pass instead of turning in front of it at the ego's full speed.
+CONSTRUCTION_CLOSING_MARGIN_MPS = 1.0
 CONSTRUCTION_CLOSURE_AHEAD_M = 420.0
 CONSTRUCTION_CLOSURE_VEHICLES = 5
 CONSTRUCTION_CLOSURE_SPACING_M = 9.0
@@ -201,20 +205,28 @@ CONSTRUCTION_MIN_SPEED_MPS = 5.0
 
 def _construction_scene(spec: ScenarioSpec, rng: np.random.Generator, road_rng: np.random.RandomState,
                         lag_s: float, max_speed_mps: float) -> Scene:
-    """Two lanes, the ego in lane 1; lane 0 is closed ahead by stopped vehicles and its traffic merges into the
-    ego's lane ``headway_m`` (jittered) ahead of the ego as it comes up behind each car (zipper)."""
+    """Two lanes, the ego in lane 1; lane 0 is closed ahead by stopped vehicles and its traffic, a queue slowing
+    into the work zone (car k ``dv`` x (1 + ``CONSTRUCTION_SLOWER_EACH`` k) slower than the ego's set speed, so
+    an ego behind car k - 1 meets car k at half ``dv``, an ego with nobody ahead at up to 2 ``dv``), merges into
+    the ego's lane ``headway_m`` (jittered; at least ``ZIPPER_WINDOW_FRACTION`` of it) ahead of the ego as it
+    comes up behind each car (zipper, ``ZipperMerger``): into a free gap only, and only while the ego closes on it
+    no faster than on the queue's slowest car + ``CONSTRUCTION_CLOSING_MARGIN_MPS``. A car that cannot go then
+    lets the ego pass (one that stopped at the closure, one whose neighbour in the open lane is level with it)."""
     road = Road(network=_straight_network(spec.lanes), np_random=road_rng)
     ego_lane, closed_lane = 1, 0
     speed = spec.ego_speed_mps + float(rng.uniform(-1.0, 1.0))
     ego = _ego(road, ("0", "1", ego_lane), EGO_START_X_M, speed, spec, lag_s, max_speed_mps)
     lane = road.network.get_lane(("0", "1", closed_lane))
     dv = spec.ego_speed_mps - spec.target_speed_mps
+    speeds = [max(spec.ego_speed_mps - dv * (1.0 + CONSTRUCTION_SLOWER_EACH * k), CONSTRUCTION_MIN_SPEED_MPS)
+              for k in range(len(CONSTRUCTION_MERGERS_AHEAD_M))]
+    max_closing = spec.ego_speed_mps - min(speeds) + CONSTRUCTION_CLOSING_MARGIN_MPS
     mergers: list[float] = []
-    for k, ahead in enumerate(CONSTRUCTION_MERGERS_AHEAD_M):
+    for ahead, v in zip(CONSTRUCTION_MERGERS_AHEAD_M, speeds):
         x = float(ego.position[0]) + ahead + float(rng.uniform(-5.0, 5.0))
-        v = max(spec.ego_speed_mps - dv * (1.0 + CONSTRUCTION_SLOWER_EACH * k), CONSTRUCTION_MIN_SPEED_MPS)
         gap = spec.headway_m * float(rng.uniform(0.85, 1.15))
-        merger = ZipperMerger(road, lane.position(x, 0.0), 0.0, v, into_lane_id=ego_lane, watch=ego, gap_m=gap)
+        merger = ZipperMerger(road, lane.position(x, 0.0), 0.0, v, into_lane_id=ego_lane, watch=ego, gap_m=gap,
+                              max_closing_mps=max_closing)
         merger.target_speed = v
         road.vehicles.append(merger)
         mergers.append(gap)

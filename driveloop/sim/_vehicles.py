@@ -7,6 +7,8 @@
   clips IDM symmetrically at 6 m/s², too weak to follow an ego that brakes at 9 m/s²).
 - :class:`LaneChanger` is traffic that changes into a given lane at a given time (cut-in) or when it
   reaches a given road segment (merge), without asking MOBIL.
+- :class:`ZipperMerger` is a construction zone's merger: it turns in front of the watched ego, into a free gap
+  only (:func:`merge_gap_free`).
 - :class:`ScriptedTarget` is a Euro NCAP CCR target: constant speed, optionally braking at a fixed
   deceleration from a given time until standstill; it ignores everything around it.
 - :class:`ScriptedCutIn` is the parametric cut-in's subject: constant speed along the road, and from a given
@@ -280,17 +282,62 @@ class EgoVehicle(IDMVehicle):
 
 class ZipperMerger(LaneChanger):
     """Traffic in a closing lane (construction): it moves into ``into_lane_id`` once the vehicle it watches
-    (the ego, coming up from behind) is ``gap_m`` or less behind it, bumper to bumper."""
+    (the ego, coming up from behind) is ``gap_m`` or less behind it, bumper to bumper, and only into a free gap.
+
+    A real zipper merger never turns into a car beside it: every other vehicle in (or moving into) the target
+    lane must be clear of its length by ``ZIPPER_MIN_GAP_M`` plus ``ZIPPER_CLOSING_TIME_S`` x the speed at which
+    the two would close (:func:`merge_gap_free`). Until then it keeps waiting in its lane, IDM following the
+    traffic and the stopped vehicles that close it (so, with no gap, it stops before the closure). The watched
+    vehicle is judged by the trigger gap and its closing speed: being merged in front of, between
+    ``ZIPPER_WINDOW_FRACTION`` x ``gap_m`` and ``gap_m`` ahead at up to ``max_closing_mps``, is the hazard the
+    scene is built for. A merger that found no free gap while the watched car was in that window, or that has
+    slowed in its queue so that the watched car comes up faster, lets it pass (it never turns in closer than the
+    window, into the watched car's side).
+    """
 
     def __init__(self, road: Road, position: np.ndarray, heading: float, speed: float, *, into_lane_id: int,
-                 watch: Vehicle, gap_m: float) -> None:
+                 watch: Vehicle, gap_m: float, max_closing_mps: float = math.inf) -> None:
         super().__init__(road, position, heading, speed, into_lane_id=into_lane_id, at_time_s=math.inf)
         self.watch = watch
         self.gap_m = float(gap_m)
+        self.max_closing_mps = float(max_closing_mps)
 
     def act(self, action: dict | str | None = None) -> None:
-        if not self.started:
+        if not self.started and not self.crashed:
             gap = float(self.position[0] - self.watch.position[0]) - (self.LENGTH + self.watch.LENGTH) / 2
-            if 0.0 <= gap <= self.gap_m:
+            closing = float(self.watch.speed) - float(self.speed)
+            if ZIPPER_WINDOW_FRACTION * self.gap_m <= gap <= self.gap_m and closing <= self.max_closing_mps and \
+                    merge_gap_free(self, self.into_lane_id, ignore=self.watch):
                 self.at_time_s = self.elapsed_s  # due now: LaneChanger turns in
         super().act()
+
+
+# A zipper merger's free gap: bumper-to-bumper room to every car in the target lane, plus the distance the two
+# close in the time a lane change takes (highway-env's lateral controller needs ~2 s to move over).
+ZIPPER_MIN_GAP_M = 2.0
+ZIPPER_CLOSING_TIME_S = 2.0
+# The watched car's turn-in window: from the trigger gap down to this fraction of it (a merger that could not go
+# then waits for the car to pass; the window lasts ~0.5 s at the scene's relative speed, ~1 s following a lead).
+ZIPPER_WINDOW_FRACTION = 0.75
+
+
+def merge_gap_free(vehicle: Vehicle, into_lane_id: int, ignore: Vehicle | None = None) -> bool:
+    """Whether ``vehicle`` can move into lane ``into_lane_id`` of its road segment without touching anybody.
+
+    A car occupies the target lane when its box overlaps the lane laterally (one mid-lane-change counts). It
+    blocks the merge unless the bumper-to-bumper gap to it is at least ``ZIPPER_MIN_GAP_M`` plus
+    ``ZIPPER_CLOSING_TIME_S`` x the closing speed (the car behind faster than the one ahead)."""
+    lane = vehicle.road.network.get_lane((vehicle.lane_index[0], vehicle.lane_index[1], into_lane_id))
+    s_self, _ = lane.local_coordinates(vehicle.position)
+    for other in vehicle.road.vehicles:
+        if other is vehicle or other is ignore:
+            continue
+        s_other, lat = lane.local_coordinates(other.position)
+        if abs(lat) > (lane.width_at(s_other) + other.WIDTH) / 2:
+            continue  # not in the target lane
+        ahead = s_other >= s_self
+        gap = abs(s_other - s_self) - (vehicle.LENGTH + other.LENGTH) / 2
+        closing = (vehicle.speed - other.speed) if ahead else (other.speed - vehicle.speed)
+        if gap < ZIPPER_MIN_GAP_M + ZIPPER_CLOSING_TIME_S * max(closing, 0.0):
+            return False
+    return True

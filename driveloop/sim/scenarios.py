@@ -358,8 +358,9 @@ def _parse_cutin(key: str, m: re.Match[str]) -> ScenarioSpec:
 
 # -- the environments -----------------------------------------------------------------------------------
 def _parse_construction(key: str, m: re.Match[str]) -> ScenarioSpec:
-    """A work zone at 80 km/h: the next lane is closed by stopped vehicles; the three cars in it merge into
-    the ego's lane ``gap_m`` ahead of it, ``dv_kmh`` slower (seeded jitter), one after the other."""
+    """A work zone at 80 km/h: the next lane is closed by stopped vehicles; the three cars in it, a queue slowing
+    into the work zone (car k ``dv_kmh`` x (1 + 0.5 k) slower than the ego's set speed), merge into the ego's lane
+    ``gap_m`` (seeded jitter) ahead of it, one after the other, each into a free gap only (``sim._scenes``)."""
     gap = _within(key, "merge gap", float(m.group(1)), CONSTRUCTION_GAP_RANGE_M, "m")
     dv = _within(key, "relative speed", float(m.group(2)), CONSTRUCTION_DV_RANGE_KMH, "km/h")
     ego = 80 * KMH

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from driveloop.safety import Advisory, Decision, ModelReply, Supervisor, SupervisorConfig, SupervisorInputs, TrackData
+from driveloop.safety.config import HeadwayConfig
 
 # mutmut sets MUTANT_UNDER_TEST in every phase; the slowest sweeps then run a subset (docs/BENCHMARKS.md (Safety layer))
 UNDER_MUTMUT = "MUTANT_UNDER_TEST" in os.environ
@@ -25,6 +26,9 @@ SUBSTEPS = 10
 KMH = 1.0 / 3.6
 START_TTC_S = 4.0  # Euro NCAP starts CCRs/CCRm at TTC 4 s
 MIN_START_GAP_M = 10.0
+
+# The AEB alone (the headway floor disabled): the CCR sweeps prove the AEB saves a blind model by itself.
+NO_FLOOR = SupervisorConfig(headway=HeadwayConfig(time_gap_s=0.0, standstill_gap_m=0.0))
 
 # A model maps (now_s, ego_speed_mps, gap_m | None, lead_speed_mps | None) to a reply.
 Model = Callable[[float, float, "float | None", "float | None"], ModelReply]
@@ -76,6 +80,23 @@ def idm_model(now_s: float, ego: float, gap: float | None, lead: float | None) -
         s_star = 4.0 + ego * 1.5 + ego * (ego - lead) / (2.0 * math.sqrt(1.5 * 2.0))
         accel = 1.5 * (free - (max(s_star, 0.0) / max(gap, 0.1)) ** 2)
     accel = min(max(accel, -6.0), 1.5)
+    return ModelReply(np.array([accel, 0.0], np.float32), np.array([0.9], np.float32), now_s)
+
+
+TAILGATE_HEADWAY_S = 0.6
+TAILGATE_GAP_GAIN_PER_S2 = 0.3
+TAILGATE_SPEED_GAIN_PER_S = 0.8
+
+
+def tailgater_model(now_s: float, ego: float, gap: float | None, lead: float | None) -> ModelReply:
+    """A model that follows at 0.6 s + 2 m (what v2 did in the work zone): it tracks its lead's speed, so the
+    AEB never sees a closing speed until the lead stops abruptly, and then the distance to brake in is gone."""
+    if gap is None or lead is None:
+        accel = 1.0
+    else:
+        accel = (TAILGATE_GAP_GAIN_PER_S2 * (gap - (2.0 + TAILGATE_HEADWAY_S * ego))
+                 + TAILGATE_SPEED_GAIN_PER_S * (lead - ego))
+    accel = min(max(accel, -6.0), 2.0)
     return ModelReply(np.array([accel, 0.0], np.float32), np.array([0.9], np.float32), now_s)
 
 

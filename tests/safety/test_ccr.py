@@ -1,7 +1,8 @@
 """Closed loop: the 30 Euro NCAP CCR cases and nominal following, in the 1-D harness (dt 0.1 s, 0.25 s lag).
 
 - fallback only (model dead from the first tick) and a *blind* model (holds speed, never sees the lead:
-  AEB alone must save it), each without and with sensor noise sigma 0.5 on gap and speeds;
+  AEB alone must save it, so these run with the headway floor disabled, and again with the defaults), each
+  without and with sensor noise sigma 0.5 on gap and speeds;
 - UN R152: on a steady approach the warning comes >= 0.8 s before the brake;
 - nominal following by a competent model: zero fallback activations, zero collisions.
 Run with ``-s`` to see the minimum-gap table.
@@ -17,7 +18,7 @@ import pytest
 
 from driveloop.safety.config import R152_MIN_WARNING_S
 
-from ._harness import KMH, UNDER_MUTMUT, Case, blind_model, ccr_cases, dead_model, idm_model, run
+from ._harness import KMH, NO_FLOOR, UNDER_MUTMUT, Case, blind_model, ccr_cases, dead_model, idm_model, run
 
 CASES = ccr_cases()
 MODELS = {"fallback-only": dead_model, "blind-model": blind_model}
@@ -41,7 +42,7 @@ def test_the_catalog_has_the_30_euro_ncap_cases() -> None:
 def test_all_30_ccr_cases_avoided(model: str, noise: float) -> None:
     rows = []
     for seed, case in enumerate(CASES):
-        result = run(case, MODELS[model], noise_sigma=noise, seed=seed)
+        result = run(case, MODELS[model], noise_sigma=noise, seed=seed, config=NO_FLOOR)
         rows.append((case.name, result.collision, result.min_gap_m, result.first_brake_s))
     print(f"\n{model}, noise {noise}: case, collision, min gap m, first AEB brake s")
     for name, collision, gap, brake in rows:
@@ -50,6 +51,14 @@ def test_all_30_ccr_cases_avoided(model: str, noise: float) -> None:
     assert min(r[2] for r in rows) > 1.0  # and with room to spare
     if model == "blind-model":
         assert all(r[3] is not None for r in rows if not r[0].startswith("ccrb-40-2"))
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_all_30_ccr_cases_avoided_with_the_headway_floor(model: str) -> None:
+    """The default config adds the headway floor, which may only ever make the blind model more careful."""
+    for seed, case in enumerate(CASES):
+        result = run(case, MODELS[model], noise_sigma=0.5, seed=seed)
+        assert not result.collision and result.min_gap_m > 1.0, case.name
 
 
 @pytest.mark.skipif(UNDER_MUTMUT, reason="repeats test_all_30_ccr_cases_avoided with more seeds")
@@ -65,7 +74,7 @@ def test_ccr_with_noise_across_seeds(seed: int) -> None:
 def test_r152_warning_precedes_the_brake_by_0_8_s(case: Case) -> None:
     """Start further out (TTC 8 s) so the warning's onset is observed, blind model, no noise."""
     far = dataclasses.replace(case, gap_m=8.0 * (case.ego_speed_mps - case.lead_speed_mps))
-    result = run(far, blind_model)
+    result = run(far, blind_model, config=NO_FLOOR)
     assert not result.collision
     assert result.first_fcw_s is not None and result.first_brake_s is not None
     assert result.first_brake_s - result.first_fcw_s >= R152_MIN_WARNING_S - 1e-9

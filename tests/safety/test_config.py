@@ -16,6 +16,7 @@ from driveloop.safety import (
     SupervisorConfig,
     WatchdogConfig,
 )
+from driveloop.safety.config import HeadwayConfig
 
 POS, NONNEG = "finite and > 0", "finite and >= 0"
 BAD = [
@@ -84,6 +85,14 @@ BAD = [
     ("advisory max decel zero", AdvisoryConfig, {"max_decel_mps2": 0.0}, POS),
     ("advisory standstill negative", AdvisoryConfig, {"standstill_gap_m": -0.1}, NONNEG),
     ("advisory standstill str", AdvisoryConfig, {"standstill_gap_m": "5"}, NONNEG),
+    ("headway time gap negative", HeadwayConfig, {"time_gap_s": -0.1}, NONNEG),
+    ("headway time gap inf", HeadwayConfig, {"time_gap_s": float("inf")}, NONNEG),
+    ("headway time gap str", HeadwayConfig, {"time_gap_s": "1"}, NONNEG),
+    ("headway standstill negative", HeadwayConfig, {"standstill_gap_m": -0.1}, NONNEG),
+    ("headway standstill nan", HeadwayConfig, {"standstill_gap_m": float("nan")}, NONNEG),
+    ("headway gain zero", HeadwayConfig, {"gain_mps2": 0.0}, POS),
+    ("headway gain negative", HeadwayConfig, {"gain_mps2": -3.0}, POS),
+    ("headway gain inf", HeadwayConfig, {"gain_mps2": float("inf")}, POS),
     ("supervisor period zero", SupervisorConfig, {"control_period_s": 0.0}, POS),
     ("supervisor hold negative", SupervisorConfig, {"handback_hold_s": -1.0}, NONNEG),
     ("supervisor valid ticks zero", SupervisorConfig, {"handback_valid_ticks": 0}, "an int >= 1"),
@@ -95,6 +104,8 @@ NESTED = [  # derived from the defaults: just beyond the limit, whatever the lim
      f"safety config: fallback.comfort_decel_mps2={_LIMIT + 1.0!r} must be <= limits.max_decel_mps2"),
     ("supervisor aeb beyond limits", {"limits": LimitsConfig(max_decel_mps2=AebConfig().full_decel_mps2 - 1.0)},
      f"safety config: aeb.full_decel_mps2={AebConfig().full_decel_mps2!r} must be <= limits.max_decel_mps2"),
+    ("supervisor headway gain beyond limits", {"headway": HeadwayConfig(gain_mps2=_LIMIT + 1.0)},
+     f"safety config: headway.gain_mps2={_LIMIT + 1.0!r} must be <= limits.max_decel_mps2"),
     ("supervisor advisory beyond limits",
      {"advisory": AdvisoryConfig(max_decel_mps2=_LIMIT + 1.0)},
      f"safety config: advisory.max_decel_mps2={_LIMIT + 1.0!r} must be <= limits.max_decel_mps2"),
@@ -142,12 +153,15 @@ def test_defaults_are_the_documented_ones() -> None:
             "plan_decel_mps2": 1.5, "speed_gain_per_s": 1.0, "gap_gain_per_s2": 0.2, "gap_speed_gain_per_s": 0.6,
             "standstill_gap_m": 5.0, "max_decel_mps2": 3.0,
         },
+        "headway": {"time_gap_s": 1.0, "standstill_gap_m": 2.0, "gain_mps2": 3.0},
         "control_period_s": 0.1, "handback_hold_s": 1.0, "handback_valid_ticks": 5,
     }
 
 
 GOOD = [
     ("defaults", AebConfig, {}),
+    ("headway disabled", HeadwayConfig, {"time_gap_s": 0.0, "standstill_gap_m": 0.0}),
+    ("headway gain at the limit", SupervisorConfig, {"headway": HeadwayConfig(gain_mps2=_LIMIT)}),
     ("fcw lead exactly R152", AebConfig, {"fcw_lead_time_s": 0.8}),
     ("full ttc equals partial", AebConfig, {"full_ttc_s": 1.5}),
     ("full trigger equals partial", AebConfig, {"full_decel_trigger_mps2": 3.0}),
