@@ -173,10 +173,20 @@ class ServerSpec:
     # loses nothing (the OS holds the writes), a power cut or kernel crash of this node loses up to that
     # window of acked messages (in an R3 cluster only if two nodes lose power together).
     sync_interval: str = "always"
+    # The Go collector's GOGC for this server (a GOGC already in the environment wins). Go's default, 100, starts
+    # a cycle whenever the heap doubles; at 10,000 msg/s the de-dup window's message ids keep ~50-100 MB alive
+    # and the broker collected every 2-4 s, each cycle's marking taking the idle CPU and stalling publishers on
+    # a 2-core machine (the stream bench's slow acks fell on its cycles). 400 trades memory (a heap up to 5x
+    # the live one) for a quarter of the cycles (docs/BENCHMARKS.md "Live stream").
+    gogc: int = 400
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    def environment(self) -> dict[str, str]:
+        """The server process's environment: this one's, with ``GOGC`` unless it is set."""
+        return {"GOGC": str(self.gogc), **os.environ}
 
 
 def server_config(spec: ServerSpec, users: Iterable[NatsUser] | None = None) -> str:
@@ -257,7 +267,7 @@ class EmbeddedBroker:
         try:
             self._proc = subprocess.Popen([str(nats_server_binary()), "-c", str(self.conf_path)], stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          preexec_fn=die_with_parent_hook())
+                                          env=self.spec.environment(), preexec_fn=die_with_parent_hook())
         finally:
             log.close()
         if wait:

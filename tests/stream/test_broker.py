@@ -23,6 +23,23 @@ def test_embedded_start_stop_leaves_no_process(tmp_path: Path) -> None:
     assert (tmp_path / "nats" / "jetstream").is_dir()
 
 
+def _server_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.parametrize(("ours", "expected"), [(None, "400"), ("150", "150")])
+def test_the_server_runs_with_the_spec_gogc_unless_the_environment_sets_one(tmp_path: Path, monkeypatch, ours,
+                                                                           expected) -> None:
+    if ours is None:
+        monkeypatch.delenv("GOGC", raising=False)
+    else:
+        monkeypatch.setenv("GOGC", ours)
+    with EmbeddedBroker.embedded(tmp_path / "nats") as b:
+        assert b.pid is not None
+        assert _server_env(b.pid)["GOGC"] == expected
+
+
 def test_credentials_are_stored_hashed(tmp_path: Path) -> None:
     creds = Credentials(tmp_path)
     password = creds.issue_vehicle("v1")
