@@ -4,8 +4,9 @@ Each scenario class (highway, dense, cut-in, merge, ccrs, ccrm, ccrb) is its own
 verdict made of named checks:
 
 - ``collisions_zero``: the candidate never collides;
-- ``interventions_fall``: its fallback interventions per hour are below the baseline's (when the baseline
-  already has none, the candidate must have none too);
+- ``interventions_kept``: its fallback interventions per hour are not above the baseline's (no class gets
+  worse); for the classes an adaptation targets (``improve_classes``), ``interventions_fall`` instead: below the
+  baseline's (when the baseline already has none, the candidate must have none too);
 - ``progress_kept``: its progress is within ``progress_tolerance_frac`` (10 %) of the baseline's — per class,
   where a few episodes decide (in a CCR class a car stopping 3 m earlier moves it by ~5 %, and two seed sets
   of the same model differ by ~4 %); over the whole suite progress must stay within
@@ -15,7 +16,13 @@ verdict made of named checks:
   are why: a relative test there rejects differences of a tenth of a m/s³, far below what passengers
   feel (comfort limits in the literature are ~0.9-2 m/s³), while braking classes are judged relatively.
 
-The suite also needs interventions per hour over all classes to fall by ``min_suite_iph_reduction_frac``.
+The suite's interventions per hour over all classes must fall, by at least ``min_suite_iph_reduction_frac``
+(a suite without any must stay without). Why not "every class must fall" (the rule until 5 Dec 2026): once the
+safety layer holds a model back from tailgating (``safety/headway.py``), what is left in a class such as cut-in
+are interventions no model can avoid (a car cutting in close fires the cut-in rule whatever the ego does), so
+candidates that cut the suite's interventions by 70 % were rejected for a class that held at 2 (docs/BENCHMARKS.md
+"All four environments after the fixes"): the loop could no longer ship an improvement. No regression in any
+class, and a better suite, is the release rule.
 ``gate`` is pure, so the decision can be tested exhaustively; ``evaluate_models`` (below) is the adapter
 that runs the held-out suite in closed loop with given ONNX models, in-process or as Ray work
 (``cloud.sim_exec``: one unit per class and concrete scenario). Held-out seeds start at
@@ -36,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 SCENARIO_CLASSES = scenario_classes()  # defined with the scenarios (sim.scenarios), environments included
 HELDOUT_SEED_BASE = 1_000_000
-CHECKS = ("collisions_zero", "interventions_fall", "progress_kept", "comfort_kept")
+CHECKS = ("collisions_zero", "interventions_kept", "progress_kept", "comfort_kept")  # interventions_fall when targeted
 
 
 @dataclass(frozen=True)
@@ -82,8 +89,8 @@ class GateTolerances:
     jerk_tolerance_abs_mps3: float = 0.1
     comfort_floor_mps3: float = 0.5  # mean |jerk| at or below this is comfortable, whatever the baseline
     min_suite_iph_reduction_frac: float = 0.0
-    # None: every class's interventions must fall. A tuple (an adaptation to a shift, cloud.shift): those classes
-    # must fall, every other only must not rise ("interventions_kept"): no regression, not a second target.
+    # None: no class's interventions may rise ("interventions_kept") and the suite's must fall. A tuple (an
+    # adaptation to a shift, cloud.shift): those classes must fall ("interventions_fall"), every other may not rise.
     improve_classes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -163,10 +170,10 @@ class GateResult:
 
 
 def judge_class(scenario: str, base: ClassMetrics, cand: ClassMetrics, tol: GateTolerances) -> ClassVerdict:
-    """The four checks of one scenario class (``interventions_kept`` in place of ``interventions_fall`` for a class
-    outside ``tol.improve_classes``)."""
+    """The four checks of one scenario class (``interventions_fall`` for a class of ``tol.improve_classes``,
+    ``interventions_kept`` for any other)."""
     b_iph, c_iph = base.interventions_per_hour, cand.interventions_per_hour
-    target = tol.improve_classes is None or scenario in tol.improve_classes
+    target = tol.improve_classes is not None and scenario in tol.improve_classes
     checks = {
         "collisions_zero": cand.collisions == 0,
         **({"interventions_fall": c_iph < b_iph if b_iph > 0 else c_iph == 0} if target else
@@ -203,11 +210,11 @@ def gate(
     b_iph = sum(m.interventions for m in baseline_metrics.values()) / b_hours
     c_iph = sum(m.interventions for m in candidate_metrics.values()) / c_hours
     reduction = (b_iph - c_iph) / b_iph if b_iph > 0 else (0.0 if c_iph == 0 else -1.0)  # finite for JSON
-    suite_ok = reduction >= tolerances.min_suite_iph_reduction_frac if b_iph > 0 else c_iph == 0
+    suite_ok = reduction > 0 and reduction >= tolerances.min_suite_iph_reduction_frac if b_iph > 0 else c_iph == 0
     reasons = [f"{name}: {check} failed" for name, v in classes.items() for check, ok in v.checks.items() if not ok]
     if not suite_ok:
         reasons.append(
-            f"suite interventions/h fell {reduction:.1%}, need >= {tolerances.min_suite_iph_reduction_frac:.0%}"
+            f"suite interventions/h fell {reduction:.1%}, need > 0 and >= {tolerances.min_suite_iph_reduction_frac:.0%}"
         )
     b_prog, c_prog = (_episode_mean(list(m.values()), "progress") for m in (baseline_metrics, candidate_metrics))
     progress_ok = c_prog >= b_prog * (1.0 - tolerances.suite_progress_tolerance_frac)

@@ -21,10 +21,10 @@ VERDICTS = [
     # name, baseline, candidate, failing checks
     ("better everywhere", BASE, _c(interventions=5), set()),
     ("a collision", BASE, _c(interventions=5, collisions=1), {"collisions_zero"}),
-    ("interventions equal", BASE, _c(), {"interventions_fall"}),
-    ("interventions rise", BASE, _c(interventions=11), {"interventions_fall"}),
+    ("interventions equal: no class gets worse", BASE, _c(), set()),
+    ("interventions rise", BASE, _c(interventions=11), {"interventions_kept"}),
     ("baseline clean, candidate clean", _c(interventions=0), _c(interventions=0), set()),
-    ("baseline clean, candidate intervenes", _c(interventions=0), _c(interventions=1), {"interventions_fall"}),
+    ("baseline clean, candidate intervenes", _c(interventions=0), _c(interventions=1), {"interventions_kept"}),
     ("progress within 10%", BASE, _c(interventions=5, progress=0.91), set()),
     ("progress exactly at 10%", BASE, _c(interventions=5, progress=0.90), set()),
     ("progress regresses 11%", BASE, _c(interventions=5, progress=0.89), {"progress_kept"}),
@@ -34,7 +34,7 @@ VERDICTS = [
     ("smooth baseline: still comfortable", _c(jerk_mps3=0.1), _c(interventions=5, jerk_mps3=0.5), set()),
     ("smooth baseline: above the comfort floor", _c(jerk_mps3=0.1), _c(interventions=5, jerk_mps3=0.51), {"comfort_kept"}),
     ("everything wrong", BASE, _c(interventions=20, collisions=2, progress=0.5, jerk_mps3=3.0),
-     {"collisions_zero", "interventions_fall", "progress_kept", "comfort_kept"}),
+     {"collisions_zero", "interventions_kept", "progress_kept", "comfort_kept"}),
 ]
 
 
@@ -75,6 +75,22 @@ def test_suite_reduction_threshold(cand_interventions: int, passed: bool) -> Non
     r = gate({"dense": BASE}, {"dense": _c(interventions=cand_interventions)}, tol)
     assert r.suite_iph_reduction_frac == pytest.approx(1 - cand_interventions / 10)
     assert r.passed is passed
+
+
+def test_a_class_that_holds_passes_when_the_suite_falls_and_the_gate_fails_when_nothing_falls() -> None:
+    """No class may get worse and the suite must get better: a class held at what no model can avoid (a cut-in's
+    interventions) does not block an improvement elsewhere, and a candidate that improves nothing is no candidate."""
+    base = {"cut-in": _c(interventions=2), "ccrs": BASE}
+    better = gate(base, {"cut-in": _c(interventions=2), "ccrs": _c(interventions=9)}, TOL)
+    assert better.passed and better.reasons == []
+    assert better.suite_iph_reduction_frac == pytest.approx(1 / 12)
+    same = gate(base, {"cut-in": _c(interventions=2), "ccrs": BASE}, TOL)
+    assert all(v.passed for v in same.classes.values()) and not same.passed
+    assert same.reasons == ["suite interventions/h fell 0.0%, need > 0 and >= 0%"]
+    traded = gate(base, {"cut-in": _c(interventions=3), "ccrs": _c(interventions=2)}, TOL)  # better suite, one worse
+    assert not traded.passed and traded.reasons == ["cut-in: interventions_kept failed"]
+    clean = {"highway": _c(interventions=0)}
+    assert gate(clean, clean, TOL).passed  # nothing to improve and nothing worse (the suite had none)
 
 
 def test_gate_refuses_mismatched_or_empty_suites() -> None:
