@@ -46,9 +46,11 @@ Say = Callable[[str], None]
 # sign error). A model that merely never brakes (0) is hardly visible to the health gates: the AEB brakes for it
 # once per hazard, as for the late-braking v1, and in dense traffic seldom (8 cars x 15 s: 1 activation, v1 0).
 BRAKING_SCALE = -1.0
-# What the default demo's world gains after iteration 1: aggressive cut-ins (shorter gaps, faster closing), the
-# clearest adaptation measured (docs/BENCHMARKS.md, bench/adaptation.py: 180 -> 36 interventions/h, 7 min).
-DEFAULT_SHIFT = "aggressive"
+# What the default demo's world gains after iteration 1: a slippery road (friction 0.4), the one shift the model
+# iteration 1 ships still fails. Since the headway floor (safety/headway.py) and the no-regression gate, that model
+# already drives aggressive cut-ins, fog and the work zone at 0-36 interventions/h, below what the live detector
+# flags; on ice it drives at 360/h and one adaptation halves it (docs/BENCHMARKS.md, bench/adaptation.py, 5 Dec).
+DEFAULT_SHIFT = "slippery"
 
 
 @dataclass(frozen=True)
