@@ -46,6 +46,15 @@ def test_the_floor_is_standstill_plus_time_gap_times_speed() -> None:
     assert floor_gap_m(-3.0, HW) == HW.standstill_gap_m  # a negative speed counts as standing
 
 
+def test_a_floor_under_a_metre_still_caps() -> None:
+    """Only a floor of 0 (both distances 0) is off: a short standstill gap at walking pace still holds the model."""
+    short = HeadwayConfig(time_gap_s=1.0, standstill_gap_m=0.3, gain_mps2=3.0)
+    assert floor_gap_m(0.5, short) == pytest.approx(0.8)
+    assert _cap_at(0.5, 0.4, short) == pytest.approx(-3.0 * 0.4 / 0.8)
+    assert _cap_at(0.5, 0.8, short) == NO_CAP_MPS2
+    assert _cap_at(0.0, 0.0, HeadwayConfig(time_gap_s=1.0, standstill_gap_m=0.0, gain_mps2=3.0)) == NO_CAP_MPS2
+
+
 @pytest.mark.parametrize("speed", [0.0, 5.0, 17.5, 30.0])
 @pytest.mark.parametrize("fraction", [1.5, 1.0 + 1e-9, 1.0, 1.0 - 1e-9, 0.9, 0.5, 0.1, 0.0, -0.5])
 def test_cap_sweep_around_the_floor(speed: float, fraction: float) -> None:
