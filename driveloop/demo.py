@@ -49,7 +49,7 @@ BRAKING_SCALE = -1.0
 # What the default demo's world gains after iteration 1: a slippery road (friction 0.4), the one shift the model
 # iteration 1 ships still fails. Since the headway floor (safety/headway.py) and the no-regression gate, that model
 # already drives aggressive cut-ins, fog and the work zone at 0-36 interventions/h, below what the live detector
-# flags; on ice it drives at 360/h and one adaptation halves it (docs/BENCHMARKS.md, bench/adaptation.py, 5 Dec).
+# flags; at friction 0.4 it drives at 360/h and one adaptation halves it (docs/BENCHMARKS.md, bench/adaptation.py, 5 Dec).
 DEFAULT_SHIFT = "slippery"
 
 
