@@ -224,10 +224,16 @@ def msg_id(vehicle_id: str, seq: int) -> str:
     return f"{vehicle_id}:{seq}"
 
 
+def hazard_digest(data: bytes) -> bytes:
+    """The identity of a hazard copy: a repetition is the same signed bytes, so the same digest (the stream's
+    message id below, a vehicle's handed-out set in ``edge.stream_client``)."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
 def hazard_msg_id(data: bytes, cell: int) -> str:
     """The ``Nats-Msg-Id`` of a signed hazard published on ``cell``: the same bytes on the same cell are one
     message to the HAZARDS stream (a repetition), another version or cell is another."""
-    return f"{hashlib.blake2b(data, digest_size=16).hexdigest()}:{int(cell)}"
+    return f"{hazard_digest(data).hex()}:{int(cell)}"
 
 
 def log_batch_msg_id(vehicle_id: str, first_seq: int, last_seq: int) -> str:

@@ -26,7 +26,6 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import threading
@@ -44,6 +43,7 @@ from driveloop.contracts.stream import (
     VehicleEvent,
     encode,
     event_subject,
+    hazard_digest,
     hazard_subject,
     log_subject,
     msg_id,
@@ -518,7 +518,7 @@ class VehicleStream:
     def _deliver(self, subject: str, data: bytes) -> None:
         if subject not in self._cells:  # a message for a cell no longer watched
             return
-        digest = hashlib.blake2b(data, digest_size=16).digest()
+        digest = hazard_digest(data)
         if digest in self._handed:  # the same bytes as one handed out (see the module docstring)
             return
         self._handed[digest] = time.monotonic()
